@@ -1,0 +1,385 @@
+//! Runs the coding agent: anything that speaks the Claude Code CLI contract.
+//!
+//! `claude -p --output-format stream-json --verbose --permission-mode acceptEdits`, with the
+//! request on stdin. The request goes on stdin rather than as the positional argument because a
+//! request that starts with `-` would otherwise be read as a flag (argument injection); the CLI
+//! reads its prompt from stdin when no positional prompt is given.
+//!
+//! Success is decided the way the contract says: the last `result` event has
+//! `subtype == "success"` and `is_error == false`. The exit code alone lies (an API error can exit
+//! 0). The agent runs in its own process group, so that stopping it stops everything it started.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// Environment variables the agent may see. Everything else (the worker's own AWS credentials,
+/// queue URLs, tokens) is withheld: the agent runs code from a model and needs only these.
+const AGENT_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "USER",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_MODEL",
+    "ANTHROPIC_BASE_URL",
+    "CLAUDE_CONFIG_DIR",
+    "CLAUDE_CODE_USE_BEDROCK",
+];
+/// Passed only when the agent uses Bedrock (`CLAUDE_CODE_USE_BEDROCK=1`), which needs AWS.
+const BEDROCK_ENV: &[&str] = &[
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+];
+/// After SIGINT the agent gets this long to end its turn before the whole group is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+/// How much of the agent's stderr is kept for the error message.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+/// How to run the agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// The executable (`CLAUDE_BIN`).
+    pub bin: PathBuf,
+    /// Wall-clock limit of one run.
+    pub timeout: Duration,
+    /// A run that writes no event for this long is considered hung.
+    pub silence_timeout: Duration,
+}
+
+/// What a successful run reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentReport {
+    pub result: Option<String>,
+    pub session_id: Option<String>,
+    pub total_cost_usd: Option<f64>,
+    pub num_turns: Option<u64>,
+    pub subtype: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("could not start the agent `{bin}`: {source}")]
+    Spawn {
+        bin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent ran longer than {0:?} and was stopped")]
+    Timeout(Duration),
+    #[error("the agent wrote nothing for {0:?} and was stopped")]
+    Silent(Duration),
+    #[error("the agent ended without a result ({exit}){stderr}")]
+    NoResult { exit: String, stderr: String },
+    #[error("the agent reported {subtype}{}: {detail}", if *is_error { " with is_error" } else { "" })]
+    Reported {
+        subtype: String,
+        is_error: bool,
+        detail: String,
+        report: AgentReport,
+    },
+    #[error("the agent was interrupted")]
+    Interrupted,
+    #[error("reading the agent's output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// Stable kind for the status event.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::Spawn { .. } => "agent_unavailable",
+            AgentError::Timeout(_) => "agent_timeout",
+            AgentError::Silent(_) => "agent_silent",
+            AgentError::NoResult { .. } => "agent_no_result",
+            AgentError::Reported { subtype, .. } => match subtype.as_str() {
+                "error_max_turns" => "agent_max_turns",
+                "error_max_budget_usd" => "agent_max_budget",
+                "error_during_execution" => "agent_execution_error",
+                // `success` with `is_error: true`: an API error dressed as success.
+                "success" => "agent_api_error",
+                _ => "agent_error",
+            },
+            AgentError::Interrupted => "interrupted",
+            AgentError::Io(_) => "agent_io",
+        }
+    }
+}
+
+/// The one event we need the fields of; the others are read as loose JSON.
+#[derive(Deserialize)]
+struct ResultEvent {
+    subtype: Option<String>,
+    is_error: Option<bool>,
+    result: Option<String>,
+    session_id: Option<String>,
+    total_cost_usd: Option<f64>,
+    num_turns: Option<u64>,
+    errors: Option<serde_json::Value>,
+}
+
+/// Something the agent is doing, for progress reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentActivity {
+    Started { session_id: Option<String> },
+    ToolUse { tool: String, target: Option<String> },
+}
+
+/// Run the agent on `prompt` in `cwd`. `cancel` stops it (SIGINT, then SIGKILL after a grace
+/// period); `on_activity` sees what it does as it happens.
+pub async fn run_agent(
+    spec: &AgentSpec,
+    cwd: &Path,
+    prompt: &str,
+    cancel: &CancellationToken,
+    mut on_activity: impl FnMut(AgentActivity) + Send,
+) -> Result<AgentReport, AgentError> {
+    let mut cmd = Command::new(&spec.bin);
+    cmd.args([
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--permission-mode",
+        "acceptEdits",
+    ])
+    .current_dir(cwd)
+    .env_clear()
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    // Its own process group: a signal to the group reaches every process it started.
+    .process_group(0)
+    .kill_on_drop(true);
+    apply_agent_env(&mut cmd);
+
+    let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
+        bin: spec.bin.display().to_string(),
+        source,
+    })?;
+    let pgid = child.id().map(|id| id as i32);
+    let guard = GroupGuard(pgid);
+
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let prompt = prompt.to_owned();
+    // Written from its own task: a prompt larger than the pipe buffer must not block reading.
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(prompt.as_bytes()).await;
+        let _ = stdin.shutdown().await;
+    });
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let stderr_task = tokio::spawn(read_tail(stderr));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+
+    let deadline = tokio::time::Instant::now() + spec.timeout;
+    let mut last_output = Instant::now();
+    let mut result: Option<ResultEvent> = None;
+    let outcome: Result<(), AgentError> = loop {
+        let silence_left = spec.silence_timeout.saturating_sub(last_output.elapsed());
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => {
+                    last_output = Instant::now();
+                    if let Some(r) = read_event(&line, &mut on_activity) {
+                        result = Some(r);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            },
+            _ = cancel.cancelled() => {
+                stop_group(pgid, &mut child).await;
+                break Err(AgentError::Interrupted);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                guard.kill();
+                break Err(AgentError::Timeout(spec.timeout));
+            }
+            _ = tokio::time::sleep(silence_left) => {
+                guard.kill();
+                break Err(AgentError::Silent(spec.silence_timeout));
+            }
+        }
+    };
+    writer.abort();
+    // stdout is closed (or we gave up on it); the process should be gone or going.
+    let status = match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
+        Ok(Ok(status)) => status.to_string(),
+        _ => {
+            guard.kill();
+            child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string())
+        }
+    };
+    // Anything it left running in its group goes with it.
+    guard.kill();
+    let stderr_tail = stderr_task.await.unwrap_or_default();
+    outcome?;
+
+    let Some(event) = result else {
+        let stderr = if stderr_tail.trim().is_empty() {
+            String::new()
+        } else {
+            format!(": {}", stderr_tail.trim())
+        };
+        return Err(AgentError::NoResult {
+            exit: status,
+            stderr,
+        });
+    };
+    let subtype = event.subtype.unwrap_or_default();
+    let is_error = event.is_error.unwrap_or(true);
+    let report = AgentReport {
+        result: event.result.clone(),
+        session_id: event.session_id,
+        total_cost_usd: event.total_cost_usd,
+        num_turns: event.num_turns,
+        subtype: subtype.clone(),
+    };
+    if subtype == "success" && !is_error {
+        Ok(report)
+    } else {
+        let detail = event
+            .errors
+            .map(|e| e.to_string())
+            .or(event.result)
+            .unwrap_or_else(|| "no detail given".into());
+        Err(AgentError::Reported {
+            subtype,
+            is_error,
+            detail,
+            report,
+        })
+    }
+}
+
+fn apply_agent_env(cmd: &mut Command) {
+    let bedrock = std::env::var("CLAUDE_CODE_USE_BEDROCK").is_ok_and(|v| v == "1" || v == "true");
+    let allowed = AGENT_ENV
+        .iter()
+        .chain(if bedrock { BEDROCK_ENV } else { &[] });
+    for name in allowed {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    // A headless agent must not try to update itself in the middle of a request.
+    cmd.env("DISABLE_AUTOUPDATER", "1");
+}
+
+/// Parse one stream-json line; returns the result event when this is it.
+fn read_event(line: &str, on_activity: &mut impl FnMut(AgentActivity)) -> Option<ResultEvent> {
+    let value: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(_) => {
+            tracing::debug!(line, "agent wrote a line that is not JSON");
+            return None;
+        }
+    };
+    match value.get("type").and_then(|t| t.as_str()) {
+        Some("result") => serde_json::from_value(value).ok(),
+        Some("system") if value.get("subtype").and_then(|s| s.as_str()) == Some("init") => {
+            on_activity(AgentActivity::Started {
+                session_id: value
+                    .get("session_id")
+                    .and_then(|s| s.as_str())
+                    .map(str::to_owned),
+            });
+            None
+        }
+        Some("assistant") => {
+            let blocks = value
+                .pointer("/message/content")
+                .and_then(|c| c.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for block in blocks {
+                if block.get("type").and_then(|t| t.as_str()) == Some("tool_use") {
+                    let tool = block
+                        .get("name")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or("tool")
+                        .to_owned();
+                    let input = block.get("input");
+                    let target = ["file_path", "path", "command", "pattern"]
+                        .iter()
+                        .find_map(|k| input.and_then(|i| i.get(k)).and_then(|v| v.as_str()))
+                        .map(|s| s.chars().take(200).collect());
+                    on_activity(AgentActivity::ToolUse { tool, target });
+                }
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// SIGINT to the group, then SIGKILL if it is still there after the grace period.
+async fn stop_group(pgid: Option<i32>, child: &mut Child) {
+    signal_group(pgid, nix::sys::signal::Signal::SIGINT);
+    if tokio::time::timeout(INTERRUPT_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn signal_group(pgid: Option<i32>, signal: nix::sys::signal::Signal) {
+    if let Some(pgid) = pgid {
+        // ESRCH (the group is already gone) is the normal case after a clean exit.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
+    }
+}
+
+/// Kills the agent's process group when dropped, so that no path out of `run_agent` (including
+/// the future being dropped) leaves agent processes behind.
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Read a stream to its end, keeping only the last `STDERR_TAIL_BYTES`.
+async fn read_tail(mut stream: impl tokio::io::AsyncRead + Unpin) -> String {
+    let mut tail: VecDeque<u8> = VecDeque::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        tail.extend(&buf[..n]);
+        while tail.len() > STDERR_TAIL_BYTES {
+            tail.pop_front();
+        }
+    }
+    String::from_utf8_lossy(tail.make_contiguous()).into_owned()
+}

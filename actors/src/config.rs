@@ -1,0 +1,130 @@
+//! What the actor system needs to know, already parsed and checked. The process (`src/config.rs`)
+//! builds this from the environment and the optional TOML file; tests build it directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::message::WorkspaceKey;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The queue of edit requests.
+    pub input_queue_url: String,
+    /// Where status events go; `None` means they are only logged.
+    pub output_queue_url: Option<String>,
+    /// Where rejected messages are kept; `None` means they are only logged and dropped.
+    pub dead_letter_queue_url: Option<String>,
+    /// Workspaces live at `{workspace_root}/{clientId}/{projectId}`.
+    pub workspace_root: PathBuf,
+    /// Upstream remote of a workspace, with `{clientId}` and `{projectId}`. `None`: the workspace
+    /// must already exist (nothing is cloned).
+    pub git_remote_template: Option<String>,
+    /// Edit bucket name, with `{clientId}` and `{projectId}`.
+    pub bucket_template: String,
+    /// Public address of a bucket's site, with `{bucket}` and `{region}`.
+    pub preview_url_template: String,
+    /// The agent executable (anything that speaks the Claude Code CLI contract).
+    pub claude_bin: PathBuf,
+    /// Agent wall-clock limit per message: a hung agent is killed, process group and all.
+    pub agent_timeout: Duration,
+    /// The build, as argv words, run without a shell.
+    pub build_command: Vec<String>,
+    /// The build's output folder, relative to the workspace.
+    pub build_output_dir: PathBuf,
+    /// Build wall-clock limit.
+    pub build_timeout: Duration,
+    /// Serve only this client / project; others are rejected.
+    pub only_client: Option<String>,
+    pub only_project: Option<String>,
+    /// Largest accepted `command`, in bytes.
+    pub max_command_bytes: usize,
+    /// AWS region, for the preview URL.
+    pub region: String,
+    /// How many messages may be held (received, not yet finished) at once. Bounds memory and
+    /// keeps messages in the queue, where another container can take them, rather than waiting
+    /// invisible in ours.
+    pub max_in_flight: usize,
+    /// Visibility timeout we keep extending while a message is being worked on.
+    pub visibility_timeout: Duration,
+    /// Concurrent S3 uploads per publish.
+    pub upload_concurrency: usize,
+    /// How often a failed push is retried before the message fails.
+    pub push_attempts: u32,
+}
+
+impl WorkerConfig {
+    /// Defaults of the contract, for a given input queue.
+    pub fn with_defaults(input_queue_url: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            input_queue_url: input_queue_url.into(),
+            output_queue_url: None,
+            dead_letter_queue_url: None,
+            workspace_root: PathBuf::from("/workspace"),
+            git_remote_template: None,
+            bucket_template: "edit.{clientId}.webordinary.com".into(),
+            preview_url_template: "http://{bucket}.s3-website-{region}.amazonaws.com/".into(),
+            claude_bin: PathBuf::from("claude"),
+            agent_timeout: Duration::from_secs(30 * 60),
+            build_command: vec!["npm".into(), "run".into(), "build".into()],
+            build_output_dir: PathBuf::from("dist"),
+            build_timeout: Duration::from_secs(10 * 60),
+            only_client: None,
+            only_project: None,
+            max_command_bytes: crate::message::DEFAULT_MAX_COMMAND_BYTES,
+            region: "us-east-1".into(),
+            max_in_flight: 64,
+            visibility_timeout: Duration::from_secs(120),
+            upload_concurrency: 16,
+            push_attempts: 4,
+        }
+    }
+
+    pub fn workspace_dir(&self, key: &WorkspaceKey) -> PathBuf {
+        // Both ids are validated DNS labels: no separators, no dots, so this stays under the root.
+        self.workspace_root
+            .join(&key.client_id)
+            .join(&key.project_id)
+    }
+
+    pub fn bucket_for(&self, key: &WorkspaceKey) -> String {
+        fill(&self.bucket_template, key)
+    }
+
+    pub fn remote_for(&self, key: &WorkspaceKey) -> Option<String> {
+        self.git_remote_template.as_deref().map(|t| fill(t, key))
+    }
+
+    pub fn preview_url_for(&self, bucket: &str) -> String {
+        self.preview_url_template
+            .replace("{bucket}", bucket)
+            .replace("{region}", &self.region)
+    }
+}
+
+fn fill(template: &str, key: &WorkspaceKey) -> String {
+    template
+        .replace("{clientId}", &key.client_id)
+        .replace("{projectId}", &key.project_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_in_ids() {
+        let mut c = WorkerConfig::with_defaults("q");
+        c.git_remote_template = Some("/srv/git/{clientId}/{projectId}.git".into());
+        let key = WorkspaceKey {
+            client_id: "amelia".into(),
+            project_id: "stamps".into(),
+        };
+        assert_eq!(c.bucket_for(&key), "edit.amelia.webordinary.com");
+        assert_eq!(c.remote_for(&key).unwrap(), "/srv/git/amelia/stamps.git");
+        assert_eq!(
+            c.preview_url_for("b"),
+            "http://b.s3-website-us-east-1.amazonaws.com/"
+        );
+        assert_eq!(c.workspace_dir(&key), PathBuf::from("/workspace/amelia/stamps"));
+    }
+}

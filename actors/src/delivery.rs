@@ -1,0 +1,145 @@
+//! SQS delivery of input messages: deleting a finished message (only after its terminal event),
+//! keeping a running message invisible, releasing a message to be tried again, and keeping a
+//! rejected one in the dead-letter queue.
+
+use std::time::Duration;
+
+use aws_sdk_sqs::error::DisplayErrorContext;
+use tokio_util::sync::CancellationToken;
+
+use crate::status::{StatusEvent, StatusSink};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct DeliveryError {
+    op: &'static str,
+    message: String,
+}
+
+#[derive(Clone)]
+pub struct Delivery {
+    sqs: aws_sdk_sqs::Client,
+    /// The input queue, whose messages we delete or release.
+    input_queue_url: String,
+    /// Where rejected messages are kept.
+    dead_letter_queue_url: Option<String>,
+    /// Status events.
+    pub status: StatusSink,
+    /// The visibility timeout we keep renewing while a message runs.
+    visibility: Duration,
+}
+
+impl Delivery {
+    pub fn new(
+        sqs: aws_sdk_sqs::Client,
+        input_queue_url: String,
+        dead_letter_queue_url: Option<String>,
+        status: StatusSink,
+        visibility: Duration,
+    ) -> Delivery {
+        Delivery {
+            sqs,
+            input_queue_url,
+            dead_letter_queue_url,
+            status,
+            visibility,
+        }
+    }
+
+    pub fn sqs(&self) -> &aws_sdk_sqs::Client {
+        &self.sqs
+    }
+
+    /// Send the terminal event, then delete the message. If the event cannot be sent the message
+    /// stays in the queue (it comes back after its visibility timeout): an event is never skipped.
+    pub async fn finish(&self, receipt_handle: &str, event: &StatusEvent) -> Result<(), DeliveryError> {
+        debug_assert!(event.event_type.is_terminal());
+        self.status.send(event).await.map_err(|e| DeliveryError {
+            op: "terminal status event",
+            message: e.to_string(),
+        })?;
+        self.delete(receipt_handle).await
+    }
+
+    pub async fn delete(&self, receipt_handle: &str) -> Result<(), DeliveryError> {
+        self.sqs
+            .delete_message()
+            .queue_url(&self.input_queue_url)
+            .receipt_handle(receipt_handle)
+            .send()
+            .await
+            .map_err(|e| DeliveryError {
+                op: "delete message",
+                message: DisplayErrorContext(&e).to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Make the message visible again after `delay`, for this or another worker to take.
+    pub async fn release(&self, receipt_handle: &str, delay: Duration) -> Result<(), DeliveryError> {
+        self.set_visibility(receipt_handle, delay).await
+    }
+
+    /// Keep a rejected message in the dead-letter queue, with the reason beside it.
+    pub async fn dead_letter(&self, body: &str, reason: &str) -> Result<(), DeliveryError> {
+        let Some(url) = &self.dead_letter_queue_url else {
+            return Ok(());
+        };
+        let reason_attr = aws_sdk_sqs::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(reason.chars().take(1024).collect::<String>())
+            .build()
+            .map_err(|e| DeliveryError {
+                op: "dead-letter attribute",
+                message: e.to_string(),
+            })?;
+        // An empty body cannot be sent to SQS; keep the fact that it was empty.
+        let body = if body.is_empty() { "(empty message)" } else { body };
+        self.sqs
+            .send_message()
+            .queue_url(url)
+            .message_body(body)
+            .message_attributes("rejectReason", reason_attr)
+            .send()
+            .await
+            .map_err(|e| DeliveryError {
+                op: "send to dead-letter queue",
+                message: DisplayErrorContext(&e).to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Renew the message's visibility until `stop` is cancelled, so a long job is not handed to
+    /// another worker halfway. Renewals happen at a third of the timeout, leaving two chances
+    /// before it runs out; a failed renewal is logged and tried again at the next tick.
+    pub fn keep_invisible(&self, receipt_handle: String, stop: CancellationToken) {
+        let delivery = self.clone();
+        let every = (self.visibility / 3).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(e) = delivery.set_visibility(&receipt_handle, delivery.visibility).await {
+                    tracing::warn!(error = %e, "could not extend message visibility");
+                }
+            }
+        });
+    }
+
+    async fn set_visibility(&self, receipt_handle: &str, timeout: Duration) -> Result<(), DeliveryError> {
+        self.sqs
+            .change_message_visibility()
+            .queue_url(&self.input_queue_url)
+            .receipt_handle(receipt_handle)
+            .visibility_timeout(timeout.as_secs().min(43_200) as i32)
+            .send()
+            .await
+            .map_err(|e| DeliveryError {
+                op: "change message visibility",
+                message: DisplayErrorContext(&e).to_string(),
+            })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! Local repository work with gix: refs, status, staging and commits. Nothing here runs the
+//! `git` program (that is `subprocess.rs`), and nothing here touches the network.
+//!
+//! gix is blocking; every function here is called from `spawn_blocking` by `Workspace`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use gix::bstr::{BString, ByteSlice};
+use gix::object::tree::EntryKind;
+
+/// A gix operation failed. gix's errors differ per operation, so they are kept as their text
+/// with the name of what we were doing.
+#[derive(Debug, thiserror::Error)]
+#[error("git {op}: {message}")]
+pub struct LocalGitError {
+    pub op: &'static str,
+    pub message: String,
+}
+
+fn err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> LocalGitError {
+    move |e| LocalGitError {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// Who the worker's commits are by.
+pub struct Identity<'a> {
+    pub name: &'a str,
+    pub email: &'a str,
+}
+
+/// The branch HEAD points at, if any (`None` when detached).
+pub fn current_branch(dir: &Path) -> Result<Option<String>, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let head = repo.head_name().map_err(err("read HEAD"))?;
+    Ok(head.map(|name| name.shorten().to_string()))
+}
+
+/// The commit a reference (`refs/heads/x`, `refs/remotes/origin/x`) points at, if it exists.
+pub fn resolve_ref(dir: &Path, full_name: &str) -> Result<Option<String>, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    match repo.try_find_reference(full_name).map_err(err("find reference"))? {
+        Some(mut r) => Ok(Some(
+            r.peel_to_id().map_err(err("peel reference"))?.to_string(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The commit HEAD points at.
+pub fn head_commit(dir: &Path) -> Result<String, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    Ok(repo.head_id().map_err(err("read HEAD"))?.to_string())
+}
+
+/// The paths git would see as changed: tracked files modified or deleted, staged changes, and
+/// untracked files that are not ignored.
+pub fn changed_paths(dir: &Path) -> Result<BTreeSet<BString>, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let status = repo
+        .status(gix::progress::Discard)
+        .map_err(err("status"))?
+        // One entry per file, so that every new file is staged by name.
+        .untracked_files(gix::status::UntrackedFiles::Files);
+    let mut paths = BTreeSet::new();
+    for item in status
+        .into_iter(Vec::<BString>::new())
+        .map_err(err("status"))?
+    {
+        let item = item.map_err(err("status"))?;
+        paths.insert(item.location().to_owned());
+    }
+    Ok(paths)
+}
+
+/// Stage everything that changed and commit it on the current branch, as `git add -A && git
+/// commit` would. Returns the new commit id, or `None` when there was nothing to commit.
+///
+/// The new tree is HEAD's tree with every changed path set to what the worktree holds now
+/// (a missing file is removed). Afterwards the index is rewritten from the new tree, so that git
+/// and gix both see a clean worktree.
+pub fn commit_all(
+    dir: &Path,
+    message: &str,
+    who: &Identity<'_>,
+) -> Result<Option<String>, LocalGitError> {
+    let paths = changed_paths(dir)?;
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let head = repo.head_commit().map_err(err("read HEAD"))?;
+    let head_tree = head.tree_id().map_err(err("read HEAD tree"))?;
+    let mut editor = repo.edit_tree(head_tree).map_err(err("edit tree"))?;
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| err("open")("repository has no worktree"))?
+        .to_owned();
+
+    for rela in &paths {
+        let rela_str = rela.to_str().map_err(err("path"))?;
+        let on_disk = workdir.join(rela_str);
+        // symlink_metadata: a symlink is committed as a link, never followed.
+        match std::fs::symlink_metadata(&on_disk) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                editor.remove(rela_str).map_err(err("stage removal"))?;
+            }
+            Err(e) => return Err(err("read worktree")(e)),
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = std::fs::read_link(&on_disk).map_err(err("read link"))?;
+                let id = repo
+                    .write_blob(target.as_os_str().as_encoded_bytes())
+                    .map_err(err("write blob"))?;
+                editor
+                    .upsert(rela_str, EntryKind::Link, id)
+                    .map_err(err("stage link"))?;
+            }
+            Ok(meta) if meta.is_file() => {
+                let bytes = std::fs::read(&on_disk).map_err(err("read worktree"))?;
+                let id = repo.write_blob(&bytes).map_err(err("write blob"))?;
+                let kind = if is_executable(&meta) {
+                    EntryKind::BlobExecutable
+                } else {
+                    EntryKind::Blob
+                };
+                editor
+                    .upsert(rela_str, kind, id)
+                    .map_err(err("stage file"))?;
+            }
+            // A directory where a file was (or a nested repository): the files inside are
+            // listed on their own; the old file entry goes.
+            Ok(_) => {
+                if editor.get(rela_str).is_some() {
+                    editor.remove(rela_str).map_err(err("stage removal"))?;
+                }
+            }
+        }
+    }
+
+    let tree_id = editor.write().map_err(err("write tree"))?.detach();
+    if tree_id == head_tree {
+        // Only stat information changed (e.g. a file rewritten with identical content).
+        refresh_index(&repo, &tree_id)?;
+        return Ok(None);
+    }
+    let time = gix::date::Time::now_utc();
+    let signature = gix::actor::Signature {
+        name: who.name.into(),
+        email: who.email.into(),
+        time,
+    };
+    let mut buf_committer = gix::date::parse::TimeBuf::default();
+    let mut buf_author = gix::date::parse::TimeBuf::default();
+    let commit_id = repo
+        .commit_as(
+            signature.to_ref(&mut buf_committer),
+            signature.to_ref(&mut buf_author),
+            "HEAD",
+            message,
+            tree_id,
+            [head.id],
+        )
+        .map_err(err("commit"))?
+        .detach();
+    refresh_index(&repo, &tree_id)?;
+    Ok(Some(commit_id.to_string()))
+}
+
+/// Make the index equal to `tree`, as `git reset --mixed` would after our commit.
+fn refresh_index(repo: &gix::Repository, tree: &gix::oid) -> Result<(), LocalGitError> {
+    let mut index = repo.index_from_tree(tree).map_err(err("build index"))?;
+    index
+        .write(gix::index::write::Options::default())
+        .map_err(err("write index"))?;
+    Ok(())
+}
+
+/// Find the newest commit reachable from `start` (a ref or commit) whose message carries the
+/// trailer `{key}: {value}`, looking at most `limit` commits back.
+pub fn find_commit_with_trailer(
+    dir: &Path,
+    start: &str,
+    key: &str,
+    value: &str,
+    limit: usize,
+) -> Result<Option<String>, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let Some(mut reference) = repo.try_find_reference(start).map_err(err("find reference"))? else {
+        return Ok(None);
+    };
+    let tip = reference.peel_to_id().map_err(err("peel reference"))?;
+    let needle = format!("\n{key}: {value}");
+    let walk = tip.ancestors().all().map_err(err("walk history"))?;
+    for info in walk.take(limit) {
+        let info = info.map_err(err("walk history"))?;
+        let commit = info.object().map_err(err("read commit"))?;
+        let message = commit.message_raw().map_err(err("read commit"))?;
+        let message = message.to_str_lossy();
+        if message.lines().any(|l| l.trim_end() == needle.trim_start()) {
+            return Ok(Some(info.id.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(_meta: &std::fs::Metadata) -> bool {
+    false
+}

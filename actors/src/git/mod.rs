@@ -1,0 +1,9 @@
+//! Git for one workspace. `Workspace` is the face the rest of the worker sees; behind it,
+//! `local` (gix) does status, staging, commits and refs and `subprocess` (the `git` program)
+//! does clone, fetch, switch and push.
+
+pub mod local;
+pub mod subprocess;
+mod workspace;
+
+pub use workspace::{GitError, SAVE_MESSAGE, SavedWork, Workspace, agent_commit_subject};

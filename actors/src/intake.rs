@@ -1,0 +1,243 @@
+//! The intake: long-polls the input queue while there is room, validates each message against
+//! the contract, rejects what breaks it, and routes the rest to the supervisor.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
+use ractor::ActorRef;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{InFlight, Job};
+use crate::message::{EditRequest, LooseIds, RequestError};
+use crate::pipeline::WorkerContext;
+use crate::status::StatusEvent;
+use crate::supervisor::SupervisorMsg;
+
+/// SQS returns at most 10 messages per receive and long-polls at most 20 s.
+const MAX_BATCH: usize = 10;
+const MAX_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntakeEnd {
+    /// The queue was empty and nothing ran for the idle time.
+    Idle,
+    /// Shutdown was asked for.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("the supervisor has stopped; the worker cannot go on")]
+    SupervisorGone,
+}
+
+/// The intake's bookkeeping of messages held by this process.
+#[derive(Clone)]
+pub struct InFlightRegistry {
+    /// One permit per message held (received, not yet finished or released). Bounds memory and
+    /// leaves messages in the queue, where another container can take them, instead of letting
+    /// them wait invisibly in ours while their visibility runs out.
+    slots: Arc<Semaphore>,
+    /// Ids of held messages: a message SQS hands us again while we still work on it is not
+    /// started a second time.
+    ids: Arc<Mutex<HashSet<String>>>,
+    max: usize,
+}
+
+impl InFlightRegistry {
+    pub fn new(max: usize) -> InFlightRegistry {
+        InFlightRegistry {
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            ids: Arc::default(),
+            max: max.max(1),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    fn claim(&self, permit: OwnedSemaphorePermit, message_id: &str) -> Option<InFlight> {
+        let mut ids = self.ids.lock().expect("in-flight ids");
+        if !ids.insert(message_id.to_owned()) {
+            return None;
+        }
+        let ids = self.ids.clone();
+        let id = message_id.to_owned();
+        Some(InFlight::new(permit, move || {
+            ids.lock().expect("in-flight ids").remove(&id);
+        }))
+    }
+}
+
+/// Receive and route until shutdown or idleness.
+pub async fn run_intake(
+    ctx: Arc<WorkerContext>,
+    supervisor: ActorRef<SupervisorMsg>,
+    registry: InFlightRegistry,
+    exit_when_idle: Option<Duration>,
+    shutdown: CancellationToken,
+) -> Result<IntakeEnd, IntakeError> {
+    let sqs = ctx.delivery.sqs().clone();
+    let mut last_activity = Instant::now();
+    let mut error_backoff = Duration::from_millis(500);
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(IntakeEnd::Shutdown);
+        }
+        if supervisor.get_status() != ractor::ActorStatus::Running {
+            return Err(IntakeError::SupervisorGone);
+        }
+        if registry.in_flight() > 0 {
+            last_activity = Instant::now();
+        }
+        let mut wait = MAX_WAIT;
+        if let Some(idle) = exit_when_idle {
+            let left = idle.saturating_sub(last_activity.elapsed());
+            if left.is_zero() {
+                return Ok(IntakeEnd::Idle);
+            }
+            // Poll no longer than the idle time left, so the exit is on time without
+            // abandoning a receive half-way (which could hide a message until it times out).
+            wait = wait.min(Duration::from_secs(left.as_secs_f64().ceil() as u64).max(Duration::from_secs(1)));
+        }
+        // Backpressure: receive only when at least one more message can be held.
+        let first = tokio::select! {
+            permit = registry.slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown),
+            // Re-check idleness and the supervisor now and then while full.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        };
+        let room = (1 + registry.slots.available_permits()).min(MAX_BATCH);
+        let receive = sqs
+            .receive_message()
+            .queue_url(&ctx.config.input_queue_url)
+            .max_number_of_messages(room as i32)
+            .wait_time_seconds(wait.as_secs() as i32)
+            .visibility_timeout(ctx.config.visibility_timeout.as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send();
+        let received = tokio::select! {
+            r = receive => r,
+            _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown),
+        };
+        let messages = match received {
+            Ok(out) => {
+                error_backoff = Duration::from_millis(500);
+                out.messages.unwrap_or_default()
+            }
+            Err(e) => {
+                tracing::error!(error = %DisplayErrorContext(&e), "receiving from the input queue failed; retrying");
+                drop(first);
+                tokio::select! {
+                    _ = tokio::time::sleep(error_backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown),
+                }
+                error_backoff = (error_backoff * 2).min(Duration::from_secs(20));
+                continue;
+            }
+        };
+        if !messages.is_empty() {
+            last_activity = Instant::now();
+        }
+        let mut first = Some(first);
+        for message in messages {
+            let permit = match first.take() {
+                Some(p) => p,
+                // We asked for no more than we had room for, so this succeeds.
+                None => registry
+                    .slots
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("room was counted before receiving"),
+            };
+            accept(&ctx, &supervisor, &registry, message, permit).await?;
+        }
+    }
+}
+
+/// Validate one message; route it, or reject it.
+async fn accept(
+    ctx: &Arc<WorkerContext>,
+    supervisor: &ActorRef<SupervisorMsg>,
+    registry: &InFlightRegistry,
+    message: Message,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), IntakeError> {
+    let message_id = message.message_id.clone().unwrap_or_default();
+    let receipt_handle = message.receipt_handle.clone().unwrap_or_default();
+    let body = message.body.clone().unwrap_or_default();
+    let Some(slot) = registry.claim(permit, &message_id) else {
+        tracing::warn!(%message_id, "message delivered again while still being worked on; ignoring this copy");
+        return Ok(());
+    };
+    let request = EditRequest::parse(&body, ctx.config.max_command_bytes)
+        .and_then(|r| served_here(&ctx.config, r));
+    let request = match request {
+        Ok(r) => r,
+        Err(reason) => {
+            reject(ctx, &message_id, &receipt_handle, &body, reason).await;
+            drop(slot);
+            return Ok(());
+        }
+    };
+    tracing::info!(%message_id, workspace = %request.workspace(), thread = %request.thread_id, "accepted");
+    let job = Job {
+        request,
+        message_id,
+        receipt_handle,
+        received_at: Instant::now(),
+        trace_id: None,
+        slot: Some(slot),
+    };
+    supervisor
+        .cast(SupervisorMsg::Route(job))
+        .map_err(|_| IntakeError::SupervisorGone)
+}
+
+fn served_here(
+    config: &crate::config::WorkerConfig,
+    request: EditRequest,
+) -> Result<EditRequest, RequestError> {
+    let check = |only: &Option<String>, got: &str, what: &str| match only {
+        Some(allowed) if allowed != got => Err(RequestError::NotServedHere {
+            allowed: format!("{what} {allowed}"),
+            got: format!("{what} {got}"),
+        }),
+        _ => Ok(()),
+    };
+    check(&config.only_client, &request.client_id, "client")?;
+    check(&config.only_project, &request.project_id, "project")?;
+    Ok(request)
+}
+
+/// A rejected message: the reason in the log and on the status queue, the message kept in the
+/// dead-letter queue, and removed from the input queue. If the dead-letter copy cannot be made
+/// the message stays in the input queue, so that it is not lost.
+async fn reject(
+    ctx: &WorkerContext,
+    message_id: &str,
+    receipt_handle: &str,
+    body: &str,
+    reason: RequestError,
+) {
+    tracing::warn!(%message_id, kind = reason.kind(), %reason, "message rejected");
+    let event = StatusEvent::rejected(
+        LooseIds::from_body(body),
+        message_id,
+        reason.kind(),
+        reason.to_string(),
+    );
+    if let Err(e) = ctx.delivery.dead_letter(body, &reason.to_string()).await {
+        tracing::error!(%message_id, error = %e, "rejected message could not be kept in the dead-letter queue; leaving it in the input queue");
+        return;
+    }
+    if let Err(e) = ctx.delivery.finish(receipt_handle, &event).await {
+        tracing::error!(%message_id, error = %e, "rejected message not finished");
+    }
+}

@@ -1,0 +1,87 @@
+//! A message that has been received and validated, on its way through a session.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::EditRequest;
+
+/// One valid input message and what we need to finish it.
+#[derive(Debug)]
+pub struct Job {
+    pub request: EditRequest,
+    /// The SQS message id: the identity of this piece of work in events and commit trailers.
+    pub message_id: String,
+    /// Needed to delete, release or extend the message.
+    pub receipt_handle: String,
+    /// When we received it, for the total duration.
+    pub received_at: Instant,
+    /// The W3C trace id this message's work is recorded under, when traced.
+    pub trace_id: Option<String>,
+    /// A slot of the intake's in-flight limit. Held as long as the job exists; dropping the job
+    /// (however it ends) gives the slot back.
+    pub slot: Option<InFlight>,
+}
+
+/// A held message's place in the intake's bookkeeping; dropping it frees the place.
+pub struct InFlight {
+    _permit: OwnedSemaphorePermit,
+    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl InFlight {
+    pub fn new(permit: OwnedSemaphorePermit, on_drop: impl FnOnce() + Send + Sync + 'static) -> Self {
+        InFlight {
+            _permit: permit,
+            on_drop: Some(Box::new(on_drop)),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+/// Why running work was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A newer message arrived for the same workspace.
+    Interrupted,
+    /// The worker is shutting down: save the work and release the message.
+    Shutdown,
+}
+
+/// Asks running work to stop, out of band: the job checks the token while it runs, so a stop
+/// never waits behind a mailbox. The first reason given wins.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    reason: Arc<OnceLock<StopReason>>,
+}
+
+impl StopSignal {
+    pub fn request(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.get().copied()
+    }
+}

@@ -1,0 +1,18 @@
+//! The actor system of edit-worker. See `ARCHITECTURE.md` at the root for the map.
+
+pub mod agent;
+pub mod build;
+pub mod config;
+pub mod delivery;
+pub mod git;
+pub mod intake;
+pub mod job;
+pub mod message;
+pub mod pipeline;
+pub mod publish;
+pub mod restart;
+pub mod session;
+pub mod status;
+pub mod steps;
+pub mod supervisor;
+pub mod worker;

@@ -1,0 +1,322 @@
+//! The input message of the contract (`CONTRACT.md`, "The input message"), and its validation.
+//!
+//! Everything that comes off the queue is untrusted. Ids become parts of paths, bucket names and
+//! git branch names, so each is checked against a whitelist before anything else looks at it.
+
+use serde::Deserialize;
+
+/// Default cap on the request text: large enough for any human request, small enough that a
+/// runaway producer cannot make us hand megabytes to the agent.
+pub const DEFAULT_MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+/// One validated edit request. Fields are private-by-construction: the only way to get one is
+/// [`EditRequest::parse`], so every `EditRequest` in the program has passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EditRequest {
+    pub session_id: String,
+    pub thread_id: String,
+    pub client_id: String,
+    pub project_id: String,
+    pub command: String,
+}
+
+/// The workspace a request belongs to: `{WORKSPACE_ROOT}/{clientId}/{projectId}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkspaceKey {
+    pub client_id: String,
+    pub project_id: String,
+}
+
+impl std::fmt::Display for WorkspaceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.client_id, self.project_id)
+    }
+}
+
+/// Why a message was rejected. `kind()` is the stable name that goes into the status event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the message body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("the message body must be a JSON object")]
+    NotAnObject,
+    #[error("required field `{0}` is missing")]
+    MissingField(&'static str),
+    #[error("field `{field}` must be a string")]
+    NotAString { field: &'static str },
+    #[error("field `{field}` is invalid: {reason}")]
+    InvalidField {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("field `command` is {len} bytes, more than the limit of {max}")]
+    CommandTooLarge { len: usize, max: usize },
+    #[error("this worker serves only {allowed}, not {got}")]
+    NotServedHere { allowed: String, got: String },
+}
+
+impl RequestError {
+    /// Stable machine-readable kind, part of the external contract.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestError::MalformedJson(_) | RequestError::NotAnObject => "malformed_message",
+            RequestError::MissingField(_) => "missing_field",
+            RequestError::NotAString { .. } | RequestError::InvalidField { .. } => "invalid_field",
+            RequestError::CommandTooLarge { .. } => "command_too_large",
+            RequestError::NotServedHere { .. } => "not_served_here",
+        }
+    }
+}
+
+/// The ids a message carries, as far as they could be read. A rejected message's status event
+/// carries whatever of these was readable (and valid), so the producer can match it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LooseIds {
+    pub session_id: Option<String>,
+    pub thread_id: Option<String>,
+    pub client_id: Option<String>,
+    pub project_id: Option<String>,
+}
+
+/// The raw shape, before validation. Unknown fields are ignored (contract).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMessage {
+    session_id: Option<serde_json::Value>,
+    thread_id: Option<serde_json::Value>,
+    client_id: Option<serde_json::Value>,
+    project_id: Option<serde_json::Value>,
+    command: Option<serde_json::Value>,
+}
+
+impl EditRequest {
+    /// Parse and validate a message body.
+    pub fn parse(body: &str, max_command_bytes: usize) -> Result<EditRequest, RequestError> {
+        let value: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+        if !value.is_object() {
+            return Err(RequestError::NotAnObject);
+        }
+        let raw: RawMessage =
+            serde_json::from_value(value).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+
+        let session_id = required_string("sessionId", raw.session_id)?;
+        let thread_id = required_string("threadId", raw.thread_id)?;
+        let client_id = required_string("clientId", raw.client_id)?;
+        let project_id = required_string("projectId", raw.project_id)?;
+        let command = required_string("command", raw.command)?;
+
+        check_dns_label("clientId", &client_id)?;
+        check_dns_label("projectId", &project_id)?;
+        check_ref_safe_id("threadId", &thread_id)?;
+        check_ref_safe_id("sessionId", &session_id)?;
+        check_command(&command, max_command_bytes)?;
+
+        Ok(EditRequest {
+            session_id,
+            thread_id,
+            client_id,
+            project_id,
+            command,
+        })
+    }
+
+    pub fn workspace(&self) -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: self.client_id.clone(),
+            project_id: self.project_id.clone(),
+        }
+    }
+
+    /// The git branch of this request's thread.
+    pub fn branch(&self) -> String {
+        format!("thread-{}", self.thread_id)
+    }
+}
+
+impl LooseIds {
+    /// Read whatever valid ids a (possibly invalid) body carries. Invalid ids are left out:
+    /// they must not travel on as if they were trustworthy.
+    pub fn from_body(body: &str) -> LooseIds {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(body)
+        else {
+            return LooseIds::default();
+        };
+        let get = |name: &str, check: fn(&'static str, &str) -> Result<(), RequestError>| {
+            map.get(name)
+                .and_then(|v| v.as_str())
+                .filter(|s| check("id", s).is_ok())
+                .map(str::to_owned)
+        };
+        LooseIds {
+            session_id: get("sessionId", check_ref_safe_id),
+            thread_id: get("threadId", check_ref_safe_id),
+            client_id: get("clientId", check_dns_label),
+            project_id: get("projectId", check_dns_label),
+        }
+    }
+}
+
+fn required_string(
+    field: &'static str,
+    value: Option<serde_json::Value>,
+) -> Result<String, RequestError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Err(RequestError::MissingField(field)),
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(_) => Err(RequestError::NotAString { field }),
+    }
+}
+
+/// `clientId`/`projectId`: a DNS label (they become part of a bucket name and of a path).
+pub fn check_dns_label(field: &'static str, s: &str) -> Result<(), RequestError> {
+    let invalid = |reason| Err(RequestError::InvalidField { field, reason });
+    if s.is_empty() || s.len() > 63 {
+        return invalid("must be 1 to 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return invalid("may contain only lower-case letters, digits and '-'");
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return invalid("must not start or end with '-'");
+    }
+    Ok(())
+}
+
+/// `threadId`/`sessionId`: safe as a git branch name component and as a file name.
+pub fn check_ref_safe_id(field: &'static str, s: &str) -> Result<(), RequestError> {
+    let invalid = |reason| Err(RequestError::InvalidField { field, reason });
+    if s.is_empty() || s.len() > 128 {
+        return invalid("must be 1 to 128 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return invalid("may contain only A-Z, a-z, 0-9, '.', '_' and '-'");
+    }
+    if s.starts_with('.') || s.starts_with('-') {
+        return invalid("must not start with '.' or '-'");
+    }
+    if s.contains("..") {
+        return invalid("must not contain '..'");
+    }
+    if s.ends_with(".lock") {
+        return invalid("must not end in '.lock'");
+    }
+    Ok(())
+}
+
+fn check_command(command: &str, max_bytes: usize) -> Result<(), RequestError> {
+    if command.trim().is_empty() {
+        return Err(RequestError::InvalidField {
+            field: "command",
+            reason: "must not be empty",
+        });
+    }
+    if command.len() > max_bytes {
+        return Err(RequestError::CommandTooLarge {
+            len: command.len(),
+            max: max_bytes,
+        });
+    }
+    if command.contains('\0') {
+        return Err(RequestError::InvalidField {
+            field: "command",
+            reason: "must not contain NUL",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"{
+      "sessionId": "test-session-123",
+      "threadId": "test-thread-456",
+      "clientId": "amelia",
+      "projectId": "stamps",
+      "command": "Update the homepage title to \"Amelia Stamps - Handcrafted with Love\"",
+      "somethingNew": 1
+    }"#;
+
+    fn with(field: &str, value: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v[field] = value;
+        v.to_string()
+    }
+
+    fn kind(body: &str) -> &'static str {
+        EditRequest::parse(body, DEFAULT_MAX_COMMAND_BYTES)
+            .unwrap_err()
+            .kind()
+    }
+
+    #[test]
+    fn contract_example_parses_and_ignores_unknown_fields() {
+        let r = EditRequest::parse(EXAMPLE, DEFAULT_MAX_COMMAND_BYTES).unwrap();
+        assert_eq!(r.client_id, "amelia");
+        assert_eq!(r.branch(), "thread-test-thread-456");
+        assert_eq!(r.workspace().to_string(), "amelia/stamps");
+    }
+
+    #[test]
+    fn bad_json_and_shapes_are_malformed() {
+        assert_eq!(kind("{not json"), "malformed_message");
+        assert_eq!(kind("[1,2]"), "malformed_message");
+        assert_eq!(kind("\"text\""), "malformed_message");
+    }
+
+    #[test]
+    fn missing_and_mistyped_fields() {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v.as_object_mut().unwrap().remove("threadId");
+        let err = EditRequest::parse(&v.to_string(), 100).unwrap_err();
+        assert_eq!(err, RequestError::MissingField("threadId"));
+        assert_eq!(kind(&with("clientId", serde_json::json!(7))), "invalid_field");
+        assert_eq!(kind(&with("command", serde_json::Value::Null)), "missing_field");
+    }
+
+    #[test]
+    fn client_and_project_must_be_dns_labels() {
+        for bad in ["../bob", "Bob", "-x", "x-", "", "a_b", "a.b", &"a".repeat(64)] {
+            assert_eq!(kind(&with("clientId", bad.into())), "invalid_field", "{bad:?}");
+            assert_eq!(kind(&with("projectId", bad.into())), "invalid_field", "{bad:?}");
+        }
+        assert!(EditRequest::parse(&with("clientId", "a-1".into()), 99999).is_ok());
+    }
+
+    #[test]
+    fn thread_and_session_ids_must_be_ref_safe() {
+        for bad in ["a..b", "-x", ".x", "x.lock", "a/b", "a b", "", "ü", &"a".repeat(129)] {
+            assert_eq!(kind(&with("threadId", bad.into())), "invalid_field", "{bad:?}");
+            assert_eq!(kind(&with("sessionId", bad.into())), "invalid_field", "{bad:?}");
+        }
+        assert!(EditRequest::parse(&with("threadId", "A.b_c-1".into()), 99999).is_ok());
+    }
+
+    #[test]
+    fn command_limits() {
+        assert_eq!(kind(&with("command", "  ".into())), "invalid_field");
+        assert_eq!(kind(&with("command", "a\0b".into())), "invalid_field");
+        let big = "x".repeat(1024 * 1024);
+        assert_eq!(kind(&with("command", big.into())), "command_too_large");
+        // Shell metacharacters are just text.
+        let shelly = r#""; touch /tmp/pwned; " $(id)"#;
+        let r = EditRequest::parse(&with("command", shelly.into()), 100).unwrap();
+        assert_eq!(r.command, shelly);
+    }
+
+    #[test]
+    fn loose_ids_keep_only_valid_ids() {
+        let ids = LooseIds::from_body(&with("clientId", "../bob".into()));
+        assert_eq!(ids.client_id, None);
+        assert_eq!(ids.thread_id.as_deref(), Some("test-thread-456"));
+        assert_eq!(LooseIds::from_body("nope"), LooseIds::default());
+    }
+}

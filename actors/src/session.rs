@@ -1,0 +1,264 @@
+//! `SessionActor`: one per `{clientId}/{projectId}` workspace. It keeps the workspace's queue,
+//! runs one job at a time as a task, and interrupts the running job when a newer message comes.
+//!
+//! Its handlers only move jobs between the queue and the running task, so they are short and an
+//! interrupt is acted on as soon as its message is taken: it never waits behind a long
+//! operation. The stop itself travels out of band, through the running job's `StopSignal`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::agent::AgentSpec;
+use crate::build::BuildSpec;
+use crate::git::Workspace;
+use crate::job::{Job, StopReason, StopSignal};
+use crate::message::WorkspaceKey;
+use crate::pipeline::{self, Steps, WorkerContext};
+use crate::publish::Publisher;
+use crate::restart::RestartPolicy;
+use crate::steps::{AgentActor, BuildActor, GitActor, PublisherActor};
+
+pub enum SessionMsg {
+    /// A new message for this workspace.
+    Enqueue(Job),
+    /// The running job has ended (reported or released).
+    JobEnded,
+    /// Restart a step actor that died, after its backoff.
+    RestartStep(StepKind),
+    /// Stop: save running work, release queued messages, then reply.
+    Shutdown(RpcReplyPort<()>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    Git,
+    Agent,
+    Build,
+    Publisher,
+}
+
+pub struct SessionArgs {
+    pub key: WorkspaceKey,
+    pub ctx: Arc<WorkerContext>,
+    pub publisher: Publisher,
+    pub agent: AgentSpec,
+    pub build: BuildSpec,
+}
+
+pub struct SessionState {
+    args: SessionArgs,
+    /// Waiting jobs, oldest first.
+    queue: VecDeque<Job>,
+    /// The running job's stop signal; `None` when idle.
+    running: Option<StopSignal>,
+    steps: Steps,
+    /// Restarts of step actors, bounded per time window.
+    restarts: RestartPolicy,
+    /// Set by `Shutdown`: new jobs are released at once.
+    shutting_down: bool,
+    /// Who asked for the shutdown, answered when the running job has ended.
+    shutdown_reply: Option<RpcReplyPort<()>>,
+    /// When the session last had nothing to do (for idle eviction).
+    pub idle_since: Option<Instant>,
+}
+
+pub struct SessionActor;
+
+impl SessionActor {
+    fn workspace(args: &SessionArgs) -> Workspace {
+        let config = &args.ctx.config;
+        Workspace::new(
+            config.workspace_dir(&args.key),
+            config.remote_for(&args.key),
+            config.build_output_dir.clone(),
+        )
+    }
+
+    /// Start every step actor, linked to this session.
+    async fn spawn_steps(args: &SessionArgs, me: ActorCell) -> Result<Steps, ActorProcessingErr> {
+        Ok(Steps {
+            git: Actor::spawn_linked(None, GitActor, Self::workspace(args), me.clone()).await?.0,
+            agent: Actor::spawn_linked(None, AgentActor, args.agent.clone(), me.clone()).await?.0,
+            build: Actor::spawn_linked(None, BuildActor, args.build.clone(), me.clone()).await?.0,
+            publisher: Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me)
+                .await?
+                .0,
+        })
+    }
+
+    /// Restart the one step actor that died.
+    async fn respawn_step(
+        kind: StepKind,
+        args: &SessionArgs,
+        me: ActorCell,
+        steps: &mut Steps,
+    ) -> Result<(), ActorProcessingErr> {
+        match kind {
+            StepKind::Git => {
+                steps.git = Actor::spawn_linked(None, GitActor, Self::workspace(args), me).await?.0
+            }
+            StepKind::Agent => {
+                steps.agent = Actor::spawn_linked(None, AgentActor, args.agent.clone(), me).await?.0
+            }
+            StepKind::Build => {
+                steps.build = Actor::spawn_linked(None, BuildActor, args.build.clone(), me).await?.0
+            }
+            StepKind::Publisher => {
+                steps.publisher =
+                    Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me).await?.0
+            }
+        }
+        Ok(())
+    }
+
+    fn start_next(myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
+        if state.running.is_some() {
+            return;
+        }
+        let Some(job) = state.queue.pop_front() else {
+            state.idle_since = Some(Instant::now());
+            if let Some(reply) = state.shutdown_reply.take() {
+                let _ = reply.send(());
+            }
+            return;
+        };
+        state.idle_since = None;
+        let stop = StopSignal::default();
+        state.running = Some(stop.clone());
+        let ctx = state.args.ctx.clone();
+        let steps = state.steps.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            pipeline::run_job(ctx, steps, job, stop).await;
+            let _ = me.cast(SessionMsg::JobEnded);
+        });
+    }
+
+    fn release(ctx: &Arc<WorkerContext>, job: Job) {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ctx.delivery.release(&job.receipt_handle, Duration::ZERO).await {
+                tracing::warn!(error = %e, "could not release a queued message");
+            }
+        });
+    }
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
+        let steps = Self::spawn_steps(&args, myself.get_cell()).await?;
+        Ok(SessionState {
+            args,
+            queue: VecDeque::new(),
+            running: None,
+            steps,
+            restarts: RestartPolicy::default(),
+            shutting_down: false,
+            shutdown_reply: None,
+            idle_since: Some(Instant::now()),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Enqueue(job) => {
+                if state.shutting_down {
+                    Self::release(&state.args.ctx, job);
+                    return Ok(());
+                }
+                state.queue.push_back(job);
+                match &state.running {
+                    // A newer message interrupts the work in progress.
+                    Some(stop) => stop.request(StopReason::Interrupted),
+                    None => Self::start_next(&myself, state),
+                }
+            }
+            SessionMsg::JobEnded => {
+                state.running = None;
+                Self::start_next(&myself, state);
+            }
+            SessionMsg::RestartStep(kind) => {
+                tracing::warn!(workspace = %state.args.key, step = ?kind, "restarting step actor");
+                Self::respawn_step(kind, &state.args, myself.get_cell(), &mut state.steps).await?;
+            }
+            SessionMsg::Shutdown(reply) => {
+                state.shutting_down = true;
+                for job in state.queue.drain(..) {
+                    Self::release(&state.args.ctx, job);
+                }
+                match &state.running {
+                    Some(stop) => {
+                        stop.request(StopReason::Shutdown);
+                        state.shutdown_reply = Some(reply);
+                    }
+                    None => {
+                        let _ = reply.send(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        event: SupervisionEvent,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        // ractor's default would stop the session when any child ends; we restart instead.
+        if let SupervisionEvent::ActorFailed(cell, error) = event {
+            let id = cell.get_id();
+            let steps = &state.steps;
+            let kind = if id == steps.git.get_id() {
+                StepKind::Git
+            } else if id == steps.agent.get_id() {
+                StepKind::Agent
+            } else if id == steps.build.get_id() {
+                StepKind::Build
+            } else if id == steps.publisher.get_id() {
+                StepKind::Publisher
+            } else {
+                return Ok(());
+            };
+            tracing::error!(workspace = %state.args.key, step = ?kind, %error, "step actor failed");
+            // Past the limit the failure moves up: the session fails and its supervisor decides.
+            let backoff = state.restarts.record_failure().map_err(|e| {
+                ActorProcessingErr::from(format!("step {kind:?} of {}: {e}", state.args.key))
+            })?;
+            myself.send_after(backoff, move || SessionMsg::RestartStep(kind));
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Jobs still waiting go back to the queue at once rather than after their timeout.
+        for job in state.queue.drain(..) {
+            Self::release(&state.args.ctx, job);
+        }
+        if let Some(stop) = &state.running {
+            stop.request(StopReason::Shutdown);
+        }
+        Ok(())
+    }
+}

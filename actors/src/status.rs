@@ -1,0 +1,163 @@
+//! Status events (`CONTRACT.md`, "Status events"): one JSON object per SQS message on the
+//! status queue, and always in the log.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_sqs::error::DisplayErrorContext;
+use serde::Serialize;
+
+use crate::message::{EditRequest, LooseIds};
+use crate::publish::PublishReport;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Started,
+    Progress,
+    Completed,
+    Interrupted,
+    Failed,
+    Rejected,
+}
+
+impl EventType {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, EventType::Started | EventType::Progress)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventError {
+    /// Stable, machine-readable.
+    pub kind: String,
+    /// For a person; for a failed build, the tail of the build log.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusEvent {
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    pub message_id: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durations_ms: Option<BTreeMap<String, u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<EventError>,
+    /// What is happening, for `progress` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl StatusEvent {
+    /// An event about a valid request.
+    pub fn for_request(event_type: EventType, request: &EditRequest, message_id: &str) -> Self {
+        let mut event = StatusEvent::bare(event_type, message_id);
+        event.session_id = Some(request.session_id.clone());
+        event.thread_id = Some(request.thread_id.clone());
+        event.client_id = Some(request.client_id.clone());
+        event.project_id = Some(request.project_id.clone());
+        event
+    }
+
+    /// A `rejected` event, with whatever valid ids the message carried.
+    pub fn rejected(ids: LooseIds, message_id: &str, kind: &str, message: String) -> Self {
+        let mut event = StatusEvent::bare(EventType::Rejected, message_id);
+        event.session_id = ids.session_id;
+        event.thread_id = ids.thread_id;
+        event.client_id = ids.client_id;
+        event.project_id = ids.project_id;
+        event.error = Some(EventError {
+            kind: kind.into(),
+            message,
+        });
+        event
+    }
+
+    fn bare(event_type: EventType, message_id: &str) -> Self {
+        StatusEvent {
+            event_type,
+            session_id: None,
+            thread_id: None,
+            client_id: None,
+            project_id: None,
+            message_id: message_id.into(),
+            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            trace_id: None,
+            branch: None,
+            commit: None,
+            bucket: None,
+            preview_url: None,
+            result: None,
+            cost_usd: None,
+            durations_ms: None,
+            publish: None,
+            error: None,
+            detail: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("sending a status event: {0}")]
+pub struct StatusSendError(String);
+
+/// Where status events go: the status queue when one is configured, and the log always.
+#[derive(Clone)]
+pub struct StatusSink {
+    sqs: aws_sdk_sqs::Client,
+    queue_url: Option<String>,
+}
+
+impl StatusSink {
+    pub fn new(sqs: aws_sdk_sqs::Client, queue_url: Option<String>) -> StatusSink {
+        StatusSink { sqs, queue_url }
+    }
+
+    pub async fn send(&self, event: &StatusEvent) -> Result<(), StatusSendError> {
+        let body = serde_json::to_string(event).expect("status events serialize");
+        tracing::info!(
+            event = ?event.event_type,
+            message_id = %event.message_id,
+            error_kind = event.error.as_ref().map(|e| e.kind.as_str()),
+            "status {body}"
+        );
+        let Some(url) = &self.queue_url else {
+            return Ok(());
+        };
+        self.sqs
+            .send_message()
+            .queue_url(url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(|e| StatusSendError(DisplayErrorContext(&e).to_string()))?;
+        Ok(())
+    }
+}

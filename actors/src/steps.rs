@@ -1,0 +1,282 @@
+//! The session's helpers, one actor per kind of step: git, agent, build, publisher.
+//!
+//! Each serves exactly one caller at a time (its session's running job), so a handler may await
+//! its operation to the end: nothing else waits in its mailbox. Stopping long work never goes
+//! through a mailbox either: the job's `StopSignal` token reaches the running operation directly.
+//! What an actor buys us is isolation: a step that panics takes down only its actor, which the
+//! session restarts, and the job that asked sees the reply port dropped.
+
+use std::path::PathBuf;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSpec};
+use crate::build::{self, BuildError, BuildReport, BuildSpec};
+use crate::git::{GitError, SavedWork, Workspace};
+use crate::publish::{PublishError, PublishReport, Publisher};
+
+/// Test-only switch (cargo feature `fault-injection`): panic in the named step when the
+/// environment variable `EDIT_WORKER_FAULT` names it (`git.commit`, `agent.run`, `build.run`,
+/// `publish.run`), once per marker file, so the retry after the restart succeeds.
+#[cfg(feature = "fault-injection")]
+fn maybe_fault(step: &str) {
+    let Ok(spec) = std::env::var("EDIT_WORKER_FAULT") else {
+        return;
+    };
+    // Format: `step[,step...]@marker-dir`: the marker dir records which faults already fired.
+    let (steps, dir) = spec.split_once('@').unwrap_or((spec.as_str(), "/tmp"));
+    if steps.split(',').any(|s| s == step) {
+        let marker = std::path::Path::new(dir).join(format!("fault-{step}"));
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .is_ok()
+        {
+            panic!("fault injected at {step}");
+        }
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+fn maybe_fault(_step: &str) {}
+
+// ---------------------------------------------------------------- git
+
+pub enum GitMsg {
+    /// Check out the thread's branch, saving unfinished work of what was checked out.
+    PrepareThread {
+        branch: String,
+        message_id: String,
+        reply: RpcReplyPort<Result<Option<SavedWork>, GitError>>,
+    },
+    /// The commit an earlier delivery of this message already made, if any.
+    CommitOfMessage {
+        branch: String,
+        message_id: String,
+        reply: RpcReplyPort<Result<Option<String>, GitError>>,
+    },
+    /// Stage everything and commit; `None` when nothing changed.
+    CommitAll {
+        subject: String,
+        body: String,
+        message_id: String,
+        /// The message's finished work, or work saved half-way.
+        finished: bool,
+        reply: RpcReplyPort<Result<Option<String>, GitError>>,
+    },
+    HeadCommit {
+        reply: RpcReplyPort<Result<String, GitError>>,
+    },
+    Push {
+        branch: String,
+        attempts: u32,
+        reply: RpcReplyPort<Result<(), GitError>>,
+    },
+}
+
+/// Owns the workspace's git. One per session, so two git operations on one checkout never
+/// overlap.
+pub struct GitActor;
+
+impl Actor for GitActor {
+    type Msg = GitMsg;
+    type State = Workspace;
+    type Arguments = Workspace;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<GitMsg>,
+        workspace: Workspace,
+    ) -> Result<Workspace, ActorProcessingErr> {
+        Ok(workspace)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<GitMsg>,
+        msg: GitMsg,
+        ws: &mut Workspace,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GitMsg::PrepareThread {
+                branch,
+                message_id,
+                reply,
+            } => {
+                maybe_fault("git.prepare");
+                let _ = reply.send(ws.prepare_thread(&branch, &message_id).await);
+            }
+            GitMsg::CommitOfMessage {
+                branch,
+                message_id,
+                reply,
+            } => {
+                let _ = reply.send(ws.commit_of_message(&branch, &message_id).await);
+            }
+            GitMsg::CommitAll {
+                subject,
+                body,
+                message_id,
+                finished,
+                reply,
+            } => {
+                maybe_fault("git.commit");
+                let _ = reply.send(ws.commit_all(&subject, &body, &message_id, finished).await);
+            }
+            GitMsg::HeadCommit { reply } => {
+                let _ = reply.send(ws.head_commit().await);
+            }
+            GitMsg::Push {
+                branch,
+                attempts,
+                reply,
+            } => {
+                maybe_fault("git.push");
+                let _ = reply.send(ws.push(&branch, attempts).await);
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- agent
+
+pub enum AgentMsg {
+    Run {
+        cwd: PathBuf,
+        prompt: String,
+        /// Stops the run from outside (interrupt, shutdown).
+        stop: CancellationToken,
+        /// What the agent is doing, as it happens.
+        activity: UnboundedSender<AgentActivity>,
+        reply: RpcReplyPort<Result<AgentReport, AgentError>>,
+    },
+}
+
+pub struct AgentActor;
+
+impl Actor for AgentActor {
+    type Msg = AgentMsg;
+    type State = AgentSpec;
+    type Arguments = AgentSpec;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<AgentMsg>,
+        spec: AgentSpec,
+    ) -> Result<AgentSpec, ActorProcessingErr> {
+        Ok(spec)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<AgentMsg>,
+        msg: AgentMsg,
+        spec: &mut AgentSpec,
+    ) -> Result<(), ActorProcessingErr> {
+        let AgentMsg::Run {
+            cwd,
+            prompt,
+            stop,
+            activity,
+            reply,
+        } = msg;
+        maybe_fault("agent.run");
+        let outcome = agent::run_agent(spec, &cwd, &prompt, &stop, |a| {
+            let _ = activity.send(a);
+        })
+        .await;
+        let _ = reply.send(outcome);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- build
+
+pub enum BuildMsg {
+    Build {
+        dir: PathBuf,
+        state_dir: PathBuf,
+        stop: CancellationToken,
+        reply: RpcReplyPort<Result<BuildReport, BuildError>>,
+    },
+}
+
+pub struct BuildActor;
+
+impl Actor for BuildActor {
+    type Msg = BuildMsg;
+    type State = BuildSpec;
+    type Arguments = BuildSpec;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<BuildMsg>,
+        spec: BuildSpec,
+    ) -> Result<BuildSpec, ActorProcessingErr> {
+        Ok(spec)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<BuildMsg>,
+        msg: BuildMsg,
+        spec: &mut BuildSpec,
+    ) -> Result<(), ActorProcessingErr> {
+        let BuildMsg::Build {
+            dir,
+            state_dir,
+            stop,
+            reply,
+        } = msg;
+        maybe_fault("build.run");
+        let _ = reply.send(build::build_site(spec, &dir, &state_dir, &stop).await);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- publisher
+
+pub enum PublisherMsg {
+    Publish {
+        bucket: String,
+        build_dir: PathBuf,
+        reply: RpcReplyPort<Result<PublishReport, PublishError>>,
+    },
+}
+
+pub struct PublisherActor;
+
+impl Actor for PublisherActor {
+    type Msg = PublisherMsg;
+    type State = Publisher;
+    type Arguments = Publisher;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<PublisherMsg>,
+        publisher: Publisher,
+    ) -> Result<Publisher, ActorProcessingErr> {
+        Ok(publisher)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<PublisherMsg>,
+        msg: PublisherMsg,
+        publisher: &mut Publisher,
+    ) -> Result<(), ActorProcessingErr> {
+        let PublisherMsg::Publish {
+            bucket,
+            build_dir,
+            reply,
+        } = msg;
+        maybe_fault("publish.run");
+        let _ = reply.send(publisher.publish(&bucket, &build_dir).await);
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! `Supervisor`: the root actor. It creates one `SessionActor` per workspace on that
+//! workspace's first message, routes jobs to it, and decides what a session's failure means:
+//! forget it (the next message starts a fresh one), or, past the restart limit, give up so the
+//! process exits and the container is replaced.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::agent::AgentSpec;
+use crate::build::BuildSpec;
+use crate::job::Job;
+use crate::message::WorkspaceKey;
+use crate::pipeline::WorkerContext;
+use crate::publish::Publisher;
+use crate::restart::RestartPolicy;
+use crate::session::{SessionActor, SessionArgs, SessionMsg};
+
+pub enum SupervisorMsg {
+    /// A valid job: hand it to its workspace's session.
+    Route(Job),
+    /// Stop every session (saving running work), then reply.
+    Shutdown(RpcReplyPort<()>),
+    /// How many sessions are alive (for tests and metrics).
+    SessionCount(RpcReplyPort<usize>),
+}
+
+pub struct SupervisorArgs {
+    pub ctx: Arc<WorkerContext>,
+    pub publisher: Publisher,
+    pub agent: AgentSpec,
+    pub build: BuildSpec,
+    pub restarts: RestartPolicy,
+}
+
+pub struct SupervisorState {
+    args: SupervisorArgs,
+    sessions: HashMap<WorkspaceKey, ActorRef<SessionMsg>>,
+    /// Reverse map, to know which workspace a supervision event is about.
+    by_id: HashMap<ActorId, WorkspaceKey>,
+}
+
+pub struct Supervisor;
+
+impl Supervisor {
+    async fn session_for(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        key: &WorkspaceKey,
+    ) -> Result<ActorRef<SessionMsg>, ActorProcessingErr> {
+        if let Some(session) = state.sessions.get(key) {
+            return Ok(session.clone());
+        }
+        let args = SessionArgs {
+            key: key.clone(),
+            ctx: state.args.ctx.clone(),
+            publisher: state.args.publisher.clone(),
+            agent: state.args.agent.clone(),
+            build: state.args.build.clone(),
+        };
+        let (session, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
+        state.sessions.insert(key.clone(), session.clone());
+        state.by_id.insert(session.get_id(), key.clone());
+        Ok(session)
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(SupervisorState {
+            args,
+            sessions: HashMap::new(),
+            by_id: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Route(job) => {
+                let key = job.request.workspace();
+                match Self::session_for(&myself, state, &key).await {
+                    Ok(session) => {
+                        if let Err(e) = session.cast(SessionMsg::Enqueue(job)) {
+                            tracing::error!(workspace = %key, error = %e, "session gone; message will be delivered again");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(workspace = %key, error = %e, "could not start a session; message will be delivered again");
+                        let ctx = state.args.ctx.clone();
+                        tokio::spawn(async move {
+                            let _ = ctx.delivery.release(&job.receipt_handle, Duration::from_secs(5)).await;
+                        });
+                    }
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                let sessions: Vec<_> = state.sessions.values().cloned().collect();
+                // Waiting here would hold the supervisor's mailbox; wait in a task instead.
+                tokio::spawn(async move {
+                    let waits = sessions
+                        .iter()
+                        .map(|s| s.call(SessionMsg::Shutdown, None));
+                    futures::future::join_all(waits).await;
+                    let _ = reply.send(());
+                });
+            }
+            SupervisorMsg::SessionCount(reply) => {
+                let _ = reply.send(state.sessions.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(key) = state.by_id.remove(&cell.get_id()) {
+                    state.sessions.remove(&key);
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some(key) = state.by_id.remove(&cell.get_id()) {
+                    state.sessions.remove(&key);
+                    tracing::error!(workspace = %key, %error, "session failed; the next message starts a new one");
+                    // Its in-flight messages come back from SQS after their visibility timeout.
+                    state.args.restarts.record_failure().map_err(|e| {
+                        ActorProcessingErr::from(format!("sessions keep failing: {e}"))
+                    })?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! The whole worker, put together: the supervisor, the intake, and a graceful shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::Actor;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::AgentSpec;
+use crate::build::BuildSpec;
+use crate::config::WorkerConfig;
+use crate::delivery::Delivery;
+use crate::intake::{self, InFlightRegistry, IntakeEnd, IntakeError};
+use crate::pipeline::WorkerContext;
+use crate::publish::Publisher;
+use crate::restart::RestartPolicy;
+use crate::status::StatusSink;
+use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+
+/// How `run` should end, besides a signal.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Exit when the queue has been empty and nothing has run for this long.
+    pub exit_when_idle: Option<Duration>,
+    /// On shutdown, how long running work may take to save itself before we exit anyway
+    /// (ECS gives 30 s between SIGTERM and SIGKILL).
+    pub shutdown_deadline: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("could not start the supervisor: {0}")]
+    Spawn(#[from] ractor::SpawnErr),
+    #[error(transparent)]
+    Intake(#[from] IntakeError),
+}
+
+/// Run until `shutdown` is cancelled or the worker has been idle for the configured time.
+pub async fn run(
+    config: WorkerConfig,
+    sqs: aws_sdk_sqs::Client,
+    s3: aws_sdk_s3::Client,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<IntakeEnd, WorkerError> {
+    let status = StatusSink::new(sqs.clone(), config.output_queue_url.clone());
+    let delivery = Delivery::new(
+        sqs,
+        config.input_queue_url.clone(),
+        config.dead_letter_queue_url.clone(),
+        status,
+        config.visibility_timeout,
+    );
+    let agent = AgentSpec {
+        bin: config.claude_bin.clone(),
+        timeout: config.agent_timeout,
+        silence_timeout: config.agent_timeout,
+    };
+    let build = BuildSpec {
+        command: config.build_command.clone(),
+        output_dir: config.build_output_dir.clone(),
+        timeout: config.build_timeout,
+    };
+    let publisher = Publisher::new(s3, config.upload_concurrency);
+    let registry = InFlightRegistry::new(config.max_in_flight);
+    let ctx = Arc::new(WorkerContext { config, delivery });
+    let (supervisor, supervisor_done) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs {
+            ctx: ctx.clone(),
+            publisher,
+            agent,
+            build,
+            restarts: RestartPolicy::default(),
+        },
+    )
+    .await?;
+
+    let end = intake::run_intake(
+        ctx.clone(),
+        supervisor.clone(),
+        registry.clone(),
+        options.exit_when_idle,
+        shutdown,
+    )
+    .await;
+
+    if matches!(end, Ok(IntakeEnd::Shutdown)) {
+        tracing::info!(in_flight = registry.in_flight(), "shutting down: saving running work and releasing messages");
+        let deadline = Instant::now() + options.shutdown_deadline;
+        let stopped = supervisor.call(SupervisorMsg::Shutdown, Some(options.shutdown_deadline));
+        if !matches!(stopped.await, Ok(ractor::rpc::CallResult::Success(()))) {
+            tracing::warn!("sessions did not all stop before the deadline");
+        }
+        // Jobs release their slot when they have reported or released their message.
+        while registry.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if registry.in_flight() > 0 {
+            tracing::warn!(in_flight = registry.in_flight(), "exiting with work in flight; those messages return after their visibility timeout");
+        }
+    }
+    supervisor.stop(None);
+    let _ = supervisor_done.await;
+    Ok(end?)
+}

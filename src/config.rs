@@ -1,0 +1,266 @@
+//! Configuration: the contract's environment variables, optionally set in a TOML file too.
+//! The environment wins over the file. Every value is checked here, so a bad setting stops the
+//! process at start (exit code 2) with a message that names it, instead of failing a job later.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use edit_worker_actors::config::WorkerConfig;
+use edit_worker_actors::message::check_dns_label;
+
+/// Every key the worker reads; the TOML file may set the same ones.
+const KEYS: &[&str] = &[
+    "INPUT_QUEUE_URL",
+    "OUTPUT_QUEUE_URL",
+    "DEAD_LETTER_QUEUE_URL",
+    "WORKSPACE_ROOT",
+    "GIT_REMOTE_TEMPLATE",
+    "BUCKET_TEMPLATE",
+    "PREVIEW_URL_TEMPLATE",
+    "CLAUDE_BIN",
+    "BUILD_COMMAND",
+    "BUILD_OUTPUT_DIR",
+    "CLIENT_ID",
+    "PROJECT_ID",
+    "MAX_COMMAND_BYTES",
+    "AGENT_TIMEOUT_SECONDS",
+    "BUILD_TIMEOUT_SECONDS",
+    "MAX_IN_FLIGHT",
+    "VISIBILITY_TIMEOUT_SECONDS",
+    "UPLOAD_CONCURRENCY",
+    "PUSH_ATTEMPTS",
+    "SHUTDOWN_DEADLINE_SECONDS",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} is required")]
+    Missing { key: &'static str },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Raw settings: key → value, from the file and then the environment.
+pub struct Settings {
+    values: HashMap<String, String>,
+}
+
+impl Settings {
+    /// Read the TOML file (if any), then overlay the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut values = HashMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            for (key, value) in table {
+                let upper = key.to_ascii_uppercase();
+                if !KEYS.contains(&upper.as_str()) {
+                    return Err(ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: format!("unknown key `{key}`"),
+                    });
+                }
+                let bad = || ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("`{key}` must be a string, a whole number or a list of words"),
+                };
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Array(words) => words
+                        .iter()
+                        .map(|w| w.as_str().map(str::to_owned).ok_or_else(bad))
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join(" "),
+                    _ => return Err(bad()),
+                };
+                values.insert(upper, text);
+            }
+        }
+        for key in KEYS {
+            if let Ok(v) = std::env::var(key) {
+                values.insert((*key).to_owned(), v);
+            }
+        }
+        Ok(Settings { values })
+    }
+
+    pub fn get(&self, key: &'static str) -> Option<&str> {
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn require(&self, key: &'static str) -> Result<&str, ConfigError> {
+        self.get(key).ok_or(ConfigError::Missing { key })
+    }
+
+    fn number(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
+                key,
+                message: format!("`{v}` is not a whole number"),
+            }),
+        }
+    }
+
+    fn positive(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
+        let n = self.number(key, default)?;
+        if n == 0 {
+            return Err(ConfigError::Invalid {
+                key,
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(n)
+    }
+
+    pub fn shutdown_deadline(&self) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_secs(self.positive("SHUTDOWN_DEADLINE_SECONDS", 25)?))
+    }
+
+    /// The worker's configuration for `run`.
+    pub fn worker_config(&self, region: &str) -> Result<WorkerConfig, ConfigError> {
+        let mut c = WorkerConfig::with_defaults(self.require("INPUT_QUEUE_URL")?);
+        c.region = region.to_owned();
+        c.output_queue_url = self.get("OUTPUT_QUEUE_URL").map(str::to_owned);
+        c.dead_letter_queue_url = self.get("DEAD_LETTER_QUEUE_URL").map(str::to_owned);
+        if let Some(root) = self.get("WORKSPACE_ROOT") {
+            c.workspace_root = PathBuf::from(root);
+        }
+        if !c.workspace_root.is_absolute() {
+            c.workspace_root = std::env::current_dir()
+                .map_err(|e| ConfigError::Invalid {
+                    key: "WORKSPACE_ROOT",
+                    message: e.to_string(),
+                })?
+                .join(&c.workspace_root);
+        }
+        c.git_remote_template = self.get("GIT_REMOTE_TEMPLATE").map(str::to_owned);
+        if let Some(t) = self.get("BUCKET_TEMPLATE") {
+            c.bucket_template = t.to_owned();
+        }
+        if let Some(t) = self.get("PREVIEW_URL_TEMPLATE") {
+            c.preview_url_template = t.to_owned();
+        }
+        if let Some(bin) = self.get("CLAUDE_BIN") {
+            c.claude_bin = PathBuf::from(bin);
+        }
+        if let Some(cmd) = self.get("BUILD_COMMAND") {
+            // argv words, split on white space: there is no shell, hence no quoting.
+            c.build_command = cmd.split_whitespace().map(str::to_owned).collect();
+        }
+        if let Some(dir) = self.get("BUILD_OUTPUT_DIR") {
+            let dir = PathBuf::from(dir);
+            let inside = dir
+                .components()
+                .all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
+            if !inside || dir.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "BUILD_OUTPUT_DIR",
+                    message: "must be a relative folder inside the workspace".into(),
+                });
+            }
+            c.build_output_dir = dir;
+        }
+        for (key, slot) in [("CLIENT_ID", &mut c.only_client), ("PROJECT_ID", &mut c.only_project)] {
+            if let Some(id) = self.get(key) {
+                check_dns_label("id", id).map_err(|e| ConfigError::Invalid {
+                    key,
+                    message: e.to_string(),
+                })?;
+                *slot = Some(id.to_owned());
+            }
+        }
+        c.max_command_bytes = self.positive("MAX_COMMAND_BYTES", c.max_command_bytes as u64)? as usize;
+        c.agent_timeout = Duration::from_secs(self.positive("AGENT_TIMEOUT_SECONDS", c.agent_timeout.as_secs())?);
+        c.build_timeout = Duration::from_secs(self.positive("BUILD_TIMEOUT_SECONDS", c.build_timeout.as_secs())?);
+        c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
+        c.visibility_timeout = Duration::from_secs(
+            self.positive("VISIBILITY_TIMEOUT_SECONDS", c.visibility_timeout.as_secs())?
+                .min(43_200),
+        );
+        c.upload_concurrency = self.positive("UPLOAD_CONCURRENCY", c.upload_concurrency as u64)? as usize;
+        c.push_attempts = self.positive("PUSH_ATTEMPTS", c.push_attempts as u64)? as u32;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        Settings {
+            values: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = settings(&[("INPUT_QUEUE_URL", "q")]).worker_config("eu-west-1").unwrap();
+        assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
+        assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
+        assert_eq!(c.build_command, ["npm", "run", "build"]);
+        assert_eq!(c.build_output_dir, PathBuf::from("dist"));
+        assert_eq!(c.claude_bin, PathBuf::from("claude"));
+        assert_eq!(c.max_command_bytes, 16 * 1024);
+        assert!(c.output_queue_url.is_none());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = settings(&[]).worker_config("r").unwrap_err();
+        assert_eq!(err.to_string(), "INPUT_QUEUE_URL is required");
+        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("BUILD_OUTPUT_DIR", "../x")])
+            .worker_config("r")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("BUILD_OUTPUT_DIR"));
+        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("CLIENT_ID", "../bob")])
+            .worker_config("r")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("CLIENT_ID"));
+        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("MAX_IN_FLIGHT", "many")])
+            .worker_config("r")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("MAX_IN_FLIGHT"));
+    }
+
+    #[test]
+    fn toml_file_sets_keys_and_env_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "input_queue_url = \"from-file\"\nBUILD_COMMAND = [\"node\", \"build.mjs\"]\nMAX_IN_FLIGHT = 3\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        // The environment of the test process does not set these keys.
+        let c = s.worker_config("r").unwrap();
+        assert_eq!(c.build_command, ["node", "build.mjs"]);
+        assert_eq!(c.max_in_flight, 3);
+        std::fs::write(&path, "nonsense_key = 1\n").unwrap();
+        assert!(Settings::load(Some(&path)).is_err());
+    }
+}

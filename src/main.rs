@@ -1,0 +1,145 @@
+//! `edit-worker`: the process. Command line, configuration, logging, signals; the work itself is
+//! in the `edit-worker-actors` crate (`actors/`).
+
+mod aws;
+mod config;
+mod send;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use edit_worker_actors::intake::IntakeEnd;
+use edit_worker_actors::worker::{self, RunOptions};
+
+/// Turns edit requests on an SQS queue into committed, built and published sites.
+#[derive(Parser)]
+#[command(name = "edit-worker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the input queue until SIGTERM/SIGINT, or until idle for --exit-when-idle seconds.
+    Run {
+        /// A TOML file with the same keys as the environment (the environment wins).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Exit when the queue has been empty and nothing has run for this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        exit_when_idle: Option<u64>,
+    },
+    /// Put one edit request on the input queue (INPUT_QUEUE_URL).
+    Send(send::SendArgs),
+}
+
+/// Exit codes of the contract.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    // clap exits with 2 on bad usage and 0 for --help, as the contract asks.
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edit-worker: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
+    telemetry::init_logging();
+    match cli.command {
+        Command::Run {
+            config,
+            exit_when_idle,
+        } => run(config, exit_when_idle).await,
+        Command::Send(args) => match send::send(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(send::SendError::Usage(e)) => {
+                eprintln!("edit-worker send: {e:#}");
+                ExitCode::from(EXIT_USAGE)
+            }
+            Err(send::SendError::Failed(e)) => {
+                eprintln!("edit-worker send: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+    }
+}
+
+async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitCode {
+    let settings = match config::Settings::load(config_file.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edit-worker: configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let sdk = aws::load().await;
+    let region = sdk
+        .region()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "us-east-1".into());
+    let (config, deadline) = match settings
+        .worker_config(&region)
+        .and_then(|c| Ok((c, settings.shutdown_deadline()?)))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edit-worker: configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing::info!(
+        input = %config.input_queue_url,
+        workspace_root = %config.workspace_root.display(),
+        agent = %config.claude_bin.display(),
+        "edit-worker starting"
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let options = RunOptions {
+        exit_when_idle: exit_when_idle.map(Duration::from_secs),
+        shutdown_deadline: deadline,
+    };
+    let (sqs, s3) = (aws::sqs(&sdk), aws::s3(&sdk));
+    match worker::run(config, sqs, s3, options, shutdown).await {
+        Ok(IntakeEnd::Idle) => {
+            tracing::info!("idle; exiting");
+            ExitCode::SUCCESS
+        }
+        Ok(IntakeEnd::Shutdown) => {
+            tracing::info!("shut down");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "edit-worker stopped");
+            eprintln!("edit-worker: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// SIGTERM (ECS, docker stop) or SIGINT (a person) starts a graceful shutdown.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for signals");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,58 @@
+//! `edit-worker send`: put one edit request on the input queue, as the upstream service would.
+
+use anyhow::Context;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use clap::Args;
+
+use edit_worker_actors::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[arg(long)]
+    client: String,
+    #[arg(long)]
+    project: String,
+    #[arg(long)]
+    thread: String,
+    /// Defaults to `session-{thread}`.
+    #[arg(long)]
+    session: Option<String>,
+    /// The queue; defaults to INPUT_QUEUE_URL.
+    #[arg(long, env = "INPUT_QUEUE_URL", hide_env_values = true)]
+    queue_url: String,
+    /// The request text.
+    command: String,
+}
+
+pub enum SendError {
+    /// Bad arguments (exit 2).
+    Usage(anyhow::Error),
+    /// The queue did not take it (exit 1).
+    Failed(anyhow::Error),
+}
+
+pub async fn send(args: SendArgs) -> Result<(), SendError> {
+    let body = serde_json::json!({
+        "sessionId": args.session.clone().unwrap_or_else(|| format!("session-{}", args.thread)),
+        "threadId": args.thread,
+        "clientId": args.client,
+        "projectId": args.project,
+        "command": args.command,
+    })
+    .to_string();
+    // The same rules the worker applies: refuse to send what it would reject.
+    EditRequest::parse(&body, DEFAULT_MAX_COMMAND_BYTES)
+        .map_err(|e| SendError::Usage(anyhow::anyhow!(e)))?;
+    let sdk = crate::aws::load().await;
+    let out = crate::aws::sqs(&sdk)
+        .send_message()
+        .queue_url(&args.queue_url)
+        .message_body(body)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))
+        .context("sending the message")
+        .map_err(SendError::Failed)?;
+    println!("{}", out.message_id().unwrap_or_default());
+    Ok(())
+}
