@@ -133,7 +133,9 @@ impl Settings {
     }
 
     pub fn shutdown_deadline(&self) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_secs(self.positive("SHUTDOWN_DEADLINE_SECONDS", 25)?))
+        Ok(Duration::from_secs(
+            self.positive("SHUTDOWN_DEADLINE_SECONDS", 25)?,
+        ))
     }
 
     /// The worker's configuration for `run`.
@@ -180,7 +182,10 @@ impl Settings {
             }
             c.build_output_dir = dir;
         }
-        for (key, slot) in [("CLIENT_ID", &mut c.only_client), ("PROJECT_ID", &mut c.only_project)] {
+        for (key, slot) in [
+            ("CLIENT_ID", &mut c.only_client),
+            ("PROJECT_ID", &mut c.only_project),
+        ] {
             if let Some(id) = self.get(key) {
                 check_dns_label("id", id).map_err(|e| ConfigError::Invalid {
                     key,
@@ -189,15 +194,19 @@ impl Settings {
                 *slot = Some(id.to_owned());
             }
         }
-        c.max_command_bytes = self.positive("MAX_COMMAND_BYTES", c.max_command_bytes as u64)? as usize;
-        c.agent_timeout = Duration::from_secs(self.positive("AGENT_TIMEOUT_SECONDS", c.agent_timeout.as_secs())?);
-        c.build_timeout = Duration::from_secs(self.positive("BUILD_TIMEOUT_SECONDS", c.build_timeout.as_secs())?);
+        c.max_command_bytes =
+            self.positive("MAX_COMMAND_BYTES", c.max_command_bytes as u64)? as usize;
+        c.agent_timeout =
+            Duration::from_secs(self.positive("AGENT_TIMEOUT_SECONDS", c.agent_timeout.as_secs())?);
+        c.build_timeout =
+            Duration::from_secs(self.positive("BUILD_TIMEOUT_SECONDS", c.build_timeout.as_secs())?);
         c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
         c.visibility_timeout = Duration::from_secs(
             self.positive("VISIBILITY_TIMEOUT_SECONDS", c.visibility_timeout.as_secs())?
                 .min(43_200),
         );
-        c.upload_concurrency = self.positive("UPLOAD_CONCURRENCY", c.upload_concurrency as u64)? as usize;
+        c.upload_concurrency =
+            self.positive("UPLOAD_CONCURRENCY", c.upload_concurrency as u64)? as usize;
         c.push_attempts = self.positive("PUSH_ATTEMPTS", c.push_attempts as u64)? as u32;
         Ok(c)
     }
@@ -218,7 +227,9 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_contract() {
-        let c = settings(&[("INPUT_QUEUE_URL", "q")]).worker_config("eu-west-1").unwrap();
+        let c = settings(&[("INPUT_QUEUE_URL", "q")])
+            .worker_config("eu-west-1")
+            .unwrap();
         assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
         assert_eq!(c.build_command, ["npm", "run", "build"]);

@@ -46,7 +46,10 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     // clap exits with 2 on bad usage and 0 for --help, as the contract asks.
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("edit-worker: cannot start the async runtime: {e}");
@@ -133,7 +136,10 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
 /// SIGTERM (ECS, docker stop) or SIGINT (a person) starts a graceful shutdown.
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot listen for signals");
         return;
     };

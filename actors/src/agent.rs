@@ -138,8 +138,13 @@ struct ResultEvent {
 /// Something the agent is doing, for progress reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentActivity {
-    Started { session_id: Option<String> },
-    ToolUse { tool: String, target: Option<String> },
+    Started {
+        session_id: Option<String>,
+    },
+    ToolUse {
+        tool: String,
+        target: Option<String>,
+    },
 }
 
 /// Run the agent on `prompt` in `cwd`. `cancel` stops it (SIGINT, then SIGKILL after a grace

@@ -18,7 +18,16 @@ use tokio_util::sync::CancellationToken;
 const LOG_TAIL_LINES: usize = 40;
 /// Environment the build may see. It runs the site's own scripts, so the worker's secrets stay
 /// out of it.
-const BUILD_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "NODE_OPTIONS"];
+const BUILD_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "USER",
+    "NODE_OPTIONS",
+];
 
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -165,8 +174,7 @@ async fn run_logged(
         }
     }
     // The worker must not phone home on the client's behalf.
-    cmd.env("ASTRO_TELEMETRY_DISABLED", "1")
-        .env("CI", "1");
+    cmd.env("ASTRO_TELEMETRY_DISABLED", "1").env("CI", "1");
     let mut child = cmd.spawn().map_err(|source| BuildError::Spawn {
         program: program.clone(),
         source,
@@ -193,7 +201,13 @@ async fn run_logged(
     for r in readers {
         let _ = r.await;
     }
-    let tail = tail.lock().expect("tail lock").iter().cloned().collect::<Vec<_>>().join("\n");
+    let tail = tail
+        .lock()
+        .expect("tail lock")
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
     Ok(Logged {
         success: status.success(),
         status: status.to_string(),
@@ -201,10 +215,7 @@ async fn run_logged(
     })
 }
 
-async fn keep_tail(
-    stream: impl tokio::io::AsyncRead + Unpin,
-    tail: Arc<Mutex<VecDeque<String>>>,
-) {
+async fn keep_tail(stream: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<String>>>) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut tail = tail.lock().expect("tail lock");

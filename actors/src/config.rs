@@ -125,6 +125,9 @@ mod tests {
             c.preview_url_for("b"),
             "http://b.s3-website-us-east-1.amazonaws.com/"
         );
-        assert_eq!(c.workspace_dir(&key), PathBuf::from("/workspace/amelia/stamps"));
+        assert_eq!(
+            c.workspace_dir(&key),
+            PathBuf::from("/workspace/amelia/stamps")
+        );
     }
 }

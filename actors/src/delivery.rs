@@ -52,7 +52,11 @@ impl Delivery {
 
     /// Send the terminal event, then delete the message. If the event cannot be sent the message
     /// stays in the queue (it comes back after its visibility timeout): an event is never skipped.
-    pub async fn finish(&self, receipt_handle: &str, event: &StatusEvent) -> Result<(), DeliveryError> {
+    pub async fn finish(
+        &self,
+        receipt_handle: &str,
+        event: &StatusEvent,
+    ) -> Result<(), DeliveryError> {
         debug_assert!(event.event_type.is_terminal());
         self.status.send(event).await.map_err(|e| DeliveryError {
             op: "terminal status event",
@@ -76,7 +80,11 @@ impl Delivery {
     }
 
     /// Make the message visible again after `delay`, for this or another worker to take.
-    pub async fn release(&self, receipt_handle: &str, delay: Duration) -> Result<(), DeliveryError> {
+    pub async fn release(
+        &self,
+        receipt_handle: &str,
+        delay: Duration,
+    ) -> Result<(), DeliveryError> {
         self.set_visibility(receipt_handle, delay).await
     }
 
@@ -94,7 +102,11 @@ impl Delivery {
                 message: e.to_string(),
             })?;
         // An empty body cannot be sent to SQS; keep the fact that it was empty.
-        let body = if body.is_empty() { "(empty message)" } else { body };
+        let body = if body.is_empty() {
+            "(empty message)"
+        } else {
+            body
+        };
         self.sqs
             .send_message()
             .queue_url(url)
@@ -121,14 +133,21 @@ impl Delivery {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
-                if let Err(e) = delivery.set_visibility(&receipt_handle, delivery.visibility).await {
+                if let Err(e) = delivery
+                    .set_visibility(&receipt_handle, delivery.visibility)
+                    .await
+                {
                     tracing::warn!(error = %e, "could not extend message visibility");
                 }
             }
         });
     }
 
-    async fn set_visibility(&self, receipt_handle: &str, timeout: Duration) -> Result<(), DeliveryError> {
+    async fn set_visibility(
+        &self,
+        receipt_handle: &str,
+        timeout: Duration,
+    ) -> Result<(), DeliveryError> {
         self.sqs
             .change_message_visibility()
             .queue_url(&self.input_queue_url)

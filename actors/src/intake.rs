@@ -89,7 +89,10 @@ pub async fn run_intake(
         if shutdown.is_cancelled() {
             return Ok(IntakeEnd::Shutdown);
         }
-        if supervisor.get_status() != ractor::ActorStatus::Running {
+        if matches!(
+            supervisor.get_status(),
+            ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+        ) {
             return Err(IntakeError::SupervisorGone);
         }
         if registry.in_flight() > 0 {
@@ -103,7 +106,9 @@ pub async fn run_intake(
             }
             // Poll no longer than the idle time left, so the exit is on time without
             // abandoning a receive half-way (which could hide a message until it times out).
-            wait = wait.min(Duration::from_secs(left.as_secs_f64().ceil() as u64).max(Duration::from_secs(1)));
+            wait = wait.min(
+                Duration::from_secs(left.as_secs_f64().ceil() as u64).max(Duration::from_secs(1)),
+            );
         }
         // Backpressure: receive only when at least one more message can be held.
         let first = tokio::select! {

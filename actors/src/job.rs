@@ -32,7 +32,10 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn new(permit: OwnedSemaphorePermit, on_drop: impl FnOnce() + Send + Sync + 'static) -> Self {
+    pub fn new(
+        permit: OwnedSemaphorePermit,
+        on_drop: impl FnOnce() + Send + Sync + 'static,
+    ) -> Self {
         InFlight {
             _permit: permit,
             on_drop: Some(Box::new(on_drop)),

@@ -97,8 +97,8 @@ impl EditRequest {
         if !value.is_object() {
             return Err(RequestError::NotAnObject);
         }
-        let raw: RawMessage =
-            serde_json::from_value(value).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+        let raw: RawMessage = serde_json::from_value(value)
+            .map_err(|e| RequestError::MalformedJson(e.to_string()))?;
 
         let session_id = required_string("sessionId", raw.session_id)?;
         let thread_id = required_string("threadId", raw.thread_id)?;
@@ -278,24 +278,65 @@ mod tests {
         v.as_object_mut().unwrap().remove("threadId");
         let err = EditRequest::parse(&v.to_string(), 100).unwrap_err();
         assert_eq!(err, RequestError::MissingField("threadId"));
-        assert_eq!(kind(&with("clientId", serde_json::json!(7))), "invalid_field");
-        assert_eq!(kind(&with("command", serde_json::Value::Null)), "missing_field");
+        assert_eq!(
+            kind(&with("clientId", serde_json::json!(7))),
+            "invalid_field"
+        );
+        assert_eq!(
+            kind(&with("command", serde_json::Value::Null)),
+            "missing_field"
+        );
     }
 
     #[test]
     fn client_and_project_must_be_dns_labels() {
-        for bad in ["../bob", "Bob", "-x", "x-", "", "a_b", "a.b", &"a".repeat(64)] {
-            assert_eq!(kind(&with("clientId", bad.into())), "invalid_field", "{bad:?}");
-            assert_eq!(kind(&with("projectId", bad.into())), "invalid_field", "{bad:?}");
+        for bad in [
+            "../bob",
+            "Bob",
+            "-x",
+            "x-",
+            "",
+            "a_b",
+            "a.b",
+            &"a".repeat(64),
+        ] {
+            assert_eq!(
+                kind(&with("clientId", bad.into())),
+                "invalid_field",
+                "{bad:?}"
+            );
+            assert_eq!(
+                kind(&with("projectId", bad.into())),
+                "invalid_field",
+                "{bad:?}"
+            );
         }
         assert!(EditRequest::parse(&with("clientId", "a-1".into()), 99999).is_ok());
     }
 
     #[test]
     fn thread_and_session_ids_must_be_ref_safe() {
-        for bad in ["a..b", "-x", ".x", "x.lock", "a/b", "a b", "", "ü", &"a".repeat(129)] {
-            assert_eq!(kind(&with("threadId", bad.into())), "invalid_field", "{bad:?}");
-            assert_eq!(kind(&with("sessionId", bad.into())), "invalid_field", "{bad:?}");
+        for bad in [
+            "a..b",
+            "-x",
+            ".x",
+            "x.lock",
+            "a/b",
+            "a b",
+            "",
+            "ü",
+            &"a".repeat(129),
+        ] {
+            assert_eq!(
+                kind(&with("threadId", bad.into())),
+                "invalid_field",
+                "{bad:?}"
+            );
+            assert_eq!(
+                kind(&with("sessionId", bad.into())),
+                "invalid_field",
+                "{bad:?}"
+            );
         }
         assert!(EditRequest::parse(&with("threadId", "A.b_c-1".into()), 99999).is_ok());
     }

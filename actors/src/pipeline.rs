@@ -121,7 +121,8 @@ pub async fn run_job(ctx: Arc<WorkerContext>, steps: Steps, job: Job, stop: Stop
     let mut progress = Progress::default();
     let ending = match execute(&ctx, &steps, &job, &stop, &mut progress).await {
         Ok(()) => Ending::Completed,
-        Err(JobError::Agent(AgentError::Interrupted)) | Err(JobError::Build(BuildError::Cancelled)) => {
+        Err(JobError::Agent(AgentError::Interrupted))
+        | Err(JobError::Build(BuildError::Cancelled)) => {
             Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
         }
         Err(e) => Ending::Failed(e),
@@ -222,7 +223,9 @@ async fn execute(
     // 4 and 5. Build and publish, unless this exact commit is already live in this bucket.
     let marker_path = workspace_dir.join(".git/edit-worker/published");
     let marker = format!("{head} {bucket}");
-    let live = tokio::fs::read_to_string(&marker_path).await.unwrap_or_default();
+    let live = tokio::fs::read_to_string(&marker_path)
+        .await
+        .unwrap_or_default();
     if live.trim() == marker {
         tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
     } else {
@@ -247,10 +250,12 @@ async fn execute(
 
         // Publishing is not cancelled: it is short, and a half-published site is worse.
         let t = Instant::now();
-        let published = ask(&steps.publisher, "publisher", |reply| PublisherMsg::Publish {
-            bucket: bucket.clone(),
-            build_dir: workspace_dir.join(&config.build_output_dir),
-            reply,
+        let published = ask(&steps.publisher, "publisher", |reply| {
+            PublisherMsg::Publish {
+                bucket: bucket.clone(),
+                build_dir: workspace_dir.join(&config.build_output_dir),
+                reply,
+            }
         })
         .await?;
         progress.time("publish", t);

@@ -304,7 +304,10 @@ mod tests {
 
     #[test]
     fn cache_rules() {
-        assert_eq!(cache_control("_astro/a.1x2.css"), "public, max-age=31536000, immutable");
+        assert_eq!(
+            cache_control("_astro/a.1x2.css"),
+            "public, max-age=31536000, immutable"
+        );
         assert_eq!(cache_control("index.html"), "no-cache");
     }
 
@@ -317,7 +320,11 @@ mod tests {
         std::fs::write(root.join("about/index.html"), "about").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("passwd")).unwrap();
         std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
-        let keys: Vec<_> = scan_build(&root).unwrap().into_iter().map(|f| f.key).collect();
+        let keys: Vec<_> = scan_build(&root)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.key)
+            .collect();
         assert_eq!(keys, vec!["about/index.html", "index.html"]);
         // A symlinked output folder is no build.
         std::os::unix::fs::symlink(&root, dir.path().join("linked")).unwrap();

@@ -80,9 +80,15 @@ impl SessionActor {
     /// Start every step actor, linked to this session.
     async fn spawn_steps(args: &SessionArgs, me: ActorCell) -> Result<Steps, ActorProcessingErr> {
         Ok(Steps {
-            git: Actor::spawn_linked(None, GitActor, Self::workspace(args), me.clone()).await?.0,
-            agent: Actor::spawn_linked(None, AgentActor, args.agent.clone(), me.clone()).await?.0,
-            build: Actor::spawn_linked(None, BuildActor, args.build.clone(), me.clone()).await?.0,
+            git: Actor::spawn_linked(None, GitActor, Self::workspace(args), me.clone())
+                .await?
+                .0,
+            agent: Actor::spawn_linked(None, AgentActor, args.agent.clone(), me.clone())
+                .await?
+                .0,
+            build: Actor::spawn_linked(None, BuildActor, args.build.clone(), me.clone())
+                .await?
+                .0,
             publisher: Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me)
                 .await?
                 .0,
@@ -98,17 +104,25 @@ impl SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         match kind {
             StepKind::Git => {
-                steps.git = Actor::spawn_linked(None, GitActor, Self::workspace(args), me).await?.0
+                steps.git = Actor::spawn_linked(None, GitActor, Self::workspace(args), me)
+                    .await?
+                    .0
             }
             StepKind::Agent => {
-                steps.agent = Actor::spawn_linked(None, AgentActor, args.agent.clone(), me).await?.0
+                steps.agent = Actor::spawn_linked(None, AgentActor, args.agent.clone(), me)
+                    .await?
+                    .0
             }
             StepKind::Build => {
-                steps.build = Actor::spawn_linked(None, BuildActor, args.build.clone(), me).await?.0
+                steps.build = Actor::spawn_linked(None, BuildActor, args.build.clone(), me)
+                    .await?
+                    .0
             }
             StepKind::Publisher => {
                 steps.publisher =
-                    Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me).await?.0
+                    Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me)
+                        .await?
+                        .0
             }
         }
         Ok(())
@@ -140,7 +154,11 @@ impl SessionActor {
     fn release(ctx: &Arc<WorkerContext>, job: Job) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = ctx.delivery.release(&job.receipt_handle, Duration::ZERO).await {
+            if let Err(e) = ctx
+                .delivery
+                .release(&job.receipt_handle, Duration::ZERO)
+                .await
+            {
                 tracing::warn!(error = %e, "could not release a queued message");
             }
         });

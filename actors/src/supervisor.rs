@@ -103,7 +103,10 @@ impl Actor for Supervisor {
                         tracing::error!(workspace = %key, error = %e, "could not start a session; message will be delivered again");
                         let ctx = state.args.ctx.clone();
                         tokio::spawn(async move {
-                            let _ = ctx.delivery.release(&job.receipt_handle, Duration::from_secs(5)).await;
+                            let _ = ctx
+                                .delivery
+                                .release(&job.receipt_handle, Duration::from_secs(5))
+                                .await;
                         });
                     }
                 }
@@ -112,9 +115,7 @@ impl Actor for Supervisor {
                 let sessions: Vec<_> = state.sessions.values().cloned().collect();
                 // Waiting here would hold the supervisor's mailbox; wait in a task instead.
                 tokio::spawn(async move {
-                    let waits = sessions
-                        .iter()
-                        .map(|s| s.call(SessionMsg::Shutdown, None));
+                    let waits = sessions.iter().map(|s| s.call(SessionMsg::Shutdown, None));
                     futures::future::join_all(waits).await;
                     let _ = reply.send(());
                 });

@@ -87,7 +87,10 @@ pub async fn run(
     .await;
 
     if matches!(end, Ok(IntakeEnd::Shutdown)) {
-        tracing::info!(in_flight = registry.in_flight(), "shutting down: saving running work and releasing messages");
+        tracing::info!(
+            in_flight = registry.in_flight(),
+            "shutting down: saving running work and releasing messages"
+        );
         let deadline = Instant::now() + options.shutdown_deadline;
         let stopped = supervisor.call(SupervisorMsg::Shutdown, Some(options.shutdown_deadline));
         if !matches!(stopped.await, Ok(ractor::rpc::CallResult::Success(()))) {
@@ -98,7 +101,10 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if registry.in_flight() > 0 {
-            tracing::warn!(in_flight = registry.in_flight(), "exiting with work in flight; those messages return after their visibility timeout");
+            tracing::warn!(
+                in_flight = registry.in_flight(),
+                "exiting with work in flight; those messages return after their visibility timeout"
+            );
         }
     }
     supervisor.stop(None);

@@ -41,7 +41,10 @@ pub fn current_branch(dir: &Path) -> Result<Option<String>, LocalGitError> {
 /// The commit a reference (`refs/heads/x`, `refs/remotes/origin/x`) points at, if it exists.
 pub fn resolve_ref(dir: &Path, full_name: &str) -> Result<Option<String>, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
-    match repo.try_find_reference(full_name).map_err(err("find reference"))? {
+    match repo
+        .try_find_reference(full_name)
+        .map_err(err("find reference"))?
+    {
         Some(mut r) => Ok(Some(
             r.peel_to_id().map_err(err("peel reference"))?.to_string(),
         )),
@@ -187,7 +190,10 @@ pub fn find_commit_with_trailer(
     limit: usize,
 ) -> Result<Option<String>, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
-    let Some(mut reference) = repo.try_find_reference(start).map_err(err("find reference"))? else {
+    let Some(mut reference) = repo
+        .try_find_reference(start)
+        .map_err(err("find reference"))?
+    else {
         return Ok(None);
     };
     let tip = reference.peel_to_id().map_err(err("peel reference"))?;

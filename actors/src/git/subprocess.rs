@@ -49,7 +49,10 @@ impl GitProgram {
         let target = target.as_os_str().to_string_lossy().into_owned();
         // `--` ends the options: a remote that starts with `-` is still only a URL.
         GitProgram::new(parent)
-            .run(&["clone", "--quiet", "--", remote, &target], NETWORK_TIMEOUT)
+            .run(
+                &["clone", "--quiet", "--", remote, &target],
+                NETWORK_TIMEOUT,
+            )
             .await
             .map(drop)
     }
@@ -96,9 +99,12 @@ impl GitProgram {
     /// Push `branch` to the same name on `origin`.
     pub async fn push(&self, branch: &str) -> Result<(), GitCommandError> {
         let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        self.run(&["push", "--quiet", "--porcelain", "origin", &refspec], NETWORK_TIMEOUT)
-            .await
-            .map(drop)
+        self.run(
+            &["push", "--quiet", "--porcelain", "origin", &refspec],
+            NETWORK_TIMEOUT,
+        )
+        .await
+        .map(drop)
     }
 
     /// Run git with `args` in this repository and return its stdout.

@@ -156,7 +156,11 @@ impl Workspace {
         message_id: &str,
         finished: bool,
     ) -> Result<Option<String>, GitError> {
-        let trailer = if finished { MESSAGE_TRAILER } else { SAVED_TRAILER };
+        let trailer = if finished {
+            MESSAGE_TRAILER
+        } else {
+            SAVED_TRAILER
+        };
         let message = commit_message(subject, body, trailer, message_id);
         let dir = self.dir.clone();
         let commit =

@@ -1,0 +1,429 @@
+//! Shared harness for the integration tests: real SQS and S3 (one moto server for the whole run,
+//! started by `scripts/test`), real git repositories with a local bare upstream, the real
+//! `edit-worker` binary and the stand-in agent. Every test gets its own queues, buckets and
+//! folders, so tests run in parallel.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The moto endpoint. `scripts/test` starts one moto for the whole run and exports it.
+pub fn endpoint() -> String {
+    std::env::var("EDIT_WORKER_TEST_ENDPOINT").expect(
+        "EDIT_WORKER_TEST_ENDPOINT is not set: run the tests with `scripts/test`, which starts moto",
+    )
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn standin() -> PathBuf {
+    repo_root().join("tools/claude-standin")
+}
+
+pub async fn clients() -> (aws_sdk_sqs::Client, aws_sdk_s3::Client) {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    (aws_sdk_sqs::Client::new(&sdk), s3)
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "node_modules" || name == "dist" || name == ".astro" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Which sample site an upstream starts from.
+#[derive(Clone, Copy)]
+pub enum Site {
+    /// The real Astro site (npm ci + astro build): slow, used by few tests.
+    Astro,
+    /// Same pages, built by a dependency-free script.
+    Tiny,
+}
+
+/// One test's world: queues, folders, upstream repositories and the worker process.
+pub struct TestEnv {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub sqs: aws_sdk_sqs::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub bucket_template: String,
+    worker: Option<Child>,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str) -> TestEnv {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{name}-{}-{n}", std::process::id());
+        let (sqs, s3) = clients().await;
+        let mut queues = Vec::new();
+        for kind in ["in", "out", "dlq"] {
+            let url = sqs
+                .create_queue()
+                .queue_name(format!("{name}-{kind}"))
+                .send()
+                .await
+                .expect("create queue")
+                .queue_url
+                .unwrap();
+            queues.push(url);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("workspaces")).unwrap();
+        std::fs::create_dir_all(dir.path().join("upstream")).unwrap();
+        TestEnv {
+            bucket_template: format!("edit.{{clientId}}.{name}.test"),
+            name,
+            dir,
+            sqs,
+            s3,
+            input: queues[0].clone(),
+            output: queues[1].clone(),
+            dlq: queues[2].clone(),
+            worker: None,
+        }
+    }
+
+    pub fn bucket(&self, client: &str) -> String {
+        self.bucket_template.replace("{clientId}", client)
+    }
+
+    pub async fn create_bucket(&self, bucket: &str) {
+        self.s3
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("create bucket");
+    }
+
+    pub fn workspace_root(&self) -> PathBuf {
+        self.dir.path().join("workspaces")
+    }
+
+    pub fn upstream(&self, client: &str, project: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("upstream")
+            .join(client)
+            .join(format!("{project}.git"))
+    }
+
+    /// A bare upstream for `client/project` holding the sample site on `main`.
+    pub fn create_upstream(&self, client: &str, project: &str, site: Site) -> PathBuf {
+        let bare = self.upstream(client, project);
+        std::fs::create_dir_all(&bare).unwrap();
+        git(
+            &bare,
+            &["init", "--quiet", "--bare", "--initial-branch=main"],
+        );
+        let seed = self.dir.path().join(format!("seed-{client}-{project}"));
+        let fixture = match site {
+            Site::Astro => "astro-site",
+            Site::Tiny => "tiny-site",
+        };
+        copy_dir(&repo_root().join("tests/fixtures").join(fixture), &seed);
+        git(&seed, &["init", "--quiet", "--initial-branch=main"]);
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["commit", "--quiet", "-m", "Initial site"]);
+        git(&seed, &["remote", "add", "origin", bare.to_str().unwrap()]);
+        git(&seed, &["push", "--quiet", "origin", "main"]);
+        std::fs::remove_dir_all(&seed).unwrap();
+        bare
+    }
+
+    /// The environment a worker of this test runs with.
+    pub fn worker_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            env.insert(k.to_owned(), v);
+        };
+        set("INPUT_QUEUE_URL", self.input.clone());
+        set("OUTPUT_QUEUE_URL", self.output.clone());
+        set("DEAD_LETTER_QUEUE_URL", self.dlq.clone());
+        set(
+            "WORKSPACE_ROOT",
+            self.workspace_root().display().to_string(),
+        );
+        set(
+            "GIT_REMOTE_TEMPLATE",
+            format!(
+                "{}/upstream/{{clientId}}/{{projectId}}.git",
+                self.dir.path().display()
+            ),
+        );
+        set("BUCKET_TEMPLATE", self.bucket_template.clone());
+        set("CLAUDE_BIN", standin().display().to_string());
+        set(
+            "CLAUDE_CONFIG_DIR",
+            self.dir.path().join("claude").display().to_string(),
+        );
+        set("AWS_ENDPOINT_URL", endpoint());
+        set("AWS_REGION", "us-east-1".into());
+        set("AWS_ACCESS_KEY_ID", "testing".into());
+        set("AWS_SECRET_ACCESS_KEY", "testing".into());
+        set(
+            "RUST_LOG",
+            "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn".into(),
+        );
+        env
+    }
+
+    /// Start `edit-worker run` with this test's environment plus `extra`.
+    pub fn start_worker(&mut self, extra: &[(&str, &str)]) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edit-worker"));
+        cmd.args(["run", "--exit-when-idle", "120"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .envs(self.worker_env())
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("worker.log")).unwrap());
+        if let Ok(cache) = std::env::var("npm_config_cache") {
+            cmd.env("npm_config_cache", cache);
+        }
+        self.worker = Some(cmd.spawn().expect("start edit-worker"));
+    }
+
+    pub fn worker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
+    }
+
+    /// Send SIGTERM and wait for the worker to exit; returns its exit code.
+    pub fn stop_worker(&mut self) -> Option<i32> {
+        let mut child = self.worker.take()?;
+        let _ = nix_kill(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Put a raw body on the input queue; returns the message id.
+    pub async fn send_raw(&self, body: &str) -> String {
+        self.sqs
+            .send_message()
+            .queue_url(&self.input)
+            .message_body(body)
+            .send()
+            .await
+            .expect("send message")
+            .message_id
+            .unwrap()
+    }
+
+    pub async fn send(&self, client: &str, project: &str, thread: &str, command: &str) -> String {
+        let body = serde_json::json!({
+            "sessionId": format!("s-{thread}"),
+            "threadId": thread,
+            "clientId": client,
+            "projectId": project,
+            "command": command,
+        });
+        self.send_raw(&body.to_string()).await
+    }
+
+    /// Read status events until `terminal` terminal events have arrived (or time runs out).
+    pub async fn events_until_terminal(&self, terminal: usize, timeout: Duration) -> Vec<Value> {
+        let mut events = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let done = events.iter().filter(|e: &&Value| is_terminal(e)).count();
+            if done >= terminal {
+                break;
+            }
+            events.extend(self.drain(&self.output, 1).await);
+        }
+        events
+    }
+
+    /// Receive and delete what a queue holds now (waiting up to `wait_secs`).
+    pub async fn drain(&self, queue: &str, wait_secs: i32) -> Vec<Value> {
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(10)
+            .wait_time_seconds(wait_secs)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .expect("receive");
+        let mut found = Vec::new();
+        for m in out.messages.unwrap_or_default() {
+            let body = m.body.clone().unwrap_or_default();
+            found.push(serde_json::from_str(&body).unwrap_or(Value::String(body)));
+            self.sqs
+                .delete_message()
+                .queue_url(queue)
+                .receipt_handle(m.receipt_handle.unwrap())
+                .send()
+                .await
+                .expect("delete");
+        }
+        found
+    }
+
+    /// Messages in a queue, visible or not.
+    pub async fn queue_depth(&self, queue: &str) -> usize {
+        let attrs = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes
+            .unwrap_or_default();
+        let get = |name: aws_sdk_sqs::types::QueueAttributeName| {
+            attrs
+                .get(&name)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            + get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    }
+
+    /// Key → (content type, body) of every object in a bucket.
+    pub async fn bucket_contents(&self, bucket: &str) -> BTreeMap<String, (String, Vec<u8>)> {
+        let mut contents = BTreeMap::new();
+        let listed = self
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("list bucket");
+        for object in listed.contents() {
+            let key = object.key().unwrap().to_owned();
+            let got = self
+                .s3
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            let content_type = got.content_type().unwrap_or_default().to_owned();
+            let body = got.body.collect().await.unwrap().into_bytes().to_vec();
+            contents.insert(key, (content_type, body));
+        }
+        contents
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.worker.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn is_terminal(event: &Value) -> bool {
+    matches!(
+        event["type"].as_str(),
+        Some("completed" | "interrupted" | "failed" | "rejected")
+    )
+}
+
+pub fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+/// `kill -SIGNAL pid` through the `kill` program (no unsafe code in tests).
+pub fn nix_kill(pid: u32, signal: &str) -> std::io::Result<()> {
+    Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .map(drop)
+}
+
+/// Every file under `dir`, relative, sorted.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                found.push(
+                    entry
+                        .path()
+                        .strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    found.sort();
+    found
+}

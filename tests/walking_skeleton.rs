@@ -1,0 +1,338 @@
+//! Issue 2: one SQS message becomes a pushed commit and a live edit site in S3, against real
+//! parts: moto (SQS, S3), git with a bare upstream, the sample sites and the stand-in agent.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Site, TestEnv, files_under, git, of_type};
+
+const EXAMPLE_COMMAND: &str =
+    "Update the homepage title to \"Amelia Stamps - Handcrafted with Love\"";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_example_becomes_a_pushed_commit_and_a_live_site() {
+    let mut env = TestEnv::new("example").await;
+    // The contract's own bucket name: no other test uses it.
+    let bucket = "edit.amelia.webordinary.com";
+    env.create_bucket(bucket).await;
+    let upstream = env.create_upstream("amelia", "stamps", Site::Astro);
+    env.start_worker(&[("BUCKET_TEMPLATE", "edit.{clientId}.webordinary.com")]);
+    let body = serde_json::json!({
+        "sessionId": "test-session-123",
+        "threadId": "test-thread-456",
+        "clientId": "amelia",
+        "projectId": "stamps",
+        "command": EXAMPLE_COMMAND,
+    });
+    let message_id = env.send_raw(&body.to_string()).await;
+    let events = env.events_until_terminal(1, Duration::from_secs(240)).await;
+    let completed = of_type(&events, "completed");
+    assert_eq!(
+        completed.len(),
+        1,
+        "events: {events:#?}\nlog:\n{}",
+        env.worker_log()
+    );
+    let done = completed[0];
+    assert_eq!(done["messageId"], message_id.as_str());
+    assert_eq!(done["branch"], "thread-test-thread-456");
+    assert_eq!(done["bucket"], bucket);
+    assert_eq!(
+        done["previewUrl"],
+        "http://edit.amelia.webordinary.com.s3-website-us-east-1.amazonaws.com/"
+    );
+    for phase in [
+        "prepare", "agent", "commit", "install", "build", "publish", "push", "total",
+    ] {
+        assert!(
+            done["durationsMs"][phase].is_u64(),
+            "phase {phase} missing: {done}"
+        );
+    }
+    assert_eq!(of_type(&events, "started").len(), 1);
+
+    // The upstream has the branch, with the agent's commit on top.
+    let tip = git(
+        &upstream,
+        &["rev-parse", "refs/heads/thread-test-thread-456"],
+    );
+    assert_eq!(done["commit"], tip.as_str());
+    let subject = git(&upstream, &["log", "-1", "--format=%s", &tip]);
+    assert_eq!(
+        subject,
+        "Claude: Update the homepage title to \"Amelia Stamps - Hand..."
+    );
+    let body = git(&upstream, &["log", "-1", "--format=%b", &tip]);
+    assert!(
+        body.contains(EXAMPLE_COMMAND),
+        "full command in the body: {body}"
+    );
+    assert!(body.contains(&format!("Edit-Worker-Message: {message_id}")));
+    let changed = git(
+        &upstream,
+        &["diff", "--name-only", &format!("{tip}~1"), &tip],
+    );
+    assert_eq!(changed, "src/pages/index.astro");
+
+    // The bucket holds exactly the build, with the new title and HTML typed as HTML.
+    let workspace = env.workspace_root().join("amelia/stamps");
+    let dist = files_under(&workspace.join("dist"));
+    let objects = env.bucket_contents(bucket).await;
+    assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), dist);
+    let (content_type, index) = &objects["index.html"];
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let index = String::from_utf8_lossy(index);
+    assert!(
+        index.contains("<title>Amelia Stamps - Handcrafted with Love</title>"),
+        "{index}"
+    );
+    assert_eq!(
+        done["publish"]["uploaded"].as_u64().unwrap() as usize,
+        dist.len(),
+        "{done}"
+    );
+
+    // The input queue is empty; the status queue held exactly one terminal event.
+    assert_eq!(env.queue_depth(&env.input).await, 0);
+    assert_eq!(events.iter().filter(|e| common::is_terminal(e)).count(), 1);
+    assert_eq!(
+        env.stop_worker(),
+        Some(0),
+        "graceful exit:\n{}",
+        env.worker_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn threads_switch_cleanly_and_clients_run_concurrently() {
+    let mut env = TestEnv::new("threads").await;
+    env.create_bucket(&env.bucket("bob")).await;
+    env.create_bucket(&env.bucket("carol")).await;
+    let bob = env.create_upstream("bob", "site", Site::Tiny);
+    let carol = env.create_upstream("carol", "site", Site::Tiny);
+    env.start_worker(&[]);
+
+    // First thread of bob's workspace.
+    env.send(
+        "bob",
+        "site",
+        "one",
+        "Update the homepage title to \"One\" [standin:write one.txt first thread]",
+    )
+    .await;
+    let first = env.events_until_terminal(1, Duration::from_secs(60)).await;
+    assert_eq!(
+        of_type(&first, "completed").len(),
+        1,
+        "{first:#?}\n{}",
+        env.worker_log()
+    );
+
+    // A second thread of the same workspace, and at the same time another client's message:
+    // both take two seconds of agent time, so running them one after the other would show.
+    let started = Instant::now();
+    env.send(
+        "bob",
+        "site",
+        "two",
+        "[standin:write two.txt second thread] [standin:sleep 2]",
+    )
+    .await;
+    env.send(
+        "carol",
+        "site",
+        "c1",
+        "Update the homepage title to \"Carol\" [standin:sleep 2]",
+    )
+    .await;
+    let events = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    let done = of_type(&events, "completed");
+    assert_eq!(done.len(), 2, "{events:#?}\n{}", env.worker_log());
+    let elapsed = started.elapsed();
+
+    // Served concurrently: each started before the other completed.
+    let at = |kind: &str, client: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == kind && e["clientId"] == client)
+            .map(|e| e["at"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    assert!(at("started", "bob") < at("completed", "carol"));
+    assert!(at("started", "carol") < at("completed", "bob"));
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+
+    // Each thread's branch holds its own work only; main is untouched.
+    let files = |branch: &str| git(&bob, &["ls-tree", "-r", "--name-only", branch]);
+    assert!(files("thread-one").contains("one.txt"));
+    assert!(!files("thread-one").contains("two.txt"));
+    assert!(files("thread-two").contains("two.txt"));
+    assert!(!files("thread-two").contains("one.txt"));
+    assert!(!files("main").contains("one.txt"));
+    // Thread two started from main, not from thread one.
+    let two_title = git(&bob, &["show", "thread-two:src/pages/index.astro"]);
+    assert!(
+        two_title.contains("<title>Amelia Stamps</title>"),
+        "{two_title}"
+    );
+    // The workspace is clean and on the last thread.
+    let ws = env.workspace_root().join("bob/site");
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+    assert_eq!(git(&ws, &["branch", "--show-current"]), "thread-two");
+    assert!(git(&carol, &["log", "-1", "--format=%s", "thread-c1"]).starts_with("Claude: "));
+
+    // Carol's bucket has her title; bob's has thread two's build.
+    let carol_site = env.bucket_contents(&env.bucket("carol")).await;
+    assert!(String::from_utf8_lossy(&carol_site["index.html"].1).contains("<title>Carol</title>"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
+    let mut env = TestEnv::new("badinput").await;
+    env.create_bucket(&env.bucket("dora")).await;
+    env.create_upstream("dora", "site", Site::Tiny);
+    env.start_worker(&[]);
+
+    let valid = |field: &str, value: serde_json::Value| {
+        let mut v = serde_json::json!({
+            "sessionId": "s1", "threadId": "t1", "clientId": "dora", "projectId": "site",
+            "command": "Update the homepage title to \"x\"",
+        });
+        if value.is_null() {
+            v.as_object_mut().unwrap().remove(field);
+        } else {
+            v[field] = value;
+        }
+        v.to_string()
+    };
+    let bad = [
+        ("{not json".to_owned(), "malformed_message"),
+        (valid("threadId", serde_json::Value::Null), "missing_field"),
+        (valid("clientId", "../bob".into()), "invalid_field"),
+        (valid("threadId", "a..b".into()), "invalid_field"),
+        (valid("threadId", "-x".into()), "invalid_field"),
+        // 1 MiB in all: SQS's own upper limit for a message.
+        (
+            valid("command", "x".repeat(1024 * 1024 - 200).into()),
+            "command_too_large",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (body, _) in &bad {
+        ids.push(env.send_raw(body).await);
+    }
+    // Shell text is just text: run verbatim, nothing executed.
+    let pwned = env.dir.path().join("pwned");
+    let shelly = format!(
+        "Update the homepage title to \"; touch {}; \" $(id) `id` && touch {}",
+        pwned.display(),
+        pwned.display()
+    );
+    let shelly_id = env.send("dora", "site", "t2", &shelly).await;
+
+    let events = env
+        .events_until_terminal(bad.len() + 1, Duration::from_secs(90))
+        .await;
+    for ((_, kind), id) in bad.iter().zip(&ids) {
+        let event = events
+            .iter()
+            .find(|e| e["messageId"] == id.as_str())
+            .unwrap_or_else(|| panic!("no event for {kind}: {events:#?}\n{}", env.worker_log()));
+        assert_eq!(event["type"], "rejected", "{event}");
+        assert_eq!(event["error"]["kind"], *kind, "{event}");
+        assert!(!event["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // The invalid client id is not echoed back as if it were valid.
+    let bob = events
+        .iter()
+        .find(|e| e["messageId"] == ids[2].as_str())
+        .unwrap();
+    assert!(bob.get("clientId").is_none(), "{bob}");
+
+    let ok = events
+        .iter()
+        .find(|e| e["messageId"] == shelly_id.as_str() && common::is_terminal(e))
+        .unwrap();
+    assert_eq!(ok["type"], "completed", "{ok}\n{}", env.worker_log());
+    assert!(!pwned.exists(), "a shell ran the command");
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+    let upstream = env.upstream("dora", "site");
+    let message = git(&upstream, &["log", "-1", "--format=%B", "thread-t2"]);
+    assert!(
+        message.contains(&shelly),
+        "command kept verbatim: {message}"
+    );
+
+    // Rejected messages are kept in the dead-letter queue and gone from the input queue.
+    let mut kept = Vec::new();
+    for _ in 0..10 {
+        kept.extend(env.drain(&env.dlq, 1).await);
+        if kept.len() >= bad.len() {
+            break;
+        }
+    }
+    assert_eq!(kept.len(), bad.len(), "{kept:?}");
+    assert_eq!(env.queue_depth(&env.input).await, 0);
+    // Nothing was written outside the workspace root: only dora's workspace exists.
+    let roots: Vec<_> = std::fs::read_dir(env.workspace_root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(roots, vec!["dora"]);
+    assert!(!env.dir.path().join("bob").exists());
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_build_and_agent_error_fail_and_publish_nothing() {
+    let mut env = TestEnv::new("failures").await;
+    let bucket = env.bucket("erin");
+    env.create_bucket(&bucket).await;
+    let upstream = env.create_upstream("erin", "site", Site::Tiny);
+    env.start_worker(&[]);
+
+    let broken = env.send("erin", "site", "b", "[standin:break-build]").await;
+    let first = env.events_until_terminal(1, Duration::from_secs(60)).await;
+    let api = env
+        .send(
+            "erin",
+            "site",
+            "a",
+            "Update the homepage title to \"x\" [standin:fail api_error]",
+        )
+        .await;
+    let second = env.events_until_terminal(1, Duration::from_secs(60)).await;
+    let events: Vec<_> = first.into_iter().chain(second).collect();
+
+    let failed = |id: &str| {
+        events
+            .iter()
+            .find(|e| e["messageId"] == id && e["type"] == "failed")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no failed event for {id}: {events:#?}\n{}",
+                    env.worker_log()
+                )
+            })
+            .clone()
+    };
+    let build = failed(&broken);
+    assert_eq!(build["error"]["kind"], "build_failed");
+    let log_tail = build["error"]["message"].as_str().unwrap();
+    assert!(
+        log_tail.contains("broken.astro"),
+        "build log tail: {log_tail}"
+    );
+    // The agent's work was committed and pushed even though the build failed: nothing lost.
+    assert!(git(&upstream, &["ls-tree", "-r", "--name-only", "thread-b"]).contains("broken.astro"));
+
+    let agent = failed(&api);
+    assert_eq!(agent["error"]["kind"], "agent_api_error");
+    // Nothing was published for either.
+    assert!(env.bucket_contents(&bucket).await.is_empty());
+    assert!(of_type(&events, "completed").is_empty());
+    assert_eq!(env.queue_depth(&env.input).await, 0);
+    assert_eq!(env.stop_worker(), Some(0));
+}
