@@ -201,7 +201,7 @@ async fn accept(
         slot: Some(slot),
     };
     supervisor
-        .cast(SupervisorMsg::Route(job))
+        .cast(SupervisorMsg::Route(Box::new(job)))
         .map_err(|_| IntakeError::SupervisorGone)
 }
 

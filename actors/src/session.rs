@@ -23,7 +23,7 @@ use crate::steps::{AgentActor, BuildActor, GitActor, PublisherActor};
 
 pub enum SessionMsg {
     /// A new message for this workspace.
-    Enqueue(Job),
+    Enqueue(Box<Job>),
     /// The running job has ended (reported or released).
     JobEnded,
     /// Restart a step actor that died, after its backoff.
@@ -197,10 +197,10 @@ impl Actor for SessionActor {
         match msg {
             SessionMsg::Enqueue(job) => {
                 if state.shutting_down {
-                    Self::release(&state.args.ctx, job);
+                    Self::release(&state.args.ctx, *job);
                     return Ok(());
                 }
-                state.queue.push_back(job);
+                state.queue.push_back(*job);
                 match &state.running {
                     // A newer message interrupts the work in progress.
                     Some(stop) => stop.request(StopReason::Interrupted),

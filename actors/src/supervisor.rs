@@ -20,7 +20,7 @@ use crate::session::{SessionActor, SessionArgs, SessionMsg};
 
 pub enum SupervisorMsg {
     /// A valid job: hand it to its workspace's session.
-    Route(Job),
+    Route(Box<Job>),
     /// Stop every session (saving running work), then reply.
     Shutdown(RpcReplyPort<()>),
     /// How many sessions are alive (for tests and metrics).
