@@ -30,6 +30,8 @@ const KEYS: &[&str] = &[
     "VISIBILITY_TIMEOUT_SECONDS",
     "UPLOAD_CONCURRENCY",
     "PUSH_ATTEMPTS",
+    "MAX_RECEIVES",
+    "RETRY_BASE_SECONDS",
     "SHUTDOWN_DEADLINE_SECONDS",
 ];
 
@@ -208,6 +210,9 @@ impl Settings {
         c.upload_concurrency =
             self.positive("UPLOAD_CONCURRENCY", c.upload_concurrency as u64)? as usize;
         c.push_attempts = self.positive("PUSH_ATTEMPTS", c.push_attempts as u64)? as u32;
+        c.max_receives = self.positive("MAX_RECEIVES", c.max_receives as u64)? as u32;
+        c.retry_base_delay =
+            Duration::from_secs(self.number("RETRY_BASE_SECONDS", c.retry_base_delay.as_secs())?);
         Ok(c)
     }
 }
@@ -271,6 +276,14 @@ mod tests {
         let c = s.worker_config("r").unwrap();
         assert_eq!(c.build_command, ["node", "build.mjs"]);
         assert_eq!(c.max_in_flight, 3);
+        // The example shipped in config/ parses.
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/edit-worker.example.toml");
+        let c = Settings::load(Some(&example))
+            .unwrap()
+            .worker_config("r")
+            .unwrap();
+        assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
         std::fs::write(&path, "nonsense_key = 1\n").unwrap();
         assert!(Settings::load(Some(&path)).is_err());
     }

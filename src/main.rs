@@ -121,7 +121,7 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
             tracing::info!("idle; exiting");
             ExitCode::SUCCESS
         }
-        Ok(IntakeEnd::Shutdown) => {
+        Ok(IntakeEnd::Shutdown(_)) => {
             tracing::info!("shut down");
             ExitCode::SUCCESS
         }

@@ -174,6 +174,7 @@ pub async fn run_agent(
     .process_group(0)
     .kill_on_drop(true);
     apply_agent_env(&mut cmd);
+    die_with_parent(&mut cmd);
 
     let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
         bin: spec.bin.display().to_string(),
@@ -277,6 +278,23 @@ pub async fn run_agent(
         })
     }
 }
+
+/// Linux: the agent gets SIGKILL when the worker dies, even by `kill -9`, so a crashed worker
+/// leaves no agent editing the workspace behind the next worker's back.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
 
 fn apply_agent_env(cmd: &mut Command) {
     let bedrock = std::env::var("CLAUDE_CODE_USE_BEDROCK").is_ok_and(|v| v == "1" || v == "true");

@@ -50,6 +50,12 @@ pub struct WorkerConfig {
     pub upload_concurrency: usize,
     /// How often a failed push is retried before the message fails.
     pub push_attempts: u32,
+    /// Deliveries of one message before a passing failure (S3 or the git remote away, a
+    /// crashed step) becomes its final `failed` event and the message goes to the dead-letter
+    /// queue. Keep it at or below the input queue's own redrive `maxReceiveCount`.
+    pub max_receives: u32,
+    /// Delay before the first retry of a passing failure; doubled on each further delivery.
+    pub retry_base_delay: Duration,
 }
 
 impl WorkerConfig {
@@ -76,6 +82,8 @@ impl WorkerConfig {
             visibility_timeout: Duration::from_secs(120),
             upload_concurrency: 16,
             push_attempts: 4,
+            max_receives: 5,
+            retry_base_delay: Duration::from_secs(5),
         }
     }
 

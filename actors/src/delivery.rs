@@ -124,7 +124,14 @@ impl Delivery {
     /// Renew the message's visibility until `stop` is cancelled, so a long job is not handed to
     /// another worker halfway. Renewals happen at a third of the timeout, leaving two chances
     /// before it runs out; a failed renewal is logged and tried again at the next tick.
-    pub fn keep_invisible(&self, receipt_handle: String, stop: CancellationToken) {
+    ///
+    /// Await the returned handle after cancelling, before deleting or releasing the message: a
+    /// renewal still in flight would otherwise land after a release and hide the message again.
+    pub fn keep_invisible(
+        &self,
+        receipt_handle: String,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let delivery = self.clone();
         let every = (self.visibility / 3).max(Duration::from_secs(1));
         tokio::spawn(async move {
@@ -140,7 +147,7 @@ impl Delivery {
                     tracing::warn!(error = %e, "could not extend message visibility");
                 }
             }
-        });
+        })
     }
 
     async fn set_visibility(

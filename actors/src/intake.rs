@@ -17,16 +17,21 @@ use crate::pipeline::WorkerContext;
 use crate::status::StatusEvent;
 use crate::supervisor::SupervisorMsg;
 
-/// SQS returns at most 10 messages per receive and long-polls at most 20 s.
+/// SQS returns at most 10 messages per receive.
 const MAX_BATCH: usize = 10;
-const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Long-poll wait. SQS allows 20 s; we use 10 s because a poll is never abandoned half-way (an
+/// abandoned long poll can still take a message, which then stays invisible until its timeout),
+/// so on shutdown we wait for the current poll to end and give back what it brought: 10 s
+/// keeps that well inside ECS's 30 s between SIGTERM and SIGKILL.
+const MAX_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum IntakeEnd {
     /// The queue was empty and nothing ran for the idle time.
     Idle,
-    /// Shutdown was asked for.
-    Shutdown,
+    /// Shutdown was asked for. A poll that was under way goes on in this task, which gives
+    /// back whatever it receives; wait for it before exiting.
+    Shutdown(Option<tokio::task::JoinHandle<()>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +92,7 @@ pub async fn run_intake(
     let mut error_backoff = Duration::from_millis(500);
     loop {
         if shutdown.is_cancelled() {
-            return Ok(IntakeEnd::Shutdown);
+            return Ok(IntakeEnd::Shutdown(None));
         }
         if matches!(
             supervisor.get_status(),
@@ -113,7 +118,7 @@ pub async fn run_intake(
         // Backpressure: receive only when at least one more message can be held.
         let first = tokio::select! {
             permit = registry.slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-            _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown),
+            _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown(None)),
             // Re-check idleness and the supervisor now and then while full.
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
         };
@@ -127,9 +132,24 @@ pub async fn run_intake(
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
+        let mut receive = tokio::spawn(receive);
         let received = tokio::select! {
-            r = receive => r,
-            _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown),
+            r = &mut receive => r.expect("receive task does not panic"),
+            _ = shutdown.cancelled() => {
+                let delivery = ctx.delivery.clone();
+                let give_back = tokio::spawn(async move {
+                    if let Ok(Ok(out)) = receive.await {
+                        for m in out.messages.unwrap_or_default() {
+                            let receipt = m.receipt_handle.unwrap_or_default();
+                            if let Err(e) = delivery.release(&receipt, Duration::ZERO).await {
+                                tracing::warn!(error = %e, "could not give back a message received during shutdown");
+                            }
+                        }
+                    }
+                });
+                drop(first);
+                return Ok(IntakeEnd::Shutdown(Some(give_back)));
+            }
         };
         let messages = match received {
             Ok(out) => {
@@ -141,7 +161,7 @@ pub async fn run_intake(
                 drop(first);
                 tokio::select! {
                     _ = tokio::time::sleep(error_backoff) => {}
-                    _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown),
+                    _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown(None)),
                 }
                 error_backoff = (error_backoff * 2).min(Duration::from_secs(20));
                 continue;
@@ -177,6 +197,12 @@ async fn accept(
     let message_id = message.message_id.clone().unwrap_or_default();
     let receipt_handle = message.receipt_handle.clone().unwrap_or_default();
     let body = message.body.clone().unwrap_or_default();
+    let receive_count = message
+        .attributes
+        .as_ref()
+        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let Some(slot) = registry.claim(permit, &message_id) else {
         tracing::warn!(%message_id, "message delivered again while still being worked on; ignoring this copy");
         return Ok(());
@@ -197,6 +223,7 @@ async fn accept(
         message_id,
         receipt_handle,
         received_at: Instant::now(),
+        receive_count,
         trace_id: None,
         slot: Some(slot),
     };

@@ -18,6 +18,8 @@ pub struct Job {
     pub receipt_handle: String,
     /// When we received it, for the total duration.
     pub received_at: Instant,
+    /// How often SQS has delivered it (`ApproximateReceiveCount`), 1 the first time.
+    pub receive_count: u32,
     /// The W3C trace id this message's work is recorded under, when traced.
     pub trace_id: Option<String>,
     /// A slot of the intake's in-flight limit. Held as long as the job exists; dropping the job
@@ -72,12 +74,19 @@ pub enum StopReason {
 pub struct StopSignal {
     token: CancellationToken,
     reason: Arc<OnceLock<StopReason>>,
+    /// When the first stop was asked for (interrupt latency is measured from here).
+    requested_at: Arc<OnceLock<Instant>>,
 }
 
 impl StopSignal {
     pub fn request(&self, reason: StopReason) {
+        let _ = self.requested_at.set(Instant::now());
         let _ = self.reason.set(reason);
         self.token.cancel();
+    }
+
+    pub fn requested_at(&self) -> Option<Instant> {
+        self.requested_at.get().copied()
     }
 
     pub fn token(&self) -> &CancellationToken {

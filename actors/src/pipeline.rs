@@ -51,6 +51,19 @@ enum JobError {
 }
 
 impl JobError {
+    /// A passing failure, worth another delivery: something we depend on was away (the git
+    /// remote, S3, the model's API) or a step crashed. A broken build or an agent that hit its
+    /// limits would fail the same way again.
+    fn is_retryable(&self) -> bool {
+        match self {
+            JobError::Git(GitError::NoWorkspace(_)) => false,
+            JobError::Git(_) | JobError::Push(_) | JobError::StepCrashed(_) => true,
+            JobError::Publish(e) => !matches!(e, PublishError::EmptyBuild(_)),
+            JobError::Build(e) => matches!(e, BuildError::InstallFailed { .. }),
+            JobError::Agent(e) => matches!(e.kind(), "agent_api_error" | "agent_no_result"),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             JobError::Git(GitError::NoWorkspace(_)) => "workspace_missing",
@@ -103,23 +116,33 @@ enum Ending {
     Failed(JobError),
 }
 
-/// Run one job to its end. Never panics on bad input; every path reports or releases.
-pub async fn run_job(ctx: Arc<WorkerContext>, steps: Steps, job: Job, stop: StopSignal) {
+/// Run a batch to its end: the first job and any directly following jobs of the same thread,
+/// which run as one agent turn (their commands joined in order) and each get their own
+/// terminal event. Never panics on bad input; every path reports or releases every message.
+pub async fn run_batch(ctx: Arc<WorkerContext>, steps: Steps, batch: Vec<Job>, stop: StopSignal) {
     let heartbeat = tokio_util::sync::CancellationToken::new();
-    ctx.delivery
-        .keep_invisible(job.receipt_handle.clone(), heartbeat.clone());
-    // Stop renewing visibility before the message is deleted or released, whatever happens.
-    let _heartbeat = heartbeat.drop_guard();
+    let renewals: Vec<_> = batch
+        .iter()
+        .map(|job| {
+            ctx.delivery
+                .keep_invisible(job.receipt_handle.clone(), heartbeat.clone())
+        })
+        .collect();
+    // If this task is dropped half-way, the renewals stop with it.
+    let heartbeat_guard = heartbeat.clone().drop_guard();
 
-    let mut started = StatusEvent::for_request(EventType::Started, &job.request, &job.message_id);
-    started.trace_id = job.trace_id.clone();
-    started.branch = Some(job.request.branch());
-    if let Err(e) = ctx.delivery.status.send(&started).await {
-        tracing::warn!(error = %e, "started event not sent");
+    for job in &batch {
+        let mut started =
+            StatusEvent::for_request(EventType::Started, &job.request, &job.message_id);
+        started.trace_id = job.trace_id.clone();
+        started.branch = Some(job.request.branch());
+        if let Err(e) = ctx.delivery.status.send(&started).await {
+            tracing::warn!(error = %e, "started event not sent");
+        }
     }
 
     let mut progress = Progress::default();
-    let ending = match execute(&ctx, &steps, &job, &stop, &mut progress).await {
+    let ending = match execute(&ctx, &steps, &batch, &stop, &mut progress).await {
         Ok(()) => Ending::Completed,
         Err(JobError::Agent(AgentError::Interrupted))
         | Err(JobError::Build(BuildError::Cancelled)) => {
@@ -127,24 +150,65 @@ pub async fn run_job(ctx: Arc<WorkerContext>, steps: Steps, job: Job, stop: Stop
         }
         Err(e) => Ending::Failed(e),
     };
+    if let (Ending::Stopped(reason), Some(asked)) = (&ending, stop.requested_at()) {
+        // From the stop request to the agent's process group gone (or the build stopped).
+        tracing::info!(
+            ?reason,
+            interrupt_latency_us = asked.elapsed().as_micros() as u64,
+            "work stopped"
+        );
+    }
     // Work the agent left in the worktree is never thrown away: commit and push it on the
     // thread's own branch before reporting.
     if !matches!(ending, Ending::Completed) {
-        save_work(&ctx, &steps, &job, &mut progress).await;
+        save_work(&ctx, &steps, &batch, &mut progress).await;
     }
+    let lead_received = batch[0].received_at;
     progress
         .durations
-        .insert("total".into(), job.received_at.elapsed().as_millis() as u64);
-    finish(&ctx, job, ending, progress).await;
+        .insert("total".into(), lead_received.elapsed().as_millis() as u64);
+    // Stop renewing visibility, and wait for a renewal in flight, before any message is
+    // deleted or released.
+    heartbeat.cancel();
+    futures::future::join_all(renewals).await;
+    drop(heartbeat_guard);
+    for job in batch {
+        finish(&ctx, job, &ending, &progress).await;
+    }
+}
+
+/// The commands of a batch, as one request to the agent.
+fn batch_prompt(batch: &[Job]) -> String {
+    if batch.len() == 1 {
+        return batch[0].request.command.clone();
+    }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, job)| {
+            format!(
+                "Request {} of {}:\n{}",
+                i + 1,
+                batch.len(),
+                job.request.command
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+fn batch_ids(batch: &[Job]) -> Vec<String> {
+    batch.iter().map(|j| j.message_id.clone()).collect()
 }
 
 async fn execute(
     ctx: &WorkerContext,
     steps: &Steps,
-    job: &Job,
+    batch: &[Job],
     stop: &StopSignal,
     progress: &mut Progress,
 ) -> Result<(), JobError> {
+    let job = &batch[0];
     let request = &job.request;
     let branch = request.branch();
     let config = &ctx.config;
@@ -189,7 +253,7 @@ async fn execute(
         let (activity_tx, mut activity_rx) = tokio::sync::mpsc::unbounded_channel();
         let run = ask(&steps.agent, "agent", |reply| AgentMsg::Run {
             cwd: workspace_dir.clone(),
-            prompt: request.command.clone(),
+            prompt: batch_prompt(batch),
             stop: stop.token().clone(),
             activity: activity_tx,
             reply,
@@ -208,8 +272,8 @@ async fn execute(
         let t = Instant::now();
         let commit = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
             subject: agent_commit_subject(&request.command),
-            body: request.command.clone(),
-            message_id: job.message_id.clone(),
+            body: batch_prompt(batch),
+            message_ids: batch_ids(batch),
             finished: true,
             reply,
         })
@@ -294,13 +358,13 @@ async fn push(
 
 /// Commit whatever the worktree holds as saved work and push it. Failures here are logged: the
 /// work then stays committed (or in the worktree) locally and is saved by the next job.
-async fn save_work(ctx: &WorkerContext, steps: &Steps, job: &Job, progress: &mut Progress) {
-    let body = format!("Saved while working on:\n\n{}", job.request.command);
+async fn save_work(ctx: &WorkerContext, steps: &Steps, batch: &[Job], progress: &mut Progress) {
+    let body = format!("Saved while working on:\n\n{}", batch_prompt(batch));
     let t = Instant::now();
     let saved = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
         subject: SAVE_MESSAGE.into(),
         body,
-        message_id: job.message_id.clone(),
+        message_ids: batch_ids(batch),
         finished: false,
         reply,
     })
@@ -309,7 +373,7 @@ async fn save_work(ctx: &WorkerContext, steps: &Steps, job: &Job, progress: &mut
     match saved {
         Ok(Ok(Some(commit))) => {
             progress.commit = Some(commit);
-            if let Err(e) = push(ctx, steps, &job.request.branch(), progress).await {
+            if let Err(e) = push(ctx, steps, &batch[0].request.branch(), progress).await {
                 tracing::warn!(error = %e, "saved work not pushed");
             }
         }
@@ -319,24 +383,23 @@ async fn save_work(ctx: &WorkerContext, steps: &Steps, job: &Job, progress: &mut
     }
 }
 
-/// Report the ending and delete the message, or release it for another try.
-async fn finish(ctx: &WorkerContext, job: Job, ending: Ending, progress: Progress) {
+/// Report one message's ending and delete it, or release it for another try.
+async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progress) {
     let request = &job.request;
-    let event_type = match &ending {
+    let config = &ctx.config;
+    let event_type = match ending {
         Ending::Completed => EventType::Completed,
         Ending::Stopped(StopReason::Interrupted) => EventType::Interrupted,
-        Ending::Stopped(StopReason::Shutdown) | Ending::Failed(JobError::StepCrashed(_)) => {
-            // Not finished and not this message's fault: back to the queue for another try.
-            let delay = match ending {
-                Ending::Failed(_) => Duration::from_secs(1),
-                _ => Duration::ZERO,
-            };
-            if let Ending::Failed(e) = &ending {
-                tracing::error!(error = %e, message_id = %job.message_id, "step crashed; message released for a retry");
-            }
-            if let Err(e) = ctx.delivery.release(&job.receipt_handle, delay).await {
-                tracing::warn!(error = %e, "could not release message; it returns after its visibility timeout");
-            }
+        Ending::Stopped(StopReason::Shutdown) => {
+            // Saved and pushed; back to the queue at once for the next worker.
+            release(ctx, &job, Duration::ZERO, "shutdown").await;
+            return;
+        }
+        Ending::Failed(e) if e.is_retryable() && job.receive_count < config.max_receives => {
+            let factor = 1u32 << job.receive_count.saturating_sub(1).min(10);
+            let delay = (config.retry_base_delay * factor).min(Duration::from_secs(900));
+            tracing::warn!(error = %e, kind = e.kind(), attempt = job.receive_count, ?delay, "passing failure; the message will be tried again");
+            release(ctx, &job, delay, "retry").await;
             return;
         }
         Ending::Failed(_) => EventType::Failed,
@@ -344,25 +407,63 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: Ending, progress: Progres
     let mut event = StatusEvent::for_request(event_type, request, &job.message_id);
     event.trace_id = job.trace_id.clone();
     event.branch = Some(request.branch());
-    event.commit = progress.commit;
-    event.durations_ms = Some(progress.durations);
+    event.commit = progress.commit.clone();
+    event.durations_ms = Some(progress.durations.clone());
     if let Some(agent) = &progress.agent {
         event.result = agent.result.clone();
         event.cost_usd = agent.total_cost_usd;
     }
-    if let Some(report) = progress.published {
-        let bucket = ctx.config.bucket_for(&request.workspace());
-        event.preview_url = Some(ctx.config.preview_url_for(&bucket));
+    if let Some(report) = &progress.published {
+        let bucket = config.bucket_for(&request.workspace());
+        event.preview_url = Some(config.preview_url_for(&bucket));
         event.bucket = Some(bucket);
-        event.publish = Some(report);
+        event.publish = Some(report.clone());
     }
-    if let Ending::Failed(e) = &ending {
+    if let Ending::Failed(e) = ending {
         event.error = Some(EventError {
             kind: e.kind().into(),
             message: e.to_string(),
         });
+        if e.is_retryable() {
+            // Out of retries: keep the message, with its last error, where a person can look.
+            let reason = format!("failed after {} deliveries: {e}", job.receive_count);
+            let body = serde_json::to_string(&RequestBody::from(request))
+                .expect("plain strings serialize");
+            if let Err(err) = ctx.delivery.dead_letter(&body, &reason).await {
+                tracing::error!(error = %err, "could not keep the failed message in the dead-letter queue");
+            }
+        }
     }
     if let Err(e) = ctx.delivery.finish(&job.receipt_handle, &event).await {
         tracing::error!(error = %e, message_id = %job.message_id, "message not finished; it will be delivered again");
+    }
+}
+
+async fn release(ctx: &WorkerContext, job: &Job, delay: Duration, why: &str) {
+    if let Err(e) = ctx.delivery.release(&job.receipt_handle, delay).await {
+        tracing::warn!(error = %e, why, "could not release message; it returns after its visibility timeout");
+    }
+}
+
+/// The request as the producer sent it, for the dead-letter copy.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestBody<'a> {
+    session_id: &'a str,
+    thread_id: &'a str,
+    client_id: &'a str,
+    project_id: &'a str,
+    command: &'a str,
+}
+
+impl<'a> From<&'a crate::message::EditRequest> for RequestBody<'a> {
+    fn from(r: &'a crate::message::EditRequest) -> Self {
+        RequestBody {
+            session_id: &r.session_id,
+            thread_id: &r.thread_id,
+            client_id: &r.client_id,
+            project_id: &r.project_id,
+            command: &r.command,
+        }
     }
 }

@@ -132,7 +132,7 @@ impl SessionActor {
         if state.running.is_some() {
             return;
         }
-        let Some(job) = state.queue.pop_front() else {
+        let Some(lead) = state.queue.pop_front() else {
             state.idle_since = Some(Instant::now());
             if let Some(reply) = state.shutdown_reply.take() {
                 let _ = reply.send(());
@@ -140,13 +140,23 @@ impl SessionActor {
             return;
         };
         state.idle_since = None;
+        // Directly following messages of the same thread join this run, so that no agent run
+        // is started only to be interrupted by the next message of its own thread.
+        let mut batch = vec![lead];
+        while state
+            .queue
+            .front()
+            .is_some_and(|next| next.request.thread_id == batch[0].request.thread_id)
+        {
+            batch.push(state.queue.pop_front().expect("front exists"));
+        }
         let stop = StopSignal::default();
         state.running = Some(stop.clone());
         let ctx = state.args.ctx.clone();
         let steps = state.steps.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            pipeline::run_job(ctx, steps, job, stop).await;
+            pipeline::run_batch(ctx, steps, batch, stop).await;
             let _ = me.cast(SessionMsg::JobEnded);
         });
     }

@@ -63,7 +63,8 @@ pub enum GitMsg {
     CommitAll {
         subject: String,
         body: String,
-        message_id: String,
+        /// Every message whose work this commit holds (one trailer each).
+        message_ids: Vec<String>,
         /// The message's finished work, or work saved half-way.
         finished: bool,
         reply: RpcReplyPort<Result<Option<String>, GitError>>,
@@ -120,12 +121,12 @@ impl Actor for GitActor {
             GitMsg::CommitAll {
                 subject,
                 body,
-                message_id,
+                message_ids,
                 finished,
                 reply,
             } => {
                 maybe_fault("git.commit");
-                let _ = reply.send(ws.commit_all(&subject, &body, &message_id, finished).await);
+                let _ = reply.send(ws.commit_all(&subject, &body, &message_ids, finished).await);
             }
             GitMsg::HeadCommit { reply } => {
                 let _ = reply.send(ws.head_commit().await);

@@ -77,7 +77,7 @@ pub async fn run(
     )
     .await?;
 
-    let end = intake::run_intake(
+    let mut end = intake::run_intake(
         ctx.clone(),
         supervisor.clone(),
         registry.clone(),
@@ -86,7 +86,7 @@ pub async fn run(
     )
     .await;
 
-    if matches!(end, Ok(IntakeEnd::Shutdown)) {
+    if let Ok(IntakeEnd::Shutdown(poll)) = &mut end {
         tracing::info!(
             in_flight = registry.in_flight(),
             "shutting down: saving running work and releasing messages"
@@ -95,6 +95,13 @@ pub async fn run(
         let stopped = supervisor.call(SupervisorMsg::Shutdown, Some(options.shutdown_deadline));
         if !matches!(stopped.await, Ok(ractor::rpc::CallResult::Success(()))) {
             tracing::warn!("sessions did not all stop before the deadline");
+        }
+        // The poll that was under way ends within its wait time and gives back what it got.
+        if let Some(poll) = poll.take() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, poll).await.is_err() {
+                tracing::warn!("the last poll did not end before the deadline");
+            }
         }
         // Jobs release their slot when they have reported or released their message.
         while registry.in_flight() > 0 && Instant::now() < deadline {

@@ -427,3 +427,70 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     found.sort();
     found
 }
+
+/// A TCP proxy in front of `target` that refuses service (accepts and drops every connection)
+/// until `blocked_for` has passed, then forwards. Cuts the path to a server without touching
+/// the server (moto keeps its state in memory, so it cannot be restarted).
+pub async fn flaky_proxy(target: String, blocked_for: Duration) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = target.trim_start_matches("http://").to_owned();
+    let open_at = tokio::time::Instant::now() + blocked_for;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            if tokio::time::Instant::now() < open_at {
+                drop(inbound);
+                continue;
+            }
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+impl TestEnv {
+    /// Wait until an event of `kind` for `message_id` arrives; returns every event seen.
+    pub async fn wait_for(&self, message_id: &str, kind: &str, timeout: Duration) -> Vec<Value> {
+        let mut events = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            events.extend(self.drain(&self.output, 1).await);
+            if events
+                .iter()
+                .any(|e| e["messageId"] == message_id && e["type"] == kind)
+            {
+                return events;
+            }
+        }
+        panic!(
+            "no {kind} event for {message_id}: {events:#?}\n{}",
+            self.worker_log()
+        );
+    }
+
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(|c| c.id())
+    }
+
+    /// Wait for the worker to exit by itself; its exit code.
+    pub fn wait_worker(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.worker.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.worker = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}

@@ -117,7 +117,11 @@ impl Workspace {
         let saved = self.save_unfinished_work(message_id).await?;
         let git = GitProgram::new(&self.dir);
         if self.remote.is_some() {
-            git.fetch().await?;
+            // With a checkout at hand, a remote that is away for a moment does not stop the
+            // edit: it is made on the local state, and the push (retried) catches up.
+            if let Err(e) = git.fetch().await {
+                tracing::warn!(error = %e, "fetch failed; working on the local state of the workspace");
+            }
         }
         let current = self.blocking(local::current_branch).await?;
         let local_ref = format!("refs/heads/{branch}");
@@ -153,7 +157,7 @@ impl Workspace {
         &self,
         subject: &str,
         body: &str,
-        message_id: &str,
+        message_ids: &[String],
         finished: bool,
     ) -> Result<Option<String>, GitError> {
         let trailer = if finished {
@@ -161,7 +165,7 @@ impl Workspace {
         } else {
             SAVED_TRAILER
         };
-        let message = commit_message(subject, body, trailer, message_id);
+        let message = commit_message(subject, body, trailer, message_ids);
         let dir = self.dir.clone();
         let commit =
             tokio::task::spawn_blocking(move || local::commit_all(&dir, &message, &AUTHOR))
@@ -220,7 +224,7 @@ impl Workspace {
             .commit_all(
                 SAVE_MESSAGE,
                 "Found uncommitted changes in the workspace before starting new work.",
-                message_id,
+                &[message_id.to_owned()],
                 false,
             )
             .await?;
@@ -301,15 +305,17 @@ impl Workspace {
     }
 }
 
-/// `{subject}\n\n{body}\n\n{trailer}: {id}`.
-fn commit_message(subject: &str, body: &str, trailer: &str, message_id: &str) -> String {
+/// `{subject}\n\n{body}\n\n{trailer}: {id}` (one trailer line per message).
+fn commit_message(subject: &str, body: &str, trailer: &str, message_ids: &[String]) -> String {
     let mut message = String::from(subject);
     message.push_str("\n\n");
     if !body.trim().is_empty() {
         message.push_str(body.trim());
         message.push_str("\n\n");
     }
-    message.push_str(&format!("{trailer}: {message_id}\n"));
+    for id in message_ids {
+        message.push_str(&format!("{trailer}: {id}\n"));
+    }
     message
 }
 
@@ -348,7 +354,15 @@ mod tests {
 
     #[test]
     fn message_carries_the_trailer() {
-        let m = commit_message("s", "full text", MESSAGE_TRAILER, "m-1");
-        assert_eq!(m, "s\n\nfull text\n\nEdit-Worker-Message: m-1\n");
+        let m = commit_message(
+            "s",
+            "full text",
+            MESSAGE_TRAILER,
+            &["m-1".into(), "m-2".into()],
+        );
+        assert_eq!(
+            m,
+            "s\n\nfull text\n\nEdit-Worker-Message: m-1\nEdit-Worker-Message: m-2\n"
+        );
     }
 }

@@ -1,0 +1,347 @@
+//! Issue 3: interrupts, delivery that loses nothing, crash recovery, shutdown, and faults of
+//! the parts we depend on (S3, the git remote), against moto, git and real processes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Site, TestEnv, git, is_terminal, of_type};
+
+fn terminal_for<'a>(events: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e["messageId"] == id && is_terminal(e))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
+    let mut env = TestEnv::new("interrupt").await;
+    env.create_bucket(&env.bucket("fay")).await;
+    let upstream = env.create_upstream("fay", "site", Site::Tiny);
+    env.start_worker(&[]);
+
+    let started = Instant::now();
+    let slow = env
+        .send(
+            "fay",
+            "site",
+            "slow",
+            "Update the homepage title to \"Partial\" [standin:sleep 30]",
+        )
+        .await;
+    let mut events = env
+        .wait_for(&slow, "started", Duration::from_secs(30))
+        .await;
+    // Let the agent make its partial edit before the interrupt.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let newer = env
+        .send(
+            "fay",
+            "site",
+            "new",
+            "Update the homepage title to \"Newer\"",
+        )
+        .await;
+    events.extend(env.events_until_terminal(2, Duration::from_secs(60)).await);
+
+    let slow_end = terminal_for(&events, &slow);
+    assert_eq!(slow_end.len(), 1, "{events:#?}\n{}", env.worker_log());
+    assert_eq!(slow_end[0]["type"], "interrupted");
+    let saved = slow_end[0]["commit"]
+        .as_str()
+        .expect("saved commit in the event");
+    // The partial edit is committed and pushed on the interrupted thread's own branch.
+    assert_eq!(git(&upstream, &["rev-parse", "thread-slow"]), saved);
+    assert_eq!(
+        git(&upstream, &["log", "-1", "--format=%s", "thread-slow"]),
+        "Interrupted - saving work"
+    );
+    assert!(
+        git(&upstream, &["show", "thread-slow:src/pages/index.astro"])
+            .contains("<title>Partial</title>")
+    );
+
+    let newer_end = terminal_for(&events, &newer);
+    assert_eq!(newer_end.len(), 1);
+    assert_eq!(newer_end[0]["type"], "completed", "{events:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let live = env.bucket_contents(&env.bucket("fay")).await;
+    assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Newer</title>"));
+    assert!(env.worker_log().contains("interrupt_latency_us"));
+    assert_eq!(env.queue_depth(&env.input).await, 0);
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
+    let mut env = TestEnv::new("burst").await;
+    env.create_bucket(&env.bucket("gus")).await;
+    let upstream = env.create_upstream("gus", "site", Site::Tiny);
+    env.start_worker(&[]);
+
+    let running = env
+        .send(
+            "gus",
+            "site",
+            "a",
+            "[standin:write a.txt a] [standin:sleep 30]",
+        )
+        .await;
+    env.wait_for(&running, "started", Duration::from_secs(30))
+        .await;
+    // Four messages of another thread, arriving together.
+    let entries: Vec<_> = (1..=4)
+        .map(|i| {
+            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                .id(format!("m{i}"))
+                .message_body(
+                    serde_json::json!({
+                        "sessionId": "s", "threadId": "b", "clientId": "gus", "projectId": "site",
+                        "command": format!("[standin:write burst-{i}.txt part {i}]"),
+                    })
+                    .to_string(),
+                )
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let sent = env
+        .sqs
+        .send_message_batch()
+        .queue_url(&env.input)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .unwrap();
+    let burst: Vec<String> = sent
+        .successful()
+        .iter()
+        .map(|s| s.message_id().to_owned())
+        .collect();
+    assert_eq!(burst.len(), 4);
+
+    let events = env.events_until_terminal(5, Duration::from_secs(60)).await;
+    assert_eq!(
+        events.iter().filter(|e| is_terminal(e)).count(),
+        5,
+        "{events:#?}\n{}",
+        env.worker_log()
+    );
+    assert_eq!(of_type(&events, "interrupted").len(), 1);
+    let completed = of_type(&events, "completed");
+    assert_eq!(completed.len(), 4, "{events:#?}");
+    // One agent run for all four: one commit, carrying each message's trailer.
+    let commits: std::collections::BTreeSet<_> =
+        completed.iter().map(|e| e["commit"].to_string()).collect();
+    assert_eq!(commits.len(), 1, "{completed:#?}");
+    let log = git(&upstream, &["log", "--format=%s", "main..thread-b"]);
+    assert_eq!(log.lines().count(), 1, "{log}");
+    let message = git(&upstream, &["log", "-1", "--format=%B", "thread-b"]);
+    for id in &burst {
+        assert!(
+            message.contains(&format!("Edit-Worker-Message: {id}")),
+            "{message}"
+        );
+    }
+    let tree = git(&upstream, &["ls-tree", "--name-only", "thread-b"]);
+    for i in 1..=4 {
+        assert!(tree.contains(&format!("burst-{i}.txt")), "{tree}");
+    }
+    // The agent started twice in all: the interrupted run and the coalesced one.
+    assert_eq!(env.worker_log().matches("\"type\":\"started\"").count(), 5);
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
+    let mut env = TestEnv::new("crash").await;
+    env.create_bucket(&env.bucket("hal")).await;
+    let upstream = env.create_upstream("hal", "site", Site::Tiny);
+    let fast_redelivery = [("VISIBILITY_TIMEOUT_SECONDS", "3")];
+    env.start_worker(&fast_redelivery);
+
+    let id = env
+        .send(
+            "hal",
+            "site",
+            "t",
+            "Update the homepage title to \"After crash\" [standin:sleep 5]",
+        )
+        .await;
+    env.wait_for(&id, "started", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    common::nix_kill(env.worker_pid().unwrap(), "KILL").unwrap();
+    assert_eq!(
+        env.wait_worker(Duration::from_secs(10)),
+        None,
+        "killed by a signal: no exit code"
+    );
+    // The crash left uncommitted agent changes; add the stale lock a crash inside git leaves.
+    let ws = env.workspace_root().join("hal/site");
+    assert!(
+        !git(&ws, &["status", "--porcelain"]).is_empty(),
+        "agent changes were uncommitted"
+    );
+    std::fs::write(ws.join(".git/index.lock"), "").unwrap();
+
+    env.start_worker(&fast_redelivery);
+    let events = env
+        .wait_for(&id, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(terminal_for(&events, &id).len(), 1, "{events:#?}");
+    let branch_files = git(&upstream, &["show", "thread-t:src/pages/index.astro"]);
+    assert!(branch_files.contains("<title>After crash</title>"));
+    // Nothing committed twice: the edit appears in exactly one commit of the branch.
+    let touching = git(
+        &upstream,
+        &[
+            "log",
+            "--format=%H",
+            "main..thread-t",
+            "--",
+            "src/pages/index.astro",
+        ],
+    );
+    assert_eq!(touching.lines().count(), 1, "{touching}");
+    git(&ws, &["fsck", "--strict", "--no-progress"]);
+    git(&upstream, &["fsck", "--strict", "--no-progress"]);
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+    let live = env.bucket_contents(&env.bucket("hal")).await;
+    assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>After crash</title>"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_saves_running_work_and_releases_the_message() {
+    let mut env = TestEnv::new("sigterm").await;
+    env.create_bucket(&env.bucket("ida")).await;
+    let upstream = env.create_upstream("ida", "site", Site::Tiny);
+    env.start_worker(&[("SHUTDOWN_DEADLINE_SECONDS", "10")]);
+
+    let id = env
+        .send(
+            "ida",
+            "site",
+            "t",
+            "Update the homepage title to \"Half done\" [standin:sleep 60]",
+        )
+        .await;
+    env.wait_for(&id, "started", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let asked = Instant::now();
+    assert_eq!(env.stop_worker(), Some(0), "{}", env.worker_log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Saved and pushed, and no terminal event: the message is not finished.
+    assert_eq!(
+        git(&upstream, &["log", "-1", "--format=%s", "thread-t"]),
+        "Interrupted - saving work"
+    );
+    assert!(git(&upstream, &["show", "thread-t:src/pages/index.astro"]).contains("Half done"));
+    let events = env.drain(&env.output, 1).await;
+    assert!(terminal_for(&events, &id).is_empty(), "{events:#?}");
+    // The message is visible again at once, for the next worker.
+    let again = env
+        .sqs
+        .receive_message()
+        .queue_url(&env.input)
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap();
+    let messages = again.messages();
+    assert_eq!(messages.len(), 1, "{}", env.worker_log());
+    assert_eq!(messages[0].message_id(), Some(id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_completes_once_s3_is_back() {
+    let mut env = TestEnv::new("s3down").await;
+    let bucket = env.bucket("jo");
+    env.create_bucket(&bucket).await;
+    env.create_upstream("jo", "site", Site::Tiny);
+    // S3 (only S3) is unreachable for the first 10 seconds.
+    let proxy = common::flaky_proxy(common::endpoint(), Duration::from_secs(10)).await;
+    env.start_worker(&[
+        ("AWS_ENDPOINT_URL_S3", &proxy),
+        ("RETRY_BASE_SECONDS", "1"),
+        ("MAX_RECEIVES", "8"),
+    ]);
+    let started = Instant::now();
+    let id = env
+        .send("jo", "site", "t", "Update the homepage title to \"Back\"")
+        .await;
+    let events = env
+        .wait_for(&id, "completed", Duration::from_secs(90))
+        .await;
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    assert_eq!(terminal_for(&events, &id).len(), 1, "{events:#?}");
+    assert!(
+        env.worker_log().contains("passing failure"),
+        "{}",
+        env.worker_log()
+    );
+    // The agent ran once: later deliveries found its commit and went straight to publishing.
+    let log = env.worker_log();
+    assert!(
+        log.contains("already applied by an earlier delivery"),
+        "{log}"
+    );
+    let upstream = env.upstream("jo", "site");
+    let edits = git(&upstream, &["log", "--format=%H", "main..thread-t"]);
+    assert_eq!(
+        edits.lines().count(),
+        1,
+        "one agent commit for all deliveries: {edits}"
+    );
+    let live = env.bucket_contents(&bucket).await;
+    assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Back</title>"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_to_a_remote_that_was_away_is_retried() {
+    let mut env = TestEnv::new("gitdown").await;
+    env.create_bucket(&env.bucket("kit")).await;
+    let upstream = env.create_upstream("kit", "site", Site::Tiny);
+    env.start_worker(&[("RETRY_BASE_SECONDS", "1")]);
+    let first = env
+        .send("kit", "site", "t", "[standin:write first.txt 1]")
+        .await;
+    env.wait_for(&first, "completed", Duration::from_secs(60))
+        .await;
+
+    // The remote disappears; the next edit is made on the local checkout meanwhile.
+    let away = upstream.with_extension("away");
+    std::fs::rename(&upstream, &away).unwrap();
+    let second = env
+        .send(
+            "kit",
+            "site",
+            "t",
+            "Update the homepage title to \"Offline edit\"",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::rename(&away, &upstream).unwrap();
+    let events = env
+        .wait_for(&second, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(terminal_for(&events, &second).len(), 1);
+    assert!(
+        env.worker_log().contains("push failed"),
+        "{}",
+        env.worker_log()
+    );
+    assert!(git(&upstream, &["show", "thread-t:src/pages/index.astro"]).contains("Offline edit"));
+    assert_eq!(env.stop_worker(), Some(0));
+}

@@ -1,0 +1,71 @@
+//! Issue 3: a step actor that panics is restarted by its session, and the message that was in
+//! flight is retried and ends with exactly one terminal event. Needs the test-only cargo
+//! feature `fault-injection` (scripts/test enables it).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Site, TestEnv, is_terminal};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_step_actor_panics_once_and_the_message_still_completes() {
+    let mut env = TestEnv::new("faults").await;
+    let bucket = env.bucket("lee");
+    env.create_bucket(&bucket).await;
+    env.create_upstream("lee", "site", Site::Tiny);
+    let markers = env.dir.path().join("fault-markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    let faults = format!(
+        "git.prepare,agent.run,git.commit,build.run,publish.run,git.push@{}",
+        markers.display()
+    );
+    env.start_worker(&[
+        ("EDIT_WORKER_FAULT", &faults),
+        ("RETRY_BASE_SECONDS", "0"),
+        ("MAX_RECEIVES", "10"),
+    ]);
+    let id = env
+        .send(
+            "lee",
+            "site",
+            "t",
+            "Update the homepage title to \"Survived\"",
+        )
+        .await;
+    let events = env
+        .wait_for(&id, "completed", Duration::from_secs(120))
+        .await;
+    let terminal: Vec<_> = events.iter().filter(|e| is_terminal(e)).collect();
+    assert_eq!(terminal.len(), 1, "{events:#?}");
+
+    let log = env.worker_log();
+    for step in [
+        "git.prepare",
+        "agent.run",
+        "git.commit",
+        "build.run",
+        "publish.run",
+        "git.push",
+    ] {
+        assert!(
+            markers.join(format!("fault-{step}")).exists(),
+            "fault {step} never fired"
+        );
+        assert!(
+            log.contains(&format!("fault injected at {step}")),
+            "{step}:\n{log}"
+        );
+    }
+    for kind in ["Git", "Agent", "Build", "Publisher"] {
+        assert!(
+            log.contains(&format!(
+                "restarting step actor workspace=lee/site step={kind}"
+            )),
+            "{kind}:\n{log}"
+        );
+    }
+    let live = env.bucket_contents(&bucket).await;
+    assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Survived</title>"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
