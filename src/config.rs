@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use edit_worker_actors::config::WorkerConfig;
 use edit_worker_actors::message::check_dns_label;
+use edit_worker_actors::publish::{CacheRule, PublishOptions};
 
 /// Every key the worker reads; the TOML file may set the same ones.
 const KEYS: &[&str] = &[
@@ -29,6 +30,9 @@ const KEYS: &[&str] = &[
     "MAX_IN_FLIGHT",
     "VISIBILITY_TIMEOUT_SECONDS",
     "UPLOAD_CONCURRENCY",
+    "CACHE_CONTROL_RULES",
+    "PUBLISH_MAX_DELETE_PERCENT",
+    "PUBLISH_ALLOW_MASS_DELETE",
     "PUSH_ATTEMPTS",
     "MAX_RECEIVES",
     "RETRY_BASE_SECONDS",
@@ -134,6 +138,41 @@ impl Settings {
         Ok(n)
     }
 
+    fn flag(&self, key: &'static str) -> Result<bool, ConfigError> {
+        match self.get(key).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if matches!(v.as_str(), "1" | "true" | "yes") => Ok(true),
+            Some(v) if matches!(v.as_str(), "0" | "false" | "no") => Ok(false),
+            Some(v) => Err(ConfigError::Invalid {
+                key,
+                message: format!("`{v}` is not true or false"),
+            }),
+        }
+    }
+
+    /// How builds are published; also used by `edit-worker publish`.
+    pub fn publish_options(&self) -> Result<PublishOptions, ConfigError> {
+        let mut p = PublishOptions::default();
+        p.concurrency = self.positive("UPLOAD_CONCURRENCY", p.concurrency as u64)? as usize;
+        if let Some(rules) = self.get("CACHE_CONTROL_RULES") {
+            p.cache_rules =
+                CacheRule::parse_list(rules).map_err(|message| ConfigError::Invalid {
+                    key: "CACHE_CONTROL_RULES",
+                    message,
+                })?;
+        }
+        let percent = self.number("PUBLISH_MAX_DELETE_PERCENT", p.max_delete_percent as u64)?;
+        if percent > 100 {
+            return Err(ConfigError::Invalid {
+                key: "PUBLISH_MAX_DELETE_PERCENT",
+                message: "must be 0 to 100".into(),
+            });
+        }
+        p.max_delete_percent = percent as u8;
+        p.allow_mass_delete = self.flag("PUBLISH_ALLOW_MASS_DELETE")?;
+        Ok(p)
+    }
+
     pub fn shutdown_deadline(&self) -> Result<Duration, ConfigError> {
         Ok(Duration::from_secs(
             self.positive("SHUTDOWN_DEADLINE_SECONDS", 25)?,
@@ -207,8 +246,7 @@ impl Settings {
             self.positive("VISIBILITY_TIMEOUT_SECONDS", c.visibility_timeout.as_secs())?
                 .min(43_200),
         );
-        c.upload_concurrency =
-            self.positive("UPLOAD_CONCURRENCY", c.upload_concurrency as u64)? as usize;
+        c.publish = self.publish_options()?;
         c.push_attempts = self.positive("PUSH_ATTEMPTS", c.push_attempts as u64)? as u32;
         c.max_receives = self.positive("MAX_RECEIVES", c.max_receives as u64)? as u32;
         c.retry_base_delay =

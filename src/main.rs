@@ -3,6 +3,7 @@
 
 mod aws;
 mod config;
+mod publish_cmd;
 mod send;
 mod telemetry;
 
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Put one edit request on the input queue (INPUT_QUEUE_URL).
     Send(send::SendArgs),
+    /// Make a bucket hold exactly a build folder, as the worker publishes (prints a JSON report).
+    Publish(publish_cmd::PublishArgs),
 }
 
 /// Exit codes of the contract.
@@ -66,6 +69,22 @@ async fn async_main(cli: Cli) -> ExitCode {
             config,
             exit_when_idle,
         } => run(config, exit_when_idle).await,
+        Command::Publish(args) => {
+            let settings = match config::Settings::load(None) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("edit-worker: configuration: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match publish_cmd::publish(args, &settings).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edit-worker publish: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Send(args) => match send::send(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(send::SendError::Usage(e)) => {

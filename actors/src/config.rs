@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::message::WorkspaceKey;
+use crate::publish::PublishOptions;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -46,8 +47,8 @@ pub struct WorkerConfig {
     pub max_in_flight: usize,
     /// Visibility timeout we keep extending while a message is being worked on.
     pub visibility_timeout: Duration,
-    /// Concurrent S3 uploads per publish.
-    pub upload_concurrency: usize,
+    /// How builds are published (concurrency, Cache-Control rules, deletion cap).
+    pub publish: PublishOptions,
     /// How often a failed push is retried before the message fails.
     pub push_attempts: u32,
     /// Deliveries of one message before a passing failure (S3 or the git remote away, a
@@ -80,7 +81,7 @@ impl WorkerConfig {
             region: "us-east-1".into(),
             max_in_flight: 64,
             visibility_timeout: Duration::from_secs(120),
-            upload_concurrency: 16,
+            publish: PublishOptions::default(),
             push_attempts: 4,
             max_receives: 5,
             retry_base_delay: Duration::from_secs(5),

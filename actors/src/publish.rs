@@ -1,10 +1,16 @@
 //! Publishes a build folder to an S3 bucket so that the bucket holds exactly that build.
 //!
-//! What to upload is decided by content, not by time: each local file's MD5 is compared with
-//! the object's ETag (which is the MD5 for the single-part uploads we make). Order keeps the site
-//! whole at every moment: assets first, then HTML that points at them, then deletions of what is
-//! gone, and no deletion at all when any upload failed. Symlinks are never followed, and an empty
-//! build is refused, so a broken build can never wipe a live site.
+//! What to upload is decided by content, not by time. Each local file's MD5 is compared with
+//! the object's ETag from ListObjectsV2 (one request per 1,000 keys): for single-part uploads
+//! the ETag is the MD5; for multipart ones it is `md5(part md5s)-N`, which we compute locally
+//! with our part size; only when neither matches do we read the MD5 we store in the object's
+//! metadata (`x-amz-meta-md5`, one HEAD). A rebuild that rewrites every file with new
+//! timestamps therefore uploads only what really changed, and a same-size edit is never missed.
+//!
+//! Order keeps the site whole at every moment: assets first, then the HTML that points at them,
+//! then deletions of what is gone, and no deletion at all when any upload failed. Symlinks are
+//! never followed, an empty build is refused, and a build that would delete most of a site is
+//! refused unless allowed, so a broken build can never wipe a live site.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +23,100 @@ use md5::{Digest, Md5};
 
 /// DeleteObjects takes at most this many keys per request.
 const DELETE_BATCH: usize = 1000;
+/// Below this many objects in the bucket the deletion cap does not apply: a tiny site may
+/// legitimately change most of its files.
+const DELETE_CAP_MIN_OBJECTS: usize = 10;
+
+/// One `Cache-Control` rule: keys matching `pattern` get `value`. A pattern ending in `/` is a
+/// key prefix (`_astro/`), `*.ext` matches a suffix, `*` matches everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheRule {
+    pub pattern: String,
+    pub value: String,
+}
+
+impl CacheRule {
+    fn matches(&self, key: &str) -> bool {
+        if self.pattern == "*" {
+            true
+        } else if let Some(suffix) = self.pattern.strip_prefix('*') {
+            key.ends_with(suffix)
+        } else if self.pattern.ends_with('/') {
+            key.starts_with(&self.pattern)
+        } else {
+            key == self.pattern
+        }
+    }
+
+    /// Parse `pattern=value;pattern=value` (values may contain `=` and `,`, not `;`).
+    pub fn parse_list(text: &str) -> Result<Vec<CacheRule>, String> {
+        text.split(';')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(|rule| {
+                let (pattern, value) = rule
+                    .split_once('=')
+                    .ok_or_else(|| format!("`{rule}` is not pattern=value"))?;
+                let (pattern, value) = (pattern.trim(), value.trim());
+                if pattern.is_empty() || value.is_empty() {
+                    return Err(format!("`{rule}` is not pattern=value"));
+                }
+                Ok(CacheRule {
+                    pattern: pattern.into(),
+                    value: value.into(),
+                })
+            })
+            .collect()
+    }
+
+    /// Astro's hashed assets never change under the same name; everything else must be
+    /// revalidated so that an edit shows at once.
+    pub fn defaults() -> Vec<CacheRule> {
+        vec![
+            CacheRule {
+                pattern: "_astro/".into(),
+                value: "public, max-age=31536000, immutable".into(),
+            },
+            CacheRule {
+                pattern: "*".into(),
+                value: "no-cache".into(),
+            },
+        ]
+    }
+}
+
+/// How to publish.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Uploads in flight per publish: S3 takes many at once, but each holds a file open (and a
+    /// multipart part in memory).
+    pub concurrency: usize,
+    /// First match wins; keys no rule matches get `no-cache`.
+    pub cache_rules: Vec<CacheRule>,
+    /// Files at least this large are uploaded in parts of `part_size`.
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+    /// A publish that would delete more than this share of the bucket's objects fails...
+    pub max_delete_percent: u8,
+    /// ...unless this is set.
+    pub allow_mass_delete: bool,
+    /// Attempts per file, on top of the SDK's own retries of each request.
+    pub file_attempts: u32,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            concurrency: 16,
+            cache_rules: CacheRule::defaults(),
+            multipart_threshold: 16 * 1024 * 1024,
+            part_size: 8 * 1024 * 1024,
+            max_delete_percent: 50,
+            allow_mass_delete: false,
+            file_attempts: 3,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PublishReport {
@@ -42,12 +142,23 @@ pub enum PublishError {
     },
     #[error("deleting stale objects from {bucket}: {message}")]
     Delete { bucket: String, message: String },
+    #[error(
+        "this build would delete {stale} of the {total} objects in {bucket} (more than {max_percent}%); \
+         refusing (set PUBLISH_ALLOW_MASS_DELETE=true if that is intended)"
+    )]
+    TooManyDeletions {
+        bucket: String,
+        stale: usize,
+        total: usize,
+        max_percent: u8,
+    },
 }
 
 impl PublishError {
     pub fn kind(&self) -> &'static str {
         match self {
             PublishError::EmptyBuild(_) => "empty_build",
+            PublishError::TooManyDeletions { .. } => "too_many_deletions",
             _ => "publish_failed",
         }
     }
@@ -59,23 +170,34 @@ struct LocalFile {
     key: String,
     path: PathBuf,
     md5_hex: String,
+    /// The ETag S3 gives this file when we upload it in parts (`None` below the threshold).
+    multipart_etag: Option<String>,
     size: u64,
+}
+
+/// What a publish will do, decided before it does anything.
+#[derive(Debug, Default)]
+struct Plan {
+    assets: Vec<LocalFile>,
+    pages: Vec<LocalFile>,
+    skipped: usize,
+    stale: Vec<String>,
 }
 
 /// Uploads builds to S3. Cheap to clone: the SDK client is shared.
 #[derive(Clone)]
 pub struct Publisher {
     s3: aws_sdk_s3::Client,
-    /// Uploads in flight per publish: S3 takes many at once, but each holds a file open.
-    concurrency: usize,
+    options: PublishOptions,
 }
 
 impl Publisher {
-    pub fn new(s3: aws_sdk_s3::Client, concurrency: usize) -> Publisher {
-        Publisher {
-            s3,
-            concurrency: concurrency.max(1),
-        }
+    pub fn new(s3: aws_sdk_s3::Client, mut options: PublishOptions) -> Publisher {
+        options.concurrency = options.concurrency.max(1);
+        options.part_size = options.part_size.max(5 * 1024 * 1024);
+        options.multipart_threshold = options.multipart_threshold.max(options.part_size);
+        options.file_attempts = options.file_attempts.max(1);
+        Publisher { s3, options }
     }
 
     /// Make `bucket` hold exactly the files under `build_dir`.
@@ -85,41 +207,96 @@ impl Publisher {
         build_dir: &Path,
     ) -> Result<PublishReport, PublishError> {
         let root = build_dir.to_owned();
-        let local = tokio::task::spawn_blocking(move || scan_build(&root))
+        let part_size = self.options.part_size;
+        let threshold = self.options.multipart_threshold;
+        let local = tokio::task::spawn_blocking(move || scan_build(&root, threshold, part_size))
             .await
             .map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
         if local.is_empty() {
             return Err(PublishError::EmptyBuild(build_dir.to_owned()));
         }
         let remote = self.list(bucket).await?;
+        let plan = self.plan(bucket, &local, &remote).await?;
+        let total = remote.len();
+        if !self.options.allow_mass_delete
+            && total >= DELETE_CAP_MIN_OBJECTS
+            && plan.stale.len() * 100 > total * self.options.max_delete_percent as usize
+        {
+            return Err(PublishError::TooManyDeletions {
+                bucket: bucket.into(),
+                stale: plan.stale.len(),
+                total,
+                max_percent: self.options.max_delete_percent,
+            });
+        }
 
-        let mut report = PublishReport::default();
-        let (mut assets, mut pages) = (Vec::new(), Vec::new());
-        for file in &local {
-            if remote.get(&file.key) == Some(&file.md5_hex) {
-                report.skipped += 1;
+        let mut report = PublishReport {
+            skipped: plan.skipped,
+            ..PublishReport::default()
+        };
+        // Assets before the pages that reference them, so no visitor sees a page whose
+        // stylesheet is not there yet; each batch ends before the next begins.
+        for batch in [plan.assets, plan.pages] {
+            let count = batch.len();
+            report.bytes += self.upload_all(bucket, batch).await?;
+            report.uploaded += count;
+        }
+        self.delete(bucket, &plan.stale).await?;
+        report.deleted = plan.stale.len();
+        Ok(report)
+    }
+
+    /// Decide what to upload, skip and delete.
+    async fn plan(
+        &self,
+        bucket: &str,
+        local: &[LocalFile],
+        remote: &HashMap<String, String>,
+    ) -> Result<Plan, PublishError> {
+        let mut plan = Plan::default();
+        for file in local {
+            let unchanged = match remote.get(&file.key) {
+                None => false,
+                Some(etag) if etag == &file.md5_hex => true,
+                Some(etag) if Some(etag) == file.multipart_etag.as_ref() => true,
+                // Uploaded in parts of another size, or by another tool: ask for our own hash.
+                Some(etag) if etag.contains('-') => {
+                    self.stored_md5(bucket, &file.key).await?.as_deref() == Some(&file.md5_hex)
+                }
+                Some(_) => false,
+            };
+            if unchanged {
+                plan.skipped += 1;
             } else if is_html(&file.key) {
-                pages.push(file.clone());
+                plan.pages.push(file.clone());
             } else {
-                assets.push(file.clone());
+                plan.assets.push(file.clone());
             }
         }
-        // Assets before the pages that reference them, so no visitor sees a page whose
-        // stylesheet is not there yet.
-        for batch in [assets, pages] {
-            let bytes = self.upload_all(bucket, batch.clone()).await?;
-            report.uploaded += batch.len();
-            report.bytes += bytes;
-        }
         let keep: std::collections::HashSet<&str> = local.iter().map(|f| f.key.as_str()).collect();
-        let stale: Vec<String> = remote
+        plan.stale = remote
             .keys()
             .filter(|k| !keep.contains(k.as_str()))
             .cloned()
             .collect();
-        self.delete(bucket, &stale).await?;
-        report.deleted = stale.len();
-        Ok(report)
+        plan.stale.sort();
+        Ok(plan)
+    }
+
+    /// The MD5 we stored in an object's metadata when we uploaded it.
+    async fn stored_md5(&self, bucket: &str, key: &str) -> Result<Option<String>, PublishError> {
+        let head = self
+            .s3
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| PublishError::List {
+                bucket: bucket.into(),
+                message: DisplayErrorContext(&e).to_string(),
+            })?;
+        Ok(head.metadata().and_then(|m| m.get("md5")).cloned())
     }
 
     /// Key → ETag (without quotes) of every object in the bucket.
@@ -149,19 +326,47 @@ impl Publisher {
     /// Upload files with bounded concurrency; the first failure stops the batch.
     async fn upload_all(&self, bucket: &str, files: Vec<LocalFile>) -> Result<u64, PublishError> {
         let sizes: Vec<u64> = futures::stream::iter(files)
-            .map(|file| self.upload(bucket, file))
-            .buffer_unordered(self.concurrency)
+            .map(|file| self.upload_with_retry(bucket, file))
+            .buffer_unordered(self.options.concurrency)
             .try_collect()
             .await?;
         Ok(sizes.iter().sum())
     }
 
-    async fn upload(&self, bucket: &str, file: LocalFile) -> Result<u64, PublishError> {
-        let fail = |message: String| PublishError::Upload {
+    /// The SDK retries each request; this retries the whole file (a multipart upload that lost
+    /// a part starts over), with backoff.
+    async fn upload_with_retry(&self, bucket: &str, file: LocalFile) -> Result<u64, PublishError> {
+        let mut delay = std::time::Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            let result = if file.multipart_etag.is_some() {
+                self.upload_multipart(bucket, &file).await
+            } else {
+                self.upload(bucket, &file).await
+            };
+            match result {
+                Ok(size) => return Ok(size),
+                Err(e) if attempt < self.options.file_attempts => {
+                    tracing::warn!(key = %file.key, attempt, error = %e, "upload failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn upload_error(bucket: &str, key: &str, message: String) -> PublishError {
+        PublishError::Upload {
             bucket: bucket.into(),
-            key: file.key.clone(),
+            key: key.into(),
             message,
-        };
+        }
+    }
+
+    async fn upload(&self, bucket: &str, file: &LocalFile) -> Result<u64, PublishError> {
+        let fail = |message: String| Self::upload_error(bucket, &file.key, message);
         let body = ByteStream::from_path(&file.path)
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -171,12 +376,113 @@ impl Publisher {
             .key(&file.key)
             .body(body)
             .content_type(content_type(&file.key))
-            .cache_control(cache_control(&file.key))
+            .cache_control(self.cache_control(&file.key))
             .metadata("md5", &file.md5_hex)
             .send()
             .await
             .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
         Ok(file.size)
+    }
+
+    async fn upload_multipart(&self, bucket: &str, file: &LocalFile) -> Result<u64, PublishError> {
+        let fail = |message: String| Self::upload_error(bucket, &file.key, message);
+        let created = self
+            .s3
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(&file.key)
+            .content_type(content_type(&file.key))
+            .cache_control(self.cache_control(&file.key))
+            .metadata("md5", &file.md5_hex)
+            .send()
+            .await
+            .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let parts = self.upload_parts(bucket, file, &upload_id).await;
+        let completed = match parts {
+            Ok(parts) => {
+                let done = aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build();
+                self.s3
+                    .complete_multipart_upload()
+                    .bucket(bucket)
+                    .key(&file.key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(done)
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| fail(DisplayErrorContext(&e).to_string()))
+            }
+            Err(e) => Err(e),
+        };
+        if completed.is_err() {
+            // Parts of an abandoned upload are billed until aborted.
+            let _ = self
+                .s3
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(&file.key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        completed.map(|()| file.size)
+    }
+
+    async fn upload_parts(
+        &self,
+        bucket: &str,
+        file: &LocalFile,
+        upload_id: &str,
+    ) -> Result<Vec<aws_sdk_s3::types::CompletedPart>, PublishError> {
+        use tokio::io::AsyncReadExt;
+        let fail = |message: String| Self::upload_error(bucket, &file.key, message);
+        let mut reader = tokio::fs::File::open(&file.path)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut parts = Vec::new();
+        let mut number = 1;
+        loop {
+            let mut chunk = Vec::with_capacity(self.options.part_size as usize);
+            let read = (&mut reader)
+                .take(self.options.part_size)
+                .read_to_end(&mut chunk)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if read == 0 {
+                break;
+            }
+            let part = self
+                .s3
+                .upload_part()
+                .bucket(bucket)
+                .key(&file.key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(ByteStream::from(chunk))
+                .send()
+                .await
+                .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
+            parts.push(
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(part.e_tag().map(str::to_owned))
+                    .build(),
+            );
+            number += 1;
+        }
+        Ok(parts)
+    }
+
+    fn cache_control(&self, key: &str) -> &str {
+        self.options
+            .cache_rules
+            .iter()
+            .find(|rule| rule.matches(key))
+            .map(|rule| rule.value.as_str())
+            .unwrap_or("no-cache")
     }
 
     async fn delete(&self, bucket: &str, keys: &[String]) -> Result<(), PublishError> {
@@ -219,7 +525,11 @@ impl Publisher {
 
 /// Every regular file under `root`, with its key and MD5. Symlinks are skipped, never followed,
 /// so a link to `/etc/passwd` (or to anything outside the build) is never published.
-fn scan_build(root: &Path) -> Result<Vec<LocalFile>, std::io::Error> {
+fn scan_build(
+    root: &Path,
+    multipart_threshold: u64,
+    part_size: u64,
+) -> Result<Vec<LocalFile>, std::io::Error> {
     let meta = match std::fs::symlink_metadata(root) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -247,10 +557,13 @@ fn scan_build(root: &Path) -> Result<Vec<LocalFile>, std::io::Error> {
                     continue;
                 };
                 let bytes = std::fs::read(&path)?;
+                let size = bytes.len() as u64;
                 files.push(LocalFile {
                     key,
                     md5_hex: format!("{:x}", Md5::digest(&bytes)),
-                    size: bytes.len() as u64,
+                    multipart_etag: (size >= multipart_threshold)
+                        .then(|| multipart_etag(&bytes, part_size)),
+                    size,
                     path,
                 });
             }
@@ -258,6 +571,17 @@ fn scan_build(root: &Path) -> Result<Vec<LocalFile>, std::io::Error> {
     }
     files.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(files)
+}
+
+/// The ETag S3 computes for a multipart upload: the MD5 of the parts' MD5s, then `-{parts}`.
+fn multipart_etag(bytes: &[u8], part_size: u64) -> String {
+    let mut digests = Vec::new();
+    let mut parts = 0;
+    for chunk in bytes.chunks(part_size as usize) {
+        digests.extend_from_slice(&Md5::digest(chunk));
+        parts += 1;
+    }
+    format!("{:x}-{parts}", Md5::digest(&digests))
 }
 
 fn is_html(key: &str) -> bool {
@@ -276,16 +600,6 @@ pub fn content_type(key: &str) -> String {
         format!("{}; charset=utf-8", mime.essence_str())
     } else {
         mime.essence_str().to_owned()
-    }
-}
-
-/// Astro's hashed assets never change under the same name; everything else must be revalidated
-/// so that an edit shows at once.
-pub fn cache_control(key: &str) -> &'static str {
-    if key.starts_with("_astro/") {
-        "public, max-age=31536000, immutable"
-    } else {
-        "no-cache"
     }
 }
 
@@ -328,6 +642,10 @@ mod tests {
         assert_eq!(keys, vec!["about/index.html", "index.html"]);
         // A symlinked output folder is no build.
         std::os::unix::fs::symlink(&root, dir.path().join("linked")).unwrap();
-        assert!(scan_build(&dir.path().join("linked")).unwrap().is_empty());
+        assert!(
+            scan_build(&dir.path().join("linked"), u64::MAX, 5 << 20)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -61,7 +61,7 @@ pub async fn run(
         output_dir: config.build_output_dir.clone(),
         timeout: config.build_timeout,
     };
-    let publisher = Publisher::new(s3, config.upload_concurrency);
+    let publisher = Publisher::new(s3, config.publish.clone());
     let registry = InFlightRegistry::new(config.max_in_flight);
     let ctx = Arc::new(WorkerContext { config, delivery });
     let (supervisor, supervisor_done) = Actor::spawn(

@@ -494,3 +494,126 @@ impl TestEnv {
         None
     }
 }
+
+/// An HTTP/1.1 proxy in front of `target` that records `METHOD /path` of every request in the
+/// order the requests arrive, and can refuse requests whose path contains one of `refuse`
+/// (it drops the connection, as a network fault would).
+pub struct RecordingProxy {
+    pub url: String,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub async fn recording_proxy(target: String, refuse: Vec<String>) -> RecordingProxy {
+    use std::sync::{Arc, Mutex};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let log = requests.clone();
+    let target = target.trim_start_matches("http://").to_owned();
+    let refuse = Arc::new(refuse);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let (target, log, refuse) = (target.clone(), log.clone(), refuse.clone());
+            tokio::spawn(async move {
+                let _ = relay_requests(inbound, &target, log, &refuse).await;
+            });
+        }
+    });
+    RecordingProxy { url, requests }
+}
+
+async fn relay_requests(
+    inbound: tokio::net::TcpStream,
+    target: &str,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    refuse: &[String],
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let outbound = tokio::net::TcpStream::connect(target).await?;
+    let (in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    // Responses flow back untouched.
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+    });
+    let mut reader = BufReader::new(in_read);
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if reader.read_until(b'\n', &mut line).await? == 0 {
+                return Ok(());
+            }
+            let end = line == b"\r\n";
+            head.extend_from_slice(&line);
+            if end {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let first = text.lines().next().unwrap_or_default();
+        let mut words = first.split(' ');
+        let request = format!(
+            "{} {}",
+            words.next().unwrap_or(""),
+            words.next().unwrap_or("")
+        );
+        if refuse.iter().any(|r| request.contains(r.as_str())) {
+            return Ok(());
+        }
+        log.lock().unwrap().push(request);
+        out_write.write_all(&head).await?;
+        let header = |name: &str| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_owned())
+            })
+        };
+        if let Some(len) = header("content-length").and_then(|v| v.parse::<u64>().ok()) {
+            let mut body = (&mut reader).take(len);
+            tokio::io::copy(&mut body, &mut out_write).await?;
+        } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                let mut size_line = Vec::new();
+                reader.read_until(b'\n', &mut size_line).await?;
+                out_write.write_all(&size_line).await?;
+                let size_text = String::from_utf8_lossy(&size_line);
+                let size =
+                    u64::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+                        .unwrap_or(0);
+                if size == 0 {
+                    loop {
+                        let mut trailer = Vec::new();
+                        reader.read_until(b'\n', &mut trailer).await?;
+                        out_write.write_all(&trailer).await?;
+                        if trailer == b"\r\n" || trailer.is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let mut chunk = (&mut reader).take(size + 2);
+                tokio::io::copy(&mut chunk, &mut out_write).await?;
+            }
+        }
+    }
+}
+
+/// An S3 client for `endpoint` (moto or a proxy in front of it).
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    )
+}

@@ -1,0 +1,344 @@
+//! Issue 4: the publisher against moto. Content-compared uploads, order, headers, safety.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use edit_worker_actors::publish::{CacheRule, PublishError, PublishOptions, Publisher};
+
+/// A small generated site: `pages` HTML pages, one stylesheet per page under _astro/, an image.
+fn site(dir: &Path, pages: usize) {
+    std::fs::create_dir_all(dir.join("_astro")).unwrap();
+    for i in 0..pages {
+        let page = if i == 0 {
+            dir.join("index.html")
+        } else {
+            dir.join(format!("p{i}/index.html"))
+        };
+        std::fs::create_dir_all(page.parent().unwrap()).unwrap();
+        std::fs::write(
+            &page,
+            format!("<html><head><link rel=stylesheet href=/_astro/s{i}.css></head><body>page {i}</body></html>"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("_astro/s{i}.css")),
+            format!("body {{ --p: {i}; }}"),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("logo.png"), [0x89, b'P', b'N', b'G', 0, 1, 2, 3]).unwrap();
+}
+
+async fn setup(name: &str) -> (common::TestEnv, String, tempfile::TempDir) {
+    let env = common::TestEnv::new(name).await;
+    let bucket = env.bucket("pub");
+    env.create_bucket(&bucket).await;
+    (env, bucket, tempfile::tempdir().unwrap())
+}
+
+fn publisher(s3: aws_sdk_s3::Client) -> Publisher {
+    Publisher::new(s3, PublishOptions::default())
+}
+
+/// Rewrite every file with the same content and a new timestamp, as `npm run build` does.
+fn rebuild_all(dir: &Path) {
+    for key in common::files_under(dir) {
+        let path = dir.join(key);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_with_one_change_uploads_exactly_that_file() {
+    let (env, bucket, dir) = setup("pub-one").await;
+    site(dir.path(), 20);
+    let p = publisher(env.s3.clone());
+    let cold = p.publish(&bucket, dir.path()).await.unwrap();
+    assert_eq!((cold.uploaded, cold.skipped, cold.deleted), (41, 0, 0));
+
+    rebuild_all(dir.path());
+    std::fs::write(
+        dir.path().join("p3/index.html"),
+        "<html>changed page</html>",
+    )
+    .unwrap();
+    let again = p.publish(&bucket, dir.path()).await.unwrap();
+    assert_eq!(
+        (again.uploaded, again.skipped, again.deleted),
+        (1, 40, 0),
+        "{again:?}"
+    );
+    let live = env.bucket_contents(&bucket).await;
+    assert_eq!(live["p3/index.html"].1, b"<html>changed page</html>");
+
+    rebuild_all(dir.path());
+    let same = p.publish(&bucket, dir.path()).await.unwrap();
+    assert_eq!((same.uploaded, same.skipped, same.bytes), (0, 41, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_size_edit_with_an_older_timestamp_is_uploaded() {
+    let (env, bucket, dir) = setup("pub-older").await;
+    site(dir.path(), 2);
+    let p = publisher(env.s3.clone());
+    p.publish(&bucket, dir.path()).await.unwrap();
+    let file = dir.path().join("_astro/s1.css");
+    let before = std::fs::read(&file).unwrap();
+    let after: Vec<u8> = before
+        .iter()
+        .map(|b| if *b == b'1' { b'7' } else { *b })
+        .collect();
+    assert_eq!(before.len(), after.len());
+    std::fs::write(&file, &after).unwrap();
+    // A timestamp a day in the past: `aws s3 sync` would skip this file.
+    let old = SystemTime::now() - Duration::from_secs(86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let report = p.publish(&bucket, dir.path()).await.unwrap();
+    assert_eq!(report.uploaded, 1);
+    assert_eq!(env.bucket_contents(&bucket).await["_astro/s1.css"].1, after);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn html_arrives_after_the_assets_and_deletions_come_last() {
+    let (env, bucket, dir) = setup("pub-order").await;
+    site(dir.path(), 6);
+    std::fs::write(dir.path().join("old.txt"), "stale").unwrap();
+    publisher(env.s3.clone())
+        .publish(&bucket, dir.path())
+        .await
+        .unwrap();
+    std::fs::remove_file(dir.path().join("old.txt")).unwrap();
+    for i in 0..6 {
+        std::fs::write(
+            dir.path().join(format!("_astro/s{i}.css")),
+            format!("body {{ --v: {i}; }}"),
+        )
+        .unwrap();
+    }
+    for page in ["index.html", "p1/index.html", "p4/index.html"] {
+        std::fs::write(dir.path().join(page), format!("<html>new {page}</html>")).unwrap();
+    }
+
+    let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
+    let s3 = common::s3_client(&proxy.url).await;
+    let report = publisher(s3).publish(&bucket, dir.path()).await.unwrap();
+    assert_eq!((report.uploaded, report.deleted), (9, 1));
+    let seen = proxy.requests.lock().unwrap().clone();
+    let writes: Vec<&String> = seen
+        .iter()
+        .filter(|r| r.starts_with("PUT ") || r.starts_with("POST "))
+        .collect();
+    let first_html = writes.iter().position(|r| r.contains(".html")).unwrap();
+    let last_asset = writes.iter().rposition(|r| r.contains(".css")).unwrap();
+    assert!(last_asset < first_html, "assets after HTML: {writes:#?}");
+    let delete = writes
+        .iter()
+        .position(|r| r.contains("?delete"))
+        .expect("a DeleteObjects request");
+    assert_eq!(delete, writes.len() - 1, "deletion last: {writes:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_upload_stops_the_deletions() {
+    let (env, bucket, dir) = setup("pub-fail").await;
+    site(dir.path(), 3);
+    std::fs::write(
+        dir.path().join("stale.txt"),
+        "keep me until the site is whole",
+    )
+    .unwrap();
+    publisher(env.s3.clone())
+        .publish(&bucket, dir.path())
+        .await
+        .unwrap();
+    std::fs::remove_file(dir.path().join("stale.txt")).unwrap();
+    std::fs::write(dir.path().join("fail-me.css"), "new").unwrap();
+
+    let proxy = common::recording_proxy(common::endpoint(), vec!["fail-me".into()]).await;
+    let s3 = common::s3_client(&proxy.url).await;
+    let err = publisher(s3)
+        .publish(&bucket, dir.path())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Upload { .. }), "{err}");
+    let live = env.bucket_contents(&bucket).await;
+    assert!(
+        live.contains_key("stale.txt"),
+        "deleted although an upload failed"
+    );
+    assert!(
+        !proxy
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("?delete"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn symlinks_are_not_published_and_empty_builds_are_refused() {
+    let (env, bucket, dir) = setup("pub-safety").await;
+    site(dir.path(), 1);
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("passwd")).unwrap();
+    std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
+    let p = publisher(env.s3.clone());
+    p.publish(&bucket, dir.path()).await.unwrap();
+    let live = env.bucket_contents(&bucket).await;
+    assert!(
+        !live
+            .keys()
+            .any(|k| k.contains("passwd") || k.starts_with("etc")),
+        "{:?}",
+        live.keys()
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = p.publish(&bucket, empty.path()).await.unwrap_err();
+    assert_eq!(err.kind(), "empty_build");
+    let err = p
+        .publish(&bucket, &empty.path().join("missing"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "empty_build");
+    assert_eq!(
+        env.bucket_contents(&bucket).await.len(),
+        live.len(),
+        "nothing was wiped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_deletes_most_of_the_site_fails_unless_allowed() {
+    let (env, bucket, dir) = setup("pub-cap").await;
+    site(dir.path(), 10);
+    let p = publisher(env.s3.clone());
+    p.publish(&bucket, dir.path()).await.unwrap();
+    let small = tempfile::tempdir().unwrap();
+    site(small.path(), 1);
+    let err = p.publish(&bucket, small.path()).await.unwrap_err();
+    assert_eq!(err.kind(), "too_many_deletions", "{err}");
+    assert_eq!(
+        env.bucket_contents(&bucket).await.len(),
+        21,
+        "nothing changed"
+    );
+
+    let allowed = Publisher::new(
+        env.s3.clone(),
+        PublishOptions {
+            allow_mass_delete: true,
+            ..PublishOptions::default()
+        },
+    );
+    let report = allowed.publish(&bucket, small.path()).await.unwrap();
+    assert_eq!(report.deleted, 18);
+    assert_eq!(env.bucket_contents(&bucket).await.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_follow_the_configured_rules() {
+    let (env, bucket, dir) = setup("pub-headers").await;
+    site(dir.path(), 1);
+    let custom = Publisher::new(
+        env.s3.clone(),
+        PublishOptions {
+            cache_rules: CacheRule::parse_list(
+                "_astro/=public, max-age=31536000, immutable; *.png=public, max-age=600; *=no-cache",
+            )
+            .unwrap(),
+            ..PublishOptions::default()
+        },
+    );
+    custom.publish(&bucket, dir.path()).await.unwrap();
+    let head = |key: &'static str| {
+        let s3 = env.s3.clone();
+        let bucket = bucket.clone();
+        async move {
+            s3.head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let css = head("_astro/s0.css").await;
+    assert_eq!(css.content_type(), Some("text/css; charset=utf-8"));
+    assert_eq!(
+        css.cache_control(),
+        Some("public, max-age=31536000, immutable")
+    );
+    let html = head("index.html").await;
+    assert_eq!(html.content_type(), Some("text/html; charset=utf-8"));
+    assert_eq!(html.cache_control(), Some("no-cache"));
+    let png = head("logo.png").await;
+    assert_eq!(png.content_type(), Some("image/png"));
+    assert_eq!(png.cache_control(), Some("public, max-age=600"));
+    assert!(html.metadata().unwrap().contains_key("md5"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_files_go_in_parts_and_are_recognised_afterwards() {
+    let (env, bucket, dir) = setup("pub-multipart").await;
+    site(dir.path(), 1);
+    // 12 MiB with a threshold of 5 MiB: three parts.
+    let big: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("video.mp4"), &big).unwrap();
+    let options = PublishOptions {
+        multipart_threshold: 5 * 1024 * 1024,
+        part_size: 5 * 1024 * 1024,
+        ..PublishOptions::default()
+    };
+    let p = Publisher::new(env.s3.clone(), options.clone());
+    p.publish(&bucket, dir.path()).await.unwrap();
+    let head = env
+        .s3
+        .head_object()
+        .bucket(&bucket)
+        .key("video.mp4")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head.e_tag().unwrap().ends_with("-3\""),
+        "{:?}",
+        head.e_tag()
+    );
+    rebuild_all(dir.path());
+    let again = p.publish(&bucket, dir.path()).await.unwrap();
+    assert_eq!(again.uploaded, 0, "{again:?}");
+    // Uploaded in parts of another size: the stored MD5 still recognises it.
+    let other = Publisher::new(
+        env.s3.clone(),
+        PublishOptions {
+            part_size: 6 * 1024 * 1024,
+            multipart_threshold: 6 * 1024 * 1024,
+            ..options
+        },
+    );
+    assert_eq!(
+        other.publish(&bucket, dir.path()).await.unwrap().uploaded,
+        0
+    );
+    let got = env
+        .s3
+        .get_object()
+        .bucket(&bucket)
+        .key("video.mp4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().len(),
+        big.len()
+    );
+}
