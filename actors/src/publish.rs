@@ -617,12 +617,38 @@ mod tests {
     }
 
     #[test]
-    fn cache_rules() {
+    fn cache_rules_match_in_order() {
+        let rules = CacheRule::parse_list(
+            "_astro/=public, max-age=31536000, immutable; *.png = max-age=600; robots.txt=max-age=60",
+        )
+        .unwrap();
+        let first = |key: &str| {
+            rules
+                .iter()
+                .find(|r| r.matches(key))
+                .map(|r| r.value.clone())
+        };
         assert_eq!(
-            cache_control("_astro/a.1x2.css"),
+            first("_astro/a.1x2.css").unwrap(),
             "public, max-age=31536000, immutable"
         );
-        assert_eq!(cache_control("index.html"), "no-cache");
+        assert_eq!(first("img/logo.png").unwrap(), "max-age=600");
+        assert_eq!(first("robots.txt").unwrap(), "max-age=60");
+        assert_eq!(first("index.html"), None);
+        assert!(CacheRule::parse_list("nonsense").is_err());
+        let defaults = CacheRule::defaults();
+        assert!(defaults[0].matches("_astro/x.css") && defaults[1].matches("index.html"));
+    }
+
+    #[test]
+    fn multipart_etag_is_md5_of_part_md5s() {
+        // Two parts of 5 bytes and one of 1: the digest of the three digests, then "-3".
+        let mut digests = Vec::new();
+        for part in [&b"aaaaa"[..], b"bbbbb", b"c"] {
+            digests.extend_from_slice(&Md5::digest(part));
+        }
+        let expected = format!("{:x}-3", Md5::digest(&digests));
+        assert_eq!(multipart_etag(b"aaaaabbbbbc", 5), expected);
     }
 
     #[test]
@@ -634,7 +660,7 @@ mod tests {
         std::fs::write(root.join("about/index.html"), "about").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("passwd")).unwrap();
         std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
-        let keys: Vec<_> = scan_build(&root)
+        let keys: Vec<_> = scan_build(&root, u64::MAX, 5 << 20)
             .unwrap()
             .into_iter()
             .map(|f| f.key)
