@@ -9,6 +9,7 @@ use std::time::Duration;
 use edit_worker_actors::config::WorkerConfig;
 use edit_worker_actors::message::check_dns_label;
 use edit_worker_actors::publish::{CacheRule, PublishOptions};
+use edit_worker_actors::threads::ThreadStore;
 
 /// Every key the worker reads; the TOML file may set the same ones.
 const KEYS: &[&str] = &[
@@ -26,6 +27,16 @@ const KEYS: &[&str] = &[
     "PROJECT_ID",
     "MAX_COMMAND_BYTES",
     "AGENT_TIMEOUT_SECONDS",
+    "AGENT_SILENCE_SECONDS",
+    "AGENT_MAX_TURNS",
+    "AGENT_MAX_BUDGET_USD",
+    "AGENT_MODEL",
+    "AGENT_PERMISSION_MODE",
+    "AGENT_ALLOWED_TOOLS",
+    "AGENT_DISALLOWED_TOOLS",
+    "AGENT_APPEND_SYSTEM_PROMPT",
+    "PROGRESS_INTERVAL_SECONDS",
+    "BUILD_REPAIR_ATTEMPTS",
     "BUILD_TIMEOUT_SECONDS",
     "MAX_IN_FLIGHT",
     "VISIBILITY_TIMEOUT_SECONDS",
@@ -150,6 +161,70 @@ impl Settings {
         }
     }
 
+    /// The agent's limits, model, permissions and tools.
+    fn agent_limits(&self, c: &mut WorkerConfig) -> Result<(), ConfigError> {
+        let a = &mut c.agent;
+        a.timeout =
+            Duration::from_secs(self.positive("AGENT_TIMEOUT_SECONDS", a.timeout.as_secs())?);
+        // The watchdog: by default as long as the whole run may take.
+        a.silence_timeout =
+            Duration::from_secs(self.positive("AGENT_SILENCE_SECONDS", a.timeout.as_secs())?);
+        a.config_dir = Some(ThreadStore::default_agent_config_dir(&c.workspace_root));
+        if self.get("AGENT_MAX_TURNS").is_some() {
+            a.max_turns = Some(self.positive("AGENT_MAX_TURNS", 1)? as u32);
+        }
+        if let Some(v) = self.get("AGENT_MAX_BUDGET_USD") {
+            let usd: f64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|x: &f64| *x > 0.0)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "AGENT_MAX_BUDGET_USD",
+                    message: format!("`{v}` is not a positive amount"),
+                })?;
+            a.max_budget_usd = Some(usd);
+        }
+        a.model = self.get("AGENT_MODEL").map(str::to_owned);
+        if let Some(mode) = self.get("AGENT_PERMISSION_MODE") {
+            const MODES: &[&str] = &[
+                "acceptEdits",
+                "bypassPermissions",
+                "plan",
+                "default",
+                "dontAsk",
+                "auto",
+            ];
+            if !MODES.contains(&mode) {
+                return Err(ConfigError::Invalid {
+                    key: "AGENT_PERMISSION_MODE",
+                    message: format!("`{mode}` is not one of {}", MODES.join(", ")),
+                });
+            }
+            a.permission_mode = mode.to_owned();
+        }
+        let tools = |key| -> Vec<String> {
+            self.get(key)
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        a.allowed_tools = tools("AGENT_ALLOWED_TOOLS");
+        a.disallowed_tools = tools("AGENT_DISALLOWED_TOOLS");
+        a.append_system_prompt = self.get("AGENT_APPEND_SYSTEM_PROMPT").map(str::to_owned);
+        c.progress_interval = Duration::from_secs(
+            self.number("PROGRESS_INTERVAL_SECONDS", c.progress_interval.as_secs())?,
+        );
+        c.build_repair_attempts =
+            self.number("BUILD_REPAIR_ATTEMPTS", c.build_repair_attempts as u64)? as u32;
+        Ok(())
+    }
+
     /// How builds are published; also used by `edit-worker publish`.
     pub fn publish_options(&self) -> Result<PublishOptions, ConfigError> {
         let mut p = PublishOptions::default();
@@ -204,7 +279,7 @@ impl Settings {
             c.preview_url_template = t.to_owned();
         }
         if let Some(bin) = self.get("CLAUDE_BIN") {
-            c.claude_bin = PathBuf::from(bin);
+            c.agent.bin = PathBuf::from(bin);
         }
         if let Some(cmd) = self.get("BUILD_COMMAND") {
             // argv words, split on white space: there is no shell, hence no quoting.
@@ -237,8 +312,7 @@ impl Settings {
         }
         c.max_command_bytes =
             self.positive("MAX_COMMAND_BYTES", c.max_command_bytes as u64)? as usize;
-        c.agent_timeout =
-            Duration::from_secs(self.positive("AGENT_TIMEOUT_SECONDS", c.agent_timeout.as_secs())?);
+        self.agent_limits(&mut c)?;
         c.build_timeout =
             Duration::from_secs(self.positive("BUILD_TIMEOUT_SECONDS", c.build_timeout.as_secs())?);
         c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
@@ -277,7 +351,12 @@ mod tests {
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
         assert_eq!(c.build_command, ["npm", "run", "build"]);
         assert_eq!(c.build_output_dir, PathBuf::from("dist"));
-        assert_eq!(c.claude_bin, PathBuf::from("claude"));
+        assert_eq!(c.agent.bin, PathBuf::from("claude"));
+        assert_eq!(c.agent.permission_mode, "acceptEdits");
+        assert_eq!(
+            c.agent.config_dir,
+            Some(PathBuf::from("/workspace/.agent/claude"))
+        );
         assert_eq!(c.max_command_bytes, 16 * 1024);
         assert!(c.output_queue_url.is_none());
     }

@@ -125,7 +125,7 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
     tracing::info!(
         input = %config.input_queue_url,
         workspace_root = %config.workspace_root.display(),
-        agent = %config.claude_bin.display(),
+        agent = %config.agent.bin.display(),
         "edit-worker starting"
     );
     let shutdown = CancellationToken::new();

@@ -275,12 +275,14 @@ async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
     }
     assert_eq!(kept.len(), bad.len(), "{kept:?}");
     assert_eq!(env.queue_depth(&env.input).await, 0);
-    // Nothing was written outside the workspace root: only dora's workspace exists.
-    let roots: Vec<_> = std::fs::read_dir(env.workspace_root())
+    // Nothing was written outside the workspace root: only dora's workspace exists, beside the
+    // worker's own `.agent` folder (thread conversations).
+    let mut roots: Vec<_> = std::fs::read_dir(env.workspace_root())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(roots, vec!["dora"]);
+    roots.sort();
+    assert_eq!(roots, vec![".agent", "dora"]);
     assert!(!env.dir.path().join("bob").exists());
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -291,7 +293,8 @@ async fn failing_build_and_agent_error_fail_and_publish_nothing() {
     let bucket = env.bucket("erin");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("erin", "site", Site::Tiny);
-    env.start_worker(&[]);
+    // No repair attempt: this test is about the failure itself (repairs are tested apart).
+    env.start_worker(&[("BUILD_REPAIR_ATTEMPTS", "0")]);
 
     let broken = env.send("erin", "site", "b", "[standin:break-build]").await;
     let first = env.events_until_terminal(1, Duration::from_secs(60)).await;

@@ -60,8 +60,87 @@ pub struct AgentSpec {
     pub bin: PathBuf,
     /// Wall-clock limit of one run.
     pub timeout: Duration,
-    /// A run that writes no event for this long is considered hung.
+    /// A run that writes no event for this long is considered hung (the watchdog).
     pub silence_timeout: Duration,
+    /// `CLAUDE_CONFIG_DIR` for the agent's session files, unless the environment sets one.
+    pub config_dir: Option<PathBuf>,
+    /// `--max-turns`.
+    pub max_turns: Option<u32>,
+    /// `--max-budget-usd`.
+    pub max_budget_usd: Option<f64>,
+    /// `--model`.
+    pub model: Option<String>,
+    /// `--permission-mode` (default `acceptEdits`: edits without asking, nothing else).
+    pub permission_mode: String,
+    /// `--allowedTools` / `--disallowedTools`, e.g. `Edit`, `Bash(npm run build)`.
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    /// `--append-system-prompt`: the site's conventions, for example.
+    pub append_system_prompt: Option<String>,
+}
+
+impl AgentSpec {
+    pub fn new(bin: PathBuf, timeout: Duration) -> AgentSpec {
+        AgentSpec {
+            bin,
+            timeout,
+            silence_timeout: timeout,
+            config_dir: None,
+            max_turns: None,
+            max_budget_usd: None,
+            model: None,
+            permission_mode: "acceptEdits".into(),
+            allowed_tools: Vec::new(),
+            disallowed_tools: Vec::new(),
+            append_system_prompt: None,
+        }
+    }
+
+    /// The command line, without the prompt (which goes on stdin).
+    pub fn args(&self, session: &AgentSession) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--permission-mode",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(self.permission_mode.clone());
+        match session {
+            AgentSession::New(id) => args.extend(["--session-id".into(), id.clone()]),
+            AgentSession::Resume(id) => args.extend(["--resume".into(), id.clone()]),
+        }
+        if let Some(n) = self.max_turns {
+            args.extend(["--max-turns".into(), n.to_string()]);
+        }
+        if let Some(usd) = self.max_budget_usd {
+            args.extend(["--max-budget-usd".into(), usd.to_string()]);
+        }
+        if let Some(model) = &self.model {
+            args.extend(["--model".into(), model.clone()]);
+        }
+        if !self.allowed_tools.is_empty() {
+            args.extend(["--allowedTools".into(), self.allowed_tools.join(",")]);
+        }
+        if !self.disallowed_tools.is_empty() {
+            args.extend(["--disallowedTools".into(), self.disallowed_tools.join(",")]);
+        }
+        if let Some(prompt) = &self.append_system_prompt {
+            args.extend(["--append-system-prompt".into(), prompt.clone()]);
+        }
+        args
+    }
+}
+
+/// Which conversation a run belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentSession {
+    /// Start a conversation with this id (the thread's first message).
+    New(String),
+    /// Continue this conversation (later messages of the thread).
+    Resume(String),
 }
 
 /// What a successful run reported.
@@ -97,6 +176,8 @@ pub enum AgentError {
     },
     #[error("the agent was interrupted")]
     Interrupted,
+    #[error("the agent has no conversation {0} to resume")]
+    SessionNotFound(String),
     #[error("reading the agent's output: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -118,6 +199,7 @@ impl AgentError {
                 _ => "agent_error",
             },
             AgentError::Interrupted => "interrupted",
+            AgentError::SessionNotFound(_) => "agent_session_lost",
             AgentError::Io(_) => "agent_io",
         }
     }
@@ -153,27 +235,26 @@ pub async fn run_agent(
     spec: &AgentSpec,
     cwd: &Path,
     prompt: &str,
+    session: &AgentSession,
     cancel: &CancellationToken,
     mut on_activity: impl FnMut(AgentActivity) + Send,
 ) -> Result<AgentReport, AgentError> {
     let mut cmd = Command::new(&spec.bin);
-    cmd.args([
-        "-p",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--permission-mode",
-        "acceptEdits",
-    ])
-    .current_dir(cwd)
-    .env_clear()
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    // Its own process group: a signal to the group reaches every process it started.
-    .process_group(0)
-    .kill_on_drop(true);
+    cmd.args(spec.args(session))
+        .current_dir(cwd)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a signal to the group reaches every process it started.
+        .process_group(0)
+        .kill_on_drop(true);
     apply_agent_env(&mut cmd);
+    if std::env::var_os("CLAUDE_CONFIG_DIR").is_none()
+        && let Some(dir) = &spec.config_dir
+    {
+        cmd.env("CLAUDE_CONFIG_DIR", dir);
+    }
     die_with_parent(&mut cmd);
 
     let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
@@ -243,6 +324,11 @@ pub async fn run_agent(
     outcome?;
 
     let Some(event) = result else {
+        if let AgentSession::Resume(id) = session
+            && stderr_tail.contains("No conversation found")
+        {
+            return Err(AgentError::SessionNotFound(id.clone()));
+        }
         let stderr = if stderr_tail.trim().is_empty() {
             String::new()
         } else {

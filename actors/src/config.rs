@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::agent::AgentSpec;
 use crate::message::WorkspaceKey;
 use crate::publish::PublishOptions;
 
@@ -24,10 +25,14 @@ pub struct WorkerConfig {
     pub bucket_template: String,
     /// Public address of a bucket's site, with `{bucket}` and `{region}`.
     pub preview_url_template: String,
-    /// The agent executable (anything that speaks the Claude Code CLI contract).
-    pub claude_bin: PathBuf,
-    /// Agent wall-clock limit per message: a hung agent is killed, process group and all.
-    pub agent_timeout: Duration,
+    /// How the agent (`CLAUDE_BIN`) runs: its limits, model, permissions and tools.
+    pub agent: AgentSpec,
+    /// Progress events of one message are sent at most this often (a chatty agent must not
+    /// flood the status queue); what happens in between is summed up in the next one.
+    pub progress_interval: Duration,
+    /// When the build fails after the agent's edit, resume the agent this many times with the
+    /// build's error and build again.
+    pub build_repair_attempts: u32,
     /// The build, as argv words, run without a shell.
     pub build_command: Vec<String>,
     /// The build's output folder, relative to the workspace.
@@ -70,8 +75,9 @@ impl WorkerConfig {
             git_remote_template: None,
             bucket_template: "edit.{clientId}.webordinary.com".into(),
             preview_url_template: "http://{bucket}.s3-website-{region}.amazonaws.com/".into(),
-            claude_bin: PathBuf::from("claude"),
-            agent_timeout: Duration::from_secs(30 * 60),
+            agent: AgentSpec::new(PathBuf::from("claude"), Duration::from_secs(30 * 60)),
+            progress_interval: Duration::from_secs(5),
+            build_repair_attempts: 1,
             build_command: vec!["npm".into(), "run".into(), "build".into()],
             build_output_dir: PathBuf::from("dist"),
             build_timeout: Duration::from_secs(10 * 60),

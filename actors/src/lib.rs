@@ -15,4 +15,5 @@ pub mod session;
 pub mod status;
 pub mod steps;
 pub mod supervisor;
+pub mod threads;
 pub mod worker;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{ActorRef, RpcReplyPort, rpc::CallResult};
 
-use crate::agent::{AgentActivity, AgentError, AgentReport};
+use crate::agent::{AgentActivity, AgentError, AgentReport, AgentSession};
 use crate::build::BuildError;
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
@@ -17,6 +17,7 @@ use crate::job::{Job, StopReason, StopSignal};
 use crate::publish::{PublishError, PublishReport};
 use crate::status::{EventError, EventType, StatusEvent};
 use crate::steps::{AgentMsg, BuildMsg, GitMsg, PublisherMsg};
+use crate::threads::{ThreadRecord, ThreadStore};
 
 /// What every job of the process shares.
 pub struct WorkerContext {
@@ -98,7 +99,15 @@ where
 struct Progress {
     durations: BTreeMap<String, u64>,
     commit: Option<String>,
+    /// The last agent run's report.
     agent: Option<AgentReport>,
+    /// What this message's agent runs cost (the difference of the conversation's totals).
+    cost_usd: Option<f64>,
+    turns: u64,
+    /// Times the agent was resumed to repair a build its edit broke.
+    build_repairs: u32,
+    /// Progress events sent so far (their sequence numbers).
+    progress_sent: u64,
     published: Option<PublishReport>,
 }
 
@@ -244,55 +253,37 @@ async fn execute(
     .await??;
     progress.time("prepare", t);
 
+    let ran_agent = earlier.is_none();
     if let Some(commit) = earlier {
         tracing::info!(%commit, "message was already applied by an earlier delivery; not running the agent again");
         progress.commit = Some(commit);
     } else {
-        // 2. The agent.
-        let t = Instant::now();
-        let (activity_tx, mut activity_rx) = tokio::sync::mpsc::unbounded_channel();
-        let run = ask(&steps.agent, "agent", |reply| AgentMsg::Run {
-            cwd: workspace_dir.clone(),
-            prompt: batch_prompt(batch),
-            stop: stop.token().clone(),
-            activity: activity_tx,
-            reply,
-        });
-        let report = run.await?;
-        progress.time("agent", t);
-        while let Ok(activity) = activity_rx.try_recv() {
-            if let AgentActivity::ToolUse { tool, target } = activity {
-                tracing::debug!(tool, target, "agent tool use");
-            }
-        }
-        let report = report?;
-        progress.agent = Some(report);
-
-        // 3. Commit.
-        let t = Instant::now();
-        let commit = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
-            subject: agent_commit_subject(&request.command),
-            body: batch_prompt(batch),
-            message_ids: batch_ids(batch),
-            finished: true,
-            reply,
-        })
-        .await??;
-        progress.time("commit", t);
-        progress.commit = commit;
+        // 2 and 3. The agent, then a commit of what it changed.
+        agent_turn(ctx, steps, batch, batch_prompt(batch), stop, progress).await?;
+        commit_turn(
+            steps,
+            batch,
+            agent_commit_subject(&request.command),
+            progress,
+        )
+        .await?;
     }
-    let head = ask(&steps.git, "git", |reply| GitMsg::HeadCommit { reply }).await??;
-    progress.commit = Some(head.clone());
 
-    // 4 and 5. Build and publish, unless this exact commit is already live in this bucket.
-    let marker_path = workspace_dir.join(".git/edit-worker/published");
-    let marker = format!("{head} {bucket}");
-    let live = tokio::fs::read_to_string(&marker_path)
-        .await
-        .unwrap_or_default();
-    if live.trim() == marker {
-        tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
-    } else {
+    // 4. Build; when the agent's edit broke it, resume the agent with the error and try again.
+    let mut repairs = 0;
+    let head = loop {
+        let head = ask(&steps.git, "git", |reply| GitMsg::HeadCommit { reply }).await??;
+        progress.commit = Some(head.clone());
+        let marker_path = workspace_dir.join(".git/edit-worker/published");
+        let live = tokio::fs::read_to_string(&marker_path)
+            .await
+            .unwrap_or_default();
+        if live.trim() == format!("{head} {bucket}") {
+            tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
+            // Nothing to build or publish: straight to the push.
+            return push(ctx, steps, &branch, progress).await;
+        }
+        let t = Instant::now();
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
             dir: workspace_dir.clone(),
             state_dir: workspace_dir.join(".git/edit-worker"),
@@ -300,17 +291,43 @@ async fn execute(
             reply,
         })
         .await?;
-        let built = match built {
-            Ok(b) => b,
+        match built {
+            Ok(b) => {
+                if let Some(ms) = b.install_ms {
+                    *progress.durations.entry("install".into()).or_default() += ms;
+                }
+                *progress.durations.entry("build".into()).or_default() += b.build_ms;
+                break head;
+            }
+            Err(BuildError::BuildFailed { log_tail, status })
+                if ran_agent && repairs < config.build_repair_attempts =>
+            {
+                progress.time("build", t);
+                repairs += 1;
+                progress.build_repairs = repairs;
+                tracing::warn!(
+                    attempt = repairs,
+                    "the build failed after the agent's edit; asking the agent to repair it"
+                );
+                let prompt = format!(
+                    "The build failed after your change ({status}). Fix the site so that `{}` succeeds, \
+                     keeping the requested change. The end of the build log:\n\n{log_tail}",
+                    config.build_command.join(" ")
+                );
+                agent_turn(ctx, steps, batch, prompt, stop, progress).await?;
+                commit_turn(steps, batch, "Claude: Fix the build".into(), progress).await?;
+            }
             Err(e) => {
+                progress.time("build", t);
+                // The agent's work is pushed even though it does not build: nothing is lost.
                 push(ctx, steps, &branch, progress).await?;
                 return Err(e.into());
             }
-        };
-        if let Some(ms) = built.install_ms {
-            progress.durations.insert("install".into(), ms);
         }
-        progress.durations.insert("build".into(), built.build_ms);
+    };
+    {
+        let marker_path = workspace_dir.join(".git/edit-worker/published");
+        let marker = format!("{head} {bucket}");
 
         // Publishing is not cancelled: it is short, and a half-published site is worse.
         let t = Instant::now();
@@ -337,6 +354,213 @@ async fn execute(
 
     // 6. Push.
     push(ctx, steps, &branch, progress).await
+}
+
+/// Run the agent on `prompt` in the thread's conversation: resume it when the thread has one,
+/// else start it. Reports what the agent does as throttled `progress` events, and adds this
+/// run's share of the conversation's cost (the agent reports a running total) to `progress`.
+async fn agent_turn(
+    ctx: &WorkerContext,
+    steps: &Steps,
+    batch: &[Job],
+    prompt: String,
+    stop: &StopSignal,
+    progress: &mut Progress,
+) -> Result<(), JobError> {
+    let job = &batch[0];
+    let key = job.request.workspace();
+    let threads = ThreadStore::new(&ctx.config.workspace_root);
+    let record = threads.load(&key, &job.request.thread_id).await;
+    let mut session = match &record {
+        Some(r) => AgentSession::Resume(r.session_id.clone()),
+        None => AgentSession::New(uuid::Uuid::new_v4().to_string()),
+    };
+    let t = Instant::now();
+    let outcome = loop {
+        let (activity_tx, activity_rx) = tokio::sync::mpsc::unbounded_channel();
+        let reporter = tokio::spawn(report_progress(
+            ctx.delivery.clone(),
+            batch.iter().map(ProgressTarget::of).collect(),
+            activity_rx,
+            ctx.config.progress_interval,
+            progress.progress_sent,
+            ctx.config.workspace_dir(&key),
+        ));
+        let outcome = ask(&steps.agent, "agent", |reply| AgentMsg::Run {
+            cwd: ctx.config.workspace_dir(&key),
+            prompt: prompt.clone(),
+            session: session.clone(),
+            stop: stop.token().clone(),
+            activity: activity_tx,
+            reply,
+        })
+        .await;
+        // The sender went with the agent's message, so the reporter ends by itself.
+        progress.progress_sent = reporter.await.unwrap_or(progress.progress_sent);
+        match outcome? {
+            // The agent's session files are gone (new storage): start the conversation anew.
+            Err(AgentError::SessionNotFound(id)) => {
+                tracing::warn!(session = %id, "the thread's conversation is gone; starting a new one");
+                session = AgentSession::New(uuid::Uuid::new_v4().to_string());
+            }
+            other => break other,
+        }
+    };
+    progress.time("agent", t);
+    let report = match &outcome {
+        Ok(report) | Err(AgentError::Reported { report, .. }) => Some(report.clone()),
+        _ => None,
+    };
+    if let Some(report) = &report {
+        let session_id = report.session_id.clone().unwrap_or_else(|| match &session {
+            AgentSession::New(id) | AgentSession::Resume(id) => id.clone(),
+        });
+        let previous = match (&session, &record) {
+            (AgentSession::Resume(_), Some(r)) => r.total_cost_usd,
+            _ => 0.0,
+        };
+        if let Some(total) = report.total_cost_usd {
+            // A total below the previous one means a new conversation: all of it is this run's.
+            let cost = if total >= previous {
+                total - previous
+            } else {
+                total
+            };
+            progress.cost_usd = Some(progress.cost_usd.unwrap_or(0.0) + cost);
+        }
+        progress.turns += report.num_turns.unwrap_or(0);
+        let saved = ThreadRecord {
+            session_id,
+            total_cost_usd: report.total_cost_usd.unwrap_or(previous),
+        };
+        if let Err(e) = threads.save(&key, &job.request.thread_id, &saved).await {
+            tracing::warn!(error = %e, "could not record the thread's conversation");
+        }
+    }
+    let report = outcome?;
+    progress.agent = Some(report);
+    Ok(())
+}
+
+/// Commit what the agent changed as this batch's finished work.
+async fn commit_turn(
+    steps: &Steps,
+    batch: &[Job],
+    subject: String,
+    progress: &mut Progress,
+) -> Result<(), JobError> {
+    let t = Instant::now();
+    let commit = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
+        subject,
+        body: batch_prompt(batch),
+        message_ids: batch_ids(batch),
+        finished: true,
+        reply,
+    })
+    .await??;
+    progress.time("commit", t);
+    if commit.is_some() {
+        progress.commit = commit;
+    }
+    Ok(())
+}
+
+/// Who a progress event is about.
+struct ProgressTarget {
+    request: crate::message::EditRequest,
+    message_id: String,
+    trace_id: Option<String>,
+}
+
+impl ProgressTarget {
+    fn of(job: &Job) -> ProgressTarget {
+        ProgressTarget {
+            request: job.request.clone(),
+            message_id: job.message_id.clone(),
+            trace_id: job.trace_id.clone(),
+        }
+    }
+}
+
+/// Turn the agent's activity into `progress` events: at most one per `interval`, each summing
+/// up what happened since the last, numbered so that a consumer can order them (a standard SQS
+/// queue does not keep order). Returns the last sequence number used.
+async fn report_progress(
+    delivery: Delivery,
+    targets: Vec<ProgressTarget>,
+    mut activity: tokio::sync::mpsc::UnboundedReceiver<AgentActivity>,
+    interval: Duration,
+    mut sequence: u64,
+    workspace: std::path::PathBuf,
+) -> u64 {
+    let mut pending: Vec<String> = Vec::new();
+    let mut next_allowed = tokio::time::Instant::now();
+    loop {
+        let open = tokio::select! {
+            item = activity.recv() => match item {
+                Some(a) => {
+                    pending.push(describe(&a, &workspace));
+                    true
+                }
+                None => false,
+            },
+            _ = tokio::time::sleep_until(next_allowed), if !pending.is_empty() => true,
+        };
+        let due = tokio::time::Instant::now() >= next_allowed;
+        if !pending.is_empty() && (due || !open) {
+            sequence += 1;
+            let detail = summarize(&std::mem::take(&mut pending));
+            for target in &targets {
+                let mut event = StatusEvent::for_request(
+                    EventType::Progress,
+                    &target.request,
+                    &target.message_id,
+                );
+                event.trace_id = target.trace_id.clone();
+                event.detail = Some(detail.clone());
+                event.sequence = Some(sequence);
+                if let Err(e) = delivery.status.send(&event).await {
+                    tracing::warn!(error = %e, "progress event not sent");
+                }
+            }
+            next_allowed = tokio::time::Instant::now() + interval;
+        }
+        if !open {
+            return sequence;
+        }
+    }
+}
+
+fn describe(activity: &AgentActivity, workspace: &std::path::Path) -> String {
+    match activity {
+        AgentActivity::Started { .. } => "agent started".into(),
+        AgentActivity::ToolUse { tool, target: None } => tool.clone(),
+        AgentActivity::ToolUse {
+            tool,
+            target: Some(target),
+        } => {
+            // Paths are shown relative to the workspace; nothing else of the machine shows.
+            let shown = match std::path::Path::new(target).strip_prefix(workspace) {
+                Ok(rel) => rel.display().to_string(),
+                Err(_) if target.starts_with('/') => std::path::Path::new(target)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                Err(_) => target.clone(),
+            };
+            format!("{tool} {shown}")
+        }
+    }
+}
+
+/// Up to five steps, then how many more.
+fn summarize(steps: &[String]) -> String {
+    let shown: Vec<&str> = steps.iter().take(5).map(String::as_str).collect();
+    let mut text = shown.join("; ");
+    if steps.len() > shown.len() {
+        text.push_str(&format!("; and {} more", steps.len() - shown.len()));
+    }
+    text
 }
 
 async fn push(
@@ -411,7 +635,13 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
     event.durations_ms = Some(progress.durations.clone());
     if let Some(agent) = &progress.agent {
         event.result = agent.result.clone();
-        event.cost_usd = agent.total_cost_usd;
+    }
+    event.cost_usd = progress.cost_usd;
+    if progress.turns > 0 {
+        event.agent_turns = Some(progress.turns);
+    }
+    if progress.build_repairs > 0 {
+        event.build_repairs = Some(progress.build_repairs);
     }
     if let Some(report) = &progress.published {
         let bucket = config.bucket_for(&request.workspace());

@@ -184,6 +184,17 @@ struct Plan {
     stale: Vec<String>,
 }
 
+impl Plan {
+    /// A file to upload: HTML with the pages, everything else with the assets.
+    fn push(&mut self, file: LocalFile) {
+        if is_html(&file.key) {
+            self.pages.push(file);
+        } else {
+            self.assets.push(file);
+        }
+    }
+}
+
 /// Uploads builds to S3. Cheap to clone: the SDK client is shared.
 #[derive(Clone)]
 pub struct Publisher {
@@ -209,13 +220,14 @@ impl Publisher {
         let root = build_dir.to_owned();
         let part_size = self.options.part_size;
         let threshold = self.options.multipart_threshold;
-        let local = tokio::task::spawn_blocking(move || scan_build(&root, threshold, part_size))
-            .await
-            .map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
+        // Hash the build and list the bucket at the same time: neither needs the other.
+        let scan = tokio::task::spawn_blocking(move || scan_build(&root, threshold, part_size));
+        let (local, remote) = tokio::join!(scan, self.list(bucket));
+        let local = local.map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
+        let remote = remote?;
         if local.is_empty() {
             return Err(PublishError::EmptyBuild(build_dir.to_owned()));
         }
-        let remote = self.list(bucket).await?;
         let plan = self.plan(bucket, &local, &remote).await?;
         let total = remote.len();
         if !self.options.allow_mass_delete
@@ -254,25 +266,38 @@ impl Publisher {
         remote: &HashMap<String, String>,
     ) -> Result<Plan, PublishError> {
         let mut plan = Plan::default();
+        let mut unsure = Vec::new();
         for file in local {
             let unchanged = match remote.get(&file.key) {
-                None => false,
-                Some(etag) if etag == &file.md5_hex => true,
-                Some(etag) if Some(etag) == file.multipart_etag.as_ref() => true,
-                // Uploaded in parts of another size, or by another tool: ask for our own hash.
-                Some(etag) if etag.contains('-') => {
-                    self.stored_md5(bucket, &file.key).await?.as_deref() == Some(&file.md5_hex)
-                }
-                Some(_) => false,
+                None => Some(false),
+                Some(etag) if etag == &file.md5_hex => Some(true),
+                Some(etag) if Some(etag) == file.multipart_etag.as_ref() => Some(true),
+                // Uploaded in parts of another size or by another tool, or a server whose
+                // listing carries no ETag: our own hash in the metadata decides.
+                Some(etag) if etag.is_empty() || etag.contains('-') => None,
+                Some(_) => Some(false),
             };
-            if unchanged {
-                plan.skipped += 1;
-            } else if is_html(&file.key) {
-                plan.pages.push(file.clone());
-            } else {
-                plan.assets.push(file.clone());
+            match unchanged {
+                Some(true) => plan.skipped += 1,
+                Some(false) => plan.push(file.clone()),
+                None => unsure.push(file.clone()),
             }
         }
+        let stored: Vec<(LocalFile, Option<String>)> = futures::stream::iter(unsure)
+            .map(|file| self.with_stored_md5(bucket, file))
+            // HEADs carry no body: many more can be in flight than uploads.
+            .buffer_unordered(self.options.concurrency * 4)
+            .try_collect()
+            .await?;
+        for (file, md5) in stored {
+            if md5.as_deref() == Some(&file.md5_hex) {
+                plan.skipped += 1;
+            } else {
+                plan.push(file);
+            }
+        }
+        plan.assets.sort_by(|a, b| a.key.cmp(&b.key));
+        plan.pages.sort_by(|a, b| a.key.cmp(&b.key));
         let keep: std::collections::HashSet<&str> = local.iter().map(|f| f.key.as_str()).collect();
         plan.stale = remote
             .keys()
@@ -281,6 +306,15 @@ impl Publisher {
             .collect();
         plan.stale.sort();
         Ok(plan)
+    }
+
+    async fn with_stored_md5(
+        &self,
+        bucket: &str,
+        file: LocalFile,
+    ) -> Result<(LocalFile, Option<String>), PublishError> {
+        let md5 = self.stored_md5(bucket, &file.key).await?;
+        Ok((file, md5))
     }
 
     /// The MD5 we stored in an object's metadata when we uploaded it.

@@ -73,6 +73,15 @@ pub struct StatusEvent {
     /// What is happening, for `progress` events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Order of a message's `progress` events (1, 2, ...): the status queue may reorder them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// Agent turns this message took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_turns: Option<u64>,
+    /// Times the agent was resumed to repair a build its edit broke.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_repairs: Option<u32>,
 }
 
 impl StatusEvent {
@@ -120,6 +129,9 @@ impl StatusEvent {
             publish: None,
             error: None,
             detail: None,
+            sequence: None,
+            agent_turns: None,
+            build_repairs: None,
         }
     }
 }

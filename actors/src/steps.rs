@@ -12,7 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSpec};
+use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSession, AgentSpec};
 use crate::build::{self, BuildError, BuildReport, BuildSpec};
 use crate::git::{GitError, SavedWork, Workspace};
 use crate::publish::{PublishError, PublishReport, Publisher};
@@ -150,6 +150,8 @@ pub enum AgentMsg {
     Run {
         cwd: PathBuf,
         prompt: String,
+        /// The thread's conversation.
+        session: AgentSession,
         /// Stops the run from outside (interrupt, shutdown).
         stop: CancellationToken,
         /// What the agent is doing, as it happens.
@@ -182,12 +184,13 @@ impl Actor for AgentActor {
         let AgentMsg::Run {
             cwd,
             prompt,
+            session,
             stop,
             activity,
             reply,
         } = msg;
         maybe_fault("agent.run");
-        let outcome = agent::run_agent(spec, &cwd, &prompt, &stop, |a| {
+        let outcome = agent::run_agent(spec, &cwd, &prompt, &session, &stop, |a| {
             let _ = activity.send(a);
         })
         .await;

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use ractor::Actor;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::AgentSpec;
 use crate::build::BuildSpec;
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
@@ -51,11 +50,7 @@ pub async fn run(
         status,
         config.visibility_timeout,
     );
-    let agent = AgentSpec {
-        bin: config.claude_bin.clone(),
-        timeout: config.agent_timeout,
-        silence_timeout: config.agent_timeout,
-    };
+    let agent = config.agent.clone();
     let build = BuildSpec {
         command: config.build_command.clone(),
         output_dir: config.build_output_dir.clone(),
