@@ -48,6 +48,7 @@ const KEYS: &[&str] = &[
     "MAX_RECEIVES",
     "RETRY_BASE_SECONDS",
     "SHUTDOWN_DEADLINE_SECONDS",
+    "HEALTH_FILE",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +273,7 @@ impl Settings {
                 .join(&c.workspace_root);
         }
         c.git_remote_template = self.get("GIT_REMOTE_TEMPLATE").map(str::to_owned);
+        c.health_file = self.get("HEALTH_FILE").map(PathBuf::from);
         if let Some(t) = self.get("BUCKET_TEMPLATE") {
             c.bucket_template = t.to_owned();
         }

@@ -3,6 +3,7 @@
 
 mod aws;
 mod config;
+mod doctor;
 mod publish_cmd;
 mod send;
 mod telemetry;
@@ -40,6 +41,17 @@ enum Command {
     Send(send::SendArgs),
     /// Make a bucket hold exactly a build folder, as the worker publishes (prints a JSON report).
     Publish(publish_cmd::PublishArgs),
+    /// Check the configuration and the environment before going live (a PASS/FAIL line each).
+    Doctor(doctor::DoctorArgs),
+    /// For the container's HEALTHCHECK: exit 0 if the worker's HEALTH_FILE is fresh.
+    Healthcheck {
+        /// The file `run` touches (HEALTH_FILE).
+        #[arg(long, env = "HEALTH_FILE")]
+        file: std::path::PathBuf,
+        /// Oldest acceptable age of the file, in seconds.
+        #[arg(long, default_value_t = 120)]
+        max_age: u64,
+    },
 }
 
 /// Exit codes of the contract.
@@ -69,6 +81,27 @@ async fn async_main(cli: Cli) -> ExitCode {
             config,
             exit_when_idle,
         } => run(config, exit_when_idle).await,
+        Command::Doctor(args) => ExitCode::from(doctor::doctor(args).await),
+        Command::Healthcheck { file, max_age } => {
+            let age = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default());
+            match age {
+                Ok(age) if age <= Duration::from_secs(max_age) => ExitCode::SUCCESS,
+                Ok(age) => {
+                    eprintln!(
+                        "edit-worker healthcheck: {} is {}s old",
+                        file.display(),
+                        age.as_secs()
+                    );
+                    ExitCode::from(EXIT_FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("edit-worker healthcheck: {}: {e}", file.display());
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Publish(args) => {
             let settings = match config::Settings::load(None) {
                 Ok(s) => s,

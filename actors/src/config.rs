@@ -56,6 +56,9 @@ pub struct WorkerConfig {
     pub publish: PublishOptions,
     /// How often a failed push is retried before the message fails.
     pub push_attempts: u32,
+    /// Touched by the intake on every turn of its loop; the container's HEALTHCHECK reads its
+    /// age (no port needed).
+    pub health_file: Option<PathBuf>,
     /// Deliveries of one message before a passing failure (S3 or the git remote away, a
     /// crashed step) becomes its final `failed` event and the message goes to the dead-letter
     /// queue. Keep it at or below the input queue's own redrive `maxReceiveCount`.
@@ -89,6 +92,7 @@ impl WorkerConfig {
             visibility_timeout: Duration::from_secs(120),
             publish: PublishOptions::default(),
             push_attempts: 4,
+            health_file: None,
             max_receives: 5,
             retry_base_delay: Duration::from_secs(5),
         }

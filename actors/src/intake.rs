@@ -103,6 +103,12 @@ pub async fn run_intake(
         if registry.in_flight() > 0 {
             last_activity = Instant::now();
         }
+        if let Some(path) = &ctx.config.health_file {
+            // The loop turns at least every MAX_WAIT: a stale file means a stuck worker.
+            if let Err(e) = tokio::fs::write(path, b"ok\n").await {
+                tracing::warn!(path = %path.display(), error = %e, "could not touch the health file");
+            }
+        }
         let mut wait = MAX_WAIT;
         if let Some(idle) = exit_when_idle {
             let left = idle.saturating_sub(last_activity.elapsed());

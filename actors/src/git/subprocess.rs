@@ -107,6 +107,14 @@ impl GitProgram {
         .map(drop)
     }
 
+    /// Whether `remote` answers (`git ls-remote`), for `edit-worker doctor`.
+    pub async fn ls_remote(remote: &str) -> Result<(), GitCommandError> {
+        GitProgram::new(std::env::temp_dir())
+            .run(&["ls-remote", "--heads", "--", remote], NETWORK_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
     /// Run git with `args` in this repository and return its stdout.
     async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, GitCommandError> {
         let mut cmd = Command::new("git");

@@ -1,0 +1,195 @@
+//! `edit-worker doctor`: check the configuration and the environment the way an operator would
+//! before going live, one PASS/FAIL line per check.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use aws_sdk_sqs::error::DisplayErrorContext;
+use clap::Args;
+use edit_worker_actors::config::WorkerConfig;
+use edit_worker_actors::git::subprocess::GitProgram;
+use edit_worker_actors::message::WorkspaceKey;
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// A TOML file with the same keys as the environment.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Also check this client's bucket and git remote (default: CLIENT_ID).
+    #[arg(long)]
+    client: Option<String>,
+    /// With --client: the project (default: PROJECT_ID).
+    #[arg(long)]
+    project: Option<String>,
+}
+
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn line(&mut self, name: &str, outcome: Result<String, String>) {
+        match outcome {
+            Ok(detail) => println!("PASS  {name}: {detail}"),
+            Err(detail) => {
+                self.failed += 1;
+                println!("FAIL  {name}: {detail}");
+            }
+        }
+    }
+}
+
+/// Exit code: 0 when every check passed, 1 otherwise, 2 for a configuration that does not load.
+pub async fn doctor(args: DoctorArgs) -> u8 {
+    let mut report = Report { failed: 0 };
+    let sdk = crate::aws::load().await;
+    let region = sdk
+        .region()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "us-east-1".into());
+    let config = match crate::config::Settings::load(args.config.as_deref())
+        .and_then(|s| s.worker_config(&region))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL  configuration: {e}");
+            return 2;
+        }
+    };
+    report.line("configuration", Ok(format!("loaded (region {region})")));
+    let sqs = crate::aws::sqs(&sdk);
+    let queues = [
+        ("input queue", Some(config.input_queue_url.clone())),
+        ("status queue", config.output_queue_url.clone()),
+        ("dead-letter queue", config.dead_letter_queue_url.clone()),
+    ];
+    for (name, url) in queues {
+        let Some(url) = url else {
+            report.line(name, Ok("not configured".into()));
+            continue;
+        };
+        let outcome = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .map(|out| {
+                let depth = out
+                    .attributes()
+                    .and_then(|a| {
+                        a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                    })
+                    .cloned()
+                    .unwrap_or_default();
+                format!("reachable, {depth} messages waiting")
+            })
+            .map_err(|e| format!("{url}: {}", DisplayErrorContext(&e)));
+        report.line(name, outcome);
+    }
+    report.line("workspace root", check_workspace_root(&config).await);
+    report.line("git", version("git", &["--version"]).await);
+    report.line("npm", version("npm", &["--version"]).await);
+    let agent = config.agent.bin.display().to_string();
+    report.line(
+        &format!("agent ({agent})"),
+        version(&agent, &["--version"]).await,
+    );
+
+    let client = args.client.or(config.only_client.clone());
+    let project = args.project.or(config.only_project.clone());
+    if let Some(client) = client {
+        let key = WorkspaceKey {
+            client_id: client,
+            project_id: project.unwrap_or_else(|| "site".into()),
+        };
+        let bucket = config.bucket_for(&key);
+        report.line(
+            &format!("bucket {bucket}"),
+            check_bucket(&sdk, &bucket).await,
+        );
+        match config.remote_for(&key) {
+            Some(remote) => report.line(
+                &format!("git remote of {key}"),
+                GitProgram::ls_remote(&remote)
+                    .await
+                    .map(|()| "reachable".into())
+                    .map_err(|e| e.to_string()),
+            ),
+            None => report.line(
+                "git remote",
+                Ok("not configured (workspaces must exist)".into()),
+            ),
+        }
+    } else {
+        println!("SKIP  bucket and git remote: name a client with --client (or CLIENT_ID)");
+    }
+    if report.failed == 0 { 0 } else { 1 }
+}
+
+async fn check_workspace_root(config: &WorkerConfig) -> Result<String, String> {
+    let root = &config.workspace_root;
+    tokio::fs::create_dir_all(root)
+        .await
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    let probe = root.join(".edit-worker-doctor");
+    tokio::fs::write(&probe, b"probe")
+        .await
+        .map_err(|e| format!("{} is not writable: {e}", root.display()))?;
+    let _ = tokio::fs::remove_file(&probe).await;
+    Ok(format!("{} is writable", root.display()))
+}
+
+/// Write and delete a probe object: proves the credentials may write to the bucket.
+async fn check_bucket(sdk: &aws_config::SdkConfig, bucket: &str) -> Result<String, String> {
+    let s3 = crate::aws::s3(sdk);
+    let key = ".edit-worker-doctor-probe";
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"probe"))
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "not writable: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            )
+        })?;
+    s3.delete_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "probe not deleted: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            )
+        })?;
+    Ok("writable".into())
+}
+
+/// Run `program args` (no shell) and return the first line it prints.
+async fn version(program: &str, args: &[&str]) -> Result<String, String> {
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(30), run).await {
+        Err(_) => Err("did not answer within 30 s".into()),
+        Ok(Err(e)) => Err(format!("not found or not executable: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned()),
+        Ok(Ok(out)) => Err(format!(
+            "exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}

@@ -1,0 +1,222 @@
+//! Issue 7: what can be checked of the container without a Docker engine (none runs on these
+//! machines): the Dockerfile's promises, `healthcheck`, and `doctor` against moto.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+fn dockerfile() -> String {
+    std::fs::read_to_string(common::repo_root().join("Dockerfile")).unwrap()
+}
+
+/// Instructions, continuation lines joined, comments dropped.
+fn instructions() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in dockerfile().lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        current.push_str(line.trim_end_matches('\\'));
+        current.push(' ');
+        if !line.ends_with('\\') {
+            out.push(current.trim().to_owned());
+            current.clear();
+        }
+    }
+    out
+}
+
+#[test]
+fn the_dockerfile_builds_a_slim_non_root_runtime_without_ports() {
+    let lines = instructions();
+    let from: Vec<&String> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(from.len(), 2, "multi-stage: {from:?}");
+    assert!(from[0].contains("rust:") && from[0].contains(" AS build"));
+    assert!(
+        from[1].starts_with("FROM node:22"),
+        "Node 22 LTS runtime: {}",
+        from[1]
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("RUN cargo build --release --locked"))
+    );
+    let installs = lines
+        .iter()
+        .find(|l| l.contains("apt-get install"))
+        .unwrap();
+    for pkg in ["git", "ca-certificates", "tini"] {
+        assert!(
+            installs.split_whitespace().any(|w| w == pkg),
+            "{pkg} not installed"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("npm install -g") && l.contains("@anthropic-ai/claude-code@"))
+    );
+    assert!(
+        lines.iter().any(
+            |l| l.starts_with("COPY --from=build") && l.ends_with("/usr/local/bin/edit-worker")
+        )
+    );
+    let user = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("USER "))
+        .expect("a USER");
+    assert_ne!(user.as_str(), "USER root");
+    assert!(!lines.iter().any(|l| l.starts_with("EXPOSE")), "no port");
+    let health = lines
+        .iter()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("a HEALTHCHECK");
+    assert!(
+        health.contains("edit-worker") && health.contains("healthcheck"),
+        "{health}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("edit-worker"))
+    );
+    assert_eq!(lines.last().unwrap(), "CMD [\"run\"]");
+    let env = lines.iter().find(|l| l.starts_with("ENV ")).unwrap();
+    for var in [
+        "WORKSPACE_ROOT=/workspace",
+        "HEALTH_FILE=",
+        "DISABLE_AUTOUPDATER=1",
+    ] {
+        assert!(env.contains(var), "{var} not set: {env}");
+    }
+    // Every file the build stage copies exists.
+    for line in lines
+        .iter()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for src in &words[1..words.len() - 1] {
+            assert!(
+                common::repo_root().join(src).exists(),
+                "COPY {src}: missing"
+            );
+        }
+    }
+}
+
+#[test]
+fn healthcheck_passes_only_for_a_fresh_health_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("health");
+    let check = |max_age: &str| {
+        Command::new(env!("CARGO_BIN_EXE_edit-worker"))
+            .args([
+                "healthcheck",
+                "--file",
+                file.to_str().unwrap(),
+                "--max-age",
+                max_age,
+            ])
+            .env_remove("HEALTH_FILE")
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(check("60"), Some(1), "missing file");
+    std::fs::write(&file, "ok").unwrap();
+    assert_eq!(check("60"), Some(0));
+    let old = std::time::SystemTime::now() - Duration::from_secs(300);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert_eq!(check("60"), Some(1), "stale file");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_worker_keeps_its_health_file_fresh() {
+    let mut env = common::TestEnv::new("health").await;
+    let file = env.dir.path().join("health");
+    env.start_worker(&[("HEALTH_FILE", file.to_str().unwrap())]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !file.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let age = std::fs::metadata(&file)
+        .unwrap()
+        .modified()
+        .unwrap()
+        .elapsed()
+        .unwrap();
+    assert!(age < Duration::from_secs(15), "{age:?}");
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_passes_a_good_setup_and_names_what_is_wrong() {
+    let env = common::TestEnv::new("doctor").await;
+    env.create_bucket(&env.bucket("quin")).await;
+    env.create_upstream("quin", "site", common::Site::Tiny);
+    let doctor = |extra: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edit-worker"))
+            .args(["doctor", "--client", "quin", "--project", "site"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .envs(env.worker_env())
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = doctor(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    for check in [
+        "input queue",
+        "status queue",
+        "dead-letter queue",
+        "workspace root",
+        "git",
+        "npm",
+        "agent",
+        "bucket",
+        "git remote",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("PASS") && l.contains(check)),
+            "{check}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("2.1.0 (edit-worker stand-in)"),
+        "agent version shown:\n{text}"
+    );
+
+    let missing_queue = format!("{}-missing", env.input);
+    let (code, text) = doctor(&[
+        ("INPUT_QUEUE_URL", missing_queue.as_str()),
+        ("CLAUDE_BIN", "/nonexistent/claude"),
+        ("BUCKET_TEMPLATE", "no-such-bucket-{clientId}"),
+    ]);
+    assert_eq!(code, Some(1), "{text}");
+    for check in ["input queue", "agent", "bucket"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("FAIL") && l.contains(check)),
+            "{check}:\n{text}"
+        );
+    }
+    let (code, text) = doctor(&[("MAX_IN_FLIGHT", "lots")]);
+    assert_eq!(code, Some(2), "{text}");
+}
