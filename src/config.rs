@@ -49,6 +49,12 @@ const KEYS: &[&str] = &[
     "RETRY_BASE_SECONDS",
     "SHUTDOWN_DEADLINE_SECONDS",
     "HEALTH_FILE",
+    "AGENT_CONCURRENCY",
+    "BUILD_CONCURRENCY",
+    "S3_UPLOAD_CONCURRENCY",
+    "MAX_HELD_PER_WORKSPACE",
+    "MAX_HELD_PER_CLIENT",
+    "SESSION_IDLE_SECONDS",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +252,8 @@ impl Settings {
         }
         p.max_delete_percent = percent as u8;
         p.allow_mass_delete = self.flag("PUBLISH_ALLOW_MASS_DELETE")?;
+        p.total_concurrency =
+            self.positive("S3_UPLOAD_CONCURRENCY", p.total_concurrency as u64)? as usize;
         Ok(p)
     }
 
@@ -318,6 +326,16 @@ impl Settings {
         c.build_timeout =
             Duration::from_secs(self.positive("BUILD_TIMEOUT_SECONDS", c.build_timeout.as_secs())?);
         c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
+        c.max_held_per_workspace =
+            self.positive("MAX_HELD_PER_WORKSPACE", c.max_held_per_workspace as u64)? as usize;
+        c.max_held_per_client =
+            self.positive("MAX_HELD_PER_CLIENT", c.max_held_per_client as u64)? as usize;
+        c.agent_concurrency =
+            self.positive("AGENT_CONCURRENCY", c.agent_concurrency as u64)? as usize;
+        c.build_concurrency =
+            self.positive("BUILD_CONCURRENCY", c.build_concurrency as u64)? as usize;
+        c.session_idle =
+            Duration::from_secs(self.positive("SESSION_IDLE_SECONDS", c.session_idle.as_secs())?);
         c.visibility_timeout = Duration::from_secs(
             self.positive("VISIBILITY_TIMEOUT_SECONDS", c.visibility_timeout.as_secs())?
                 .min(43_200),

@@ -2,8 +2,10 @@
 //! in the `edit-worker-actors` crate (`actors/`).
 
 mod aws;
+mod chart;
 mod config;
 mod doctor;
+mod loadgen;
 mod publish_cmd;
 mod send;
 mod telemetry;
@@ -39,6 +41,8 @@ enum Command {
     },
     /// Put one edit request on the input queue (INPUT_QUEUE_URL).
     Send(send::SendArgs),
+    /// Send synthetic load and report what became of it (table, JSON, SVG chart).
+    Loadgen(loadgen::LoadgenArgs),
     /// Make a bucket hold exactly a build folder, as the worker publishes (prints a JSON report).
     Publish(publish_cmd::PublishArgs),
     /// Check the configuration and the environment before going live (a PASS/FAIL line each).
@@ -81,6 +85,19 @@ async fn async_main(cli: Cli) -> ExitCode {
             config,
             exit_when_idle,
         } => run(config, exit_when_idle).await,
+        Command::Loadgen(args) => match loadgen::validate(&args) {
+            Err(e) => {
+                eprintln!("edit-worker loadgen: {e}");
+                ExitCode::from(EXIT_USAGE)
+            }
+            Ok(()) => match loadgen::loadgen(args).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("edit-worker loadgen: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
+        },
         Command::Doctor(args) => ExitCode::from(doctor::doctor(args).await),
         Command::Healthcheck { file, max_age } => {
             let age = std::fs::metadata(&file)

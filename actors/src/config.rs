@@ -50,6 +50,17 @@ pub struct WorkerConfig {
     /// keeps messages in the queue, where another container can take them, rather than waiting
     /// invisible in ours.
     pub max_in_flight: usize,
+    /// At most this many held messages per workspace, and per client (fairness).
+    pub max_held_per_workspace: usize,
+    pub max_held_per_client: usize,
+    /// Agent runs at once, over all workspaces. The agent mostly waits on the model, so this is
+    /// high; it bounds processes and memory, not CPU.
+    pub agent_concurrency: usize,
+    /// Builds at once. A build is CPU-bound: more builds than cores only makes each slower.
+    pub build_concurrency: usize,
+    /// A session with nothing to do for this long is stopped; the next message starts it
+    /// again. Memory follows the active workspaces, not every workspace ever seen.
+    pub session_idle: Duration,
     /// Visibility timeout we keep extending while a message is being worked on.
     pub visibility_timeout: Duration,
     /// How builds are published (concurrency, Cache-Control rules, deletion cap).
@@ -89,6 +100,11 @@ impl WorkerConfig {
             max_command_bytes: crate::message::DEFAULT_MAX_COMMAND_BYTES,
             region: "us-east-1".into(),
             max_in_flight: 64,
+            max_held_per_workspace: 4,
+            max_held_per_client: 16,
+            agent_concurrency: 16,
+            build_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            session_idle: Duration::from_secs(300),
             visibility_timeout: Duration::from_secs(120),
             publish: PublishOptions::default(),
             push_attempts: 4,

@@ -1,7 +1,7 @@
 //! The intake: long-polls the input queue while there is room, validates each message against
 //! the contract, rejects what breaks it, and routes the rest to the supervisor.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{InFlight, Job};
-use crate::message::{EditRequest, LooseIds, RequestError};
+use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::pipeline::WorkerContext;
 use crate::status::StatusEvent;
 use crate::supervisor::SupervisorMsg;
@@ -24,6 +24,9 @@ const MAX_BATCH: usize = 10;
 /// so on shutdown we wait for the current poll to end and give back what it brought: 10 s
 /// keeps that well inside ECS's 30 s between SIGTERM and SIGKILL.
 const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a message deferred for fairness stays out of sight.
+const DEFER_DELAY: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub enum IntakeEnd {
@@ -47,18 +50,44 @@ pub struct InFlightRegistry {
     /// leaves messages in the queue, where another container can take them, instead of letting
     /// them wait invisibly in ours while their visibility runs out.
     slots: Arc<Semaphore>,
+    max: usize,
+    /// At most this many messages of one workspace are held at once. A workspace runs one job
+    /// at a time, so holding more only takes room from other clients.
+    max_per_workspace: usize,
+    /// At most this many messages of one client (all its projects) are held at once, so that
+    /// a client with 500 queued messages cannot fill every slot and starve a client with one.
+    max_per_client: usize,
+    state: Arc<Mutex<Held>>,
+}
+
+#[derive(Default)]
+struct Held {
     /// Ids of held messages: a message SQS hands us again while we still work on it is not
     /// started a second time.
-    ids: Arc<Mutex<HashSet<String>>>,
-    max: usize,
+    ids: HashSet<String>,
+    per_workspace: HashMap<WorkspaceKey, usize>,
+    per_client: HashMap<String, usize>,
+    /// Times we gave a message back unread for fairness; they are not failed attempts, so they
+    /// are taken off its receive count (in memory: a restart forgets them).
+    deferrals: HashMap<String, u32>,
+}
+
+/// Why a message was not taken.
+enum Refusal {
+    /// Already held: a second copy.
+    Duplicate,
+    /// Its workspace or its client holds its share already.
+    ShareTaken,
 }
 
 impl InFlightRegistry {
-    pub fn new(max: usize) -> InFlightRegistry {
+    pub fn new(max: usize, max_per_workspace: usize, max_per_client: usize) -> InFlightRegistry {
         InFlightRegistry {
             slots: Arc::new(Semaphore::new(max.max(1))),
-            ids: Arc::default(),
             max: max.max(1),
+            max_per_workspace: max_per_workspace.max(1),
+            max_per_client: max_per_client.max(1),
+            state: Arc::default(),
         }
     }
 
@@ -66,16 +95,56 @@ impl InFlightRegistry {
         self.max - self.slots.available_permits()
     }
 
-    fn claim(&self, permit: OwnedSemaphorePermit, message_id: &str) -> Option<InFlight> {
-        let mut ids = self.ids.lock().expect("in-flight ids");
-        if !ids.insert(message_id.to_owned()) {
-            return None;
+    /// Take a message into the books: its slot is held until the returned guard is dropped.
+    fn claim(
+        &self,
+        permit: OwnedSemaphorePermit,
+        message_id: &str,
+        workspace: Option<&WorkspaceKey>,
+    ) -> Result<InFlight, Refusal> {
+        let mut held = self.state.lock().expect("held");
+        if held.ids.contains(message_id) {
+            return Err(Refusal::Duplicate);
         }
-        let ids = self.ids.clone();
+        if let Some(key) = workspace {
+            let in_workspace = held.per_workspace.get(key).copied().unwrap_or(0);
+            let of_client = held.per_client.get(&key.client_id).copied().unwrap_or(0);
+            if in_workspace >= self.max_per_workspace || of_client >= self.max_per_client {
+                *held.deferrals.entry(message_id.to_owned()).or_default() += 1;
+                return Err(Refusal::ShareTaken);
+            }
+            *held.per_workspace.entry(key.clone()).or_default() += 1;
+            *held.per_client.entry(key.client_id.clone()).or_default() += 1;
+        }
+        held.ids.insert(message_id.to_owned());
+        let state = self.state.clone();
         let id = message_id.to_owned();
-        Some(InFlight::new(permit, move || {
-            ids.lock().expect("in-flight ids").remove(&id);
+        let key = workspace.cloned();
+        Ok(InFlight::new(permit, move || {
+            let mut held = state.lock().expect("held");
+            held.ids.remove(&id);
+            if let Some(key) = key {
+                decrement(&mut held.per_workspace, &key);
+                decrement(&mut held.per_client, &key.client_id);
+            }
         }))
+    }
+
+    /// Deliveries that were real attempts: SQS's count less our fairness deferrals.
+    fn attempts(&self, message_id: &str, receive_count: u32) -> u32 {
+        let mut held = self.state.lock().expect("held");
+        let deferred = held.deferrals.remove(message_id).unwrap_or(0);
+        receive_count.saturating_sub(deferred).max(1)
+    }
+}
+
+/// Count one down; forget the entry at zero, so the maps hold only what is held.
+fn decrement<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
+        }
     }
 }
 
@@ -209,12 +278,25 @@ async fn accept(
         .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let Some(slot) = registry.claim(permit, &message_id) else {
-        tracing::warn!(%message_id, "message delivered again while still being worked on; ignoring this copy");
-        return Ok(());
-    };
     let request = EditRequest::parse(&body, ctx.config.max_command_bytes)
         .and_then(|r| served_here(&ctx.config, r));
+    let workspace = request.as_ref().ok().map(EditRequest::workspace);
+    let slot = match registry.claim(permit, &message_id, workspace.as_ref()) {
+        Ok(slot) => slot,
+        Err(Refusal::Duplicate) => {
+            tracing::warn!(%message_id, "message delivered again while still being worked on; ignoring this copy");
+            return Ok(());
+        }
+        Err(Refusal::ShareTaken) => {
+            // Back to the queue for a little while: room for other clients meanwhile.
+            tracing::debug!(%message_id, "its workspace or client holds its share of messages; deferring");
+            let delivery = ctx.delivery.clone();
+            tokio::spawn(async move {
+                let _ = delivery.release(&receipt_handle, DEFER_DELAY).await;
+            });
+            return Ok(());
+        }
+    };
     let request = match request {
         Ok(r) => r,
         Err(reason) => {
@@ -223,6 +305,7 @@ async fn accept(
             return Ok(());
         }
     };
+    let receive_count = registry.attempts(&message_id, receive_count);
     tracing::info!(%message_id, workspace = %request.workspace(), thread = %request.thread_id, "accepted");
     let job = Job {
         request,

@@ -23,6 +23,34 @@ use crate::threads::{ThreadRecord, ThreadStore};
 pub struct WorkerContext {
     pub config: WorkerConfig,
     pub delivery: Delivery,
+    /// Agent runs at once over all workspaces (`AGENT_CONCURRENCY`).
+    agent_slots: Arc<tokio::sync::Semaphore>,
+    /// Builds at once (`BUILD_CONCURRENCY`, CPU-bound).
+    build_slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl WorkerContext {
+    pub fn new(config: WorkerConfig, delivery: Delivery) -> WorkerContext {
+        WorkerContext {
+            agent_slots: Arc::new(tokio::sync::Semaphore::new(config.agent_concurrency.max(1))),
+            build_slots: Arc::new(tokio::sync::Semaphore::new(config.build_concurrency.max(1))),
+            config,
+            delivery,
+        }
+    }
+}
+
+/// Wait for a slot of `slots`, unless the job is stopped first (an interrupt must not wait
+/// for another client's work to end).
+async fn slot(
+    slots: &Arc<tokio::sync::Semaphore>,
+    stop: &StopSignal,
+    stopped: impl FnOnce() -> JobError,
+) -> Result<tokio::sync::OwnedSemaphorePermit, JobError> {
+    tokio::select! {
+        permit = slots.clone().acquire_owned() => Ok(permit.expect("semaphore never closed")),
+        _ = stop.token().cancelled() => Err(stopped()),
+    }
 }
 
 /// A session's step actors, as the job sees them.
@@ -284,6 +312,10 @@ async fn execute(
             return push(ctx, steps, &branch, progress).await;
         }
         let t = Instant::now();
+        let build_slot = slot(&ctx.build_slots, stop, || {
+            JobError::Build(BuildError::Cancelled)
+        })
+        .await?;
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
             dir: workspace_dir.clone(),
             state_dir: workspace_dir.join(".git/edit-worker"),
@@ -291,6 +323,7 @@ async fn execute(
             reply,
         })
         .await?;
+        drop(build_slot);
         match built {
             Ok(b) => {
                 if let Some(ms) = b.install_ms {
@@ -376,6 +409,10 @@ async fn agent_turn(
         None => AgentSession::New(uuid::Uuid::new_v4().to_string()),
     };
     let t = Instant::now();
+    let _agent_slot = slot(&ctx.agent_slots, stop, || {
+        JobError::Agent(AgentError::Interrupted)
+    })
+    .await?;
     let outcome = loop {
         let (activity_tx, activity_rx) = tokio::sync::mpsc::unbounded_channel();
         let reporter = tokio::spawn(report_progress(

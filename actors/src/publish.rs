@@ -102,6 +102,9 @@ pub struct PublishOptions {
     pub allow_mass_delete: bool,
     /// Attempts per file, on top of the SDK's own retries of each request.
     pub file_attempts: u32,
+    /// Uploads at once over every publish of the process: many sessions publishing together
+    /// share the network and S3's request rate.
+    pub total_concurrency: usize,
 }
 
 impl Default for PublishOptions {
@@ -114,6 +117,7 @@ impl Default for PublishOptions {
             max_delete_percent: 50,
             allow_mass_delete: false,
             file_attempts: 3,
+            total_concurrency: 64,
         }
     }
 }
@@ -200,6 +204,8 @@ impl Plan {
 pub struct Publisher {
     s3: aws_sdk_s3::Client,
     options: PublishOptions,
+    /// Shared by every clone: the process-wide upload limit.
+    uploads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Publisher {
@@ -208,7 +214,14 @@ impl Publisher {
         options.part_size = options.part_size.max(5 * 1024 * 1024);
         options.multipart_threshold = options.multipart_threshold.max(options.part_size);
         options.file_attempts = options.file_attempts.max(1);
-        Publisher { s3, options }
+        let uploads = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            options.total_concurrency.max(1),
+        ));
+        Publisher {
+            s3,
+            options,
+            uploads,
+        }
     }
 
     /// Make `bucket` hold exactly the files under `build_dir`.
@@ -370,6 +383,11 @@ impl Publisher {
     /// The SDK retries each request; this retries the whole file (a multipart upload that lost
     /// a part starts over), with backoff.
     async fn upload_with_retry(&self, bucket: &str, file: LocalFile) -> Result<u64, PublishError> {
+        let _slot = self
+            .uploads
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         let mut delay = std::time::Duration::from_millis(200);
         let mut attempt = 1;
         loop {

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
@@ -30,6 +30,8 @@ pub enum SessionMsg {
     RestartStep(StepKind),
     /// Stop: save running work, release queued messages, then reply.
     Shutdown(RpcReplyPort<()>),
+    /// Idle for the idle time since `epoch`? Then offer to be stopped.
+    IdleCheck(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,8 @@ pub enum StepKind {
 
 pub struct SessionArgs {
     pub key: WorkspaceKey,
+    /// Told when the session has been idle long enough to be stopped.
+    pub supervisor: ActorRef<crate::supervisor::SupervisorMsg>,
     pub ctx: Arc<WorkerContext>,
     pub publisher: Publisher,
     pub agent: AgentSpec,
@@ -61,8 +65,10 @@ pub struct SessionState {
     shutting_down: bool,
     /// Who asked for the shutdown, answered when the running job has ended.
     shutdown_reply: Option<RpcReplyPort<()>>,
-    /// When the session last had nothing to do (for idle eviction).
-    pub idle_since: Option<Instant>,
+    /// Counts the jobs started; an idle check from before the last start is stale.
+    epoch: u64,
+    /// Jobs received, so the supervisor can tell whether one is still on its way to us.
+    received: u64,
 }
 
 pub struct SessionActor;
@@ -133,13 +139,16 @@ impl SessionActor {
             return;
         }
         let Some(lead) = state.queue.pop_front() else {
-            state.idle_since = Some(Instant::now());
             if let Some(reply) = state.shutdown_reply.take() {
                 let _ = reply.send(());
             }
+            let epoch = state.epoch;
+            myself.send_after(state.args.ctx.config.session_idle, move || {
+                SessionMsg::IdleCheck(epoch)
+            });
             return;
         };
-        state.idle_since = None;
+        state.epoch += 1;
         // Directly following messages of the same thread join this run, so that no agent run
         // is started only to be interrupted by the next message of its own thread.
         let mut batch = vec![lead];
@@ -186,6 +195,9 @@ impl Actor for SessionActor {
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
         let steps = Self::spawn_steps(&args, myself.get_cell()).await?;
+        // Idle from the start: a session whose first job never comes is stopped too.
+        let idle = args.ctx.config.session_idle;
+        myself.send_after(idle, || SessionMsg::IdleCheck(0));
         Ok(SessionState {
             args,
             queue: VecDeque::new(),
@@ -194,7 +206,8 @@ impl Actor for SessionActor {
             restarts: RestartPolicy::default(),
             shutting_down: false,
             shutdown_reply: None,
-            idle_since: Some(Instant::now()),
+            epoch: 0,
+            received: 0,
         })
     }
 
@@ -210,6 +223,7 @@ impl Actor for SessionActor {
                     Self::release(&state.args.ctx, *job);
                     return Ok(());
                 }
+                state.received += 1;
                 state.queue.push_back(*job);
                 match &state.running {
                     // A newer message interrupts the work in progress.
@@ -220,6 +234,19 @@ impl Actor for SessionActor {
             SessionMsg::JobEnded => {
                 state.running = None;
                 Self::start_next(&myself, state);
+            }
+            SessionMsg::IdleCheck(epoch) => {
+                if epoch == state.epoch && state.running.is_none() && state.queue.is_empty() {
+                    // The supervisor decides: it knows whether a job is on its way to us.
+                    let _ =
+                        state
+                            .args
+                            .supervisor
+                            .cast(crate::supervisor::SupervisorMsg::SessionIdle {
+                                key: state.args.key.clone(),
+                                received: state.received,
+                            });
+                }
             }
             SessionMsg::RestartStep(kind) => {
                 tracing::warn!(workspace = %state.args.key, step = ?kind, "restarting step actor");
@@ -287,6 +314,12 @@ impl Actor for SessionActor {
         if let Some(stop) = &state.running {
             stop.request(StopReason::Shutdown);
         }
+        // The step actors live and die with their session.
+        let steps = &state.steps;
+        steps.git.stop(None);
+        steps.agent.stop(None);
+        steps.build.stop(None);
+        steps.publisher.stop(None);
         Ok(())
     }
 }

@@ -25,6 +25,8 @@ pub enum SupervisorMsg {
     Shutdown(RpcReplyPort<()>),
     /// How many sessions are alive (for tests and metrics).
     SessionCount(RpcReplyPort<usize>),
+    /// A session has been idle for the idle time, having received `received` jobs.
+    SessionIdle { key: WorkspaceKey, received: u64 },
 }
 
 pub struct SupervisorArgs {
@@ -38,6 +40,9 @@ pub struct SupervisorArgs {
 pub struct SupervisorState {
     args: SupervisorArgs,
     sessions: HashMap<WorkspaceKey, ActorRef<SessionMsg>>,
+    /// Jobs routed to each live session: equal to what the session received means none is
+    /// on its way, so an idle session can be stopped without losing one.
+    routed: HashMap<WorkspaceKey, u64>,
     /// Reverse map, to know which workspace a supervision event is about.
     by_id: HashMap<ActorId, WorkspaceKey>,
 }
@@ -55,6 +60,7 @@ impl Supervisor {
         }
         let args = SessionArgs {
             key: key.clone(),
+            supervisor: myself.clone(),
             ctx: state.args.ctx.clone(),
             publisher: state.args.publisher.clone(),
             agent: state.args.agent.clone(),
@@ -80,6 +86,7 @@ impl Actor for Supervisor {
         Ok(SupervisorState {
             args,
             sessions: HashMap::new(),
+            routed: HashMap::new(),
             by_id: HashMap::new(),
         })
     }
@@ -95,6 +102,7 @@ impl Actor for Supervisor {
                 let key = job.request.workspace();
                 match Self::session_for(&myself, state, &key).await {
                     Ok(session) => {
+                        *state.routed.entry(key.clone()).or_default() += 1;
                         if let Err(e) = session.cast(SessionMsg::Enqueue(job)) {
                             tracing::error!(workspace = %key, error = %e, "session gone; message will be delivered again");
                         }
@@ -123,6 +131,17 @@ impl Actor for Supervisor {
             SupervisorMsg::SessionCount(reply) => {
                 let _ = reply.send(state.sessions.len());
             }
+            SupervisorMsg::SessionIdle { key, received } => {
+                let routed = state.routed.get(&key).copied().unwrap_or(0);
+                if routed == received
+                    && let Some(session) = state.sessions.remove(&key)
+                {
+                    state.routed.remove(&key);
+                    state.by_id.remove(&session.get_id());
+                    tracing::info!(workspace = %key, "stopping idle session");
+                    session.stop(Some("idle".into()));
+                }
+            }
         }
         Ok(())
     }
@@ -137,11 +156,13 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
                 if let Some(key) = state.by_id.remove(&cell.get_id()) {
                     state.sessions.remove(&key);
+                    state.routed.remove(&key);
                 }
             }
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(key) = state.by_id.remove(&cell.get_id()) {
                     state.sessions.remove(&key);
+                    state.routed.remove(&key);
                     tracing::error!(workspace = %key, %error, "session failed; the next message starts a new one");
                     // Its in-flight messages come back from SQS after their visibility timeout.
                     state.args.restarts.record_failure().map_err(|e| {

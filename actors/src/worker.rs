@@ -57,8 +57,12 @@ pub async fn run(
         timeout: config.build_timeout,
     };
     let publisher = Publisher::new(s3, config.publish.clone());
-    let registry = InFlightRegistry::new(config.max_in_flight);
-    let ctx = Arc::new(WorkerContext { config, delivery });
+    let registry = InFlightRegistry::new(
+        config.max_in_flight,
+        config.max_held_per_workspace,
+        config.max_held_per_client,
+    );
+    let ctx = Arc::new(WorkerContext::new(config, delivery));
     let (supervisor, supervisor_done) = Actor::spawn(
         None,
         Supervisor,

@@ -1,0 +1,466 @@
+//! `edit-worker loadgen`: the synthetic load generator of the contract. Sends edit requests
+//! across `load-c{i}/p{j}` workspaces and `t{k}` threads at a target rate, with a share of
+//! bursts into busy workspaces (interrupts), then reads the status queue until every message
+//! has its terminal event or the wait is over, and reports outcomes, lost and duplicated
+//! events, throughput, latency percentiles and time per phase (table, JSON, SVG chart).
+//!
+//! It creates no buckets or repositories: the operator prepares those for the ids above.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    #[arg(long, default_value_t = 2)]
+    clients: u32,
+    #[arg(long, default_value_t = 1)]
+    projects: u32,
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// Messages to send in all.
+    #[arg(long, default_value_t = 10)]
+    messages: u32,
+    /// Messages per second; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Share (0..1) of messages sent as a burst into a workspace that just got one (interrupts).
+    #[arg(long, default_value_t = 0.0)]
+    interrupt_share: f64,
+    /// The request text; `{n}` is the message's sequence number.
+    #[arg(long, default_value = "[standin:write load/{n}.txt {n}]")]
+    command: String,
+    /// How long to collect terminal events after the last send, in seconds.
+    #[arg(long, default_value_t = 120)]
+    wait: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write an SVG chart (latency over time, throughput) here.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// The input queue (default INPUT_QUEUE_URL).
+    #[arg(long, env = "INPUT_QUEUE_URL", hide_env_values = true)]
+    queue_url: String,
+    /// The status queue to read (default OUTPUT_QUEUE_URL).
+    #[arg(long, env = "OUTPUT_QUEUE_URL", hide_env_values = true)]
+    status_queue_url: String,
+    /// Seed of the (deterministic) choice of bursts.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Terminal {
+    completed: usize,
+    interrupted: usize,
+    failed: usize,
+    rejected: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Percentiles {
+    p50: u64,
+    p95: u64,
+    p99: u64,
+    max: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReport {
+    sent: usize,
+    terminal: Terminal,
+    lost: usize,
+    duplicates: usize,
+    throughput_per_sec: f64,
+    latency_ms: Percentiles,
+    /// Per phase of the pipeline (from the events' `durationsMs`): p50, p95, p99, max.
+    phases_ms: BTreeMap<String, Percentiles>,
+    /// First send to last terminal event.
+    makespan_ms: u64,
+}
+
+/// One sent message and what became of it.
+struct Sent {
+    sent_at: Instant,
+    terminal: Vec<(String, Instant, serde_json::Value)>,
+}
+
+/// A tiny deterministic generator (xorshift): bursts are reproducible for a given seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The workspace and thread of message `n` (0-based), spreading messages round-robin.
+fn target(args: &LoadgenArgs, n: u32) -> (String, String, String) {
+    let workspaces = args.clients * args.projects;
+    let w = n % workspaces;
+    let round = n / workspaces;
+    let client = w % args.clients + 1;
+    let project = w / args.clients + 1;
+    let thread = round % args.threads + 1;
+    (
+        format!("load-c{client}"),
+        format!("p{project}"),
+        format!("t{thread}"),
+    )
+}
+
+/// Bad usage (exit code 2), found before anything is sent.
+pub fn validate(args: &LoadgenArgs) -> Result<(), String> {
+    if args.clients == 0 || args.projects == 0 || args.threads == 0 {
+        return Err("--clients, --projects and --threads must be at least 1".into());
+    }
+    if !(0.0..=1.0).contains(&args.interrupt_share) {
+        return Err("--interrupt-share must be between 0 and 1".into());
+    }
+    if args.rate < 0.0 || !args.rate.is_finite() {
+        return Err("--rate must be 0 (as fast as possible) or more".into());
+    }
+    Ok(())
+}
+
+pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
+    validate(&args).map_err(anyhow::Error::msg)?;
+    let sdk = crate::aws::load().await;
+    let sqs = crate::aws::sqs(&sdk);
+    let mut rng = Rng(args.seed.max(1) * 0x9E37_79B9_7F4A_7C15);
+    let mut plan: Vec<(String, String, String)> = Vec::new();
+    let mut n = 0;
+    while plan.len() < args.messages as usize {
+        let t = target(&args, n);
+        plan.push(t.clone());
+        // A burst: the same workspace again, on another thread, right away.
+        if plan.len() < args.messages as usize && rng.next_f64() < args.interrupt_share {
+            let thread = format!(
+                "t{}",
+                (n / (args.clients * args.projects) + 1) % args.threads + 1
+            );
+            let other = if args.threads > 1 {
+                thread
+            } else {
+                format!("{}b", t.2)
+            };
+            plan.push((t.0, t.1, other));
+        }
+        n += 1;
+    }
+
+    let started = Instant::now();
+    let mut sent: HashMap<String, Sent> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let batch_size = if args.rate > 0.0 { 1 } else { 10 };
+    for (i, chunk) in plan.chunks(batch_size).enumerate() {
+        if args.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, (client, project, thread))| {
+                let seq = i * batch_size + j + 1;
+                let body = serde_json::json!({
+                    "sessionId": format!("load-{thread}"),
+                    "threadId": thread,
+                    "clientId": client,
+                    "projectId": project,
+                    "command": args.command.replace("{n}", &seq.to_string()),
+                });
+                let sent_ms = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis();
+                SendMessageBatchRequestEntry::builder()
+                    .id(format!("m{j}"))
+                    .message_body(body.to_string())
+                    .message_attributes(
+                        "sentAt",
+                        MessageAttributeValue::builder()
+                            .data_type("Number")
+                            .string_value(sent_ms.to_string())
+                            .build()
+                            .expect("attribute"),
+                    )
+                    .build()
+                    .expect("entry")
+            })
+            .collect::<Vec<_>>();
+        let now = Instant::now();
+        let out = sqs
+            .send_message_batch()
+            .queue_url(&args.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))
+            .context("sending load")?;
+        anyhow::ensure!(
+            out.failed().is_empty(),
+            "some messages were not accepted: {:?}",
+            out.failed()
+        );
+        for ok in out.successful() {
+            sent.insert(
+                ok.message_id().to_owned(),
+                Sent {
+                    sent_at: now,
+                    terminal: Vec::new(),
+                },
+            );
+            order.push(ok.message_id().to_owned());
+        }
+    }
+    let sending_done = Instant::now();
+    eprintln!(
+        "loadgen: sent {} messages in {:.1} s; collecting status events",
+        sent.len(),
+        sending_done.duration_since(started).as_secs_f64()
+    );
+
+    // Collect until every message has a terminal event (then a short grace for duplicates) or
+    // the wait is over.
+    let deadline = sending_done + Duration::from_secs(args.wait);
+    let mut all_done_at: Option<Instant> = None;
+    while Instant::now() < deadline {
+        if let Some(done) = all_done_at
+            && done.elapsed() > Duration::from_secs(2)
+        {
+            break;
+        }
+        let out = sqs
+            .receive_message()
+            .queue_url(&args.status_queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
+        let messages = out.messages.unwrap_or_default();
+        let now = Instant::now();
+        let mut receipts = Vec::new();
+        for m in messages {
+            receipts.push(m.receipt_handle.clone().unwrap_or_default());
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(m.body().unwrap_or_default())
+            else {
+                continue;
+            };
+            let kind = event["type"].as_str().unwrap_or_default().to_owned();
+            if !matches!(
+                kind.as_str(),
+                "completed" | "interrupted" | "failed" | "rejected"
+            ) {
+                continue;
+            }
+            if let Some(entry) = event["messageId"].as_str().and_then(|id| sent.get_mut(id)) {
+                entry.terminal.push((kind, now, event));
+            }
+        }
+        for (i, chunk) in receipts.chunks(10).enumerate() {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(j, r)| {
+                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                        .id(format!("d{i}-{j}"))
+                        .receipt_handle(r)
+                        .build()
+                        .expect("entry")
+                })
+                .collect::<Vec<_>>();
+            if !entries.is_empty() {
+                let _ = sqs
+                    .delete_message_batch()
+                    .queue_url(&args.status_queue_url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await;
+            }
+        }
+        if all_done_at.is_none() && sent.values().all(|s| !s.terminal.is_empty()) {
+            all_done_at = Some(Instant::now());
+        }
+    }
+
+    let report = summarize(&sent, started);
+    print_table(&report);
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.chart {
+        let points: Vec<(f64, f64)> = order
+            .iter()
+            .filter_map(|id| {
+                let s = &sent[id];
+                let (_, at, _) = s.terminal.first()?;
+                Some((
+                    at.duration_since(started).as_secs_f64(),
+                    at.duration_since(s.sent_at).as_secs_f64() * 1000.0,
+                ))
+            })
+            .collect();
+        std::fs::write(path, crate::chart::render(&points))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+fn percentiles(mut values: Vec<u64>) -> Percentiles {
+    if values.is_empty() {
+        return Percentiles::default();
+    }
+    values.sort_unstable();
+    let at = |p: f64| {
+        values[((p / 100.0 * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1]
+    };
+    Percentiles {
+        p50: at(50.0),
+        p95: at(95.0),
+        p99: at(99.0),
+        max: *values.last().unwrap(),
+    }
+}
+
+fn summarize(sent: &HashMap<String, Sent>, started: Instant) -> LoadReport {
+    let mut terminal = Terminal::default();
+    let (mut lost, mut duplicates) = (0, 0);
+    let mut latencies = Vec::new();
+    let mut phases: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut last = started;
+    for s in sent.values() {
+        let Some((kind, at, event)) = s.terminal.first() else {
+            lost += 1;
+            continue;
+        };
+        duplicates += s.terminal.len() - 1;
+        match kind.as_str() {
+            "completed" => terminal.completed += 1,
+            "interrupted" => terminal.interrupted += 1,
+            "failed" => terminal.failed += 1,
+            _ => terminal.rejected += 1,
+        }
+        latencies.push(at.duration_since(s.sent_at).as_millis() as u64);
+        last = last.max(*at);
+        if let Some(d) = event["durationsMs"].as_object() {
+            for (phase, ms) in d {
+                phases
+                    .entry(phase.clone())
+                    .or_default()
+                    .push(ms.as_u64().unwrap_or(0));
+            }
+            // What the worker itself added: total minus the work it waited on.
+            let work: u64 = ["agent", "install", "build", "publish", "push"]
+                .iter()
+                .filter_map(|p| d.get(*p)?.as_u64())
+                .sum();
+            if let Some(total) = d.get("total").and_then(|t| t.as_u64()) {
+                phases
+                    .entry("orchestration".into())
+                    .or_default()
+                    .push(total.saturating_sub(work));
+            }
+        }
+    }
+    let makespan = last.duration_since(started);
+    let done = sent.len() - lost;
+    LoadReport {
+        sent: sent.len(),
+        terminal,
+        lost,
+        duplicates,
+        throughput_per_sec: if makespan.is_zero() {
+            0.0
+        } else {
+            done as f64 / makespan.as_secs_f64()
+        },
+        latency_ms: percentiles(latencies),
+        phases_ms: phases
+            .into_iter()
+            .map(|(k, v)| (k, percentiles(v)))
+            .collect(),
+        makespan_ms: makespan.as_millis() as u64,
+    }
+}
+
+fn print_table(r: &LoadReport) {
+    println!("sent        {}", r.sent);
+    println!("completed   {}", r.terminal.completed);
+    println!("interrupted {}", r.terminal.interrupted);
+    println!("failed      {}", r.terminal.failed);
+    println!("rejected    {}", r.terminal.rejected);
+    println!("lost        {}", r.lost);
+    println!("duplicates  {}", r.duplicates);
+    println!("makespan    {:.1} s", r.makespan_ms as f64 / 1000.0);
+    println!("throughput  {:.2} messages/s", r.throughput_per_sec);
+    println!(
+        "{:<14} {:>8} {:>8} {:>8} {:>8}",
+        "ms", "p50", "p95", "p99", "max"
+    );
+    let row = |name: &str, p: &Percentiles| {
+        println!(
+            "{:<14} {:>8} {:>8} {:>8} {:>8}",
+            name, p.p50, p.p95, p.p99, p.max
+        )
+    };
+    row("end to end", &r.latency_ms);
+    for (phase, p) in &r.phases_ms {
+        row(phase, p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let p = percentiles((1..=100).collect());
+        assert_eq!((p.p50, p.p95, p.p99, p.max), (50, 95, 99, 100));
+        assert_eq!(percentiles(vec![]).max, 0);
+    }
+
+    #[test]
+    fn messages_spread_over_workspaces_then_threads() {
+        let args = LoadgenArgs::try_parse_from_for_test(&[
+            "--clients",
+            "2",
+            "--projects",
+            "2",
+            "--threads",
+            "2",
+        ]);
+        let ids: Vec<_> = (0..6).map(|n| target(&args, n)).collect();
+        assert_eq!(ids[0], ("load-c1".into(), "p1".into(), "t1".into()));
+        assert_eq!(ids[1], ("load-c2".into(), "p1".into(), "t1".into()));
+        assert_eq!(ids[2], ("load-c1".into(), "p2".into(), "t1".into()));
+        assert_eq!(ids[4], ("load-c1".into(), "p1".into(), "t2".into()));
+    }
+
+    impl LoadgenArgs {
+        fn try_parse_from_for_test(extra: &[&str]) -> LoadgenArgs {
+            #[derive(clap::Parser)]
+            struct Wrapper {
+                #[command(flatten)]
+                args: LoadgenArgs,
+            }
+            let mut argv = vec!["x", "--queue-url", "q", "--status-queue-url", "s"];
+            argv.extend_from_slice(extra);
+            <Wrapper as clap::Parser>::parse_from(argv).args
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Issue 6: many clients in one container: backpressure, fairness, idle eviction, and the load
+//! generator's accounting. Not timed tests: each asserts an outcome that a broken mechanism
+//! would change by far more than the noise of these machines.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Site, TestEnv, is_terminal};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_intake_holds_no_more_than_max_in_flight() {
+    let mut env = TestEnv::new("backpressure").await;
+    for i in 0..6 {
+        let client = format!("bp{i}");
+        env.create_bucket(&env.bucket(&client)).await;
+        env.create_upstream(&client, "site", Site::Tiny);
+    }
+    env.start_worker(&[("MAX_IN_FLIGHT", "2")]);
+    for i in 0..6 {
+        env.send(&format!("bp{i}"), "site", "t", "[standin:sleep 3]")
+            .await;
+    }
+    // While the first two run, the other four wait in the queue, visible to any container.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let attrs = env
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&env.input)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap();
+    let get = |n| attrs[&n].parse::<usize>().unwrap();
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    assert!(
+        get(A::ApproximateNumberOfMessagesNotVisible) <= 2,
+        "{attrs:?}"
+    );
+    assert!(get(A::ApproximateNumberOfMessages) >= 4, "{attrs:?}");
+    let events = env.events_until_terminal(6, Duration::from_secs(90)).await;
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "completed").count(),
+        6
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// One client floods 24 of its projects with 3-second edits; another client sends one. With
+/// 6 slots and no per-client share, the single message would wait behind the flood
+/// (24 / 6 x 3 s = 12 s and more); with a share of 3 it starts at once.
+async fn solo_wait_behind_a_flood(per_client: &str) -> Duration {
+    let mut env = TestEnv::new("fairness").await;
+    env.create_bucket(&env.bucket("flood")).await;
+    env.create_bucket(&env.bucket("solo")).await;
+    env.create_upstream("solo", "site", Site::Tiny);
+    for p in 0..24 {
+        env.create_upstream("flood", &format!("p{p}"), Site::Tiny);
+    }
+    env.start_worker(&[("MAX_IN_FLIGHT", "6"), ("MAX_HELD_PER_CLIENT", per_client)]);
+    let entries: Vec<_> = (0..24)
+        .map(|p| {
+            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                .id(format!("m{p}"))
+                .message_body(
+                    serde_json::json!({
+                        "sessionId": "s", "threadId": "t", "clientId": "flood",
+                        "projectId": format!("p{p}"), "command": "[standin:sleep 3]",
+                    })
+                    .to_string(),
+                )
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for chunk in entries.chunks(10) {
+        env.sqs
+            .send_message_batch()
+            .queue_url(&env.input)
+            .set_entries(Some(chunk.to_vec()))
+            .send()
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    let solo = env
+        .send(
+            "solo",
+            "site",
+            "t",
+            "Update the homepage title to \"Not starved\"",
+        )
+        .await;
+    env.wait_for(&solo, "completed", Duration::from_secs(120))
+        .await;
+    let waited = sent.elapsed();
+    env.stop_worker();
+    waited
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_client_does_not_starve_a_client_with_one_message() {
+    // Both in one test, the control first: it shows the flood would starve without the share.
+    let unfair = solo_wait_behind_a_flood("6").await;
+    let fair = solo_wait_behind_a_flood("3").await;
+    assert!(
+        fair < Duration::from_secs(8),
+        "with a share per client the single message waited {fair:?}"
+    );
+    assert!(
+        unfair > fair * 2,
+        "control: without a share {unfair:?}, with {fair:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_are_stopped_and_come_back() {
+    let mut env = TestEnv::new("idle").await;
+    env.create_bucket(&env.bucket("rex")).await;
+    env.create_upstream("rex", "site", Site::Tiny);
+    env.start_worker(&[("SESSION_IDLE_SECONDS", "1")]);
+    let first = env
+        .send("rex", "site", "t", "[standin:write a.txt 1]")
+        .await;
+    env.wait_for(&first, "completed", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        env.worker_log()
+            .contains("stopping idle session workspace=rex/site"),
+        "{}",
+        env.worker_log()
+    );
+    let second = env
+        .send("rex", "site", "t", "[standin:write b.txt 2]")
+        .await;
+    env.wait_for(&second, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+fn loadgen(env: &TestEnv, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edit-worker"))
+        .arg("loadgen")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .envs(env.worker_env())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadgen_accounts_for_every_message() {
+    let mut env = TestEnv::new("loadgen").await;
+    for c in 1..=2 {
+        for p in 1..=2 {
+            let client = format!("load-c{c}");
+            if p == 1 {
+                env.create_bucket(&env.bucket(&client)).await;
+            }
+            env.create_upstream(&client, &format!("p{p}"), Site::Tiny);
+        }
+    }
+    env.start_worker(&[]);
+    let report = env.dir.path().join("report.json");
+    let chart = env.dir.path().join("chart.svg");
+    let (code, out) = loadgen(
+        &env,
+        &[
+            "--clients",
+            "2",
+            "--projects",
+            "2",
+            "--threads",
+            "2",
+            "--messages",
+            "12",
+            "--interrupt-share",
+            "0.3",
+            "--command",
+            "[standin:write load/{n}.txt {n}]",
+            "--wait",
+            "90",
+            "--report",
+            report.to_str().unwrap(),
+            "--chart",
+            chart.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["sent"], 12, "{r}");
+    let t = &r["terminal"];
+    let total: u64 = ["completed", "interrupted", "failed", "rejected"]
+        .iter()
+        .map(|k| t[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 12, "{r}\n{}", env.worker_log());
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["duplicates"], 0);
+    assert_eq!(t["failed"], 0, "{r}");
+    for key in ["p50", "p95", "p99", "max"] {
+        assert!(r["latencyMs"][key].as_u64().unwrap() > 0, "{r}");
+    }
+    assert!(r["phasesMs"]["agent"]["p50"].is_u64(), "{r}");
+    assert!(r["throughputPerSec"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.matches("<circle").count() == 12,
+        "{svg}"
+    );
+    assert!(out.contains("lost        0"), "{out}");
+
+    // With nobody serving the queue, every message is reported lost.
+    env.stop_worker();
+    let (code, _) = loadgen(
+        &env,
+        &[
+            "--messages",
+            "3",
+            "--wait",
+            "2",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(
+        (r["sent"].as_u64(), r["lost"].as_u64()),
+        (Some(3), Some(3)),
+        "{r}"
+    );
+    // Bad usage is exit code 2.
+    assert_eq!(loadgen(&env, &["--interrupt-share", "2"]).0, Some(2));
+    // Sanity of the helper: no terminal event was left behind unread.
+    assert!(
+        env.drain(&env.output, 0)
+            .await
+            .iter()
+            .all(|e| !is_terminal(e))
+    );
+}
