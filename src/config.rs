@@ -54,6 +54,7 @@ const KEYS: &[&str] = &[
     "S3_UPLOAD_CONCURRENCY",
     "MAX_HELD_PER_WORKSPACE",
     "MAX_HELD_PER_CLIENT",
+    "TRACE_COMMAND_CHARS",
     "SESSION_IDLE_SECONDS",
 ];
 
@@ -328,6 +329,8 @@ impl Settings {
         c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
         c.max_held_per_workspace =
             self.positive("MAX_HELD_PER_WORKSPACE", c.max_held_per_workspace as u64)? as usize;
+        c.trace_command_chars =
+            self.number("TRACE_COMMAND_CHARS", c.trace_command_chars as u64)? as usize;
         c.max_held_per_client =
             self.positive("MAX_HELD_PER_CLIENT", c.max_held_per_client as u64)? as usize;
         c.agent_concurrency =

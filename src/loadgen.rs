@@ -185,9 +185,19 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_millis();
+                // Each message starts its trace at the producer, as the upstream service's do.
+                let (_span, traceparent) = crate::telemetry::producer_span("load");
                 SendMessageBatchRequestEntry::builder()
                     .id(format!("m{j}"))
                     .message_body(body.to_string())
+                    .message_attributes(
+                        "traceparent",
+                        MessageAttributeValue::builder()
+                            .data_type("String")
+                            .string_value(traceparent)
+                            .build()
+                            .expect("attribute"),
+                    )
                     .message_attributes(
                         "sentAt",
                         MessageAttributeValue::builder()

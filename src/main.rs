@@ -79,7 +79,14 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    telemetry::init_logging();
+    let telemetry = telemetry::init();
+    let code = dispatch(cli).await;
+    // Spans and metrics are flushed on every way out, SIGTERM included.
+    telemetry.shutdown().await;
+    code
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run {
             config,

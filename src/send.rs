@@ -3,6 +3,7 @@
 use anyhow::Context;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use clap::Args;
+use tracing::Instrument;
 
 use edit_worker_actors::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
 
@@ -44,11 +45,19 @@ pub async fn send(args: SendArgs) -> Result<(), SendError> {
     EditRequest::parse(&body, DEFAULT_MAX_COMMAND_BYTES)
         .map_err(|e| SendError::Usage(anyhow::anyhow!(e)))?;
     let sdk = crate::aws::load().await;
+    let (span, traceparent) = crate::telemetry::producer_span("edit request");
+    let attribute = aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(traceparent)
+        .build()
+        .expect("attribute");
     let out = crate::aws::sqs(&sdk)
         .send_message()
         .queue_url(&args.queue_url)
         .message_body(body)
+        .message_attributes("traceparent", attribute)
         .send()
+        .instrument(span)
         .await
         .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))
         .context("sending the message")

@@ -12,6 +12,7 @@ use md5::{Digest, Md5};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Lines of build output kept for the error message: enough to show the error, small enough
 /// for a status event.
@@ -90,7 +91,9 @@ pub async fn build_site(
     if let Some(lock_hash) = install_needed(dir, state_dir).await? {
         let started = Instant::now();
         let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
-        let out = run_logged(&argv, dir, spec.timeout, cancel).await?;
+        let out = run_logged(&argv, dir, spec.timeout, cancel)
+            .instrument(tracing::info_span!("install dependencies"))
+            .await?;
         if !out.success {
             return Err(BuildError::InstallFailed {
                 status: out.status,
@@ -111,7 +114,9 @@ pub async fn build_site(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    let out = run_logged(&spec.command, dir, spec.timeout, cancel).await?;
+    let out = run_logged(&spec.command, dir, spec.timeout, cancel)
+        .instrument(tracing::info_span!("build site", command = %spec.command.join(" ")))
+        .await?;
     if !out.success {
         return Err(BuildError::BuildFailed {
             status: out.status,

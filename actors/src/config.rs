@@ -67,6 +67,9 @@ pub struct WorkerConfig {
     pub publish: PublishOptions,
     /// How often a failed push is retried before the message fails.
     pub push_attempts: u32,
+    /// Characters of the request text kept on the message's span (0: none). Traces go to
+    /// another system; the full text stays in git and the status events.
+    pub trace_command_chars: usize,
     /// Touched by the intake on every turn of its loop; the container's HEALTHCHECK reads its
     /// age (no port needed).
     pub health_file: Option<PathBuf>,
@@ -109,6 +112,7 @@ impl WorkerConfig {
             publish: PublishOptions::default(),
             push_attempts: 4,
             health_file: None,
+            trace_command_chars: 80,
             max_receives: 5,
             retry_base_delay: Duration::from_secs(5),
         }

@@ -11,11 +11,17 @@ use ractor::ActorRef;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use opentelemetry::trace::TraceContextExt;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
 use crate::job::{InFlight, Job};
 use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
+use crate::metrics::metrics;
 use crate::pipeline::WorkerContext;
 use crate::status::StatusEvent;
 use crate::supervisor::SupervisorMsg;
+use crate::trace_context;
 
 /// SQS returns at most 10 messages per receive.
 const MAX_BATCH: usize = 10;
@@ -117,10 +123,12 @@ impl InFlightRegistry {
             *held.per_client.entry(key.client_id.clone()).or_default() += 1;
         }
         held.ids.insert(message_id.to_owned());
+        metrics().in_flight.add(1, &[]);
         let state = self.state.clone();
         let id = message_id.to_owned();
         let key = workspace.cloned();
         Ok(InFlight::new(permit, move || {
+            metrics().in_flight.add(-1, &[]);
             let mut held = state.lock().expect("held");
             held.ids.remove(&id);
             if let Some(key) = key {
@@ -136,6 +144,52 @@ impl InFlightRegistry {
         let deferred = held.deferrals.remove(message_id).unwrap_or(0);
         receive_count.saturating_sub(deferred).max(1)
     }
+}
+
+/// The message's root span: a consumer span in OpenTelemetry's messaging conventions,
+/// continuing the producer's trace. Returns it with the trace id the message's work is under.
+fn root_span(
+    ctx: &WorkerContext,
+    message: &Message,
+    message_id: &str,
+) -> (tracing::Span, Option<String>) {
+    let queue = ctx
+        .config
+        .input_queue_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    let (parent, source) = trace_context::parent_of(message);
+    let span = tracing::info_span!(
+        "process edit message",
+        otel.kind = "consumer",
+        messaging.system = "aws_sqs",
+        messaging.operation.type = "process",
+        messaging.destination.name = queue,
+        messaging.message.id = message_id,
+        trace.parent_source = source.as_str(),
+        edit.client_id = tracing::field::Empty,
+        edit.project_id = tracing::field::Empty,
+        edit.thread_id = tracing::field::Empty,
+        edit.command = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let parent_trace = parent.span().span_context().clone();
+    // Before the span is first entered: later, the parent can no longer be set.
+    let _ = span.set_parent(parent);
+    let own = span.context().span().span_context().clone();
+    let trace_id = if own.is_valid() {
+        Some(own.trace_id().to_string())
+    } else if parent_trace.is_valid() {
+        // Not exporting, but the producer's trace id still links the events to its trace.
+        Some(parent_trace.trace_id().to_string())
+    } else {
+        None
+    };
+    if let Some(id) = &trace_id {
+        span.record("trace_id", id.as_str());
+    }
+    (span, trace_id)
 }
 
 /// Count one down; forget the entry at zero, so the maps hold only what is held.
@@ -278,6 +332,20 @@ async fn accept(
         .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let (span, trace_id) = root_span(ctx, &message, &message_id);
+    if let Some(sent) = message
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        metrics()
+            .queue_wait_ms
+            .record(now.saturating_sub(sent) as f64, &[]);
+    }
     let request = EditRequest::parse(&body, ctx.config.max_command_bytes)
         .and_then(|r| served_here(&ctx.config, r));
     let workspace = request.as_ref().ok().map(EditRequest::workspace);
@@ -300,11 +368,24 @@ async fn accept(
     let request = match request {
         Ok(r) => r,
         Err(reason) => {
-            reject(ctx, &message_id, &receipt_handle, &body, reason).await;
+            reject(ctx, &message_id, &receipt_handle, &body, reason, trace_id)
+                .instrument(span)
+                .await;
             drop(slot);
             return Ok(());
         }
     };
+    span.record("edit.client_id", request.client_id.as_str());
+    span.record("edit.project_id", request.project_id.as_str());
+    span.record("edit.thread_id", request.thread_id.as_str());
+    if ctx.config.trace_command_chars > 0 {
+        let shown: String = request
+            .command
+            .chars()
+            .take(ctx.config.trace_command_chars)
+            .collect();
+        span.record("edit.command", shown.as_str());
+    }
     let receive_count = registry.attempts(&message_id, receive_count);
     tracing::info!(%message_id, workspace = %request.workspace(), thread = %request.thread_id, "accepted");
     let job = Job {
@@ -313,7 +394,8 @@ async fn accept(
         receipt_handle,
         received_at: Instant::now(),
         receive_count,
-        trace_id: None,
+        trace_id,
+        span,
         slot: Some(slot),
     };
     supervisor
@@ -346,14 +428,17 @@ async fn reject(
     receipt_handle: &str,
     body: &str,
     reason: RequestError,
+    trace_id: Option<String>,
 ) {
     tracing::warn!(%message_id, kind = reason.kind(), %reason, "message rejected");
-    let event = StatusEvent::rejected(
+    crate::metrics::outcome("rejected");
+    let mut event = StatusEvent::rejected(
         LooseIds::from_body(body),
         message_id,
         reason.kind(),
         reason.to_string(),
     );
+    event.trace_id = trace_id;
     if let Err(e) = ctx.delivery.dead_letter(body, &reason.to_string()).await {
         tracing::error!(%message_id, error = %e, "rejected message could not be kept in the dead-letter queue; leaving it in the input queue");
         return;

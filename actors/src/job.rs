@@ -22,6 +22,9 @@ pub struct Job {
     pub receive_count: u32,
     /// The W3C trace id this message's work is recorded under, when traced.
     pub trace_id: Option<String>,
+    /// The message's root span (a consumer span continuing the producer's trace); its work
+    /// runs inside it. The span ends when the job is dropped.
+    pub span: tracing::Span,
     /// A slot of the intake's in-flight limit. Held as long as the job exists; dropping the job
     /// (however it ends) gives the slot back.
     pub slot: Option<InFlight>,

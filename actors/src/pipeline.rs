@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{ActorRef, RpcReplyPort, rpc::CallResult};
+use tracing::field::Empty;
+use tracing::{Instrument, info_span};
 
 use crate::agent::{AgentActivity, AgentError, AgentReport, AgentSession};
 use crate::build::BuildError;
@@ -187,6 +189,9 @@ pub async fn run_batch(ctx: Arc<WorkerContext>, steps: Steps, batch: Vec<Job>, s
         }
         Err(e) => Ending::Failed(e),
     };
+    if matches!(ending, Ending::Stopped(StopReason::Interrupted)) {
+        crate::metrics::metrics().interrupts.add(1, &[]);
+    }
     if let (Ending::Stopped(reason), Some(asked)) = (&ending, stop.requested_at()) {
         // From the stop request to the agent's process group gone (or the build stopped).
         tracing::info!(
@@ -254,12 +259,17 @@ async fn execute(
 
     // 1. The thread's branch, with unfinished work of another thread saved first.
     let t = Instant::now();
+    let span = info_span!("prepare workspace", branch = %branch, saved_work = Empty);
     let saved = ask(&steps.git, "git", |reply| GitMsg::PrepareThread {
         branch: branch.clone(),
         message_id: job.message_id.clone(),
         reply,
     })
+    .instrument(span.clone())
     .await??;
+    if let Some(saved) = &saved {
+        span.record("saved_work", saved.commit.as_str());
+    }
     if let Some(saved) = saved {
         tracing::warn!(branch = %saved.branch, commit = %saved.commit, "saved unfinished work found in the workspace");
         let pushed = ask(&steps.git, "git", |reply| GitMsg::Push {
@@ -287,7 +297,16 @@ async fn execute(
         progress.commit = Some(commit);
     } else {
         // 2 and 3. The agent, then a commit of what it changed.
-        agent_turn(ctx, steps, batch, batch_prompt(batch), stop, progress).await?;
+        agent_turn(
+            ctx,
+            steps,
+            batch,
+            batch_prompt(batch),
+            stop,
+            progress,
+            "request",
+        )
+        .await?;
         commit_turn(
             steps,
             batch,
@@ -316,14 +335,20 @@ async fn execute(
             JobError::Build(BuildError::Cancelled)
         })
         .await?;
+        let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
             dir: workspace_dir.clone(),
             state_dir: workspace_dir.join(".git/edit-worker"),
             stop: stop.token().clone(),
             reply,
         })
+        .instrument(span.clone())
         .await?;
         drop(build_slot);
+        match &built {
+            Ok(b) => span.record("installed", b.install_ms.is_some()),
+            Err(e) => span.record("error", e.kind()),
+        };
         match built {
             Ok(b) => {
                 if let Some(ms) = b.install_ms {
@@ -347,7 +372,7 @@ async fn execute(
                      keeping the requested change. The end of the build log:\n\n{log_tail}",
                     config.build_command.join(" ")
                 );
-                agent_turn(ctx, steps, batch, prompt, stop, progress).await?;
+                agent_turn(ctx, steps, batch, prompt, stop, progress, "build repair").await?;
                 commit_turn(steps, batch, "Claude: Fix the build".into(), progress).await?;
             }
             Err(e) => {
@@ -364,6 +389,15 @@ async fn execute(
 
         // Publishing is not cancelled: it is short, and a half-published site is worse.
         let t = Instant::now();
+        let span = info_span!(
+            "publish",
+            bucket = %bucket,
+            uploaded = Empty,
+            skipped = Empty,
+            deleted = Empty,
+            bytes = Empty,
+            error = Empty
+        );
         let published = ask(&steps.publisher, "publisher", |reply| {
             PublisherMsg::Publish {
                 bucket: bucket.clone(),
@@ -371,8 +405,20 @@ async fn execute(
                 reply,
             }
         })
+        .instrument(span.clone())
         .await?;
         progress.time("publish", t);
+        match &published {
+            Ok(r) => {
+                span.record("uploaded", r.uploaded);
+                span.record("skipped", r.skipped);
+                span.record("deleted", r.deleted);
+                span.record("bytes", r.bytes);
+            }
+            Err(e) => {
+                span.record("error", e.kind());
+            }
+        }
         match published {
             Ok(report) => progress.published = Some(report),
             Err(e) => {
@@ -399,6 +445,35 @@ async fn agent_turn(
     prompt: String,
     stop: &StopSignal,
     progress: &mut Progress,
+    purpose: &'static str,
+) -> Result<(), JobError> {
+    let span = info_span!(
+        "agent run",
+        agent.purpose = purpose,
+        agent.session_id = Empty,
+        agent.resumed = Empty,
+        agent.turns = Empty,
+        agent.cost_usd = Empty,
+        agent.result_subtype = Empty,
+        error = Empty
+    );
+    let outcome = agent_turn_inner(ctx, steps, batch, prompt, stop, progress, &span)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &outcome {
+        span.record("error", e.kind());
+    }
+    outcome
+}
+
+async fn agent_turn_inner(
+    ctx: &WorkerContext,
+    steps: &Steps,
+    batch: &[Job],
+    prompt: String,
+    stop: &StopSignal,
+    progress: &mut Progress,
+    span: &tracing::Span,
 ) -> Result<(), JobError> {
     let job = &batch[0];
     let key = job.request.workspace();
@@ -415,14 +490,17 @@ async fn agent_turn(
     .await?;
     let outcome = loop {
         let (activity_tx, activity_rx) = tokio::sync::mpsc::unbounded_channel();
-        let reporter = tokio::spawn(report_progress(
-            ctx.delivery.clone(),
-            batch.iter().map(ProgressTarget::of).collect(),
-            activity_rx,
-            ctx.config.progress_interval,
-            progress.progress_sent,
-            ctx.config.workspace_dir(&key),
-        ));
+        let reporter = tokio::spawn(
+            report_progress(
+                ctx.delivery.clone(),
+                batch.iter().map(ProgressTarget::of).collect(),
+                activity_rx,
+                ctx.config.progress_interval,
+                progress.progress_sent,
+                ctx.config.workspace_dir(&key),
+            )
+            .instrument(span.clone()),
+        );
         let outcome = ask(&steps.agent, "agent", |reply| AgentMsg::Run {
             cwd: ctx.config.workspace_dir(&key),
             prompt: prompt.clone(),
@@ -444,6 +522,11 @@ async fn agent_turn(
         }
     };
     progress.time("agent", t);
+    tracing::info!(
+        elapsed_ms = t.elapsed().as_millis() as u64,
+        ok = outcome.is_ok(),
+        "agent run finished"
+    );
     let report = match &outcome {
         Ok(report) | Err(AgentError::Reported { report, .. }) => Some(report.clone()),
         _ => None,
@@ -452,6 +535,10 @@ async fn agent_turn(
         let session_id = report.session_id.clone().unwrap_or_else(|| match &session {
             AgentSession::New(id) | AgentSession::Resume(id) => id.clone(),
         });
+        span.record("agent.session_id", session_id.as_str());
+        span.record("agent.resumed", matches!(session, AgentSession::Resume(_)));
+        span.record("agent.turns", report.num_turns.unwrap_or(0));
+        span.record("agent.result_subtype", report.subtype.as_str());
         let previous = match (&session, &record) {
             (AgentSession::Resume(_), Some(r)) => r.total_cost_usd,
             _ => 0.0,
@@ -487,6 +574,7 @@ async fn commit_turn(
     progress: &mut Progress,
 ) -> Result<(), JobError> {
     let t = Instant::now();
+    let span = info_span!("commit", commit = Empty);
     let commit = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
         subject,
         body: batch_prompt(batch),
@@ -494,7 +582,11 @@ async fn commit_turn(
         finished: true,
         reply,
     })
+    .instrument(span.clone())
     .await??;
+    if let Some(c) = &commit {
+        span.record("commit", c.as_str());
+    }
     progress.time("commit", t);
     if commit.is_some() {
         progress.commit = commit;
@@ -536,7 +628,10 @@ async fn report_progress(
         let open = tokio::select! {
             item = activity.recv() => match item {
                 Some(a) => {
-                    pending.push(describe(&a, &workspace));
+                    let step = describe(&a, &workspace);
+                    // A span event of the agent's span (the OpenTelemetry layer takes debug).
+                    tracing::debug!(step = %step, "agent activity");
+                    pending.push(step);
                     true
                 }
                 None => false,
@@ -612,6 +707,7 @@ async fn push(
         attempts: ctx.config.push_attempts,
         reply,
     })
+    .instrument(info_span!("push", branch))
     .await?;
     progress.time("push", t);
     pushed.map_err(JobError::Push)
@@ -648,12 +744,19 @@ async fn save_work(ctx: &WorkerContext, steps: &Steps, batch: &[Job], progress: 
 async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progress) {
     let request = &job.request;
     let config = &ctx.config;
+    for (phase, ms) in &progress.durations {
+        crate::metrics::metrics().phase_ms.record(
+            *ms as f64,
+            &[opentelemetry::KeyValue::new("phase", phase.clone())],
+        );
+    }
     let event_type = match ending {
         Ending::Completed => EventType::Completed,
         Ending::Stopped(StopReason::Interrupted) => EventType::Interrupted,
         Ending::Stopped(StopReason::Shutdown) => {
             // Saved and pushed; back to the queue at once for the next worker.
             release(ctx, &job, Duration::ZERO, "shutdown").await;
+            crate::metrics::outcome("released");
             return;
         }
         Ending::Failed(e) if e.is_retryable() && job.receive_count < config.max_receives => {
@@ -661,6 +764,7 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
             let delay = (config.retry_base_delay * factor).min(Duration::from_secs(900));
             tracing::warn!(error = %e, kind = e.kind(), attempt = job.receive_count, ?delay, "passing failure; the message will be tried again");
             release(ctx, &job, delay, "retry").await;
+            crate::metrics::outcome("retried");
             return;
         }
         Ending::Failed(_) => EventType::Failed,
@@ -701,6 +805,11 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
             }
         }
     }
+    crate::metrics::outcome(match event.event_type {
+        EventType::Completed => "completed",
+        EventType::Interrupted => "interrupted",
+        _ => "failed",
+    });
     if let Err(e) = ctx.delivery.finish(&job.receipt_handle, &event).await {
         tracing::error!(error = %e, message_id = %job.message_id, "message not finished; it will be delivered again");
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tracing::Instrument;
 
 use crate::agent::AgentSpec;
 use crate::build::BuildSpec;
@@ -164,10 +165,18 @@ impl SessionActor {
         let ctx = state.args.ctx.clone();
         let steps = state.steps.clone();
         let me = myself.clone();
-        tokio::spawn(async move {
-            pipeline::run_batch(ctx, steps, batch, stop).await;
-            let _ = me.cast(SessionMsg::JobEnded);
-        });
+        // The batch runs in its lead message's trace; the others say where their work went.
+        let span = batch[0].span.clone();
+        for follower in &batch[1..] {
+            tracing::info!(parent: &follower.span, lead = %batch[0].message_id, "coalesced into one agent run with earlier messages of the thread");
+        }
+        tokio::spawn(
+            async move {
+                pipeline::run_batch(ctx, steps, batch, stop).await;
+                let _ = me.cast(SessionMsg::JobEnded);
+            }
+            .instrument(span),
+        );
     }
 
     fn release(ctx: &Arc<WorkerContext>, job: Job) {
@@ -250,6 +259,10 @@ impl Actor for SessionActor {
             }
             SessionMsg::RestartStep(kind) => {
                 tracing::warn!(workspace = %state.args.key, step = ?kind, "restarting step actor");
+                crate::metrics::metrics().restarts.add(
+                    1,
+                    &[opentelemetry::KeyValue::new("step", format!("{kind:?}"))],
+                );
                 Self::respawn_step(kind, &state.args, myself.get_cell(), &mut state.steps).await?;
             }
             SessionMsg::Shutdown(reply) => {

@@ -153,6 +153,12 @@ impl StatusSink {
     }
 
     pub async fn send(&self, event: &StatusEvent) -> Result<(), StatusSendError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("send status event", event = ?event.event_type);
+        self.send_inner(event).instrument(span).await
+    }
+
+    async fn send_inner(&self, event: &StatusEvent) -> Result<(), StatusSendError> {
         let body = serde_json::to_string(event).expect("status events serialize");
         tracing::info!(
             event = ?event.event_type,

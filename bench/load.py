@@ -1,0 +1,205 @@
+"""Load benchmarks (issue 6): the release worker, moto, real git and the stand-in agent with a
+fixed think time, driven by `edit-worker loadgen`. Figures are printed, not asserted.
+
+  1. throughput: 200 workspaces x 5 messages, agent 2 s, tiny build; makespan against the ideal
+     bound (agent runs x think time / AGENT_CONCURRENCY) and against one message at a time
+     (the seed's design: measured on a sample, extrapolated to the same messages);
+  2. orchestration overhead per message at light load: total minus agent, build, publish, push;
+  3. memory: resident size idle, with 1,000 idle sessions, and at the peak of run 1;
+  4. lost and duplicated terminal events with interrupt bursts on (every run reports them);
+  5. a realistic run: real Astro build of the sample site, agent 10 s.
+Run with: scripts/bench load   (SCALE=0.2 for a quick look)
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import boto3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENDPOINT = os.environ["MOTO_ENDPOINT"]
+WORKER = os.environ["WORKER_BIN"]
+SCALE = float(os.environ.get("SCALE", "1"))
+KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+sqs = boto3.client("sqs", **KW)
+s3 = boto3.client("s3", **KW)
+BASE = tempfile.mkdtemp(prefix="bench-load-")
+SEEDS = {}
+
+
+def git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
+                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
+
+
+def seed(site):
+    """One bare repository per fixture; workspaces' upstreams are copies of it."""
+    if site not in SEEDS:
+        bare = os.path.join(BASE, f"seed-{site}.git")
+        work = os.path.join(BASE, f"seed-{site}")
+        shutil.copytree(os.path.join(ROOT, "tests/fixtures", site), work,
+                        ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
+        git(work, "init", "--quiet", "--initial-branch=main")
+        git(work, "add", "-A")
+        git(work, "commit", "--quiet", "-m", "init")
+        git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", bare)
+        git(work, "push", "--quiet", bare, "main")
+        SEEDS[site] = bare
+    return SEEDS[site]
+
+
+def prepare(tag, clients, projects, site):
+    upstream = os.path.join(BASE, tag, "upstream")
+    for c in range(1, clients + 1):
+        s3.create_bucket(Bucket=f"edit.load-c{c}.{tag}.bench")
+        for p in range(1, projects + 1):
+            shutil.copytree(seed(site), os.path.join(upstream, f"load-c{c}", f"p{p}.git"))
+    q = {n: sqs.create_queue(QueueName=f"{tag}-{n}")["QueueUrl"] for n in ("in", "out")}
+    return upstream, q
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    except (OSError, AttributeError):
+        return 0
+
+
+class Worker:
+    def __init__(self, tag, upstream, q, extra):
+        self.log = os.path.join(BASE, tag, "worker.log")
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+               "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
+               "WORKSPACE_ROOT": os.path.join(BASE, tag, "ws"),
+               "GIT_REMOTE_TEMPLATE": os.path.join(upstream, "{clientId}/{projectId}.git"),
+               "BUCKET_TEMPLATE": "edit.{clientId}." + tag + ".bench",
+               "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
+               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "ASTRO_TELEMETRY_DISABLED": "1", "RUST_LOG": "warn,edit_worker_actors::pipeline=info",
+               "MAX_IN_FLIGHT": "64", "PROGRESS_INTERVAL_SECONDS": "60", **extra}
+        self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "w"))
+        self.peak = 0
+        self.running = True
+        threading.Thread(target=self._sample, daemon=True).start()
+        time.sleep(1.5)
+        self.idle_rss = rss_kib(self.proc.pid)
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_kib(self.proc.pid))
+            time.sleep(0.2)
+
+    def rss(self):
+        return rss_kib(self.proc.pid)
+
+    def agent_runs(self):
+        return len(re.findall(r"agent run finished", open(self.log).read()))
+
+    def stop(self):
+        self.running = False
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def loadgen(tag, q, clients, projects, threads, messages, command, share=0.0, rate=0.0, wait=900):
+    report = os.path.join(BASE, tag, "report.json")
+    chart = os.path.join(ROOT, ".bench", f"{tag}.svg")
+    env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"], "RUST_LOG": "warn"}
+    out = subprocess.run([WORKER, "loadgen", "--clients", str(clients), "--projects", str(projects),
+                          "--threads", str(threads), "--messages", str(messages), "--rate", str(rate),
+                          "--interrupt-share", str(share), "--command", command, "--wait", str(wait),
+                          "--report", report, "--chart", chart], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr)
+    return json.load(open(report)), chart
+
+
+def mib(kib):
+    return f"{kib / 1024:.1f} MiB"
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+def main():
+    results = []
+    think = 2
+    # Run 1 (with bursts: run 4 reads its lost/duplicate counts).
+    clients, projects = max(1, int(40 * SCALE)), 5
+    n = clients * projects * 5
+    upstream, q = prepare("run1", clients, projects, "tiny-site")
+    w = Worker("run1", upstream, q, {"BUILD_COMMAND": "node build.mjs", "AGENT_CONCURRENCY": "16"})
+    idle_rss = w.idle_rss
+    r1, chart1 = loadgen("run1", q, clients, projects, 1, n,
+                         f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]", share=0.1)
+    runs = w.agent_runs()
+    peak = w.peak
+    w.stop()
+    ideal = runs * think / 16
+    print(f"run 1: {n} messages, {runs} agent runs, makespan {r1['makespanMs'] / 1000:.1f} s", file=sys.stderr)
+
+    # The seed's design: one message at a time, measured on a sample.
+    sample = max(4, int(20 * SCALE))
+    upstream, q = prepare("serial", 1, sample, "tiny-site")
+    w = Worker("serial", upstream, q, {"BUILD_COMMAND": "node build.mjs", "MAX_IN_FLIGHT": "1", "AGENT_CONCURRENCY": "1"})
+    rs, _ = loadgen("serial", q, 1, sample, 1, sample, f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]")
+    w.stop()
+    per_message = rs["makespanMs"] / 1000 / sample
+    serial = per_message * n
+
+    # Run 2: light load, nothing waits for a slot.
+    upstream, q = prepare("run2", 10, 1, "tiny-site")
+    w = Worker("run2", upstream, q, {"BUILD_COMMAND": "node build.mjs"})
+    r2, _ = loadgen("run2", q, 10, 1, 1, max(20, int(100 * SCALE)), "[standin:write load/{n}.txt {n}]", rate=4)
+    w.stop()
+
+    # Run 3: 1,000 sessions left idle.
+    sessions = max(50, int(1000 * SCALE))
+    upstream, q = prepare("run3", sessions // 10, 10, "tiny-site")
+    w = Worker("run3", upstream, q, {"BUILD_COMMAND": "node build.mjs", "SESSION_IDLE_SECONDS": "3600"})
+    r3, _ = loadgen("run3", q, sessions // 10, 10, 1, sessions, "[standin:write load/{n}.txt {n}]")
+    time.sleep(2)
+    rss_sessions = w.rss()
+    w.stop()
+
+    # Run 5: the real Astro build.
+    astro_clients = max(2, int(20 * SCALE))
+    upstream, q = prepare("run5", astro_clients, 1, "astro-site")
+    w = Worker("run5", upstream, q, {})
+    r5, chart5 = loadgen("run5", q, astro_clients, 1, 1, astro_clients, "[standin:sleep 10] Update the homepage title to \"Load {n}\"")
+    w.stop()
+
+    print()
+    print("| run | figure | result | target |")
+    print("| --- | --- | --- | --- |")
+    row(f"1. {n} messages ({clients * projects} workspaces x 5), agent {think} s, tiny build",
+        "makespan / ideal bound", f"{r1['makespanMs'] / 1000:.1f} s / {ideal:.1f} s = {r1['makespanMs'] / 1000 / ideal:.2f}x", "<= 1.25x")
+    row("", "one at a time (measured on %d, extrapolated)" % sample, f"{serial:.0f} s: {serial / (r1['makespanMs'] / 1000):.0f}x slower", ">= 20x")
+    row("", "outcomes", f"{r1['terminal']}", "")
+    row("2. light load (4 msg/s)", "orchestration overhead p50 / p99", f"{r2['phasesMs']['orchestration']['p50']} / {r2['phasesMs']['orchestration']['p99']} ms", "p99 < 50 ms")
+    row("3. memory", f"idle / {sessions} idle sessions / peak of run 1", f"{mib(idle_rss)} / {mib(rss_sessions)} / {mib(peak)}", "< 30 MiB idle, < 100 MiB with 1,000")
+    row("4. lost / duplicated terminal events (bursts on in run 1)", "run 1, 2, 3, 5",
+        " ; ".join(f"{r['lost']}/{r['duplicates']}" for r in (r1, r2, r3, r5)), "0 / 0")
+    row(f"5. {astro_clients} clients, real Astro build, agent 10 s", "latency p50 / p95 / p99 / max",
+        "{p50} / {p95} / {p99} / {max} ms".format(**r5["latencyMs"]), "")
+    row("", "time per phase, p50 (ms)", ", ".join(f"{k} {v['p50']}" for k, v in r5["phasesMs"].items()), "")
+    print(f"\ncharts: {chart1}, {chart5}")
+    shutil.rmtree(BASE, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+//! Issue 5: one trace per message, continued from the producer, exported by the real OTLP
+//! exporter to a receiver this test runs on 127.0.0.1 (OTLP over HTTP/protobuf, decoded with
+//! the protocol's own message types).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Site, TestEnv};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message as _;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Debug, Clone)]
+struct Span {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    kind: i32,
+    start: u64,
+    attributes: HashMap<String, String>,
+    events: Vec<(String, HashMap<String, String>)>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attributes(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> HashMap<String, String> {
+    kvs.iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(AnyValue::StringValue(s)) => s.clone(),
+                Some(AnyValue::IntValue(i)) => i.to_string(),
+                Some(AnyValue::BoolValue(b)) => b.to_string(),
+                Some(AnyValue::DoubleValue(d)) => d.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
+/// A minimal OTLP/HTTP receiver: every POST to /v1/traces is decoded and its spans kept.
+async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let store = spans.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut reader = BufReader::new(read);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with("POST /v1/traces") {
+                        let request = ExportTraceServiceRequest::decode(body.as_slice())
+                            .expect("OTLP protobuf");
+                        let mut store = store.lock().unwrap();
+                        for rs in request.resource_spans {
+                            for ss in rs.scope_spans {
+                                for s in ss.spans {
+                                    store.push(Span {
+                                        trace_id: hex(&s.trace_id),
+                                        span_id: hex(&s.span_id),
+                                        parent_span_id: hex(&s.parent_span_id),
+                                        name: s.name.clone(),
+                                        kind: s.kind,
+                                        start: s.start_time_unix_nano,
+                                        attributes: attributes(&s.attributes),
+                                        events: s
+                                            .events
+                                            .iter()
+                                            .map(|e| (e.name.clone(), attributes(&e.attributes)))
+                                            .collect(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if write.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, spans)
+}
+
+fn otel_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", url.to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+        ("OTEL_SERVICE_NAME", "edit-worker-test".to_owned()),
+    ]
+}
+
+async fn send_with_attributes(
+    env: &TestEnv,
+    thread: &str,
+    command: &str,
+    traceparent: Option<&str>,
+    xray: Option<&str>,
+) -> String {
+    let body = serde_json::json!({
+        "sessionId": "s", "threadId": thread, "clientId": "tess", "projectId": "site", "command": command,
+    });
+    let mut send = env
+        .sqs
+        .send_message()
+        .queue_url(&env.input)
+        .message_body(body.to_string());
+    if let Some(tp) = traceparent {
+        send = send.message_attributes(
+            "traceparent",
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(tp)
+                .build()
+                .unwrap(),
+        );
+    }
+    if let Some(header) = xray {
+        send = send.message_system_attributes(
+            aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader,
+            aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
+                .data_type("String")
+                .string_value(header)
+                .build()
+                .unwrap(),
+        );
+    }
+    send.send().await.unwrap().message_id.unwrap()
+}
+
+fn root_of<'a>(spans: &'a [Span], message_id: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| {
+            s.name == "process edit message"
+                && s.attributes.get("messaging.message.id").map(String::as_str) == Some(message_id)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no root span for {message_id}: {:#?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_is_one_trace_from_the_producer_to_s3() {
+    let (url, spans) = otlp_receiver().await;
+    let mut env = TestEnv::new("trace").await;
+    env.create_bucket(&env.bucket("tess")).await;
+    env.create_upstream("tess", "site", Site::Tiny);
+    let extra = otel_env(&url);
+    env.start_worker(
+        &extra
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+    );
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let producer = "00f067aa0ba902b7";
+    let id = send_with_attributes(
+        &env,
+        "t",
+        "Update the homepage title to \"Traced\"",
+        Some(&format!("00-{trace}-{producer}-01")),
+        None,
+    )
+    .await;
+    let events = env
+        .wait_for(&id, "completed", Duration::from_secs(60))
+        .await;
+    let done = events
+        .iter()
+        .find(|e| e["messageId"] == id.as_str() && e["type"] == "completed")
+        .unwrap();
+    assert_eq!(done["traceId"], trace, "{done}");
+
+    // An interrupted message's trace shows the interrupt.
+    let slow = send_with_attributes(&env, "u", "[standin:sleep 30]", None, None).await;
+    env.wait_for(&slow, "started", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let newer = send_with_attributes(&env, "v", "[standin:write n.txt 1]", None, None).await;
+    env.wait_for(&newer, "completed", Duration::from_secs(60))
+        .await;
+    // SIGTERM flushes the exporter before the worker exits.
+    assert_eq!(env.stop_worker(), Some(0));
+
+    let spans = spans.lock().unwrap().clone();
+    let root = root_of(&spans, &id);
+    assert_eq!(root.trace_id, trace);
+    assert_eq!(
+        root.parent_span_id, producer,
+        "the producer's span is the root's parent"
+    );
+    assert_eq!(root.kind, 5, "a consumer span");
+    assert_eq!(root.attributes["messaging.system"], "aws_sqs");
+    assert_eq!(root.attributes["trace.parent_source"], "traceparent");
+    assert!(root.attributes["edit.command"].starts_with("Update the homepage"));
+    let mine: Vec<&Span> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    let children: Vec<&Span> = {
+        let mut c: Vec<&Span> = mine
+            .iter()
+            .copied()
+            .filter(|s| s.parent_span_id == root.span_id)
+            .collect();
+        c.sort_by_key(|s| s.start);
+        c
+    };
+    let names: Vec<&str> = children.iter().map(|s| s.name.as_str()).collect();
+    let steps = [
+        "prepare workspace",
+        "agent run",
+        "commit",
+        "build",
+        "publish",
+        "push",
+    ];
+    let positions: Vec<usize> = steps
+        .iter()
+        .map(|step| {
+            names
+                .iter()
+                .position(|n| n == step)
+                .unwrap_or_else(|| panic!("no {step} span under the root: {names:?}"))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "steps out of order: {names:?}"
+    );
+    assert!(names.contains(&"send status event"), "{names:?}");
+    let agent = children.iter().find(|s| s.name == "agent run").unwrap();
+    assert!(!agent.attributes["agent.session_id"].is_empty());
+    assert_eq!(agent.attributes["agent.turns"], "1");
+    assert_eq!(agent.attributes["agent.result_subtype"], "success");
+    assert!(
+        agent
+            .events
+            .iter()
+            .any(|(_, a)| a.get("step").is_some_and(|s| s.starts_with("Edit"))),
+        "tool uses as events: {:?}",
+        agent.events
+    );
+    let publish = children.iter().find(|s| s.name == "publish").unwrap();
+    assert_eq!(
+        publish.attributes["uploaded"], "4",
+        "{:?}",
+        publish.attributes
+    );
+    // Work done inside the build actor nests under the build span.
+    let build = children.iter().find(|s| s.name == "build").unwrap();
+    assert!(
+        mine.iter()
+            .any(|s| s.name == "build site" && s.parent_span_id == build.span_id)
+    );
+    // Every span of this trace belongs to this message: the root or one of its descendants.
+    let ids: std::collections::HashSet<&str> = mine.iter().map(|s| s.span_id.as_str()).collect();
+    for s in &mine {
+        assert!(
+            s.span_id == root.span_id || ids.contains(s.parent_span_id.as_str()),
+            "stray span {s:?}"
+        );
+    }
+
+    let interrupted = root_of(&spans, &slow);
+    assert!(
+        interrupted
+            .events
+            .iter()
+            .any(|(name, a)| name.contains("work stopped")
+                && a.get("reason").is_some_and(|r| r.contains("Interrupted"))),
+        "{:?}",
+        interrupted.events
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_trace_headers_are_continued_and_untraced_messages_start_a_trace() {
+    let (url, spans) = otlp_receiver().await;
+    let mut env = TestEnv::new("xray").await;
+    env.create_bucket(&env.bucket("tess")).await;
+    env.create_upstream("tess", "site", Site::Tiny);
+    let extra = otel_env(&url);
+    env.start_worker(
+        &extra
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+    );
+
+    let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+    let xray = send_with_attributes(&env, "x", "[standin:write x.txt 1]", None, Some(header)).await;
+    let events = env
+        .wait_for(&xray, "completed", Duration::from_secs(60))
+        .await;
+    let plain = send_with_attributes(&env, "y", "[standin:write y.txt 1]", None, None).await;
+    let more = env
+        .wait_for(&plain, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(env.stop_worker(), Some(0));
+    let spans = spans.lock().unwrap().clone();
+
+    let root = root_of(&spans, &xray);
+    assert_eq!(root.trace_id, "5759e988bd862e3fe1be46a994272793");
+    assert_eq!(root.parent_span_id, "53995c3f42cd8ad8");
+    assert_eq!(root.attributes["trace.parent_source"], "AWSTraceHeader");
+    let done = events
+        .iter()
+        .find(|e| e["messageId"] == xray.as_str() && e["type"] == "completed")
+        .unwrap();
+    assert_eq!(done["traceId"], root.trace_id.as_str());
+
+    let fresh = root_of(&spans, &plain);
+    assert!(fresh.parent_span_id.is_empty(), "a new trace has no parent");
+    assert_ne!(fresh.trace_id, root.trace_id);
+    let done = more
+        .iter()
+        .find(|e| e["messageId"] == plain.as_str() && e["type"] == "completed")
+        .unwrap();
+    assert_eq!(done["traceId"], fresh.trace_id.as_str());
+}
