@@ -135,7 +135,60 @@ def row(*cells):
     print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
+def otlp_sink():
+    """An OTLP/HTTP endpoint that accepts everything (the exporter's cost is what we measure)."""
+    import http.server
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def trace_overhead():
+    """Issue 5: loadgen throughput with trace export on and off, alternating, in one run."""
+    sink = otlp_sink()
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    messages = max(40, int(150 * SCALE))
+    results = {"off": [], "on": []}
+    for r in range(rounds):
+        for mode in ("off", "on"):
+            tag = f"ovh{r}{mode}"
+            upstream, q = prepare(tag, 10, 1, "tiny-site")
+            extra = {"BUILD_COMMAND": "node build.mjs"}
+            if mode == "on":
+                extra.update({"OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+            w = Worker(tag, upstream, q, extra)
+            report, _ = loadgen(tag, q, 10, 1, 1, messages, "[standin:write load/{n}.txt {n}]")
+            w.stop()
+            assert report["lost"] == 0, report
+            results[mode].append(report["throughputPerSec"])
+            print(f"  round {r + 1} export {mode}: {report['throughputPerSec']:.2f} msg/s", file=sys.stderr)
+    off = sorted(results["off"])[len(results["off"]) // 2]
+    on = sorted(results["on"])[len(results["on"]) // 2]
+    print(f"\ntrace export overhead: {messages} messages x {rounds} rounds each, alternating, median")
+    print("| export | throughput (msg/s) |")
+    print("| --- | --- |")
+    print(f"| off | {off:.2f} |")
+    print(f"| on (OTLP/HTTP to a local sink) | {on:.2f} |")
+    print(f"\ncost of export: {(1 - on / off) * 100:.1f}% of throughput (target: at most 5%)")
+
+
 def main():
+    if os.environ.get("MODE") == "trace-overhead":
+        trace_overhead()
+        shutil.rmtree(BASE, ignore_errors=True)
+        return
     results = []
     think = 2
     # Run 1 (with bursts: run 4 reads its lost/duplicate counts).

@@ -20,3 +20,7 @@ pub fn s3(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
         .build();
     aws_sdk_s3::Client::from_conf(config)
 }
+
+pub fn cloudfront(sdk: &aws_config::SdkConfig) -> aws_sdk_cloudfront::Client {
+    aws_sdk_cloudfront::Client::new(sdk)
+}

@@ -55,6 +55,7 @@ const KEYS: &[&str] = &[
     "MAX_HELD_PER_WORKSPACE",
     "MAX_HELD_PER_CLIENT",
     "TRACE_COMMAND_CHARS",
+    "CLOUDFRONT_DISTRIBUTIONS",
     "SESSION_IDLE_SECONDS",
 ];
 
@@ -329,6 +330,20 @@ impl Settings {
         c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
         c.max_held_per_workspace =
             self.positive("MAX_HELD_PER_WORKSPACE", c.max_held_per_workspace as u64)? as usize;
+        if let Some(map) = self.get("CLOUDFRONT_DISTRIBUTIONS") {
+            for pair in map.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (client, distribution) = pair
+                    .split_once('=')
+                    .map(|(c, d)| (c.trim(), d.trim()))
+                    .filter(|(c, d)| check_dns_label("id", c).is_ok() && !d.is_empty())
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "CLOUDFRONT_DISTRIBUTIONS",
+                        message: format!("`{pair}` is not clientId=DISTRIBUTIONID"),
+                    })?;
+                c.cloudfront_distributions
+                    .insert(client.to_owned(), distribution.to_owned());
+            }
+        }
         c.trace_command_chars =
             self.number("TRACE_COMMAND_CHARS", c.trace_command_chars as u64)? as usize;
         c.max_held_per_client =

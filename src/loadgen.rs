@@ -87,11 +87,16 @@ pub struct LoadReport {
     makespan_ms: u64,
 }
 
-/// One sent message and what became of it.
+/// One sent message and what became of it. Times are wall-clock: a terminal event's time is
+/// its own `at` (stamped by the worker), not when we got round to reading it.
 struct Sent {
-    sent_at: Instant,
-    terminal: Vec<(String, Instant, serde_json::Value)>,
+    sent_at: SystemTime,
+    terminal: Vec<(String, SystemTime, serde_json::Value)>,
 }
+
+/// Status-queue receives in flight at once: reading must keep up with a worker that finishes
+/// many messages a second, each with several events.
+const READERS: usize = 8;
 
 /// A tiny deterministic generator (xorshift): bursts are reproducible for a given seed.
 struct Rng(u64);
@@ -161,6 +166,7 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
     }
 
     let started = Instant::now();
+    let started_wall = SystemTime::now();
     let mut sent: HashMap<String, Sent> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     let batch_size = if args.rate > 0.0 { 1 } else { 10 };
@@ -210,7 +216,7 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
                     .expect("entry")
             })
             .collect::<Vec<_>>();
-        let now = Instant::now();
+        let now = SystemTime::now();
         let out = sqs
             .send_message_batch()
             .queue_url(&args.queue_url)
@@ -252,16 +258,18 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
         {
             break;
         }
-        let out = sqs
-            .receive_message()
-            .queue_url(&args.status_queue_url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
-        let messages = out.messages.unwrap_or_default();
-        let now = Instant::now();
+        let reads = (0..READERS).map(|_| {
+            sqs.receive_message()
+                .queue_url(&args.status_queue_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+        });
+        let mut messages = Vec::new();
+        for out in futures::future::join_all(reads).await {
+            let out = out.map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
+            messages.extend(out.messages.unwrap_or_default());
+        }
         let mut receipts = Vec::new();
         for m in messages {
             receipts.push(m.receipt_handle.clone().unwrap_or_default());
@@ -276,11 +284,15 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
             ) {
                 continue;
             }
+            let at = event["at"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .unwrap_or_else(SystemTime::now);
             if let Some(entry) = event["messageId"].as_str().and_then(|id| sent.get_mut(id)) {
-                entry.terminal.push((kind, now, event));
+                entry.terminal.push((kind, at, event));
             }
         }
-        for (i, chunk) in receipts.chunks(10).enumerate() {
+        let deletes = receipts.chunks(10).enumerate().map(|(i, chunk)| {
             let entries = chunk
                 .iter()
                 .enumerate()
@@ -292,21 +304,18 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
                         .expect("entry")
                 })
                 .collect::<Vec<_>>();
-            if !entries.is_empty() {
-                let _ = sqs
-                    .delete_message_batch()
-                    .queue_url(&args.status_queue_url)
-                    .set_entries(Some(entries))
-                    .send()
-                    .await;
-            }
-        }
+            sqs.delete_message_batch()
+                .queue_url(&args.status_queue_url)
+                .set_entries(Some(entries))
+                .send()
+        });
+        futures::future::join_all(deletes).await;
         if all_done_at.is_none() && sent.values().all(|s| !s.terminal.is_empty()) {
             all_done_at = Some(Instant::now());
         }
     }
 
-    let report = summarize(&sent, started);
+    let report = summarize(&sent, started_wall);
     print_table(&report);
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -319,8 +328,8 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
                 let s = &sent[id];
                 let (_, at, _) = s.terminal.first()?;
                 Some((
-                    at.duration_since(started).as_secs_f64(),
-                    at.duration_since(s.sent_at).as_secs_f64() * 1000.0,
+                    since(*at, started_wall).as_secs_f64(),
+                    since(*at, s.sent_at).as_secs_f64() * 1000.0,
                 ))
             })
             .collect();
@@ -346,7 +355,12 @@ fn percentiles(mut values: Vec<u64>) -> Percentiles {
     }
 }
 
-fn summarize(sent: &HashMap<String, Sent>, started: Instant) -> LoadReport {
+/// `later - earlier`, zero if the clocks say otherwise.
+fn since(later: SystemTime, earlier: SystemTime) -> Duration {
+    later.duration_since(earlier).unwrap_or_default()
+}
+
+fn summarize(sent: &HashMap<String, Sent>, started: SystemTime) -> LoadReport {
     let mut terminal = Terminal::default();
     let (mut lost, mut duplicates) = (0, 0);
     let mut latencies = Vec::new();
@@ -364,7 +378,7 @@ fn summarize(sent: &HashMap<String, Sent>, started: Instant) -> LoadReport {
             "failed" => terminal.failed += 1,
             _ => terminal.rejected += 1,
         }
-        latencies.push(at.duration_since(s.sent_at).as_millis() as u64);
+        latencies.push(since(*at, s.sent_at).as_millis() as u64);
         last = last.max(*at);
         if let Some(d) = event["durationsMs"].as_object() {
             for (phase, ms) in d {
@@ -386,7 +400,7 @@ fn summarize(sent: &HashMap<String, Sent>, started: Instant) -> LoadReport {
             }
         }
     }
-    let makespan = last.duration_since(started);
+    let makespan = since(last, started);
     let done = sent.len() - lost;
     LoadReport {
         sent: sent.len(),

@@ -192,7 +192,9 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         shutdown_deadline: deadline,
     };
     let (sqs, s3) = (aws::sqs(&sdk), aws::s3(&sdk));
-    match worker::run(config, sqs, s3, options, shutdown).await {
+    // CloudFront only when some client's bucket has a distribution.
+    let cloudfront = (!config.cloudfront_distributions.is_empty()).then(|| aws::cloudfront(&sdk));
+    match worker::run(config, sqs, s3, cloudfront, options, shutdown).await {
         Ok(IntakeEnd::Idle) => {
             tracing::info!("idle; exiting");
             ExitCode::SUCCESS

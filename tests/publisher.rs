@@ -342,3 +342,107 @@ async fn large_files_go_in_parts_and_are_recognised_afterwards() {
         big.len()
     );
 }
+
+/// A distribution in front of the client's bucket gets the changed paths invalidated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cloudfront_distribution_gets_the_changed_paths_invalidated() {
+    use aws_sdk_cloudfront::types::{
+        DefaultCacheBehavior, DistributionConfig, Origin, Origins, S3OriginConfig,
+        ViewerProtocolPolicy,
+    };
+    let mut env = common::TestEnv::new("cdn").await;
+    let bucket = env.bucket("uma");
+    env.create_bucket(&bucket).await;
+    env.create_upstream("uma", "site", common::Site::Tiny);
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(common::endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_cloudfront::config::Credentials::new(
+            "testing", "testing", None, None, "t",
+        ))
+        .load()
+        .await;
+    let cloudfront = aws_sdk_cloudfront::Client::new(&sdk);
+    let origin = Origin::builder()
+        .id("edit-bucket")
+        .domain_name(format!("{bucket}.s3.amazonaws.com"))
+        .s3_origin_config(S3OriginConfig::builder().origin_access_identity("").build())
+        .build()
+        .unwrap();
+    let behavior = DefaultCacheBehavior::builder()
+        .target_origin_id("edit-bucket")
+        .viewer_protocol_policy(ViewerProtocolPolicy::AllowAll)
+        // AWS's managed "CachingOptimized" policy.
+        .cache_policy_id("658327ea-f89d-4fab-a63d-7e88639e58f6")
+        .build()
+        .unwrap();
+    let config = DistributionConfig::builder()
+        .caller_reference(env.name.clone())
+        .origins(
+            Origins::builder()
+                .quantity(1)
+                .items(origin)
+                .build()
+                .unwrap(),
+        )
+        .default_cache_behavior(behavior)
+        .comment("edit site")
+        .enabled(true)
+        .build()
+        .unwrap();
+    let created = cloudfront
+        .create_distribution()
+        .distribution_config(config)
+        .send()
+        .await
+        .unwrap();
+    let distribution = created.distribution().unwrap().id().to_owned();
+
+    env.start_worker(&[("CLOUDFRONT_DISTRIBUTIONS", &format!("uma={distribution}"))]);
+    let id = env
+        .send("uma", "site", "t", "Update the homepage title to \"Fresh\"")
+        .await;
+    let events = env
+        .wait_for(&id, "completed", Duration::from_secs(60))
+        .await;
+    let done = events
+        .iter()
+        .find(|e| e["messageId"] == id.as_str() && e["type"] == "completed")
+        .unwrap();
+    let invalidation = done["invalidationId"]
+        .as_str()
+        .expect("an invalidation id")
+        .to_owned();
+    let listed = cloudfront
+        .list_invalidations()
+        .distribution_id(&distribution)
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<String> = listed
+        .invalidation_list()
+        .map(|l| l.items().iter().map(|i| i.id().to_owned()).collect())
+        .unwrap_or_default();
+    assert!(ids.contains(&invalidation), "{ids:?}");
+    let got = cloudfront
+        .get_invalidation()
+        .distribution_id(&distribution)
+        .id(&invalidation)
+        .send()
+        .await
+        .unwrap();
+    let paths = got
+        .invalidation()
+        .unwrap()
+        .invalidation_batch()
+        .unwrap()
+        .paths()
+        .unwrap()
+        .items()
+        .to_vec();
+    assert!(
+        paths.contains(&"/".to_owned()) && paths.contains(&"/index.html".to_owned()),
+        "{paths:?}"
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}

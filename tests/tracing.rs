@@ -117,13 +117,18 @@ async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
     (url, spans)
 }
 
-fn otel_env(url: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", url.to_owned()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
-        ("OTEL_SERVICE_NAME", "edit-worker-test".to_owned()),
-    ]
+/// A worker for client `tess` that exports to the receiver at `url`.
+async fn traced_worker(name: &str, url: &str) -> TestEnv {
+    let mut env = TestEnv::new(name).await;
+    env.create_bucket(&env.bucket("tess")).await;
+    env.create_upstream("tess", "site", Site::Tiny);
+    env.start_worker(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", url),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ("OTEL_SERVICE_NAME", "edit-worker-test"),
+    ]);
+    env
 }
 
 async fn send_with_attributes(
@@ -182,16 +187,7 @@ fn root_of<'a>(spans: &'a [Span], message_id: &str) -> &'a Span {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_is_one_trace_from_the_producer_to_s3() {
     let (url, spans) = otlp_receiver().await;
-    let mut env = TestEnv::new("trace").await;
-    env.create_bucket(&env.bucket("tess")).await;
-    env.create_upstream("tess", "site", Site::Tiny);
-    let extra = otel_env(&url);
-    env.start_worker(
-        &extra
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect::<Vec<_>>(),
-    );
+    let mut env = traced_worker("trace", &url).await;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let producer = "00f067aa0ba902b7";
@@ -315,16 +311,7 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
 #[tokio::test(flavor = "multi_thread")]
 async fn aws_trace_headers_are_continued_and_untraced_messages_start_a_trace() {
     let (url, spans) = otlp_receiver().await;
-    let mut env = TestEnv::new("xray").await;
-    env.create_bucket(&env.bucket("tess")).await;
-    env.create_upstream("tess", "site", Site::Tiny);
-    let extra = otel_env(&url);
-    env.start_worker(
-        &extra
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect::<Vec<_>>(),
-    );
+    let mut env = traced_worker("xray", &url).await;
 
     let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
     let xray = send_with_attributes(&env, "x", "[standin:write x.txt 1]", None, Some(header)).await;

@@ -293,8 +293,9 @@ async fn failing_build_and_agent_error_fail_and_publish_nothing() {
     let bucket = env.bucket("erin");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("erin", "site", Site::Tiny);
-    // No repair attempt: this test is about the failure itself (repairs are tested apart).
-    env.start_worker(&[("BUILD_REPAIR_ATTEMPTS", "0")]);
+    // No repair attempt and no retry of the API error (a passing failure): this test is about
+    // the failures themselves; repairs and retries are tested apart.
+    env.start_worker(&[("BUILD_REPAIR_ATTEMPTS", "0"), ("MAX_RECEIVES", "1")]);
 
     let broken = env.send("erin", "site", "b", "[standin:break-build]").await;
     let first = env.events_until_terminal(1, Duration::from_secs(60)).await;

@@ -19,16 +19,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-/// Environment variables the agent may see. Everything else (the worker's own AWS credentials,
-/// queue URLs, tokens) is withheld: the agent runs code from a model and needs only these.
+use crate::process;
+
+/// What the agent may see besides `process::BASE_ENV`: its credentials and settings. The
+/// worker's own AWS credentials and queue URLs are withheld: the agent runs code from a model.
 const AGENT_ENV: &[&str] = &[
-    "PATH",
-    "HOME",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "TMPDIR",
-    "USER",
     "ANTHROPIC_API_KEY",
     "ANTHROPIC_MODEL",
     "ANTHROPIC_BASE_URL",
@@ -242,7 +237,6 @@ pub async fn run_agent(
     let mut cmd = Command::new(&spec.bin);
     cmd.args(spec.args(session))
         .current_dir(cwd)
-        .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -384,14 +378,12 @@ fn die_with_parent(_cmd: &mut Command) {}
 
 fn apply_agent_env(cmd: &mut Command) {
     let bedrock = std::env::var("CLAUDE_CODE_USE_BEDROCK").is_ok_and(|v| v == "1" || v == "true");
-    let allowed = AGENT_ENV
+    let allowed: Vec<&str> = AGENT_ENV
         .iter()
-        .chain(if bedrock { BEDROCK_ENV } else { &[] });
-    for name in allowed {
-        if let Some(value) = std::env::var_os(name) {
-            cmd.env(name, value);
-        }
-    }
+        .chain(if bedrock { BEDROCK_ENV } else { &[] })
+        .copied()
+        .collect();
+    process::allow_env(cmd, &allowed);
     // A headless agent must not try to update itself in the middle of a request.
     cmd.env("DISABLE_AUTOUPDATER", "1");
 }
@@ -445,19 +437,12 @@ fn read_event(line: &str, on_activity: &mut impl FnMut(AgentActivity)) -> Option
 
 /// SIGINT to the group, then SIGKILL if it is still there after the grace period.
 async fn stop_group(pgid: Option<i32>, child: &mut Child) {
-    signal_group(pgid, nix::sys::signal::Signal::SIGINT);
+    process::signal_group(pgid, nix::sys::signal::Signal::SIGINT);
     if tokio::time::timeout(INTERRUPT_GRACE, child.wait())
         .await
         .is_err()
     {
-        signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-fn signal_group(pgid: Option<i32>, signal: nix::sys::signal::Signal) {
-    if let Some(pgid) = pgid {
-        // ESRCH (the group is already gone) is the normal case after a clean exit.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
+        process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -467,7 +452,7 @@ struct GroupGuard(Option<i32>);
 
 impl GroupGuard {
     fn kill(&self) {
-        signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
+        process::signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
     }
 }
 

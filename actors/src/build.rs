@@ -14,21 +14,14 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::process;
+
 /// Lines of build output kept for the error message: enough to show the error, small enough
 /// for a status event.
 const LOG_TAIL_LINES: usize = 40;
-/// Environment the build may see. It runs the site's own scripts, so the worker's secrets stay
-/// out of it.
-const BUILD_ENV: &[&str] = &[
-    "PATH",
-    "HOME",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "TMPDIR",
-    "USER",
-    "NODE_OPTIONS",
-];
+/// What the build may see besides `process::BASE_ENV`. It runs the site's own scripts, so the
+/// worker's secrets stay out of it.
+const BUILD_ENV: &[&str] = &["NODE_OPTIONS"];
 
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -160,17 +153,12 @@ async fn run_logged(
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .current_dir(dir)
-        .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    for name in BUILD_ENV {
-        if let Some(v) = std::env::var_os(name) {
-            cmd.env(name, v);
-        }
-    }
+    process::allow_env(&mut cmd, BUILD_ENV);
     for (name, value) in std::env::vars_os() {
         // npm's own settings (cache folder, registry) pass through; they hold no secrets of ours.
         let n = name.to_string_lossy();
@@ -184,12 +172,7 @@ async fn run_logged(
         program: program.clone(),
         source,
     })?;
-    let pgid = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
-    let kill_group = || {
-        if let Some(pgid) = pgid {
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        }
-    };
+    let pgid = child.id().map(|id| id as i32);
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let readers = [
         tokio::spawn(keep_tail(child.stdout.take().expect("piped"), tail.clone())),
@@ -201,7 +184,7 @@ async fn run_logged(
         _ = cancel.cancelled() => Err(BuildError::Cancelled),
     };
     // Whatever happened, nothing of the build outlives this call.
-    kill_group();
+    process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
     let status = waited?;
     for r in readers {
         let _ = r.await;

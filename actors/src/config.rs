@@ -50,7 +50,8 @@ pub struct WorkerConfig {
     /// keeps messages in the queue, where another container can take them, rather than waiting
     /// invisible in ours.
     pub max_in_flight: usize,
-    /// At most this many held messages per workspace, and per client (fairness).
+    /// At most this many held messages per workspace, and per client (fairness). The
+    /// workspace share is also how large a burst into one thread can be coalesced.
     pub max_held_per_workspace: usize,
     pub max_held_per_client: usize,
     /// Agent runs at once, over all workspaces. The agent mostly waits on the model, so this is
@@ -67,6 +68,9 @@ pub struct WorkerConfig {
     pub publish: PublishOptions,
     /// How often a failed push is retried before the message fails.
     pub push_attempts: u32,
+    /// CloudFront distribution in front of a client's edit bucket (client id -> distribution
+    /// id); after a publish, the changed paths are invalidated there. Empty: no invalidation.
+    pub cloudfront_distributions: std::collections::BTreeMap<String, String>,
     /// Characters of the request text kept on the message's span (0: none). Traces go to
     /// another system; the full text stays in git and the status events.
     pub trace_command_chars: usize,
@@ -103,7 +107,7 @@ impl WorkerConfig {
             max_command_bytes: crate::message::DEFAULT_MAX_COMMAND_BYTES,
             region: "us-east-1".into(),
             max_in_flight: 64,
-            max_held_per_workspace: 4,
+            max_held_per_workspace: 10,
             max_held_per_client: 16,
             agent_concurrency: 16,
             build_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -113,6 +117,7 @@ impl WorkerConfig {
             push_attempts: 4,
             health_file: None,
             trace_command_chars: 80,
+            cloudfront_distributions: Default::default(),
             max_receives: 5,
             retry_base_delay: Duration::from_secs(5),
         }

@@ -25,6 +25,8 @@ use crate::threads::{ThreadRecord, ThreadStore};
 pub struct WorkerContext {
     pub config: WorkerConfig,
     pub delivery: Delivery,
+    /// CloudFront, when some client's bucket has a distribution.
+    pub invalidator: Option<crate::invalidate::Invalidator>,
     /// Agent runs at once over all workspaces (`AGENT_CONCURRENCY`).
     agent_slots: Arc<tokio::sync::Semaphore>,
     /// Builds at once (`BUILD_CONCURRENCY`, CPU-bound).
@@ -32,8 +34,13 @@ pub struct WorkerContext {
 }
 
 impl WorkerContext {
-    pub fn new(config: WorkerConfig, delivery: Delivery) -> WorkerContext {
+    pub fn new(
+        config: WorkerConfig,
+        delivery: Delivery,
+        invalidator: Option<crate::invalidate::Invalidator>,
+    ) -> WorkerContext {
         WorkerContext {
+            invalidator,
             agent_slots: Arc::new(tokio::sync::Semaphore::new(config.agent_concurrency.max(1))),
             build_slots: Arc::new(tokio::sync::Semaphore::new(config.build_concurrency.max(1))),
             config,
@@ -138,6 +145,8 @@ struct Progress {
     build_repairs: u32,
     /// Progress events sent so far (their sequence numbers).
     progress_sent: u64,
+    /// The CDN invalidation made after the publish.
+    invalidation_id: Option<String>,
     published: Option<PublishReport>,
 }
 
@@ -408,6 +417,25 @@ async fn execute(
         .instrument(span.clone())
         .await?;
         progress.time("publish", t);
+        if let (Ok(report), Some(invalidator), Some(distribution)) = (
+            &published,
+            &ctx.invalidator,
+            config.cloudfront_distributions.get(&request.client_id),
+        ) && !report.changed.is_empty()
+        {
+            // The site is published either way; a failed invalidation only delays the CDN.
+            let reference = format!("{}-{head}", job.message_id);
+            match invalidator
+                .invalidate(distribution, &report.changed, &reference)
+                .instrument(info_span!("invalidate cdn", distribution = %distribution))
+                .await
+            {
+                Ok(id) => progress.invalidation_id = Some(id),
+                Err(e) => {
+                    tracing::warn!(%distribution, error = %e, "CloudFront invalidation failed")
+                }
+            }
+        }
         match &published {
             Ok(r) => {
                 span.record("uploaded", r.uploaded);
@@ -784,6 +812,7 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
     if progress.build_repairs > 0 {
         event.build_repairs = Some(progress.build_repairs);
     }
+    event.invalidation_id = progress.invalidation_id.clone();
     if let Some(report) = &progress.published {
         let bucket = config.bucket_for(&request.workspace());
         event.preview_url = Some(config.preview_url_for(&bucket));

@@ -124,6 +124,9 @@ impl Default for PublishOptions {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PublishReport {
+    /// Keys uploaded or deleted: what a CDN in front of the bucket must forget.
+    #[serde(skip)]
+    pub changed: Vec<String>,
     pub uploaded: usize,
     pub skipped: usize,
     pub deleted: usize,
@@ -263,11 +266,13 @@ impl Publisher {
         // stylesheet is not there yet; each batch ends before the next begins.
         for batch in [plan.assets, plan.pages] {
             let count = batch.len();
+            report.changed.extend(batch.iter().map(|f| f.key.clone()));
             report.bytes += self.upload_all(bucket, batch).await?;
             report.uploaded += count;
         }
         self.delete(bucket, &plan.stale).await?;
         report.deleted = plan.stale.len();
+        report.changed.extend(plan.stale);
         Ok(report)
     }
 

@@ -82,6 +82,9 @@ pub struct StatusEvent {
     /// Times the agent was resumed to repair a build its edit broke.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub build_repairs: Option<u32>,
+    /// The CloudFront invalidation made after the publish, when the bucket has a distribution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalidation_id: Option<String>,
 }
 
 impl StatusEvent {
@@ -132,6 +135,7 @@ impl StatusEvent {
             sequence: None,
             agent_turns: None,
             build_repairs: None,
+            invalidation_id: None,
         }
     }
 }

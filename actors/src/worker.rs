@@ -39,6 +39,7 @@ pub async fn run(
     config: WorkerConfig,
     sqs: aws_sdk_sqs::Client,
     s3: aws_sdk_s3::Client,
+    cloudfront: Option<aws_sdk_cloudfront::Client>,
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<IntakeEnd, WorkerError> {
@@ -62,7 +63,11 @@ pub async fn run(
         config.max_held_per_workspace,
         config.max_held_per_client,
     );
-    let ctx = Arc::new(WorkerContext::new(config, delivery));
+    let ctx = Arc::new(WorkerContext::new(
+        config,
+        delivery,
+        cloudfront.map(crate::invalidate::Invalidator::new),
+    ));
     let (supervisor, supervisor_done) = Actor::spawn(
         None,
         Supervisor,
