@@ -15,7 +15,7 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::job::{InFlight, Job};
+use crate::job::{InFlight, Job, Renewal};
 use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::metrics::metrics;
 use crate::pipeline::WorkerContext;
@@ -388,9 +388,16 @@ async fn accept(
     }
     let receive_count = registry.attempts(&message_id, receive_count);
     tracing::info!(%message_id, workspace = %request.workspace(), thread = %request.thread_id, "accepted");
+    // Renewed from now on: a message may wait in its session's queue longer than its timeout.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let renewal = Renewal::new(
+        stop.clone(),
+        ctx.delivery.keep_invisible(receipt_handle.clone(), stop),
+    );
     let job = Job {
         request,
         message_id,
+        renewal,
         receipt_handle,
         received_at: Instant::now(),
         receive_count,

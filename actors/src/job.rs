@@ -25,6 +25,9 @@ pub struct Job {
     /// The message's root span (a consumer span continuing the producer's trace); its work
     /// runs inside it. The span ends when the job is dropped.
     pub span: tracing::Span,
+    /// Renews the message's visibility from the moment it is accepted (also while it waits in
+    /// its session's queue) until it is finished or released.
+    pub renewal: Renewal,
     /// A slot of the intake's in-flight limit. Held as long as the job exists; dropping the job
     /// (however it ends) gives the slot back.
     pub slot: Option<InFlight>,
@@ -98,5 +101,44 @@ impl StopSignal {
 
     pub fn reason(&self) -> Option<StopReason> {
         self.reason.get().copied()
+    }
+}
+
+/// A running visibility renewal. Stop it (and wait for a renewal in flight) before deleting or
+/// releasing the message: a renewal landing after a release would hide the message again.
+/// Dropping it only cancels, for the paths that cannot wait.
+#[derive(Debug)]
+pub struct Renewal {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Renewal {
+    pub fn new(stop: CancellationToken, task: tokio::task::JoinHandle<()>) -> Renewal {
+        Renewal {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// No renewal (tests, and messages that are not held).
+    pub fn none() -> Renewal {
+        Renewal {
+            stop: CancellationToken::new(),
+            task: None,
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

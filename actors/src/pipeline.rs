@@ -167,18 +167,12 @@ enum Ending {
 /// Run a batch to its end: the first job and any directly following jobs of the same thread,
 /// which run as one agent turn (their commands joined in order) and each get their own
 /// terminal event. Never panics on bad input; every path reports or releases every message.
-pub async fn run_batch(ctx: Arc<WorkerContext>, steps: Steps, batch: Vec<Job>, stop: StopSignal) {
-    let heartbeat = tokio_util::sync::CancellationToken::new();
-    let renewals: Vec<_> = batch
-        .iter()
-        .map(|job| {
-            ctx.delivery
-                .keep_invisible(job.receipt_handle.clone(), heartbeat.clone())
-        })
-        .collect();
-    // If this task is dropped half-way, the renewals stop with it.
-    let heartbeat_guard = heartbeat.clone().drop_guard();
-
+pub async fn run_batch(
+    ctx: Arc<WorkerContext>,
+    steps: Steps,
+    mut batch: Vec<Job>,
+    stop: StopSignal,
+) {
     for job in &batch {
         let mut started =
             StatusEvent::for_request(EventType::Started, &job.request, &job.message_id);
@@ -220,9 +214,7 @@ pub async fn run_batch(ctx: Arc<WorkerContext>, steps: Steps, batch: Vec<Job>, s
         .insert("total".into(), lead_received.elapsed().as_millis() as u64);
     // Stop renewing visibility, and wait for a renewal in flight, before any message is
     // deleted or released.
-    heartbeat.cancel();
-    futures::future::join_all(renewals).await;
-    drop(heartbeat_guard);
+    futures::future::join_all(batch.iter_mut().map(|job| job.renewal.stop())).await;
     for job in batch {
         finish(&ctx, job, &ending, &progress).await;
     }

@@ -179,9 +179,10 @@ impl SessionActor {
         );
     }
 
-    fn release(ctx: &Arc<WorkerContext>, job: Job) {
+    fn release(ctx: &Arc<WorkerContext>, mut job: Job) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            job.renewal.stop().await;
             if let Err(e) = ctx
                 .delivery
                 .release(&job.receipt_handle, Duration::ZERO)
