@@ -94,9 +94,9 @@ struct Sent {
     terminal: Vec<(String, SystemTime, serde_json::Value)>,
 }
 
-/// Status-queue receives in flight at once: reading must keep up with a worker that finishes
-/// many messages a second, each with several events.
-const READERS: usize = 8;
+// The status queue is read by one reader, polling without a wait while it has messages:
+// concurrent receives on moto's in-memory queues can hand out a message twice, and long polls
+// there return about once a second even when messages wait.
 
 /// A tiny deterministic generator (xorshift): bursts are reproducible for a given seed.
 struct Rng(u64);
@@ -252,24 +252,24 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
     // the wait is over.
     let deadline = sending_done + Duration::from_secs(args.wait);
     let mut all_done_at: Option<Instant> = None;
+    // Consecutive empty reads: the first empty read is followed by long polls.
+    let mut idle_reads = 0u32;
     while Instant::now() < deadline {
         if let Some(done) = all_done_at
             && done.elapsed() > Duration::from_secs(2)
         {
             break;
         }
-        let reads = (0..READERS).map(|_| {
-            sqs.receive_message()
-                .queue_url(&args.status_queue_url)
-                .max_number_of_messages(10)
-                .wait_time_seconds(1)
-                .send()
-        });
-        let mut messages = Vec::new();
-        for out in futures::future::join_all(reads).await {
-            let out = out.map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
-            messages.extend(out.messages.unwrap_or_default());
-        }
+        let out = sqs
+            .receive_message()
+            .queue_url(&args.status_queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(if idle_reads > 0 { 1 } else { 0 })
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
+        let messages = out.messages.unwrap_or_default();
+        idle_reads = if messages.is_empty() { idle_reads + 1 } else { 0 };
         let mut receipts = Vec::new();
         for m in messages {
             receipts.push(m.receipt_handle.clone().unwrap_or_default());
