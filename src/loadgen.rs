@@ -269,7 +269,11 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
             .await
             .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
         let messages = out.messages.unwrap_or_default();
-        idle_reads = if messages.is_empty() { idle_reads + 1 } else { 0 };
+        idle_reads = if messages.is_empty() {
+            idle_reads + 1
+        } else {
+            0
+        };
         let mut receipts = Vec::new();
         for m in messages {
             receipts.push(m.receipt_handle.clone().unwrap_or_default());
