@@ -405,10 +405,7 @@ async fn a_cloudfront_distribution_gets_the_changed_paths_invalidated() {
     let events = env
         .wait_for(&id, "completed", Duration::from_secs(60))
         .await;
-    let done = events
-        .iter()
-        .find(|e| e["messageId"] == id.as_str() && e["type"] == "completed")
-        .unwrap();
+    let done = common::event_of(&events, &id, "completed");
     let invalidation = done["invalidationId"]
         .as_str()
         .expect("an invalidation id")

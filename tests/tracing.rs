@@ -202,10 +202,7 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
     let events = env
         .wait_for(&id, "completed", Duration::from_secs(60))
         .await;
-    let done = events
-        .iter()
-        .find(|e| e["messageId"] == id.as_str() && e["type"] == "completed")
-        .unwrap();
+    let done = common::event_of(&events, &id, "completed");
     assert_eq!(done["traceId"], trace, "{done}");
 
     // An interrupted message's trace shows the interrupt.
@@ -329,18 +326,12 @@ async fn aws_trace_headers_are_continued_and_untraced_messages_start_a_trace() {
     assert_eq!(root.trace_id, "5759e988bd862e3fe1be46a994272793");
     assert_eq!(root.parent_span_id, "53995c3f42cd8ad8");
     assert_eq!(root.attributes["trace.parent_source"], "AWSTraceHeader");
-    let done = events
-        .iter()
-        .find(|e| e["messageId"] == xray.as_str() && e["type"] == "completed")
-        .unwrap();
+    let done = common::event_of(&events, &xray, "completed");
     assert_eq!(done["traceId"], root.trace_id.as_str());
 
     let fresh = root_of(&spans, &plain);
     assert!(fresh.parent_span_id.is_empty(), "a new trace has no parent");
     assert_ne!(fresh.trace_id, root.trace_id);
-    let done = more
-        .iter()
-        .find(|e| e["messageId"] == plain.as_str() && e["type"] == "completed")
-        .unwrap();
+    let done = common::event_of(&more, &plain, "completed");
     assert_eq!(done["traceId"], fresh.trace_id.as_str());
 }

@@ -273,14 +273,11 @@ async fn execute(
     }
     if let Some(saved) = saved {
         tracing::warn!(branch = %saved.branch, commit = %saved.commit, "saved unfinished work found in the workspace");
-        let pushed = ask(&steps.git, "git", |reply| GitMsg::Push {
-            branch: saved.branch.clone(),
-            attempts: config.push_attempts,
-            reply,
-        })
-        .await?;
-        if let Err(e) = pushed {
-            tracing::warn!(error = %e, "saved work could not be pushed yet; it stays committed locally");
+        match push(ctx, steps, &saved.branch, progress).await {
+            Err(JobError::Push(e)) => {
+                tracing::warn!(error = %e, "saved work could not be pushed yet; it stays committed locally");
+            }
+            other => other?,
         }
     }
     // A redelivered message whose agent run was already committed does not run again.

@@ -391,6 +391,14 @@ pub fn is_terminal(event: &Value) -> bool {
     )
 }
 
+/// The event of `kind` for message `id` among `events` (panics, listing them, if there is none).
+pub fn event_of<'a>(events: &'a [Value], id: &str, kind: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| e["messageId"] == id && e["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} event for {id}: {events:#?}"))
+}
+
 pub fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["type"] == kind).collect()
 }
