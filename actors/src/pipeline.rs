@@ -315,15 +315,18 @@ async fn execute(
     }
 
     // 4. Build; when the agent's edit broke it, resume the agent with the error and try again.
+    // Worker state of the checkout (install stamp, last published commit) lives in .git.
+    let state_dir = workspace_dir.join(".git/edit-worker");
+    let marker_path = state_dir.join("published");
     let mut repairs = 0;
-    let head = loop {
+    let (head, marker) = loop {
         let head = ask(&steps.git, "git", |reply| GitMsg::HeadCommit { reply }).await??;
         progress.commit = Some(head.clone());
-        let marker_path = workspace_dir.join(".git/edit-worker/published");
+        let marker = format!("{head} {bucket}");
         let live = tokio::fs::read_to_string(&marker_path)
             .await
             .unwrap_or_default();
-        if live.trim() == format!("{head} {bucket}") {
+        if live.trim() == marker {
             tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
             // Nothing to build or publish: straight to the push.
             return push(ctx, steps, &branch, progress).await;
@@ -336,7 +339,7 @@ async fn execute(
         let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
             dir: workspace_dir.clone(),
-            state_dir: workspace_dir.join(".git/edit-worker"),
+            state_dir: state_dir.clone(),
             stop: stop.token().clone(),
             reply,
         })
@@ -353,7 +356,7 @@ async fn execute(
                     *progress.durations.entry("install".into()).or_default() += ms;
                 }
                 *progress.durations.entry("build".into()).or_default() += b.build_ms;
-                break head;
+                break (head, marker);
             }
             Err(BuildError::BuildFailed { log_tail, status })
                 if ran_agent && repairs < config.build_repair_attempts =>
@@ -382,9 +385,6 @@ async fn execute(
         }
     };
     {
-        let marker_path = workspace_dir.join(".git/edit-worker/published");
-        let marker = format!("{head} {bucket}");
-
         // Publishing is not cancelled: it is short, and a half-published site is worse.
         let t = Instant::now();
         let span = info_span!(
