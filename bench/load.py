@@ -8,7 +8,7 @@ fixed think time, driven by `edit-worker loadgen`. Figures are printed, not asse
   3. memory: resident size idle, with 1,000 idle sessions, and at the peak of run 1;
   4. lost and duplicated terminal events with interrupt bursts on (every run reports them);
   5. a realistic run: real Astro build of the sample site, agent 10 s.
-Run with: scripts/bench load   (SCALE=0.2 for a quick look)
+Run with: scripts/bench load   (SCALE=0.2 for a quick look; RUNS=1,3 for some of the runs)
 """
 
 import json
@@ -127,6 +127,26 @@ def loadgen(tag, q, clients, projects, threads, messages, command, share=0.0, ra
     return json.load(open(report)), chart
 
 
+def cpu_seconds(pid, children=False):
+    """User + system CPU time of one process, or of its waited-for children (agents, builds, git),
+    from /proc: to show where the machine's time went."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        first = 13 if children else 11
+        return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine_cpu_seconds():
+    """CPU time spent by everything on the machine (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # everything but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def mib(kib):
     return f"{kib / 1024:.1f} MiB"
 
@@ -189,68 +209,108 @@ def main():
         trace_overhead()
         shutil.rmtree(BASE, ignore_errors=True)
         return
-    results = []
+    runs_wanted = set(os.environ.get("RUNS", "1,2,3,5").split(","))
+    table = []
     think = 2
-    # Run 1 (with bursts: run 4 reads its lost/duplicate counts).
-    clients, projects = max(1, int(40 * SCALE)), 5
-    n = clients * projects * 5
-    upstream, q = prepare("run1", clients, projects, "tiny-site")
-    w = Worker("run1", upstream, q, {"BUILD_COMMAND": "node build.mjs", "AGENT_CONCURRENCY": "16"})
-    idle_rss = w.idle_rss
-    r1, chart1 = loadgen("run1", q, clients, projects, 1, n,
-                         f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]", share=0.1)
-    runs = w.agent_runs()
-    peak = w.peak
-    w.stop()
-    ideal = runs * think / 16
-    print(f"run 1: {n} messages, {runs} agent runs, makespan {r1['makespanMs'] / 1000:.1f} s", file=sys.stderr)
+    reports = []
+    if "1" in runs_wanted:
+        # Run 1 (with bursts: run 4 reads its lost/duplicate counts).
+        clients, projects = max(1, int(40 * SCALE)), 5
+        n = clients * projects * 5
+        upstream, q = prepare("run1", clients, projects, "tiny-site")
+        w = Worker("run1", upstream, q, {"BUILD_COMMAND": "node build.mjs", "AGENT_CONCURRENCY": "16"})
+        idle_rss = w.idle_rss
+        moto_pid = int(os.environ.get("MOTO_PID", "0"))
+        cpu0 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
+                cpu_seconds(w.proc.pid, children=True))
+        r1, chart1 = loadgen("run1", q, clients, projects, 1, n,
+                             f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]", share=0.1)
+        cpu1 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
+                cpu_seconds(w.proc.pid, children=True))
+        runs = w.agent_runs()
+        peak = w.peak
+        w.stop()
+        reports.append(r1)
+        ideal = runs * think / 16
+        makespan = r1["makespanMs"] / 1000
+        print(f"run 1: {n} messages, {runs} agent runs, makespan {makespan:.1f} s", file=sys.stderr)
 
-    # The seed's design: one message at a time, measured on a sample.
-    sample = max(4, int(20 * SCALE))
-    upstream, q = prepare("serial", 1, sample, "tiny-site")
-    w = Worker("serial", upstream, q, {"BUILD_COMMAND": "node build.mjs", "MAX_IN_FLIGHT": "1", "AGENT_CONCURRENCY": "1"})
-    rs, _ = loadgen("serial", q, 1, sample, 1, sample, f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]")
-    w.stop()
-    per_message = rs["makespanMs"] / 1000 / sample
-    serial = per_message * n
+        # The seed's design: one message at a time, measured on a sample.
+        sample = max(4, int(20 * SCALE))
+        upstream, q = prepare("serial", 1, sample, "tiny-site")
+        w = Worker("serial", upstream, q, {"BUILD_COMMAND": "node build.mjs", "MAX_IN_FLIGHT": "1", "AGENT_CONCURRENCY": "1"})
+        rs, _ = loadgen("serial", q, 1, sample, 1, sample, f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]")
+        w.stop()
+        per_message = rs["makespanMs"] / 1000 / sample
+        serial = per_message * n
+        busy, moto_cpu, worker_cpu, children_cpu = (b - a for a, b in zip(cpu0, cpu1))
+        table += [
+            (f"1. {n} messages ({clients * projects} workspaces x 5), agent {think} s, tiny build",
+             "makespan / ideal bound", f"{makespan:.1f} s / {ideal:.1f} s = {makespan / ideal:.2f}x", "<= 1.25x"),
+            ("", f"one at a time (measured on {sample}, {per_message:.2f} s each, extrapolated)",
+             f"{serial:.0f} s: {serial / makespan:.0f}x slower", ">= 20x"),
+            ("", "outcomes", f"{r1['terminal']}", ""),
+            ("", f"CPU busy per second ({os.cpu_count()} cores): all / moto / worker / its children",
+             f"{busy / makespan:.2f} / {moto_cpu / makespan:.2f} / {worker_cpu / makespan:.2f} / "
+             f"{children_cpu / makespan:.2f} s", ""),
+        ]
+        mem_peak = mib(peak)
+    else:
+        idle_rss, mem_peak = None, "not run"
 
-    # Run 2: light load, nothing waits for a slot.
-    upstream, q = prepare("run2", 10, 1, "tiny-site")
-    w = Worker("run2", upstream, q, {"BUILD_COMMAND": "node build.mjs"})
-    r2, _ = loadgen("run2", q, 10, 1, 1, max(20, int(100 * SCALE)), "[standin:write load/{n}.txt {n}]", rate=4)
-    w.stop()
+    if "2" in runs_wanted:
+        # Run 2: light load, nothing waits for a slot.
+        upstream, q = prepare("run2", 10, 1, "tiny-site")
+        w = Worker("run2", upstream, q, {"BUILD_COMMAND": "node build.mjs"})
+        idle_rss = idle_rss or w.idle_rss
+        r2, _ = loadgen("run2", q, 10, 1, 1, max(20, int(100 * SCALE)), "[standin:write load/{n}.txt {n}]", rate=4)
+        w.stop()
+        reports.append(r2)
+        table.append(("2. light load (4 msg/s)", "orchestration overhead p50 / p99",
+                      f"{r2['phasesMs']['orchestration']['p50']} / {r2['phasesMs']['orchestration']['p99']} ms", "p99 < 50 ms"))
 
-    # Run 3: 1,000 sessions left idle.
-    sessions = max(50, int(1000 * SCALE))
-    upstream, q = prepare("run3", sessions // 10, 10, "tiny-site")
-    w = Worker("run3", upstream, q, {"BUILD_COMMAND": "node build.mjs", "SESSION_IDLE_SECONDS": "3600"})
-    r3, _ = loadgen("run3", q, sessions // 10, 10, 1, sessions, "[standin:write load/{n}.txt {n}]")
-    time.sleep(2)
-    rss_sessions = w.rss()
-    w.stop()
+    if "3" in runs_wanted:
+        # Run 3: 1,000 sessions left idle.
+        sessions = max(50, int(1000 * SCALE))
+        upstream, q = prepare("run3", sessions // 10, 10, "tiny-site")
+        w = Worker("run3", upstream, q, {"BUILD_COMMAND": "node build.mjs", "SESSION_IDLE_SECONDS": "3600",
+                                         "AGENT_CONCURRENCY": "32"})
+        idle_rss = idle_rss or w.idle_rss
+        r3, _ = loadgen("run3", q, sessions // 10, 10, 1, sessions, "[standin:write load/{n}.txt {n}]")
+        time.sleep(2)
+        rss_sessions = w.rss()
+        w.stop()
+        reports.append(r3)
+    else:
+        sessions, rss_sessions = 1000, None
 
-    # Run 5: the real Astro build.
-    astro_clients = max(2, int(20 * SCALE))
-    upstream, q = prepare("run5", astro_clients, 1, "astro-site")
-    w = Worker("run5", upstream, q, {})
-    r5, chart5 = loadgen("run5", q, astro_clients, 1, 1, astro_clients, "[standin:sleep 10] Update the homepage title to \"Load {n}\"")
-    w.stop()
+    table.append(("3. memory", f"idle / {sessions} idle sessions / peak of run 1",
+                  f"{mib(idle_rss) if idle_rss else 'not run'} / {mib(rss_sessions) if rss_sessions else 'not run'} / {mem_peak}",
+                  "< 30 MiB idle, < 100 MiB with 1,000"))
+
+    if "5" in runs_wanted:
+        # Run 5: the real Astro build.
+        astro_clients = max(2, int(20 * SCALE))
+        upstream, q = prepare("run5", astro_clients, 1, "astro-site")
+        w = Worker("run5", upstream, q, {})
+        r5, chart5 = loadgen("run5", q, astro_clients, 1, 1, astro_clients,
+                             "[standin:sleep 10] Update the homepage title to \"Load {n}\"")
+        w.stop()
+        reports.append(r5)
+    table.append(("4. lost / duplicated terminal events (bursts on in run 1)", "runs " + ", ".join(sorted(runs_wanted)),
+                  " ; ".join(f"{r['lost']}/{r['duplicates']}" for r in reports), "0 / 0"))
+    if "5" in runs_wanted:
+        table.append((f"5. {astro_clients} clients, real Astro build, agent 10 s", "latency p50 / p95 / p99 / max",
+                      "{p50} / {p95} / {p99} / {max} ms".format(**r5["latencyMs"]), ""))
+        table.append(("", "time per phase, p50 (ms)", ", ".join(f"{k} {v['p50']}" for k, v in r5["phasesMs"].items()), ""))
 
     print()
     print("| run | figure | result | target |")
     print("| --- | --- | --- | --- |")
-    row(f"1. {n} messages ({clients * projects} workspaces x 5), agent {think} s, tiny build",
-        "makespan / ideal bound", f"{r1['makespanMs'] / 1000:.1f} s / {ideal:.1f} s = {r1['makespanMs'] / 1000 / ideal:.2f}x", "<= 1.25x")
-    row("", "one at a time (measured on %d, extrapolated)" % sample, f"{serial:.0f} s: {serial / (r1['makespanMs'] / 1000):.0f}x slower", ">= 20x")
-    row("", "outcomes", f"{r1['terminal']}", "")
-    row("2. light load (4 msg/s)", "orchestration overhead p50 / p99", f"{r2['phasesMs']['orchestration']['p50']} / {r2['phasesMs']['orchestration']['p99']} ms", "p99 < 50 ms")
-    row("3. memory", f"idle / {sessions} idle sessions / peak of run 1", f"{mib(idle_rss)} / {mib(rss_sessions)} / {mib(peak)}", "< 30 MiB idle, < 100 MiB with 1,000")
-    row("4. lost / duplicated terminal events (bursts on in run 1)", "run 1, 2, 3, 5",
-        " ; ".join(f"{r['lost']}/{r['duplicates']}" for r in (r1, r2, r3, r5)), "0 / 0")
-    row(f"5. {astro_clients} clients, real Astro build, agent 10 s", "latency p50 / p95 / p99 / max",
-        "{p50} / {p95} / {p99} / {max} ms".format(**r5["latencyMs"]), "")
-    row("", "time per phase, p50 (ms)", ", ".join(f"{k} {v['p50']}" for k, v in r5["phasesMs"].items()), "")
-    print(f"\ncharts: {chart1}, {chart5}")
+    for cells in table:
+        row(*cells)
+    charts = [c for c in (locals().get("chart1"), locals().get("chart5")) if c]
+    print(f"\ncharts: {', '.join(charts)}")
     shutil.rmtree(BASE, ignore_errors=True)
 
 

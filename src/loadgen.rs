@@ -1,12 +1,13 @@
 //! `edit-worker loadgen`: the synthetic load generator of the contract. Sends edit requests
 //! across `load-c{i}/p{j}` workspaces and `t{k}` threads at a target rate, with a share of
-//! bursts into busy workspaces (interrupts), then reads the status queue until every message
-//! has its terminal event or the wait is over, and reports outcomes, lost and duplicated
-//! events, throughput, latency percentiles and time per phase (table, JSON, SVG chart).
+//! bursts into busy workspaces (interrupts), while several readers drain the status queue from
+//! the start until every message has its terminal event or the wait is over. Reports outcomes,
+//! lost and duplicated events, throughput, latency percentiles and time per phase (table, JSON,
+//! SVG chart).
 //!
 //! It creates no buckets or repositories: the operator prepares those for the ids above.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +16,7 @@ use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use clap::Args;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug, Clone)]
 pub struct LoadgenArgs {
@@ -54,6 +56,11 @@ pub struct LoadgenArgs {
     /// Seed of the (deterministic) choice of bursts.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Status queue readers working at once. One reader cannot keep up with a busy worker on a
+    /// slow local SQS, and a queue left to grow gets slower for everyone (moto scans the whole
+    /// queue on every send and receive).
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -78,7 +85,11 @@ pub struct LoadReport {
     sent: usize,
     terminal: Terminal,
     lost: usize,
+    /// Messages with more than one terminal event (each further event counts once).
     duplicates: usize,
+    /// Status events handed out more than once by the queue (the same SQS message again: SQS
+    /// delivers at least once). Not duplicates: the worker sent them once.
+    redeliveries: usize,
     throughput_per_sec: f64,
     latency_ms: Percentiles,
     /// Per phase of the pipeline (from the events' `durationsMs`): p50, p95, p99, max.
@@ -94,9 +105,66 @@ struct Sent {
     terminal: Vec<(String, SystemTime, serde_json::Value)>,
 }
 
-// The status queue is read by one reader, polling without a wait while it has messages:
-// concurrent receives on moto's in-memory queues can hand out a message twice, and long polls
-// there return about once a second even when messages wait.
+/// What became of every sent message, from the status events read so far.
+struct Ledger {
+    /// By the input message's SQS id (what the events' `messageId` carries).
+    sent: HashMap<String, Sent>,
+    /// SQS ids of the status events already counted: a second copy is a redelivery.
+    seen: HashSet<String>,
+    redeliveries: usize,
+    /// Sent messages without a terminal event yet (so that the end is seen without a scan).
+    unanswered: usize,
+}
+
+impl Ledger {
+    fn new(sent: HashMap<String, Sent>) -> Ledger {
+        Ledger {
+            unanswered: sent.len(),
+            sent,
+            seen: HashSet::new(),
+            redeliveries: 0,
+        }
+    }
+
+    /// Count one status event. Events of messages we did not send (another producer on the
+    /// queue) and events that are not JSON are ignored.
+    fn record(&mut self, sqs_message_id: &str, body: &str) {
+        if !self.seen.insert(sqs_message_id.to_owned()) {
+            self.redeliveries += 1;
+            return;
+        }
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(body) else {
+            return;
+        };
+        let kind = event["type"].as_str().unwrap_or_default().to_owned();
+        if !matches!(
+            kind.as_str(),
+            "completed" | "interrupted" | "failed" | "rejected"
+        ) {
+            return;
+        }
+        let at = event["at"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .unwrap_or_else(SystemTime::now);
+        if let Some(entry) = event["messageId"]
+            .as_str()
+            .and_then(|id| self.sent.get_mut(id))
+        {
+            if entry.terminal.is_empty() {
+                self.unanswered -= 1;
+            }
+            entry.terminal.push((kind, at, event));
+        }
+    }
+}
+
+/// One status event as a reader got it: the SQS message id tells a redelivery of the same
+/// event (at-least-once delivery; moto does it under concurrent receives) from a second event.
+struct Received {
+    sqs_message_id: String,
+    body: String,
+}
 
 /// A tiny deterministic generator (xorshift): bursts are reproducible for a given seed.
 struct Rng(u64);
@@ -164,6 +232,21 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
         }
         n += 1;
     }
+
+    // The readers start before the first send, so that the status queue never piles up.
+    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let stop_reading = CancellationToken::new();
+    let readers: Vec<_> = (0..args.readers.max(1))
+        .map(|_| {
+            tokio::spawn(read_status(
+                sqs.clone(),
+                args.status_queue_url.clone(),
+                event_tx.clone(),
+                stop_reading.clone(),
+            ))
+        })
+        .collect();
+    drop(event_tx);
 
     let started = Instant::now();
     let started_wall = SystemTime::now();
@@ -249,77 +332,44 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
     );
 
     // Collect until every message has a terminal event (then a short grace for duplicates) or
-    // the wait is over.
-    let deadline = sending_done + Duration::from_secs(args.wait);
-    let mut all_done_at: Option<Instant> = None;
-    // Consecutive empty reads: the first empty read is followed by long polls.
-    let mut idle_reads = 0u32;
-    while Instant::now() < deadline {
-        if let Some(done) = all_done_at
-            && done.elapsed() > Duration::from_secs(2)
-        {
-            break;
-        }
-        let out = sqs
-            .receive_message()
-            .queue_url(&args.status_queue_url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(if idle_reads > 0 { 1 } else { 0 })
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?;
-        let messages = out.messages.unwrap_or_default();
-        idle_reads = if messages.is_empty() {
-            idle_reads + 1
-        } else {
-            0
+    // the wait is over. Events read while we were still sending wait in the channel.
+    let deadline = tokio::time::Instant::from_std(sending_done + Duration::from_secs(args.wait));
+    let mut ledger = Ledger::new(sent);
+    let mut grace_until: Option<tokio::time::Instant> = None;
+    // Ends with whether every reader stopped on its own (they only do on an error).
+    let readers_gone = loop {
+        let until = grace_until.map_or(deadline, |g| g.min(deadline));
+        let received = tokio::select! {
+            r = events.recv() => r,
+            _ = tokio::time::sleep_until(until) => None,
         };
-        let mut receipts = Vec::new();
-        for m in messages {
-            receipts.push(m.receipt_handle.clone().unwrap_or_default());
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(m.body().unwrap_or_default())
-            else {
-                continue;
-            };
-            let kind = event["type"].as_str().unwrap_or_default().to_owned();
-            if !matches!(
-                kind.as_str(),
-                "completed" | "interrupted" | "failed" | "rejected"
-            ) {
-                continue;
-            }
-            let at = event["at"]
-                .as_str()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-                .unwrap_or_else(SystemTime::now);
-            if let Some(entry) = event["messageId"].as_str().and_then(|id| sent.get_mut(id)) {
-                entry.terminal.push((kind, at, event));
-            }
+        let Some(Received {
+            sqs_message_id,
+            body,
+        }) = received
+        else {
+            break tokio::time::Instant::now() < until;
+        };
+        ledger.record(&sqs_message_id, &body);
+        if grace_until.is_none() && ledger.unanswered == 0 {
+            grace_until = Some(tokio::time::Instant::now() + Duration::from_secs(2));
         }
-        let deletes = receipts.chunks(10).enumerate().map(|(i, chunk)| {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(j, r)| {
-                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
-                        .id(format!("d{i}-{j}"))
-                        .receipt_handle(r)
-                        .build()
-                        .expect("entry")
-                })
-                .collect::<Vec<_>>();
-            sqs.delete_message_batch()
-                .queue_url(&args.status_queue_url)
-                .set_entries(Some(entries))
-                .send()
-        });
-        futures::future::join_all(deletes).await;
-        if all_done_at.is_none() && sent.values().all(|s| !s.terminal.is_empty()) {
-            all_done_at = Some(Instant::now());
+    };
+    stop_reading.cancel();
+    for reader in readers {
+        let outcome = reader
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|read| read);
+        if let Err(e) = outcome {
+            if readers_gone {
+                return Err(e.context("reading the status queue"));
+            }
+            eprintln!("loadgen: a status reader stopped: {e:#}");
         }
     }
 
-    let report = summarize(&sent, started_wall);
+    let report = summarize(&ledger, started_wall);
     print_table(&report);
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -329,7 +379,7 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
         let points: Vec<(f64, f64)> = order
             .iter()
             .filter_map(|id| {
-                let s = &sent[id];
+                let s = &ledger.sent[id];
                 let (_, at, _) = s.terminal.first()?;
                 Some((
                     since(*at, started_wall).as_secs_f64(),
@@ -341,6 +391,60 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// One status queue reader: receive, hand the events over, delete them, until told to stop.
+/// Polls without waiting while the queue has messages, long polls briefly when it is empty.
+async fn read_status(
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    events: tokio::sync::mpsc::UnboundedSender<Received>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut empty = false;
+    loop {
+        let receive = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(if empty { 1 } else { 0 })
+            .send();
+        let out = tokio::select! {
+            out = receive => out.map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let messages = out.messages.unwrap_or_default();
+        empty = messages.is_empty();
+        let mut deletes = Vec::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            deletes.push(
+                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                    .id(format!("d{i}"))
+                    .receipt_handle(m.receipt_handle.clone().unwrap_or_default())
+                    .build()
+                    .expect("entry"),
+            );
+            // The collector is gone only when it has stopped listening: nothing left to do.
+            if events
+                .send(Received {
+                    sqs_message_id: m.message_id.unwrap_or_default(),
+                    body: m.body.unwrap_or_default(),
+                })
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        if !deletes.is_empty() {
+            // A failed delete only means the event comes again: counted as a redelivery.
+            let _ = sqs
+                .delete_message_batch()
+                .queue_url(&queue_url)
+                .set_entries(Some(deletes))
+                .send()
+                .await;
+        }
+    }
 }
 
 fn percentiles(mut values: Vec<u64>) -> Percentiles {
@@ -364,7 +468,8 @@ fn since(later: SystemTime, earlier: SystemTime) -> Duration {
     later.duration_since(earlier).unwrap_or_default()
 }
 
-fn summarize(sent: &HashMap<String, Sent>, started: SystemTime) -> LoadReport {
+fn summarize(ledger: &Ledger, started: SystemTime) -> LoadReport {
+    let sent = &ledger.sent;
     let mut terminal = Terminal::default();
     let (mut lost, mut duplicates) = (0, 0);
     let mut latencies = Vec::new();
@@ -411,6 +516,7 @@ fn summarize(sent: &HashMap<String, Sent>, started: SystemTime) -> LoadReport {
         terminal,
         lost,
         duplicates,
+        redeliveries: ledger.redeliveries,
         throughput_per_sec: if makespan.is_zero() {
             0.0
         } else {
@@ -433,6 +539,10 @@ fn print_table(r: &LoadReport) {
     println!("rejected    {}", r.terminal.rejected);
     println!("lost        {}", r.lost);
     println!("duplicates  {}", r.duplicates);
+    println!(
+        "redelivered {} (the same status event again: not duplicates)",
+        r.redeliveries
+    );
     println!("makespan    {:.1} s", r.makespan_ms as f64 / 1000.0);
     println!("throughput  {:.2} messages/s", r.throughput_per_sec);
     println!(
@@ -477,6 +587,46 @@ mod tests {
         assert_eq!(ids[1], ("load-c2".into(), "p1".into(), "t1".into()));
         assert_eq!(ids[2], ("load-c1".into(), "p2".into(), "t1".into()));
         assert_eq!(ids[4], ("load-c1".into(), "p1".into(), "t2".into()));
+    }
+
+    fn event(kind: &str, message_id: &str) -> String {
+        serde_json::json!({"type": kind, "messageId": message_id, "at": "2026-11-26T01:00:00Z"})
+            .to_string()
+    }
+
+    #[test]
+    fn the_ledger_tells_redeliveries_from_duplicates() {
+        let sent = ["a", "b", "c"]
+            .into_iter()
+            .map(|id| {
+                let s = Sent {
+                    sent_at: SystemTime::UNIX_EPOCH,
+                    terminal: Vec::new(),
+                };
+                (id.to_owned(), s)
+            })
+            .collect();
+        let mut ledger = Ledger::new(sent);
+        ledger.record("s1", &event("started", "a"));
+        ledger.record("s2", &event("completed", "a"));
+        // The queue hands the same status event out again: not a second terminal event.
+        ledger.record("s2", &event("completed", "a"));
+        // The worker reports message b twice: a duplicate.
+        ledger.record("s3", &event("interrupted", "b"));
+        ledger.record("s4", &event("completed", "b"));
+        // Someone else's message, and a body that is not JSON: ignored.
+        ledger.record("s5", &event("completed", "zzz"));
+        ledger.record("s6", "not json");
+        assert_eq!((ledger.unanswered, ledger.redeliveries), (1, 1));
+        let report = summarize(&ledger, SystemTime::UNIX_EPOCH);
+        assert_eq!((report.lost, report.duplicates), (1, 1));
+        assert_eq!(
+            (report.terminal.completed, report.terminal.interrupted),
+            (1, 1),
+            "a message counts by its first terminal event"
+        );
+        ledger.record("s7", &event("failed", "c"));
+        assert_eq!(ledger.unanswered, 0);
     }
 
     impl LoadgenArgs {

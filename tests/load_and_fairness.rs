@@ -246,6 +246,21 @@ async fn loadgen_accounts_for_every_message() {
     );
     // Bad usage is exit code 2.
     assert_eq!(loadgen(&env, &["--interrupt-share", "2"]).0, Some(2));
+    // A status queue that cannot be read is an error, not a run with every message lost.
+    let missing = format!("{}-missing", env.output);
+    let (code, out) = loadgen(
+        &env,
+        &[
+            "--messages",
+            "1",
+            "--wait",
+            "30",
+            "--status-queue-url",
+            &missing,
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("reading the status queue"), "{out}");
     // Sanity of the helper: no terminal event was left behind unread.
     assert!(
         env.drain(&env.output, 0)
