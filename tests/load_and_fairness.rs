@@ -122,18 +122,26 @@ async fn idle_sessions_are_stopped_and_come_back() {
     let mut env = TestEnv::new("idle").await;
     env.create_bucket(&env.bucket("rex")).await;
     env.create_upstream("rex", "site", Site::Tiny);
-    env.start_worker(&[("SESSION_IDLE_SECONDS", "1")]);
+    env.start_worker(&[
+        ("SESSION_IDLE_SECONDS", "1"),
+        (
+            "RUST_LOG",
+            "info,edit_worker_actors::session=debug,aws=warn",
+        ),
+    ]);
     let first = env
         .send("rex", "site", "t", "[standin:write a.txt 1]")
         .await;
     env.wait_for(&first, "completed", Duration::from_secs(60))
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = env.worker_log();
+    // First the step actors go with the work, then the idle session itself.
+    let steps_stopped = log.find("no work left: step actors stopped workspace=rex/site");
+    let session_stopped = log.find("stopping idle session workspace=rex/site");
     assert!(
-        env.worker_log()
-            .contains("stopping idle session workspace=rex/site"),
-        "{}",
-        env.worker_log()
+        matches!((steps_stopped, session_stopped), (Some(a), Some(b)) if a < b),
+        "{log}"
     );
     let second = env
         .send("rex", "site", "t", "[standin:write b.txt 2]")

@@ -59,9 +59,15 @@ pub struct SessionState {
     queue: VecDeque<Job>,
     /// The running job's stop signal; `None` when idle.
     running: Option<StopSignal>,
-    steps: Steps,
+    /// The step actors, while there is work: started with the first job after an idle spell
+    /// and stopped when the queue runs dry, so that an idle session is one actor, not five
+    /// (1,000 idle sessions took 103 MiB with their step actors kept).
+    steps: Option<Steps>,
     /// Restarts of step actors, bounded per time window.
     restarts: RestartPolicy,
+    /// Step restarts waiting out their backoff: the steps stay until they are done, so that a
+    /// crash is answered by a restart after its backoff even when the session goes idle.
+    pending_restarts: usize,
     /// Set by `Shutdown`: new jobs are released at once.
     shutting_down: bool,
     /// Who asked for the shutdown, answered when the running job has ended.
@@ -135,20 +141,46 @@ impl SessionActor {
         Ok(())
     }
 
-    fn start_next(myself: &ActorRef<SessionMsg>, state: &mut SessionState) {
-        if state.running.is_some() {
-            return;
+    /// Stop the step actors (the session is going idle or away); their next job starts new ones.
+    fn stop_steps(state: &mut SessionState) {
+        if let Some(steps) = state.steps.take() {
+            tracing::debug!(workspace = %state.args.key, "no work left: step actors stopped");
+            steps.git.stop(None);
+            steps.agent.stop(None);
+            steps.build.stop(None);
+            steps.publisher.stop(None);
         }
-        let Some(lead) = state.queue.pop_front() else {
+    }
+
+    async fn start_next(
+        myself: &ActorRef<SessionMsg>,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.running.is_some() {
+            return Ok(());
+        }
+        if state.queue.is_empty() {
             if let Some(reply) = state.shutdown_reply.take() {
                 let _ = reply.send(());
+            }
+            if state.pending_restarts == 0 {
+                Self::stop_steps(state);
             }
             let epoch = state.epoch;
             myself.send_after(state.args.ctx.config.session_idle, move || {
                 SessionMsg::IdleCheck(epoch)
             });
-            return;
+            return Ok(());
+        }
+        let steps = match &state.steps {
+            Some(steps) => steps.clone(),
+            None => {
+                let steps = Self::spawn_steps(&state.args, myself.get_cell()).await?;
+                state.steps = Some(steps.clone());
+                steps
+            }
         };
+        let lead = state.queue.pop_front().expect("the queue is not empty");
         state.epoch += 1;
         // Directly following messages of the same thread join this run, so that no agent run
         // is started only to be interrupted by the next message of its own thread.
@@ -163,7 +195,6 @@ impl SessionActor {
         let stop = StopSignal::default();
         state.running = Some(stop.clone());
         let ctx = state.args.ctx.clone();
-        let steps = state.steps.clone();
         let me = myself.clone();
         // The batch runs in its lead message's trace; the others say where their work went.
         let span = batch[0].span.clone();
@@ -177,6 +208,7 @@ impl SessionActor {
             }
             .instrument(span),
         );
+        Ok(())
     }
 
     fn release(ctx: &Arc<WorkerContext>, mut job: Job) {
@@ -204,7 +236,6 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
-        let steps = Self::spawn_steps(&args, myself.get_cell()).await?;
         // Idle from the start: a session whose first job never comes is stopped too.
         let idle = args.ctx.config.session_idle;
         myself.send_after(idle, || SessionMsg::IdleCheck(0));
@@ -212,8 +243,9 @@ impl Actor for SessionActor {
             args,
             queue: VecDeque::new(),
             running: None,
-            steps,
+            steps: None,
             restarts: RestartPolicy::default(),
+            pending_restarts: 0,
             shutting_down: false,
             shutdown_reply: None,
             epoch: 0,
@@ -238,12 +270,12 @@ impl Actor for SessionActor {
                 match &state.running {
                     // A newer message interrupts the work in progress.
                     Some(stop) => stop.request(StopReason::Interrupted),
-                    None => Self::start_next(&myself, state),
+                    None => Self::start_next(&myself, state).await?,
                 }
             }
             SessionMsg::JobEnded => {
                 state.running = None;
-                Self::start_next(&myself, state);
+                Self::start_next(&myself, state).await?;
             }
             SessionMsg::IdleCheck(epoch) => {
                 if epoch == state.epoch && state.running.is_none() && state.queue.is_empty() {
@@ -264,7 +296,15 @@ impl Actor for SessionActor {
                     1,
                     &[opentelemetry::KeyValue::new("step", format!("{kind:?}"))],
                 );
-                Self::respawn_step(kind, &state.args, myself.get_cell(), &mut state.steps).await?;
+                state.pending_restarts -= 1;
+                if let Some(steps) = &mut state.steps {
+                    Self::respawn_step(kind, &state.args, myself.get_cell(), steps).await?;
+                }
+                // Idle since the crash: the restarted set is not needed until the next job.
+                if state.pending_restarts == 0 && state.running.is_none() && state.queue.is_empty()
+                {
+                    Self::stop_steps(state);
+                }
             }
             SessionMsg::Shutdown(reply) => {
                 state.shutting_down = true;
@@ -294,7 +334,10 @@ impl Actor for SessionActor {
         // ractor's default would stop the session when any child ends; we restart instead.
         if let SupervisionEvent::ActorFailed(cell, error) = event {
             let id = cell.get_id();
-            let steps = &state.steps;
+            // A step of a set already stopped (the session went idle): nothing to restart.
+            let Some(steps) = &state.steps else {
+                return Ok(());
+            };
             let kind = if id == steps.git.get_id() {
                 StepKind::Git
             } else if id == steps.agent.get_id() {
@@ -311,6 +354,7 @@ impl Actor for SessionActor {
             let backoff = state.restarts.record_failure().map_err(|e| {
                 ActorProcessingErr::from(format!("step {kind:?} of {}: {e}", state.args.key))
             })?;
+            state.pending_restarts += 1;
             myself.send_after(backoff, move || SessionMsg::RestartStep(kind));
         }
         Ok(())
@@ -329,11 +373,7 @@ impl Actor for SessionActor {
             stop.request(StopReason::Shutdown);
         }
         // The step actors live and die with their session.
-        let steps = &state.steps;
-        steps.git.stop(None);
-        steps.agent.stop(None);
-        steps.build.stop(None);
-        steps.publisher.stop(None);
+        Self::stop_steps(state);
         Ok(())
     }
 }
