@@ -331,11 +331,12 @@ async fn execute(
             // Nothing to build or publish: straight to the push.
             return push(ctx, steps, &branch, progress).await;
         }
-        let t = Instant::now();
+        // Phases count from the slot on: time spent waiting for one is not the build's.
         let build_slot = slot(&ctx.build_slots, stop, || {
             JobError::Build(BuildError::Cancelled)
         })
         .await?;
+        let t = Instant::now();
         let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
             dir: workspace_dir.clone(),
@@ -500,11 +501,12 @@ async fn agent_turn_inner(
         Some(r) => AgentSession::Resume(r.session_id.clone()),
         None => AgentSession::New(uuid::Uuid::new_v4().to_string()),
     };
-    let t = Instant::now();
     let _agent_slot = slot(&ctx.agent_slots, stop, || {
         JobError::Agent(AgentError::Interrupted)
     })
     .await?;
+    // From the slot on: the wait for a slot is not the agent's time.
+    let t = Instant::now();
     let outcome = loop {
         let (activity_tx, activity_rx) = tokio::sync::mpsc::unbounded_channel();
         let reporter = tokio::spawn(
