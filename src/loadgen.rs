@@ -92,7 +92,8 @@ pub struct LoadReport {
     redeliveries: usize,
     throughput_per_sec: f64,
     latency_ms: Percentiles,
-    /// Per phase of the pipeline (from the events' `durationsMs`): p50, p95, p99, max.
+    /// Per phase of the pipeline (from the events' `durationsMs`): p50, p95, p99, max; and
+    /// `orchestration`: end-to-end latency minus the agent, install, build, publish and push.
     phases_ms: BTreeMap<String, Percentiles>,
     /// First send to last terminal event.
     makespan_ms: u64,
@@ -487,7 +488,8 @@ fn summarize(ledger: &Ledger, started: SystemTime) -> LoadReport {
             "failed" => terminal.failed += 1,
             _ => terminal.rejected += 1,
         }
-        latencies.push(since(*at, s.sent_at).as_millis() as u64);
+        let latency = since(*at, s.sent_at).as_millis() as u64;
+        latencies.push(latency);
         last = last.max(*at);
         if let Some(d) = event["durationsMs"].as_object() {
             for (phase, ms) in d {
@@ -496,17 +498,17 @@ fn summarize(ledger: &Ledger, started: SystemTime) -> LoadReport {
                     .or_default()
                     .push(ms.as_u64().unwrap_or(0));
             }
-            // What the worker itself added: total minus the work it waited on.
+            // Everything but the work the worker waits on, from the send to the terminal event:
+            // the queue's delivery, preparing the workspace, the commit, status events, and any
+            // wait for a free slot or for the workspace's earlier message.
             let work: u64 = ["agent", "install", "build", "publish", "push"]
                 .iter()
                 .filter_map(|p| d.get(*p)?.as_u64())
                 .sum();
-            if let Some(total) = d.get("total").and_then(|t| t.as_u64()) {
-                phases
-                    .entry("orchestration".into())
-                    .or_default()
-                    .push(total.saturating_sub(work));
-            }
+            phases
+                .entry("orchestration".into())
+                .or_default()
+                .push(latency.saturating_sub(work));
         }
     }
     let makespan = since(last, started);
