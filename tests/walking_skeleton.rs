@@ -340,3 +340,64 @@ async fn failing_build_and_agent_error_fail_and_publish_nothing() {
     assert_eq!(env.queue_depth(&env.input).await, 0);
     assert_eq!(env.stop_worker(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn work_pushed_to_the_thread_elsewhere_is_built_on() {
+    let mut env = TestEnv::new("elsewhere").await;
+    let bucket = env.bucket("dana");
+    env.create_bucket(&bucket).await;
+    let upstream = env.create_upstream("dana", "site", Site::Tiny);
+    env.start_worker(&[]);
+    let first = env
+        .send("dana", "site", "t", "[standin:write public/mine-1.txt one]")
+        .await;
+    env.wait_for(&first, "completed", Duration::from_secs(60))
+        .await;
+
+    // Someone else (another container, a person) pushes to the thread's branch meanwhile.
+    let elsewhere = env.dir.path().join("elsewhere");
+    git(
+        env.dir.path(),
+        &[
+            "clone",
+            "--quiet",
+            "--branch",
+            "thread-t",
+            upstream.to_str().unwrap(),
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(elsewhere.join("public/elsewhere.txt"), "from elsewhere").unwrap();
+    git(&elsewhere, &["add", "-A"]);
+    git(
+        &elsewhere,
+        &["commit", "--quiet", "-m", "An edit made elsewhere"],
+    );
+    git(&elsewhere, &["push", "--quiet", "origin", "thread-t"]);
+
+    let second = env
+        .send("dana", "site", "t", "[standin:write public/mine-2.txt two]")
+        .await;
+    let events = env
+        .wait_for(&second, "completed", Duration::from_secs(60))
+        .await;
+    // The second edit was made on top of the other one: the push was a fast-forward, and the
+    // published site has both.
+    let files = git(&upstream, &["ls-tree", "-r", "--name-only", "thread-t"]);
+    for file in [
+        "public/mine-1.txt",
+        "public/elsewhere.txt",
+        "public/mine-2.txt",
+    ] {
+        assert!(files.contains(file), "{file}: {files}\n{events:#?}");
+    }
+    let subjects = git(&upstream, &["log", "--format=%s", "thread-t"]);
+    assert!(subjects.contains("An edit made elsewhere"), "{subjects}");
+    let live = env.bucket_contents(&bucket).await;
+    assert!(
+        live.contains_key("elsewhere.txt") && live.contains_key("mine-2.txt"),
+        "{:?}",
+        live.keys()
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}

@@ -80,9 +80,11 @@ impl Workspace {
         self.dir.join(".git").join("edit-worker")
     }
 
-    /// Clone the workspace when it does not exist yet and make sure it is usable.
-    pub async fn ensure_ready(&self) -> Result<(), GitError> {
-        if !self.dir.join(".git").exists() {
+    /// Clone the workspace when it does not exist yet and make sure it is usable. True when it
+    /// was cloned just now.
+    pub async fn ensure_ready(&self) -> Result<bool, GitError> {
+        let cloned = !self.dir.join(".git").exists();
+        if cloned {
             let Some(remote) = &self.remote else {
                 return Err(GitError::NoWorkspace(self.dir.clone()));
             };
@@ -101,7 +103,7 @@ impl Workspace {
         self.write_excludes().await?;
         self.remove_stale_lock().await?;
         tokio::fs::create_dir_all(self.state_dir()).await?;
-        Ok(())
+        Ok(cloned)
     }
 
     /// Check out `branch`, saving unfinished work of whatever was checked out first.
@@ -113,10 +115,11 @@ impl Workspace {
         branch: &str,
         message_id: &str,
     ) -> Result<Option<SavedWork>, GitError> {
-        self.ensure_ready().await?;
+        let cloned = self.ensure_ready().await?;
         let saved = self.save_unfinished_work(message_id).await?;
         let git = GitProgram::new(&self.dir);
-        if self.remote.is_some() {
+        // A clone made a moment ago is as fresh as a fetch would make it.
+        if self.remote.is_some() && !cloned {
             // With a checkout at hand, a remote that is away for a moment does not stop the
             // edit: it is made on the local state, and the push (retried) catches up.
             if let Err(e) = git.fetch().await {
@@ -126,8 +129,9 @@ impl Workspace {
         let current = self.blocking(local::current_branch).await?;
         let local_ref = format!("refs/heads/{branch}");
         let remote_ref = format!("refs/remotes/origin/{branch}");
-        let has_local = self.resolve(&local_ref).await?.is_some();
-        let has_remote = self.resolve(&remote_ref).await?.is_some();
+        let local_tip = self.resolve(&local_ref).await?;
+        let remote_tip = self.resolve(&remote_ref).await?;
+        let (has_local, has_remote) = (local_tip.is_some(), remote_tip.is_some());
 
         if current.as_deref() != Some(branch) {
             if has_local {
@@ -140,7 +144,7 @@ impl Workspace {
                 git.switch_create(branch, &base, false).await?;
             }
         }
-        if has_local && has_remote {
+        if has_local && has_remote && local_tip != remote_tip {
             // Someone else (another container, a person) may have pushed to the thread.
             // A branch that has diverged stays as it is; the push reports it.
             if let Err(e) = git.fast_forward(&format!("origin/{branch}")).await {
