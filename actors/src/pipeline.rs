@@ -173,18 +173,21 @@ pub async fn run_batch(
     mut batch: Vec<Job>,
     stop: StopSignal,
 ) {
-    for job in &batch {
-        let mut started =
-            StatusEvent::for_request(EventType::Started, &job.request, &job.message_id);
-        started.trace_id = job.trace_id.clone();
-        started.branch = Some(job.request.branch());
-        if let Err(e) = ctx.delivery.status.send(&started).await {
-            tracing::warn!(error = %e, "started event not sent");
-        }
-    }
+    let events = batch
+        .iter()
+        .map(|job| {
+            let mut started =
+                StatusEvent::for_request(EventType::Started, &job.request, &job.message_id);
+            started.trace_id = job.trace_id.clone();
+            started.branch = Some(job.request.branch());
+            started
+        })
+        .collect();
+    let mut started = StartedEvents::send(&ctx, events);
 
     let mut progress = Progress::default();
-    let ending = match execute(&ctx, &steps, &batch, &stop, &mut progress).await {
+    let outcome = execute(&ctx, &steps, &batch, &stop, &mut started, &mut progress).await;
+    let ending = match outcome {
         Ok(()) => Ending::Completed,
         Err(JobError::Agent(AgentError::Interrupted))
         | Err(JobError::Build(BuildError::Cancelled)) => {
@@ -215,8 +218,38 @@ pub async fn run_batch(
     // Stop renewing visibility, and wait for a renewal in flight, before any message is
     // deleted or released.
     futures::future::join_all(batch.iter_mut().map(|job| job.renewal.stop())).await;
+    started.sent().await;
     for job in batch {
         finish(&ctx, job, &ending, &progress).await;
+    }
+}
+
+/// The batch's `started` events, on their way while the workspace is prepared: the round trip
+/// to the status queue need not hold up the work. They are out before the agent starts (its
+/// `progress` events follow them) and before any terminal event.
+struct StartedEvents(Option<tokio::task::JoinHandle<()>>);
+
+impl StartedEvents {
+    fn send(ctx: &WorkerContext, events: Vec<StatusEvent>) -> StartedEvents {
+        let delivery = ctx.delivery.clone();
+        let task = tokio::spawn(
+            async move {
+                for event in events {
+                    if let Err(e) = delivery.status.send(&event).await {
+                        tracing::warn!(error = %e, "started event not sent");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        StartedEvents(Some(task))
+    }
+
+    /// Wait until they are sent (at once after the first call).
+    async fn sent(&mut self) {
+        if let Some(task) = self.0.take() {
+            let _ = task.await;
+        }
     }
 }
 
@@ -249,6 +282,7 @@ async fn execute(
     steps: &Steps,
     batch: &[Job],
     stop: &StopSignal,
+    started: &mut StartedEvents,
     progress: &mut Progress,
 ) -> Result<(), JobError> {
     let job = &batch[0];
@@ -288,6 +322,7 @@ async fn execute(
     })
     .await??;
     progress.time("prepare", t);
+    started.sent().await;
 
     let ran_agent = earlier.is_none();
     if let Some(commit) = earlier {
