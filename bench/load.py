@@ -31,6 +31,9 @@ KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="tes
 sqs = boto3.client("sqs", **KW)
 s3 = boto3.client("s3", **KW)
 BASE = tempfile.mkdtemp(prefix="bench-load-")
+# The throughput runs' build: a copy of public/ (where the stand-in writes its edits) to dist/.
+# Tiny on purpose, so that what the runs measure is the orchestration, not a site generator.
+TINY_BUILD = "cp -R public dist"
 SEEDS = {}
 
 
@@ -214,73 +217,104 @@ def main():
     think = 2
     reports = []
     if "1" in runs_wanted:
-        # Run 1 (with bursts: run 4 reads its lost/duplicate counts).
+        # Run 1 at the default limits and with twice the agent slots (agent runs are I/O bound),
+        # both with bursts on: run 4 reads their lost/duplicate counts.
         clients, projects = max(1, int(40 * SCALE)), 5
         n = clients * projects * 5
-        upstream, q = prepare("run1", clients, projects, "tiny-site")
-        w = Worker("run1", upstream, q, {"BUILD_COMMAND": "node build.mjs", "AGENT_CONCURRENCY": "16"})
-        idle_rss = w.idle_rss
-        moto_pid = int(os.environ.get("MOTO_PID", "0"))
-        cpu0 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
-                cpu_seconds(w.proc.pid, children=True))
-        r1, chart1 = loadgen("run1", q, clients, projects, 1, n,
-                             f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]", share=0.1)
-        cpu1 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
-                cpu_seconds(w.proc.pid, children=True))
-        runs = w.agent_runs()
-        peak = w.peak
-        w.stop()
-        reports.append(r1)
-        ideal = runs * think / 16
-        makespan = r1["makespanMs"] / 1000
-        print(f"run 1: {n} messages, {runs} agent runs, makespan {makespan:.1f} s", file=sys.stderr)
+        command = f"[standin:sleep {think}] [standin:write public/load/{{n}}.txt {{n}}]"
+        first = None
+        for agents in (16, 32):
+            tag = f"run1-{agents}"
+            upstream, q = prepare(tag, clients, projects, "tiny-site")
+            w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD, "AGENT_CONCURRENCY": str(agents)})
+            idle_rss = w.idle_rss
+            moto_pid = int(os.environ.get("MOTO_PID", "0"))
+            cpu0 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
+                    cpu_seconds(w.proc.pid, children=True))
+            report, chart = loadgen(tag, q, clients, projects, 1, n, command, share=0.1)
+            cpu1 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
+                    cpu_seconds(w.proc.pid, children=True))
+            runs = w.agent_runs()
+            peak = w.peak
+            w.stop()
+            reports.append((f"1 at {agents}", report))
+            busy, moto_cpu, worker_cpu, children_cpu = (b - a for a, b in zip(cpu0, cpu1))
+            makespan = report["makespanMs"] / 1000
+            # No schedule beats either bound: the agent slots (runs x think time / slots), or
+            # the CPU work of everything but the worker (moto, the stand-in agents, builds and
+            # git) spread over every core.
+            agent_bound = runs * think / agents
+            cpu_bound = (moto_cpu + children_cpu) / os.cpu_count()
+            ideal = max(agent_bound, cpu_bound)
+            print(f"run 1 ({agents} agents): {n} messages, {runs} agent runs, makespan {makespan:.1f} s",
+                  file=sys.stderr)
+            table += [
+                (f"1. {n} messages ({clients * projects} workspaces x 5), agent {think} s, tiny build, "
+                 f"AGENT_CONCURRENCY={agents}",
+                 "makespan / ideal bound (max of agent slots, CPU)",
+                 f"{makespan:.1f} s / {ideal:.1f} s = {makespan / ideal:.2f}x "
+                 f"(agent slots {agent_bound:.1f} s, CPU {cpu_bound:.1f} s)", "<= 1.25x"),
+                ("", "outcomes", f"{report['terminal']} in {runs} agent runs", ""),
+                ("", f"CPU busy per second ({os.cpu_count()} cores): all / moto / worker / its children",
+                 f"{busy / makespan:.2f} / {moto_cpu / makespan:.2f} / {worker_cpu / makespan:.2f} / "
+                 f"{children_cpu / makespan:.2f} s", ""),
+                ("", "worker's own CPU per message", f"{worker_cpu / n * 1000:.1f} ms", ""),
+            ]
+            first = first or (makespan, peak, chart)
+            last_makespan = makespan
 
-        # The seed's design: one message at a time, measured on a sample.
-        sample = max(4, int(20 * SCALE))
-        upstream, q = prepare("serial", 1, sample, "tiny-site")
-        w = Worker("serial", upstream, q, {"BUILD_COMMAND": "node build.mjs", "MAX_IN_FLIGHT": "1", "AGENT_CONCURRENCY": "1"})
-        rs, _ = loadgen("serial", q, 1, sample, 1, sample, f"[standin:sleep {think}] [standin:write load/{{n}}.txt {{n}}]")
+        # The seed's design: one message at a time, measured on a sample of the same shape
+        # (workspaces of 5 messages each), extrapolated to run 1's messages.
+        sample_workspaces = max(1, int(4 * SCALE))
+        sample = sample_workspaces * 5
+        upstream, q = prepare("serial", 1, sample_workspaces, "tiny-site")
+        w = Worker("serial", upstream, q, {"BUILD_COMMAND": TINY_BUILD, "MAX_IN_FLIGHT": "1",
+                                           "AGENT_CONCURRENCY": "1"})
+        rs, _ = loadgen("serial", q, 1, sample_workspaces, 1, sample, command)
         w.stop()
         per_message = rs["makespanMs"] / 1000 / sample
         serial = per_message * n
-        busy, moto_cpu, worker_cpu, children_cpu = (b - a for a, b in zip(cpu0, cpu1))
         table += [
-            (f"1. {n} messages ({clients * projects} workspaces x 5), agent {think} s, tiny build",
-             "makespan / ideal bound", f"{makespan:.1f} s / {ideal:.1f} s = {makespan / ideal:.2f}x", "<= 1.25x"),
-            ("", f"one at a time (measured on {sample}, {per_message:.2f} s each, extrapolated)",
-             f"{serial:.0f} s: {serial / makespan:.0f}x slower", ">= 20x"),
-            ("", "outcomes", f"{r1['terminal']}", ""),
-            ("", f"CPU busy per second ({os.cpu_count()} cores): all / moto / worker / its children",
-             f"{busy / makespan:.2f} / {moto_cpu / makespan:.2f} / {worker_cpu / makespan:.2f} / "
-             f"{children_cpu / makespan:.2f} s", ""),
+            ("", f"one at a time (measured on {sample}, {per_message:.2f} s each, extrapolated to {n}): "
+                 "slower than AGENT_CONCURRENCY=16 / 32",
+             f"{serial:.0f} s: {serial / first[0]:.1f}x / {serial / last_makespan:.1f}x", ">= 20x"),
         ]
-        mem_peak = mib(peak)
+        chart1 = first[2]
+        mem_peak = mib(first[1])
     else:
         idle_rss, mem_peak = None, "not run"
 
     if "2" in runs_wanted:
-        # Run 2: light load, nothing waits for a slot.
-        upstream, q = prepare("run2", 10, 1, "tiny-site")
-        w = Worker("run2", upstream, q, {"BUILD_COMMAND": "node build.mjs"})
-        idle_rss = idle_rss or w.idle_rss
-        r2, _ = loadgen("run2", q, 10, 1, 1, max(20, int(100 * SCALE)), "[standin:write load/{n}.txt {n}]", rate=4)
-        w.stop()
-        reports.append(r2)
-        table.append(("2. light load (4 msg/s)", "orchestration overhead p50 / p99",
-                      f"{r2['phasesMs']['orchestration']['p50']} / {r2['phasesMs']['orchestration']['p99']} ms", "p99 < 50 ms"))
+        # Run 2: light load, nothing waits for a slot. Three rounds (fresh workspaces each, so
+        # a tenth of the messages include their workspace's clone); the median round is shown.
+        rounds = []
+        for r in range(3):
+            tag = f"run2-{r}"
+            upstream, q = prepare(tag, 10, 1, "tiny-site")
+            w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD})
+            idle_rss = idle_rss or w.idle_rss
+            r2, _ = loadgen(tag, q, 10, 1, 1, max(20, int(100 * SCALE)), "[standin:write public/load/{n}.txt {n}]", rate=4)
+            w.stop()
+            reports.append((f"2.{r + 1}", r2))
+            rounds.append(r2["phasesMs"]["orchestration"])
+        p50s = sorted(o["p50"] for o in rounds)
+        p99s = sorted(o["p99"] for o in rounds)
+        table.append(("2. light load (4 msg/s), 3 rounds",
+                      "orchestration overhead (end to end minus agent, build, publish, push): median p50 / median p99 (each round's p99)",
+                      f"{p50s[1]} / {p99s[1]} ms ({', '.join(str(o['p99']) for o in rounds)})", "p99 < 50 ms"))
 
     if "3" in runs_wanted:
         # Run 3: 1,000 sessions left idle.
         sessions = max(50, int(1000 * SCALE))
         upstream, q = prepare("run3", sessions // 10, 10, "tiny-site")
-        w = Worker("run3", upstream, q, {"BUILD_COMMAND": "node build.mjs", "SESSION_IDLE_SECONDS": "3600",
+        w = Worker("run3", upstream, q, {"BUILD_COMMAND": TINY_BUILD, "SESSION_IDLE_SECONDS": "3600",
                                          "AGENT_CONCURRENCY": "32"})
         idle_rss = idle_rss or w.idle_rss
-        r3, _ = loadgen("run3", q, sessions // 10, 10, 1, sessions, "[standin:write load/{n}.txt {n}]")
+        r3, _ = loadgen("run3", q, sessions // 10, 10, 1, sessions, "[standin:write public/load/{n}.txt {n}]")
         time.sleep(2)
         rss_sessions = w.rss()
         w.stop()
-        reports.append(r3)
+        reports.append(("3", r3))
     else:
         sessions, rss_sessions = 1000, None
 
@@ -296,13 +330,14 @@ def main():
         r5, chart5 = loadgen("run5", q, astro_clients, 1, 1, astro_clients,
                              "[standin:sleep 10] Update the homepage title to \"Load {n}\"")
         w.stop()
-        reports.append(r5)
-    table.append(("4. lost / duplicated terminal events (bursts on in run 1)", "runs " + ", ".join(sorted(runs_wanted)),
-                  " ; ".join(f"{r['lost']}/{r['duplicates']}" for r in reports), "0 / 0"))
+        reports.append(("5", r5))
+    table.append(("4. lost / duplicated terminal events (bursts on in run 1)",
+                  "runs " + ", ".join(label for label, _ in reports),
+                  " ; ".join(f"{r['lost']}/{r['duplicates']}" for _, r in reports), "0 / 0"))
     if "5" in runs_wanted:
         table.append((f"5. {astro_clients} clients, real Astro build, agent 10 s", "latency p50 / p95 / p99 / max",
                       "{p50} / {p95} / {p99} / {max} ms".format(**r5["latencyMs"]), ""))
-        table.append(("", "time per phase, p50 (ms)", ", ".join(f"{k} {v['p50']}" for k, v in r5["phasesMs"].items()), ""))
+        table.append(("", "time per phase, p50 (ms; orchestration includes waiting for a build slot)", ", ".join(f"{k} {v['p50']}" for k, v in r5["phasesMs"].items()), ""))
 
     print()
     print("| run | figure | result | target |")
