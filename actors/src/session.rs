@@ -296,7 +296,7 @@ impl Actor for SessionActor {
                     1,
                     &[opentelemetry::KeyValue::new("step", format!("{kind:?}"))],
                 );
-                state.pending_restarts -= 1;
+                state.pending_restarts = state.pending_restarts.saturating_sub(1);
                 if let Some(steps) = &mut state.steps {
                     Self::respawn_step(kind, &state.args, myself.get_cell(), steps).await?;
                 }
