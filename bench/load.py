@@ -1,10 +1,12 @@
 """Load benchmarks (issue 6): the release worker, moto, real git and the stand-in agent with a
 fixed think time, driven by `edit-worker loadgen`. Figures are printed, not asserted.
 
-  1. throughput: 200 workspaces x 5 messages, agent 2 s, tiny build; makespan against the ideal
-     bound (agent runs x think time / AGENT_CONCURRENCY) and against one message at a time
-     (the seed's design: measured on a sample, extrapolated to the same messages);
-  2. orchestration overhead per message at light load: total minus agent, build, publish, push;
+  1. throughput: 200 workspaces x 5 messages, agent 2 s, tiny build, at AGENT_CONCURRENCY 16
+     (the default) and 32; makespan against the ideal bound (the larger of agent runs x think
+     time / slots and the CPU time of everything but the worker / cores) and against one
+     message at a time (the seed's design: measured on a sample, extrapolated);
+  2. orchestration overhead per message at light load, three rounds: end-to-end latency minus
+     agent, build, publish and push;
   3. memory: resident size idle, with 1,000 idle sessions, and at the peak of run 1;
   4. lost and duplicated terminal events with interrupt bursts on (every run reports them);
   5. a realistic run: real Astro build of the sample site, agent 10 s.
