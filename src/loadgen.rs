@@ -15,7 +15,8 @@ use anyhow::Context;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use clap::Args;
-use serde::Serialize;
+use edit_worker_actors::status::EventType;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug, Clone)]
@@ -103,7 +104,7 @@ pub struct LoadReport {
 /// its own `at` (stamped by the worker), not when we got round to reading it.
 struct Sent {
     sent_at: SystemTime,
-    terminal: Vec<(String, SystemTime, serde_json::Value)>,
+    terminal: Vec<(EventType, SystemTime, serde_json::Value)>,
 }
 
 /// What became of every sent message, from the status events read so far.
@@ -137,11 +138,10 @@ impl Ledger {
         let Ok(event) = serde_json::from_str::<serde_json::Value>(body) else {
             return;
         };
-        let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        if !matches!(
-            kind.as_str(),
-            "completed" | "interrupted" | "failed" | "rejected"
-        ) {
+        let Ok(kind) = EventType::deserialize(&event["type"]) else {
+            return;
+        };
+        if !kind.is_terminal() {
             return;
         }
         let at = event["at"]
@@ -482,10 +482,10 @@ fn summarize(ledger: &Ledger, started: SystemTime) -> LoadReport {
             continue;
         };
         duplicates += s.terminal.len() - 1;
-        match kind.as_str() {
-            "completed" => terminal.completed += 1,
-            "interrupted" => terminal.interrupted += 1,
-            "failed" => terminal.failed += 1,
+        match kind {
+            EventType::Completed => terminal.completed += 1,
+            EventType::Interrupted => terminal.interrupted += 1,
+            EventType::Failed => terminal.failed += 1,
             _ => terminal.rejected += 1,
         }
         let latency = since(*at, s.sent_at).as_millis() as u64;

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use aws_sdk_sqs::error::DisplayErrorContext;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::message::{EditRequest, LooseIds};
 use crate::publish::PublishReport;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventType {
     Started,
