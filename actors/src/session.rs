@@ -141,6 +141,14 @@ impl SessionActor {
         Ok(())
     }
 
+    /// With no work running or queued and no restart waiting out its backoff, the step actors
+    /// are not needed until the next job, which starts new ones.
+    fn stop_steps_when_idle(state: &mut SessionState) {
+        if state.running.is_none() && state.queue.is_empty() && state.pending_restarts == 0 {
+            Self::stop_steps(state);
+        }
+    }
+
     /// Stop the step actors (the session is going idle or away); their next job starts new ones.
     fn stop_steps(state: &mut SessionState) {
         if let Some(steps) = state.steps.take() {
@@ -163,9 +171,7 @@ impl SessionActor {
             if let Some(reply) = state.shutdown_reply.take() {
                 let _ = reply.send(());
             }
-            if state.pending_restarts == 0 {
-                Self::stop_steps(state);
-            }
+            Self::stop_steps_when_idle(state);
             let epoch = state.epoch;
             myself.send_after(state.args.ctx.config.session_idle, move || {
                 SessionMsg::IdleCheck(epoch)
@@ -301,10 +307,7 @@ impl Actor for SessionActor {
                     Self::respawn_step(kind, &state.args, myself.get_cell(), steps).await?;
                 }
                 // Idle since the crash: the restarted set is not needed until the next job.
-                if state.pending_restarts == 0 && state.running.is_none() && state.queue.is_empty()
-                {
-                    Self::stop_steps(state);
-                }
+                Self::stop_steps_when_idle(state);
             }
             SessionMsg::Shutdown(reply) => {
                 state.shutting_down = true;
