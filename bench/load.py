@@ -153,6 +153,12 @@ def machine_cpu_seconds():
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_snapshot(moto_pid, worker_pid):
+    """CPU seconds so far: the machine, moto, the worker, and the worker's waited-for children."""
+    return (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(worker_pid),
+            cpu_seconds(worker_pid, children=True))
+
+
 def mib(kib):
     return f"{kib / 1024:.1f} MiB"
 
@@ -232,11 +238,9 @@ def main():
             w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD, "AGENT_CONCURRENCY": str(agents)})
             idle_rss = w.idle_rss
             moto_pid = int(os.environ.get("MOTO_PID", "0"))
-            cpu0 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
-                    cpu_seconds(w.proc.pid, children=True))
+            cpu0 = cpu_snapshot(moto_pid, w.proc.pid)
             report, chart = loadgen(tag, q, clients, projects, 1, n, command, share=0.1)
-            cpu1 = (machine_cpu_seconds(), cpu_seconds(moto_pid), cpu_seconds(w.proc.pid),
-                    cpu_seconds(w.proc.pid, children=True))
+            cpu1 = cpu_snapshot(moto_pid, w.proc.pid)
             runs = w.agent_runs()
             peak = w.peak
             w.stop()
