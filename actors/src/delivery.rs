@@ -7,6 +7,7 @@ use std::time::Duration;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use tokio_util::sync::CancellationToken;
 
+use crate::records::RecordStore;
 use crate::status::{StatusEvent, StatusSink};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,9 @@ pub struct Delivery {
     pub status: StatusSink,
     /// The visibility timeout we keep renewing while a message runs.
     visibility: Duration,
+    /// Each message's outcome, recorded before it is reported: a message that comes back
+    /// after it ended is deleted, not run again.
+    pub records: RecordStore,
 }
 
 impl Delivery {
@@ -36,6 +40,7 @@ impl Delivery {
         dead_letter_queue_url: Option<String>,
         status: StatusSink,
         visibility: Duration,
+        records: RecordStore,
     ) -> Delivery {
         Delivery {
             sqs,
@@ -43,6 +48,7 @@ impl Delivery {
             dead_letter_queue_url,
             status,
             visibility,
+            records,
         }
     }
 
@@ -50,18 +56,46 @@ impl Delivery {
         &self.sqs
     }
 
-    /// Send the terminal event, then delete the message. If the event cannot be sent the message
-    /// stays in the queue (it comes back after its visibility timeout): an event is never skipped.
+    /// End a message: record its outcome, send the terminal event, then delete the message.
+    /// The record comes first, so that whatever fails after it, a copy of the message that
+    /// comes back is finished with this same event and never runs again. If the record or the
+    /// event cannot be written, the message stays in the queue (it comes back after its
+    /// visibility timeout): an event is never skipped.
     pub async fn finish(
         &self,
         receipt_handle: &str,
         event: &StatusEvent,
     ) -> Result<(), DeliveryError> {
         debug_assert!(event.event_type.is_terminal());
+        let body = serde_json::to_string(event).expect("status events serialize");
+        self.records
+            .end(&event.message_id, &body)
+            .await
+            .map_err(|e| DeliveryError {
+                op: "record the outcome",
+                message: e.to_string(),
+            })?;
         self.status.send(event).await.map_err(|e| DeliveryError {
             op: "terminal status event",
             message: e.to_string(),
         })?;
+        self.delete(receipt_handle).await
+    }
+
+    /// Finish a message whose outcome was recorded earlier (a redelivery, a copy, a delete
+    /// that did not take): the recorded event again, as it was, then the delete.
+    pub async fn finish_again(
+        &self,
+        receipt_handle: &str,
+        recorded_event: &str,
+    ) -> Result<(), DeliveryError> {
+        self.status
+            .send_recorded(recorded_event)
+            .await
+            .map_err(|e| DeliveryError {
+                op: "repeated terminal status event",
+                message: e.to_string(),
+            })?;
         self.delete(receipt_handle).await
     }
 
@@ -122,14 +156,17 @@ impl Delivery {
     }
 
     /// Renew the message's visibility until `stop` is cancelled, so a long job is not handed to
-    /// another worker halfway. Renewals happen at a third of the timeout, leaving two chances
-    /// before it runs out; a failed renewal is logged and tried again at the next tick.
+    /// another worker halfway, and refresh its `started` mark in the records for `hold`.
+    /// Renewals happen at a third of the timeout, leaving two chances before it runs out; a
+    /// failed renewal is logged and tried again at the next tick.
     ///
     /// Await the returned handle after cancelling, before deleting or releasing the message: a
     /// renewal still in flight would otherwise land after a release and hide the message again.
     pub fn keep_invisible(
         &self,
-        receipt_handle: String,
+        receipt: crate::job::Receipt,
+        message_id: String,
+        hold: Duration,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let delivery = self.clone();
@@ -140,11 +177,15 @@ impl Delivery {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
+                // The newest handle at each tick: a copy received meanwhile lends us its own.
                 if let Err(e) = delivery
-                    .set_visibility(&receipt_handle, delivery.visibility)
+                    .set_visibility(&receipt.current(), delivery.visibility)
                     .await
                 {
                     tracing::warn!(error = %e, "could not extend message visibility");
+                }
+                if let Err(e) = delivery.records.begin(&message_id, hold).await {
+                    tracing::warn!(error = %e, "could not refresh the message's mark in the records");
                 }
             }
         })

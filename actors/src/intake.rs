@@ -1,27 +1,31 @@
 //! The intake: long-polls the input queue while there is room, validates each message against
 //! the contract, rejects what breaks it, and routes the rest to the supervisor.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use ractor::ActorRef;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::job::{InFlight, Job, Renewal};
+use crate::job::{InFlight, Job, Receipt, Renewal};
 use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::metrics::metrics;
 use crate::pipeline::WorkerContext;
+use crate::records::Begin;
 use crate::status::StatusEvent;
 use crate::supervisor::SupervisorMsg;
 use crate::trace_context;
+
+/// How long a message waits before it is tried again when the record store did not answer.
+const RECORD_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 /// SQS returns at most 10 messages per receive.
 const MAX_BATCH: usize = 10;
@@ -31,8 +35,9 @@ const MAX_BATCH: usize = 10;
 /// keeps that well inside ECS's 30 s between SIGTERM and SIGKILL.
 const MAX_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a message deferred for fairness stays out of sight.
-const DEFER_DELAY: Duration = Duration::from_secs(2);
+/// Messages held over their share wait here, out of the slots, at most this many times
+/// `MAX_IN_FLIGHT`. Past it the intake stops receiving until some of them have run.
+const PARKED_PER_SLOT: usize = 4;
 
 #[derive(Debug)]
 pub enum IntakeEnd {
@@ -52,97 +57,183 @@ pub enum IntakeError {
 /// The intake's bookkeeping of messages held by this process.
 #[derive(Clone)]
 pub struct InFlightRegistry {
-    /// One permit per message held (received, not yet finished or released). Bounds memory and
+    /// Messages at work at once (running or queued in their session). Bounds memory and
     /// leaves messages in the queue, where another container can take them, instead of letting
     /// them wait invisibly in ours while their visibility runs out.
-    slots: Arc<Semaphore>,
     max: usize,
-    /// At most this many messages of one workspace are held at once. A workspace runs one job
-    /// at a time, so holding more only takes room from other clients.
+    /// At most this many messages of one workspace are at work at once. A workspace runs one
+    /// job at a time, so more only takes room from other clients.
     max_per_workspace: usize,
-    /// At most this many messages of one client (all its projects) are held at once, so that
-    /// a client with 500 queued messages cannot fill every slot and starve a client with one.
+    /// At most this many messages of one client (all its projects) are at work at once, so
+    /// that a client with 500 queued messages cannot fill every slot and starve a client with
+    /// one.
     max_per_client: usize,
     state: Arc<Mutex<Held>>,
+    /// Told when a message at work ends: room for the poll, or for a parked message.
+    freed: Arc<Notify>,
 }
 
 #[derive(Default)]
 struct Held {
-    /// Ids of held messages: a message SQS hands us again while we still work on it is not
-    /// started a second time.
-    ids: HashSet<String>,
+    /// Every held message (at work or parked) with its receipt: a copy SQS hands us while we
+    /// hold the message is not started again, and lends the held one its newer handle.
+    receipts: HashMap<String, Receipt>,
+    /// Messages at work.
+    at_work: usize,
     per_workspace: HashMap<WorkspaceKey, usize>,
     per_client: HashMap<String, usize>,
-    /// Times we gave a message back unread for fairness; they are not failed attempts, so they
-    /// are taken off its receive count (in memory: a restart forgets them).
-    deferrals: HashMap<String, u32>,
+    /// Valid messages over their workspace's or client's share, oldest first. They are held
+    /// (their visibility renewed) rather than given back: every receive counts toward the
+    /// queue's `maxReceiveCount`, so giving a message back for fairness could send it to the
+    /// dead-letter queue without it ever running.
+    parked: VecDeque<Job>,
 }
 
-/// Why a message was not taken.
-enum Refusal {
-    /// Already held: a second copy.
-    Duplicate,
-    /// Its workspace or its client holds its share already.
-    ShareTaken,
+/// What to do with a received message.
+enum Claim {
+    /// At work: route it. Dropping the guard frees its place.
+    Slot(InFlight),
+    /// Over its share: park it until its share has room.
+    Park,
+    /// A copy of a held message: its handle now serves the held one.
+    Copy,
 }
 
 impl InFlightRegistry {
     pub fn new(max: usize, max_per_workspace: usize, max_per_client: usize) -> InFlightRegistry {
         InFlightRegistry {
-            slots: Arc::new(Semaphore::new(max.max(1))),
             max: max.max(1),
             max_per_workspace: max_per_workspace.max(1),
             max_per_client: max_per_client.max(1),
             state: Arc::default(),
+            freed: Arc::default(),
         }
     }
 
+    /// Messages held: at work and parked.
     pub fn in_flight(&self) -> usize {
-        self.max - self.slots.available_permits()
+        let held = self.state.lock().expect("held");
+        held.at_work + held.parked.len()
     }
 
-    /// Take a message into the books: its slot is held until the returned guard is dropped.
+    /// How many more messages one receive may bring.
+    fn room(&self) -> usize {
+        let held = self.state.lock().expect("held");
+        let parking = (self.max * PARKED_PER_SLOT).saturating_sub(held.parked.len());
+        self.max.saturating_sub(held.at_work).min(parking)
+    }
+
+    /// Wait until a receive may bring at least one message.
+    async fn wait_for_room(&self) {
+        loop {
+            let notified = self.freed.notified();
+            if self.room() > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A copy of a message we hold? Then take its newer handle.
+    fn take_copy(&self, message_id: &str, receipt_handle: &str) -> bool {
+        let held = self.state.lock().expect("held");
+        match held.receipts.get(message_id) {
+            Some(receipt) => {
+                receipt.replace(receipt_handle.to_owned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Take a message into the books.
     fn claim(
         &self,
-        permit: OwnedSemaphorePermit,
+        message_id: &str,
+        receipt: &Receipt,
+        workspace: Option<&WorkspaceKey>,
+    ) -> Claim {
+        let mut held = self.state.lock().expect("held");
+        if let Some(known) = held.receipts.get(message_id) {
+            known.replace(receipt.current());
+            return Claim::Copy;
+        }
+        held.receipts.insert(message_id.to_owned(), receipt.clone());
+        if let Some(key) = workspace
+            && !self.has_share(&held, key)
+        {
+            return Claim::Park;
+        }
+        Claim::Slot(self.take_place(&mut held, message_id, workspace))
+    }
+
+    fn has_share(&self, held: &Held, key: &WorkspaceKey) -> bool {
+        held.at_work < self.max
+            && held.per_workspace.get(key).copied().unwrap_or(0) < self.max_per_workspace
+            && held.per_client.get(&key.client_id).copied().unwrap_or(0) < self.max_per_client
+    }
+
+    fn take_place(
+        &self,
+        held: &mut Held,
         message_id: &str,
         workspace: Option<&WorkspaceKey>,
-    ) -> Result<InFlight, Refusal> {
-        let mut held = self.state.lock().expect("held");
-        if held.ids.contains(message_id) {
-            return Err(Refusal::Duplicate);
-        }
+    ) -> InFlight {
+        held.at_work += 1;
         if let Some(key) = workspace {
-            let in_workspace = held.per_workspace.get(key).copied().unwrap_or(0);
-            let of_client = held.per_client.get(&key.client_id).copied().unwrap_or(0);
-            if in_workspace >= self.max_per_workspace || of_client >= self.max_per_client {
-                *held.deferrals.entry(message_id.to_owned()).or_default() += 1;
-                return Err(Refusal::ShareTaken);
-            }
             *held.per_workspace.entry(key.clone()).or_default() += 1;
             *held.per_client.entry(key.client_id.clone()).or_default() += 1;
         }
-        held.ids.insert(message_id.to_owned());
         metrics().in_flight.add(1, &[]);
         let state = self.state.clone();
+        let freed = self.freed.clone();
         let id = message_id.to_owned();
         let key = workspace.cloned();
-        Ok(InFlight::new(permit, move || {
+        InFlight::new(move || {
             metrics().in_flight.add(-1, &[]);
             let mut held = state.lock().expect("held");
-            held.ids.remove(&id);
+            held.receipts.remove(&id);
+            held.at_work -= 1;
             if let Some(key) = key {
                 decrement(&mut held.per_workspace, &key);
                 decrement(&mut held.per_client, &key.client_id);
             }
-        }))
+            drop(held);
+            freed.notify_one();
+        })
     }
 
-    /// Deliveries that were real attempts: SQS's count less our fairness deferrals.
-    fn attempts(&self, message_id: &str, receive_count: u32) -> u32 {
+    fn park(&self, job: Job) {
         let mut held = self.state.lock().expect("held");
-        let deferred = held.deferrals.remove(message_id).unwrap_or(0);
-        receive_count.saturating_sub(deferred).max(1)
+        held.parked.push_back(job);
+    }
+
+    /// Parked messages whose share has room now, each with its place taken, oldest first.
+    fn unpark_ready(&self) -> Vec<Job> {
+        let mut held = self.state.lock().expect("held");
+        let mut ready = Vec::new();
+        let mut waiting = VecDeque::new();
+        while let Some(mut job) = held.parked.pop_front() {
+            let key = job.request.workspace();
+            if self.has_share(&held, &key) {
+                job.slot = Some(self.take_place(&mut held, &job.message_id, Some(&key)));
+                ready.push(job);
+            } else {
+                waiting.push_back(job);
+            }
+        }
+        held.parked = waiting;
+        ready
+    }
+
+    /// Every parked message, out of the books (shutdown gives them back).
+    pub fn take_parked(&self) -> Vec<Job> {
+        let mut held = self.state.lock().expect("held");
+        let parked: Vec<Job> = held.parked.drain(..).collect();
+        for job in &parked {
+            held.receipts.remove(&job.message_id);
+        }
+        parked
     }
 }
 
@@ -223,6 +314,7 @@ pub async fn run_intake(
         ) {
             return Err(IntakeError::SupervisorGone);
         }
+        route_unparked(&registry, &supervisor)?;
         if registry.in_flight() > 0 {
             last_activity = Instant::now();
         }
@@ -245,13 +337,13 @@ pub async fn run_intake(
             );
         }
         // Backpressure: receive only when at least one more message can be held.
-        let first = tokio::select! {
-            permit = registry.slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        tokio::select! {
+            _ = registry.wait_for_room() => {}
             _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown(None)),
-            // Re-check idleness and the supervisor now and then while full.
+            // Re-check idleness, the supervisor and parked messages now and then while full.
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-        };
-        let room = (1 + registry.slots.available_permits()).min(MAX_BATCH);
+        }
+        let room = registry.room().clamp(1, MAX_BATCH);
         let receive = sqs
             .receive_message()
             .queue_url(&ctx.config.input_queue_url)
@@ -262,22 +354,25 @@ pub async fn run_intake(
             .message_attribute_names("All")
             .send();
         let mut receive = tokio::spawn(receive);
-        let received = tokio::select! {
-            r = &mut receive => r.expect("receive task does not panic"),
-            _ = shutdown.cancelled() => {
-                let delivery = ctx.delivery.clone();
-                let give_back = tokio::spawn(async move {
-                    if let Ok(Ok(out)) = receive.await {
-                        for m in out.messages.unwrap_or_default() {
-                            let receipt = m.receipt_handle.unwrap_or_default();
-                            if let Err(e) = delivery.release(&receipt, Duration::ZERO).await {
-                                tracing::warn!(error = %e, "could not give back a message received during shutdown");
+        let received = loop {
+            tokio::select! {
+                r = &mut receive => break r.expect("receive task does not panic"),
+                // A message at work ended during the poll: a parked one may go now.
+                _ = registry.freed.notified() => route_unparked(&registry, &supervisor)?,
+                _ = shutdown.cancelled() => {
+                    let delivery = ctx.delivery.clone();
+                    let give_back = tokio::spawn(async move {
+                        if let Ok(Ok(out)) = receive.await {
+                            for m in out.messages.unwrap_or_default() {
+                                let receipt = m.receipt_handle.unwrap_or_default();
+                                if let Err(e) = delivery.release(&receipt, Duration::ZERO).await {
+                                    tracing::warn!(error = %e, "could not give back a message received during shutdown");
+                                }
                             }
                         }
-                    }
-                });
-                drop(first);
-                return Ok(IntakeEnd::Shutdown(Some(give_back)));
+                    });
+                    return Ok(IntakeEnd::Shutdown(Some(give_back)));
+                }
             }
         };
         let messages = match received {
@@ -287,7 +382,6 @@ pub async fn run_intake(
             }
             Err(e) => {
                 tracing::error!(error = %DisplayErrorContext(&e), "receiving from the input queue failed; retrying");
-                drop(first);
                 tokio::select! {
                     _ = tokio::time::sleep(error_backoff) => {}
                     _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown(None)),
@@ -299,79 +393,110 @@ pub async fn run_intake(
         if !messages.is_empty() {
             last_activity = Instant::now();
         }
-        let mut first = Some(first);
         for message in messages {
-            let permit = match first.take() {
-                Some(p) => p,
-                // We asked for no more than we had room for, so this succeeds.
-                None => registry
-                    .slots
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("room was counted before receiving"),
-            };
-            accept(&ctx, &supervisor, &registry, message, permit).await?;
+            accept(&ctx, &supervisor, &registry, message).await?;
         }
     }
 }
 
-/// Validate one message; route it, or reject it.
+/// Route the parked messages whose share has room now.
+fn route_unparked(
+    registry: &InFlightRegistry,
+    supervisor: &ActorRef<SupervisorMsg>,
+) -> Result<(), IntakeError> {
+    for job in registry.unpark_ready() {
+        tracing::debug!(message_id = %job.message_id, "its share has room now; no longer parked");
+        supervisor
+            .cast(SupervisorMsg::Route(Box::new(job)))
+            .map_err(|_| IntakeError::SupervisorGone)?;
+    }
+    Ok(())
+}
+
+/// A system attribute of a received message.
+fn system_attribute<T: std::str::FromStr>(
+    message: &Message,
+    name: MessageSystemAttributeName,
+) -> Option<T> {
+    message
+        .attributes()
+        .and_then(|a| a.get(&name))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Validate one message; route it, park it, or reject it. A message whose outcome is already
+/// recorded is finished again (its recorded event, then the delete) and never runs twice.
 async fn accept(
     ctx: &Arc<WorkerContext>,
     supervisor: &ActorRef<SupervisorMsg>,
     registry: &InFlightRegistry,
     message: Message,
-    permit: OwnedSemaphorePermit,
 ) -> Result<(), IntakeError> {
     let message_id = message.message_id.clone().unwrap_or_default();
     let receipt_handle = message.receipt_handle.clone().unwrap_or_default();
-    let body = message.body.clone().unwrap_or_default();
-    let receive_count = message
-        .attributes
-        .as_ref()
-        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let (span, trace_id) = root_span(ctx, &message, &message_id);
-    if let Some(sent) = message
-        .attributes()
-        .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        metrics()
-            .queue_wait_ms
-            .record(now.saturating_sub(sent) as f64, &[]);
+    if registry.take_copy(&message_id, &receipt_handle) {
+        tracing::info!(%message_id, "a copy of a message we hold; its newer receipt handle now serves the held one");
+        return Ok(());
     }
-    let request = EditRequest::parse(&body, ctx.config.max_command_bytes)
-        .and_then(|r| served_here(&ctx.config, r));
-    let workspace = request.as_ref().ok().map(EditRequest::workspace);
-    let slot = match registry.claim(permit, &message_id, workspace.as_ref()) {
-        Ok(slot) => slot,
-        Err(Refusal::Duplicate) => {
-            tracing::warn!(%message_id, "message delivered again while still being worked on; ignoring this copy");
+    let body = message.body.clone().unwrap_or_default();
+    let receive_count: u32 = system_attribute(
+        &message,
+        MessageSystemAttributeName::ApproximateReceiveCount,
+    )
+    .unwrap_or(1);
+    let now = crate::records::now_ms();
+    let sent_at_ms: u64 =
+        system_attribute(&message, MessageSystemAttributeName::SentTimestamp).unwrap_or(now);
+    metrics()
+        .queue_wait_ms
+        .record(now.saturating_sub(sent_at_ms) as f64, &[]);
+    let (span, trace_id) = root_span(ctx, &message, &message_id);
+
+    // Two thirds of the visibility timeout, refreshed with every renewal (a third): a live
+    // worker's mark never lapses, and a dead worker's mark is gone before its message is
+    // visible again.
+    let hold = ctx.config.visibility_timeout * 2 / 3;
+    match ctx.delivery.records.begin(&message_id, hold).await {
+        Ok(Begin::Fresh) => {}
+        Ok(Begin::Ended(event)) => {
+            tracing::info!(%message_id, receive_count, "this message already ended; repeating its terminal event and deleting it");
+            crate::metrics::outcome("repeated");
+            let delivery = ctx.delivery.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = delivery.finish_again(&receipt_handle, &event).await {
+                        tracing::warn!(error = %e, "an ended message could not be finished again; it comes back later");
+                    }
+                }
+                .instrument(span),
+            );
             return Ok(());
         }
-        Err(Refusal::ShareTaken) => {
-            // Back to the queue for a little while: room for other clients meanwhile.
-            tracing::debug!(%message_id, "its workspace or client holds its share of messages; deferring");
+        Ok(Begin::HeldElsewhere { worker }) => {
+            // Left as it is: it is visible again after its timeout, by when the other worker
+            // has ended it (and the record says so) or has died (and its mark has lapsed).
+            tracing::warn!(%message_id, %worker, "another worker has this message in hand; leaving this copy");
+            return Ok(());
+        }
+        Err(e) => {
+            // Without the record we cannot tell whether it already ran: do not run it now.
+            tracing::error!(%message_id, error = %e, "the record store is not answering; the message is given back");
             let delivery = ctx.delivery.clone();
             tokio::spawn(async move {
-                let _ = delivery.release(&receipt_handle, DEFER_DELAY).await;
+                let _ = delivery.release(&receipt_handle, RECORD_RETRY_DELAY).await;
             });
             return Ok(());
         }
-    };
+    }
+
+    let request = EditRequest::parse(&body, ctx.config.max_command_bytes)
+        .and_then(|r| served_here(&ctx.config, r));
     let request = match request {
         Ok(r) => r,
         Err(reason) => {
             reject(ctx, &message_id, &receipt_handle, &body, reason, trace_id)
                 .instrument(span)
                 .await;
-            drop(slot);
             return Ok(());
         }
     };
@@ -386,25 +511,39 @@ async fn accept(
             .collect();
         span.record("edit.command", shown.as_str());
     }
-    let receive_count = registry.attempts(&message_id, receive_count);
-    tracing::info!(%message_id, workspace = %request.workspace(), thread = %request.thread_id, "accepted");
-    // Renewed from now on: a message may wait in its session's queue longer than its timeout.
+    let receipt = Receipt::new(receipt_handle);
+    let workspace = request.workspace();
+    let claim = registry.claim(&message_id, &receipt, Some(&workspace));
+    let slot = match claim {
+        Claim::Copy => return Ok(()),
+        Claim::Slot(slot) => Some(slot),
+        Claim::Park => None,
+    };
+    tracing::info!(%message_id, workspace = %workspace, thread = %request.thread_id, parked = slot.is_none(), "accepted");
+    // Renewed from now on: a message may wait (parked, or in its session's queue) longer than
+    // its timeout.
     let stop = tokio_util::sync::CancellationToken::new();
     let renewal = Renewal::new(
         stop.clone(),
-        ctx.delivery.keep_invisible(receipt_handle.clone(), stop),
+        ctx.delivery
+            .keep_invisible(receipt.clone(), message_id.clone(), hold, stop),
     );
     let job = Job {
         request,
         message_id,
         renewal,
-        receipt_handle,
+        receipt,
+        sent_at_ms,
         received_at: Instant::now(),
         receive_count,
         trace_id,
         span,
-        slot: Some(slot),
+        slot,
     };
+    if job.slot.is_none() {
+        registry.park(job);
+        return Ok(());
+    }
     supervisor
         .cast(SupervisorMsg::Route(Box::new(job)))
         .map_err(|_| IntakeError::SupervisorGone)
@@ -423,6 +562,9 @@ fn served_here(
     };
     check(&config.only_client, &request.client_id, "client")?;
     check(&config.only_project, &request.project_id, "project")?;
+    let bucket = config.bucket_for(&request.workspace());
+    crate::message::check_bucket_name(&bucket)
+        .map_err(|reason| RequestError::InvalidBucket { bucket, reason })?;
     Ok(request)
 }
 

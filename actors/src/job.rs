@@ -1,9 +1,8 @@
 //! A message that has been received and validated, on its way through a session.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::EditRequest;
@@ -14,8 +13,11 @@ pub struct Job {
     pub request: EditRequest,
     /// The SQS message id: the identity of this piece of work in events and commit trailers.
     pub message_id: String,
-    /// Needed to delete, release or extend the message.
-    pub receipt_handle: String,
+    /// Needed to delete, release or extend the message: always the newest handle SQS gave out.
+    pub receipt: Receipt,
+    /// When the producer sent it (`SentTimestamp`, ms since the epoch; the receive time when
+    /// SQS did not say). Orders the work: an older message never interrupts a newer one.
+    pub sent_at_ms: u64,
     /// When we received it, for the total duration.
     pub received_at: Instant,
     /// How often SQS has delivered it (`ApproximateReceiveCount`), 1 the first time.
@@ -33,19 +35,51 @@ pub struct Job {
     pub slot: Option<InFlight>,
 }
 
+impl Job {
+    /// Give the message back to the queue, visible again after `delay`: stop the renewal
+    /// first (and wait for one in flight, which would otherwise hide it again), then release.
+    pub async fn release(
+        mut self,
+        delivery: &crate::delivery::Delivery,
+        delay: Duration,
+        why: &str,
+    ) {
+        self.renewal.stop().await;
+        if let Err(e) = delivery.release(&self.receipt.current(), delay).await {
+            tracing::warn!(error = %e, why, message_id = %self.message_id, "could not release the message; it returns after its visibility timeout");
+        }
+    }
+}
+
+/// A held message's receipt handle. SQS gives out a new handle with every delivery, and only
+/// the newest one surely deletes or extends the message (an older one can "succeed" without
+/// effect), so when a copy of a held message arrives, its handle replaces the one we hold: the
+/// renewal and the final delete or release always use the newest.
+#[derive(Debug, Clone)]
+pub struct Receipt(Arc<Mutex<String>>);
+
+impl Receipt {
+    pub fn new(handle: String) -> Receipt {
+        Receipt(Arc::new(Mutex::new(handle)))
+    }
+
+    pub fn current(&self) -> String {
+        self.0.lock().expect("receipt").clone()
+    }
+
+    pub fn replace(&self, newer: String) {
+        *self.0.lock().expect("receipt") = newer;
+    }
+}
+
 /// A held message's place in the intake's bookkeeping; dropping it frees the place.
 pub struct InFlight {
-    _permit: OwnedSemaphorePermit,
     on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl InFlight {
-    pub fn new(
-        permit: OwnedSemaphorePermit,
-        on_drop: impl FnOnce() + Send + Sync + 'static,
-    ) -> Self {
+    pub fn new(on_drop: impl FnOnce() + Send + Sync + 'static) -> Self {
         InFlight {
-            _permit: permit,
             on_drop: Some(Box::new(on_drop)),
         }
     }

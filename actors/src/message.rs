@@ -53,6 +53,11 @@ pub enum RequestError {
     CommandTooLarge { len: usize, max: usize },
     #[error("this worker serves only {allowed}, not {got}")]
     NotServedHere { allowed: String, got: String },
+    #[error("the edit bucket name `{bucket}` made from the ids is invalid: it {reason}")]
+    InvalidBucket {
+        bucket: String,
+        reason: &'static str,
+    },
 }
 
 impl RequestError {
@@ -61,7 +66,9 @@ impl RequestError {
         match self {
             RequestError::MalformedJson(_) | RequestError::NotAnObject => "malformed_message",
             RequestError::MissingField(_) => "missing_field",
-            RequestError::NotAString { .. } | RequestError::InvalidField { .. } => "invalid_field",
+            RequestError::NotAString { .. }
+            | RequestError::InvalidField { .. }
+            | RequestError::InvalidBucket { .. } => "invalid_field",
             RequestError::CommandTooLarge { .. } => "command_too_large",
             RequestError::NotServedHere { .. } => "not_served_here",
         }
@@ -206,6 +213,37 @@ pub fn check_ref_safe_id(field: &'static str, s: &str) -> Result<(), RequestErro
     }
     if s.ends_with(".lock") {
         return invalid("must not end in '.lock'");
+    }
+    // git's own rule for a ref name component (`git check-ref-format`).
+    if s.ends_with('.') {
+        return invalid("must not end with '.'");
+    }
+    Ok(())
+}
+
+/// An S3 bucket name (general purpose buckets): 3 to 63 characters of lower-case letters,
+/// digits, `.` and `-`, starting and ending with a letter or digit, no `..`, `.-` or `-.`, not
+/// shaped like an IP address. A message whose ids make an invalid name is bad input, not a
+/// passing failure.
+pub fn check_bucket_name(name: &str) -> Result<(), &'static str> {
+    if name.len() < 3 || name.len() > 63 {
+        return Err("must be 3 to 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return Err("may contain only lower-case letters, digits, '.' and '-'");
+    }
+    let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !edge_ok(name.as_bytes()[0]) || !edge_ok(name.as_bytes()[name.len() - 1]) {
+        return Err("must start and end with a letter or digit");
+    }
+    if name.contains("..") || name.contains(".-") || name.contains("-.") {
+        return Err("must not contain '..', '.-' or '-.'");
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("must not be shaped like an IP address");
     }
     Ok(())
 }
@@ -359,5 +397,34 @@ mod tests {
         assert_eq!(ids.client_id, None);
         assert_eq!(ids.thread_id.as_deref(), Some("test-thread-456"));
         assert_eq!(LooseIds::from_body("nope"), LooseIds::default());
+    }
+
+    #[test]
+    fn ids_that_are_no_valid_ref_component_are_rejected() {
+        for bad in ["t.", "a..b", ".t", "-t", "t.lock"] {
+            assert_eq!(
+                kind(&with("threadId", bad.into())),
+                "invalid_field",
+                "{bad}"
+            );
+        }
+        assert!(EditRequest::parse(&with("threadId", "a.b_c-1".into()), 1024).is_ok());
+    }
+
+    #[test]
+    fn bucket_names_follow_s3s_rules() {
+        assert!(check_bucket_name("edit.amelia.webordinary.com").is_ok());
+        for bad in [
+            "ab",
+            &"a".repeat(64),
+            "Edit.x",
+            "-edit",
+            "edit-",
+            "a..b",
+            "a.-b",
+            "192.168.1.1",
+        ] {
+            assert!(check_bucket_name(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -57,8 +57,8 @@ pub struct SessionState {
     args: SessionArgs,
     /// Waiting jobs, oldest first.
     queue: VecDeque<Job>,
-    /// The running job's stop signal; `None` when idle.
-    running: Option<StopSignal>,
+    /// The running batch: its stop signal; `None` when idle.
+    running: Option<Running>,
     /// The step actors, while there is work: started with the first job after an idle spell
     /// and stopped when the queue runs dry, so that an idle session is one actor, not five
     /// (1,000 idle sessions took 103 MiB with their step actors kept).
@@ -76,6 +76,13 @@ pub struct SessionState {
     epoch: u64,
     /// Jobs received, so the supervisor can tell whether one is still on its way to us.
     received: u64,
+}
+
+/// The batch at work.
+struct Running {
+    stop: StopSignal,
+    /// The newest send time in the batch: only a message sent after it interrupts.
+    newest_sent_ms: u64,
 }
 
 pub struct SessionActor;
@@ -199,7 +206,10 @@ impl SessionActor {
             batch.push(state.queue.pop_front().expect("front exists"));
         }
         let stop = StopSignal::default();
-        state.running = Some(stop.clone());
+        state.running = Some(Running {
+            stop: stop.clone(),
+            newest_sent_ms: batch.iter().map(|j| j.sent_at_ms).max().unwrap_or(0),
+        });
         let ctx = state.args.ctx.clone();
         let me = myself.clone();
         // The batch runs in its lead message's trace; the others say where their work went.
@@ -217,18 +227,19 @@ impl SessionActor {
         Ok(())
     }
 
-    fn release(ctx: &Arc<WorkerContext>, mut job: Job) {
+    fn release(ctx: &Arc<WorkerContext>, job: Job) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            job.renewal.stop().await;
-            if let Err(e) = ctx
-                .delivery
-                .release(&job.receipt_handle, Duration::ZERO)
-                .await
-            {
-                tracing::warn!(error = %e, "could not release a queued message");
-            }
+            job.release(&ctx.delivery, Duration::ZERO, "session stopping")
+                .await;
         });
+    }
+
+    /// Queue a job in the producer's send order (a late or redelivered message goes where it
+    /// was sent, not where it arrived; equal times keep their arrival order).
+    fn enqueue_in_send_order(queue: &mut VecDeque<Job>, job: Job) {
+        let at = queue.partition_point(|queued| queued.sent_at_ms <= job.sent_at_ms);
+        queue.insert(at, job);
     }
 }
 
@@ -272,10 +283,17 @@ impl Actor for SessionActor {
                     return Ok(());
                 }
                 state.received += 1;
-                state.queue.push_back(*job);
+                let sent_at_ms = job.sent_at_ms;
+                Self::enqueue_in_send_order(&mut state.queue, *job);
                 match &state.running {
-                    // A newer message interrupts the work in progress.
-                    Some(stop) => stop.request(StopReason::Interrupted),
+                    // A newer message interrupts the work in progress; an older one (late,
+                    // redelivered, retried) never does: it waits its turn.
+                    Some(running) if sent_at_ms > running.newest_sent_ms => {
+                        running.stop.request(StopReason::Interrupted)
+                    }
+                    Some(_) => {
+                        tracing::info!(workspace = %state.args.key, sent_at_ms, "an older message waits for the newer work in progress")
+                    }
                     None => Self::start_next(&myself, state).await?,
                 }
             }
@@ -315,8 +333,8 @@ impl Actor for SessionActor {
                     Self::release(&state.args.ctx, job);
                 }
                 match &state.running {
-                    Some(stop) => {
-                        stop.request(StopReason::Shutdown);
+                    Some(running) => {
+                        running.stop.request(StopReason::Shutdown);
                         state.shutdown_reply = Some(reply);
                     }
                     None => {
@@ -372,8 +390,8 @@ impl Actor for SessionActor {
         for job in state.queue.drain(..) {
             Self::release(&state.args.ctx, job);
         }
-        if let Some(stop) = &state.running {
-            stop.request(StopReason::Shutdown);
+        if let Some(running) = &state.running {
+            running.stop.request(StopReason::Shutdown);
         }
         // The step actors live and die with their session.
         Self::stop_steps(state);

@@ -64,6 +64,10 @@ pub struct StatusEvent {
     pub result: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// In a coalesced batch (one agent run for several messages), the message whose event
+    /// carries the run's cost; this one reports 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_paid_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub durations_ms: Option<BTreeMap<String, u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +132,7 @@ impl StatusEvent {
             preview_url: None,
             result: None,
             cost_usd: None,
+            cost_paid_by: None,
             durations_ms: None,
             publish: None,
             error: None,
@@ -170,6 +175,17 @@ impl StatusSink {
             error_kind = event.error.as_ref().map(|e| e.kind.as_str()),
             "status {body}"
         );
+        self.put_on_queue(body).await
+    }
+
+    /// Send an event exactly as it was recorded (a repeated terminal event: same type, same
+    /// content, so a consumer keyed by `messageId` sees one outcome).
+    pub async fn send_recorded(&self, body: &str) -> Result<(), StatusSendError> {
+        tracing::info!(repeated = true, "status {body}");
+        self.put_on_queue(body.to_owned()).await
+    }
+
+    async fn put_on_queue(&self, body: String) -> Result<(), StatusSendError> {
         let Some(url) = &self.queue_url else {
             return Ok(());
         };

@@ -110,12 +110,8 @@ impl Actor for Supervisor {
                     Err(e) => {
                         tracing::error!(workspace = %key, error = %e, "could not start a session; message will be delivered again");
                         let ctx = state.args.ctx.clone();
-                        let mut job = job;
                         tokio::spawn(async move {
-                            job.renewal.stop().await;
-                            let _ = ctx
-                                .delivery
-                                .release(&job.receipt_handle, Duration::from_secs(5))
+                            job.release(&ctx.delivery, Duration::from_secs(5), "no session")
                                 .await;
                         });
                     }

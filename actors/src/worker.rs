@@ -12,9 +12,13 @@ use crate::delivery::Delivery;
 use crate::intake::{self, InFlightRegistry, IntakeEnd, IntakeError};
 use crate::pipeline::WorkerContext;
 use crate::publish::Publisher;
+use crate::records::RecordStore;
 use crate::restart::RestartPolicy;
 use crate::status::StatusSink;
 use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+
+/// SQS keeps a message 14 days at most: an outcome record older than that is never needed.
+const RECORD_RETENTION: Duration = Duration::from_secs(15 * 24 * 3600);
 
 /// How `run` should end, besides a signal.
 #[derive(Debug, Clone)]
@@ -44,19 +48,34 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<IntakeEnd, WorkerError> {
     let status = StatusSink::new(sqs.clone(), config.output_queue_url.clone());
+    let location = config.record_location();
+    if config.lease_store.is_none() {
+        tracing::warn!(records = %location, "no LEASE_STORE: this worker assumes it is alone on its queue");
+    } else {
+        tracing::info!(records = %location, worker = %config.worker_id, "records shared through the lease store");
+    }
+    let records = RecordStore::new(&location, &s3, &config.worker_id);
+    {
+        // An outcome older than SQS's longest retention can no longer meet its message.
+        let records = records.clone();
+        tokio::spawn(async move {
+            match records.forget_older_than(RECORD_RETENTION).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "forgot outcome records past retention"),
+                Err(e) => tracing::warn!(error = %e, "could not forget old outcome records"),
+            }
+        });
+    }
     let delivery = Delivery::new(
         sqs,
         config.input_queue_url.clone(),
         config.dead_letter_queue_url.clone(),
         status,
         config.visibility_timeout,
+        records,
     );
     let agent = config.agent.clone();
-    let build = BuildSpec {
-        command: config.build_command.clone(),
-        output_dir: config.build_output_dir.clone(),
-        timeout: config.build_timeout,
-    };
+    let build = BuildSpec::from_config(&config);
     let publisher = Publisher::new(s3, config.publish.clone());
     let registry = InFlightRegistry::new(
         config.max_in_flight,
@@ -96,6 +115,10 @@ pub async fn run(
             "shutting down: saving running work and releasing messages"
         );
         let deadline = Instant::now() + options.shutdown_deadline;
+        // Parked messages never started: back to the queue at once, for the next worker.
+        for job in registry.take_parked() {
+            job.release(&ctx.delivery, Duration::ZERO, "shutdown").await;
+        }
         let stopped = supervisor.call(SupervisorMsg::Shutdown, Some(options.shutdown_deadline));
         if !matches!(stopped.await, Ok(ractor::rpc::CallResult::Success(()))) {
             tracing::warn!("sessions did not all stop before the deadline");

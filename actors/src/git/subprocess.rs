@@ -96,6 +96,40 @@ impl GitProgram {
             .map(drop)
     }
 
+    /// Merge `upstream` into the current branch (both sides have new commits), as `name`.
+    pub async fn merge(
+        &self,
+        upstream: &str,
+        name: &str,
+        email: &str,
+    ) -> Result<(), GitCommandError> {
+        let user = format!("user.name={name}");
+        let mail = format!("user.email={email}");
+        self.run(
+            &[
+                "-c",
+                &user,
+                "-c",
+                &mail,
+                "merge",
+                "--quiet",
+                "--no-edit",
+                "--no-ff",
+                upstream,
+            ],
+            LOCAL_TIMEOUT,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Abandon a merge that stopped on conflicts, leaving the branch as it was.
+    pub async fn abort_merge(&self) {
+        if let Err(e) = self.run(&["merge", "--abort"], LOCAL_TIMEOUT).await {
+            tracing::warn!(error = %e, "could not abort the merge");
+        }
+    }
+
     /// Push `branch` to the same name on `origin`.
     pub async fn push(&self, branch: &str) -> Result<(), GitCommandError> {
         let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
@@ -118,18 +152,26 @@ impl GitProgram {
     /// Run git with `args` in this repository and return its stdout.
     async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, GitCommandError> {
         let mut cmd = Command::new("git");
-        cmd.args(args)
-            .current_dir(&self.dir)
-            // Never wait for a person: no prompts for credentials, no editor, no pager.
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_EDITOR", "true")
-            .env("GIT_PAGER", "cat")
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // A git that outlives its time limit is killed, not left behind.
-            .kill_on_drop(true);
+        // The checkout's own hooks and command-running settings never run with the worker's
+        // rights: a tenant's agent or build can write `.git/hooks` or `.git/config`.
+        cmd.args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+        ])
+        .args(args)
+        .current_dir(&self.dir)
+        // Never wait for a person: no prompts for credentials, no editor, no pager.
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_EDITOR", "true")
+        .env("GIT_PAGER", "cat")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A git that outlives its time limit is killed, not left behind.
+        .kill_on_drop(true);
         let joined = args.join(" ");
         let output = match tokio::time::timeout(timeout, cmd.output()).await {
             Ok(result) => result.map_err(GitCommandError::Spawn)?,

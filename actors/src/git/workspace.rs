@@ -38,6 +38,11 @@ pub enum GitError {
     Io(#[from] std::io::Error),
     #[error("gix task ended unexpectedly: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(
+        "thread branch {branch} has diverged from the upstream and the two cannot be merged \
+         without conflicts; resolve it on the upstream ({detail})"
+    )]
+    Diverged { branch: String, detail: String },
 }
 
 /// Unfinished work found in the worktree and committed on its own branch before switching.
@@ -101,7 +106,7 @@ impl Workspace {
             tokio::fs::rename(&tmp, &self.dir).await?;
         }
         self.write_excludes().await?;
-        self.remove_stale_lock().await?;
+        self.remove_stale_locks().await?;
         tokio::fs::create_dir_all(self.state_dir()).await?;
         Ok(cloned)
     }
@@ -145,10 +150,19 @@ impl Workspace {
             }
         }
         if has_local && has_remote && local_tip != remote_tip {
-            // Someone else (another container, a person) may have pushed to the thread.
-            // A branch that has diverged stays as it is; the push reports it.
-            if let Err(e) = git.fast_forward(&format!("origin/{branch}")).await {
-                tracing::warn!(branch, error = %e, "thread branch could not be fast-forwarded");
+            // Someone else (another container, a person) may have pushed to the thread. Take
+            // their work: fast-forward, or, when both sides have new commits, merge theirs in,
+            // so that the edit is made on top of it and the push goes through.
+            let upstream = format!("origin/{branch}");
+            if let Err(ff) = git.fast_forward(&upstream).await {
+                tracing::info!(branch, reason = %ff, "thread branch diverged from the upstream; merging the upstream's work");
+                if let Err(e) = git.merge(&upstream, AUTHOR.name, AUTHOR.email).await {
+                    git.abort_merge().await;
+                    return Err(GitError::Diverged {
+                        branch: branch.to_owned(),
+                        detail: e.to_string(),
+                    });
+                }
             }
         }
         Ok(saved)
@@ -295,18 +309,45 @@ impl Workspace {
     }
 
     /// A session is the only user of its workspace's git, and runs one git operation at a time,
-    /// so an `index.lock` found before we start is left by a crash.
-    async fn remove_stale_lock(&self) -> Result<(), GitError> {
-        let lock = self.dir.join(".git").join("index.lock");
-        match tokio::fs::remove_file(&lock).await {
-            Ok(()) => {
-                tracing::warn!(path = %lock.display(), "removed a stale index.lock");
-                Ok(())
+    /// so a lock file found before we start was left by a crash (a `kill -9` inside a commit,
+    /// a switch, a fetch or a ref update). Left in place, it would fail every later message of
+    /// the thread (a ref's lock) or of the whole workspace (`index.lock`, `HEAD.lock`).
+    async fn remove_stale_locks(&self) -> Result<(), GitError> {
+        let git_dir = self.dir.join(".git");
+        let removed = tokio::task::spawn_blocking(move || stale_locks(&git_dir)).await??;
+        for path in removed {
+            tracing::warn!(path = %path.display(), "removed a stale git lock file");
+        }
+        Ok(())
+    }
+}
+
+/// Remove the lock files under a repository's git folder: its own (`index.lock`, `HEAD.lock`,
+/// `config.lock`, `packed-refs.lock`, ...) and those of refs. Objects are never locked this
+/// way, so they are not walked. Returns what was removed.
+fn stale_locks(git_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    // (folder, walk its subfolders too): the git folder's own files, then all of `refs`.
+    let mut folders = vec![(git_dir.to_owned(), false), (git_dir.join("refs"), true)];
+    while let Some((folder, deep)) = folders.pop() {
+        let entries = match std::fs::read_dir(&folder) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let path = entry.path();
+            if kind.is_dir() && deep {
+                folders.push((path, true));
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "lock") {
+                std::fs::remove_file(&path)?;
+                removed.push(path);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
         }
     }
+    Ok(removed)
 }
 
 /// `{subject}\n\n{body}\n\n{trailer}: {id}` (one trailer line per message).
@@ -368,5 +409,37 @@ mod tests {
             m,
             "s\n\nfull text\n\nEdit-Worker-Message: m-1\nEdit-Worker-Message: m-2\n"
         );
+    }
+
+    #[test]
+    fn stale_locks_of_the_repository_and_its_refs_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = dir.path();
+        for folder in ["refs/heads/nested", "refs/remotes/origin", "objects/ab"] {
+            std::fs::create_dir_all(git.join(folder)).unwrap();
+        }
+        let locks = [
+            "index.lock",
+            "HEAD.lock",
+            "refs/heads/thread-a.lock",
+            "refs/heads/nested/b.lock",
+            "refs/remotes/origin/thread-a.lock",
+        ];
+        for lock in locks {
+            std::fs::write(git.join(lock), "").unwrap();
+        }
+        std::fs::write(git.join("refs/heads/thread-a"), "x").unwrap();
+        std::fs::write(git.join("objects/ab/keep.lock"), "").unwrap();
+        let mut removed: Vec<String> = stale_locks(git)
+            .unwrap()
+            .iter()
+            .map(|p| p.strip_prefix(git).unwrap().display().to_string())
+            .collect();
+        removed.sort();
+        let mut expected: Vec<String> = locks.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(git.join("refs/heads/thread-a").exists());
+        assert!(git.join("objects/ab/keep.lock").exists());
     }
 }

@@ -1,0 +1,548 @@
+//! Records that make each message take effect once, whatever SQS does (redelivery, copies,
+//! reordering, deletes that do not take), kept where they outlive the process:
+//!
+//! - **the outcome of each message** (the idempotency pattern of Powertools for AWS Lambda): a
+//!   `started` mark with an expiry when a message is accepted, then its terminal event, written
+//!   *before* the event is reported. A message whose outcome is recorded is deleted when it comes
+//!   back, and its recorded event is sent again, byte for byte: never a second, different one.
+//! - **how far each thread has got**: the newest producer send time (`SentTimestamp`) of the
+//!   thread's messages that have started to run. A message sent before that mark comes too
+//!   late: its request is superseded, never applied on top of newer work.
+//!
+//! Two engines: a folder on the worker's disk (`{WORKSPACE_ROOT}/.records`, the default for a
+//! worker that is alone) or an S3 prefix with conditional writes (`LEASE_STORE=s3://BUCKET/PREFIX`),
+//! which every worker of a deployment reads.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
+use serde::{Deserialize, Serialize};
+
+use crate::message::WorkspaceKey;
+
+/// Where the records live, as `LEASE_STORE` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A folder on this worker's disk: the worker assumes it is alone.
+    Local(PathBuf),
+    /// `s3://BUCKET/PREFIX`, on the SDK's endpoint.
+    S3 { bucket: String, prefix: String },
+}
+
+impl StoreLocation {
+    /// Parse `s3://BUCKET/PREFIX` (the prefix may be empty).
+    pub fn parse(text: &str) -> Result<StoreLocation, String> {
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err("s3://BUCKET/PREFIX needs a bucket".into());
+            }
+            let prefix = prefix.trim_matches('/');
+            return Ok(StoreLocation::S3 {
+                bucket: bucket.to_owned(),
+                prefix: if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!("{prefix}/")
+                },
+            });
+        }
+        if text.starts_with("dynamodb://") {
+            return Err(
+                "dynamodb:// is not supported by this build; use s3://BUCKET/PREFIX".into(),
+            );
+        }
+        Err(format!("`{text}` is not s3://BUCKET/PREFIX"))
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Local(dir) => write!(f, "local folder {}", dir.display()),
+            StoreLocation::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record store {op}: {message}")]
+    Store { op: &'static str, message: String },
+    #[error("record {key} is not readable: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// A message's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "camelCase")]
+enum OutcomeRecord {
+    /// Accepted by `worker`, who has it in hand until `expires_at_ms` (a worker that died
+    /// leaves the mark behind; after the expiry it counts for nothing).
+    #[serde(rename_all = "camelCase")]
+    Started { worker: String, expires_at_ms: u64 },
+    /// Ended: the terminal event as it was reported (JSON text).
+    #[serde(rename_all = "camelCase")]
+    Ended { event: String },
+}
+
+/// What `begin` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begin {
+    /// Nothing recorded, or only a stale mark: the message is ours to run.
+    Fresh,
+    /// The message already ended; this is its terminal event, to be sent again as it was.
+    Ended(String),
+    /// Another worker accepted it a moment ago and its mark has not expired.
+    HeldElsewhere { worker: String },
+}
+
+/// How far a thread has got: the newest send time among its messages that started to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThreadMark {
+    pub newest_sent_ms: u64,
+}
+
+/// The records, on one engine.
+#[derive(Clone)]
+pub struct RecordStore {
+    engine: Engine,
+    /// This worker's name in `started` marks.
+    worker: String,
+}
+
+#[derive(Clone)]
+enum Engine {
+    Local(PathBuf),
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        prefix: String,
+    },
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// A message id as a record key. SQS ids are UUIDs; anything else is hex-encoded, so a key
+/// never holds a separator or `..`.
+fn message_key(message_id: &str) -> String {
+    let plain = !message_id.is_empty()
+        && message_id.len() <= 128
+        && message_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        format!("outcomes/{message_id}.json")
+    } else {
+        let hex: String = message_id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("outcomes/x{hex}.json")
+    }
+}
+
+/// Ids of a validated request: DNS labels and ref-safe ids, so they make a safe key.
+fn thread_key(key: &WorkspaceKey, thread_id: &str) -> String {
+    format!(
+        "threads/{}/{}/{thread_id}.json",
+        key.client_id, key.project_id
+    )
+}
+
+impl RecordStore {
+    pub fn new(location: &StoreLocation, s3: &aws_sdk_s3::Client, worker: &str) -> RecordStore {
+        let engine = match location {
+            StoreLocation::Local(dir) => Engine::Local(dir.clone()),
+            StoreLocation::S3 { bucket, prefix } => Engine::S3 {
+                client: s3.clone(),
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+            },
+        };
+        RecordStore {
+            engine,
+            worker: worker.to_owned(),
+        }
+    }
+
+    /// A store in a local folder (tests, and a worker that is alone).
+    pub fn local(dir: &Path, worker: &str) -> RecordStore {
+        RecordStore {
+            engine: Engine::Local(dir.to_owned()),
+            worker: worker.to_owned(),
+        }
+    }
+
+    /// Take a message in hand: mark it `started` (for `hold`) unless it already ended or another
+    /// worker holds a live mark.
+    pub async fn begin(&self, message_id: &str, hold: Duration) -> Result<Begin, RecordError> {
+        let key = message_key(message_id);
+        let mine = OutcomeRecord::Started {
+            worker: self.worker.clone(),
+            expires_at_ms: now_ms() + hold.as_millis() as u64,
+        };
+        // A conditional write per attempt; a lost race reads again and decides again.
+        for _ in 0..4 {
+            let (found, version) = match self.read(&key).await? {
+                None => (None, Version::Absent),
+                Some((text, version)) => {
+                    let record: OutcomeRecord =
+                        serde_json::from_str(&text).map_err(|e| RecordError::Corrupt {
+                            key: key.clone(),
+                            message: e.to_string(),
+                        })?;
+                    (Some(record), version)
+                }
+            };
+            match found {
+                Some(OutcomeRecord::Ended { event }) => return Ok(Begin::Ended(event)),
+                Some(OutcomeRecord::Started {
+                    worker,
+                    expires_at_ms,
+                }) if worker != self.worker && expires_at_ms > now_ms() => {
+                    return Ok(Begin::HeldElsewhere { worker });
+                }
+                _ => {}
+            }
+            let text = serde_json::to_string(&mine).expect("records serialize");
+            if self.write(&key, &text, version).await? {
+                return Ok(Begin::Fresh);
+            }
+        }
+        Err(RecordError::Store {
+            op: "begin",
+            message: format!("{key} kept changing under us"),
+        })
+    }
+
+    /// Record the message's terminal event. Final: written before the event is reported.
+    pub async fn end(&self, message_id: &str, event_json: &str) -> Result<(), RecordError> {
+        let record = OutcomeRecord::Ended {
+            event: event_json.to_owned(),
+        };
+        let text = serde_json::to_string(&record).expect("records serialize");
+        self.write(&message_key(message_id), &text, Version::Any)
+            .await
+            .map(drop)
+    }
+
+    pub async fn thread_mark(
+        &self,
+        key: &WorkspaceKey,
+        thread_id: &str,
+    ) -> Result<Option<ThreadMark>, RecordError> {
+        let record_key = thread_key(key, thread_id);
+        match self.read(&record_key).await? {
+            None => Ok(None),
+            Some((text, _)) => {
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| RecordError::Corrupt {
+                        key: record_key,
+                        message: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Raise the thread's mark to `sent_ms` (never lower it: a mark only moves forward).
+    pub async fn raise_thread_mark(
+        &self,
+        key: &WorkspaceKey,
+        thread_id: &str,
+        sent_ms: u64,
+    ) -> Result<(), RecordError> {
+        let record_key = thread_key(key, thread_id);
+        for _ in 0..4 {
+            let (current, version) = match self.read(&record_key).await? {
+                None => (None, Version::Absent),
+                Some((text, version)) => (serde_json::from_str::<ThreadMark>(&text).ok(), version),
+            };
+            if current.is_some_and(|m| m.newest_sent_ms >= sent_ms) {
+                return Ok(());
+            }
+            let text = serde_json::to_string(&ThreadMark {
+                newest_sent_ms: sent_ms,
+            })
+            .expect("records serialize");
+            if self.write(&record_key, &text, version).await? {
+                return Ok(());
+            }
+        }
+        Err(RecordError::Store {
+            op: "raise thread mark",
+            message: format!("{record_key} kept changing under us"),
+        })
+    }
+
+    /// Forget local outcome records older than `age` (SQS keeps a message 14 days at most, so
+    /// an older record can no longer meet a copy of its message). S3 prefixes are expired by a
+    /// lifecycle rule instead (README).
+    pub async fn forget_older_than(&self, age: Duration) -> Result<usize, RecordError> {
+        let Engine::Local(root) = &self.engine else {
+            return Ok(0);
+        };
+        let dir = root.join("outcomes");
+        let cutoff = SystemTime::now() - age;
+        tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return 0;
+            };
+            for entry in entries.flatten() {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < cutoff);
+                if old && std::fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+            removed
+        })
+        .await
+        .map_err(|e| RecordError::Store {
+            op: "forget old records",
+            message: e.to_string(),
+        })
+    }
+
+    /// The record's text and its version (for a conditional write), if it exists.
+    async fn read(&self, key: &str) -> Result<Option<(String, Version)>, RecordError> {
+        match &self.engine {
+            Engine::Local(root) => match tokio::fs::read_to_string(root.join(key)).await {
+                Ok(text) => Ok(Some((text.clone(), Version::Text(text)))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(RecordError::Store {
+                    op: "read",
+                    message: format!("{key}: {e}"),
+                }),
+            },
+            Engine::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let got = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(format!("{prefix}{key}"))
+                    .send()
+                    .await;
+                match got {
+                    Ok(object) => {
+                        let etag = object.e_tag().unwrap_or_default().to_owned();
+                        let bytes =
+                            object
+                                .body
+                                .collect()
+                                .await
+                                .map_err(|e| RecordError::Store {
+                                    op: "read",
+                                    message: format!("{key}: {e}"),
+                                })?;
+                        let text = String::from_utf8_lossy(&bytes.into_bytes()).into_owned();
+                        Ok(Some((text, Version::ETag(etag))))
+                    }
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+                    Err(e) => Err(RecordError::Store {
+                        op: "read",
+                        message: format!("{key}: {}", DisplayErrorContext(&e)),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Write `text` if the record is still at `version`; false when someone wrote first.
+    async fn write(&self, key: &str, text: &str, version: Version) -> Result<bool, RecordError> {
+        match &self.engine {
+            Engine::Local(root) => {
+                let path = root.join(key);
+                let text = text.to_owned();
+                tokio::task::spawn_blocking(move || write_local(&path, &text, version))
+                    .await
+                    .map_err(|e| RecordError::Store {
+                        op: "write",
+                        message: e.to_string(),
+                    })?
+            }
+            Engine::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let mut put = client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(format!("{prefix}{key}"))
+                    .content_type("application/json")
+                    .body(text.as_bytes().to_vec().into());
+                put = match version {
+                    Version::Absent => put.if_none_match("*"),
+                    Version::ETag(etag) => put.if_match(etag),
+                    Version::Any | Version::Text(_) => put,
+                };
+                match put.send().await {
+                    Ok(_) => Ok(true),
+                    Err(e) => {
+                        let status = e.raw_response().map(|r| r.status().as_u16());
+                        let code = e.as_service_error().and_then(|s| s.code());
+                        // 412: the condition failed; 409: a concurrent conditional write won.
+                        if matches!(status, Some(412 | 409))
+                            || matches!(
+                                code,
+                                Some("PreconditionFailed" | "ConditionalRequestConflict")
+                            )
+                        {
+                            Ok(false)
+                        } else {
+                            Err(RecordError::Store {
+                                op: "write",
+                                message: format!("{key}: {}", DisplayErrorContext(&e)),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a conditional write expects to find.
+#[derive(Debug, Clone)]
+enum Version {
+    /// No record yet.
+    Absent,
+    /// An S3 object with this ETag.
+    ETag(String),
+    /// A local file with this content.
+    Text(String),
+    /// Whatever is there.
+    Any,
+}
+
+/// A local conditional write: the record is replaced atomically (temp file + rename) if its
+/// content is still what was read. One worker owns the folder, and its writes of one record
+/// come from one place at a time, so compare-then-rename is enough here; shared storage goes
+/// through S3's conditional writes instead.
+fn write_local(path: &Path, text: &str, version: Version) -> Result<bool, RecordError> {
+    let err = |e: std::io::Error| RecordError::Store {
+        op: "write",
+        message: format!("{}: {e}", path.display()),
+    };
+    let current = match std::fs::read_to_string(path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(err(e)),
+    };
+    let expected = match (&version, &current) {
+        (Version::Any, _) => true,
+        (Version::Absent, None) => true,
+        (Version::Text(t), Some(c)) => t == c,
+        _ => false,
+    };
+    if !expected {
+        return Ok(false);
+    }
+    let dir = path.parent().expect("records live in a folder");
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: "a".into(),
+            project_id: "b".into(),
+        }
+    }
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(
+            StoreLocation::parse("s3://bucket/some/prefix/").unwrap(),
+            StoreLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix/".into()
+            }
+        );
+        assert_eq!(
+            StoreLocation::parse("s3://bucket").unwrap(),
+            StoreLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: String::new()
+            }
+        );
+        assert!(StoreLocation::parse("s3:///x").is_err());
+        assert!(StoreLocation::parse("dynamodb://t").is_err());
+        assert!(StoreLocation::parse("/tmp/x").is_err());
+    }
+
+    #[test]
+    fn odd_message_ids_make_safe_keys() {
+        assert_eq!(message_key("abc-1"), "outcomes/abc-1.json");
+        assert_eq!(message_key("../x"), "outcomes/x2e2e2f78.json");
+        assert_eq!(message_key(""), "outcomes/x.json");
+    }
+
+    #[tokio::test]
+    async fn a_message_begins_once_and_its_ending_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w1");
+        let hold = Duration::from_secs(60);
+        assert_eq!(store.begin("m1", hold).await.unwrap(), Begin::Fresh);
+        // The same worker may take its own message again (a retry after a passing failure).
+        assert_eq!(store.begin("m1", hold).await.unwrap(), Begin::Fresh);
+        let other = RecordStore::local(dir.path(), "w2");
+        assert_eq!(
+            other.begin("m1", hold).await.unwrap(),
+            Begin::HeldElsewhere {
+                worker: "w1".into()
+            }
+        );
+        store.end("m1", "{\"type\":\"completed\"}").await.unwrap();
+        for s in [&store, &other] {
+            assert_eq!(
+                s.begin("m1", hold).await.unwrap(),
+                Begin::Ended("{\"type\":\"completed\"}".into())
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_workers_mark_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = RecordStore::local(dir.path(), "gone");
+        assert_eq!(gone.begin("m", Duration::ZERO).await.unwrap(), Begin::Fresh);
+        let next = RecordStore::local(dir.path(), "next");
+        assert_eq!(
+            next.begin("m", Duration::from_secs(60)).await.unwrap(),
+            Begin::Fresh
+        );
+    }
+
+    #[tokio::test]
+    async fn thread_marks_only_move_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w");
+        assert_eq!(store.thread_mark(&key(), "t").await.unwrap(), None);
+        store.raise_thread_mark(&key(), "t", 20).await.unwrap();
+        store.raise_thread_mark(&key(), "t", 10).await.unwrap();
+        assert_eq!(
+            store.thread_mark(&key(), "t").await.unwrap(),
+            Some(ThreadMark { newest_sent_ms: 20 })
+        );
+    }
+}

@@ -1,0 +1,667 @@
+//! Issue 11: every request takes effect once, whatever SQS does. One test per scenario of the
+//! issue, each against moto, real git and the stand-in agent; where SQS's own misbehaviour is
+//! needed (a delete that does not take, a second copy with a new receipt handle) the worker
+//! reads its input queue through `tools/sqs-fault-proxy`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Site, TestEnv, git, is_terminal};
+use serde_json::Value;
+
+fn terminal_for<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["messageId"] == id && is_terminal(e))
+        .collect()
+}
+
+/// Send a request that becomes visible only after `delay_secs`: its `SentTimestamp` is now,
+/// so it reaches the worker after messages sent later (a reordering standard queues do).
+async fn send_delayed(
+    env: &TestEnv,
+    thread: &str,
+    client: &str,
+    command: &str,
+    delay_secs: i32,
+) -> String {
+    let body = serde_json::json!({
+        "sessionId": "s", "threadId": thread, "clientId": client, "projectId": "site",
+        "command": command,
+    });
+    env.sqs
+        .send_message()
+        .queue_url(&env.input)
+        .message_body(body.to_string())
+        .delay_seconds(delay_secs)
+        .send()
+        .await
+        .unwrap()
+        .message_id
+        .unwrap()
+}
+
+/// Wait until `check` holds, looking every 100 ms (for state that no event announces, such
+/// as a commit the worker made in its checkout).
+async fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `tools/sqs-fault-proxy` in front of moto, with the given fault rates.
+struct FaultProxy {
+    url: String,
+    child: Child,
+}
+
+impl FaultProxy {
+    fn start(queue_name: &str, args: &[&str]) -> FaultProxy {
+        let mut child = Command::new(common::repo_root().join("tools/sqs-fault-proxy"))
+            .args([
+                "--target",
+                &common::endpoint(),
+                "--queue-name-contains",
+                queue_name,
+            ])
+            .args([
+                "--throttle-rate",
+                "0",
+                "--lost-reply-rate",
+                "0",
+                "--reorder-rate",
+                "0",
+            ])
+            .args(["--drop-delete-rate", "0", "--early-rate", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tools/sqs-fault-proxy");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let url = first.trim().strip_prefix("listening ").unwrap().to_owned();
+        FaultProxy { url, child }
+    }
+
+    /// The proxy's counts of what it injected and ignored.
+    fn stats(&self) -> Value {
+        let addr = self.url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        use std::io::{Read, Write};
+        write!(stream, "GET /__fault_stats HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("stats: {text}"))
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn count(stats: &Value, kind: &str) -> u64 {
+    stats["faults"][kind]
+        .as_u64()
+        .or_else(|| stats[kind].as_u64())
+        .unwrap_or(0)
+}
+
+fn branch_has_file(upstream: &Path, branch: &str, file: &str) -> bool {
+    git(upstream, &["ls-tree", "--name-only", "-r", branch])
+        .lines()
+        .any(|l| l == file)
+}
+
+/// Scenario 1: a coalesced batch looks at each of its messages. Of [applied, new], the new
+/// one still runs; of [new, applied], the applied one does not run again.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_message_of_a_coalesced_batch_is_checked_for_an_earlier_run() {
+    let mut env = TestEnv::new("eo-batch").await;
+    env.create_bucket(&env.bucket("bea")).await;
+    let upstream = env.create_upstream("bea", "site", Site::Tiny);
+    env.start_worker(&[]);
+    // Four requests sent first, visible only in 4 s; meanwhile a newer slow one runs, so that
+    // they queue behind it and start as two batches of two (one per thread).
+    let t1 = send_delayed(&env, "t", "bea", "[standin:write t1.txt 1]", 4).await;
+    let t2 = send_delayed(&env, "t", "bea", "[standin:write t2.txt 2]", 4).await;
+    let u1 = send_delayed(&env, "u", "bea", "[standin:write u1.txt 1]", 4).await;
+    let u2 = send_delayed(&env, "u", "bea", "[standin:write u2.txt 2]", 4).await;
+    // t1 and u2 "ran already": their commits are on the upstream thread branches, as an earlier
+    // delivery that crashed before its delete would have left them.
+    let seed = env.dir.path().join("seed");
+    git(
+        env.dir.path(),
+        &[
+            "clone",
+            "--quiet",
+            upstream.to_str().unwrap(),
+            seed.to_str().unwrap(),
+        ],
+    );
+    for (thread, id) in [("t", &t1), ("u", &u2)] {
+        git(
+            &seed,
+            &[
+                "switch",
+                "--quiet",
+                "-c",
+                &format!("thread-{thread}"),
+                "origin/main",
+            ],
+        );
+        git(
+            &seed,
+            &[
+                "commit",
+                "--quiet",
+                "--allow-empty",
+                "-m",
+                &format!("Claude: earlier\n\nEdit-Worker-Message: {id}"),
+            ],
+        );
+        git(
+            &seed,
+            &["push", "--quiet", "origin", &format!("thread-{thread}")],
+        );
+    }
+    let slow = env.send("bea", "site", "x", "[standin:sleep 6]").await;
+    let events = env.events_until_terminal(5, Duration::from_secs(60)).await;
+    for id in [&slow, &t1, &t2, &u1, &u2] {
+        let ends = terminal_for(&events, id);
+        assert_eq!(ends.len(), 1, "{id}: {events:#?}\n{}", env.worker_log());
+        assert_eq!(ends[0]["type"], "completed", "{events:#?}");
+    }
+    // The new ones ran, the applied ones did not run again.
+    assert!(branch_has_file(&upstream, "thread-t", "t2.txt"));
+    assert!(!branch_has_file(&upstream, "thread-t", "t1.txt"));
+    assert!(branch_has_file(&upstream, "thread-u", "u1.txt"));
+    assert!(!branch_has_file(&upstream, "thread-u", "u2.txt"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenarios 2 and 5: deletes that do not take, and copies handed out again with a new
+/// receipt handle. A message that ended is never run again and never gets a second, different
+/// terminal event; a held job takes the copy's newer handle, so its delete is not stale.
+#[tokio::test(flavor = "multi_thread")]
+async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
+    let mut env = TestEnv::new("eo-again").await;
+    env.create_bucket(&env.bucket("cid")).await;
+    let upstream = env.create_upstream("cid", "site", Site::Tiny);
+    let queue = env.input.rsplit('/').next().unwrap().to_owned();
+    // Every first delete is dropped (answered as a success); every message is handed out a
+    // second time within a second of its first receive.
+    let proxy = FaultProxy::start(
+        &queue,
+        &[
+            "--drop-delete-rate",
+            "1",
+            "--max-drops",
+            "1",
+            "--early-rate",
+            "1",
+            "--early-delay",
+            "1",
+        ],
+    );
+    env.start_worker(&[
+        ("AWS_ENDPOINT_URL_SQS", &proxy.url),
+        ("VISIBILITY_TIMEOUT_SECONDS", "3"),
+    ]);
+    let first = env
+        .send(
+            "cid",
+            "site",
+            "t",
+            "Update the homepage title to \"First\" [standin:sleep 4]",
+        )
+        .await;
+    let mut events = env
+        .wait_for(&first, "started", Duration::from_secs(30))
+        .await;
+    let second = env
+        .send(
+            "cid",
+            "site",
+            "t",
+            "Update the homepage title to \"Second\" [standin:write second.txt 2]",
+        )
+        .await;
+    // Each message ends, its first delete is dropped, it comes back and is finished again.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while [&first, &second]
+        .iter()
+        .any(|id| terminal_for(&events, id).len() < 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{events:#?}\n{}",
+            env.worker_log()
+        );
+        events.extend(env.drain(&env.output, 1).await);
+    }
+    for id in [&first, &second] {
+        let ends: BTreeSet<String> = terminal_for(&events, id)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            ends.len(),
+            1,
+            "a second, different terminal event for {id}: {ends:#?}"
+        );
+    }
+    assert_eq!(terminal_for(&events, &first)[0]["type"], "interrupted");
+    assert_eq!(terminal_for(&events, &second)[0]["type"], "completed");
+    // Each request reached the agent once: one `started` per message, and the newer title is
+    // live and on the branch.
+    for id in [&first, &second] {
+        let starts = events
+            .iter()
+            .filter(|e| e["messageId"] == *id && e["type"] == "started")
+            .count();
+        assert_eq!(starts, 1, "{id}: {events:#?}");
+    }
+    let live = env.bucket_contents(&env.bucket("cid")).await;
+    assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Second</title>"));
+    assert!(
+        git(&upstream, &["show", "thread-t:src/pages/index.astro"])
+            .contains("<title>Second</title>")
+    );
+    let stats = proxy.stats();
+    assert!(count(&stats, "redelivered_early") >= 1, "{stats}");
+    assert!(count(&stats, "delete_dropped") >= 1, "{stats}");
+    // The held jobs used the copies' handles: no delete was stale.
+    assert_eq!(
+        count(&stats, "stale_delete_ignored"),
+        0,
+        "{stats}\n{}",
+        env.worker_log()
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 3: a message sent before the running one (late, redelivered, retried) never
+/// interrupts it. Of its own thread, it is superseded: reported, never applied on top.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_message_never_interrupts_a_newer_one() {
+    let mut env = TestEnv::new("eo-order").await;
+    env.create_bucket(&env.bucket("dot")).await;
+    let upstream = env.create_upstream("dot", "site", Site::Tiny);
+    env.start_worker(&[]);
+    let old_same = send_delayed(&env, "t", "dot", "[standin:write old.txt old]", 2).await;
+    let old_other = send_delayed(&env, "o", "dot", "[standin:write other.txt other]", 2).await;
+    let newer = env
+        .send(
+            "dot",
+            "site",
+            "t",
+            "[standin:write new.txt new] [standin:sleep 6]",
+        )
+        .await;
+    let events = env.events_until_terminal(3, Duration::from_secs(60)).await;
+    let end = |id: &str| terminal_for(&events, id)[0].clone();
+    assert_eq!(
+        end(&newer)["type"],
+        "completed",
+        "{events:#?}\n{}",
+        env.worker_log()
+    );
+    let superseded = end(&old_same);
+    assert_eq!(superseded["type"], "interrupted", "{events:#?}");
+    assert!(
+        superseded["detail"]
+            .as_str()
+            .unwrap()
+            .contains("superseded")
+    );
+    assert_eq!(end(&old_other)["type"], "completed");
+    assert!(branch_has_file(&upstream, "thread-t", "new.txt"));
+    assert!(!branch_has_file(&upstream, "thread-t", "old.txt"));
+    assert!(branch_has_file(&upstream, "thread-o", "other.txt"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 4: a burst of 50 into one workspace on a queue that dead-letters after 3
+/// receives. Messages over the workspace's share are held, not given back: each ends once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_over_the_share_burns_no_receives() {
+    let mut env = TestEnv::new("eo-burst").await;
+    env.create_bucket(&env.bucket("eve")).await;
+    env.create_upstream("eve", "site", Site::Tiny);
+    let redrive = env
+        .sqs
+        .create_queue()
+        .queue_name(format!("{}-redrive", env.name))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let arn = env
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&redrive)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    env.sqs
+        .set_queue_attributes()
+        .queue_url(&env.input)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+            serde_json::json!({"deadLetterTargetArn": arn, "maxReceiveCount": "3"}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    env.start_worker(&[("MAX_HELD_PER_WORKSPACE", "4")]);
+    let mut sent = Vec::new();
+    for chunk in 0..5 {
+        let entries: Vec<_> = (0..10)
+            .map(|i| {
+                let n = chunk * 10 + i;
+                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(format!("m{n}"))
+                    .message_body(
+                        serde_json::json!({
+                            "sessionId": "s", "threadId": format!("t{}", n % 5), "clientId": "eve",
+                            "projectId": "site", "command": format!("[standin:write b/{n}.txt {n}] [standin:sleep 1]"),
+                        })
+                        .to_string(),
+                    )
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let out = env
+            .sqs
+            .send_message_batch()
+            .queue_url(&env.input)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        sent.extend(out.successful().iter().map(|s| s.message_id().to_owned()));
+    }
+    let events = env
+        .events_until_terminal(50, Duration::from_secs(180))
+        .await;
+    for id in &sent {
+        assert_eq!(
+            terminal_for(&events, id).len(),
+            1,
+            "{id}\n{}",
+            env.worker_log()
+        );
+    }
+    assert_eq!(env.queue_depth(&redrive).await, 0, "dead-lettered");
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 6: work interrupted during the build was committed already; it is pushed all the
+/// same.
+#[tokio::test(flavor = "multi_thread")]
+async fn work_interrupted_during_the_build_is_pushed() {
+    let mut env = TestEnv::new("eo-build").await;
+    env.create_bucket(&env.bucket("fox")).await;
+    let upstream = env.create_upstream("fox", "site", Site::Tiny);
+    env.start_worker(&[]);
+    // The fixture's build waits for as many seconds as `slow-build` says.
+    let slow = env
+        .send(
+            "fox",
+            "site",
+            "a",
+            "[standin:write slow-build 30] [standin:write a.txt a]",
+        )
+        .await;
+    let ws = env.workspace_root().join("fox/site");
+    until(
+        "the agent's commit in the checkout",
+        Duration::from_secs(30),
+        || {
+            ws.join(".git").exists()
+                && Command::new("git")
+                    .args(["log", "-1", "--format=%B", "thread-a"])
+                    .current_dir(&ws)
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&slow))
+        },
+    )
+    .await;
+    let newer = env
+        .send("fox", "site", "b", "[standin:write b.txt b]")
+        .await;
+    let events = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    assert_eq!(
+        terminal_for(&events, &slow)[0]["type"],
+        "interrupted",
+        "{events:#?}"
+    );
+    assert_eq!(
+        terminal_for(&events, &newer)[0]["type"],
+        "completed",
+        "{events:#?}"
+    );
+    assert!(
+        branch_has_file(&upstream, "thread-a", "a.txt"),
+        "interrupted work not pushed"
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 7: lock files left by a `kill -9` inside git (HEAD, a branch, a remote branch)
+/// do not stop the workspace.
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_git_locks_are_cleared() {
+    let mut env = TestEnv::new("eo-locks").await;
+    env.create_bucket(&env.bucket("gil")).await;
+    let upstream = env.create_upstream("gil", "site", Site::Tiny);
+    env.start_worker(&[]);
+    let first = env
+        .send("gil", "site", "t", "[standin:write one.txt 1]")
+        .await;
+    env.wait_for(&first, "completed", Duration::from_secs(60))
+        .await;
+    let git_dir = env.workspace_root().join("gil/site/.git");
+    for lock in [
+        "HEAD.lock",
+        "refs/heads/thread-t.lock",
+        "refs/remotes/origin/thread-t.lock",
+    ] {
+        std::fs::write(git_dir.join(lock), "").unwrap();
+    }
+    let second = env
+        .send("gil", "site", "t", "[standin:write two.txt 2]")
+        .await;
+    let events = env
+        .wait_for(&second, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(terminal_for(&events, &second).len(), 1);
+    assert!(branch_has_file(&upstream, "thread-t", "two.txt"));
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 8: ids that pass the character rules but make no valid ref or bucket name are
+/// bad input: rejected at once, not retried as git or S3 failures.
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_that_make_no_valid_ref_or_bucket_are_rejected() {
+    let mut env = TestEnv::new("eo-ids").await;
+    env.start_worker(&[("BUCKET_TEMPLATE", "edit.{clientId}.example.com")]);
+    let dotted = env.send("hal", "site", "ends-with-dot.", "x").await;
+    let long_client = "c".repeat(60);
+    let long = env.send(&long_client, "site", "t", "x").await;
+    let events = env.events_until_terminal(2, Duration::from_secs(30)).await;
+    for id in [&dotted, &long] {
+        let ends = terminal_for(&events, id);
+        assert_eq!(ends.len(), 1, "{events:#?}");
+        assert_eq!(ends[0]["type"], "rejected");
+        assert_eq!(ends[0]["error"]["kind"], "invalid_field");
+    }
+    assert!(
+        terminal_for(&events, &long)[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bucket")
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 10: someone else pushed to the thread. Work on both sides merges and the edit
+/// goes on; a conflict fails once, with a clear kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thread_branch_that_diverged_upstream_is_merged_or_fails_clearly() {
+    let mut env = TestEnv::new("eo-diverged").await;
+    // Two workspaces, so that neither message interrupts the other.
+    let mut upstreams = Vec::new();
+    for client in ["ivy", "ivo"] {
+        env.create_bucket(&env.bucket(client)).await;
+        upstreams.push(env.create_upstream(client, "site", Site::Tiny));
+    }
+    env.start_worker(&[]);
+    env.send("ivy", "site", "m", "[standin:write mine.txt 1]")
+        .await;
+    env.send("ivo", "site", "c", "[standin:write clash.txt worker]")
+        .await;
+    let first = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    assert_eq!(common::of_type(&first, "completed").len(), 2, "{first:#?}");
+    // A person rewrites both thread branches upstream: one touching another file, one the
+    // same file differently.
+    for (upstream, thread, file, text) in [
+        (&upstreams[0], "m", "theirs.txt", "theirs"),
+        (&upstreams[1], "c", "clash.txt", "person"),
+    ] {
+        let seed = env.dir.path().join(format!("person-{thread}"));
+        git(
+            env.dir.path(),
+            &[
+                "clone",
+                "--quiet",
+                upstream.to_str().unwrap(),
+                seed.to_str().unwrap(),
+            ],
+        );
+        git(
+            &seed,
+            &[
+                "switch",
+                "--quiet",
+                "-C",
+                &format!("thread-{thread}"),
+                "origin/main",
+            ],
+        );
+        std::fs::write(seed.join(file), text).unwrap();
+        git(&seed, &["add", file]);
+        git(&seed, &["commit", "--quiet", "-m", "by a person"]);
+        git(
+            &seed,
+            &[
+                "push",
+                "--quiet",
+                "--force",
+                "origin",
+                &format!("thread-{thread}"),
+            ],
+        );
+    }
+    let upstream = upstreams[0].clone();
+    // The worker's branches hold commits the upstream no longer has: both diverged.
+    let merged = env
+        .send("ivy", "site", "m", "[standin:write more.txt 2]")
+        .await;
+    let clash = env
+        .send("ivo", "site", "c", "[standin:write clash2.txt 2]")
+        .await;
+    let events = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    let merged_end = terminal_for(&events, &merged);
+    assert_eq!(
+        merged_end[0]["type"],
+        "completed",
+        "{events:#?}\n{}",
+        env.worker_log()
+    );
+    for file in ["mine.txt", "theirs.txt", "more.txt"] {
+        assert!(branch_has_file(&upstream, "thread-m", file), "{file}");
+    }
+    let clash_end = terminal_for(&events, &clash);
+    assert_eq!(clash_end.len(), 1);
+    assert_eq!(clash_end[0]["type"], "failed", "{events:#?}");
+    assert_eq!(clash_end[0]["error"]["kind"], "thread_diverged");
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 11: a coalesced batch is one agent run; its cost is reported once, by the first
+/// message, and the others name it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coalesced_batch_reports_its_cost_once() {
+    let mut env = TestEnv::new("eo-cost").await;
+    env.create_bucket(&env.bucket("jay")).await;
+    env.create_upstream("jay", "site", Site::Tiny);
+    env.start_worker(&[]);
+    let busy = env.send("jay", "site", "x", "[standin:sleep 30]").await;
+    env.wait_for(&busy, "started", Duration::from_secs(30))
+        .await;
+    let mut burst = Vec::new();
+    for i in 0..3 {
+        burst.push(
+            env.send("jay", "site", "t", &format!("[standin:write c{i}.txt {i}]"))
+                .await,
+        );
+    }
+    let events = env.events_until_terminal(4, Duration::from_secs(60)).await;
+    let ends: Vec<&Value> = burst
+        .iter()
+        .map(|id| terminal_for(&events, id)[0])
+        .collect();
+    assert!(ends.iter().all(|e| e["type"] == "completed"), "{events:#?}");
+    let paying: Vec<_> = ends
+        .iter()
+        .filter(|e| e["costUsd"].as_f64().unwrap_or(0.0) > 0.0)
+        .collect();
+    assert_eq!(paying.len(), 1, "{ends:#?}");
+    let payer = paying[0]["messageId"].as_str().unwrap();
+    for e in ends.iter().filter(|e| e["messageId"] != payer) {
+        assert_eq!(e["costUsd"], 0.0);
+        assert_eq!(e["costPaidBy"], payer);
+    }
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Scenario 9: a build that prints invalid UTF-8 and more than a pipe holds, and leaves a
+/// detached process holding its output open, still ends, and its message completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_build_output_neither_hangs_nor_kills_the_build() {
+    let mut env = TestEnv::new("eo-output").await;
+    env.create_bucket(&env.bucket("kim")).await;
+    env.create_upstream("kim", "site", Site::Tiny);
+    env.start_worker(&[]);
+    let id = env
+        .send("kim", "site", "t", "[standin:write weird-output yes]")
+        .await;
+    // The detached process lives 120 s: waiting for its pipe to close would take that long.
+    let events = env
+        .wait_for(&id, "completed", Duration::from_secs(40))
+        .await;
+    assert_eq!(terminal_for(&events, &id).len(), 1, "{events:#?}");
+    assert_eq!(env.stop_worker(), Some(0));
+}
