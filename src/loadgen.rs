@@ -3,7 +3,9 @@
 //! bursts into busy workspaces (interrupts), while several readers drain the status queue from
 //! the start until every message has its terminal event or the wait is over. Reports outcomes,
 //! lost and duplicated events, throughput, latency percentiles and time per phase (table, JSON,
-//! SVG chart).
+//! SVG chart). With `--ledger`, one JSON line per message (what was sent, in which send call,
+//! and every terminal event seen) for checkers such as `bench/exactly_once.py`; with `--settle`,
+//! it reads on until the input queue is empty, so that late repeats are seen too.
 //!
 //! It creates no buckets or repositories: the operator prepares those for the ids above.
 
@@ -36,7 +38,8 @@ pub struct LoadgenArgs {
     /// Share (0..1) of messages sent as a burst into a workspace that just got one (interrupts).
     #[arg(long, default_value_t = 0.0)]
     interrupt_share: f64,
-    /// The request text; `{n}` is the message's sequence number.
+    /// The request text; `{n}` is the message's sequence number (its place in the send order,
+    /// from 1), `{client}`, `{project}` and `{thread}` its ids.
     #[arg(long, default_value = "[standin:write load/{n}.txt {n}]")]
     command: String,
     /// How long to collect terminal events after the last send, in seconds.
@@ -62,6 +65,16 @@ pub struct LoadgenArgs {
     /// queue on every send and receive).
     #[arg(long, default_value_t = 4)]
     readers: usize,
+    /// Write what became of every message here, one JSON object a line: its SQS message id, `n`,
+    /// ids, command, the batch it was sent in and when, and every terminal event seen for it.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// Once every message has its terminal event, go on reading until the input queue is empty
+    /// (nothing visible, in flight or delayed: every delete took), then this many seconds more,
+    /// so that late second events (after a lost delete, a redelivery) are counted too. 0: stop
+    /// 2 s after the last terminal event, without looking at the input queue.
+    #[arg(long, default_value_t = 0)]
+    settle: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -105,6 +118,83 @@ pub struct LoadReport {
 struct Sent {
     sent_at: SystemTime,
     terminal: Vec<(EventType, SystemTime, serde_json::Value)>,
+    /// The status events' own SQS ids, beside `terminal`.
+    terminal_ids: Vec<String>,
+    /// What was sent, for the ledger.
+    meta: Planned,
+    /// When the send call that carried it returned.
+    acked_at: SystemTime,
+}
+
+/// One planned message: its place in the send order (from 1), ids and request text, and the
+/// batch (send call, from 0) it goes out in. Batches go out one after the other, at least 1 ms
+/// apart, so SQS's `SentTimestamp` orders messages of different batches strictly.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Planned {
+    n: usize,
+    client: String,
+    project: String,
+    thread: String,
+    command: String,
+    batch: usize,
+}
+
+impl Sent {
+    fn new(meta: Planned, sent_at: SystemTime, acked_at: SystemTime) -> Sent {
+        Sent {
+            sent_at,
+            terminal: Vec::new(),
+            terminal_ids: Vec::new(),
+            meta,
+            acked_at,
+        }
+    }
+
+    /// The message's line in the ledger file.
+    fn ledger_line(&self, message_id: &str) -> serde_json::Value {
+        let ms = |t: SystemTime| since(t, SystemTime::UNIX_EPOCH).as_millis() as u64;
+        let terminal: Vec<_> = self
+            .terminal
+            .iter()
+            .zip(&self.terminal_ids)
+            .map(|((kind, at, event), status_id)| {
+                serde_json::json!({
+                    "type": kind,
+                    "atMs": ms(*at),
+                    "commit": event["commit"],
+                    "published": event.get("publish").is_some_and(|p| !p.is_null()),
+                    "errorKind": event["error"]["kind"],
+                    "statusMessageId": status_id,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "messageId": message_id,
+            "n": self.meta.n,
+            "clientId": self.meta.client,
+            "projectId": self.meta.project,
+            "threadId": self.meta.thread,
+            "command": self.meta.command,
+            "batch": self.meta.batch,
+            "sentAtMs": ms(self.sent_at),
+            "ackedAtMs": ms(self.acked_at),
+            "terminal": terminal,
+        })
+    }
+}
+
+/// The place in its batch of the entry with this id (`m{j}`).
+fn entry_index(id: &str) -> Option<usize> {
+    id.strip_prefix('m')?.parse().ok()
+}
+
+/// The request text of message `n`: the template with its placeholders filled in.
+fn expand(template: &str, n: usize, client: &str, project: &str, thread: &str) -> String {
+    template
+        .replace("{n}", &n.to_string())
+        .replace("{client}", client)
+        .replace("{project}", project)
+        .replace("{thread}", thread)
 }
 
 /// What became of every sent message, from the status events read so far.
@@ -156,6 +246,7 @@ impl Ledger {
                 self.unanswered -= 1;
             }
             entry.terminal.push((kind, at, event));
+            entry.terminal_ids.push(sqs_message_id.to_owned());
         }
     }
 }
@@ -166,6 +257,9 @@ struct Received {
     sqs_message_id: String,
     body: String,
 }
+
+/// The least time between the return of one send call and the start of the next.
+const BATCH_GAP: Duration = Duration::from_millis(2);
 
 /// A tiny deterministic generator (xorshift): bursts are reproducible for a given seed.
 struct Rng(u64);
@@ -254,22 +348,42 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
     let mut sent: HashMap<String, Sent> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     let batch_size = if args.rate > 0.0 { 1 } else { 10 };
+    let mut last_ack: Option<Instant> = None;
     for (i, chunk) in plan.chunks(batch_size).enumerate() {
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / args.rate);
             tokio::time::sleep_until(due.into()).await;
         }
-        let entries = chunk
+        // A new millisecond after the last send returned: SQS's SentTimestamp (milliseconds)
+        // then orders this batch strictly after the last one.
+        if let Some(ack) = last_ack {
+            tokio::time::sleep_until((ack + BATCH_GAP).into()).await;
+        }
+        let planned: Vec<Planned> = chunk
             .iter()
             .enumerate()
             .map(|(j, (client, project, thread))| {
-                let seq = i * batch_size + j + 1;
+                let n = i * batch_size + j + 1;
+                Planned {
+                    n,
+                    client: client.clone(),
+                    project: project.clone(),
+                    thread: thread.clone(),
+                    command: expand(&args.command, n, client, project, thread),
+                    batch: i,
+                }
+            })
+            .collect();
+        let entries = planned
+            .iter()
+            .enumerate()
+            .map(|(j, p)| {
                 let body = serde_json::json!({
-                    "sessionId": format!("load-{thread}"),
-                    "threadId": thread,
-                    "clientId": client,
-                    "projectId": project,
-                    "command": args.command.replace("{n}", &seq.to_string()),
+                    "sessionId": format!("load-{}", p.thread),
+                    "threadId": p.thread,
+                    "clientId": p.client,
+                    "projectId": p.project,
+                    "command": p.command,
                 });
                 let sent_ms = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -309,19 +423,19 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
             .await
             .map_err(|e| anyhow::anyhow!("{}", DisplayErrorContext(&e)))
             .context("sending load")?;
+        last_ack = Some(Instant::now());
+        let acked = SystemTime::now();
         anyhow::ensure!(
             out.failed().is_empty(),
             "some messages were not accepted: {:?}",
             out.failed()
         );
         for ok in out.successful() {
-            sent.insert(
-                ok.message_id().to_owned(),
-                Sent {
-                    sent_at: now,
-                    terminal: Vec::new(),
-                },
-            );
+            let meta = entry_index(ok.id())
+                .and_then(|j| planned.get(j))
+                .cloned()
+                .unwrap_or_default();
+            sent.insert(ok.message_id().to_owned(), Sent::new(meta, now, acked));
             order.push(ok.message_id().to_owned());
         }
     }
@@ -337,12 +451,22 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
     let deadline = tokio::time::Instant::from_std(sending_done + Duration::from_secs(args.wait));
     let mut ledger = Ledger::new(sent);
     let mut grace_until: Option<tokio::time::Instant> = None;
+    let mut settle_check = tokio::time::interval(Duration::from_secs(1));
     // Ends with whether every reader stopped on its own (they only do on an error).
     let readers_gone = loop {
         let until = grace_until.map_or(deadline, |g| g.min(deadline));
+        let settling = args.settle > 0 && grace_until.is_none() && ledger.unanswered == 0;
         let received = tokio::select! {
             r = events.recv() => r,
             _ = tokio::time::sleep_until(until) => None,
+            _ = settle_check.tick(), if settling => {
+                if queue_is_empty(&sqs, &args.queue_url).await {
+                    eprintln!("loadgen: the input queue is empty; reading {} s more", args.settle);
+                    grace_until =
+                        Some(tokio::time::Instant::now() + Duration::from_secs(args.settle));
+                }
+                continue;
+            }
         };
         let Some(Received {
             sqs_message_id,
@@ -352,7 +476,7 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
             break tokio::time::Instant::now() < until;
         };
         ledger.record(&sqs_message_id, &body);
-        if grace_until.is_none() && ledger.unanswered == 0 {
+        if args.settle == 0 && grace_until.is_none() && ledger.unanswered == 0 {
             grace_until = Some(tokio::time::Instant::now() + Duration::from_secs(2));
         }
     };
@@ -376,6 +500,14 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = &args.ledger {
+        let mut lines = String::new();
+        for id in &order {
+            lines.push_str(&ledger.sent[id].ledger_line(id).to_string());
+            lines.push('\n');
+        }
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &args.chart {
         let points: Vec<(f64, f64)> = order
             .iter()
@@ -392,6 +524,31 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<LoadReport> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// Whether the queue holds nothing: no message visible, in flight or delayed. A failed look is
+/// a no (the caller asks again).
+async fn queue_is_empty(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> bool {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let Ok(out) = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(A::ApproximateNumberOfMessagesDelayed)
+        .send()
+        .await
+    else {
+        return false;
+    };
+    let attrs = out.attributes.unwrap_or_default();
+    [
+        A::ApproximateNumberOfMessages,
+        A::ApproximateNumberOfMessagesNotVisible,
+        A::ApproximateNumberOfMessagesDelayed,
+    ]
+    .iter()
+    .all(|a| attrs.get(a).is_some_and(|v| v == "0"))
 }
 
 /// One status queue reader: receive, hand the events over, delete them, until told to stop.
@@ -601,10 +758,11 @@ mod tests {
         let sent = ["a", "b", "c"]
             .into_iter()
             .map(|id| {
-                let s = Sent {
-                    sent_at: SystemTime::UNIX_EPOCH,
-                    terminal: Vec::new(),
-                };
+                let s = Sent::new(
+                    Planned::default(),
+                    SystemTime::UNIX_EPOCH,
+                    SystemTime::UNIX_EPOCH,
+                );
                 (id.to_owned(), s)
             })
             .collect();
@@ -629,6 +787,100 @@ mod tests {
         );
         ledger.record("s7", &event("failed", "c"));
         assert_eq!(ledger.unanswered, 0);
+    }
+
+    #[test]
+    fn commands_carry_the_sequence_number_and_ids() {
+        assert_eq!(
+            expand(
+                "[load n={n} c={client} p={project} t={thread}] [standin:write t/{thread}.txt {n}]",
+                12,
+                "load-c3",
+                "p1",
+                "t2b"
+            ),
+            "[load n=12 c=load-c3 p=p1 t=t2b] [standin:write t/t2b.txt 12]"
+        );
+        // The contract's template, and text without placeholders, as before.
+        assert_eq!(
+            expand("[standin:write load/{n}.txt {n}]", 7, "c", "p", "t"),
+            "[standin:write load/7.txt 7]"
+        );
+        assert_eq!(expand("plain", 1, "c", "p", "t"), "plain");
+    }
+
+    #[test]
+    fn the_ledger_line_says_what_was_sent_and_every_terminal_event() {
+        let meta = Planned {
+            n: 3,
+            client: "load-c1".into(),
+            project: "p1".into(),
+            thread: "t1".into(),
+            command: "do 3".into(),
+            batch: 0,
+        };
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_000);
+        let mut ledger = Ledger::new(HashMap::from([(
+            "m-3".to_owned(),
+            Sent::new(meta, at, at + Duration::from_millis(5)),
+        )]));
+        let completed = serde_json::json!({
+            "type": "completed", "messageId": "m-3", "at": "2026-11-26T01:00:00Z",
+            "commit": "abc", "publish": {"uploaded": 1},
+        });
+        ledger.record("s1", &completed.to_string());
+        ledger.record("s1", &completed.to_string());
+        ledger.record("s2", &event("interrupted", "m-3"));
+        let line = ledger.sent["m-3"].ledger_line("m-3");
+        assert_eq!(line["messageId"], "m-3");
+        assert_eq!(line["n"], 3);
+        assert_eq!(
+            (&line["clientId"], &line["projectId"], &line["threadId"]),
+            (
+                &serde_json::json!("load-c1"),
+                &serde_json::json!("p1"),
+                &serde_json::json!("t1")
+            )
+        );
+        assert_eq!(
+            (&line["command"], &line["batch"]),
+            (&"do 3".into(), &0.into())
+        );
+        assert_eq!(
+            (&line["sentAtMs"], &line["ackedAtMs"]),
+            (&1000.into(), &1005.into())
+        );
+        let terminal = line["terminal"].as_array().unwrap();
+        assert_eq!(
+            terminal.len(),
+            2,
+            "the redelivered copy of s1 is not a second event"
+        );
+        assert_eq!(terminal[0]["type"], "completed");
+        assert_eq!(terminal[0]["commit"], "abc");
+        assert_eq!(terminal[0]["published"], true);
+        assert_eq!(terminal[0]["statusMessageId"], "s1");
+        assert_eq!(terminal[1]["type"], "interrupted");
+        assert_eq!(terminal[1]["published"], false);
+        assert_eq!(terminal[1]["statusMessageId"], "s2");
+    }
+
+    #[test]
+    fn batch_entries_are_told_apart_by_their_ids() {
+        assert_eq!(entry_index("m0"), Some(0));
+        assert_eq!(entry_index("m9"), Some(9));
+        assert_eq!(entry_index("x1"), None);
+        assert_eq!(entry_index("m"), None);
+    }
+
+    #[test]
+    fn ledger_and_settle_are_optional() {
+        let args = LoadgenArgs::try_parse_from_for_test(&[]);
+        assert_eq!((args.ledger.clone(), args.settle), (None, 0));
+        let args =
+            LoadgenArgs::try_parse_from_for_test(&["--ledger", "/tmp/l.jsonl", "--settle", "5"]);
+        assert_eq!(args.ledger, Some(PathBuf::from("/tmp/l.jsonl")));
+        assert_eq!(args.settle, 5);
     }
 
     impl LoadgenArgs {
