@@ -18,9 +18,13 @@ FROM node:22-bookworm-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git ca-certificates tini openssh-client \
  && rm -rf /var/lib/apt/lists/*
-# The Claude Code CLI, pinned; with its install scripts (without them it is a stub that exits 1).
-ARG CLAUDE_CODE_VERSION=2.1
-RUN npm install -g "@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION}" && npm cache clean --force
+# The Claude Code CLI, pinned in tools/claude-code.version (the version the tests run, see
+# scripts/lib.sh); with its install script, which puts the native binary in place (without it
+# the CLI is a stub that exits 1).
+COPY tools/claude-code.version /tmp/claude-code.version
+RUN npm install -g "@anthropic-ai/claude-code@$(tr -d '[:space:]' </tmp/claude-code.version)" \
+ && claude --version \
+ && npm cache clean --force && rm /tmp/claude-code.version
 COPY --from=build /src/target/release/edit-worker /usr/local/bin/edit-worker
 
 # Not root: Claude Code refuses --dangerously-skip-permissions as root, and nothing here needs it.

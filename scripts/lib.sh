@@ -1,9 +1,15 @@
 # Shared by scripts/test, scripts/demo and the benchmarks: install what they need into the
-# project (a local Python venv for moto) and start moto on loopback.
+# project (a local Python venv for moto, the pinned Claude Code CLI) and start moto on loopback.
 
 MOTO_VERSION="5.2.5"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
+
+# The real Claude Code CLI, pinned in one place (tools/claude-code.version, which the
+# Dockerfile reads too), installed into the project: .tools/claude-code/node_modules/.bin/claude.
+CLAUDE_CODE_VERSION="$(tr -d '[:space:]' <"$ROOT/tools/claude-code.version")"
+CLAUDE_CODE_DIR="$ROOT/.tools/claude-code"
+CLAUDE_CODE_BIN="$CLAUDE_CODE_DIR/node_modules/.bin/claude"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
@@ -14,6 +20,39 @@ ensure_moto() {
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
   fi
+}
+
+# The pinned CLI, unless it is there already (then this costs one `claude --version`). The npm
+# package brings a native binary through an optional platform package and its install script
+# puts it in place; without that script it is a stub that exits 1, so the script is run by hand
+# when npm did not. Needs only node and npm (the CLI's own engines field asks for a newer node
+# than the binary needs: npm only warns).
+claude_cli_ok() {
+  [ -x "$CLAUDE_CODE_BIN" ] && [ "$("$CLAUDE_CODE_BIN" --version 2>/dev/null | awk '{print $1}')" = "$CLAUDE_CODE_VERSION" ]
+}
+
+ensure_claude_cli() {
+  if claude_cli_ok; then
+    return 0
+  fi
+  log "installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION into .tools/claude-code"
+  mkdir -p "$CLAUDE_CODE_DIR"
+  # The folder ignores itself: nothing under .tools is ever committed.
+  printf '*\n' >"$ROOT/.tools/.gitignore"
+  printf '{"private": true, "dependencies": {"@anthropic-ai/claude-code": "%s"}}\n' \
+    "$CLAUDE_CODE_VERSION" >"$CLAUDE_CODE_DIR/package.json"
+  rm -f "$CLAUDE_CODE_DIR/package-lock.json"
+  (cd "$CLAUDE_CODE_DIR" && npm install --no-audit --no-fund --loglevel=error \
+    --include=optional --ignore-scripts=false >&2)
+  if ! claude_cli_ok; then
+    log "running the CLI's install script by hand"
+    (cd "$CLAUDE_CODE_DIR/node_modules/@anthropic-ai/claude-code" && node install.cjs >&2) || true
+  fi
+  if ! claude_cli_ok; then
+    log "the Claude Code CLI $CLAUDE_CODE_VERSION did not install: $("$CLAUDE_CODE_BIN" --version 2>&1 | head -3)"
+    return 1
+  fi
+  log "claude $CLAUDE_CODE_VERSION at $CLAUDE_CODE_BIN"
 }
 
 free_port() {

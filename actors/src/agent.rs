@@ -1,35 +1,82 @@
 //! Runs the coding agent: anything that speaks the Claude Code CLI contract.
 //!
-//! `claude -p --output-format stream-json --verbose --permission-mode acceptEdits`, with the
-//! request on stdin. The request goes on stdin rather than as the positional argument because a
-//! request that starts with `-` would otherwise be read as a flag (argument injection); the CLI
-//! reads its prompt from stdin when no positional prompt is given.
+//! `claude -p --output-format stream-json --verbose --input-format stream-json
+//! --permission-mode acceptEdits`, with the request on stdin as one stream-json `user` message.
+//! The request never goes on the command line: a request that starts with `-` would otherwise be
+//! read as a flag (argument injection). stdin stays open while the agent works, so that an
+//! interrupt can be sent in-band (`control_request` `interrupt`): the agent ends its turn, writes
+//! the interrupted request into its conversation and reports a `result` with its cost. A CLI that
+//! does not know `--input-format` (an older one, or the stand-in) is run with the request as plain
+//! stdin text instead, and interrupted with SIGINT; the choice is made once per process.
 //!
 //! Success is decided the way the contract says: the last `result` event has
 //! `subtype == "success"` and `is_error == false`. The exit code alone lies (an API error can exit
 //! 0). The agent runs in its own process group, so that stopping it stops everything it started.
+//!
+//! Stopping, in order: the in-band interrupt, then (after `INTERRUPT_GRACE` without a result)
+//! SIGINT to the group, then (after `SIGNAL_GRACE`) SIGKILL. A CLI that has printed its result
+//! but does not exit within `EXIT_AFTER_RESULT` (a known hang) is killed; its result stands.
+//!
+//! The agent joins the message's trace: it gets `TRACEPARENT` of the job's `agent run` span
+//! (ractor carries the span into the agent actor's handler). What the pinned CLI (2.1.332,
+//! checked in tests/real_cli.rs) does with it: in headless mode it takes it as the parent of its
+//! own spans, which it exports only when its telemetry is on (`CLAUDE_CODE_ENABLE_TELEMETRY=1`,
+//! `CLAUDE_CODE_ENHANCED_TELEMETRY_BETA=1`, `OTEL_TRACES_EXPORTER=otlp` and an OTLP endpoint:
+//! the worker sets these when it exports traces itself, see `agent_env`). Then one
+//! `claude_code.interaction` span per turn sits under `agent run`, with `claude_code.llm_request`
+//! and `claude_code.tool` (`.execution`, `.blocked_on_user`) spans below it. With
+//! `CLAUDE_CODE_PROPAGATE_TRACEPARENT=1` (allow it with `AGENT_ENV_ALLOW`) the CLI also sends a
+//! `traceparent` header with each model request.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::process;
 
 /// What the agent may see besides `process::BASE_ENV`: its credentials and settings. The
 /// worker's own AWS credentials and queue URLs are withheld: the agent runs code from a model.
-const AGENT_ENV: &[&str] = &[
+/// `AGENT_ENV_ALLOW` adds names.
+pub const AGENT_ENV: &[&str] = &[
+    // Credentials and where the model is.
     "ANTHROPIC_API_KEY",
-    "ANTHROPIC_MODEL",
+    "ANTHROPIC_AUTH_TOKEN",
     "ANTHROPIC_BASE_URL",
+    "CLAUDE_CODE_OAUTH_TOKEN",
     "CLAUDE_CONFIG_DIR",
     "CLAUDE_CODE_USE_BEDROCK",
+    // Vertex AI: its switch, region, project and Google credentials file.
+    "CLAUDE_CODE_USE_VERTEX",
+    "CLOUD_ML_REGION",
+    "ANTHROPIC_VERTEX_PROJECT_ID",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    // Proxies and a private certificate authority.
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+    "NODE_EXTRA_CA_CERTS",
+    // Model selection (and `ANTHROPIC_DEFAULT_*_MODEL`, see `AGENT_ENV_PATTERNS`).
+    "ANTHROPIC_MODEL",
+    "ANTHROPIC_SMALL_FAST_MODEL",
+    // Quiet, fixed behaviour.
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+    "DISABLE_AUTOUPDATER",
 ];
+/// Allowed names by pattern: one `*` stands for any run of characters.
+pub const AGENT_ENV_PATTERNS: &[&str] = &["ANTHROPIC_DEFAULT_*_MODEL"];
 /// Passed only when the agent uses Bedrock (`CLAUDE_CODE_USE_BEDROCK=1`), which needs AWS.
 const BEDROCK_ENV: &[&str] = &[
     "AWS_REGION",
@@ -43,10 +90,52 @@ const BEDROCK_ENV: &[&str] = &[
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_ROLE_ARN",
 ];
-/// After SIGINT the agent gets this long to end its turn before the whole group is killed.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+/// Passed when the worker exports traces over OTLP, so that the agent's own spans (the CLI's
+/// `claude_code.interaction`, `llm_request`, `tool` spans) reach the same collector, under the
+/// message's span (`TRACEPARENT`).
+const OTLP_ENV: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+];
+/// Set for the agent when the worker exports traces: the CLI's traces on, its metrics and logs
+/// off (they would otherwise default to an exporter of their own). `AGENT_ENV_ALLOW` naming one
+/// of these passes the worker's value instead.
+const OTLP_AGENT_DEFAULTS: &[(&str, &str)] = &[
+    ("CLAUDE_CODE_ENABLE_TELEMETRY", "1"),
+    ("CLAUDE_CODE_ENHANCED_TELEMETRY_BETA", "1"),
+    ("OTEL_TRACES_EXPORTER", "otlp"),
+    ("OTEL_METRICS_EXPORTER", "none"),
+    ("OTEL_LOGS_EXPORTER", "none"),
+];
+
+/// After the in-band interrupt, how long the agent gets to end its turn and report.
+pub const INTERRUPT_GRACE: Duration = Duration::from_millis(1500);
+/// After SIGINT, how long before the whole group is killed.
+pub const SIGNAL_GRACE: Duration = Duration::from_secs(1);
+/// After an interrupted run reported, how long it gets to exit (to write its session).
+const EXIT_AFTER_INTERRUPT: Duration = Duration::from_secs(1);
+/// A CLI that printed its result and has not exited after this long is killed (a known hang).
+pub const EXIT_AFTER_RESULT: Duration = Duration::from_secs(5);
 /// How much of the agent's stderr is kept for the error message.
 const STDERR_TAIL_BYTES: usize = 4096;
+
+/// How the request reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputMode {
+    /// `--input-format stream-json`: a `user` message on stdin, stdin kept open for control
+    /// requests (the in-band interrupt).
+    StreamJson,
+    /// The request as plain text on stdin, then end of input; interrupts are SIGINT.
+    Text,
+}
+
+const MODE_UNKNOWN: u8 = 0;
+const MODE_STREAM: u8 = 1;
+const MODE_TEXT: u8 = 2;
 
 /// How to run the agent.
 #[derive(Debug, Clone)]
@@ -72,6 +161,11 @@ pub struct AgentSpec {
     pub disallowed_tools: Vec<String>,
     /// `--append-system-prompt`: the site's conventions, for example.
     pub append_system_prompt: Option<String>,
+    /// `AGENT_ENV_ALLOW`: more environment variable names passed to the agent.
+    pub env_allow: Vec<String>,
+    /// Whether `CLAUDE_BIN` takes `--input-format stream-json`: found out by the first run and
+    /// shared by every clone of the spec.
+    input_mode: Arc<AtomicU8>,
 }
 
 impl AgentSpec {
@@ -88,21 +182,42 @@ impl AgentSpec {
             allowed_tools: Vec::new(),
             disallowed_tools: Vec::new(),
             append_system_prompt: None,
+            env_allow: Vec::new(),
+            input_mode: Arc::new(AtomicU8::new(MODE_UNKNOWN)),
         }
     }
 
-    /// The command line, without the prompt (which goes on stdin).
+    /// The input mode the next run uses: stream-json unless the CLI refused it.
+    pub fn input_mode(&self) -> InputMode {
+        match self.input_mode.load(Ordering::Relaxed) {
+            MODE_TEXT => InputMode::Text,
+            _ => InputMode::StreamJson,
+        }
+    }
+
+    /// Fix the input mode (tests; or a CLI known not to take stream-json input).
+    pub fn set_input_mode(&self, mode: InputMode) {
+        let value = match mode {
+            InputMode::StreamJson => MODE_STREAM,
+            InputMode::Text => MODE_TEXT,
+        };
+        self.input_mode.store(value, Ordering::Relaxed);
+    }
+
+    /// The command line in stream-json input mode, without the prompt (which goes on stdin).
     pub fn args(&self, session: &AgentSession) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "-p",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-            "--permission-mode",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.push(self.permission_mode.clone());
+        self.args_for(session, InputMode::StreamJson)
+    }
+
+    /// The command line for `mode`, without the prompt (which goes on stdin).
+    pub fn args_for(&self, session: &AgentSession, mode: InputMode) -> Vec<String> {
+        let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"]
+            .map(String::from)
+            .to_vec();
+        if mode == InputMode::StreamJson {
+            args.extend(["--input-format".into(), "stream-json".into()]);
+        }
+        args.extend(["--permission-mode".into(), self.permission_mode.clone()]);
         match session {
             AgentSession::New(id) => args.extend(["--session-id".into(), id.clone()]),
             AgentSession::Resume(id) => args.extend(["--resume".into(), id.clone()]),
@@ -138,14 +253,28 @@ pub enum AgentSession {
     Resume(String),
 }
 
-/// What a successful run reported.
+impl AgentSession {
+    pub fn id(&self) -> &str {
+        match self {
+            AgentSession::New(id) | AgentSession::Resume(id) => id,
+        }
+    }
+}
+
+/// What a run reported in its `result` event.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentReport {
     pub result: Option<String>,
     pub session_id: Option<String>,
+    /// The conversation's running total (cumulative over resumed runs).
     pub total_cost_usd: Option<f64>,
     pub num_turns: Option<u64>,
     pub subtype: String,
+    /// Why the CLI stopped (`completed`, `max_turns`, `aborted_streaming`, `api_error`, ...),
+    /// where the CLI says.
+    pub terminal_reason: Option<String>,
+    /// The HTTP status of the model API's error, where there was one.
+    pub api_error_status: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,8 +298,12 @@ pub enum AgentError {
         detail: String,
         report: AgentReport,
     },
+    /// Stopped from outside before it reported (killed: its cost is not known).
     #[error("the agent was interrupted")]
     Interrupted,
+    /// Stopped from outside, and it reported what the run cost before it ended.
+    #[error("the agent was interrupted")]
+    InterruptedWithReport(AgentReport),
     #[error("the agent has no conversation {0} to resume")]
     SessionNotFound(String),
     #[error("reading the agent's output: {0}")]
@@ -193,15 +326,33 @@ impl AgentError {
                 "success" => "agent_api_error",
                 _ => "agent_error",
             },
-            AgentError::Interrupted => "interrupted",
+            AgentError::Interrupted | AgentError::InterruptedWithReport(_) => "interrupted",
             AgentError::SessionNotFound(_) => "agent_session_lost",
             AgentError::Io(_) => "agent_io",
+        }
+    }
+
+    /// Stopped from outside (with or without a report).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Interrupted | AgentError::InterruptedWithReport(_)
+        )
+    }
+
+    /// The run's `result` event, when it printed one: its session, turns and running cost.
+    pub fn report(&self) -> Option<&AgentReport> {
+        match self {
+            AgentError::Reported { report, .. } | AgentError::InterruptedWithReport(report) => {
+                Some(report)
+            }
+            _ => None,
         }
     }
 }
 
 /// The one event we need the fields of; the others are read as loose JSON.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct ResultEvent {
     subtype: Option<String>,
     is_error: Option<bool>,
@@ -210,13 +361,45 @@ struct ResultEvent {
     total_cost_usd: Option<f64>,
     num_turns: Option<u64>,
     errors: Option<serde_json::Value>,
+    terminal_reason: Option<String>,
+    api_error_status: Option<u16>,
+}
+
+/// What the CLI says when `--resume` names a conversation it does not have.
+const NO_CONVERSATION: &str = "No conversation found";
+
+impl ResultEvent {
+    /// Does its text or its errors contain `text`?
+    fn mentions(&self, text: &str) -> bool {
+        self.result.as_deref().is_some_and(|r| r.contains(text))
+            || self
+                .errors
+                .as_ref()
+                .is_some_and(|e| e.to_string().contains(text))
+    }
+
+    fn report(&self) -> AgentReport {
+        AgentReport {
+            result: self.result.clone(),
+            session_id: self.session_id.clone(),
+            total_cost_usd: self.total_cost_usd,
+            num_turns: self.num_turns,
+            subtype: self.subtype.clone().unwrap_or_default(),
+            terminal_reason: self.terminal_reason.clone(),
+            api_error_status: self.api_error_status,
+        }
+    }
 }
 
 /// Something the agent is doing, for progress reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentActivity {
+    /// The CLI's `system`/`init` event: from here on its conversation is `session_id` (sent as
+    /// soon as it is known, before the agent's first request to the model).
     Started {
         session_id: Option<String>,
+        /// The CLI's version, as it reports it.
+        version: Option<String>,
     },
     ToolUse {
         tool: String,
@@ -224,8 +407,8 @@ pub enum AgentActivity {
     },
 }
 
-/// Run the agent on `prompt` in `cwd`. `cancel` stops it (SIGINT, then SIGKILL after a grace
-/// period); `on_activity` sees what it does as it happens.
+/// Run the agent on `prompt` in `cwd`. `cancel` stops it (the in-band interrupt, then SIGINT,
+/// then SIGKILL); `on_activity` sees what it does as it happens.
 pub async fn run_agent(
     spec: &AgentSpec,
     cwd: &Path,
@@ -234,8 +417,165 @@ pub async fn run_agent(
     cancel: &CancellationToken,
     mut on_activity: impl FnMut(AgentActivity) + Send,
 ) -> Result<AgentReport, AgentError> {
+    let mut session = session.clone();
+    // At most: one retry without stream-json input, one retry resuming a session in use.
+    for _ in 0..3 {
+        let mode = spec.input_mode();
+        let attempt = run_once(spec, cwd, prompt, &session, mode, cancel, &mut on_activity).await;
+        let stderr = attempt.stderr.as_str();
+        if !attempt.started && attempt.result.is_none() && !attempt.cancelled {
+            if mode == InputMode::StreamJson && rejects_stream_input(stderr) {
+                tracing::info!(
+                    bin = %spec.bin.display(),
+                    "the agent does not take --input-format stream-json; giving it the request as text"
+                );
+                spec.set_input_mode(InputMode::Text);
+                continue;
+            }
+            if let AgentSession::New(id) = &session
+                && stderr.contains("already in use")
+            {
+                // A retry of a run whose CLI created the session: recent CLIs refuse a reused
+                // --session-id, and the conversation is there to continue.
+                tracing::info!(session = %id, "the session exists already; resuming it");
+                session = AgentSession::Resume(id.clone());
+                continue;
+            }
+        }
+        if mode == InputMode::StreamJson && attempt.started {
+            spec.set_input_mode(InputMode::StreamJson);
+        }
+        return attempt.outcome(&session);
+    }
+    Err(AgentError::NoResult {
+        exit: "not started".into(),
+        stderr: ": the agent could not be started in any input mode".into(),
+    })
+}
+
+/// Does this stderr say the CLI does not know `--input-format` (commander's wording and ours)?
+fn rejects_stream_input(stderr: &str) -> bool {
+    stderr.contains("--input-format")
+        && (stderr.contains("unknown option") || stderr.contains("invalid"))
+}
+
+/// What one start of the CLI came to.
+struct Attempt {
+    /// The `system`/`init` event came.
+    started: bool,
+    result: Option<ResultEvent>,
+    /// Stopped from outside before the result came.
+    cancelled: bool,
+    /// How the loop ended otherwise.
+    failure: Option<AgentError>,
+    exit: String,
+    stderr: String,
+}
+
+impl Attempt {
+    // The same `Result` as the public `run_agent`, whose error type the pipeline matches on.
+    #[allow(clippy::result_large_err)]
+    fn outcome(self, session: &AgentSession) -> Result<AgentReport, AgentError> {
+        if let Some(e) = self.failure {
+            return Err(e);
+        }
+        // A conversation to resume that is not there: the CLI says so on stderr, and (2.1.x)
+        // also in an `error_during_execution` result, before it starts.
+        if let AgentSession::Resume(id) = session
+            && !self.started
+            && (self.stderr.contains(NO_CONVERSATION)
+                || self
+                    .result
+                    .as_ref()
+                    .is_some_and(|r| r.mentions(NO_CONVERSATION)))
+        {
+            return Err(AgentError::SessionNotFound(id.clone()));
+        }
+        let Some(event) = self.result else {
+            if self.cancelled {
+                return Err(AgentError::Interrupted);
+            }
+            let stderr = if self.stderr.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", self.stderr.trim())
+            };
+            return Err(AgentError::NoResult {
+                exit: self.exit,
+                stderr,
+            });
+        };
+        let report = event.report();
+        if self.cancelled {
+            return Err(AgentError::InterruptedWithReport(report));
+        }
+        let is_error = event.is_error.unwrap_or(true);
+        if report.subtype == "success" && !is_error {
+            return Ok(report);
+        }
+        let detail = event
+            .errors
+            .map(|e| e.to_string())
+            .or(event.result)
+            .unwrap_or_else(|| "no detail given".into());
+        Err(AgentError::Reported {
+            subtype: report.subtype.clone(),
+            is_error,
+            detail,
+            report,
+        })
+    }
+}
+
+/// Where the stop sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    Running,
+    /// The in-band interrupt was sent at this time.
+    Interrupted(Instant),
+    /// SIGINT was sent at this time.
+    Signalled(Instant),
+}
+
+/// The stream-json `user` message carrying the request.
+pub fn user_message(prompt: &str) -> String {
+    serde_json::json!({
+        "type": "user",
+        "message": {"role": "user", "content": prompt},
+        "parent_tool_use_id": null,
+    })
+    .to_string()
+}
+
+/// The in-band interrupt request.
+pub fn interrupt_request(request_id: &str) -> String {
+    serde_json::json!({
+        "type": "control_request",
+        "request_id": request_id,
+        "request": {"subtype": "interrupt"},
+    })
+    .to_string()
+}
+
+async fn run_once(
+    spec: &AgentSpec,
+    cwd: &Path,
+    prompt: &str,
+    session: &AgentSession,
+    mode: InputMode,
+    cancel: &CancellationToken,
+    on_activity: &mut (impl FnMut(AgentActivity) + Send),
+) -> Attempt {
+    let mut attempt = Attempt {
+        started: false,
+        result: None,
+        cancelled: false,
+        failure: None,
+        exit: String::new(),
+        stderr: String::new(),
+    };
     let mut cmd = Command::new(&spec.bin);
-    cmd.args(spec.args(session))
+    cmd.args(spec.args_for(session, mode))
         .current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -243,65 +583,181 @@ pub async fn run_agent(
         // Its own process group: a signal to the group reaches every process it started.
         .process_group(0)
         .kill_on_drop(true);
-    apply_agent_env(&mut cmd);
-    if std::env::var_os("CLAUDE_CONFIG_DIR").is_none()
-        && let Some(dir) = &spec.config_dir
-    {
-        cmd.env("CLAUDE_CONFIG_DIR", dir);
-    }
+    cmd.env_clear();
+    cmd.envs(agent_env(
+        spec,
+        std::env::vars_os(),
+        current_traceparent().as_deref(),
+    ));
     die_with_parent(&mut cmd);
 
-    let mut child = cmd.spawn().map_err(|source| AgentError::Spawn {
-        bin: spec.bin.display().to_string(),
-        source,
-    })?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(source) => {
+            attempt.failure = Some(AgentError::Spawn {
+                bin: spec.bin.display().to_string(),
+                source,
+            });
+            return attempt;
+        }
+    };
     let pgid = child.id().map(|id| id as i32);
     let guard = GroupGuard(pgid);
 
+    // stdin from its own task: a prompt larger than the pipe buffer must not block reading.
+    // In stream-json mode it stays open for control requests until `stdin_tx` is dropped.
     let mut stdin = child.stdin.take().expect("stdin is piped");
-    let prompt = prompt.to_owned();
-    // Written from its own task: a prompt larger than the pipe buffer must not block reading.
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let first = match mode {
+        InputMode::StreamJson => user_message(prompt) + "\n",
+        InputMode::Text => prompt.to_owned(),
+    };
     let writer = tokio::spawn(async move {
-        let _ = stdin.write_all(prompt.as_bytes()).await;
+        if stdin.write_all(first.as_bytes()).await.is_err() {
+            return;
+        }
+        let _ = stdin.flush().await;
+        while let Some(line) = stdin_rx.recv().await {
+            if stdin.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+            let _ = stdin.flush().await;
+        }
         let _ = stdin.shutdown().await;
     });
+    let mut stdin_tx = match mode {
+        InputMode::StreamJson => Some(stdin_tx),
+        // The request is all there is: end of input at once.
+        InputMode::Text => {
+            drop(stdin_tx);
+            None
+        }
+    };
     let stderr = child.stderr.take().expect("stderr is piped");
     let stderr_task = tokio::spawn(read_tail(stderr));
     let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
 
-    let deadline = tokio::time::Instant::now() + spec.timeout;
+    let deadline = Instant::now() + spec.timeout;
     let mut last_output = Instant::now();
-    let mut result: Option<ResultEvent> = None;
-    let outcome: Result<(), AgentError> = loop {
-        let silence_left = spec.silence_timeout.saturating_sub(last_output.elapsed());
+    let mut stopping = Stopping::Running;
+    let mut result_at: Option<Instant> = None;
+    loop {
+        // The next moment something must happen without the agent's help.
+        let mut wake = deadline.min(last_output + spec.silence_timeout);
+        if let Some(at) = result_at {
+            let grace = if attempt.cancelled {
+                EXIT_AFTER_INTERRUPT
+            } else {
+                EXIT_AFTER_RESULT
+            };
+            wake = wake.min(at + grace);
+        }
+        match stopping {
+            Stopping::Interrupted(at) if result_at.is_none() => {
+                wake = wake.min(at + INTERRUPT_GRACE)
+            }
+            Stopping::Signalled(at) => wake = wake.min(at + SIGNAL_GRACE),
+            _ => {}
+        }
         tokio::select! {
             line = lines.next_line() => match line {
                 Ok(Some(line)) => {
                     last_output = Instant::now();
-                    if let Some(r) = read_event(&line, &mut on_activity) {
-                        result = Some(r);
+                    match read_event(&line, on_activity) {
+                        Some(Event::Started) => attempt.started = true,
+                        Some(Event::Result(r)) => {
+                            attempt.result = Some(*r);
+                            result_at = Some(Instant::now());
+                            if let Stopping::Interrupted(at) | Stopping::Signalled(at) = stopping {
+                                // From the stop to the agent idle, its turn ended and reported.
+                                tracing::info!(
+                                    idle_after_us = at.elapsed().as_micros() as u64,
+                                    in_band = matches!(stopping, Stopping::Interrupted(_)),
+                                    "the agent ended its turn after the interrupt"
+                                );
+                            }
+                            // Its turn is over: end of input lets a stream-json CLI exit.
+                            stdin_tx = None;
+                        }
+                        None => {}
                     }
                 }
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e.into()),
+                Ok(None) => break,
+                Err(e) => {
+                    attempt.failure = Some(e.into());
+                    break;
+                }
             },
-            _ = cancel.cancelled() => {
-                stop_group(pgid, &mut child).await;
-                break Err(AgentError::Interrupted);
+            _ = cancel.cancelled(), if stopping == Stopping::Running => {
+                if result_at.is_some() {
+                    // It has reported and is only exiting: nothing left to stop gracefully.
+                    guard.kill();
+                    break;
+                }
+                attempt.cancelled = true;
+                match stdin_tx.as_ref() {
+                    Some(tx) => {
+                        let id = format!("interrupt-{}", uuid::Uuid::new_v4());
+                        let _ = tx.send(interrupt_request(&id) + "\n");
+                        stopping = Stopping::Interrupted(Instant::now());
+                    }
+                    None => {
+                        process::signal_group(pgid, nix::sys::signal::Signal::SIGINT);
+                        stopping = Stopping::Signalled(Instant::now());
+                    }
+                }
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                guard.kill();
-                break Err(AgentError::Timeout(spec.timeout));
-            }
-            _ = tokio::time::sleep(silence_left) => {
-                guard.kill();
-                break Err(AgentError::Silent(spec.silence_timeout));
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if let Some(at) = result_at {
+                    let grace = if attempt.cancelled { EXIT_AFTER_INTERRUPT } else { EXIT_AFTER_RESULT };
+                    if now >= at + grace {
+                        if !attempt.cancelled {
+                            tracing::warn!(after = ?grace, "the agent reported but did not exit; killing it");
+                        }
+                        guard.kill();
+                        break;
+                    }
+                }
+                match stopping {
+                    Stopping::Interrupted(at) if result_at.is_none() && now >= at + INTERRUPT_GRACE => {
+                        tracing::info!("the agent did not end its turn after the interrupt; sending SIGINT");
+                        process::signal_group(pgid, nix::sys::signal::Signal::SIGINT);
+                        stopping = Stopping::Signalled(now);
+                        continue;
+                    }
+                    Stopping::Signalled(at) if now >= at + SIGNAL_GRACE => {
+                        guard.kill();
+                        break;
+                    }
+                    _ => {}
+                }
+                if now >= deadline {
+                    guard.kill();
+                    if !attempt.cancelled && result_at.is_none() {
+                        attempt.failure = Some(AgentError::Timeout(spec.timeout));
+                    }
+                    break;
+                }
+                if now >= last_output + spec.silence_timeout {
+                    guard.kill();
+                    if !attempt.cancelled && result_at.is_none() {
+                        attempt.failure = Some(AgentError::Silent(spec.silence_timeout));
+                    }
+                    break;
+                }
             }
         }
-    };
+    }
+    drop(stdin_tx);
     writer.abort();
     // stdout is closed (or we gave up on it); the process should be gone or going.
-    let status = match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
+    let wait = if result_at.is_some() && !attempt.cancelled {
+        EXIT_AFTER_RESULT
+    } else {
+        SIGNAL_GRACE
+    };
+    attempt.exit = match tokio::time::timeout(wait, child.wait()).await {
         Ok(Ok(status)) => status.to_string(),
         _ => {
             guard.kill();
@@ -314,49 +770,8 @@ pub async fn run_agent(
     };
     // Anything it left running in its group goes with it.
     guard.kill();
-    let stderr_tail = stderr_task.await.unwrap_or_default();
-    outcome?;
-
-    let Some(event) = result else {
-        if let AgentSession::Resume(id) = session
-            && stderr_tail.contains("No conversation found")
-        {
-            return Err(AgentError::SessionNotFound(id.clone()));
-        }
-        let stderr = if stderr_tail.trim().is_empty() {
-            String::new()
-        } else {
-            format!(": {}", stderr_tail.trim())
-        };
-        return Err(AgentError::NoResult {
-            exit: status,
-            stderr,
-        });
-    };
-    let subtype = event.subtype.unwrap_or_default();
-    let is_error = event.is_error.unwrap_or(true);
-    let report = AgentReport {
-        result: event.result.clone(),
-        session_id: event.session_id,
-        total_cost_usd: event.total_cost_usd,
-        num_turns: event.num_turns,
-        subtype: subtype.clone(),
-    };
-    if subtype == "success" && !is_error {
-        Ok(report)
-    } else {
-        let detail = event
-            .errors
-            .map(|e| e.to_string())
-            .or(event.result)
-            .unwrap_or_else(|| "no detail given".into());
-        Err(AgentError::Reported {
-            subtype,
-            is_error,
-            detail,
-            report,
-        })
-    }
+    attempt.stderr = stderr_task.await.unwrap_or_default();
+    attempt
 }
 
 /// Linux: the agent gets SIGKILL when the worker dies, even by `kill -9`, so a crashed worker
@@ -376,20 +791,98 @@ fn die_with_parent(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut Command) {}
 
-fn apply_agent_env(cmd: &mut Command) {
-    let bedrock = std::env::var("CLAUDE_CODE_USE_BEDROCK").is_ok_and(|v| v == "1" || v == "true");
-    let allowed: Vec<&str> = AGENT_ENV
-        .iter()
-        .chain(if bedrock { BEDROCK_ENV } else { &[] })
-        .copied()
-        .collect();
-    process::allow_env(cmd, &allowed);
-    // A headless agent must not try to update itself in the middle of a request.
-    cmd.env("DISABLE_AUTOUPDATER", "1");
+/// The `traceparent` of the current span (the job's `agent run` span, carried into the agent
+/// actor's handler with the message), when it belongs to a trace.
+fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| crate::trace_context::traceparent(sc))
 }
 
-/// Parse one stream-json line; returns the result event when this is it.
-fn read_event(line: &str, on_activity: &mut impl FnMut(AgentActivity)) -> Option<ResultEvent> {
+/// Does `name` match `pattern` (one `*` at most, for any run of characters)?
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            name.len() >= head.len() + tail.len() && name.starts_with(head) && name.ends_with(tail)
+        }
+    }
+}
+
+/// The agent's whole environment, from the worker's `vars`: `process::BASE_ENV`, `AGENT_ENV`
+/// and its patterns, `spec.env_allow`, the AWS variables with Bedrock, the OTLP variables when
+/// the worker exports traces, `CLAUDE_CONFIG_DIR` (the spec's unless the worker sets one),
+/// `DISABLE_AUTOUPDATER=1` and the message's `TRACEPARENT`. Nothing else of the worker's.
+pub fn agent_env(
+    spec: &AgentSpec,
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+    traceparent: Option<&str>,
+) -> Vec<(OsString, OsString)> {
+    let vars: Vec<(OsString, OsString)> = vars.into_iter().collect();
+    let get = |name: &str| {
+        vars.iter()
+            .find(|(k, _)| k.to_str() == Some(name))
+            .map(|(_, v)| v.clone())
+    };
+    let is_on = |name: &str| get(name).is_some_and(|v| v == "1" || v == "true");
+    let bedrock = is_on("CLAUDE_CODE_USE_BEDROCK");
+    let otlp = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|n| get(n).is_some_and(|v| !v.is_empty()));
+
+    let mut env: Vec<(OsString, OsString)> = Vec::new();
+    fn set(env: &mut Vec<(OsString, OsString)>, k: OsString, v: OsString) {
+        env.retain(|(name, _)| *name != k);
+        env.push((k, v));
+    }
+    // Defaults first: what the worker passes on (below) overrides them.
+    set(&mut env, "DISABLE_AUTOUPDATER".into(), "1".into());
+    if let Some(dir) = &spec.config_dir {
+        set(&mut env, "CLAUDE_CONFIG_DIR".into(), dir.into());
+    }
+    if otlp {
+        for (k, v) in OTLP_AGENT_DEFAULTS {
+            set(&mut env, k.into(), v.into());
+        }
+    }
+    let allowed = |name: &str| {
+        process::BASE_ENV.contains(&name)
+            || AGENT_ENV.contains(&name)
+            || AGENT_ENV_PATTERNS.iter().any(|p| name_matches(p, name))
+            || spec.env_allow.iter().any(|p| p == name)
+            || (bedrock && BEDROCK_ENV.contains(&name))
+            || (otlp && OTLP_ENV.contains(&name))
+    };
+    for (k, v) in &vars {
+        if let Some(name) = k.to_str()
+            && allowed(name)
+        {
+            set(&mut env, k.clone(), v.clone());
+        }
+    }
+    // The message's trace, which the CLI continues in headless mode (its own spans, when its
+    // telemetry is on; `traceparent` headers to the API with CLAUDE_CODE_PROPAGATE_TRACEPARENT).
+    if let Some(tp) = traceparent {
+        set(&mut env, "TRACEPARENT".into(), tp.into());
+    }
+    env
+}
+
+/// What a stream-json line told us.
+enum Event {
+    /// The `system`/`init` event.
+    Started,
+    Result(Box<ResultEvent>),
+}
+
+/// Parse one stream-json line; reports activity, returns the init and result events.
+fn read_event(line: &str, on_activity: &mut impl FnMut(AgentActivity)) -> Option<Event> {
     let value: serde_json::Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(_) => {
@@ -397,16 +890,22 @@ fn read_event(line: &str, on_activity: &mut impl FnMut(AgentActivity)) -> Option
             return None;
         }
     };
+    let text =
+        |v: &serde_json::Value, key: &str| v.get(key).and_then(|s| s.as_str()).map(str::to_owned);
     match value.get("type").and_then(|t| t.as_str()) {
-        Some("result") => serde_json::from_value(value).ok(),
+        Some("result") => match serde_json::from_value::<ResultEvent>(value) {
+            Ok(r) => Some(Event::Result(Box::new(r))),
+            Err(e) => {
+                tracing::warn!(error = %e, "agent wrote a result event we cannot read");
+                None
+            }
+        },
         Some("system") if value.get("subtype").and_then(|s| s.as_str()) == Some("init") => {
             on_activity(AgentActivity::Started {
-                session_id: value
-                    .get("session_id")
-                    .and_then(|s| s.as_str())
-                    .map(str::to_owned),
+                session_id: text(&value, "session_id"),
+                version: text(&value, "claude_code_version"),
             });
-            None
+            Some(Event::Started)
         }
         Some("assistant") => {
             let blocks = value
@@ -432,17 +931,6 @@ fn read_event(line: &str, on_activity: &mut impl FnMut(AgentActivity)) -> Option
             None
         }
         _ => None,
-    }
-}
-
-/// SIGINT to the group, then SIGKILL if it is still there after the grace period.
-async fn stop_group(pgid: Option<i32>, child: &mut Child) {
-    process::signal_group(pgid, nix::sys::signal::Signal::SIGINT);
-    if tokio::time::timeout(INTERRUPT_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -476,4 +964,483 @@ async fn read_tail(mut stream: impl tokio::io::AsyncRead + Unpin) -> String {
         }
     }
     String::from_utf8_lossy(tail.make_contiguous()).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> AgentSpec {
+        AgentSpec::new(PathBuf::from("claude"), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn the_request_is_never_on_the_command_line() {
+        let mut s = spec();
+        s.max_turns = Some(3);
+        s.max_budget_usd = Some(0.5);
+        s.model = Some("claude-x".into());
+        s.allowed_tools = vec!["Edit".into(), "Bash(npm run build)".into()];
+        let args = s.args(&AgentSession::New("abc".into()));
+        assert_eq!(
+            args,
+            [
+                "-p",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--input-format",
+                "stream-json",
+                "--permission-mode",
+                "acceptEdits",
+                "--session-id",
+                "abc",
+                "--max-turns",
+                "3",
+                "--max-budget-usd",
+                "0.5",
+                "--model",
+                "claude-x",
+                "--allowedTools",
+                "Edit,Bash(npm run build)",
+            ]
+        );
+        let text = s.args_for(&AgentSession::Resume("abc".into()), InputMode::Text);
+        assert!(!text.iter().any(|a| a == "--input-format"));
+        assert!(text.windows(2).any(|w| w == ["--resume", "abc"]));
+        // A request that looks like a flag goes on stdin, inside JSON.
+        let line = user_message("--dangerously-skip-permissions \"quoted\"\nnext");
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["type"], "user");
+        assert_eq!(
+            back["message"]["content"],
+            "--dangerously-skip-permissions \"quoted\"\nnext"
+        );
+        assert!(!line.contains('\n'), "one line: {line}");
+        let interrupt: serde_json::Value = serde_json::from_str(&interrupt_request("r1")).unwrap();
+        assert_eq!(interrupt["type"], "control_request");
+        assert_eq!(interrupt["request_id"], "r1");
+        assert_eq!(interrupt["request"]["subtype"], "interrupt");
+    }
+
+    #[test]
+    fn the_input_mode_is_shared_by_clones() {
+        let s = spec();
+        let clone = s.clone();
+        assert_eq!(s.input_mode(), InputMode::StreamJson);
+        clone.set_input_mode(InputMode::Text);
+        assert_eq!(s.input_mode(), InputMode::Text);
+        assert!(rejects_stream_input(
+            "error: unknown option '--input-format'\n"
+        ));
+        assert!(!rejects_stream_input(
+            "Error: Session ID x is already in use."
+        ));
+    }
+
+    fn events(lines: &[&str]) -> (Vec<AgentActivity>, Vec<Event>) {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for line in lines {
+            if let Some(e) = read_event(line, &mut |a| seen.push(a)) {
+                out.push(e);
+            }
+        }
+        (seen, out)
+    }
+
+    #[test]
+    fn stream_json_of_the_real_cli_is_read() {
+        // Shapes as Claude Code 2.1.x prints them (trimmed).
+        let (seen, out) = events(&[
+            r#"{"type":"system","subtype":"init","cwd":"/w","session_id":"s-1","tools":["Read"],"claude_code_version":"2.1.332","uuid":"u"}"#,
+            r#"{"type":"assistant","message":{"id":"m","role":"assistant","content":[{"type":"tool_use","id":"t1","name":"Read","input":{"file_path":"/w/src/pages/index.astro"}}]},"session_id":"s-1"}"#,
+            r#"{"type":"user","message":{"role":"user","content":[{"tool_use_id":"t1","type":"tool_result","content":"1\tx"}]},"session_id":"s-1"}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"hi"},{"type":"tool_use","name":"Bash","input":{"command":"npm run build"}}]}}"#,
+            r#"{"type":"control_response","response":{"subtype":"success","request_id":"int-1"}}"#,
+            "not json at all",
+            r#"{"type":"stream_event","event":{"type":"ping"}}"#,
+            r#"{"duration_ms":216,"stop_reason":"end_turn","session_id":"s-1","total_cost_usd":0.024,"is_error":false,"num_turns":4,"subtype":"success","api_error_status":null,"result":"Done.","terminal_reason":"completed","type":"result","usage":{"input_tokens":4000}}"#,
+        ]);
+        assert_eq!(
+            seen,
+            vec![
+                AgentActivity::Started {
+                    session_id: Some("s-1".into()),
+                    version: Some("2.1.332".into())
+                },
+                AgentActivity::ToolUse {
+                    tool: "Read".into(),
+                    target: Some("/w/src/pages/index.astro".into())
+                },
+                AgentActivity::ToolUse {
+                    tool: "Bash".into(),
+                    target: Some("npm run build".into())
+                },
+            ]
+        );
+        assert_eq!(out.len(), 2);
+        assert!(matches!(out[0], Event::Started));
+        let Event::Result(r) = &out[1] else {
+            panic!("no result")
+        };
+        let report = r.report();
+        assert_eq!(report.subtype, "success");
+        assert_eq!(report.total_cost_usd, Some(0.024));
+        assert_eq!(report.num_turns, Some(4));
+        assert_eq!(report.terminal_reason.as_deref(), Some("completed"));
+        assert_eq!(report.api_error_status, None);
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn outcome(
+        result: Option<&str>,
+        cancelled: bool,
+        stderr: &str,
+    ) -> Result<AgentReport, AgentError> {
+        let started = !stderr.contains("No conversation found");
+        let result = result.map(|line| match read_event(line, &mut |_| {}) {
+            Some(Event::Result(r)) => *r,
+            _ => panic!("not a result: {line}"),
+        });
+        Attempt {
+            started,
+            result,
+            cancelled,
+            failure: None,
+            exit: "exit status: 1".into(),
+            stderr: stderr.into(),
+        }
+        .outcome(&AgentSession::Resume("s-1".into()))
+    }
+
+    #[test]
+    fn every_ending_has_its_kind() {
+        let ok = outcome(
+            Some(
+                r#"{"type":"result","subtype":"success","is_error":false,"result":"Done.","total_cost_usd":0.1}"#,
+            ),
+            false,
+            "",
+        );
+        assert_eq!(ok.unwrap().result.as_deref(), Some("Done."));
+        let kind = |line: &str| outcome(Some(line), false, "").unwrap_err().kind();
+        assert_eq!(
+            kind(
+                r#"{"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached maximum number of turns (2)"],"terminal_reason":"max_turns"}"#
+            ),
+            "agent_max_turns"
+        );
+        assert_eq!(
+            kind(
+                r#"{"type":"result","subtype":"error_max_budget_usd","is_error":true,"errors":["Reached maximum budget ($0.01)"]}"#
+            ),
+            "agent_max_budget"
+        );
+        // The API error trap: "success" with is_error.
+        let api = outcome(
+            Some(r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":400,"result":"API Error: 400 bad","total_cost_usd":0}"#),
+            false,
+            "",
+        )
+        .unwrap_err();
+        assert_eq!(api.kind(), "agent_api_error");
+        assert_eq!(api.report().unwrap().api_error_status, Some(400));
+        assert!(api.to_string().contains("API Error: 400"), "{api}");
+        // No is_error at all is not a success.
+        assert!(outcome(Some(r#"{"type":"result","subtype":"success"}"#), false, "").is_err());
+
+        // Interrupted: with the CLI's report (its cost known) or without.
+        let stopped = outcome(
+            Some(r#"{"type":"result","subtype":"error_during_execution","is_error":true,"total_cost_usd":0.00402,"terminal_reason":"aborted_streaming","session_id":"s-1"}"#),
+            true,
+            "",
+        )
+        .unwrap_err();
+        assert!(stopped.is_interrupted());
+        assert_eq!(stopped.kind(), "interrupted");
+        assert_eq!(stopped.report().unwrap().total_cost_usd, Some(0.00402));
+        let killed = outcome(None, true, "").unwrap_err();
+        assert!(matches!(killed, AgentError::Interrupted));
+        assert!(killed.report().is_none());
+
+        let lost = outcome(None, false, "No conversation found with session ID: s-1").unwrap_err();
+        assert!(matches!(lost, AgentError::SessionNotFound(ref id) if id == "s-1"));
+        // The real CLI also prints a result for it.
+        let lost = outcome(
+            Some(r#"{"type":"result","subtype":"error_during_execution","is_error":true,"num_turns":0,"session_id":"s-1","total_cost_usd":0,"errors":["No conversation found with session ID: s-1"]}"#),
+            false,
+            "No conversation found with session ID: s-1",
+        )
+        .unwrap_err();
+        assert!(matches!(lost, AgentError::SessionNotFound(ref id) if id == "s-1"));
+        let none = outcome(None, false, "boom").unwrap_err();
+        assert_eq!(none.kind(), "agent_no_result");
+        assert!(none.to_string().contains("boom"));
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
+    fn names(env: &[(OsString, OsString)]) -> Vec<String> {
+        let mut n: Vec<String> = env
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+
+    fn value<'a>(env: &'a [(OsString, OsString)], name: &str) -> Option<&'a str> {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.to_str())
+    }
+
+    #[test]
+    fn the_agent_environment_is_allow_listed() {
+        let mut s = spec();
+        s.config_dir = Some(PathBuf::from("/ws/.agent/claude"));
+        let worker = vars(&[
+            ("PATH", "/bin"),
+            ("HOME", "/home/w"),
+            ("AWS_ACCESS_KEY_ID", "AKIA"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("INPUT_QUEUE_URL", "http://q"),
+            ("ANTHROPIC_API_KEY", "sk"),
+            ("CLAUDE_CODE_OAUTH_TOKEN", "oauth"),
+            ("HTTPS_PROXY", "http://proxy:3128"),
+            ("no_proxy", "localhost"),
+            ("ANTHROPIC_DEFAULT_SONNET_MODEL", "sonnet-x"),
+            ("ANTHROPIC_DEFAULT_", "odd"),
+            ("MY_SETTING", "1"),
+            ("TRACEPARENT", "00-worker-own"),
+        ]);
+        let env = agent_env(&s, worker.clone(), Some("00-abc-def-01"));
+        assert_eq!(
+            names(&env),
+            [
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_DEFAULT_SONNET_MODEL",
+                "CLAUDE_CODE_OAUTH_TOKEN",
+                "CLAUDE_CONFIG_DIR",
+                "DISABLE_AUTOUPDATER",
+                "HOME",
+                "HTTPS_PROXY",
+                "PATH",
+                "TRACEPARENT",
+                "no_proxy",
+            ]
+        );
+        assert_eq!(value(&env, "TRACEPARENT"), Some("00-abc-def-01"));
+        assert_eq!(value(&env, "CLAUDE_CONFIG_DIR"), Some("/ws/.agent/claude"));
+        assert_eq!(value(&env, "DISABLE_AUTOUPDATER"), Some("1"));
+
+        // AGENT_ENV_ALLOW adds names; the worker's own settings win over the defaults.
+        s.env_allow = vec!["MY_SETTING".into()];
+        let mut more = worker.clone();
+        more.push(("CLAUDE_CONFIG_DIR".into(), "/elsewhere".into()));
+        let env = agent_env(&s, more, None);
+        assert_eq!(value(&env, "MY_SETTING"), Some("1"));
+        assert_eq!(value(&env, "CLAUDE_CONFIG_DIR"), Some("/elsewhere"));
+        assert!(value(&env, "TRACEPARENT").is_none());
+        assert!(value(&env, "AWS_SECRET_ACCESS_KEY").is_none());
+
+        // Bedrock brings the AWS variables.
+        let mut bedrock = worker.clone();
+        bedrock.push(("CLAUDE_CODE_USE_BEDROCK".into(), "1".into()));
+        bedrock.push(("AWS_REGION".into(), "us-west-2".into()));
+        let env = agent_env(&s, bedrock, None);
+        assert_eq!(value(&env, "AWS_SECRET_ACCESS_KEY"), Some("secret"));
+        assert_eq!(value(&env, "AWS_REGION"), Some("us-west-2"));
+        assert!(value(&env, "INPUT_QUEUE_URL").is_none());
+
+        // An OTLP exporter of the worker turns on the CLI's traces, to the same collector.
+        let mut otlp = worker;
+        otlp.push((
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            "http://otel:4318".into(),
+        ));
+        otlp.push(("OTEL_SERVICE_NAME".into(), "edit-worker".into()));
+        let env = agent_env(&s, otlp, Some("00-abc-def-01"));
+        assert_eq!(
+            value(&env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some("http://otel:4318")
+        );
+        assert_eq!(value(&env, "CLAUDE_CODE_ENABLE_TELEMETRY"), Some("1"));
+        assert_eq!(value(&env, "OTEL_TRACES_EXPORTER"), Some("otlp"));
+        assert_eq!(value(&env, "OTEL_METRICS_EXPORTER"), Some("none"));
+        assert!(value(&env, "OTEL_SERVICE_NAME").is_none());
+    }
+
+    #[test]
+    fn patterns_match_names() {
+        assert!(name_matches(
+            "ANTHROPIC_DEFAULT_*_MODEL",
+            "ANTHROPIC_DEFAULT_OPUS_MODEL"
+        ));
+        assert!(!name_matches(
+            "ANTHROPIC_DEFAULT_*_MODEL",
+            "ANTHROPIC_DEFAULT_MODEL"
+        ));
+        assert!(!name_matches(
+            "ANTHROPIC_DEFAULT_*_MODEL",
+            "ANTHROPIC_MODEL"
+        ));
+        assert!(name_matches("PATH", "PATH"));
+        assert!(!name_matches("PATH", "PATHS"));
+    }
+
+    /// An executable shell script standing in for the CLI, in `dir`.
+    fn script(dir: &Path, body: &str) -> AgentSpec {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("fake-cli");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        AgentSpec::new(path, Duration::from_secs(30))
+    }
+
+    const INIT: &str = r#"{"type":"system","subtype":"init","session_id":"s-1"}"#;
+
+    #[allow(clippy::result_large_err)]
+    async fn run(
+        spec: &AgentSpec,
+        dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<AgentReport, AgentError> {
+        run_agent(
+            spec,
+            dir,
+            "do it",
+            &AgentSession::New("s-1".into()),
+            cancel,
+            |_| {},
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_cli_that_reported_but_does_not_exit_is_killed_and_its_result_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = script(
+            dir.path(),
+            &format!(
+                "read line; echo '{INIT}'; echo '{}'; exec sleep 60",
+                r#"{"type":"result","subtype":"success","is_error":false,"result":"ok","total_cost_usd":0.5}"#
+            ),
+        );
+        let started = std::time::Instant::now();
+        let report = run(&spec, dir.path(), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(report.total_cost_usd, Some(0.5));
+        let took = started.elapsed();
+        assert!(
+            took >= EXIT_AFTER_RESULT && took < EXIT_AFTER_RESULT + Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_json_cli_is_interrupted_in_band_and_reports_its_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        // Reads the request, then waits for the interrupt on stdin; answers it like Claude Code
+        // (a control_response, then an error_during_execution result) and exits at end of input.
+        let spec = script(
+            dir.path(),
+            &format!(
+                "read line; echo \"$line\" > request.json; echo '{INIT}'\n\
+                 while read line; do case \"$line\" in *'\"interrupt\"'*) \
+                 echo '{{\"type\":\"control_response\",\"response\":{{\"subtype\":\"success\"}}}}'; \
+                 echo '{}';; esac; done; echo ended > ended.txt",
+                r#"{"type":"result","subtype":"error_during_execution","is_error":true,"total_cost_usd":0.004,"terminal_reason":"aborted_streaming"}"#
+            ),
+        );
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.cancel();
+        });
+        let started = std::time::Instant::now();
+        let err = run(&spec, dir.path(), &cancel).await.unwrap_err();
+        assert!(
+            matches!(err, AgentError::InterruptedWithReport(ref r) if r.total_cost_usd == Some(0.004)),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < INTERRUPT_GRACE,
+            "{:?}",
+            started.elapsed()
+        );
+        // It ended by itself at the end of its input, not by a signal.
+        assert!(dir.path().join("ended.txt").exists());
+        let request: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("request.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(request["message"]["content"], "do it");
+        assert_eq!(spec.input_mode(), InputMode::StreamJson);
+    }
+
+    #[tokio::test]
+    async fn a_cli_that_ignores_the_interrupt_gets_sigint_then_sigkill() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = script(
+            dir.path(),
+            &format!("trap '' INT; read line; echo '{INIT}'; exec sleep 60"),
+        );
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let started = std::time::Instant::now();
+        let err = run(&spec, dir.path(), &cancel).await.unwrap_err();
+        assert!(matches!(err, AgentError::Interrupted), "{err:?}");
+        let took = started.elapsed();
+        assert!(
+            took < INTERRUPT_GRACE + SIGNAL_GRACE + Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cli_without_stream_json_input_gets_the_request_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = script(
+            dir.path(),
+            &format!(
+                "for a in \"$@\"; do [ \"$a\" = --input-format ] && {{ echo \"error: unknown option '--input-format'\" >&2; exit 1; }}; done\n\
+                 cat > request.txt; echo '{INIT}'; echo '{}'",
+                r#"{"type":"result","subtype":"success","is_error":false,"result":"ok"}"#
+            ),
+        );
+        let report = run(&spec, dir.path(), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(report.result.as_deref(), Some("ok"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("request.txt")).unwrap(),
+            "do it"
+        );
+        assert_eq!(spec.input_mode(), InputMode::Text);
+    }
+
+    #[tokio::test]
+    async fn a_session_id_in_use_is_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = script(
+            dir.path(),
+            &format!(
+                "for a in \"$@\"; do [ \"$a\" = --session-id ] && {{ echo 'Error: Session ID s-1 is already in use.' >&2; exit 1; }}; done\n\
+                 echo \"$@\" > args.txt; read line; echo '{INIT}'; echo '{}'",
+                r#"{"type":"result","subtype":"success","is_error":false,"result":"resumed"}"#
+            ),
+        );
+        let report = run(&spec, dir.path(), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(report.result.as_deref(), Some("resumed"));
+        let args = std::fs::read_to_string(dir.path().join("args.txt")).unwrap();
+        assert!(args.contains("--resume s-1"), "{args}");
+    }
 }

@@ -1,0 +1,198 @@
+"""Interrupt latency with the REAL Claude Code CLI (issue 14).
+
+One worker, one workspace, one thread; the pinned CLI (.tools/claude-code, installed by
+scripts/test) talks to tools/fake-anthropic-api. Each round sends a message whose second model
+request takes a minute, waits until the CLI is in the middle of that request, and sends the next
+message of the same thread, which interrupts it (and is itself interrupted by the round after).
+The worker logs, per interrupt:
+  interrupt_latency_us   newer message at its session -> the agent run over (CLI exited, its
+                         process group gone): "work stopped"
+  idle_after_us          the interrupt sent to the CLI -> the CLI's result line (its turn ended,
+                         cost known): "the agent ended its turn after the interrupt"
+Prints median, p99 and max of both over INTERRUPTS rounds (default 20).
+
+Run from the repository root, after scripts/test (which installs moto and the CLI and builds the
+worker):
+  .venv/bin/python bench/real_cli_interrupt_latency.py
+Environment: INTERRUPTS, WORKER_BIN (default target/debug/edit-worker), CLAUDE_BIN (default the
+pinned CLI), MOTO_ENDPOINT (default: a moto started here).
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import boto3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERRUPTS = int(os.environ.get("INTERRUPTS", "20"))
+WORKER = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target/debug/edit-worker"))
+CLAUDE = os.environ.get("CLAUDE_BIN", os.path.join(ROOT, ".tools/claude-code/node_modules/.bin/claude"))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start_moto():
+    port = free_port()
+    proc = subprocess.Popen([os.path.join(ROOT, ".venv/bin/moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    sys.exit("moto did not start")
+
+
+def git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
+                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
+
+
+def percentile(values, p):
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(p / 100 * len(values) + 0.5)) - 1))
+    return values[k]
+
+
+def turns_for(log_path, marker):
+    found = []
+    try:
+        with open(log_path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("path", "").startswith("/v1/messages") and marker in (r.get("prompt") or ""):
+                    found.append(r)
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def stopped_by_interrupt(log):
+    """interrupt_latency_us of the runs stopped by a newer message (not by the shutdown)."""
+    return [int(m) for line in log.splitlines() if "work stopped" in line and "Interrupted" in line
+            for m in re.findall(r"interrupt_latency_us=(\d+)", line)]
+
+
+def summary(name, micros):
+    ms = [m / 1000 for m in micros]
+    print(f"{name:<48} n={len(ms):>3}  median {percentile(ms, 50):8.1f} ms  "
+          f"p99 {percentile(ms, 99):8.1f} ms  max {max(ms):8.1f} ms")
+
+
+def main():
+    for path in (WORKER, CLAUDE):
+        if not os.path.exists(path):
+            sys.exit(f"missing {path}: run scripts/test first")
+    moto = None
+    endpoint = os.environ.get("MOTO_ENDPOINT")
+    if not endpoint:
+        moto, endpoint = start_moto()
+    kw = dict(endpoint_url=endpoint, region_name="us-east-1",
+              aws_access_key_id="testing", aws_secret_access_key="testing")
+    sqs, s3 = boto3.client("sqs", **kw), boto3.client("s3", **kw)
+    base = tempfile.mkdtemp(prefix="bench-real-int-")
+    name = f"brci-{os.getpid()}"
+    queues = {n: sqs.create_queue(QueueName=f"{name}-{n}")["QueueUrl"] for n in ("in", "out")}
+    s3.create_bucket(Bucket=f"edit.bench.{name}.test")
+    bare = os.path.join(base, "upstream", "bench", "site.git")
+    os.makedirs(bare)
+    git(bare, "init", "--quiet", "--bare", "--initial-branch=main")
+    seed = os.path.join(base, "seed")
+    shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-site"), seed)
+    git(seed, "init", "--quiet", "--initial-branch=main")
+    git(seed, "add", "-A")
+    git(seed, "commit", "--quiet", "-m", "init")
+    git(seed, "push", "--quiet", bare, "main")
+
+    api_log = os.path.join(base, "api.jsonl")
+    api = subprocess.Popen([os.path.join(ROOT, "tools/fake-anthropic-api"), "--log", api_log],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    api_url = api.stdout.readline().strip()
+    worker_log = os.path.join(base, "worker.log")
+    env = {
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", base),
+        "INPUT_QUEUE_URL": queues["in"], "OUTPUT_QUEUE_URL": queues["out"],
+        "WORKSPACE_ROOT": os.path.join(base, "workspaces"),
+        "GIT_REMOTE_TEMPLATE": os.path.join(base, "upstream/{clientId}/{projectId}.git"),
+        "BUCKET_TEMPLATE": f"edit.{{clientId}}.{name}.test",
+        "CLAUDE_BIN": CLAUDE, "CLAUDE_CONFIG_DIR": os.path.join(base, "claude"),
+        "ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": "sk-ant-test-not-a-key",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn",
+        "ASTRO_TELEMETRY_DISABLED": "1",
+    }
+    worker = subprocess.Popen([WORKER, "run", "--exit-when-idle", "60"], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=open(worker_log, "w"))
+
+    def send(text):
+        body = {"sessionId": "s", "threadId": "t", "clientId": "bench", "projectId": "site", "command": text}
+        sqs.send_message(QueueUrl=queues["in"], MessageBody=json.dumps(body))
+
+    def command(i):
+        return f"round {i}: [api:write r{i}.txt {i}] [api:sleep 60] [api:write never{i}.txt x]"
+
+    try:
+        send(command(0))
+        for i in range(INTERRUPTS):
+            deadline = time.time() + 120
+            # The CLI of round i is in the middle of its minute-long second request.
+            while len(turns_for(api_log, f"round {i}:")) < 2:
+                if time.time() > deadline:
+                    sys.exit(f"round {i} never reached its slow request; see {worker_log}")
+                time.sleep(0.05)
+            time.sleep(0.3)
+            last = i + 1 == INTERRUPTS
+            send(f"round {i + 1}: [api:say done] last" if last else command(i + 1))
+            print(f"interrupt {i + 1}/{INTERRUPTS}", file=sys.stderr)
+        # The last message completes; then read the figures.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with open(worker_log) as f:
+                text = f.read()
+            if len(stopped_by_interrupt(text)) >= INTERRUPTS and len(turns_for(api_log, "last")) >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        api.kill()
+        if moto:
+            moto.kill()
+    with open(worker_log) as f:
+        text = f.read()
+    gone = stopped_by_interrupt(text)
+    idle = [int(x) for x in re.findall(r"idle_after_us=(\d+)", text)]
+    in_band = len(re.findall(r"in_band=true", text))
+    print(f"real Claude Code CLI {subprocess.run([CLAUDE, '--version'], capture_output=True, text=True).stdout.strip()}, "
+          f"{INTERRUPTS} interrupts, {in_band} ended by the in-band interrupt")
+    if gone:
+        summary("newer message at its session -> CLI gone", gone)
+    if idle:
+        summary("interrupt sent -> CLI idle (result line)", idle)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
