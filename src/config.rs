@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use edit_worker_actors::config::WorkerConfig;
 use edit_worker_actors::message::check_dns_label;
+use edit_worker_actors::npm_store::StoreSettings;
 use edit_worker_actors::publish::{CacheRule, PublishOptions};
+use edit_worker_actors::records::StoreLocation;
 use edit_worker_actors::threads::ThreadStore;
 
 /// Every key the worker reads; the TOML file may set the same ones.
@@ -35,6 +37,7 @@ const KEYS: &[&str] = &[
     "AGENT_ALLOWED_TOOLS",
     "AGENT_DISALLOWED_TOOLS",
     "AGENT_APPEND_SYSTEM_PROMPT",
+    "AGENT_ENV_ALLOW",
     "PROGRESS_INTERVAL_SECONDS",
     "BUILD_REPAIR_ATTEMPTS",
     "BUILD_TIMEOUT_SECONDS",
@@ -57,6 +60,12 @@ const KEYS: &[&str] = &[
     "TRACE_COMMAND_CHARS",
     "CLOUDFRONT_DISTRIBUTIONS",
     "SESSION_IDLE_SECONDS",
+    "INSTALL_MODE",
+    "NPM_STORE_DIR",
+    "NPM_STORE_MAX_MB",
+    "NPM_STORE_MAX_AGE_DAYS",
+    "LEASE_STORE",
+    "WORKER_ID",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -226,11 +235,55 @@ impl Settings {
         a.allowed_tools = tools("AGENT_ALLOWED_TOOLS");
         a.disallowed_tools = tools("AGENT_DISALLOWED_TOOLS");
         a.append_system_prompt = self.get("AGENT_APPEND_SYSTEM_PROMPT").map(str::to_owned);
+        // More environment variables for the agent, by name (its allow-list is in agent.rs).
+        a.env_allow = tools("AGENT_ENV_ALLOW");
+        if let Some(bad) = a.env_allow.iter().find(|name| {
+            let mut chars = name.chars();
+            !chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }) {
+            return Err(ConfigError::Invalid {
+                key: "AGENT_ENV_ALLOW",
+                message: format!("`{bad}` is not an environment variable name"),
+            });
+        }
         c.progress_interval = Duration::from_secs(
             self.number("PROGRESS_INTERVAL_SECONDS", c.progress_interval.as_secs())?,
         );
         c.build_repair_attempts =
             self.number("BUILD_REPAIR_ATTEMPTS", c.build_repair_attempts as u64)? as u32;
+        Ok(())
+    }
+
+    /// Dependencies: `INSTALL_MODE` (`shared` or `per-workspace`) and the shared store's folder
+    /// and limits.
+    fn npm_store(&self, s: &mut StoreSettings) -> Result<(), ConfigError> {
+        match self.get("INSTALL_MODE").map(str::trim) {
+            None | Some("shared") => s.shared = true,
+            Some("per-workspace") => s.shared = false,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: "INSTALL_MODE",
+                    message: format!("`{other}` is not `shared` or `per-workspace`"),
+                });
+            }
+        }
+        if let Some(dir) = self.get("NPM_STORE_DIR") {
+            let dir = PathBuf::from(dir);
+            if !dir.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key: "NPM_STORE_DIR",
+                    message: "must be an absolute path".into(),
+                });
+            }
+            s.dir = Some(dir);
+        }
+        s.max_bytes = self.positive("NPM_STORE_MAX_MB", s.max_bytes >> 20)? << 20;
+        s.max_age = Duration::from_secs(
+            self.positive("NPM_STORE_MAX_AGE_DAYS", s.max_age.as_secs() / 86_400)? * 86_400,
+        );
         Ok(())
     }
 
@@ -363,6 +416,19 @@ impl Settings {
         c.max_receives = self.positive("MAX_RECEIVES", c.max_receives as u64)? as u32;
         c.retry_base_delay =
             Duration::from_secs(self.number("RETRY_BASE_SECONDS", c.retry_base_delay.as_secs())?);
+        self.npm_store(&mut c.npm_store)?;
+        if let Some(store) = self.get("LEASE_STORE") {
+            c.lease_store =
+                Some(
+                    StoreLocation::parse(store).map_err(|message| ConfigError::Invalid {
+                        key: "LEASE_STORE",
+                        message,
+                    })?,
+                );
+        }
+        if let Some(id) = self.get("WORKER_ID") {
+            c.worker_id = id.to_owned();
+        }
         Ok(c)
     }
 }
@@ -441,5 +507,66 @@ mod tests {
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
         std::fs::write(&path, "nonsense_key = 1\n").unwrap();
         assert!(Settings::load(Some(&path)).is_err());
+    }
+
+    #[test]
+    fn agent_env_allow_takes_variable_names() {
+        let c = settings(&[
+            ("INPUT_QUEUE_URL", "q"),
+            (
+                "AGENT_ENV_ALLOW",
+                "MY_PROXY_TOKEN, CLAUDE_CODE_MAX_RETRIES,,",
+            ),
+        ])
+        .worker_config("r")
+        .unwrap();
+        assert_eq!(
+            c.agent.env_allow,
+            ["MY_PROXY_TOKEN", "CLAUDE_CODE_MAX_RETRIES"]
+        );
+        for bad in ["A=B", "1ABC", "X Y", "PATH*"] {
+            let err = settings(&[("INPUT_QUEUE_URL", "q"), ("AGENT_ENV_ALLOW", bad)])
+                .worker_config("r")
+                .unwrap_err();
+            assert!(
+                err.to_string().starts_with("AGENT_ENV_ALLOW"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn install_mode_and_store_settings() {
+        let c = settings(&[("INPUT_QUEUE_URL", "q")])
+            .worker_config("r")
+            .unwrap();
+        assert!(c.npm_store.shared);
+        assert_eq!(
+            c.npm_store.dir_under(&c.workspace_root),
+            PathBuf::from("/workspace/.cache/npm-store")
+        );
+        let c = settings(&[
+            ("INPUT_QUEUE_URL", "q"),
+            ("INSTALL_MODE", "per-workspace"),
+            ("NPM_STORE_DIR", "/var/cache/npm-store"),
+            ("NPM_STORE_MAX_MB", "512"),
+            ("NPM_STORE_MAX_AGE_DAYS", "2"),
+        ])
+        .worker_config("r")
+        .unwrap();
+        assert!(!c.npm_store.shared);
+        assert_eq!(c.npm_store.dir, Some(PathBuf::from("/var/cache/npm-store")));
+        assert_eq!(c.npm_store.max_bytes, 512 << 20);
+        assert_eq!(c.npm_store.max_age, Duration::from_secs(2 * 86_400));
+        for (key, bad) in [
+            ("INSTALL_MODE", "pnpm"),
+            ("NPM_STORE_DIR", "relative/store"),
+            ("NPM_STORE_MAX_MB", "0"),
+        ] {
+            let err = settings(&[("INPUT_QUEUE_URL", "q"), (key, bad)])
+                .worker_config("r")
+                .unwrap_err();
+            assert!(err.to_string().starts_with(key), "{err}");
+        }
     }
 }

@@ -1,6 +1,9 @@
-//! Builds the site: `npm ci` when the dependencies are missing or the lock file changed, then
-//! the build command (argv words, no shell). Both run in their own process group with a time
-//! limit, and can be cancelled; a failure keeps the tail of the log for the status event.
+//! Builds the site: its dependencies first, then the build command (argv words, no shell).
+//! Dependencies come from the shared store (`npm_store`: one `npm ci` per distinct lock file,
+//! linked into the workspace) or, with `INSTALL_MODE=per-workspace` or a site whose install
+//! depends on its own files, from `npm ci` in the workspace when `node_modules` is missing or
+//! the lock file changed. Installs and builds run in their own process group with a time limit,
+//! and can be cancelled; a failure keeps the tail of the log for the status event.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,8 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::WorkerConfig;
+use crate::npm_store::{self, NpmStore, SiteFiles};
 use crate::process;
 
 /// Lines of build output kept for the error message: enough to show the error, small enough
@@ -22,6 +27,8 @@ const LOG_TAIL_LINES: usize = 40;
 /// What the build may see besides `process::BASE_ENV`. It runs the site's own scripts, so the
 /// worker's secrets stay out of it.
 const BUILD_ENV: &[&str] = &["NODE_OPTIONS"];
+/// The per-workspace install's record of the lock file it installed (in the state folder).
+pub(crate) const INSTALL_STAMP: &str = "npm-ci.stamp";
 
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -31,13 +38,41 @@ pub struct BuildSpec {
     pub output_dir: PathBuf,
     /// Time limit for the install and for the build, each.
     pub timeout: Duration,
+    /// The shared dependency store; `None`: `npm ci` in each workspace (`INSTALL_MODE=per-workspace`).
+    pub store: Option<NpmStore>,
+}
+
+impl BuildSpec {
+    /// The build as configured; the store is shared by every build actor made from this spec.
+    pub fn from_config(config: &WorkerConfig) -> BuildSpec {
+        let settings = &config.npm_store;
+        BuildSpec {
+            command: config.build_command.clone(),
+            output_dir: config.build_output_dir.clone(),
+            timeout: config.build_timeout,
+            store: settings.shared.then(|| {
+                NpmStore::new(
+                    settings.dir_under(&config.workspace_root),
+                    settings.clone(),
+                    config.build_timeout,
+                )
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BuildReport {
-    /// `npm ci` ran, and how long it took.
+    /// `npm ci` ran for this build (in the workspace, or into the shared store), and how long
+    /// it took. `None`: the dependencies were already there.
     pub install_ms: Option<u64>,
     pub build_ms: u64,
+    /// The shared store entry the build used (`node{major}-{os}-{arch}-{digest}`).
+    pub store_key: Option<String>,
+    /// Checking the store entry (before and after the build) and linking it into the workspace.
+    pub link_ms: Option<u64>,
+    /// Time spent waiting for another build's install of the same store entry.
+    pub install_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +89,11 @@ pub enum BuildError {
     },
     #[error("`{program}` ran longer than {timeout:?} and was stopped")]
     Timeout { program: String, timeout: Duration },
+    #[error(
+        "the build changed the shared dependencies ({key}), which other sites load; they were \
+         discarded and will be installed again"
+    )]
+    StoreChanged { key: String },
     #[error("the build was cancelled")]
     Cancelled,
     #[error("the build command is empty")]
@@ -81,6 +121,106 @@ pub async fn build_site(
     cancel: &CancellationToken,
 ) -> Result<BuildReport, BuildError> {
     let mut report = BuildReport::default();
+    let shared = match &spec.store {
+        Some(store) => {
+            shared_dependencies(store, spec, dir, state_dir, cancel, &mut report).await?
+        }
+        None => None,
+    };
+    if shared.is_none() {
+        install_in_workspace(spec, dir, state_dir, cancel, &mut report).await?;
+    }
+    let built = run_build(spec, dir, cancel, &mut report).await;
+    if let (Some(store), Some(acquired)) = (&spec.store, &shared) {
+        // Also when the build failed: a changed entry must not be loaded by anyone else.
+        let started = Instant::now();
+        store.verify_unchanged(acquired).await?;
+        let ms = started.elapsed().as_millis() as u64;
+        report.link_ms = Some(report.link_ms.unwrap_or(0) + ms);
+        tracing::info!(
+            store_key = %acquired.key,
+            link_ms = report.link_ms,
+            "the shared dependencies are unchanged after the build"
+        );
+    }
+    built?;
+    Ok(report)
+}
+
+/// The dependencies from the shared store, when the site has a lock file and its install
+/// does not depend on its own files. `None`: the workspace installs its own.
+async fn shared_dependencies(
+    store: &NpmStore,
+    spec: &BuildSpec,
+    dir: &Path,
+    state_dir: &Path,
+    cancel: &CancellationToken,
+    report: &mut BuildReport,
+) -> Result<Option<npm_store::Acquired>, BuildError> {
+    let Some(lock) = read_optional(&dir.join("package-lock.json")).await? else {
+        return Ok(None);
+    };
+    let package_json = read_optional(&dir.join("package.json"))
+        .await?
+        .unwrap_or_default();
+    if let Some(reason) = npm_store::unshareable_reason(&lock, &package_json) {
+        tracing::info!(
+            reason,
+            "installing this site's dependencies in its workspace"
+        );
+        return Ok(None);
+    }
+    let files = SiteFiles {
+        lock,
+        package_json,
+        npmrc: read_optional(&dir.join(".npmrc")).await?,
+    };
+    let started = Instant::now();
+    let acquired = store
+        .acquire(files, spec.timeout, cancel)
+        .instrument(tracing::info_span!("dependencies from the shared store"))
+        .await?;
+    store.link(&acquired, dir, state_dir).await?;
+    report.install_ms = acquired.installed_ms;
+    report.install_wait_ms = acquired.waited_ms;
+    let elapsed = started.elapsed().as_millis() as u64;
+    report.link_ms = Some(
+        elapsed
+            .saturating_sub(acquired.installed_ms.unwrap_or(0))
+            .saturating_sub(acquired.waited_ms.unwrap_or(0)),
+    );
+    report.store_key = Some(acquired.key.clone());
+    Ok(Some(acquired))
+}
+
+async fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, BuildError> {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `npm ci` in the workspace when `node_modules` is missing or the lock file changed.
+async fn install_in_workspace(
+    spec: &BuildSpec,
+    dir: &Path,
+    state_dir: &Path,
+    cancel: &CancellationToken,
+    report: &mut BuildReport,
+) -> Result<(), BuildError> {
+    // `node_modules` made of links into the store: this install starts from scratch.
+    if tokio::fs::remove_file(state_dir.join(npm_store::LINK_STAMP))
+        .await
+        .is_ok()
+    {
+        match tokio::fs::remove_dir_all(dir.join("node_modules")).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let _ = tokio::fs::remove_file(state_dir.join(INSTALL_STAMP)).await;
+    }
     if let Some(lock_hash) = install_needed(dir, state_dir).await? {
         let started = Instant::now();
         let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
@@ -93,9 +233,19 @@ pub async fn build_site(
                 log_tail: out.tail,
             });
         }
-        tokio::fs::write(state_dir.join("npm-ci.stamp"), lock_hash).await?;
+        tokio::fs::create_dir_all(state_dir).await?;
+        tokio::fs::write(state_dir.join(INSTALL_STAMP), lock_hash).await?;
         report.install_ms = Some(started.elapsed().as_millis() as u64);
     }
+    Ok(())
+}
+
+async fn run_build(
+    spec: &BuildSpec,
+    dir: &Path,
+    cancel: &CancellationToken,
+    report: &mut BuildReport,
+) -> Result<(), BuildError> {
     if spec.command.is_empty() {
         return Err(BuildError::EmptyCommand);
     }
@@ -117,7 +267,7 @@ pub async fn build_site(
         });
     }
     report.build_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok(())
 }
 
 /// `Some(hash of package-lock.json)` when `npm ci` must run: a lock file exists and either
@@ -129,21 +279,24 @@ async fn install_needed(dir: &Path, state_dir: &Path) -> Result<Option<String>, 
         Err(e) => return Err(e.into()),
     };
     let hash = format!("{:x}", Md5::digest(&lock));
-    let installed = tokio::fs::read_to_string(state_dir.join("npm-ci.stamp"))
+    let installed = tokio::fs::read_to_string(state_dir.join(INSTALL_STAMP))
         .await
         .unwrap_or_default();
     let has_modules = tokio::fs::metadata(dir.join("node_modules")).await.is_ok();
     Ok((!has_modules || installed.trim() != hash).then_some(hash))
 }
 
-struct Logged {
-    success: bool,
-    status: String,
-    tail: String,
+pub(crate) struct Logged {
+    pub success: bool,
+    pub status: String,
+    pub tail: String,
 }
 
+/// How long the build's output is still read after the build has ended.
+const READ_AFTER_EXIT: Duration = Duration::from_secs(2);
+
 /// Run argv in `dir` in its own process group; keep the last lines of stdout and stderr.
-async fn run_logged(
+pub(crate) async fn run_logged(
     argv: &[String],
     dir: &Path,
     timeout: Duration,
@@ -186,8 +339,15 @@ async fn run_logged(
     // Whatever happened, nothing of the build outlives this call.
     process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
     let status = waited?;
-    for r in readers {
-        let _ = r.await;
+    // A process that left the group (setsid, a detached child) can hold the pipes open for
+    // ever: read what is left for a moment, then stop reading.
+    for mut r in readers {
+        if tokio::time::timeout(READ_AFTER_EXIT, &mut r).await.is_err() {
+            r.abort();
+            tracing::warn!(
+                "a process the build left behind keeps its output open; no longer reading it"
+            );
+        }
     }
     let tail = tail
         .lock()
@@ -203,11 +363,25 @@ async fn run_logged(
     })
 }
 
+/// Keep the last lines of a stream. Bytes, not text: a line of invalid UTF-8 is kept lossily
+/// and reading goes on (a reader that stopped would leave the build to die of SIGPIPE).
 async fn keep_tail(stream: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<String>>>) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
         let mut tail = tail.lock().expect("tail lock");
-        tail.push_back(line.chars().take(500).collect());
+        tail.push_back(
+            text.trim_end_matches(['\n', '\r'])
+                .chars()
+                .take(500)
+                .collect(),
+        );
         if tail.len() > LOG_TAIL_LINES {
             tail.pop_front();
         }

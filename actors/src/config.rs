@@ -83,6 +83,13 @@ pub struct WorkerConfig {
     pub max_receives: u32,
     /// Delay before the first retry of a passing failure; doubled on each further delivery.
     pub retry_base_delay: Duration,
+    /// Dependencies: one install per lock file in a shared store, or `npm ci` per workspace.
+    pub npm_store: crate::npm_store::StoreSettings,
+    /// `LEASE_STORE`: where the shared records (message outcomes, thread marks) live. `None`:
+    /// the worker assumes it is alone and keeps them in `{WORKSPACE_ROOT}/.records`.
+    pub lease_store: Option<crate::records::StoreLocation>,
+    /// `WORKER_ID`: this worker's name in records and logs.
+    pub worker_id: String,
 }
 
 impl WorkerConfig {
@@ -120,7 +127,18 @@ impl WorkerConfig {
             cloudfront_distributions: Default::default(),
             max_receives: 5,
             retry_base_delay: Duration::from_secs(5),
+            npm_store: Default::default(),
+            lease_store: None,
+            worker_id: default_worker_id(),
         }
+    }
+
+    /// Where this worker's records live: the shared store, or a folder beside the workspaces
+    /// (`.records` cannot clash with a client: client ids never start with a dot).
+    pub fn record_location(&self) -> crate::records::StoreLocation {
+        self.lease_store.clone().unwrap_or_else(|| {
+            crate::records::StoreLocation::Local(self.workspace_root.join(".records"))
+        })
     }
 
     pub fn workspace_dir(&self, key: &WorkspaceKey) -> PathBuf {
@@ -143,6 +161,17 @@ impl WorkerConfig {
             .replace("{bucket}", bucket)
             .replace("{region}", &self.region)
     }
+}
+
+/// The host name and the process id: unique among the workers of a deployment.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn fill(template: &str, key: &WorkspaceKey) -> String {

@@ -86,6 +86,8 @@ enum JobError {
     StepCrashed(&'static str),
     #[error("push failed: {0}")]
     Push(GitError),
+    #[error("{0}")]
+    Records(#[from] crate::records::RecordError),
 }
 
 impl JobError {
@@ -94,8 +96,11 @@ impl JobError {
     /// limits would fail the same way again.
     fn is_retryable(&self) -> bool {
         match self {
-            JobError::Git(GitError::NoWorkspace(_)) => false,
-            JobError::Git(_) | JobError::Push(_) | JobError::StepCrashed(_) => true,
+            JobError::Git(GitError::NoWorkspace(_) | GitError::Diverged { .. }) => false,
+            JobError::Git(_)
+            | JobError::Push(_)
+            | JobError::StepCrashed(_)
+            | JobError::Records(_) => true,
             JobError::Publish(e) => !matches!(e, PublishError::EmptyBuild(_)),
             JobError::Build(e) => matches!(e, BuildError::InstallFailed { .. }),
             JobError::Agent(e) => matches!(e.kind(), "agent_api_error" | "agent_no_result"),
@@ -105,12 +110,14 @@ impl JobError {
     fn kind(&self) -> &'static str {
         match self {
             JobError::Git(GitError::NoWorkspace(_)) => "workspace_missing",
+            JobError::Git(GitError::Diverged { .. }) => "thread_diverged",
             JobError::Git(_) => "git_failed",
             JobError::Agent(e) => e.kind(),
             JobError::Build(e) => e.kind(),
             JobError::Publish(e) => e.kind(),
             JobError::StepCrashed(_) => "step_crashed",
             JobError::Push(_) => "push_failed",
+            JobError::Records(_) => "record_store_failed",
         }
     }
 }
@@ -138,8 +145,14 @@ struct Progress {
     commit: Option<String>,
     /// The last agent run's report.
     agent: Option<AgentReport>,
-    /// What this message's agent runs cost (the difference of the conversation's totals).
+    /// What this batch's agent runs cost (the difference of the conversation's totals).
     cost_usd: Option<f64>,
+    /// The message that reports the cost: the first one the agent ran for. The others of a
+    /// coalesced batch report 0 and name it, so that costs add up across events.
+    cost_payer: Option<String>,
+    /// Messages of the batch that came too late: sent before a newer message of their thread
+    /// that has already ended. They are not applied on top of the newer work.
+    superseded: std::collections::BTreeSet<String>,
     turns: u64,
     /// Times the agent was resumed to repair a build its edit broke.
     build_repairs: u32,
@@ -189,8 +202,10 @@ pub async fn run_batch(
     let outcome = execute(&ctx, &steps, &batch, &stop, &mut started, &mut progress).await;
     let ending = match outcome {
         Ok(()) => Ending::Completed,
-        Err(JobError::Agent(AgentError::Interrupted))
-        | Err(JobError::Build(BuildError::Cancelled)) => {
+        Err(JobError::Agent(e)) if e.is_interrupted() => {
+            Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
+        }
+        Err(JobError::Build(BuildError::Cancelled)) => {
             Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
         }
         Err(e) => Ending::Failed(e),
@@ -209,7 +224,11 @@ pub async fn run_batch(
     // Work the agent left in the worktree is never thrown away: commit and push it on the
     // thread's own branch before reporting.
     if !matches!(ending, Ending::Completed) {
-        save_work(&ctx, &steps, &batch, &mut progress).await;
+        let working: Vec<&Job> = batch
+            .iter()
+            .filter(|j| !progress.superseded.contains(&j.message_id))
+            .collect();
+        save_work(&ctx, &steps, &working, &mut progress).await;
     }
     let lead_received = batch[0].received_at;
     progress
@@ -254,7 +273,7 @@ impl StartedEvents {
 }
 
 /// The commands of a batch, as one request to the agent.
-fn batch_prompt(batch: &[Job]) -> String {
+fn batch_prompt(batch: &[&Job]) -> String {
     if batch.len() == 1 {
         return batch[0].request.command.clone();
     }
@@ -273,7 +292,7 @@ fn batch_prompt(batch: &[Job]) -> String {
         .join("\n\n")
 }
 
-fn batch_ids(batch: &[Job]) -> Vec<String> {
+fn batch_ids(batch: &[&Job]) -> Vec<String> {
     batch.iter().map(|j| j.message_id.clone()).collect()
 }
 
@@ -314,27 +333,50 @@ async fn execute(
             other => other?,
         }
     }
-    // A redelivered message whose agent run was already committed does not run again.
-    let earlier = ask(&steps.git, "git", |reply| GitMsg::CommitOfMessage {
-        branch: branch.clone(),
-        message_id: job.message_id.clone(),
-        reply,
-    })
-    .await??;
+    // Each message of the batch, one by one: already applied by an earlier delivery (its
+    // commit carries its trailer), superseded (sent before a newer message of the thread that
+    // has ended), or to be run now.
+    let mark = ctx
+        .delivery
+        .records
+        .thread_mark(&request.workspace(), &request.thread_id)
+        .await?;
+    let mut pending: Vec<&Job> = Vec::new();
+    let mut applied = 0;
+    for job in batch {
+        let earlier = ask(&steps.git, "git", |reply| GitMsg::CommitOfMessage {
+            branch: branch.clone(),
+            message_id: job.message_id.clone(),
+            reply,
+        })
+        .await??;
+        if let Some(commit) = earlier {
+            tracing::info!(message_id = %job.message_id, %commit, "message was already applied by an earlier delivery; not running the agent again");
+            progress.commit = Some(commit);
+            applied += 1;
+        } else if mark.is_some_and(|m| job.sent_at_ms < m.newest_sent_ms) {
+            tracing::warn!(message_id = %job.message_id, "a newer message of this thread has already ended; this older one is superseded and not applied");
+            progress.superseded.insert(job.message_id.clone());
+        } else {
+            pending.push(job);
+        }
+    }
     progress.time("prepare", t);
     started.sent().await;
+    if pending.is_empty() && applied == 0 {
+        // Nothing of this batch is to be applied: nothing to build or publish.
+        return Ok(());
+    }
 
-    let ran_agent = earlier.is_none();
-    if let Some(commit) = earlier {
-        tracing::info!(%commit, "message was already applied by an earlier delivery; not running the agent again");
-        progress.commit = Some(commit);
-    } else {
+    let ran_agent = !pending.is_empty();
+    if ran_agent {
+        progress.cost_payer = Some(pending[0].message_id.clone());
         // 2 and 3. The agent, then a commit of what it changed.
         agent_turn(
             ctx,
             steps,
-            batch,
-            batch_prompt(batch),
+            &pending,
+            batch_prompt(&pending),
             stop,
             progress,
             "request",
@@ -342,8 +384,8 @@ async fn execute(
         .await?;
         commit_turn(
             steps,
-            batch,
-            agent_commit_subject(&request.command),
+            &pending,
+            agent_commit_subject(&pending[0].request.command),
             progress,
         )
         .await?;
@@ -409,8 +451,8 @@ async fn execute(
                      keeping the requested change. The end of the build log:\n\n{log_tail}",
                     config.build_command.join(" ")
                 );
-                agent_turn(ctx, steps, batch, prompt, stop, progress, "build repair").await?;
-                commit_turn(steps, batch, "Claude: Fix the build".into(), progress).await?;
+                agent_turn(ctx, steps, &pending, prompt, stop, progress, "build repair").await?;
+                commit_turn(steps, &pending, "Claude: Fix the build".into(), progress).await?;
             }
             Err(e) => {
                 progress.time("build", t);
@@ -494,7 +536,7 @@ async fn execute(
 async fn agent_turn(
     ctx: &WorkerContext,
     steps: &Steps,
-    batch: &[Job],
+    batch: &[&Job],
     prompt: String,
     stop: &StopSignal,
     progress: &mut Progress,
@@ -522,7 +564,7 @@ async fn agent_turn(
 async fn agent_turn_inner(
     ctx: &WorkerContext,
     steps: &Steps,
-    batch: &[Job],
+    batch: &[&Job],
     prompt: String,
     stop: &StopSignal,
     progress: &mut Progress,
@@ -536,6 +578,11 @@ async fn agent_turn_inner(
         Some(r) => AgentSession::Resume(r.session_id.clone()),
         None => AgentSession::New(uuid::Uuid::new_v4().to_string()),
     };
+    // The thread's conversation is known before the run starts, so that an interrupted,
+    // crashed or failed run stays in it (the follow-up resumes it).
+    if let AgentSession::New(id) = &session {
+        record_new_conversation(&threads, &key, &job.request.thread_id, id).await;
+    }
     let _agent_slot = slot(&ctx.agent_slots, stop, || {
         JobError::Agent(AgentError::Interrupted)
     })
@@ -547,7 +594,7 @@ async fn agent_turn_inner(
         let reporter = tokio::spawn(
             report_progress(
                 ctx.delivery.clone(),
-                batch.iter().map(ProgressTarget::of).collect(),
+                batch.iter().map(|job| ProgressTarget::of(job)).collect(),
                 activity_rx,
                 ctx.config.progress_interval,
                 progress.progress_sent,
@@ -571,6 +618,9 @@ async fn agent_turn_inner(
             Err(AgentError::SessionNotFound(id)) => {
                 tracing::warn!(session = %id, "the thread's conversation is gone; starting a new one");
                 session = AgentSession::New(uuid::Uuid::new_v4().to_string());
+                if let AgentSession::New(id) = &session {
+                    record_new_conversation(&threads, &key, &job.request.thread_id, id).await;
+                }
             }
             other => break other,
         }
@@ -582,8 +632,9 @@ async fn agent_turn_inner(
         "agent run finished"
     );
     let report = match &outcome {
-        Ok(report) | Err(AgentError::Reported { report, .. }) => Some(report.clone()),
-        _ => None,
+        Ok(report) => Some(report.clone()),
+        // An interrupted or failed run that reported still spent its tokens.
+        Err(e) => e.report().cloned(),
     };
     if let Some(report) = &report {
         let session_id = report.session_id.clone().unwrap_or_else(|| match &session {
@@ -620,10 +671,26 @@ async fn agent_turn_inner(
     Ok(())
 }
 
+/// Record a new conversation as the thread's, with nothing spent yet.
+async fn record_new_conversation(
+    threads: &ThreadStore,
+    key: &crate::message::WorkspaceKey,
+    thread_id: &str,
+    session_id: &str,
+) {
+    let record = ThreadRecord {
+        session_id: session_id.to_owned(),
+        total_cost_usd: 0.0,
+    };
+    if let Err(e) = threads.save(key, thread_id, &record).await {
+        tracing::warn!(error = %e, "could not record the thread's conversation");
+    }
+}
+
 /// Commit what the agent changed as this batch's finished work.
 async fn commit_turn(
     steps: &Steps,
-    batch: &[Job],
+    batch: &[&Job],
     subject: String,
     progress: &mut Progress,
 ) -> Result<(), JobError> {
@@ -767,28 +834,34 @@ async fn push(
     pushed.map_err(JobError::Push)
 }
 
-/// Commit whatever the worktree holds as saved work and push it. Failures here are logged: the
-/// work then stays committed (or in the worktree) locally and is saved by the next job.
-async fn save_work(ctx: &WorkerContext, steps: &Steps, batch: &[Job], progress: &mut Progress) {
-    let body = format!("Saved while working on:\n\n{}", batch_prompt(batch));
+/// Commit whatever the worktree holds as saved work and push it. The push runs even when
+/// there was nothing new to commit: work stopped during the build was committed already, and
+/// must still reach the upstream. Failures here are logged: the work then stays committed (or
+/// in the worktree) locally and is saved by the next job.
+async fn save_work(ctx: &WorkerContext, steps: &Steps, working: &[&Job], progress: &mut Progress) {
+    let Some(lead) = working.first() else {
+        return;
+    };
+    let body = format!("Saved while working on:\n\n{}", batch_prompt(working));
     let t = Instant::now();
     let saved = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
         subject: SAVE_MESSAGE.into(),
         body,
-        message_ids: batch_ids(batch),
+        message_ids: batch_ids(working),
         finished: false,
         reply,
     })
     .await;
     progress.time("commit", t);
     match saved {
-        Ok(Ok(Some(commit))) => {
-            progress.commit = Some(commit);
-            if let Err(e) = push(ctx, steps, &batch[0].request.branch(), progress).await {
+        Ok(Ok(commit)) => {
+            if commit.is_some() {
+                progress.commit = commit;
+            }
+            if let Err(e) = push(ctx, steps, &lead.request.branch(), progress).await {
                 tracing::warn!(error = %e, "saved work not pushed");
             }
         }
-        Ok(Ok(None)) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "could not save unfinished work"),
         Err(e) => tracing::error!(error = %e, "could not save unfinished work"),
     }
@@ -804,7 +877,9 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
             &[opentelemetry::KeyValue::new("phase", phase.clone())],
         );
     }
+    let superseded = progress.superseded.contains(&job.message_id);
     let event_type = match ending {
+        _ if superseded => EventType::Interrupted,
         Ending::Completed => EventType::Completed,
         Ending::Stopped(StopReason::Interrupted) => EventType::Interrupted,
         Ending::Stopped(StopReason::Shutdown) => {
@@ -826,12 +901,28 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
     let mut event = StatusEvent::for_request(event_type, request, &job.message_id);
     event.trace_id = job.trace_id.clone();
     event.branch = Some(request.branch());
+    if superseded {
+        // Nothing ran for it: a newer message of its thread had already ended.
+        event.detail = Some(
+            "superseded: a newer message of this thread had already ended, so this request was not applied"
+                .into(),
+        );
+        report(ctx, job, event).await;
+        return;
+    }
     event.commit = progress.commit.clone();
     event.durations_ms = Some(progress.durations.clone());
     if let Some(agent) = &progress.agent {
         event.result = agent.result.clone();
     }
-    event.cost_usd = progress.cost_usd;
+    match (&progress.cost_payer, progress.cost_usd) {
+        (Some(payer), Some(cost)) if *payer == job.message_id => event.cost_usd = Some(cost),
+        (Some(payer), Some(_)) => {
+            event.cost_usd = Some(0.0);
+            event.cost_paid_by = Some(payer.clone());
+        }
+        _ => event.cost_usd = progress.cost_usd,
+    }
     if progress.turns > 0 {
         event.agent_turns = Some(progress.turns);
     }
@@ -860,18 +951,33 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
             }
         }
     }
+    // The thread has got this far: a message of it sent earlier that comes later is
+    // superseded, never applied on top of this one.
+    if let Err(e) = ctx
+        .delivery
+        .records
+        .raise_thread_mark(&request.workspace(), &request.thread_id, job.sent_at_ms)
+        .await
+    {
+        tracing::warn!(error = %e, "could not record how far the thread has got");
+    }
+    report(ctx, job, event).await;
+}
+
+/// Record, report and delete: the message has ended.
+async fn report(ctx: &WorkerContext, job: Job, event: StatusEvent) {
     crate::metrics::outcome(match event.event_type {
         EventType::Completed => "completed",
         EventType::Interrupted => "interrupted",
         _ => "failed",
     });
-    if let Err(e) = ctx.delivery.finish(&job.receipt_handle, &event).await {
+    if let Err(e) = ctx.delivery.finish(&job.receipt.current(), &event).await {
         tracing::error!(error = %e, message_id = %job.message_id, "message not finished; it will be delivered again");
     }
 }
 
 async fn release(ctx: &WorkerContext, job: &Job, delay: Duration, why: &str) {
-    if let Err(e) = ctx.delivery.release(&job.receipt_handle, delay).await {
+    if let Err(e) = ctx.delivery.release(&job.receipt.current(), delay).await {
         tracing::warn!(error = %e, why, "could not release message; it returns after its visibility timeout");
     }
 }

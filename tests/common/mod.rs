@@ -625,3 +625,212 @@ pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
             .build(),
     )
 }
+
+// ------------------------------------------------- the real Claude Code CLI (tests/real_cli.rs)
+
+/// The REAL Claude Code CLI, pinned in `tools/claude-code.version` and installed into
+/// `.tools/claude-code` by `scripts/test`, which exports its path.
+pub fn real_claude() -> PathBuf {
+    PathBuf::from(std::env::var("EDIT_WORKER_TEST_CLAUDE_BIN").expect(
+        "EDIT_WORKER_TEST_CLAUDE_BIN is not set: run the tests with `scripts/test`, which installs the pinned Claude Code CLI",
+    ))
+}
+
+/// `tools/fake-anthropic-api` for one test: a scripted Messages API on loopback that the real
+/// CLI talks to, and the log of every request it received.
+pub struct FakeApi {
+    pub url: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl FakeApi {
+    /// Start it in `dir`, with an optional script (see the tool's header for its format).
+    pub fn start(dir: &Path, script: Option<Value>) -> FakeApi {
+        use std::io::BufRead as _;
+        let log = dir.join("fake-api-requests.jsonl");
+        let mut cmd = Command::new(repo_root().join("tools/fake-anthropic-api"));
+        cmd.arg("--log").arg(&log);
+        if let Some(script) = script {
+            let path = dir.join("fake-api-script.json");
+            std::fs::write(&path, script.to_string()).unwrap();
+            cmd.arg("--script").arg(path);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("fake-api.err")).unwrap());
+        let mut child = cmd.spawn().expect("start tools/fake-anthropic-api");
+        let mut url = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut url)
+            .expect("the fake API prints its URL");
+        assert!(url.starts_with("http://127.0.0.1:"), "{url:?}");
+        FakeApi {
+            url: url.trim().to_owned(),
+            log,
+            child,
+        }
+    }
+
+    /// The worker settings that make it run the real CLI against this server.
+    pub fn worker_env(&self) -> Vec<(String, String)> {
+        [
+            ("CLAUDE_BIN", real_claude().display().to_string()),
+            ("ANTHROPIC_BASE_URL", self.url.clone()),
+            ("ANTHROPIC_API_KEY", "sk-ant-test-not-a-key".into()),
+            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The model requests of agent conversations (`POST /v1/messages` with tools), in order.
+    pub fn turns(&self) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|r| {
+                r["method"] == "POST"
+                    && r["path"].as_str().unwrap_or("").starts_with("/v1/messages")
+                    && !r["path"].as_str().unwrap_or("").contains("count_tokens")
+                    && r["body"]["tools"].as_array().is_some_and(|t| !t.is_empty())
+            })
+            .collect()
+    }
+
+    /// The model requests whose current prompt contains `text`.
+    pub fn turns_for(&self, text: &str) -> Vec<Value> {
+        self.turns()
+            .into_iter()
+            .filter(|r| r["prompt"].as_str().is_some_and(|p| p.contains(text)))
+            .collect()
+    }
+
+    /// Wait until `count` model requests for a prompt containing `text` have arrived.
+    pub fn wait_for_turns(&self, text: &str, count: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.turns_for(text);
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the fake API saw {} of {count} requests for {text:?}",
+                found.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The whole conversation a model request carried, as text (for `contains` checks).
+pub fn conversation_text(request: &Value) -> String {
+    request["body"]["messages"].to_string()
+}
+
+/// `(&str, &str)` pairs for `start_worker` from owned ones.
+pub fn env_pairs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// Processes whose working directory is `dir` (the agent of a workspace), by pid.
+pub fn pids_working_in(dir: &Path) -> Vec<u32> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+impl TestEnv {
+    /// Push `branch` to the upstream of `client/project`: `main` with `files` (path relative
+    /// to the site, content) written and committed on top.
+    pub fn push_branch_with(
+        &self,
+        client: &str,
+        project: &str,
+        branch: &str,
+        files: &[(&str, &[u8])],
+    ) {
+        let seed = self
+            .dir
+            .path()
+            .join(format!("branch-{client}-{project}-{branch}"));
+        let upstream = self.upstream(client, project);
+        git(
+            self.dir.path(),
+            &[
+                "clone",
+                "--quiet",
+                upstream.to_str().unwrap(),
+                seed.to_str().unwrap(),
+            ],
+        );
+        git(&seed, &["checkout", "--quiet", "-b", branch]);
+        for (path, content) in files {
+            let target = seed.join(path);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::write(target, content).unwrap();
+        }
+        git(&seed, &["add", "-A"]);
+        git(
+            &seed,
+            &["commit", "--quiet", "-m", &format!("Test branch {branch}")],
+        );
+        git(&seed, &["push", "--quiet", "origin", branch]);
+        std::fs::remove_dir_all(&seed).unwrap();
+    }
+}
+
+/// Give the owner write permission on every folder under `dir` (not following symlinks), so
+/// that a tree with read-only parts (the shared npm store) can be removed by a user who is
+/// not root.
+pub fn make_removable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&d) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let _ = std::fs::set_permissions(
+            &d,
+            std::fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
+        );
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+}
