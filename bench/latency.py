@@ -1,0 +1,259 @@
+"""Edit-to-live latency (issue 15): what a client feels, from sending a request to the edit being
+live, with dependencies from the shared store (INSTALL_MODE=shared) against today's per-workspace
+`npm ci` (INSTALL_MODE=per-workspace), side by side in one run. Figures are printed, not asserted.
+
+  1. first message into a fresh workspace of the sample Astro site, agent 0 s; the shared store
+     is warm (another workspace of the same lock file installed before the samples);
+  2. a second message into the same workspace (warm), agent 0 s;
+  3. (CASES=1,2,3) the README's realistic run: 20 clients of one lock file, real Astro build,
+     agent 10 s, sent at once through `edit-worker loadgen`: p50 / p95 / max.
+
+The two workers run at the same time on queues of their own and take turns sample by sample, so
+that the machine's drift (other builds on these 2 cores) falls on both alike. A sample is timed
+from just before SendMessage to the arrival of its `completed` status event, which the worker
+sends after the publish and the push. Median and p95 are nearest-rank over the samples.
+
+Run with: scripts/bench latency, or directly:
+  source scripts/lib.sh; ensure_moto; start_moto
+  MOTO_ENDPOINT=$MOTO_ENDPOINT .venv/bin/python bench/latency.py
+Settings: WORKER_BIN (default target/release/edit-worker), SAMPLES (default 5), CASES (default
+1,2), CLIENTS for case 3 (default 20), MODES (default shared,per-workspace).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import boto3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENDPOINT = os.environ["MOTO_ENDPOINT"]
+WORKER = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target/release/edit-worker"))
+SAMPLES = int(os.environ.get("SAMPLES", "5"))
+CASES = set(os.environ.get("CASES", "1,2").split(","))
+CLIENTS = int(os.environ.get("CLIENTS", "20"))
+MODES = os.environ.get("MODES", "shared,per-workspace").split(",")
+KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
+          aws_secret_access_key="testing")
+sqs = boto3.client("sqs", **KW)
+s3 = boto3.client("s3", **KW)
+BASE = tempfile.mkdtemp(prefix="bench-latency-")
+RUN = f"{os.getpid()}-{int(time.time())}"
+SEED = None
+
+
+def log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
+                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
+
+
+def seed():
+    """One bare repository of the sample Astro site; every workspace's upstream is a copy."""
+    global SEED
+    if SEED is None:
+        bare = os.path.join(BASE, "seed.git")
+        work = os.path.join(BASE, "seed")
+        shutil.copytree(os.path.join(ROOT, "tests/fixtures/astro-site"), work,
+                        ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
+        git(work, "init", "--quiet", "--initial-branch=main")
+        git(work, "add", "-A")
+        git(work, "commit", "--quiet", "-m", "init")
+        git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", bare)
+        git(work, "push", "--quiet", bare, "main")
+        SEED = bare
+    return SEED
+
+
+class Worker:
+    """One `edit-worker run` with its own queues, workspaces, upstreams and buckets."""
+
+    def __init__(self, tag, extra):
+        self.tag = f"{tag}-{RUN}"
+        self.dir = os.path.join(BASE, tag)
+        self.upstream = os.path.join(self.dir, "upstream")
+        os.makedirs(self.upstream)
+        self.q = {n: sqs.create_queue(QueueName=f"lat-{self.tag}-{n}")["QueueUrl"] for n in ("in", "out")}
+        self.log = os.path.join(self.dir, "worker.log")
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+               "INPUT_QUEUE_URL": self.q["in"], "OUTPUT_QUEUE_URL": self.q["out"],
+               "WORKSPACE_ROOT": os.path.join(self.dir, "ws"),
+               "GIT_REMOTE_TEMPLATE": os.path.join(self.upstream, "{clientId}/{projectId}.git"),
+               "BUCKET_TEMPLATE": self.bucket("{clientId}"),
+               "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
+               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "ASTRO_TELEMETRY_DISABLED": "1",
+               "RUST_LOG": "warn,edit_worker_actors::npm_store=info,edit_worker_actors::build=info",
+               "PROGRESS_INTERVAL_SECONDS": "60", **extra}
+        if "npm_config_cache" in os.environ:
+            env["npm_config_cache"] = os.environ["npm_config_cache"]
+        self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "w"))
+
+    def bucket(self, client):
+        return f"edit.{client}.{self.tag}.bench"
+
+    def workspace(self, client, project="p1"):
+        """A fresh upstream (and bucket) for client/project; its workspace is cloned on first use."""
+        shutil.copytree(seed(), os.path.join(self.upstream, client, f"{project}.git"))
+        s3.create_bucket(Bucket=self.bucket(client))
+
+    def edit(self, client, text, project="p1", thread="t"):
+        """Send one request; wait for its terminal event. Returns (seconds, event)."""
+        body = json.dumps({"sessionId": f"s-{thread}", "threadId": thread, "clientId": client,
+                           "projectId": project,
+                           "command": f"Update the homepage title to \"{text}\""})
+        started = time.monotonic()
+        mid = sqs.send_message(QueueUrl=self.q["in"], MessageBody=body)["MessageId"]
+        deadline = started + 600
+        while time.monotonic() < deadline:
+            got = sqs.receive_message(QueueUrl=self.q["out"], MaxNumberOfMessages=10, WaitTimeSeconds=2)
+            for m in got.get("Messages", []):
+                sqs.delete_message(QueueUrl=self.q["out"], ReceiptHandle=m["ReceiptHandle"])
+                event = json.loads(m["Body"])
+                if event.get("messageId") == mid and event.get("type") in (
+                        "completed", "failed", "interrupted", "rejected"):
+                    elapsed = time.monotonic() - started
+                    if event["type"] != "completed":
+                        raise SystemExit(f"{self.tag}: {client} ended {event['type']}: {event.get('error')}"
+                                         f"\n(worker log: {self.log})")
+                    return elapsed, event
+        raise SystemExit(f"{self.tag}: no terminal event for {client} in 600 s (worker log: {self.log})")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+    def link_ms(self):
+        """Each build's store check (before and after) plus linking, from the worker's log."""
+        return [int(v) for v in re.findall(r"link_ms=(\d+)", open(self.log).read())]
+
+
+def remove_all(path):
+    """The store's entries are read-only: give folders back their owner's write bit first."""
+    for d, dirs, _ in os.walk(path):
+        for name in dirs:
+            full = os.path.join(d, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pct(values, p):
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+def phase_median(events, phase):
+    vals = [e.get("durationsMs", {}).get(phase) for e in events]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    return f"{pct(vals, 50) / 1000:.1f}"
+
+
+def cases_1_and_2():
+    workers = {m: Worker(f"c12-{m}", {"INSTALL_MODE": m, "BUILD_CONCURRENCY": "2"}) for m in MODES}
+    first = {m: [] for m in MODES}
+    second = {m: [] for m in MODES}
+    try:
+        # Warm-up, both modes alike: one workspace each, so that the store holds the lock file's
+        # entry (shared) and the npm cache and the disk cache are warm (both).
+        for m, w in workers.items():
+            w.workspace("warm")
+            secs, ev = w.edit("warm", "Warm-up")
+            log(f"  warm-up {m}: {secs:.1f} s (install {ev['durationsMs'].get('install', '-')} ms)")
+        for i in range(SAMPLES):
+            for m, w in workers.items():
+                client = f"lat{i}"
+                w.workspace(client)
+                first[m].append(w.edit(client, f"First {i}"))
+                if "2" in CASES:
+                    second[m].append(w.edit(client, f"Second {i}"))
+                log(f"  sample {i + 1}/{SAMPLES} {m}: first {first[m][-1][0]:.1f} s"
+                    + (f", second {second[m][-1][0]:.1f} s" if "2" in CASES else ""))
+    finally:
+        for w in workers.values():
+            w.stop()
+    links = workers["shared"].link_ms() if "shared" in workers else []
+    if links:
+        print(f"shared store: check before and after the build plus linking, per build: median "
+              f"{pct(links, 50)} ms, p95 {pct(links, 95)} ms, max {max(links)} ms ({len(links)} builds)")
+    rows = []
+    for case, label, data in (("1", "1. first message, fresh workspace, agent 0 s", first),
+                              ("2", "2. second message, same workspace, agent 0 s", second)):
+        if case not in CASES:
+            continue
+        for m in MODES:
+            secs = [s for s, _ in data[m]]
+            events = [e for _, e in data[m]]
+            rows.append((label, m, len(secs), f"{pct(secs, 50):.1f} s", f"{pct(secs, 95):.1f} s",
+                         phase_median(events, "install"), phase_median(events, "build"),
+                         phase_median(events, "publish"), phase_median(events, "total")))
+    return rows
+
+
+def case_3():
+    """The README's realistic run through loadgen: CLIENTS clients of one lock file at once."""
+    rows = []
+    for m in MODES:
+        w = Worker(f"c3-{m}", {"INSTALL_MODE": m})
+        for c in range(1, CLIENTS + 1):
+            w.workspace(f"load-c{c}")
+        report = os.path.join(w.dir, "report.json")
+        env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "INPUT_QUEUE_URL": w.q["in"], "OUTPUT_QUEUE_URL": w.q["out"], "RUST_LOG": "warn"}
+        out = subprocess.run([WORKER, "loadgen", "--clients", str(CLIENTS), "--projects", "1",
+                              "--threads", "1", "--messages", str(CLIENTS), "--wait", "900",
+                              "--command", "[standin:sleep 10] Update the homepage title to \"Load {n}\"",
+                              "--report", report], env=env, capture_output=True, text=True)
+        w.stop()
+        if out.returncode != 0:
+            raise SystemExit(out.stderr)
+        r = json.load(open(report))
+        lat = r["latencyMs"]
+        log(f"  case 3 {m}: p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
+        phases = r.get("phasesMs", {})
+        done = r["terminal"].get("completed", 0) if isinstance(r["terminal"], dict) else r["terminal"]
+        rows.append((f"3. {CLIENTS} clients at once, one lock file, agent 10 s", m, f"{done} completed",
+                     f"{lat['p50'] / 1000:.1f} s", f"{lat['p95'] / 1000:.1f} s / max {lat['max'] / 1000:.1f} s",
+                     f"{phases['install']['p50'] / 1000:.1f}" if "install" in phases else "-",
+                     f"{phases['build']['p50'] / 1000:.1f}" if "build" in phases else "-",
+                     f"{phases['publish']['p50'] / 1000:.1f}" if "publish" in phases else "-", "-"))
+    return rows
+
+
+def main():
+    if not os.path.exists(WORKER):
+        raise SystemExit(f"no worker binary at {WORKER}: build it (cargo build --release) or set WORKER_BIN")
+    rows = []
+    if CASES & {"1", "2"}:
+        log(f"cases 1 and 2: {SAMPLES} samples per mode, modes {', '.join(MODES)}")
+        rows += cases_1_and_2()
+    if "3" in CASES:
+        log(f"case 3: {CLIENTS} clients per mode")
+        rows += case_3()
+    print()
+    print("send to live (the `completed` event); phase columns: median of durationsMs, seconds")
+    print("| case | install mode | samples | median | p95 | install | build | publish | worker total |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    remove_all(BASE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+//! Issue 15: one install per lock file, not per workspace. With the real Astro site: two
+//! workspaces of one lock file install once and both publish; a changed lock file installs
+//! again; a half-written or changed store entry is never used; a build cannot change what
+//! another site's build loads.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Site, TestEnv, event_of, make_removable};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(360);
+const INSTALLED: &str = "installed dependencies into the shared store";
+
+fn store_dir(env: &TestEnv) -> PathBuf {
+    env.workspace_root().join(".cache/npm-store")
+}
+
+fn fixture_lock() -> Vec<u8> {
+    std::fs::read(common::repo_root().join("tests/fixtures/astro-site/package-lock.json")).unwrap()
+}
+
+/// The store's complete entries (folders with their completion marker).
+fn complete_entries(store: &Path) -> Vec<String> {
+    let mut keys: Vec<String> = std::fs::read_dir(store)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .filter(|e| e.path().join(".complete").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+fn installed(event: &Value) -> bool {
+    event["durationsMs"]["install"].is_u64()
+}
+
+async fn live_title(env: &TestEnv, client: &str) -> String {
+    let contents = env.bucket_contents(&env.bucket(client)).await;
+    let (_, body) = contents
+        .get("index.html")
+        .unwrap_or_else(|| panic!("no index.html in {client}'s bucket: {:?}", contents.keys()));
+    let html = String::from_utf8_lossy(body);
+    let start = html.find("<title>").expect("a title") + "<title>".len();
+    let end = html[start..].find("</title>").unwrap() + start;
+    html[start..end].to_owned()
+}
+
+async fn world(name: &str, clients: &[&str]) -> TestEnv {
+    let env = TestEnv::new(name).await;
+    for client in clients {
+        env.create_bucket(&env.bucket(client)).await;
+        env.create_upstream(client, "site", Site::Astro);
+    }
+    env
+}
+
+async fn completed(env: &TestEnv, id: &str) -> Value {
+    let events = env.wait_for(id, "completed", WAIT).await;
+    event_of(&events, id, "completed").clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workspaces_of_one_lock_file_install_once_and_a_changed_lock_file_again() {
+    let mut env = world("shared-install", &["alpha", "beta"]).await;
+    env.start_worker(&[("BUILD_CONCURRENCY", "2")]);
+
+    // Two fresh workspaces of one lock file at once: one install, the other waits for it.
+    let a1 = env
+        .send(
+            "alpha",
+            "site",
+            "t",
+            "Update the homepage title to \"Alpha one\"",
+        )
+        .await;
+    let b1 = env
+        .send(
+            "beta",
+            "site",
+            "t",
+            "Update the homepage title to \"Beta one\"",
+        )
+        .await;
+    let events = env.events_until_terminal(2, WAIT).await;
+    let (a1, b1) = (
+        event_of(&events, &a1, "completed"),
+        event_of(&events, &b1, "completed"),
+    );
+    assert_eq!(
+        [installed(a1), installed(b1)]
+            .iter()
+            .filter(|i| **i)
+            .count(),
+        1,
+        "exactly one of the two installs: {a1}\n{b1}"
+    );
+    assert_eq!(
+        env.worker_log().matches(INSTALLED).count(),
+        1,
+        "{}",
+        env.worker_log()
+    );
+    assert_eq!(live_title(&env, "alpha").await, "Alpha one");
+    assert_eq!(live_title(&env, "beta").await, "Beta one");
+    let store = store_dir(&env);
+    let entries = complete_entries(&store);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    // The workspace links the entry; the entry is read-only.
+    let ws = env.workspace_root().join("beta/site/node_modules");
+    assert_eq!(
+        std::fs::read_link(ws.join("astro")).unwrap(),
+        store.join(&entries[0]).join("node_modules/astro")
+    );
+    assert!(
+        ws.join(".vite").is_dir() || ws.join(".astro").is_dir(),
+        "the build's caches are the workspace's own"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    for path in [
+        "node_modules/astro/package.json",
+        "node_modules/astro",
+        "node_modules",
+    ] {
+        let mode = std::fs::metadata(store.join(&entries[0]).join(path))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o222, 0, "{path} is writable: {mode:o}");
+    }
+
+    // A changed lock file (same dependencies, other bytes) installs once more.
+    let mut lock = fixture_lock();
+    lock.extend_from_slice(b"\n");
+    env.push_branch_with(
+        "beta",
+        "site",
+        "thread-lock",
+        &[("package-lock.json", &lock)],
+    );
+    let b2 = env
+        .send(
+            "beta",
+            "site",
+            "lock",
+            "Update the homepage title to \"Beta two\"",
+        )
+        .await;
+    let b2 = completed(&env, &b2).await;
+    assert!(installed(&b2), "{b2}");
+    assert_eq!(env.worker_log().matches(INSTALLED).count(), 2);
+    assert_eq!(complete_entries(&store).len(), 2);
+    assert_eq!(live_title(&env, "beta").await, "Beta two");
+
+    // And the first lock file's workspace is still served from its entry: no install.
+    let a2 = env
+        .send(
+            "alpha",
+            "site",
+            "t",
+            "Update the homepage title to \"Alpha two\"",
+        )
+        .await;
+    let a2 = completed(&env, &a2).await;
+    assert!(!installed(&a2), "{a2}");
+    assert_eq!(env.worker_log().matches(INSTALLED).count(), 2);
+    assert_eq!(live_title(&env, "alpha").await, "Alpha two");
+    env.stop_worker();
+    make_removable(env.dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_written_or_changed_entry_is_never_used() {
+    let mut env = world("store-crash", &["gamma"]).await;
+    // What a crash in the middle of an install would leave under the entry's own name: files,
+    // no completion marker. Its `astro` is broken, so a build that used it would fail.
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let major = String::from_utf8_lossy(&node.stdout)
+        .trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .unwrap()
+        .to_owned();
+    let key = edit_worker_actors::npm_store::store_key(&fixture_lock(), None, &major);
+    let entry = store_dir(&env).join(&key);
+    std::fs::create_dir_all(entry.join("node_modules/astro")).unwrap();
+    std::fs::write(entry.join("node_modules/astro/package.json"), "{}").unwrap();
+    std::fs::write(entry.join("package-lock.json"), fixture_lock()).unwrap();
+    env.start_worker(&[]);
+
+    let g1 = env
+        .send(
+            "gamma",
+            "site",
+            "t",
+            "Update the homepage title to \"Gamma one\"",
+        )
+        .await;
+    let g1 = completed(&env, &g1).await;
+    assert!(installed(&g1), "the half-written entry was used: {g1}");
+    assert_eq!(
+        complete_entries(&store_dir(&env)),
+        std::slice::from_ref(&key)
+    );
+    let astro = std::fs::read_to_string(entry.join("node_modules/astro/package.json")).unwrap();
+    assert!(astro.contains("\"name\": \"astro\""), "{astro}");
+    assert_eq!(live_title(&env, "gamma").await, "Gamma one");
+
+    // A write into the entry after its install (here by a process that is allowed to write,
+    // as root is) is noticed before the next use: the entry is installed again.
+    let planted = entry.join("node_modules/astro/TAMPERED");
+    if std::fs::write(&planted, "tampered").is_err() {
+        // Not root: the store is read-only to us too; open it up as an attacker would need to.
+        make_removable(&entry);
+        std::fs::write(&planted, "tampered").unwrap();
+    }
+    let g2 = env
+        .send(
+            "gamma",
+            "site",
+            "t",
+            "Update the homepage title to \"Gamma two\"",
+        )
+        .await;
+    let g2 = completed(&env, &g2).await;
+    assert!(installed(&g2), "the changed entry was used: {g2}");
+    assert!(!planted.exists());
+    assert_eq!(complete_entries(&store_dir(&env)), [key]);
+    assert_eq!(live_title(&env, "gamma").await, "Gamma two");
+    env.stop_worker();
+    make_removable(env.dir.path());
+}
+
+/// A site config that tries to write into its dependencies: through `node_modules` that is
+/// the shared store.
+const TAMPERING_CONFIG: &str = r#"import { defineConfig } from 'astro/config';
+import fs from 'node:fs';
+import path from 'node:path';
+
+try {
+  fs.writeFileSync(path.join(process.cwd(), 'node_modules/astro/TAMPERED'), 'tampered');
+} catch {}
+
+export default defineConfig({ output: 'static' });
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_cannot_change_what_another_sites_build_loads() {
+    let mut env = world("store-tamper", &["mallory", "victim"]).await;
+    env.push_branch_with(
+        "mallory",
+        "site",
+        "thread-evil",
+        &[("astro.config.mjs", TAMPERING_CONFIG.as_bytes())],
+    );
+    env.start_worker(&[]);
+    let store = store_dir(&env);
+    let tampered = |store: &Path| {
+        complete_entries(store)
+            .iter()
+            .any(|k| store.join(k).join("node_modules/astro/TAMPERED").exists())
+    };
+
+    let evil = env
+        .send(
+            "mallory",
+            "site",
+            "evil",
+            "Update the homepage title to \"Mine\"",
+        )
+        .await;
+    let events = env.events_until_terminal(1, WAIT).await;
+    let end = events
+        .iter()
+        .find(|e| e["messageId"] == evil.as_str() && common::is_terminal(e))
+        .unwrap_or_else(|| panic!("no end for {evil}: {events:#?}\n{}", env.worker_log()));
+    match end["type"].as_str() {
+        // The store refused the write (a build that is not the store's owner).
+        Some("completed") => {}
+        // The write went through (same user as the worker, or root) and was caught.
+        Some("failed") => {
+            assert_eq!(end["error"]["kind"], "build_failed", "{end}");
+            let message = end["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("shared dependencies"), "{message}");
+        }
+        _ => panic!("unexpected end: {end}"),
+    }
+    assert!(!tampered(&store), "the write stayed in the store");
+
+    let v = env
+        .send(
+            "victim",
+            "site",
+            "t",
+            "Update the homepage title to \"Untouched\"",
+        )
+        .await;
+    let v = completed(&env, &v).await;
+    assert!(!tampered(&store), "{v}");
+    assert_eq!(complete_entries(&store).len(), 1);
+    assert_eq!(live_title(&env, "victim").await, "Untouched");
+    env.stop_worker();
+    make_removable(env.dir.path());
+}
