@@ -277,3 +277,30 @@ async fn loadgen_accounts_for_every_message() {
             .all(|e| !is_terminal(e))
     );
 }
+
+/// `durationsMs.queued`: the time a message waited for an agent slot, apart from its work.
+/// With one agent slot, the second of two messages (of two workspaces) waits for the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn time_waiting_for_a_slot_is_reported_as_queued() {
+    let mut env = TestEnv::new("queued").await;
+    for client in ["qa", "qb"] {
+        env.create_bucket(&env.bucket(client)).await;
+        env.create_upstream(client, "site", Site::Tiny);
+    }
+    env.start_worker(&[("AGENT_CONCURRENCY", "1")]);
+    let first = env.send("qa", "site", "t", "[standin:sleep 3]").await;
+    env.wait_for(&first, "started", Duration::from_secs(30))
+        .await;
+    let second = env.send("qb", "site", "t", "[standin:write q.txt q]").await;
+    let events = env
+        .wait_for(&second, "completed", Duration::from_secs(60))
+        .await;
+    let done = common::event_of(&events, &second, "completed");
+    let queued = done["durationsMs"]["queued"].as_u64().unwrap_or(0);
+    assert!(queued >= 1000, "waited for the first agent: {done:#}");
+    assert!(
+        done["durationsMs"]["agent"].as_u64().unwrap() < queued,
+        "{done:#}"
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}

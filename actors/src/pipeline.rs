@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{ActorRef, RpcReplyPort, rpc::CallResult};
+use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, info_span};
 
@@ -31,6 +32,9 @@ pub struct WorkerContext {
     agent_slots: Arc<tokio::sync::Semaphore>,
     /// Builds at once (`BUILD_CONCURRENCY`, CPU-bound).
     build_slots: Arc<tokio::sync::Semaphore>,
+    /// The build as the build actors run it; its dependency store is the one they share, so
+    /// that installing ahead of a build (while the agent runs) installs each lock file once.
+    build: crate::build::BuildSpec,
 }
 
 impl WorkerContext {
@@ -38,9 +42,11 @@ impl WorkerContext {
         config: WorkerConfig,
         delivery: Delivery,
         invalidator: Option<crate::invalidate::Invalidator>,
+        build: crate::build::BuildSpec,
     ) -> WorkerContext {
         WorkerContext {
             invalidator,
+            build,
             agent_slots: Arc::new(tokio::sync::Semaphore::new(config.agent_concurrency.max(1))),
             build_slots: Arc::new(tokio::sync::Semaphore::new(config.build_concurrency.max(1))),
             config,
@@ -51,15 +57,26 @@ impl WorkerContext {
 
 /// Wait for a slot of `slots`, unless the job is stopped first (an interrupt must not wait
 /// for another client's work to end).
+/// Time spent waiting is added to `durationsMs.queued`, apart from the work.
 async fn slot(
     slots: &Arc<tokio::sync::Semaphore>,
     stop: &StopSignal,
+    progress: &mut Progress,
     stopped: impl FnOnce() -> JobError,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, JobError> {
-    tokio::select! {
-        permit = slots.clone().acquire_owned() => Ok(permit.expect("semaphore never closed")),
-        _ = stop.token().cancelled() => Err(stopped()),
+    let asked = Instant::now();
+    let permit = match slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            _ = stop.token().cancelled() => return Err(stopped()),
+        },
+    };
+    let waited = asked.elapsed().as_millis() as u64;
+    if waited > 0 {
+        *progress.durations.entry("queued".into()).or_default() += waited;
     }
+    Ok(permit)
 }
 
 /// A session's step actors, as the job sees them.
@@ -369,6 +386,18 @@ async fn execute(
     }
 
     let ran_agent = !pending.is_empty();
+    // The dependencies install while the agent works, outside the build slots: the build then
+    // only checks and links them. Not stopped by an interrupt: the newer work needs them too.
+    let mut prefetch = ran_agent.then(|| {
+        let spec = ctx.build.clone();
+        let dir = workspace_dir.clone();
+        tokio::spawn(
+            async move {
+                crate::build::prefetch_dependencies(&spec, &dir, &CancellationToken::new()).await
+            }
+            .in_current_span(),
+        )
+    });
     if ran_agent {
         progress.cost_payer = Some(pending[0].message_id.clone());
         // 2 and 3. The agent, then a commit of what it changed.
@@ -409,7 +438,18 @@ async fn execute(
             return push(ctx, steps, &branch, progress).await;
         }
         // Phases count from the slot on: time spent waiting for one is not the build's.
-        let build_slot = slot(&ctx.build_slots, stop, || {
+        if let Some(prefetch) = prefetch.take() {
+            // The dependencies were being installed while the agent ran.
+            match prefetch.await {
+                Ok(Ok(Some(ms))) => *progress.durations.entry("install".into()).or_default() += ms,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "installing ahead of the build failed; the build installs")
+                }
+                Err(e) => tracing::warn!(error = %e, "the install ahead of the build ended early"),
+            }
+        }
+        let build_slot = slot(&ctx.build_slots, stop, progress, || {
             JobError::Build(BuildError::Cancelled)
         })
         .await?;
@@ -583,7 +623,7 @@ async fn agent_turn_inner(
     if let AgentSession::New(id) = &session {
         record_new_conversation(&threads, &key, &job.request.thread_id, id).await;
     }
-    let _agent_slot = slot(&ctx.agent_slots, stop, || {
+    let _agent_slot = slot(&ctx.agent_slots, stop, progress, || {
         JobError::Agent(AgentError::Interrupted)
     })
     .await?;

@@ -86,6 +86,7 @@ pub async fn run(
         config,
         delivery,
         cloudfront.map(crate::invalidate::Invalidator::new),
+        build.clone(),
     ));
     let (supervisor, supervisor_done) = Actor::spawn(
         None,
