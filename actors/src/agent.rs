@@ -407,6 +407,35 @@ pub enum AgentActivity {
     },
 }
 
+/// Lines of a stream, decoded lossily: a byte of invalid UTF-8 (a tool's output echoed by the
+/// agent) costs that character, not the rest of the run. Cancel-safe in `select!`: a partly
+/// read line stays in the buffer for the next call.
+struct LossyLines<R> {
+    reader: BufReader<R>,
+    buf: Vec<u8>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> LossyLines<R> {
+    fn new(stream: R) -> Self {
+        LossyLines {
+            reader: BufReader::new(stream),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        let read = self.reader.read_until(b'\n', &mut self.buf).await?;
+        if read == 0 && self.buf.is_empty() {
+            return Ok(None);
+        }
+        let line = String::from_utf8_lossy(&self.buf)
+            .trim_end_matches(['\n', '\r'])
+            .to_owned();
+        self.buf.clear();
+        Ok(Some(line))
+    }
+}
+
 /// Run the agent on `prompt` in `cwd`. `cancel` stops it (the in-band interrupt, then SIGINT,
 /// then SIGKILL); `on_activity` sees what it does as it happens.
 pub async fn run_agent(
@@ -635,7 +664,7 @@ async fn run_once(
     };
     let stderr = child.stderr.take().expect("stderr is piped");
     let stderr_task = tokio::spawn(read_tail(stderr));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let mut lines = LossyLines::new(child.stdout.take().expect("stdout is piped"));
 
     let deadline = Instant::now() + spec.timeout;
     let mut last_output = Instant::now();
@@ -1442,5 +1471,21 @@ mod tests {
         assert_eq!(report.result.as_deref(), Some("resumed"));
         let args = std::fs::read_to_string(dir.path().join("args.txt")).unwrap();
         assert!(args.contains("--resume s-1"), "{args}");
+    }
+
+    #[tokio::test]
+    async fn lines_with_invalid_utf8_are_read_lossily_and_reading_goes_on() {
+        let input: &[u8] = b"{\"a\":1}\n\xff\xfe broken\nlast without newline";
+        let mut lines = LossyLines::new(input);
+        assert_eq!(lines.next_line().await.unwrap().unwrap(), "{\"a\":1}");
+        assert_eq!(
+            lines.next_line().await.unwrap().unwrap(),
+            "\u{fffd}\u{fffd} broken"
+        );
+        assert_eq!(
+            lines.next_line().await.unwrap().unwrap(),
+            "last without newline"
+        );
+        assert_eq!(lines.next_line().await.unwrap(), None);
     }
 }
