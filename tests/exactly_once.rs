@@ -352,56 +352,17 @@ async fn a_burst_over_the_share_burns_no_receives() {
         .unwrap()
         .queue_url
         .unwrap();
-    let arn = env
-        .sqs
-        .get_queue_attributes()
-        .queue_url(&redrive)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
-        .clone();
-    env.sqs
-        .set_queue_attributes()
-        .queue_url(&env.input)
-        .attributes(
-            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
-            serde_json::json!({"deadLetterTargetArn": arn, "maxReceiveCount": "3"}).to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
+    env.redrive_input(&redrive, 3).await;
     env.start_worker(&[("MAX_HELD_PER_WORKSPACE", "4")]);
-    let mut sent = Vec::new();
-    for chunk in 0..5 {
-        let entries: Vec<_> = (0..10)
-            .map(|i| {
-                let n = chunk * 10 + i;
-                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
-                    .id(format!("m{n}"))
-                    .message_body(
-                        serde_json::json!({
-                            "sessionId": "s", "threadId": format!("t{}", n % 5), "clientId": "eve",
-                            "projectId": "site", "command": format!("[standin:write b/{n}.txt {n}] [standin:sleep 1]"),
-                        })
-                        .to_string(),
-                    )
-                    .build()
-                    .unwrap()
+    let bodies: Vec<Value> = (0..50)
+        .map(|n| {
+            serde_json::json!({
+                "sessionId": "s", "threadId": format!("t{}", n % 5), "clientId": "eve",
+                "projectId": "site", "command": format!("[standin:write b/{n}.txt {n}] [standin:sleep 1]"),
             })
-            .collect();
-        let out = env
-            .sqs
-            .send_message_batch()
-            .queue_url(&env.input)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .unwrap();
-        sent.extend(out.successful().iter().map(|s| s.message_id().to_owned()));
-    }
+        })
+        .collect();
+    let sent = env.send_batch(&bodies).await;
     let events = env
         .events_until_terminal(50, Duration::from_secs(180))
         .await;
@@ -621,13 +582,16 @@ async fn a_coalesced_batch_reports_its_cost_once() {
     let busy = env.send("jay", "site", "x", "[standin:sleep 30]").await;
     env.wait_for(&busy, "started", Duration::from_secs(30))
         .await;
-    let mut burst = Vec::new();
-    for i in 0..3 {
-        burst.push(
-            env.send("jay", "site", "t", &format!("[standin:write c{i}.txt {i}]"))
-                .await,
-        );
-    }
+    // Three messages of one thread, arriving together behind the busy one: one batch.
+    let bodies: Vec<Value> = (0..3)
+        .map(|i| {
+            serde_json::json!({
+                "sessionId": "s", "threadId": "t", "clientId": "jay", "projectId": "site",
+                "command": format!("[standin:write c{i}.txt {i}]"),
+            })
+        })
+        .collect();
+    let burst = env.send_batch(&bodies).await;
     let events = env.events_until_terminal(4, Duration::from_secs(60)).await;
     let ends: Vec<&Value> = burst
         .iter()

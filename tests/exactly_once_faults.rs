@@ -403,27 +403,7 @@ async fn every_request_ends_once_and_applies_in_send_order_through_a_faulty_sqs(
     }
     // A dead-letter queue after 5 receives, as production has: a message that burns its
     // receives (deferrals, redeliveries) ends there without a terminal event.
-    let dlq_arn = env
-        .sqs
-        .get_queue_attributes()
-        .queue_url(&env.dlq)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
-        .clone();
-    env.sqs
-        .set_queue_attributes()
-        .queue_url(&env.input)
-        .attributes(
-            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
-            serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}).to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
+    env.redrive_input(&env.dlq, 5).await;
     let input_name = env.input.rsplit('/').next().unwrap().to_owned();
     let mut proxy = FaultProxy::start(&common::endpoint(), env.dir.path(), &input_name);
     env.start_worker(&[

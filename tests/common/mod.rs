@@ -834,3 +834,63 @@ pub fn make_removable(dir: &Path) {
         }
     }
 }
+
+impl TestEnv {
+    /// Put JSON bodies on the input queue, ten to a batch; their message ids, in order.
+    pub async fn send_batch(&self, bodies: &[Value]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for chunk in bodies.chunks(10) {
+            let entries: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                        .id(format!("m{i}"))
+                        .message_body(body.to_string())
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            let out = self
+                .sqs
+                .send_message_batch()
+                .queue_url(&self.input)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("send message batch");
+            let mut sent: Vec<_> = out.successful().to_vec();
+            sent.sort_by_key(|s| s.id()[1..].parse::<usize>().unwrap());
+            ids.extend(sent.iter().map(|s| s.message_id().to_owned()));
+        }
+        ids
+    }
+
+    /// Make the input queue move a message to `dead_letter` after `max_receives` receives,
+    /// as a real deployment's redrive policy does.
+    pub async fn redrive_input(&self, dead_letter: &str, max_receives: u32) {
+        use aws_sdk_sqs::types::QueueAttributeName;
+        let arn = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(dead_letter)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes
+            .unwrap()[&QueueAttributeName::QueueArn]
+            .clone();
+        let policy = serde_json::json!({
+            "deadLetterTargetArn": arn,
+            "maxReceiveCount": max_receives.to_string(),
+        });
+        self.sqs
+            .set_queue_attributes()
+            .queue_url(&self.input)
+            .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+            .send()
+            .await
+            .expect("set the redrive policy");
+    }
+}
