@@ -297,6 +297,8 @@ async fn a_thread_keeps_its_conversation_across_a_restart_and_each_message_pays_
     let turns = api.turns_for("lost thread");
     assert_eq!(turns.len(), 1);
     assert_ne!(turns[0]["headers"]["x-claude-code-session-id"], gone);
+    // The event says so: the agent no longer remembers the thread's earlier requests.
+    assert_eq!(anew["conversationRestarted"], true, "{anew}");
     assert_eq!(env.stop_worker(), Some(0));
 }
 

@@ -167,6 +167,8 @@ struct Progress {
     /// The message that reports the cost: the first one the agent ran for. The others of a
     /// coalesced batch report 0 and name it, so that costs add up across events.
     cost_payer: Option<String>,
+    /// The thread's conversation was gone and a new one was started.
+    conversation_restarted: bool,
     /// Messages of the batch that came too late: sent before a newer message of their thread
     /// that has already ended. They are not applied on top of the newer work.
     superseded: std::collections::BTreeSet<String>,
@@ -657,6 +659,7 @@ async fn agent_turn_inner(
             // The agent's session files are gone (new storage): start the conversation anew.
             Err(AgentError::SessionNotFound(id)) => {
                 tracing::warn!(session = %id, "the thread's conversation is gone; starting a new one");
+                progress.conversation_restarted = true;
                 session = AgentSession::New(uuid::Uuid::new_v4().to_string());
                 if let AgentSession::New(id) = &session {
                     record_new_conversation(&threads, &key, &job.request.thread_id, id).await;
@@ -965,6 +968,9 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
     }
     if progress.turns > 0 {
         event.agent_turns = Some(progress.turns);
+    }
+    if progress.conversation_restarted {
+        event.conversation_restarted = Some(true);
     }
     if progress.build_repairs > 0 {
         event.build_repairs = Some(progress.build_repairs);

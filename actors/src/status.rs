@@ -64,6 +64,10 @@ pub struct StatusEvent {
     pub result: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// True when the thread's conversation could not be resumed (its files were gone) and the
+    /// agent started a new one: it no longer remembers the thread's earlier requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_restarted: Option<bool>,
     /// In a coalesced batch (one agent run for several messages), the message whose event
     /// carries the run's cost; this one reports 0.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +137,7 @@ impl StatusEvent {
             result: None,
             cost_usd: None,
             cost_paid_by: None,
+            conversation_restarted: None,
             durations_ms: None,
             publish: None,
             error: None,
