@@ -378,24 +378,25 @@ async fn a_burst_over_the_share_burns_no_receives() {
     assert_eq!(env.stop_worker(), Some(0));
 }
 
-/// Scenario 6: work interrupted during the build was committed already; it is pushed all the
-/// same.
+/// Scenario 6: work stopped while it waits for a build slot was committed already; it is
+/// pushed all the same (nothing new to commit must not mean nothing to push).
 #[tokio::test(flavor = "multi_thread")]
-async fn work_interrupted_during_the_build_is_pushed() {
+async fn work_interrupted_before_its_build_is_pushed() {
     let mut env = TestEnv::new("eo-build").await;
-    env.create_bucket(&env.bucket("fox")).await;
-    let upstream = env.create_upstream("fox", "site", Site::Tiny);
-    env.start_worker(&[]);
-    // The fixture's build waits for as many seconds as `slow-build` says.
-    let slow = env
-        .send(
-            "fox",
-            "site",
-            "a",
-            "[standin:write slow-build 30] [standin:write a.txt a]",
-        )
+    for client in ["fox", "fog"] {
+        env.create_bucket(&env.bucket(client)).await;
+        env.create_upstream(client, "site", Site::Tiny);
+    }
+    let upstream = env.upstream("fog", "site");
+    // One build slot, held by another workspace's slow build (the fixture's build waits for as
+    // many seconds as `slow-build` says).
+    env.start_worker(&[("BUILD_CONCURRENCY", "1")]);
+    env.send("fox", "site", "s", "[standin:write slow-build 20]")
         .await;
-    let ws = env.workspace_root().join("fox/site");
+    let waiting = env
+        .send("fog", "site", "a", "[standin:write a.txt a]")
+        .await;
+    let ws = env.workspace_root().join("fog/site");
     until(
         "the agent's commit in the checkout",
         Duration::from_secs(30),
@@ -405,24 +406,16 @@ async fn work_interrupted_during_the_build_is_pushed() {
                     .args(["log", "-1", "--format=%B", "thread-a"])
                     .current_dir(&ws)
                     .output()
-                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&slow))
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&waiting))
         },
     )
     .await;
-    let newer = env
-        .send("fox", "site", "b", "[standin:write b.txt b]")
+    env.send("fog", "site", "b", "[standin:write b.txt b]")
         .await;
-    let events = env.events_until_terminal(2, Duration::from_secs(60)).await;
-    assert_eq!(
-        terminal_for(&events, &slow)[0]["type"],
-        "interrupted",
-        "{events:#?}"
-    );
-    assert_eq!(
-        terminal_for(&events, &newer)[0]["type"],
-        "completed",
-        "{events:#?}"
-    );
+    let events = env
+        .wait_for(&waiting, "interrupted", Duration::from_secs(60))
+        .await;
+    assert_eq!(terminal_for(&events, &waiting).len(), 1, "{events:#?}");
     assert!(
         branch_has_file(&upstream, "thread-a", "a.txt"),
         "interrupted work not pushed"
