@@ -55,7 +55,7 @@ pub struct SessionArgs {
 
 pub struct SessionState {
     args: SessionArgs,
-    /// Waiting jobs, oldest first.
+    /// Waiting jobs, in the producer's send order (`Job::sent_at_ms`).
     queue: VecDeque<Job>,
     /// The running batch: its stop signal; `None` when idle.
     running: Option<Running>,
