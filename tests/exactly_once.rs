@@ -6,12 +6,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, git, is_terminal};
+use common::{FaultProxy, Site, TestEnv, git, is_terminal};
 use serde_json::Value;
 
 fn terminal_for<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
@@ -53,64 +52,6 @@ async fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// `tools/sqs-fault-proxy` in front of moto, with the given fault rates.
-struct FaultProxy {
-    url: String,
-    child: Child,
-}
-
-impl FaultProxy {
-    fn start(queue_name: &str, args: &[&str]) -> FaultProxy {
-        let mut child = Command::new(common::repo_root().join("tools/sqs-fault-proxy"))
-            .args([
-                "--target",
-                &common::endpoint(),
-                "--queue-name-contains",
-                queue_name,
-            ])
-            .args([
-                "--throttle-rate",
-                "0",
-                "--lost-reply-rate",
-                "0",
-                "--reorder-rate",
-                "0",
-            ])
-            .args(["--drop-delete-rate", "0", "--early-rate", "0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tools/sqs-fault-proxy");
-        let mut first = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let url = first.trim().strip_prefix("listening ").unwrap().to_owned();
-        FaultProxy { url, child }
-    }
-
-    /// The proxy's counts of what it injected and ignored.
-    fn stats(&self) -> Value {
-        let addr = self.url.trim_start_matches("http://");
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        use std::io::{Read, Write};
-        write!(stream, "GET /__fault_stats HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-        serde_json::from_str(body).unwrap_or_else(|_| panic!("stats: {text}"))
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -205,9 +146,17 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
     let queue = env.input.rsplit('/').next().unwrap().to_owned();
     // Every first delete is dropped (answered as a success); every message is handed out a
     // second time within a second of its first receive.
+    // Only these faults: the proxy's other rates are set to nothing.
     let proxy = FaultProxy::start(
+        env.dir.path(),
         &queue,
         &[
+            "--throttle-rate",
+            "0",
+            "--lost-reply-rate",
+            "0",
+            "--reorder-rate",
+            "0",
             "--drop-delete-rate",
             "1",
             "--max-drops",

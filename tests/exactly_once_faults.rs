@@ -11,78 +11,17 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, is_terminal};
+use common::{FaultProxy, Site, TestEnv, is_terminal};
 use serde_json::Value;
 
 const CLIENTS: [&str; 3] = ["eoa", "eob", "eoc"];
 const PROJECT: &str = "site";
 const ROUNDS: usize = 4;
 const SEED: u64 = 11;
-
-/// The fault proxy, stopped with SIGTERM (so that it writes its counts) when dropped.
-struct FaultProxy {
-    url: String,
-    child: Child,
-    stats: PathBuf,
-    log: PathBuf,
-}
-
-impl FaultProxy {
-    fn start(target: &str, dir: &Path, queue_name: &str) -> FaultProxy {
-        let stats = dir.join("faults.json");
-        let log = dir.join("faults.jsonl");
-        let mut child = Command::new(common::repo_root().join("tools/sqs-fault-proxy"))
-            .args(["--target", target, "--seed", &SEED.to_string()])
-            .args(["--queue-name-contains", queue_name])
-            .args(["--throttle-rate", "0.1", "--drop-delete-rate", "0.25"])
-            .args(["--early-rate", "0.25", "--early-delay", "2"])
-            .args(["--reorder-rate", "0.5", "--lost-reply-rate", "0.05"])
-            .arg("--stats")
-            .arg(&stats)
-            .arg("--log")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
-            .spawn()
-            .expect("start tools/sqs-fault-proxy");
-        let mut first = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let url = first
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("the proxy said {first:?}"))
-            .trim()
-            .to_owned();
-        FaultProxy {
-            url,
-            child,
-            stats,
-            log,
-        }
-    }
-
-    /// Stop it; its counts of injected faults by kind.
-    fn stop(&mut self) -> Value {
-        let _ = common::nix_kill(self.child.id(), "TERM");
-        let _ = self.child.wait();
-        let text = std::fs::read_to_string(&self.stats).unwrap_or_default();
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One request sent: `n` is its place in the send order (sends are one at a time, each after
 /// the last returned, at least 2 ms apart, so SQS's `SentTimestamp` orders them strictly).
@@ -405,7 +344,27 @@ async fn every_request_ends_once_and_applies_in_send_order_through_a_faulty_sqs(
     // receives (deferrals, redeliveries) ends there without a terminal event.
     env.redrive_input(&env.dlq, 5).await;
     let input_name = env.input.rsplit('/').next().unwrap().to_owned();
-    let mut proxy = FaultProxy::start(&common::endpoint(), env.dir.path(), &input_name);
+    let seed = SEED.to_string();
+    let mut proxy = FaultProxy::start(
+        env.dir.path(),
+        &input_name,
+        &[
+            "--seed",
+            &seed,
+            "--throttle-rate",
+            "0.1",
+            "--drop-delete-rate",
+            "0.25",
+            "--early-rate",
+            "0.25",
+            "--early-delay",
+            "2",
+            "--reorder-rate",
+            "0.5",
+            "--lost-reply-rate",
+            "0.05",
+        ],
+    );
     env.start_worker(&[
         ("AWS_ENDPOINT_URL_SQS", proxy.url.as_str()),
         ("BUILD_COMMAND", "cp -R public dist"),

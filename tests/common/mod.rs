@@ -894,3 +894,77 @@ impl TestEnv {
             .expect("set the redrive policy");
     }
 }
+
+/// `tools/sqs-fault-proxy` in front of the test's moto, injecting faults into the queues whose
+/// name contains `queue_name` at the rates `args` give (its defaults otherwise). Its counts go
+/// to `{dir}/faults.json` when stopped, and each fault to `{dir}/faults.jsonl`. Killed when
+/// dropped.
+pub struct FaultProxy {
+    pub url: String,
+    /// One JSON line per injected fault (time, kind, operation, queue, message id).
+    pub log: PathBuf,
+    stats: PathBuf,
+    child: Child,
+}
+
+impl FaultProxy {
+    pub fn start(dir: &Path, queue_name: &str, args: &[&str]) -> FaultProxy {
+        use std::io::BufRead;
+        let stats = dir.join("faults.json");
+        let log = dir.join("faults.jsonl");
+        let mut child = Command::new(repo_root().join("tools/sqs-fault-proxy"))
+            .args(["--target", &endpoint(), "--queue-name-contains", queue_name])
+            .arg("--stats")
+            .arg(&stats)
+            .arg("--log")
+            .arg(&log)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
+            .spawn()
+            .expect("start tools/sqs-fault-proxy");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let url = first
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("the proxy said {first:?}"))
+            .trim()
+            .to_owned();
+        FaultProxy {
+            url,
+            log,
+            stats,
+            child,
+        }
+    }
+
+    /// Its counts so far, asked over HTTP while it runs.
+    pub fn stats(&self) -> Value {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.url.trim_start_matches("http://"))
+            .expect("reach the fault proxy");
+        write!(stream, "GET /__fault_stats HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("fault proxy stats: {text}"))
+    }
+
+    /// Stop it (SIGTERM, so that it writes its counts); its final counts.
+    pub fn stop(&mut self) -> Value {
+        let _ = nix_kill(self.child.id(), "TERM");
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.stats).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
