@@ -927,7 +927,7 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
         Ending::Stopped(StopReason::Interrupted) => EventType::Interrupted,
         Ending::Stopped(StopReason::Shutdown) => {
             // Saved and pushed; back to the queue at once for the next worker.
-            release(ctx, &job, Duration::ZERO, "shutdown").await;
+            job.release(&ctx.delivery, Duration::ZERO, "shutdown").await;
             crate::metrics::outcome("released");
             return;
         }
@@ -935,7 +935,7 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
             let factor = 1u32 << job.receive_count.saturating_sub(1).min(10);
             let delay = (config.retry_base_delay * factor).min(Duration::from_secs(900));
             tracing::warn!(error = %e, kind = e.kind(), attempt = job.receive_count, ?delay, "passing failure; the message will be tried again");
-            release(ctx, &job, delay, "retry").await;
+            job.release(&ctx.delivery, delay, "retry").await;
             crate::metrics::outcome("retried");
             return;
         }
@@ -1019,12 +1019,6 @@ async fn report(ctx: &WorkerContext, job: Job, event: StatusEvent) {
     });
     if let Err(e) = ctx.delivery.finish(&job.receipt.current(), &event).await {
         tracing::error!(error = %e, message_id = %job.message_id, "message not finished; it will be delivered again");
-    }
-}
-
-async fn release(ctx: &WorkerContext, job: &Job, delay: Duration, why: &str) {
-    if let Err(e) = ctx.delivery.release(&job.receipt.current(), delay).await {
-        tracing::warn!(error = %e, why, "could not release message; it returns after its visibility timeout");
     }
 }
 
