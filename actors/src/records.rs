@@ -312,6 +312,97 @@ impl RecordStore {
         })
     }
 
+    /// Whether every worker of the deployment reads these records (an S3 prefix), or only this
+    /// one (a local folder).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.engine, Engine::S3 { .. })
+    }
+
+    /// A document of the store (leases, conversations) and its version, if it exists.
+    pub(crate) async fn read_document(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, Version)>, RecordError> {
+        self.read(key).await
+    }
+
+    /// Write a document if it is still at `version`; its new version, or `None` when someone
+    /// wrote first.
+    pub(crate) async fn write_document(
+        &self,
+        key: &str,
+        text: &str,
+        version: Version,
+    ) -> Result<Option<Version>, RecordError> {
+        self.write_versioned(key, text, version).await
+    }
+
+    /// Prove the store enforces conditional writes (`edit-worker doctor`): create a probe
+    /// record, change it by its version, see a stale create and a stale change refused, and
+    /// remove it. A store that ignores the conditions cannot keep leases.
+    pub async fn probe_conditional_writes(&self) -> Result<String, RecordError> {
+        let key = format!(
+            "doctor/{}.json",
+            message_key(&self.worker)
+                .trim_start_matches("outcomes/")
+                .trim_end_matches(".json")
+        );
+        let fail = |message: &str| RecordError::Store {
+            op: "probe",
+            message: format!("{key}: {message}"),
+        };
+        let first = self
+            .read(&key)
+            .await?
+            .map(|(_, v)| v)
+            .unwrap_or(Version::Absent);
+        let created = self
+            .write_versioned(&key, "{\"probe\":1}", first)
+            .await?
+            .ok_or_else(|| fail("the probe record changed under us; try again"))?;
+        let changed = self
+            .write_versioned(&key, "{\"probe\":2}", created.clone())
+            .await?
+            .ok_or_else(|| fail("a write with the current version was refused"))?;
+        if self
+            .write_versioned(&key, "{\"probe\":3}", Version::Absent)
+            .await?
+            .is_some()
+        {
+            return Err(fail(
+                "a create over an existing record was accepted: If-None-Match is not enforced",
+            ));
+        }
+        if self
+            .write_versioned(&key, "{\"probe\":4}", created)
+            .await?
+            .is_some()
+        {
+            return Err(fail(
+                "a write with a stale version was accepted: If-Match is not enforced",
+            ));
+        }
+        drop(changed);
+        match &self.engine {
+            Engine::Local(root) => {
+                let _ = tokio::fs::remove_file(root.join(&key)).await;
+            }
+            Engine::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let _ = client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(format!("{prefix}{key}"))
+                    .send()
+                    .await;
+            }
+        }
+        Ok("conditional writes enforced".into())
+    }
+
     /// The record's text and its version (for a conditional write), if it exists.
     async fn read(&self, key: &str) -> Result<Option<(String, Version)>, RecordError> {
         match &self.engine {
@@ -361,16 +452,29 @@ impl RecordStore {
 
     /// Write `text` if the record is still at `version`; false when someone wrote first.
     async fn write(&self, key: &str, text: &str, version: Version) -> Result<bool, RecordError> {
+        Ok(self.write_versioned(key, text, version).await?.is_some())
+    }
+
+    /// Write `text` if the record is still at `version`: its new version, or `None` when
+    /// someone wrote first.
+    async fn write_versioned(
+        &self,
+        key: &str,
+        text: &str,
+        version: Version,
+    ) -> Result<Option<Version>, RecordError> {
         match &self.engine {
             Engine::Local(root) => {
                 let path = root.join(key);
                 let text = text.to_owned();
-                tokio::task::spawn_blocking(move || write_local(&path, &text, version))
+                let written = text.clone();
+                let done = tokio::task::spawn_blocking(move || write_local(&path, &text, version))
                     .await
                     .map_err(|e| RecordError::Store {
                         op: "write",
                         message: e.to_string(),
-                    })?
+                    })??;
+                Ok(done.then_some(Version::Text(written)))
             }
             Engine::S3 {
                 client,
@@ -389,7 +493,10 @@ impl RecordStore {
                     Version::Any | Version::Text(_) => put,
                 };
                 match put.send().await {
-                    Ok(_) => Ok(true),
+                    Ok(out) => Ok(Some(match out.e_tag() {
+                        Some(etag) => Version::ETag(etag.to_owned()),
+                        None => Version::Any,
+                    })),
                     Err(e) => {
                         let status = e.raw_response().map(|r| r.status().as_u16());
                         let code = e.as_service_error().and_then(|s| s.code());
@@ -400,7 +507,7 @@ impl RecordStore {
                                 Some("PreconditionFailed" | "ConditionalRequestConflict")
                             )
                         {
-                            Ok(false)
+                            Ok(None)
                         } else {
                             Err(RecordError::Store {
                                 op: "write",
@@ -416,7 +523,7 @@ impl RecordStore {
 
 /// What a conditional write expects to find.
 #[derive(Debug, Clone)]
-enum Version {
+pub(crate) enum Version {
     /// No record yet.
     Absent,
     /// An S3 object with this ETag.

@@ -1,0 +1,602 @@
+//! Workspace leases: a workspace (`{clientId}/{projectId}`) is worked by one worker at a time,
+//! across processes and machines.
+//!
+//! A lease is a small document in the shared record store (`LEASE_STORE=s3://…`), written only
+//! with S3 conditional writes (`If-None-Match: *` to create, `If-Match: <ETag>` to change), as
+//! the DynamoDB lock client does with its record version: no lock service of our own. It names
+//! its holder, an expiry and a **token** that grows by one each time the workspace changes hands.
+//! The holder renews it (a heartbeat every third of its duration) while it has work for the
+//! workspace and releases it when the work runs out; a worker that died leaves a lease that
+//! simply expires. The token fences the holder's effects: pushes carry it in a fence ref
+//! (`git::Fence`) and publishes in a fence object of the bucket (`publish::BucketFence`), so a
+//! worker that lost its lease (paused past the expiry) cannot push or publish once the next
+//! holder has started.
+//!
+//! Without a lease store the worker assumes it is alone: every lease is granted at once, with
+//! token 0, and never fenced.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::WorkspaceKey;
+use crate::records::{RecordError, RecordStore, Version, now_ms};
+
+/// The lease document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseRecord {
+    /// The worker that holds (or last held) the workspace.
+    holder: String,
+    /// Grows by one whenever the workspace changes hands; fences pushes and publishes.
+    token: u64,
+    /// Wall-clock expiry (ms since the epoch); 0 once released. A waiting worker takes an
+    /// expired lease, so the holder's clock and the waiter's must agree within the safety
+    /// margin (`LeaseConfig::margin`), as EC2's time sync keeps them.
+    expires_at_ms: u64,
+    /// The holder's notice queue: where a worker with a newer message for the workspace tells
+    /// the holder to stop (`notices.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notices: Option<String>,
+}
+
+/// What the leases of this worker need to know.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without a heartbeat (`LEASE_SECONDS`).
+    pub duration: Duration,
+    /// This worker's name (`WORKER_ID`).
+    pub worker: String,
+}
+
+impl LeaseConfig {
+    /// The holder stops pushing and publishing this long before the lease would expire by its
+    /// own monotonic clock: room for a clock skew between workers and for the write in flight.
+    fn margin(&self) -> Duration {
+        self.duration / 5
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease store: {0}")]
+    Store(#[from] RecordError),
+    #[error("lease {key} is not readable: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// This worker lost the workspace's lease: another worker may hold it now.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the lease of workspace {workspace} (token {token}) was lost; another worker may hold it")]
+pub struct LeaseLost {
+    pub workspace: String,
+    pub token: u64,
+}
+
+/// What `Leases::try_acquire` found.
+pub enum Acquired {
+    Granted(Lease),
+    /// Another worker holds a live lease.
+    HeldBy {
+        holder: String,
+        /// Where to tell it that a newer message waits.
+        notices: Option<String>,
+        /// When it expires unless renewed (wall clock, ms).
+        expires_at_ms: u64,
+    },
+}
+
+/// The leases of one worker.
+#[derive(Clone)]
+pub struct Leases {
+    /// `None`: no lease store, the worker is alone.
+    shared: Option<Arc<Shared>>,
+}
+
+struct Shared {
+    store: RecordStore,
+    config: LeaseConfig,
+    /// This worker's notice queue, written into every lease it holds.
+    notices: Mutex<Option<String>>,
+    /// Waiters per workspace, woken when its holder says it released the lease.
+    released: Mutex<HashMap<WorkspaceKey, Arc<Notify>>>,
+}
+
+fn lease_key(key: &WorkspaceKey) -> String {
+    // Both are DNS labels: a safe key.
+    format!("leases/{}/{}.json", key.client_id, key.project_id)
+}
+
+impl Leases {
+    /// No lease store: every lease is granted at once.
+    pub fn alone() -> Leases {
+        Leases { shared: None }
+    }
+
+    /// Leases in the shared store.
+    pub fn shared(store: RecordStore, config: LeaseConfig) -> Leases {
+        Leases {
+            shared: Some(Arc::new(Shared {
+                store,
+                config,
+                notices: Mutex::new(None),
+                released: Mutex::default(),
+            })),
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Name this worker's notice queue in the leases it takes from now on.
+    pub fn set_notice_queue(&self, url: String) {
+        if let Some(shared) = &self.shared {
+            *shared.notices.lock().expect("notices") = Some(url);
+        }
+    }
+
+    /// Signalled when the holder of `key` says it released its lease.
+    pub fn released_signal(&self, key: &WorkspaceKey) -> Arc<Notify> {
+        match &self.shared {
+            Some(shared) => shared
+                .released
+                .lock()
+                .expect("released")
+                .entry(key.clone())
+                .or_default()
+                .clone(),
+            None => Arc::new(Notify::new()),
+        }
+    }
+
+    /// The holder of `key` released it: wake whoever waits here.
+    pub fn on_released(&self, key: &WorkspaceKey) {
+        if let Some(shared) = &self.shared {
+            let signal = shared.released.lock().expect("released").remove(key);
+            if let Some(signal) = signal {
+                signal.notify_waiters();
+            }
+        }
+    }
+
+    /// Take the workspace's lease if it is free (never held, released, expired, or last held
+    /// by this worker).
+    pub async fn try_acquire(&self, key: &WorkspaceKey) -> Result<Acquired, LeaseError> {
+        let Some(shared) = &self.shared else {
+            return Ok(Acquired::Granted(Lease::alone(key)));
+        };
+        let doc = lease_key(key);
+        let me = &shared.config.worker;
+        // A conditional write per attempt; a lost race reads again and decides again.
+        for _ in 0..4 {
+            let found = shared.store.read_document(&doc).await?;
+            let (current, version) = match found {
+                None => (None, Version::Absent),
+                Some((text, version)) => {
+                    let record: LeaseRecord =
+                        serde_json::from_str(&text).map_err(|e| LeaseError::Corrupt {
+                            key: doc.clone(),
+                            message: e.to_string(),
+                        })?;
+                    (Some(record), version)
+                }
+            };
+            let (token, handover) = match &current {
+                None => (1, true),
+                // Ours (live or not): nobody else held it since, so our checkout, the fence
+                // and the published site are still ours too.
+                Some(r) if &r.holder == me => (r.token, false),
+                Some(r) if r.expires_at_ms > now_ms() => {
+                    return Ok(Acquired::HeldBy {
+                        holder: r.holder.clone(),
+                        notices: r.notices.clone(),
+                        expires_at_ms: r.expires_at_ms,
+                    });
+                }
+                Some(r) => (r.token + 1, true),
+            };
+            let asked = Instant::now();
+            let record = LeaseRecord {
+                holder: me.clone(),
+                token,
+                expires_at_ms: now_ms() + shared.config.duration.as_millis() as u64,
+                notices: shared.notices.lock().expect("notices").clone(),
+            };
+            let text = serde_json::to_string(&record).expect("leases serialize");
+            if let Some(version) = shared.store.write_document(&doc, &text, version).await? {
+                tracing::info!(
+                    workspace = %key,
+                    token,
+                    worker = %me,
+                    handover,
+                    previous = current.as_ref().map(|r| r.holder.as_str()).unwrap_or(""),
+                    at_ms = now_ms(),
+                    "lease acquired"
+                );
+                return Ok(Acquired::Granted(Lease::start(
+                    shared.clone(),
+                    key.clone(),
+                    record,
+                    version,
+                    asked,
+                    handover,
+                )));
+            }
+        }
+        Err(LeaseError::Store(RecordError::Store {
+            op: "acquire lease",
+            message: format!("{doc} kept changing under us"),
+        }))
+    }
+}
+
+/// A held lease. Renewed by a heartbeat task while it lives; `release` gives it up, and
+/// dropping it without release stops the heartbeat (the lease then expires).
+pub struct Lease {
+    key: WorkspaceKey,
+    token: u64,
+    handover: bool,
+    check: LeaseCheck,
+    /// `None` when alone.
+    held: Option<Held>,
+}
+
+struct Held {
+    shared: Arc<Shared>,
+    state: Arc<Mutex<HeldState>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+struct HeldState {
+    record: LeaseRecord,
+    version: Version,
+}
+
+/// Whether a lease still holds, cheap to clone into whatever must check it before an effect
+/// (a push, a publish). It fails once the heartbeat found the lease gone, or once the lease's
+/// time (by this worker's monotonic clock, less the safety margin) ran out without a renewal.
+#[derive(Clone)]
+pub struct LeaseCheck {
+    workspace: String,
+    token: u64,
+    lost: CancellationToken,
+    /// Until when the lease surely holds; `None` when alone (always).
+    valid_until: Option<Arc<Mutex<Instant>>>,
+}
+
+impl LeaseCheck {
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        let expired = self
+            .valid_until
+            .as_ref()
+            .is_some_and(|until| Instant::now() >= *until.lock().expect("valid_until"));
+        if self.lost.is_cancelled() || expired {
+            return Err(LeaseLost {
+                workspace: self.workspace.clone(),
+                token: self.token,
+            });
+        }
+        Ok(())
+    }
+
+    /// Cancelled when the heartbeat finds the lease lost.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+}
+
+impl Lease {
+    fn alone(key: &WorkspaceKey) -> Lease {
+        Lease {
+            key: key.clone(),
+            token: 0,
+            handover: false,
+            check: LeaseCheck {
+                workspace: key.to_string(),
+                token: 0,
+                lost: CancellationToken::new(),
+                valid_until: None,
+            },
+            held: None,
+        }
+    }
+
+    fn start(
+        shared: Arc<Shared>,
+        key: WorkspaceKey,
+        record: LeaseRecord,
+        version: Version,
+        asked: Instant,
+        handover: bool,
+    ) -> Lease {
+        let config = &shared.config;
+        let valid_until = Arc::new(Mutex::new(asked + config.duration - config.margin()));
+        let check = LeaseCheck {
+            workspace: key.to_string(),
+            token: record.token,
+            lost: CancellationToken::new(),
+            valid_until: Some(valid_until.clone()),
+        };
+        let state = Arc::new(Mutex::new(HeldState {
+            record: record.clone(),
+            version,
+        }));
+        let heartbeat = tokio::spawn(heartbeat(
+            shared.clone(),
+            key.clone(),
+            state.clone(),
+            check.clone(),
+            valid_until,
+        ));
+        Lease {
+            key,
+            token: record.token,
+            handover,
+            check,
+            held: Some(Held {
+                shared,
+                state,
+                heartbeat,
+            }),
+        }
+    }
+
+    pub fn key(&self) -> &WorkspaceKey {
+        &self.key
+    }
+
+    /// The fencing token: grows each time the workspace changes hands (0 when alone).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Whether the workspace comes from another worker (or from nobody known): then this
+    /// worker's checkout, conversation files and published marker may be stale.
+    pub fn handover(&self) -> bool {
+        self.handover
+    }
+
+    /// Whether the workspace came from another worker, once: the first batch under the lease
+    /// catches up, the later ones of the same busy spell need not.
+    pub fn take_handover(&mut self) -> bool {
+        std::mem::take(&mut self.handover)
+    }
+
+    /// Whether leases are shared at all (a fenced deployment).
+    pub fn is_shared(&self) -> bool {
+        self.held.is_some()
+    }
+
+    pub fn check(&self) -> &LeaseCheck {
+        &self.check
+    }
+
+    /// Give the lease up: the next worker (or this one) may take it at once. The token and
+    /// holder stay in the record, so the next holder knows whether the workspace changed hands.
+    pub async fn release(mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        held.heartbeat.abort();
+        let _ = held.heartbeat.await;
+        if self.check.lost.is_cancelled() {
+            return;
+        }
+        let (mut record, version) = {
+            let state = held.state.lock().expect("lease state");
+            (state.record.clone(), state.version.clone())
+        };
+        record.expires_at_ms = 0;
+        let text = serde_json::to_string(&record).expect("leases serialize");
+        match held
+            .shared
+            .store
+            .write_document(&lease_key(&self.key), &text, version)
+            .await
+        {
+            Ok(Some(_)) => tracing::info!(
+                workspace = %self.key,
+                token = self.token,
+                worker = %held.shared.config.worker,
+                at_ms = now_ms(),
+                "lease released"
+            ),
+            Ok(None) => tracing::warn!(
+                workspace = %self.key,
+                token = self.token,
+                worker = %held.shared.config.worker,
+                at_ms = now_ms(),
+                "lease lost"
+            ),
+            Err(e) => {
+                tracing::warn!(workspace = %self.key, error = %e, "could not release the lease; it expires by itself")
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Not released (the task holding it ended early): stop renewing; it expires.
+        if let Some(held) = &self.held {
+            held.heartbeat.abort();
+        }
+    }
+}
+
+/// Renew the lease every third of its duration until it is released or lost. A renewal that
+/// finds the lease changed means another worker took it: the lease is lost. A store that does
+/// not answer is tried again until the lease's own time runs out: then it is lost too.
+async fn heartbeat(
+    shared: Arc<Shared>,
+    key: WorkspaceKey,
+    state: Arc<Mutex<HeldState>>,
+    check: LeaseCheck,
+    valid_until: Arc<Mutex<Instant>>,
+) {
+    let config = &shared.config;
+    let doc = lease_key(&key);
+    let every = config.duration / 3;
+    let mut next = Instant::now() + every;
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let asked = Instant::now();
+        let (mut record, version) = {
+            let s = state.lock().expect("lease state");
+            (s.record.clone(), s.version.clone())
+        };
+        record.expires_at_ms = now_ms() + config.duration.as_millis() as u64;
+        let text = serde_json::to_string(&record).expect("leases serialize");
+        match shared.store.write_document(&doc, &text, version).await {
+            Ok(Some(version)) => {
+                *valid_until.lock().expect("valid_until") =
+                    asked + config.duration - config.margin();
+                let mut s = state.lock().expect("lease state");
+                s.record = record;
+                s.version = version;
+                tracing::debug!(workspace = %key, token = s.record.token, "lease renewed");
+                next = asked + every;
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    workspace = %key,
+                    token = record.token,
+                    worker = %config.worker,
+                    at_ms = now_ms(),
+                    "lease lost"
+                );
+                check.lost.cancel();
+                return;
+            }
+            Err(e) => {
+                if Instant::now() >= *valid_until.lock().expect("valid_until") {
+                    tracing::warn!(
+                        workspace = %key,
+                        token = record.token,
+                        worker = %config.worker,
+                        at_ms = now_ms(),
+                        error = %e,
+                        "lease lost"
+                    );
+                    check.lost.cancel();
+                    return;
+                }
+                tracing::warn!(workspace = %key, error = %e, "could not renew the lease; trying again");
+                next = Instant::now() + Duration::from_millis(500);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: "a".into(),
+            project_id: "b".into(),
+        }
+    }
+
+    fn leases(dir: &std::path::Path, worker: &str, duration: Duration) -> Leases {
+        Leases::shared(
+            RecordStore::local(dir, worker),
+            LeaseConfig {
+                duration,
+                worker: worker.into(),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_and_the_token_grows_with_each_hand() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = leases(dir.path(), "a", Duration::from_secs(30));
+        let b = leases(dir.path(), "b", Duration::from_secs(30));
+        let Acquired::Granted(first) = a.try_acquire(&key()).await.unwrap() else {
+            panic!("a free workspace is granted");
+        };
+        assert_eq!((first.token(), first.handover()), (1, true));
+        match b.try_acquire(&key()).await.unwrap() {
+            Acquired::HeldBy { holder, .. } => assert_eq!(holder, "a"),
+            Acquired::Granted(_) => panic!("a held workspace is not granted twice"),
+        }
+        first.release().await;
+        // Released by a, taken by b: a new hand, a new token.
+        let Acquired::Granted(second) = b.try_acquire(&key()).await.unwrap() else {
+            panic!("a released workspace is granted");
+        };
+        assert_eq!((second.token(), second.handover()), (2, true));
+        second.release().await;
+        // Taken back by its last holder: same hand, same token, nothing to catch up on.
+        let Acquired::Granted(third) = b.try_acquire(&key()).await.unwrap() else {
+            panic!("granted");
+        };
+        assert_eq!((third.token(), third.handover()), (2, false));
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_passes_on_and_its_old_holder_learns_it_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = leases(dir.path(), "a", Duration::from_millis(600));
+        let b = leases(dir.path(), "b", Duration::from_millis(600));
+        let Acquired::Granted(held) = a.try_acquire(&key()).await.unwrap() else {
+            panic!("granted");
+        };
+        let check = held.check().clone();
+        assert!(check.check().is_ok());
+        // a stops renewing (a paused process): its lease expires and b takes it.
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            check.check().is_err(),
+            "past its time a lease no longer holds"
+        );
+        let Acquired::Granted(taken) = b.try_acquire(&key()).await.unwrap() else {
+            panic!("an expired lease is granted");
+        };
+        assert_eq!(taken.token(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_that_finds_another_holder_loses_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = leases(dir.path(), "a", Duration::from_millis(900));
+        let Acquired::Granted(held) = a.try_acquire(&key()).await.unwrap() else {
+            panic!("granted");
+        };
+        // Someone overwrites the record (as a worker that took the expired lease would).
+        let path = dir.path().join(lease_key(&key()));
+        std::fs::write(
+            &path,
+            r#"{"holder":"b","token":9,"expiresAtMs":99999999999999}"#,
+        )
+        .unwrap();
+        let lost = held.check().lost().clone();
+        tokio::time::timeout(Duration::from_secs(5), lost.cancelled())
+            .await
+            .expect("the heartbeat notices");
+        assert!(held.check().check().is_err());
+    }
+
+    #[tokio::test]
+    async fn alone_every_lease_is_granted_with_token_zero() {
+        let leases = Leases::alone();
+        for _ in 0..2 {
+            let Acquired::Granted(lease) = leases.try_acquire(&key()).await.unwrap() else {
+                panic!("alone, always granted");
+            };
+            assert_eq!(
+                (lease.token(), lease.handover(), lease.is_shared()),
+                (0, false, false)
+            );
+            assert!(lease.check().check().is_ok());
+        }
+    }
+}
