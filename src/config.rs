@@ -66,6 +66,7 @@ const KEYS: &[&str] = &[
     "NPM_STORE_MAX_AGE_DAYS",
     "LEASE_STORE",
     "WORKER_ID",
+    "LEASE_SECONDS",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -429,6 +430,10 @@ impl Settings {
         if let Some(id) = self.get("WORKER_ID") {
             c.worker_id = id.to_owned();
         }
+        c.lease_duration = Duration::from_secs(
+            self.positive("LEASE_SECONDS", c.lease_duration.as_secs())?
+                .max(3),
+        );
         Ok(c)
     }
 }

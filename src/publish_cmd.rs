@@ -19,7 +19,7 @@ pub async fn publish(args: PublishArgs, settings: &crate::config::Settings) -> a
     let options = settings.publish_options()?;
     let sdk = crate::aws::load().await;
     let publisher = Publisher::new(crate::aws::s3(&sdk), options);
-    let report = publisher.publish(&args.bucket, &args.dir).await?;
+    let report = publisher.publish(&args.bucket, &args.dir, None).await?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -56,7 +56,7 @@ async fn a_rebuild_with_one_change_uploads_exactly_that_file() {
     let (env, bucket, dir) = setup("pub-one").await;
     site(dir.path(), 20);
     let p = publisher(env.s3.clone());
-    let cold = p.publish(&bucket, dir.path()).await.unwrap();
+    let cold = p.publish(&bucket, dir.path(), None).await.unwrap();
     assert_eq!((cold.uploaded, cold.skipped, cold.deleted), (41, 0, 0));
 
     rebuild_all(dir.path());
@@ -65,7 +65,7 @@ async fn a_rebuild_with_one_change_uploads_exactly_that_file() {
         "<html>changed page</html>",
     )
     .unwrap();
-    let again = p.publish(&bucket, dir.path()).await.unwrap();
+    let again = p.publish(&bucket, dir.path(), None).await.unwrap();
     assert_eq!(
         (again.uploaded, again.skipped, again.deleted),
         (1, 40, 0),
@@ -75,7 +75,7 @@ async fn a_rebuild_with_one_change_uploads_exactly_that_file() {
     assert_eq!(live["p3/index.html"].1, b"<html>changed page</html>");
 
     rebuild_all(dir.path());
-    let same = p.publish(&bucket, dir.path()).await.unwrap();
+    let same = p.publish(&bucket, dir.path(), None).await.unwrap();
     assert_eq!((same.uploaded, same.skipped, same.bytes), (0, 41, 0));
 }
 
@@ -84,7 +84,7 @@ async fn a_same_size_edit_with_an_older_timestamp_is_uploaded() {
     let (env, bucket, dir) = setup("pub-older").await;
     site(dir.path(), 2);
     let p = publisher(env.s3.clone());
-    p.publish(&bucket, dir.path()).await.unwrap();
+    p.publish(&bucket, dir.path(), None).await.unwrap();
     let file = dir.path().join("_astro/s1.css");
     let before = std::fs::read(&file).unwrap();
     let after: Vec<u8> = before
@@ -101,7 +101,7 @@ async fn a_same_size_edit_with_an_older_timestamp_is_uploaded() {
         .unwrap()
         .set_modified(old)
         .unwrap();
-    let report = p.publish(&bucket, dir.path()).await.unwrap();
+    let report = p.publish(&bucket, dir.path(), None).await.unwrap();
     assert_eq!(report.uploaded, 1);
     assert_eq!(env.bucket_contents(&bucket).await["_astro/s1.css"].1, after);
 }
@@ -112,7 +112,7 @@ async fn html_arrives_after_the_assets_and_deletions_come_last() {
     site(dir.path(), 6);
     std::fs::write(dir.path().join("old.txt"), "stale").unwrap();
     publisher(env.s3.clone())
-        .publish(&bucket, dir.path())
+        .publish(&bucket, dir.path(), None)
         .await
         .unwrap();
     std::fs::remove_file(dir.path().join("old.txt")).unwrap();
@@ -129,7 +129,10 @@ async fn html_arrives_after_the_assets_and_deletions_come_last() {
 
     let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
     let s3 = common::s3_client(&proxy.url).await;
-    let report = publisher(s3).publish(&bucket, dir.path()).await.unwrap();
+    let report = publisher(s3)
+        .publish(&bucket, dir.path(), None)
+        .await
+        .unwrap();
     assert_eq!((report.uploaded, report.deleted), (9, 1));
     let seen = proxy.requests.lock().unwrap().clone();
     let writes: Vec<&String> = seen
@@ -156,7 +159,7 @@ async fn a_failed_upload_stops_the_deletions() {
     )
     .unwrap();
     publisher(env.s3.clone())
-        .publish(&bucket, dir.path())
+        .publish(&bucket, dir.path(), None)
         .await
         .unwrap();
     std::fs::remove_file(dir.path().join("stale.txt")).unwrap();
@@ -165,7 +168,7 @@ async fn a_failed_upload_stops_the_deletions() {
     let proxy = common::recording_proxy(common::endpoint(), vec!["fail-me".into()]).await;
     let s3 = common::s3_client(&proxy.url).await;
     let err = publisher(s3)
-        .publish(&bucket, dir.path())
+        .publish(&bucket, dir.path(), None)
         .await
         .unwrap_err();
     assert!(matches!(err, PublishError::Upload { .. }), "{err}");
@@ -191,7 +194,7 @@ async fn symlinks_are_not_published_and_empty_builds_are_refused() {
     std::os::unix::fs::symlink("/etc/passwd", dir.path().join("passwd")).unwrap();
     std::os::unix::fs::symlink("/etc", dir.path().join("etc")).unwrap();
     let p = publisher(env.s3.clone());
-    p.publish(&bucket, dir.path()).await.unwrap();
+    p.publish(&bucket, dir.path(), None).await.unwrap();
     let live = env.bucket_contents(&bucket).await;
     assert!(
         !live
@@ -202,10 +205,10 @@ async fn symlinks_are_not_published_and_empty_builds_are_refused() {
     );
 
     let empty = tempfile::tempdir().unwrap();
-    let err = p.publish(&bucket, empty.path()).await.unwrap_err();
+    let err = p.publish(&bucket, empty.path(), None).await.unwrap_err();
     assert_eq!(err.kind(), "empty_build");
     let err = p
-        .publish(&bucket, &empty.path().join("missing"))
+        .publish(&bucket, &empty.path().join("missing"), None)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "empty_build");
@@ -221,10 +224,10 @@ async fn a_build_that_deletes_most_of_the_site_fails_unless_allowed() {
     let (env, bucket, dir) = setup("pub-cap").await;
     site(dir.path(), 10);
     let p = publisher(env.s3.clone());
-    p.publish(&bucket, dir.path()).await.unwrap();
+    p.publish(&bucket, dir.path(), None).await.unwrap();
     let small = tempfile::tempdir().unwrap();
     site(small.path(), 1);
-    let err = p.publish(&bucket, small.path()).await.unwrap_err();
+    let err = p.publish(&bucket, small.path(), None).await.unwrap_err();
     assert_eq!(err.kind(), "too_many_deletions", "{err}");
     assert_eq!(
         env.bucket_contents(&bucket).await.len(),
@@ -239,7 +242,7 @@ async fn a_build_that_deletes_most_of_the_site_fails_unless_allowed() {
             ..PublishOptions::default()
         },
     );
-    let report = allowed.publish(&bucket, small.path()).await.unwrap();
+    let report = allowed.publish(&bucket, small.path(), None).await.unwrap();
     assert_eq!(report.deleted, 18);
     assert_eq!(env.bucket_contents(&bucket).await.len(), 3);
 }
@@ -258,7 +261,7 @@ async fn headers_follow_the_configured_rules() {
             ..PublishOptions::default()
         },
     );
-    custom.publish(&bucket, dir.path()).await.unwrap();
+    custom.publish(&bucket, dir.path(), None).await.unwrap();
     let head = |key: &'static str| {
         let s3 = env.s3.clone();
         let bucket = bucket.clone();
@@ -299,7 +302,7 @@ async fn large_files_go_in_parts_and_are_recognised_afterwards() {
         ..PublishOptions::default()
     };
     let p = Publisher::new(env.s3.clone(), options.clone());
-    p.publish(&bucket, dir.path()).await.unwrap();
+    p.publish(&bucket, dir.path(), None).await.unwrap();
     let head = env
         .s3
         .head_object()
@@ -314,7 +317,7 @@ async fn large_files_go_in_parts_and_are_recognised_afterwards() {
         head.e_tag()
     );
     rebuild_all(dir.path());
-    let again = p.publish(&bucket, dir.path()).await.unwrap();
+    let again = p.publish(&bucket, dir.path(), None).await.unwrap();
     assert_eq!(again.uploaded, 0, "{again:?}");
     // Uploaded in parts of another size: the stored MD5 still recognises it.
     let other = Publisher::new(
@@ -326,7 +329,11 @@ async fn large_files_go_in_parts_and_are_recognised_afterwards() {
         },
     );
     assert_eq!(
-        other.publish(&bucket, dir.path()).await.unwrap().uploaded,
+        other
+            .publish(&bucket, dir.path(), None)
+            .await
+            .unwrap()
+            .uploaded,
         0
     );
     let got = env
@@ -442,4 +449,58 @@ async fn a_cloudfront_distribution_gets_the_changed_paths_invalidated() {
         "{paths:?}"
     );
     assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Issue 12: a publish carries its lease's token into the bucket, so a worker that lost the
+/// workspace's lease (paused past its expiry) cannot publish over the next holder's site.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_under_an_older_lease_token_is_refused() {
+    use edit_worker_actors::lease::{Acquired, Leases};
+    use edit_worker_actors::message::WorkspaceKey;
+    use edit_worker_actors::publish::BucketFence;
+
+    let (env, bucket, dir) = setup("pub-fence").await;
+    site(dir.path(), 2);
+    let key = WorkspaceKey {
+        client_id: "pub".into(),
+        project_id: "site".into(),
+    };
+    // A check that holds (the fence in the bucket is what this test is about).
+    let Acquired::Granted(lease) = Leases::alone().try_acquire(&key).await.unwrap() else {
+        panic!("alone, always granted");
+    };
+    let fence = |token| BucketFence::for_workspace(&key, token, lease.check().clone());
+    let p = publisher(env.s3.clone());
+    p.publish(&bucket, dir.path(), Some(&fence(1)))
+        .await
+        .unwrap();
+    // The next holder (token 2) publishes its site.
+    std::fs::write(dir.path().join("index.html"), "<p>newer holder</p>").unwrap();
+    p.publish(&bucket, dir.path(), Some(&fence(2)))
+        .await
+        .unwrap();
+    // The old holder wakes up with its older build: refused, and the site is the newer one.
+    std::fs::write(dir.path().join("index.html"), "<p>stale holder</p>").unwrap();
+    let stale = p.publish(&bucket, dir.path(), Some(&fence(1))).await;
+    assert!(
+        matches!(
+            stale,
+            Err(PublishError::Fenced {
+                token: 1,
+                found: 2,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(stale.unwrap_err().kind(), "lease_lost");
+    let contents = env.bucket_contents(&bucket).await;
+    assert_eq!(contents["index.html"].1, b"<p>newer holder</p>");
+    // The fence is the worker's, not the site's: never deleted by a publish, never counted.
+    assert!(contents.contains_key(".edit-worker/lease/pub/site.json"));
+    let again = p
+        .publish(&bucket, dir.path(), Some(&fence(2)))
+        .await
+        .unwrap();
+    assert_eq!(again.deleted, 0);
 }

@@ -88,8 +88,11 @@ pub struct WorkerConfig {
     /// `LEASE_STORE`: where the shared records (message outcomes, thread marks) live. `None`:
     /// the worker assumes it is alone and keeps them in `{WORKSPACE_ROOT}/.records`.
     pub lease_store: Option<crate::records::StoreLocation>,
-    /// `WORKER_ID`: this worker's name in records and logs.
+    /// `WORKER_ID`: this worker's name in records, leases and logs; unique per process.
     pub worker_id: String,
+    /// `LEASE_SECONDS`: how long a workspace lease lasts without a heartbeat (one every
+    /// third). A worker that dies holds its workspaces this long at most.
+    pub lease_duration: Duration,
 }
 
 impl WorkerConfig {
@@ -130,6 +133,7 @@ impl WorkerConfig {
             npm_store: Default::default(),
             lease_store: None,
             worker_id: default_worker_id(),
+            lease_duration: Duration::from_secs(30),
         }
     }
 

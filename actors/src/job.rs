@@ -106,6 +106,9 @@ pub enum StopReason {
     Interrupted,
     /// The worker is shutting down: save the work and release the message.
     Shutdown,
+    /// The workspace's lease was lost (another worker may hold it): stop, touch nothing the
+    /// next holder owns (no push, no publish), release the message for the next holder.
+    LeaseLost,
 }
 
 /// Asks running work to stop, out of band: the job checks the token while it runs, so a stop

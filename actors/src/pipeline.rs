@@ -15,9 +15,12 @@ use crate::agent::{AgentActivity, AgentError, AgentReport, AgentSession};
 use crate::build::BuildError;
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
-use crate::git::{GitError, SAVE_MESSAGE, agent_commit_subject};
+use crate::git::{Fence, GitError, SAVE_MESSAGE, agent_commit_subject};
 use crate::job::{Job, StopReason, StopSignal};
-use crate::publish::{PublishError, PublishReport};
+use crate::lease::{Acquired, Lease, LeaseCheck, LeaseError, LeaseLost, Leases};
+use crate::message::WorkspaceKey;
+use crate::notices::{Notice, NoticeSender};
+use crate::publish::{BucketFence, PublishError, PublishReport};
 use crate::status::{EventError, EventType, StatusEvent};
 use crate::steps::{AgentMsg, BuildMsg, GitMsg, PublisherMsg};
 use crate::threads::{ThreadRecord, ThreadStore};
@@ -35,6 +38,16 @@ pub struct WorkerContext {
     /// The build as the build actors run it; its dependency store is the one they share, so
     /// that installing ahead of a build (while the agent runs) installs each lock file once.
     build: crate::build::BuildSpec,
+    /// Workspace leases: one worker at a time per workspace (granted at once when alone).
+    pub leases: Leases,
+    /// Notices to other workers (`None` when alone).
+    pub notices: Option<NoticeSender>,
+    /// This worker's notice queue, where a holder answers `Released`.
+    pub notice_url: Option<String>,
+    /// Which conversation each thread has, and the agent's conversation files when shared.
+    pub threads: ThreadStore,
+    /// Where the agent keeps its conversation files (`CLAUDE_CONFIG_DIR`), when known.
+    pub agent_config_dir: Option<std::path::PathBuf>,
 }
 
 impl WorkerContext {
@@ -44,9 +57,20 @@ impl WorkerContext {
         invalidator: Option<crate::invalidate::Invalidator>,
         build: crate::build::BuildSpec,
     ) -> WorkerContext {
+        let threads = ThreadStore::for_worker(&config.workspace_root, &delivery.records);
+        // The agent gets the worker's own CLAUDE_CONFIG_DIR when it has one (`agent_env`).
+        let agent_config_dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| config.agent.config_dir.clone());
         WorkerContext {
             invalidator,
             build,
+            leases: Leases::alone(),
+            notices: None,
+            notice_url: None,
+            threads,
+            agent_config_dir,
             agent_slots: Arc::new(tokio::sync::Semaphore::new(config.agent_concurrency.max(1))),
             build_slots: Arc::new(tokio::sync::Semaphore::new(config.build_concurrency.max(1))),
             config,
@@ -105,6 +129,13 @@ enum JobError {
     Push(GitError),
     #[error("{0}")]
     Records(#[from] crate::records::RecordError),
+    #[error("{0}")]
+    Lease(#[from] LeaseError),
+    #[error("{0}")]
+    LeaseLost(#[from] LeaseLost),
+    /// Stopped while waiting for another worker to hand the workspace over.
+    #[error("stopped while waiting for the workspace's lease")]
+    StoppedWaiting,
 }
 
 impl JobError {
@@ -117,7 +148,10 @@ impl JobError {
             JobError::Git(_)
             | JobError::Push(_)
             | JobError::StepCrashed(_)
-            | JobError::Records(_) => true,
+            | JobError::Records(_)
+            | JobError::Lease(_)
+            | JobError::LeaseLost(_)
+            | JobError::StoppedWaiting => true,
             JobError::Publish(e) => !matches!(e, PublishError::EmptyBuild(_)),
             JobError::Build(e) => matches!(e, BuildError::InstallFailed { .. }),
             JobError::Agent(e) => matches!(e.kind(), "agent_api_error" | "agent_no_result"),
@@ -135,7 +169,22 @@ impl JobError {
             JobError::StepCrashed(_) => "step_crashed",
             JobError::Push(_) => "push_failed",
             JobError::Records(_) => "record_store_failed",
+            JobError::Lease(_) => "lease_store_failed",
+            JobError::LeaseLost(_) => "lease_lost",
+            JobError::StoppedWaiting => "interrupted",
         }
+    }
+
+    /// The workspace has another holder now: nothing of this job may be pushed or published,
+    /// and its messages go back to the queue for the holder.
+    fn is_lost_lease(&self) -> bool {
+        matches!(
+            self,
+            JobError::LeaseLost(_)
+                | JobError::Git(GitError::Fenced { .. })
+                | JobError::Push(GitError::Fenced { .. })
+                | JobError::Publish(PublishError::LeaseLost(_) | PublishError::Fenced { .. })
+        )
     }
 }
 
@@ -199,12 +248,19 @@ enum Ending {
 /// Run a batch to its end: the first job and any directly following jobs of the same thread,
 /// which run as one agent turn (their commands joined in order) and each get their own
 /// terminal event. Never panics on bad input; every path reports or releases every message.
+///
+/// The batch runs under the workspace's lease: `lease` when its session still holds it from
+/// the batch before, else taken here (waiting for another worker to hand it over; `yielded`:
+/// this worker has just handed it to a waiter, who goes first). The lease comes back when it
+/// still holds, for the session to keep or release.
 pub async fn run_batch(
     ctx: Arc<WorkerContext>,
     steps: Steps,
     mut batch: Vec<Job>,
     stop: StopSignal,
-) {
+    lease: Option<Lease>,
+    yielded: bool,
+) -> Option<Lease> {
     let events = batch
         .iter()
         .map(|job| {
@@ -218,9 +274,47 @@ pub async fn run_batch(
     let mut started = StartedEvents::send(&ctx, events);
 
     let mut progress = Progress::default();
-    let outcome = execute(&ctx, &steps, &batch, &stop, &mut started, &mut progress).await;
+    let key = batch[0].request.workspace();
+    let lease = match lease {
+        Some(lease) => Ok(lease),
+        None => take_lease(&ctx, &key, &batch, &stop, yielded).await,
+    };
+    let (outcome, mut lease) = match lease {
+        Ok(mut lease) => {
+            // A lease found lost stops the work at once, as an interrupt would.
+            let lost = lease.check().lost().clone();
+            let stopper = stop.clone();
+            let watch = tokio::spawn(async move {
+                lost.cancelled().await;
+                stopper.request(StopReason::LeaseLost);
+            });
+            let scope = LeaseScope::of(&mut lease);
+            let outcome = execute(
+                &ctx,
+                &steps,
+                &batch,
+                &stop,
+                &scope,
+                &mut started,
+                &mut progress,
+            )
+            .await;
+            watch.abort();
+            (outcome.map(|()| scope), Some(lease))
+        }
+        Err(e) => (Err(e), None),
+    };
+    let scope = match &outcome {
+        Ok(scope) => Some(scope.clone()),
+        Err(_) => lease.as_mut().map(LeaseScope::of),
+    };
+    let outcome = outcome.map(drop);
     let ending = match outcome {
         Ok(()) => Ending::Completed,
+        Err(JobError::StoppedWaiting) => {
+            Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
+        }
+        Err(e) if e.is_lost_lease() => Ending::Stopped(StopReason::LeaseLost),
         Err(JobError::Agent(e)) if e.is_interrupted() => {
             Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
         }
@@ -237,17 +331,23 @@ pub async fn run_batch(
         tracing::info!(
             ?reason,
             interrupt_latency_us = asked.elapsed().as_micros() as u64,
+            stopped_at_ms = crate::records::now_ms(),
             "work stopped"
         );
     }
+    if matches!(ending, Ending::Stopped(StopReason::LeaseLost)) {
+        tracing::warn!(workspace = %key, "the workspace's lease was lost: nothing more is pushed or published here; the messages go back to the queue");
+    }
     // Work the agent left in the worktree is never thrown away: commit and push it on the
-    // thread's own branch before reporting.
-    if !matches!(ending, Ending::Completed) {
+    // thread's own branch before reporting. Only under a lease that still holds: without it,
+    // the checkout (on a shared volume) and the upstream belong to another worker now.
+    let held = lease.as_ref().is_some_and(|l| l.check().check().is_ok());
+    if let (false, true, Some(scope)) = (matches!(ending, Ending::Completed), held, &scope) {
         let working: Vec<&Job> = batch
             .iter()
             .filter(|j| !progress.superseded.contains(&j.message_id))
             .collect();
-        save_work(&ctx, &steps, &working, &mut progress).await;
+        save_work(&ctx, &steps, &working, scope, &mut progress).await;
     }
     let lead_received = batch[0].received_at;
     progress
@@ -259,6 +359,150 @@ pub async fn run_batch(
     started.sent().await;
     for job in batch {
         finish(&ctx, job, &ending, &progress).await;
+    }
+    lease.filter(|l| l.check().check().is_ok())
+}
+
+/// What an agent turn of a batch runs with.
+#[derive(Clone, Copy)]
+struct BatchRun<'a> {
+    ctx: &'a WorkerContext,
+    steps: &'a Steps,
+    stop: &'a StopSignal,
+    scope: &'a LeaseScope,
+}
+
+/// What the batch's lease gives its effects: the check before each of them, the fences they
+/// carry, and whether the workspace has just come from another worker.
+#[derive(Clone)]
+struct LeaseScope {
+    check: LeaseCheck,
+    /// The upstream's fence (pushes), when workers share the queue.
+    fence: Option<Fence>,
+    /// The bucket's fence (publishes), when workers share the queue.
+    bucket_fence: Option<BucketFence>,
+    /// The workspace came from another worker (or nobody known): catch up before working.
+    handover: bool,
+}
+
+impl LeaseScope {
+    fn of(lease: &mut Lease) -> LeaseScope {
+        let shared = lease.is_shared();
+        let token = lease.token();
+        let key = lease.key().clone();
+        LeaseScope {
+            check: lease.check().clone(),
+            fence: shared.then(|| Fence::for_workspace(&key, token)),
+            bucket_fence: shared
+                .then(|| BucketFence::for_workspace(&key, token, lease.check().clone())),
+            handover: lease.take_handover(),
+        }
+    }
+}
+
+/// How often a worker waiting for another's lease looks at it again, besides being told.
+const LEASE_POLL: Duration = Duration::from_millis(1500);
+/// A worker that just handed the workspace to a waiter lets it go first.
+const YIELD_TO_WAITER: Duration = Duration::from_millis(500);
+
+/// Take the workspace's lease, waiting while another worker holds it: tell the holder that a
+/// message waits here (it interrupts older work and hands over when done), then wait to be
+/// told it is released, or look again now and then (the holder may have died: its lease
+/// expires). The messages stay held meanwhile (renewed), so no receive is burnt.
+async fn take_lease(
+    ctx: &WorkerContext,
+    key: &WorkspaceKey,
+    batch: &[Job],
+    stop: &StopSignal,
+    yielded: bool,
+) -> Result<Lease, JobError> {
+    if yielded {
+        tokio::select! {
+            _ = tokio::time::sleep(YIELD_TO_WAITER) => {}
+            _ = stop.token().cancelled() => return Err(JobError::StoppedWaiting),
+        }
+    }
+    let newest = batch
+        .iter()
+        .max_by_key(|j| j.sent_at_ms)
+        .expect("a batch has a job");
+    let asked = Instant::now();
+    // The holder told so far: once per holder, a second notice would only repeat the first.
+    let mut told: Option<String> = None;
+    let mut failures = 0;
+    loop {
+        let released = ctx.leases.released_signal(key);
+        let notified = released.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let wait = match ctx.leases.try_acquire(key).await {
+            Ok(Acquired::Granted(lease)) => {
+                if told.is_some() {
+                    tracing::info!(workspace = %key, waited_ms = asked.elapsed().as_millis() as u64, "the workspace was handed over");
+                }
+                return Ok(lease);
+            }
+            Ok(Acquired::HeldBy {
+                holder,
+                notices,
+                expires_at_ms,
+            }) => {
+                if told.as_ref() != Some(&holder) {
+                    notify_holder(ctx, key, newest, &holder, notices.as_deref()).await;
+                    told = Some(holder);
+                }
+                let until_expiry =
+                    Duration::from_millis(expires_at_ms.saturating_sub(crate::records::now_ms()));
+                until_expiry.clamp(Duration::from_millis(100), LEASE_POLL)
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= 5 {
+                    return Err(e.into());
+                }
+                tracing::warn!(workspace = %key, error = %e, "the lease store did not answer; trying again");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.token().cancelled() => return Err(JobError::StoppedWaiting),
+        }
+    }
+}
+
+/// Tell the holder of `key` that `newest` waits here.
+async fn notify_holder(
+    ctx: &WorkerContext,
+    key: &WorkspaceKey,
+    newest: &Job,
+    holder: &str,
+    notices: Option<&str>,
+) {
+    let (Some(sender), Some(url)) = (&ctx.notices, notices) else {
+        tracing::warn!(workspace = %key, %holder, "the holder has no notice queue; waiting for its lease to end");
+        return;
+    };
+    let notice = Notice::Newer {
+        client_id: key.client_id.clone(),
+        project_id: key.project_id.clone(),
+        message_id: newest.message_id.clone(),
+        sent_at_ms: newest.sent_at_ms,
+        from: ctx.config.worker_id.clone(),
+        reply_to: ctx.notice_url.clone(),
+    };
+    match sender.send(url, &notice).await {
+        Ok(()) => tracing::info!(
+            workspace = %key,
+            message_id = %newest.message_id,
+            %holder,
+            at_ms = crate::records::now_ms(),
+            "interrupt notice sent"
+        ),
+        Err(e) => {
+            tracing::warn!(workspace = %key, %holder, error = %e, "notice not sent; waiting for the lease")
+        }
     }
 }
 
@@ -320,6 +564,7 @@ async fn execute(
     steps: &Steps,
     batch: &[Job],
     stop: &StopSignal,
+    scope: &LeaseScope,
     started: &mut StartedEvents,
     progress: &mut Progress,
 ) -> Result<(), JobError> {
@@ -330,12 +575,22 @@ async fn execute(
     let workspace_dir = config.workspace_dir(&request.workspace());
     let bucket = config.bucket_for(&request.workspace());
 
-    // 1. The thread's branch, with unfinished work of another thread saved first.
+    // 1. The thread's branch, with unfinished work of another thread saved first; after a
+    // takeover, the fence moved to this holder first and the upstream's state trusted.
     let t = Instant::now();
+    if let (true, Some(fence)) = (scope.handover, &scope.fence) {
+        ask(&steps.git, "git", |reply| GitMsg::TakeOver {
+            fence: fence.clone(),
+            reply,
+        })
+        .instrument(info_span!("take over workspace", token = fence.token))
+        .await??;
+    }
     let span = info_span!("prepare workspace", branch = %branch, saved_work = Empty);
     let saved = ask(&steps.git, "git", |reply| GitMsg::PrepareThread {
         branch: branch.clone(),
         message_id: job.message_id.clone(),
+        trust_upstream: scope.handover && scope.fence.is_some(),
         reply,
     })
     .instrument(span.clone())
@@ -345,7 +600,7 @@ async fn execute(
     }
     if let Some(saved) = saved {
         tracing::warn!(branch = %saved.branch, commit = %saved.commit, "saved unfinished work found in the workspace");
-        match push(ctx, steps, &saved.branch, progress).await {
+        match push(ctx, steps, &saved.branch, scope, progress).await {
             Err(JobError::Push(e)) => {
                 tracing::warn!(error = %e, "saved work could not be pushed yet; it stays committed locally");
             }
@@ -404,11 +659,14 @@ async fn execute(
         progress.cost_payer = Some(pending[0].message_id.clone());
         // 2 and 3. The agent, then a commit of what it changed.
         agent_turn(
-            ctx,
-            steps,
+            &BatchRun {
+                ctx,
+                steps,
+                stop,
+                scope,
+            },
             &pending,
             batch_prompt(&pending),
-            stop,
             progress,
             "request",
         )
@@ -437,7 +695,7 @@ async fn execute(
         if live.trim() == marker {
             tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
             // Nothing to build or publish: straight to the push.
-            return push(ctx, steps, &branch, progress).await;
+            return push(ctx, steps, &branch, scope, progress).await;
         }
         // Phases count from the slot on: time spent waiting for one is not the build's.
         if let Some(prefetch) = prefetch.take() {
@@ -493,13 +751,25 @@ async fn execute(
                      keeping the requested change. The end of the build log:\n\n{log_tail}",
                     config.build_command.join(" ")
                 );
-                agent_turn(ctx, steps, &pending, prompt, stop, progress, "build repair").await?;
+                agent_turn(
+                    &BatchRun {
+                        ctx,
+                        steps,
+                        stop,
+                        scope,
+                    },
+                    &pending,
+                    prompt,
+                    progress,
+                    "build repair",
+                )
+                .await?;
                 commit_turn(steps, &pending, "Claude: Fix the build".into(), progress).await?;
             }
             Err(e) => {
                 progress.time("build", t);
                 // The agent's work is pushed even though it does not build: nothing is lost.
-                push(ctx, steps, &branch, progress).await?;
+                push(ctx, steps, &branch, scope, progress).await?;
                 return Err(e.into());
             }
         }
@@ -520,6 +790,7 @@ async fn execute(
             PublisherMsg::Publish {
                 bucket: bucket.clone(),
                 build_dir: workspace_dir.join(&config.build_output_dir),
+                fence: scope.bucket_fence.clone(),
                 reply,
             }
         })
@@ -559,7 +830,9 @@ async fn execute(
         match published {
             Ok(report) => progress.published = Some(report),
             Err(e) => {
-                push(ctx, steps, &branch, progress).await?;
+                if !matches!(e, PublishError::LeaseLost(_) | PublishError::Fenced { .. }) {
+                    push(ctx, steps, &branch, scope, progress).await?;
+                }
                 return Err(e.into());
             }
         }
@@ -569,18 +842,16 @@ async fn execute(
     }
 
     // 6. Push.
-    push(ctx, steps, &branch, progress).await
+    push(ctx, steps, &branch, scope, progress).await
 }
 
 /// Run the agent on `prompt` in the thread's conversation: resume it when the thread has one,
 /// else start it. Reports what the agent does as throttled `progress` events, and adds this
 /// run's share of the conversation's cost (the agent reports a running total) to `progress`.
 async fn agent_turn(
-    ctx: &WorkerContext,
-    steps: &Steps,
+    run: &BatchRun<'_>,
     batch: &[&Job],
     prompt: String,
-    stop: &StopSignal,
     progress: &mut Progress,
     purpose: &'static str,
 ) -> Result<(), JobError> {
@@ -594,7 +865,7 @@ async fn agent_turn(
         agent.result_subtype = Empty,
         error = Empty
     );
-    let outcome = agent_turn_inner(ctx, steps, batch, prompt, stop, progress, &span)
+    let outcome = agent_turn_inner(run, batch, prompt, progress, &span)
         .instrument(span.clone())
         .await;
     if let Err(e) = &outcome {
@@ -604,18 +875,37 @@ async fn agent_turn(
 }
 
 async fn agent_turn_inner(
-    ctx: &WorkerContext,
-    steps: &Steps,
+    run: &BatchRun<'_>,
     batch: &[&Job],
     prompt: String,
-    stop: &StopSignal,
     progress: &mut Progress,
     span: &tracing::Span,
 ) -> Result<(), JobError> {
+    let BatchRun {
+        ctx,
+        steps,
+        stop,
+        scope,
+    } = *run;
     let job = &batch[0];
     let key = job.request.workspace();
-    let threads = ThreadStore::new(&ctx.config.workspace_root);
+    let threads = &ctx.threads;
+    let cwd = ctx.config.workspace_dir(&key);
     let record = threads.load(&key, &job.request.thread_id).await;
+    // The conversation may have gone on elsewhere: bring the shared copy of its file here.
+    if let (Some(r), Some(config_dir)) = (&record, &ctx.agent_config_dir) {
+        let file = ThreadStore::conversation_file(config_dir, &cwd, &r.session_id);
+        match threads
+            .restore_conversation(&key, &r.session_id, &file, scope.handover)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(session = %r.session_id, "the thread's conversation was restored from the shared store")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not restore the thread's conversation"),
+        }
+    }
     let mut session = match &record {
         Some(r) => AgentSession::Resume(r.session_id.clone()),
         None => AgentSession::New(uuid::Uuid::new_v4().to_string()),
@@ -623,7 +913,7 @@ async fn agent_turn_inner(
     // The thread's conversation is known before the run starts, so that an interrupted,
     // crashed or failed run stays in it (the follow-up resumes it).
     if let AgentSession::New(id) = &session {
-        record_new_conversation(&threads, &key, &job.request.thread_id, id).await;
+        record_new_conversation(threads, &key, &job.request.thread_id, id).await;
     }
     let _agent_slot = slot(&ctx.agent_slots, stop, progress, || {
         JobError::Agent(AgentError::Interrupted)
@@ -662,7 +952,7 @@ async fn agent_turn_inner(
                 progress.conversation_restarted = true;
                 session = AgentSession::New(uuid::Uuid::new_v4().to_string());
                 if let AgentSession::New(id) = &session {
-                    record_new_conversation(&threads, &key, &job.request.thread_id, id).await;
+                    record_new_conversation(threads, &key, &job.request.thread_id, id).await;
                 }
             }
             other => break other,
@@ -707,6 +997,20 @@ async fn agent_turn_inner(
         };
         if let Err(e) = threads.save(&key, &job.request.thread_id, &saved).await {
             tracing::warn!(error = %e, "could not record the thread's conversation");
+        }
+    }
+    // Whatever the run's end (an interrupted run stays in the conversation too), its file
+    // goes where the thread's next message finds it, on whichever worker.
+    if let Some(config_dir) = &ctx.agent_config_dir {
+        let session_id = report
+            .as_ref()
+            .and_then(|r| r.session_id.clone())
+            .unwrap_or_else(|| match &session {
+                AgentSession::New(id) | AgentSession::Resume(id) => id.clone(),
+            });
+        let file = ThreadStore::conversation_file(config_dir, &cwd, &session_id);
+        if let Err(e) = threads.save_conversation(&key, &session_id, &file).await {
+            tracing::warn!(error = %e, "could not share the thread's conversation file");
         }
     }
     let report = outcome?;
@@ -863,12 +1167,15 @@ async fn push(
     ctx: &WorkerContext,
     steps: &Steps,
     branch: &str,
+    scope: &LeaseScope,
     progress: &mut Progress,
 ) -> Result<(), JobError> {
+    scope.check.check()?;
     let t = Instant::now();
     let pushed = ask(&steps.git, "git", |reply| GitMsg::Push {
         branch: branch.to_owned(),
         attempts: ctx.config.push_attempts,
+        fence: scope.fence.clone(),
         reply,
     })
     .instrument(info_span!("push", branch))
@@ -881,7 +1188,13 @@ async fn push(
 /// there was nothing new to commit: work stopped during the build was committed already, and
 /// must still reach the upstream. Failures here are logged: the work then stays committed (or
 /// in the worktree) locally and is saved by the next job.
-async fn save_work(ctx: &WorkerContext, steps: &Steps, working: &[&Job], progress: &mut Progress) {
+async fn save_work(
+    ctx: &WorkerContext,
+    steps: &Steps,
+    working: &[&Job],
+    scope: &LeaseScope,
+    progress: &mut Progress,
+) {
     let Some(lead) = working.first() else {
         return;
     };
@@ -901,7 +1214,7 @@ async fn save_work(ctx: &WorkerContext, steps: &Steps, working: &[&Job], progres
             if commit.is_some() {
                 progress.commit = commit;
             }
-            if let Err(e) = push(ctx, steps, &lead.request.branch(), progress).await {
+            if let Err(e) = push(ctx, steps, &lead.request.branch(), scope, progress).await {
                 tracing::warn!(error = %e, "saved work not pushed");
             }
         }
@@ -928,6 +1241,13 @@ async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, progress: &Progr
         Ending::Stopped(StopReason::Shutdown) => {
             // Saved and pushed; back to the queue at once for the next worker.
             job.release(&ctx.delivery, Duration::ZERO, "shutdown").await;
+            crate::metrics::outcome("released");
+            return;
+        }
+        Ending::Stopped(StopReason::LeaseLost) => {
+            // The workspace's next holder runs it: back to the queue at once.
+            job.release(&ctx.delivery, Duration::ZERO, "lease lost")
+                .await;
             crate::metrics::outcome("released");
             return;
         }

@@ -149,6 +149,19 @@ pub enum PublishError {
     },
     #[error("deleting stale objects from {bucket}: {message}")]
     Delete { bucket: String, message: String },
+    #[error("{0}")]
+    LeaseLost(#[from] crate::lease::LeaseLost),
+    #[error(
+        "bucket {bucket} is fenced past this worker's lease token {token} (it carries {found}): \
+         another worker holds the workspace now"
+    )]
+    Fenced {
+        bucket: String,
+        token: u64,
+        found: u64,
+    },
+    #[error("the lease fence in {bucket}: {message}")]
+    FenceStore { bucket: String, message: String },
     #[error(
         "this build would delete {stale} of the {total} objects in {bucket} (more than {max_percent}%); \
          refusing (set PUBLISH_ALLOW_MASS_DELETE=true if that is intended)"
@@ -166,9 +179,48 @@ impl PublishError {
         match self {
             PublishError::EmptyBuild(_) => "empty_build",
             PublishError::TooManyDeletions { .. } => "too_many_deletions",
+            PublishError::LeaseLost(_) | PublishError::Fenced { .. } => "lease_lost",
             _ => "publish_failed",
         }
     }
+}
+
+/// Keys under this prefix are the worker's own (the lease fences), never the site's: a publish
+/// neither lists nor deletes them.
+pub const RESERVED_PREFIX: &str = ".edit-worker/";
+
+/// A lease's fence in the bucket it publishes to: an object per workspace holding the newest
+/// lease token that published there. A publish first raises it to its own token (a conditional
+/// write), and refuses when it is already past it: a worker that lost its lease publishes
+/// nothing once the next holder has. The lease itself is checked again before every batch of
+/// uploads and before the deletes, so a holder paused mid-publish stops at the next step.
+#[derive(Clone)]
+pub struct BucketFence {
+    pub key: String,
+    pub token: u64,
+    pub lease: crate::lease::LeaseCheck,
+}
+
+impl BucketFence {
+    pub fn for_workspace(
+        workspace: &crate::message::WorkspaceKey,
+        token: u64,
+        lease: crate::lease::LeaseCheck,
+    ) -> BucketFence {
+        BucketFence {
+            key: format!(
+                "{RESERVED_PREFIX}lease/{}/{}.json",
+                workspace.client_id, workspace.project_id
+            ),
+            token,
+            lease,
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FenceRecord {
+    token: u64,
 }
 
 /// A file of the build, ready to compare and upload.
@@ -232,7 +284,13 @@ impl Publisher {
         &self,
         bucket: &str,
         build_dir: &Path,
+        fence: Option<&BucketFence>,
     ) -> Result<PublishReport, PublishError> {
+        if let Some(fence) = fence {
+            fence.lease.check()?;
+            self.raise_fence(bucket, fence).await?;
+        }
+        let still_held = || fence.map_or(Ok(()), |f| f.lease.check());
         let root = build_dir.to_owned();
         let part_size = self.options.part_size;
         let threshold = self.options.multipart_threshold;
@@ -265,15 +323,86 @@ impl Publisher {
         // Assets before the pages that reference them, so no visitor sees a page whose
         // stylesheet is not there yet; each batch ends before the next begins.
         for batch in [plan.assets, plan.pages] {
+            still_held()?;
             let count = batch.len();
             report.changed.extend(batch.iter().map(|f| f.key.clone()));
             report.bytes += self.upload_all(bucket, batch).await?;
             report.uploaded += count;
         }
+        still_held()?;
         self.delete(bucket, &plan.stale).await?;
         report.deleted = plan.stale.len();
         report.changed.extend(plan.stale);
         Ok(report)
+    }
+
+    /// Raise the bucket's fence to this holder's token; refuse when it is already past it.
+    async fn raise_fence(&self, bucket: &str, fence: &BucketFence) -> Result<(), PublishError> {
+        let store_err = |message: String| PublishError::FenceStore {
+            bucket: bucket.into(),
+            message,
+        };
+        for _ in 0..4 {
+            let got = self
+                .s3
+                .get_object()
+                .bucket(bucket)
+                .key(&fence.key)
+                .send()
+                .await;
+            let (found, etag) = match got {
+                Ok(object) => {
+                    let etag = object.e_tag().unwrap_or_default().to_owned();
+                    let bytes = object
+                        .body
+                        .collect()
+                        .await
+                        .map_err(|e| store_err(e.to_string()))?
+                        .into_bytes();
+                    let record: FenceRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| store_err(e.to_string()))?;
+                    (Some(record.token), Some(etag))
+                }
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => (None, None),
+                Err(e) => return Err(store_err(DisplayErrorContext(&e).to_string())),
+            };
+            match found {
+                Some(token) if token > fence.token => {
+                    return Err(PublishError::Fenced {
+                        bucket: bucket.into(),
+                        token: fence.token,
+                        found: token,
+                    });
+                }
+                Some(token) if token == fence.token => return Ok(()),
+                _ => {}
+            }
+            let body =
+                serde_json::to_vec(&FenceRecord { token: fence.token }).expect("fences serialize");
+            let put = self
+                .s3
+                .put_object()
+                .bucket(bucket)
+                .key(&fence.key)
+                .content_type("application/json")
+                .cache_control("no-store")
+                .body(body.into());
+            let put = match etag {
+                Some(etag) => put.if_match(etag),
+                None => put.if_none_match("*"),
+            };
+            match put.send().await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    let status = e.raw_response().map(|r| r.status().as_u16());
+                    if !matches!(status, Some(412 | 409)) {
+                        return Err(store_err(DisplayErrorContext(&e).to_string()));
+                    }
+                    // Someone wrote first: read it again.
+                }
+            }
+        }
+        Err(store_err("the fence kept changing under us".into()))
     }
 
     /// Decide what to upload, skip and delete.
@@ -366,7 +495,9 @@ impl Publisher {
                 message: DisplayErrorContext(&e).to_string(),
             })?;
             for object in page.contents() {
-                if let Some(key) = object.key() {
+                if let Some(key) = object.key()
+                    && !key.starts_with(RESERVED_PREFIX)
+                {
                     let etag = object.e_tag().unwrap_or_default().trim_matches('"');
                     objects.insert(key.to_owned(), etag.to_owned());
                 }

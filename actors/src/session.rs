@@ -16,6 +16,7 @@ use crate::agent::AgentSpec;
 use crate::build::BuildSpec;
 use crate::git::Workspace;
 use crate::job::{Job, StopReason, StopSignal};
+use crate::lease::Lease;
 use crate::message::WorkspaceKey;
 use crate::pipeline::{self, Steps, WorkerContext};
 use crate::publish::Publisher;
@@ -25,8 +26,12 @@ use crate::steps::{AgentActor, BuildActor, GitActor, PublisherActor};
 pub enum SessionMsg {
     /// A new message for this workspace.
     Enqueue(Box<Job>),
-    /// The running job has ended (reported or released).
-    JobEnded,
+    /// A message for this workspace waits on another worker (a notice): interrupt work older
+    /// than it, and hand the workspace over when the running work has ended.
+    NewerElsewhere(Waiter),
+    /// The running job has ended (reported or released), giving back the workspace's lease
+    /// when it still holds.
+    JobEnded(Option<Lease>),
     /// Restart a step actor that died, after its backoff.
     RestartStep(StepKind),
     /// Stop: save running work, release queued messages, then reply.
@@ -76,6 +81,42 @@ pub struct SessionState {
     epoch: u64,
     /// Jobs received, so the supervisor can tell whether one is still on its way to us.
     received: u64,
+    /// The workspace's lease between two batches of one busy spell: kept while more work is
+    /// queued here, released when the work runs out or another worker waits for it.
+    lease: Option<Lease>,
+    /// Workers waiting for the lease (notices), told when it is released.
+    waiters: Vec<Waiter>,
+    /// Set when the lease was just given up to a waiter: the next batch lets the waiter take
+    /// it first, instead of racing it.
+    yielded: bool,
+}
+
+/// A worker waiting for this workspace's lease.
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    /// Its message's send time: work sent before it is interrupted.
+    pub sent_at_ms: u64,
+    /// Its notice queue, told when the lease is released.
+    pub reply_to: Option<String>,
+}
+
+/// Tell `waiters` that this worker released (or does not hold) `key`'s lease.
+pub fn tell_released(ctx: &Arc<WorkerContext>, key: &WorkspaceKey, waiters: Vec<Waiter>) {
+    let Some(sender) = ctx.notices.clone() else {
+        return;
+    };
+    let notice = crate::notices::Notice::Released {
+        client_id: key.client_id.clone(),
+        project_id: key.project_id.clone(),
+        from: ctx.config.worker_id.clone(),
+    };
+    tokio::spawn(async move {
+        for url in waiters.into_iter().filter_map(|w| w.reply_to) {
+            if let Err(e) = sender.send(&url, &notice).await {
+                tracing::debug!(error = %e, "released notice not sent; the waiter polls the lease");
+            }
+        }
+    });
 }
 
 /// The batch at work.
@@ -206,6 +247,8 @@ impl SessionActor {
             batch.push(state.queue.pop_front().expect("front exists"));
         }
         let stop = StopSignal::default();
+        let lease = state.lease.take();
+        let yielded = std::mem::take(&mut state.yielded);
         state.running = Some(Running {
             stop: stop.clone(),
             newest_sent_ms: batch.iter().map(|j| j.sent_at_ms).max().unwrap_or(0),
@@ -219,12 +262,23 @@ impl SessionActor {
         }
         tokio::spawn(
             async move {
-                pipeline::run_batch(ctx, steps, batch, stop).await;
-                let _ = me.cast(SessionMsg::JobEnded);
+                let lease = pipeline::run_batch(ctx, steps, batch, stop, lease, yielded).await;
+                let _ = me.cast(SessionMsg::JobEnded(lease));
             }
             .instrument(span),
         );
         Ok(())
+    }
+
+    /// Give the lease up (when held) and then tell the waiters. Awaited in the handler (one
+    /// conditional write): the release is done before this session's next batch asks for the
+    /// lease again, and before a shutdown is answered, so the next worker never waits for a
+    /// lease that was meant to be free.
+    async fn release_lease(args: &SessionArgs, lease: Option<Lease>, waiters: Vec<Waiter>) {
+        if let Some(lease) = lease {
+            lease.release().await;
+        }
+        tell_released(&args.ctx, &args.key, waiters);
     }
 
     fn release(ctx: &Arc<WorkerContext>, job: Job) {
@@ -267,6 +321,9 @@ impl Actor for SessionActor {
             shutdown_reply: None,
             epoch: 0,
             received: 0,
+            lease: None,
+            waiters: Vec::new(),
+            yielded: false,
         })
     }
 
@@ -297,8 +354,31 @@ impl Actor for SessionActor {
                     None => Self::start_next(&myself, state).await?,
                 }
             }
-            SessionMsg::JobEnded => {
+            SessionMsg::NewerElsewhere(waiter) => {
+                match &state.running {
+                    Some(running) => {
+                        if waiter.sent_at_ms > running.newest_sent_ms {
+                            running.stop.request(StopReason::Interrupted);
+                        }
+                        state.waiters.push(waiter);
+                    }
+                    // Between batches the lease is not kept: nothing here holds it.
+                    None => tell_released(&state.args.ctx, &state.args.key, vec![waiter]),
+                }
+            }
+            SessionMsg::JobEnded(lease) => {
                 state.running = None;
+                let keep = !state.queue.is_empty()
+                    && state.waiters.is_empty()
+                    && !state.shutting_down
+                    && lease.as_ref().is_some_and(|l| l.check().check().is_ok());
+                if keep {
+                    state.lease = lease;
+                } else {
+                    let waiters = std::mem::take(&mut state.waiters);
+                    state.yielded = !waiters.is_empty();
+                    Self::release_lease(&state.args, lease, waiters).await;
+                }
                 Self::start_next(&myself, state).await?;
             }
             SessionMsg::IdleCheck(epoch) => {
@@ -393,6 +473,12 @@ impl Actor for SessionActor {
         if let Some(running) = &state.running {
             running.stop.request(StopReason::Shutdown);
         }
+        Self::release_lease(
+            &state.args,
+            state.lease.take(),
+            std::mem::take(&mut state.waiters),
+        )
+        .await;
         // The step actors live and die with their session.
         Self::stop_steps(state);
         Ok(())

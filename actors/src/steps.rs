@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSession, AgentSpec};
 use crate::build::{self, BuildError, BuildReport, BuildSpec};
-use crate::git::{GitError, SavedWork, Workspace};
-use crate::publish::{PublishError, PublishReport, Publisher};
+use crate::git::{Fence, GitError, SavedWork, Workspace};
+use crate::publish::{BucketFence, PublishError, PublishReport, Publisher};
 
 /// Test-only switch (cargo feature `fault-injection`): panic in the named step when the
 /// environment variable `EDIT_WORKER_FAULT` names it (`git.commit`, `agent.run`, `build.run`,
@@ -48,9 +48,16 @@ fn maybe_fault(_step: &str) {}
 
 pub enum GitMsg {
     /// Check out the thread's branch, saving unfinished work of what was checked out.
+    /// Take the workspace over from another worker: move the fence, set leftovers aside.
+    TakeOver {
+        fence: Fence,
+        reply: RpcReplyPort<Result<(), GitError>>,
+    },
     PrepareThread {
         branch: String,
         message_id: String,
+        /// The first work after a takeover: the upstream is right, local-only commits are not.
+        trust_upstream: bool,
         reply: RpcReplyPort<Result<Option<SavedWork>, GitError>>,
     },
     /// The commit an earlier delivery of this message already made, if any.
@@ -75,6 +82,8 @@ pub enum GitMsg {
     Push {
         branch: String,
         attempts: u32,
+        /// The lease's fence, when workers share the queue.
+        fence: Option<Fence>,
         reply: RpcReplyPort<Result<(), GitError>>,
     },
 }
@@ -103,13 +112,20 @@ impl Actor for GitActor {
         ws: &mut Workspace,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            GitMsg::TakeOver { fence, reply } => {
+                let _ = reply.send(ws.take_over(&fence).await);
+            }
             GitMsg::PrepareThread {
                 branch,
                 message_id,
+                trust_upstream,
                 reply,
             } => {
                 maybe_fault("git.prepare");
-                let _ = reply.send(ws.prepare_thread(&branch, &message_id).await);
+                let _ = reply.send(
+                    ws.prepare_thread(&branch, &message_id, trust_upstream)
+                        .await,
+                );
             }
             GitMsg::CommitOfMessage {
                 branch,
@@ -134,10 +150,11 @@ impl Actor for GitActor {
             GitMsg::Push {
                 branch,
                 attempts,
+                fence,
                 reply,
             } => {
                 maybe_fault("git.push");
-                let _ = reply.send(ws.push(&branch, attempts).await);
+                let _ = reply.send(ws.push(&branch, attempts, fence.as_ref()).await);
             }
         }
         Ok(())
@@ -249,6 +266,8 @@ pub enum PublisherMsg {
     Publish {
         bucket: String,
         build_dir: PathBuf,
+        /// The lease's fence in the bucket, when workers share the queue.
+        fence: Option<BucketFence>,
         reply: RpcReplyPort<Result<PublishReport, PublishError>>,
     },
 }
@@ -277,10 +296,11 @@ impl Actor for PublisherActor {
         let PublisherMsg::Publish {
             bucket,
             build_dir,
+            fence,
             reply,
         } = msg;
         maybe_fault("publish.run");
-        let _ = reply.send(publisher.publish(&bucket, &build_dir).await);
+        let _ = reply.send(publisher.publish(&bucket, &build_dir, fence.as_ref()).await);
         Ok(())
     }
 }

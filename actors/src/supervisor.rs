@@ -27,6 +27,8 @@ pub enum SupervisorMsg {
     SessionCount(RpcReplyPort<usize>),
     /// A session has been idle for the idle time, having received `received` jobs.
     SessionIdle { key: WorkspaceKey, received: u64 },
+    /// A notice from another worker (`notices.rs`).
+    Notice(crate::notices::Notice),
 }
 
 pub struct SupervisorArgs {
@@ -125,6 +127,45 @@ impl Actor for Supervisor {
                     futures::future::join_all(waits).await;
                     let _ = reply.send(());
                 });
+            }
+            SupervisorMsg::Notice(notice) => {
+                let key = notice.workspace();
+                match notice {
+                    crate::notices::Notice::Released { .. } => {
+                        state.args.ctx.leases.on_released(&key);
+                    }
+                    crate::notices::Notice::Newer {
+                        message_id,
+                        sent_at_ms,
+                        from,
+                        reply_to,
+                        ..
+                    } => {
+                        tracing::info!(
+                            workspace = %key,
+                            %message_id,
+                            %from,
+                            sent_at_ms,
+                            at_ms = crate::records::now_ms(),
+                            "interrupt notice received"
+                        );
+                        let waiter = crate::session::Waiter {
+                            sent_at_ms,
+                            reply_to,
+                        };
+                        match state.sessions.get(&key) {
+                            Some(session) => {
+                                if let Err(e) = session.cast(SessionMsg::NewerElsewhere(waiter)) {
+                                    tracing::warn!(workspace = %key, error = %e, "session gone; the waiter polls the lease");
+                                }
+                            }
+                            // Nothing here holds the workspace: say so at once.
+                            None => {
+                                crate::session::tell_released(&state.args.ctx, &key, vec![waiter])
+                            }
+                        }
+                    }
+                }
             }
             SupervisorMsg::SessionCount(reply) => {
                 let _ = reply.send(state.sessions.len());

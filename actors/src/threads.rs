@@ -1,13 +1,19 @@
 //! Which Claude Code conversation belongs to which thread, kept where it survives a restart and
-//! where every container serving the workspace sees it: under the workspace root, beside the
-//! workspaces (`{WORKSPACE_ROOT}/.agent/threads/{clientId}/{projectId}/{threadId}.json`).
-//! `.agent` cannot clash with a client: client ids never start with a dot.
+//! where every worker serving the workspace sees it: under the workspace root, beside the
+//! workspaces (`{WORKSPACE_ROOT}/.agent/threads/{clientId}/{projectId}/{threadId}.json`) for a
+//! worker that is alone, or in the shared lease store (`conversations/…`) when workers share a
+//! queue. With a shared store the agent's own conversation files travel too: saved after each
+//! run and restored before a `--resume` on a worker that does not have them (or whose copy may
+//! be older: the workspace came from another worker), so a thread's next message continues its
+//! conversation wherever it runs. `.agent` cannot clash with a client: client ids never start
+//! with a dot.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::message::WorkspaceKey;
+use crate::records::{RecordStore, Version};
 
 /// What we remember of a thread's conversation.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -19,16 +25,111 @@ pub struct ThreadRecord {
     pub total_cost_usd: f64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ThreadStore {
     root: PathBuf,
+    /// The shared store, when workers share a queue: records and conversation files live there.
+    shared: Option<RecordStore>,
 }
 
 impl ThreadStore {
     pub fn new(workspace_root: &Path) -> ThreadStore {
         ThreadStore {
             root: workspace_root.join(".agent").join("threads"),
+            shared: None,
         }
+    }
+
+    /// Threads in `records` when it is shared by every worker, else under the workspace root.
+    pub fn for_worker(workspace_root: &Path, records: &RecordStore) -> ThreadStore {
+        let mut store = ThreadStore::new(workspace_root);
+        if records.is_shared() {
+            store.shared = Some(records.clone());
+        }
+        store
+    }
+
+    fn shared_key(key: &WorkspaceKey, name: &str) -> String {
+        // Validated ids (DNS labels, ref-safe thread ids, UUID session ids): a safe key.
+        format!("conversations/{}/{}/{name}", key.client_id, key.project_id)
+    }
+
+    /// Where the agent keeps a conversation started in `cwd`: Claude Code files sessions under
+    /// `{CLAUDE_CONFIG_DIR}/projects/{cwd with every non-alphanumeric as -}/{id}.jsonl`, and
+    /// resumes only from the same working directory.
+    pub fn conversation_file(config_dir: &Path, cwd: &Path, session_id: &str) -> PathBuf {
+        let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_owned());
+        let folder: String = cwd
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        config_dir
+            .join("projects")
+            .join(folder)
+            .join(format!("{session_id}.jsonl"))
+    }
+
+    /// Keep the agent's conversation file where the next worker finds it (shared store only).
+    pub async fn save_conversation(
+        &self,
+        key: &WorkspaceKey,
+        session_id: &str,
+        file: &Path,
+    ) -> Result<(), String> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let text = match tokio::fs::read_to_string(file).await {
+            Ok(text) => text,
+            // The run ended before the agent wrote anything: nothing to keep.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        };
+        shared
+            .write_document(
+                &Self::shared_key(key, &format!("{session_id}.jsonl")),
+                &text,
+                Version::Any,
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Put the shared copy of the conversation in place before it is resumed, when this worker
+    /// has none or may have an older one (`stale`). True when a copy was restored.
+    pub async fn restore_conversation(
+        &self,
+        key: &WorkspaceKey,
+        session_id: &str,
+        file: &Path,
+        stale: bool,
+    ) -> Result<bool, String> {
+        let Some(shared) = &self.shared else {
+            return Ok(false);
+        };
+        if !stale && tokio::fs::try_exists(file).await.unwrap_or(false) {
+            return Ok(false);
+        }
+        let found = shared
+            .read_document(&Self::shared_key(key, &format!("{session_id}.jsonl")))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some((text, _)) = found else {
+            return Ok(false);
+        };
+        let dir = file.parent().expect("conversation files live in a folder");
+        let write = async {
+            tokio::fs::create_dir_all(dir).await?;
+            let tmp = file.with_extension("jsonl.restoring");
+            tokio::fs::write(&tmp, text).await?;
+            tokio::fs::rename(&tmp, file).await
+        };
+        write
+            .await
+            .map(|()| true)
+            .map_err(|e| format!("{}: {e}", file.display()))
     }
 
     /// The default `CLAUDE_CONFIG_DIR`: the agent's own session files, on the same persistent
@@ -46,9 +147,23 @@ impl ThreadStore {
     }
 
     pub async fn load(&self, key: &WorkspaceKey, thread_id: &str) -> Option<ThreadRecord> {
-        let text = tokio::fs::read_to_string(self.path(key, thread_id))
-            .await
-            .ok()?;
+        let text = match &self.shared {
+            Some(shared) => {
+                match shared
+                    .read_document(&Self::shared_key(key, &format!("{thread_id}.json")))
+                    .await
+                {
+                    Ok(found) => found?.0,
+                    Err(e) => {
+                        tracing::warn!(thread_id, error = %e, "thread record not readable; starting a new conversation");
+                        return None;
+                    }
+                }
+            }
+            None => tokio::fs::read_to_string(self.path(key, thread_id))
+                .await
+                .ok()?,
+        };
         match serde_json::from_str(&text) {
             Ok(record) => Some(record),
             Err(e) => {
@@ -65,6 +180,18 @@ impl ThreadStore {
         thread_id: &str,
         record: &ThreadRecord,
     ) -> std::io::Result<()> {
+        if let Some(shared) = &self.shared {
+            let text = serde_json::to_string(record).expect("record serializes");
+            return shared
+                .write_document(
+                    &Self::shared_key(key, &format!("{thread_id}.json")),
+                    &text,
+                    Version::Any,
+                )
+                .await
+                .map(drop)
+                .map_err(std::io::Error::other);
+        }
         let path = self.path(key, thread_id);
         let dir = path.parent().expect("record has a folder");
         tokio::fs::create_dir_all(dir).await?;

@@ -10,6 +10,8 @@ use crate::build::BuildSpec;
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
 use crate::intake::{self, InFlightRegistry, IntakeEnd, IntakeError};
+use crate::lease::{LeaseConfig, Leases};
+use crate::notices::{NoticeQueue, NoticeSender};
 use crate::pipeline::WorkerContext;
 use crate::publish::Publisher;
 use crate::records::RecordStore;
@@ -47,6 +49,7 @@ pub async fn run(
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<IntakeEnd, WorkerError> {
+    let sqs_client = sqs.clone();
     let status = StatusSink::new(sqs.clone(), config.output_queue_url.clone());
     let location = config.record_location();
     if config.lease_store.is_none() {
@@ -82,12 +85,44 @@ pub async fn run(
         config.max_held_per_workspace,
         config.max_held_per_client,
     );
-    let ctx = Arc::new(WorkerContext::new(
+    let mut ctx = WorkerContext::new(
         config,
         delivery,
         cloudfront.map(crate::invalidate::Invalidator::new),
         build.clone(),
-    ));
+    );
+    // With a lease store, workspaces are leased and other workers reach this one through its
+    // notice queue.
+    let mut notice_queue = None;
+    if ctx.delivery.records.is_shared() {
+        let leases = Leases::shared(
+            ctx.delivery.records.clone(),
+            LeaseConfig {
+                duration: ctx.config.lease_duration,
+                worker: ctx.config.worker_id.clone(),
+            },
+        );
+        match NoticeQueue::create(
+            sqs_client.clone(),
+            &ctx.config.input_queue_url,
+            &ctx.config.worker_id,
+        )
+        .await
+        {
+            Ok(queue) => {
+                leases.set_notice_queue(queue.url().to_owned());
+                ctx.notice_url = Some(queue.url().to_owned());
+                notice_queue = Some(queue);
+            }
+            // Leases still hold: a waiter then only learns by polling (slower handovers).
+            Err(e) => {
+                tracing::error!(error = %e, "no notice queue: newer messages reach this worker's work only when its lease ends")
+            }
+        }
+        ctx.notices = Some(NoticeSender::new(sqs_client.clone()));
+        ctx.leases = leases;
+    }
+    let ctx = Arc::new(ctx);
     let (supervisor, supervisor_done) = Actor::spawn(
         None,
         Supervisor,
@@ -100,6 +135,18 @@ pub async fn run(
         },
     )
     .await?;
+
+    let notices_stop = CancellationToken::new();
+    let notices_served = notice_queue.map(|queue| {
+        let supervisor = supervisor.clone();
+        let stop = notices_stop.clone();
+        tokio::spawn(queue.serve(
+            move |notice| {
+                let _ = supervisor.cast(SupervisorMsg::Notice(notice));
+            },
+            stop,
+        ))
+    });
 
     let mut end = intake::run_intake(
         ctx.clone(),
@@ -144,5 +191,10 @@ pub async fn run(
     }
     supervisor.stop(None);
     let _ = supervisor_done.await;
+    // Sessions have released their leases; the notice queue goes with the worker.
+    notices_stop.cancel();
+    if let Some(served) = notices_served {
+        let _ = served.await;
+    }
     Ok(end?)
 }

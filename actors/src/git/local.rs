@@ -180,6 +180,54 @@ fn refresh_index(repo: &gix::Repository, tree: &gix::oid) -> Result<(), LocalGit
     Ok(())
 }
 
+/// The fence commit of `token` for `label`: a parentless commit of the empty tree whose every
+/// byte (author, dates, message) follows from the two, so every worker computes the same id.
+pub fn fence_commit(dir: &Path, label: &str, token: u64) -> Result<String, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let tree = repo
+        .write_object(gix::objs::Tree::empty())
+        .map_err(err("write empty tree"))?
+        .detach();
+    let who = gix::actor::Signature {
+        name: "edit-worker".into(),
+        email: "edit-worker@webordinary.com".into(),
+        time: gix::date::Time::new(0, 0),
+    };
+    let commit = gix::objs::Commit {
+        tree,
+        parents: Default::default(),
+        author: who.clone(),
+        committer: who,
+        encoding: None,
+        message: format!("edit-worker lease fence {label}\n\ntoken {token}\n").into(),
+        extra_headers: Vec::new(),
+    };
+    Ok(repo
+        .write_object(&commit)
+        .map_err(err("write fence commit"))?
+        .to_string())
+}
+
+/// The token a fence commit carries (`None`: not a fence commit, or not here).
+pub fn fence_token(dir: &Path, commit: &str) -> Result<Option<u64>, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let Ok(id) = gix::ObjectId::from_hex(commit.as_bytes()) else {
+        return Ok(None);
+    };
+    let Ok(object) = repo.find_object(id) else {
+        return Ok(None);
+    };
+    let Ok(commit) = object.try_into_commit() else {
+        return Ok(None);
+    };
+    let message = commit.message_raw().map_err(err("read commit"))?;
+    Ok(message
+        .to_str_lossy()
+        .lines()
+        .find_map(|l| l.strip_prefix("token "))
+        .and_then(|t| t.trim().parse().ok()))
+}
+
 /// Find the newest commit reachable from `start` (a ref or commit) whose message carries the
 /// trailer `{key}: {value}`, looking at most `limit` commits back.
 pub fn find_commit_with_trailer(

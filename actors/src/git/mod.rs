@@ -6,4 +6,4 @@ pub mod local;
 pub mod subprocess;
 mod workspace;
 
-pub use workspace::{GitError, SAVE_MESSAGE, SavedWork, Workspace, agent_commit_subject};
+pub use workspace::{Fence, GitError, SAVE_MESSAGE, SavedWork, Workspace, agent_commit_subject};

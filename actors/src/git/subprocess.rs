@@ -141,6 +141,122 @@ impl GitProgram {
         .map(drop)
     }
 
+    /// Push `branch` together with the lease's fence ref, atomically: the push goes through
+    /// only while the upstream's fence is still `fence_commit` (this holder's token). A newer
+    /// holder moves the fence first, so a holder that lost its lease pushes nothing.
+    pub async fn push_fenced(
+        &self,
+        branch: &str,
+        fence_ref: &str,
+        fence_commit: &str,
+    ) -> Result<(), GitCommandError> {
+        let branch_spec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        let fence_spec = format!("{fence_commit}:{fence_ref}");
+        let lease = format!("--force-with-lease={fence_ref}:{fence_commit}");
+        self.run(
+            &[
+                "push",
+                "--quiet",
+                "--porcelain",
+                "--atomic",
+                &lease,
+                "origin",
+                &branch_spec,
+                &fence_spec,
+            ],
+            NETWORK_TIMEOUT,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Move the upstream's fence ref to `commit`, only if it is still `expected` (`None`: only
+    /// if it does not exist yet).
+    pub async fn move_fence(
+        &self,
+        fence_ref: &str,
+        commit: &str,
+        expected: Option<&str>,
+    ) -> Result<(), GitCommandError> {
+        let lease = format!("--force-with-lease={fence_ref}:{}", expected.unwrap_or(""));
+        let spec = format!("{commit}:{fence_ref}");
+        self.run(
+            &["push", "--quiet", "--porcelain", &lease, "origin", &spec],
+            NETWORK_TIMEOUT,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The commit a ref of `origin` points at, if it exists there.
+    pub async fn remote_ref(&self, name: &str) -> Result<Option<String>, GitCommandError> {
+        let out = self
+            .run(&["ls-remote", "origin", name], NETWORK_TIMEOUT)
+            .await?;
+        Ok(out
+            .lines()
+            .find(|l| l.split('\t').nth(1) == Some(name))
+            .and_then(|l| l.split('\t').next())
+            .map(str::to_owned))
+    }
+
+    /// Bring the objects of one ref of `origin` here (into `FETCH_HEAD`, no local ref).
+    pub async fn fetch_ref(&self, name: &str) -> Result<(), GitCommandError> {
+        self.run(&["fetch", "--quiet", "origin", name], NETWORK_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    /// Point a local ref at `commit` (creating it).
+    pub async fn update_ref(&self, name: &str, commit: &str) -> Result<(), GitCommandError> {
+        self.run(&["update-ref", name, commit], LOCAL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    /// Put every change of the worktree (untracked files too) aside in a stash entry, leaving
+    /// the worktree clean.
+    pub async fn stash_all(
+        &self,
+        message: &str,
+        name: &str,
+        email: &str,
+    ) -> Result<(), GitCommandError> {
+        let user = format!("user.name={name}");
+        let mail = format!("user.email={email}");
+        self.run(
+            &[
+                "-c",
+                &user,
+                "-c",
+                &mail,
+                "stash",
+                "push",
+                "--quiet",
+                "--include-untracked",
+                "-m",
+                message,
+            ],
+            LOCAL_TIMEOUT,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Make `branch` point at `start_point` (created or reset) and switch to it.
+    pub async fn switch_reset(
+        &self,
+        branch: &str,
+        start_point: &str,
+    ) -> Result<(), GitCommandError> {
+        self.run(
+            &["switch", "--quiet", "--force", "-C", branch, start_point],
+            LOCAL_TIMEOUT,
+        )
+        .await
+        .map(drop)
+    }
+
     /// Whether `remote` answers (`git ls-remote`), for `edit-worker doctor`.
     pub async fn ls_remote(remote: &str) -> Result<(), GitCommandError> {
         GitProgram::new(std::env::temp_dir())

@@ -39,10 +39,41 @@ pub enum GitError {
     #[error("gix task ended unexpectedly: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error(
+        "the upstream's fence {fence_ref} is past this worker's lease token {token}: another \
+         worker holds the workspace now ({detail})"
+    )]
+    Fenced {
+        fence_ref: String,
+        token: u64,
+        detail: String,
+    },
+    #[error(
         "thread branch {branch} has diverged from the upstream and the two cannot be merged \
          without conflicts; resolve it on the upstream ({detail})"
     )]
     Diverged { branch: String, detail: String },
+}
+
+/// The lease that fences this worker's pushes: the upstream ref that holds the fence commit and
+/// the holder's token. A push carries the fence atomically, and a new holder moves the fence
+/// before it works, so the pushes of a worker that lost its lease are refused by the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub ref_name: String,
+    pub token: u64,
+}
+
+impl Fence {
+    /// The fence ref of a workspace: `refs/edit-worker/lease/{clientId}/{projectId}`.
+    pub fn for_workspace(key: &crate::message::WorkspaceKey, token: u64) -> Fence {
+        Fence {
+            ref_name: format!(
+                "refs/edit-worker/lease/{}/{}",
+                key.client_id, key.project_id
+            ),
+            token,
+        }
+    }
 }
 
 /// Unfinished work found in the worktree and committed on its own branch before switching.
@@ -111,14 +142,93 @@ impl Workspace {
         Ok(cloned)
     }
 
+    /// Take the workspace over from another worker (or from nobody known): move the upstream's
+    /// fence to this holder's token, so the previous holder can push nothing more, and set
+    /// aside what a previous holder left in the worktree (a worker killed mid-run: its message
+    /// comes back and runs again, so its half-done edit is kept in a stash entry, not applied).
+    pub async fn take_over(&self, fence: &Fence) -> Result<(), GitError> {
+        self.ensure_ready().await?;
+        if !self.blocking(local::changed_paths).await?.is_empty() {
+            let note = format!(
+                "edit-worker: left in the worktree before lease token {}",
+                fence.token
+            );
+            GitProgram::new(&self.dir)
+                .stash_all(&note, AUTHOR.name, AUTHOR.email)
+                .await?;
+            tracing::warn!(
+                token = fence.token,
+                "the previous holder left changes in the worktree; kept aside in a stash entry, not applied"
+            );
+        }
+        if self.remote.is_some() {
+            self.claim_fence(fence).await?;
+        }
+        // Another worker may have published since this checkout last did.
+        match tokio::fs::remove_file(self.state_dir().join("published")).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The fence commit of this holder, in the local object store.
+    async fn fence_commit(&self, fence: &Fence) -> Result<String, GitError> {
+        let label = fence.ref_name.clone();
+        let token = fence.token;
+        self.blocking(move |dir| local::fence_commit(dir, &label, token))
+            .await
+    }
+
+    /// Move the upstream's fence to this holder's token, unless it is already past it.
+    async fn claim_fence(&self, fence: &Fence) -> Result<(), GitError> {
+        let git = GitProgram::new(&self.dir);
+        let mine = self.fence_commit(fence).await?;
+        let mut last = None;
+        for _ in 0..3 {
+            let current = git.remote_ref(&fence.ref_name).await?;
+            if current.as_deref() == Some(mine.as_str()) {
+                return Ok(());
+            }
+            if let Some(current) = &current {
+                git.fetch_ref(&fence.ref_name).await?;
+                let found = current.clone();
+                let token = self
+                    .blocking(move |dir| local::fence_token(dir, &found))
+                    .await?;
+                if let Some(theirs) = token.filter(|t| *t > fence.token) {
+                    return Err(GitError::Fenced {
+                        fence_ref: fence.ref_name.clone(),
+                        token: fence.token,
+                        detail: format!("the upstream's fence carries token {theirs}"),
+                    });
+                }
+            }
+            match git
+                .move_fence(&fence.ref_name, &mine, current.as_deref())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                // Moved by someone meanwhile: look again.
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried at least once").into())
+    }
+
     /// Check out `branch`, saving unfinished work of whatever was checked out first.
     ///
     /// The branch comes from the upstream when it exists there; a new thread starts from the
     /// upstream's default branch, never from another thread's work.
+    ///
+    /// With `trust_upstream` (the first work after a takeover), local commits that the upstream
+    /// does not have are a previous holder's unpushed work, whose messages run again: they are
+    /// kept under `refs/edit-worker/discarded/{branch}` and the branch starts from the upstream.
     pub async fn prepare_thread(
         &self,
         branch: &str,
         message_id: &str,
+        trust_upstream: bool,
     ) -> Result<Option<SavedWork>, GitError> {
         let cloned = self.ensure_ready().await?;
         let saved = self.save_unfinished_work(message_id).await?;
@@ -138,6 +248,25 @@ impl Workspace {
         let remote_tip = self.resolve(&remote_ref).await?;
         let (has_local, has_remote) = (local_tip.is_some(), remote_tip.is_some());
 
+        if trust_upstream && has_local && local_tip != remote_tip {
+            let upstream = format!("origin/{branch}");
+            let behind_only = has_remote
+                && current.as_deref() == Some(branch)
+                && git.fast_forward(&upstream).await.is_ok();
+            if !behind_only {
+                let start = if has_remote {
+                    upstream
+                } else {
+                    self.default_base().await?
+                };
+                let local_tip = local_tip.clone().expect("has_local");
+                git.update_ref(&format!("refs/edit-worker/discarded/{branch}"), &local_tip)
+                    .await?;
+                git.switch_reset(branch, &start).await?;
+                tracing::warn!(branch, discarded = %local_tip, "local commits the upstream does not have were left by a previous holder; kept aside, the branch starts from the upstream");
+            }
+            return Ok(saved);
+        }
         if current.as_deref() != Some(branch) {
             if has_local {
                 git.switch(branch).await?;
@@ -212,15 +341,41 @@ impl Workspace {
 
     /// Push `branch` to the upstream, retrying with backoff: a remote that is away for a
     /// moment must not cost the client their edit.
-    pub async fn push(&self, branch: &str, attempts: u32) -> Result<(), GitError> {
+    ///
+    /// With a `fence`, the push carries it (see `Fence`) and one the upstream refuses because
+    /// the fence has moved on is not retried: the workspace has another holder.
+    pub async fn push(
+        &self,
+        branch: &str,
+        attempts: u32,
+        fence: Option<&Fence>,
+    ) -> Result<(), GitError> {
         if self.remote.is_none() {
             return Ok(());
         }
         let git = GitProgram::new(&self.dir);
+        let fence_commit = match fence {
+            Some(f) => Some(self.fence_commit(f).await?),
+            None => None,
+        };
         let mut delay = Duration::from_millis(500);
         let mut attempt = 1;
         loop {
-            match git.push(branch).await {
+            let pushed = match (fence, &fence_commit) {
+                (Some(f), Some(commit)) => git.push_fenced(branch, &f.ref_name, commit).await,
+                _ => git.push(branch).await,
+            };
+            if let (Err(e), Some(f), Some(commit)) = (&pushed, fence, &fence_commit)
+                && git.remote_ref(&f.ref_name).await.ok().flatten().as_deref()
+                    != Some(commit.as_str())
+            {
+                return Err(GitError::Fenced {
+                    fence_ref: f.ref_name.clone(),
+                    token: f.token,
+                    detail: e.to_string(),
+                });
+            }
+            match pushed {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < attempts.max(1) => {
                     tracing::warn!(branch, attempt, error = %e, "push failed; retrying");
@@ -273,7 +428,7 @@ impl Workspace {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: fn(&Path) -> Result<T, LocalGitError>,
+        f: impl FnOnce(&Path) -> Result<T, LocalGitError> + Send + 'static,
     ) -> Result<T, GitError> {
         let dir = self.dir.clone();
         Ok(tokio::task::spawn_blocking(move || f(&dir)).await??)
@@ -441,5 +596,122 @@ mod tests {
         assert_eq!(removed, expected);
         assert!(git.join("refs/heads/thread-a").exists());
         assert!(git.join("objects/ab/keep.lock").exists());
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A bare upstream with one commit on `main`, and two checkouts of it as two workers have.
+    fn world() -> (tempfile::TempDir, Workspace, Workspace) {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("up.git");
+        std::fs::create_dir_all(&bare).unwrap();
+        git(&bare, &["init", "-q", "--bare", "-b", "main"]);
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::write(seed.join("index.html"), "<h1>x</h1>").unwrap();
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["commit", "-qm", "init"]);
+        git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
+        let remote = Some(bare.display().to_string());
+        let a = Workspace::new(dir.path().join("a/ws"), remote.clone(), "dist".into());
+        let b = Workspace::new(dir.path().join("b/ws"), remote, "dist".into());
+        (dir, a, b)
+    }
+
+    fn fence(token: u64) -> Fence {
+        Fence {
+            ref_name: "refs/edit-worker/lease/c/p".into(),
+            token,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_holder_whose_fence_was_moved_on_pushes_nothing() {
+        let (_dir, a, b) = world();
+        // a takes the workspace with token 1 and works on a thread.
+        a.take_over(&fence(1)).await.unwrap();
+        a.prepare_thread("thread-t", "m1", true).await.unwrap();
+        std::fs::write(a.dir().join("a.txt"), "a").unwrap();
+        a.commit_all("a", "a", &["m1".into()], true).await.unwrap();
+        a.push("thread-t", 1, Some(&fence(1))).await.unwrap();
+        // a pauses past its lease; b takes the workspace with token 2.
+        b.take_over(&fence(2)).await.unwrap();
+        b.prepare_thread("thread-t", "m2", true).await.unwrap();
+        // a wakes up and tries to push more: the upstream refuses it.
+        std::fs::write(a.dir().join("late.txt"), "late").unwrap();
+        a.commit_all("late", "late", &["m1".into()], true)
+            .await
+            .unwrap();
+        let late = a.push("thread-t", 3, Some(&fence(1))).await;
+        assert!(
+            matches!(late, Err(GitError::Fenced { token: 1, .. })),
+            "{late:?}"
+        );
+        // b's work goes through, and a's late commit is not on the upstream.
+        std::fs::write(b.dir().join("b.txt"), "b").unwrap();
+        b.commit_all("b", "b", &["m2".into()], true).await.unwrap();
+        b.push("thread-t", 1, Some(&fence(2))).await.unwrap();
+        let upstream = b.remote.clone().unwrap();
+        let files = git(
+            Path::new(&upstream),
+            &["ls-tree", "--name-only", "thread-t"],
+        );
+        assert!(
+            files.contains("b.txt") && files.contains("a.txt"),
+            "{files}"
+        );
+        assert!(!files.contains("late.txt"), "{files}");
+        // An old holder cannot move the fence back either.
+        let back = a.take_over(&fence(1)).await;
+        assert!(matches!(back, Err(GitError::Fenced { .. })), "{back:?}");
+    }
+
+    #[tokio::test]
+    async fn a_takeover_sets_a_previous_holders_leftovers_aside() {
+        let (_dir, a, _b) = world();
+        a.take_over(&fence(1)).await.unwrap();
+        a.prepare_thread("thread-t", "m1", true).await.unwrap();
+        // Left by a holder that died: a local commit never pushed, and an edit not committed.
+        std::fs::write(a.dir().join("unpushed.txt"), "x").unwrap();
+        a.commit_all("x", "x", &["m1".into()], true).await.unwrap();
+        std::fs::write(a.dir().join("half.txt"), "half").unwrap();
+        a.take_over(&fence(2)).await.unwrap();
+        a.prepare_thread("thread-t", "m1", true).await.unwrap();
+        assert!(
+            !a.dir().join("half.txt").exists(),
+            "the half edit is set aside"
+        );
+        assert!(
+            !a.dir().join("unpushed.txt").exists(),
+            "the unpushed commit is set aside"
+        );
+        // Kept, not lost.
+        git(
+            a.dir(),
+            &[
+                "rev-parse",
+                "--verify",
+                "refs/edit-worker/discarded/thread-t",
+            ],
+        );
+        assert!(git(a.dir(), &["stash", "list"]).contains("lease token 2"));
     }
 }
