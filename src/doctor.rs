@@ -88,6 +88,7 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
         report.line(name, outcome);
     }
     report.line("workspace root", check_workspace_root(&config).await);
+    report.line("lease store", check_lease_store(&sdk, &config).await);
     report.line("git", version("git", &["--version"]).await);
     report.line("npm", version("npm", &["--version"]).await);
     let agent = config.agent.bin.display().to_string();
@@ -138,6 +139,46 @@ async fn check_workspace_root(config: &WorkerConfig) -> Result<String, String> {
         .map_err(|e| format!("{} is not writable: {e}", root.display()))?;
     let _ = tokio::fs::remove_file(&probe).await;
     Ok(format!("{} is writable", root.display()))
+}
+
+/// With `LEASE_STORE`: its conditional writes work, and this worker may create its notice
+/// queue. Without: say that the worker assumes it is alone.
+async fn check_lease_store(
+    sdk: &aws_config::SdkConfig,
+    config: &WorkerConfig,
+) -> Result<String, String> {
+    let Some(location) = &config.lease_store else {
+        return Ok(format!(
+            "none: this worker assumes it is alone on its queue (records in {}); \
+             set LEASE_STORE=s3://BUCKET/PREFIX before running more than one",
+            config.record_location()
+        ));
+    };
+    let records = edit_worker_actors::records::RecordStore::new(
+        location,
+        &crate::aws::s3(sdk),
+        &config.worker_id,
+    );
+    let probed = records
+        .probe_conditional_writes()
+        .await
+        .map_err(|e| format!("{location}: {e}"))?;
+    // A probe queue of its own: SQS refuses a queue name for 60 s after it was deleted, and
+    // the worker's own notice queue must be creatable right after this check.
+    let sqs = crate::aws::sqs(sdk);
+    let probe_worker = format!("doctor-{}", config.worker_id);
+    let queue = edit_worker_actors::notices::NoticeQueue::create(
+        sqs.clone(),
+        &config.input_queue_url,
+        &probe_worker,
+    )
+    .await
+    .map_err(|e| format!("notice queues: {e} (needs sqs:CreateQueue, sqs:DeleteQueue)"))?;
+    let _ = sqs.delete_queue().queue_url(queue.url()).send().await;
+    Ok(format!(
+        "{location}: {probed}; notice queues can be created; worker id {}",
+        config.worker_id
+    ))
 }
 
 /// Write and delete a probe object: proves the credentials may write to the bucket.
