@@ -45,6 +45,9 @@ impl Job {
         why: &str,
     ) {
         self.renewal.stop().await;
+        if let Err(e) = delivery.records.give_up(&self.message_id).await {
+            tracing::warn!(error = %e, message_id = %self.message_id, "could not let go of the message's record; the next worker waits for its mark to expire");
+        }
         if let Err(e) = delivery.release(&self.receipt.current(), delay).await {
             tracing::warn!(error = %e, why, message_id = %self.message_id, "could not release the message; it returns after its visibility timeout");
         }

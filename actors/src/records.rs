@@ -220,6 +220,28 @@ impl RecordStore {
         })
     }
 
+    /// Let go of a message given back to the queue (shutdown, a lost lease, a retry): our
+    /// `started` mark expires now, so whichever worker receives it next starts it at once
+    /// instead of leaving it for another visibility timeout. An ended record stays as it is.
+    pub async fn give_up(&self, message_id: &str) -> Result<(), RecordError> {
+        let key = message_key(message_id);
+        let Some((text, version)) = self.read(&key).await? else {
+            return Ok(());
+        };
+        if let Ok(OutcomeRecord::Started { worker, .. }) = serde_json::from_str(&text)
+            && worker == self.worker
+        {
+            let expired = OutcomeRecord::Started {
+                worker,
+                expires_at_ms: 0,
+            };
+            let text = serde_json::to_string(&expired).expect("records serialize");
+            // Lost to a newer write (the message ended, or another worker took it): fine.
+            self.write(&key, &text, version).await?;
+        }
+        Ok(())
+    }
+
     /// Record the message's terminal event. Final: written before the event is reported.
     pub async fn end(&self, message_id: &str, event_json: &str) -> Result<(), RecordError> {
         let record = OutcomeRecord::Ended {
@@ -619,6 +641,9 @@ mod tests {
                 worker: "w1".into()
             }
         );
+        // Given back to the queue: the next worker may start it at once.
+        store.give_up("m1").await.unwrap();
+        assert_eq!(other.begin("m1", hold).await.unwrap(), Begin::Fresh);
         store.end("m1", "{\"type\":\"completed\"}").await.unwrap();
         for s in [&store, &other] {
             assert_eq!(
