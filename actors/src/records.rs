@@ -111,6 +111,16 @@ pub struct RecordStore {
     engine: Engine,
     /// This worker's name in `started` marks.
     worker: String,
+    /// Requests made, shared by every clone: what the records cost per message (logged when
+    /// the worker stops, read by the benchmarks).
+    calls: std::sync::Arc<CallCounts>,
+}
+
+/// Reads and writes made by a record store.
+#[derive(Debug, Default)]
+pub struct CallCounts {
+    pub reads: std::sync::atomic::AtomicU64,
+    pub writes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -167,6 +177,7 @@ impl RecordStore {
         RecordStore {
             engine,
             worker: worker.to_owned(),
+            calls: Default::default(),
         }
     }
 
@@ -175,6 +186,7 @@ impl RecordStore {
         RecordStore {
             engine: Engine::Local(dir.to_owned()),
             worker: worker.to_owned(),
+            calls: Default::default(),
         }
     }
 
@@ -334,6 +346,15 @@ impl RecordStore {
         })
     }
 
+    /// (reads, writes) made so far by this store and its clones.
+    pub fn calls(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.calls.reads.load(Relaxed),
+            self.calls.writes.load(Relaxed),
+        )
+    }
+
     /// Whether every worker of the deployment reads these records (an S3 prefix), or only this
     /// one (a local folder).
     pub fn is_shared(&self) -> bool {
@@ -427,6 +448,9 @@ impl RecordStore {
 
     /// The record's text and its version (for a conditional write), if it exists.
     async fn read(&self, key: &str) -> Result<Option<(String, Version)>, RecordError> {
+        self.calls
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.engine {
             Engine::Local(root) => match tokio::fs::read_to_string(root.join(key)).await {
                 Ok(text) => Ok(Some((text.clone(), Version::Text(text)))),
@@ -485,6 +509,9 @@ impl RecordStore {
         text: &str,
         version: Version,
     ) -> Result<Option<Version>, RecordError> {
+        self.calls
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.engine {
             Engine::Local(root) => {
                 let path = root.join(key);

@@ -191,6 +191,13 @@ pub async fn run(
     }
     supervisor.stop(None);
     let _ = supervisor_done.await;
+    let (reads, writes) = ctx.delivery.records.calls();
+    tracing::info!(
+        records = %ctx.config.record_location(),
+        reads,
+        writes,
+        "record store calls"
+    );
     // Sessions have released their leases; the notice queue goes with the worker.
     notices_stop.cancel();
     if let Some(served) = notices_served {
