@@ -13,7 +13,24 @@
 //! {key}.used              when the entry was last used (unix seconds), outside the read-only entry
 //! .tmp.{key}.{pid}.{n}/   an install under way: never used, renamed to {key} when complete
 //! .trash.{key}.{n}/       an entry being removed
+//! .lock.{key}             flock: held exclusively to check, install, replace or remove {key}
+//! .lock.{key}.in-use      flock: held shared by every build using {key}, exclusively to remove it
 //! ```
+//!
+//! Several worker processes may share the folder (one `WORKSPACE_ROOT` on an EFS volume). Inside
+//! one process a per-key mutex and in-use counts do the work; across processes the two
+//! `flock(2)` lock files per key do (advisory locks: on local disks, and on NFSv4/EFS as
+//! byte-range locks on the whole file). Two lock files, not one, because using an entry and
+//! installing it must not exclude each other: one file held shared by users and exclusively by
+//! installers would make every build wait for all running builds of the same lock file to end
+//! (and deadlock a build that checks its entry after the build against one waiting to install).
+//! So: an install (check, then install) holds `.lock.{key}` exclusively, and takes
+//! `.lock.{key}.in-use` shared before letting go, so there is no moment when the entry is
+//! neither installed-under-lock nor in use. An eviction takes both exclusively without waiting
+//! and skips the entry when it cannot; a `.tmp.*` folder is abandoned once nobody holds its
+//! key's install lock (its installer's locks died with it), whatever its age or pid (pids
+//! repeat across containers). Lock files are removed only while both are held exclusively; a
+//! locker checks after locking that the file it locked is still the one at the path.
 //!
 //! A workspace's `node_modules` is a real folder holding one symlink per top-level entry of the
 //! store's `node_modules` (`.bin` included), plus the build's own writable caches (`.vite`,
@@ -27,10 +44,13 @@
 //! a fingerprint: the stat data (inode, mode, size, mtime, ctime) of every file in the entry,
 //! taken at install and checked before every use and after every build (a walk of ~10,000
 //! files, tens of milliseconds). A changed entry is discarded and installed again; a build that
-//! changed it fails.
+//! changed it fails. What a process has verified itself counts over the marker, for the same
+//! install (the same folder and the marker's random install id): another process may evict an
+//! entry and install it again, and that new install is judged by its own marker.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -214,9 +234,28 @@ struct Marker {
     fingerprint: String,
     bytes: u64,
     created: u64,
+    /// Random per install: with the folder's inode, tells a reinstall (by any process) from the
+    /// install a process verified before, even when the file system reuses the inode number.
+    #[serde(default)]
+    install: String,
 }
 
-/// A store entry in use by one build: it is not evicted while held.
+/// Which install an entry folder holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InstallId {
+    dev: u64,
+    ino: u64,
+    id: String,
+}
+
+/// An entry this process installed or verified.
+struct Known {
+    install: InstallId,
+    fingerprint: String,
+}
+
+/// A store entry in use by one build: it is not evicted while held, by this process (the
+/// lease) or any other sharing the folder (the shared lock).
 pub struct Acquired {
     pub key: String,
     /// `npm ci` ran for this build, taking this long.
@@ -224,7 +263,10 @@ pub struct Acquired {
     /// This build waited this long for another build's install of the same entry.
     pub waited_ms: Option<u64>,
     fingerprint: String,
+    install: InstallId,
     _lease: Lease,
+    /// `.lock.{key}.in-use`, locked shared: the lock lives as long as this open file.
+    _in_use: File,
 }
 
 struct Lease {
@@ -270,24 +312,42 @@ struct Inner {
     leases: Mutex<HashMap<String, usize>>,
     /// Fingerprints this process installed or verified: a marker rewritten behind our back
     /// does not make a changed entry pass.
-    known: Mutex<HashMap<String, String>>,
+    known: Mutex<HashMap<String, Known>>,
     /// `.tmp.*` folders of installs under way in this process.
     installing: Mutex<HashSet<PathBuf>>,
     /// The sweep after a start (leftovers of a crash) has run.
     swept: tokio::sync::Mutex<bool>,
     counter: AtomicU64,
+    /// `npm ci`; tests install with a stand-in.
+    install_argv: Vec<String>,
 }
 
 /// Outcome of checking an entry.
 enum Entry {
     Missing,
-    Valid(String),
+    Valid(Found),
     Invalid(String),
+}
+
+/// A valid entry.
+struct Found {
+    fingerprint: String,
+    install: InstallId,
 }
 
 impl NpmStore {
     /// A store in `dir` (made absolute). Nothing is read or written until the first build.
     pub fn new(dir: PathBuf, settings: StoreSettings, install_timeout: Duration) -> NpmStore {
+        let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
+        NpmStore::with_install_command(dir, settings, install_timeout, argv.into())
+    }
+
+    fn with_install_command(
+        dir: PathBuf,
+        settings: StoreSettings,
+        install_timeout: Duration,
+        install_argv: Vec<String>,
+    ) -> NpmStore {
         let dir = std::path::absolute(&dir).unwrap_or(dir);
         NpmStore {
             inner: Arc::new(Inner {
@@ -301,6 +361,7 @@ impl NpmStore {
                 installing: Mutex::new(HashSet::new()),
                 swept: tokio::sync::Mutex::new(false),
                 counter: AtomicU64::new(0),
+                install_argv,
             }),
         }
     }
@@ -310,9 +371,10 @@ impl NpmStore {
     }
 
     /// The entry for `files`, installed first when there is no valid one. Two builds that need
-    /// the same new entry install it once: the second waits for the first. The install itself
-    /// is not cancelled with the message that started it (an interrupt's newer message needs
-    /// the same dependencies); `cancel` only stops the waiting.
+    /// the same new entry install it once, in this process or in another sharing the folder:
+    /// the second waits for the first. The install itself is not cancelled with the message
+    /// that started it (an interrupt's newer message needs the same dependencies); `cancel`
+    /// only stops the waiting.
     pub async fn acquire(
         &self,
         files: SiteFiles,
@@ -325,11 +387,7 @@ impl NpmStore {
         inner.first_sweep().await;
         let lock = inner.key_lock(&key);
         let waiting_since = Instant::now();
-        // A second worker process sharing this folder would also take an exclusive
-        // `flock(2)` on `{dir}/.lock.{key}` here, held as long as this guard (nix::fcntl::Flock
-        // in a blocking task); the atomic rename below already keeps a race between processes
-        // from ever exposing a half-written entry, it would only install twice.
-        let (guard, waited) = match lock.clone().try_lock_owned() {
+        let (guard, mut waited) = match lock.clone().try_lock_owned() {
             Ok(g) => (g, None),
             Err(_) => {
                 tracing::info!(store_key = %key, "waiting for another build's install of the same dependencies");
@@ -340,9 +398,34 @@ impl NpmStore {
                 (g, Some(waiting_since.elapsed().as_millis() as u64))
             }
         };
+        // Then other processes sharing the folder: the key's install lock, taken after the
+        // in-process one, so that the builds of one process queue for it in one place (and
+        // hold one blocking thread). Held until the entry is checked (and installed) and its
+        // in-use lock taken.
+        tokio::fs::create_dir_all(&inner.dir).await?;
+        let install_lock = match inner.try_lock(&key, Lock::Install).await? {
+            Some(l) => l,
+            None => {
+                tracing::info!(store_key = %key, "waiting for another worker's install of the same dependencies");
+                let path = lock_path(&inner.dir, &key, Lock::Install);
+                // flock(2) cannot be interrupted: the waiting runs in a blocking task, whose
+                // lock is let go at once if it comes after the build stopped waiting.
+                let wait = tokio::task::spawn_blocking(move || lock_file(&path, Take::Exclusive));
+                let taken = tokio::select! {
+                    taken = wait => taken.map_err(std::io::Error::other)??,
+                    _ = cancel.cancelled() => return Err(BuildError::Cancelled),
+                };
+                waited = Some(waiting_since.elapsed().as_millis() as u64);
+                taken
+            }
+        };
+        // Checked under the lock: another process may have installed the entry (or replaced
+        // it) while this one waited.
         match inner.check(&key, &files.lock).await? {
-            Entry::Valid(fingerprint) => {
+            Entry::Valid(found) => {
+                let in_use = inner.lock_in_use(&key).await?;
                 let lease = inner.lease(&key);
+                drop(install_lock);
                 drop(guard);
                 inner.touch_used(&key).await;
                 tracing::info!(store_key = %key, "using dependencies from the shared store");
@@ -350,11 +433,15 @@ impl NpmStore {
                     key,
                     installed_ms: None,
                     waited_ms: waited,
-                    fingerprint,
+                    fingerprint: found.fingerprint,
+                    install: found.install,
                     _lease: lease,
+                    _in_use: in_use,
                 });
             }
             Entry::Invalid(reason) => {
+                // Even when builds (here or elsewhere) use it: a changed entry must not be
+                // loaded again, and their own check after the build fails them.
                 tracing::warn!(store_key = %key, %reason, "discarding a store entry and installing it again");
                 inner.discard(&key).await?;
             }
@@ -364,28 +451,37 @@ impl NpmStore {
         let task_key = key.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let result = task_inner.install(&task_key, &files, timeout).await;
+            let result = match task_inner.install(&task_key, &files, timeout).await {
+                Ok(found) => task_inner
+                    .lock_in_use(&task_key)
+                    .await
+                    .map(|in_use| (found, in_use)),
+                Err(e) => Err(e),
+            };
             let lease = task_inner.lease(&task_key);
+            drop(install_lock);
             drop(guard);
             let ms = started.elapsed().as_millis() as u64;
             if result.is_ok() {
                 task_inner.touch_used(&task_key).await;
                 task_inner.sweep(&task_key).await;
             }
-            result.map(|fingerprint| (fingerprint, ms, lease))
+            result.map(|(found, in_use)| (found, ms, lease, in_use))
         });
         let joined = tokio::select! {
             joined = task => joined,
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
         };
-        let (fingerprint, ms, lease) =
+        let (found, ms, lease, in_use) =
             joined.map_err(|e| BuildError::Io(std::io::Error::other(e)))??;
         Ok(Acquired {
             key,
             installed_ms: Some(ms),
             waited_ms: waited,
-            fingerprint,
+            fingerprint: found.fingerprint,
+            install: found.install,
             _lease: lease,
+            _in_use: in_use,
         })
     }
 
@@ -419,20 +515,32 @@ impl NpmStore {
         {
             return Ok(());
         }
-        let lock = inner.key_lock(&acquired.key);
+        let key = &acquired.key;
+        let lock = inner.key_lock(key);
         let _guard = lock.lock().await;
-        // Discard it unless another build has already put a fresh install in its place.
-        let known = inner
-            .known
-            .lock()
-            .expect("known lock")
-            .get(&acquired.key)
-            .cloned();
-        let entry = inner.dir.join(&acquired.key);
-        let current = blocking(move || scan(&entry)).await.ok();
-        if known.is_none() || current.map(|s| s.fingerprint) != known {
-            tracing::warn!(store_key = %acquired.key, "the build changed the shared dependencies; discarding them");
-            inner.discard(&acquired.key).await?;
+        // Other processes neither install nor replace it while this one decides.
+        let path = lock_path(&inner.dir, key, Lock::Install);
+        let _install_lock = blocking(move || lock_file(&path, Take::Exclusive)).await?;
+        // Discard it unless another build (of this process or another) has already put a
+        // fresh, intact install in its place.
+        let entry = inner.dir.join(key);
+        let current = match tokio::fs::symlink_metadata(&entry).await {
+            Ok(meta) if meta.is_dir() => read_marker(&entry, key)
+                .await
+                .map(|marker| (InstallId::of(&meta, &marker), marker)),
+            _ => None,
+        };
+        let replaced = match current {
+            Some((install, marker)) if install != acquired.install => {
+                let expected = inner.expected_fingerprint(key, &install, &marker);
+                let scanned = blocking(move || scan(&entry)).await.ok();
+                scanned.is_some_and(|s| s.fingerprint == expected)
+            }
+            _ => false,
+        };
+        if !replaced {
+            tracing::warn!(store_key = %key, "the build changed the shared dependencies; discarding them");
+            inner.discard(key).await?;
         }
         Err(BuildError::StoreChanged {
             key: acquired.key.clone(),
@@ -498,17 +606,13 @@ impl Inner {
     /// Is `{key}` complete, for this lock file, and unchanged since it was installed?
     async fn check(&self, key: &str, lock: &[u8]) -> Result<Entry, BuildError> {
         let entry = self.dir.join(key);
-        match tokio::fs::symlink_metadata(&entry).await {
+        let meta = match tokio::fs::symlink_metadata(&entry).await {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Entry::Missing),
             Err(e) => return Err(e.into()),
             Ok(m) if !m.is_dir() => return Ok(Entry::Invalid("not a folder".into())),
-            Ok(_) => {}
-        }
-        let marker = match tokio::fs::read(entry.join(MARKER)).await {
-            Ok(bytes) => serde_json::from_slice::<Marker>(&bytes).ok(),
-            Err(_) => None,
+            Ok(m) => m,
         };
-        let Some(marker) = marker.filter(|m| m.key == key) else {
+        let Some(marker) = read_marker(&entry, key).await else {
             return Ok(Entry::Invalid(
                 "no completion marker: an install that did not finish".into(),
             ));
@@ -517,14 +621,70 @@ impl Inner {
         if tokio::fs::read(entry.join(LOCK)).await.ok().as_deref() != Some(lock) {
             return Ok(Entry::Invalid("it holds another lock file".into()));
         }
+        let install = InstallId::of(&meta, &marker);
+        let expected = self.expected_fingerprint(key, &install, &marker);
         let scanned = blocking(move || scan(&entry)).await?;
-        let mut known = self.known.lock().expect("known lock");
-        let expected = known.get(key).unwrap_or(&marker.fingerprint);
-        if scanned.fingerprint != *expected {
+        if scanned.fingerprint != expected {
             return Ok(Entry::Invalid("its files changed after the install".into()));
         }
-        known.insert(key.to_owned(), scanned.fingerprint.clone());
-        Ok(Entry::Valid(scanned.fingerprint))
+        self.known.lock().expect("known lock").insert(
+            key.to_owned(),
+            Known {
+                install: install.clone(),
+                fingerprint: scanned.fingerprint.clone(),
+            },
+        );
+        Ok(Entry::Valid(Found {
+            fingerprint: scanned.fingerprint,
+            install,
+        }))
+    }
+
+    /// What the entry's files must digest to: what this process saw of this same install,
+    /// else (an install it never saw, maybe another process's) what its marker says.
+    fn expected_fingerprint(&self, key: &str, install: &InstallId, marker: &Marker) -> String {
+        match self.known.lock().expect("known lock").get(key) {
+            Some(known) if known.install == *install => known.fingerprint.clone(),
+            _ => marker.fingerprint.clone(),
+        }
+    }
+
+    /// Take one of `key`'s locks without waiting: `None` when another open file holds it, in
+    /// this process or another.
+    async fn try_lock(&self, key: &str, lock: Lock) -> std::io::Result<Option<File>> {
+        let path = lock_path(&self.dir, key, lock);
+        blocking(move || match lock_file(&path, Take::TryExclusive) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    /// The key's in-use lock, shared. It waits only for an eviction deciding, which holds the
+    /// install lock too, so never while the caller holds that.
+    async fn lock_in_use(&self, key: &str) -> Result<File, BuildError> {
+        let path = lock_path(&self.dir, key, Lock::InUse);
+        Ok(blocking(move || lock_file(&path, Take::Shared)).await?)
+    }
+
+    /// Both of the key's locks, exclusively, or `None` when anyone installs, checks or uses it.
+    async fn lock_for_removal(&self, key: &str) -> std::io::Result<Option<(File, File)>> {
+        let Some(install) = self.try_lock(key, Lock::Install).await? else {
+            return Ok(None);
+        };
+        let Some(in_use) = self.try_lock(key, Lock::InUse).await? else {
+            return Ok(None);
+        };
+        Ok(Some((install, in_use)))
+    }
+
+    /// Remove the key's lock files, both held exclusively by the caller. The in-use one first:
+    /// a new one is only made under the install lock, which the caller still holds.
+    async fn remove_lock_files(&self, key: &str) {
+        for lock in [Lock::InUse, Lock::Install] {
+            let _ = tokio::fs::remove_file(lock_path(&self.dir, key, lock)).await;
+        }
     }
 
     /// Move `{key}` out of the way (one rename: no build sees a half-removed entry), then
@@ -552,7 +712,7 @@ impl Inner {
         key: &str,
         files: &SiteFiles,
         timeout: Duration,
-    ) -> Result<String, BuildError> {
+    ) -> Result<Found, BuildError> {
         tokio::fs::create_dir_all(&self.dir).await?;
         let tmp = self.dir.join(format!(
             ".tmp.{key}.{}.{}",
@@ -569,10 +729,8 @@ impl Inner {
             Err(e) => Err(e.into()),
         };
         self.installing.lock().expect("installing").remove(&tmp);
-        if result.is_err() {
-            let tmp = tmp.clone();
-            let _ = blocking(move || remove_tree(&tmp)).await;
-        }
+        // Gone when it became the entry; still there after a failure or a lost race.
+        let _ = blocking(move || remove_tree(&tmp)).await;
         result
     }
 
@@ -582,15 +740,14 @@ impl Inner {
         files: &SiteFiles,
         timeout: Duration,
         tmp: &Path,
-    ) -> Result<String, BuildError> {
+    ) -> Result<Found, BuildError> {
         tokio::fs::write(tmp.join(PACKAGE), &files.package_json).await?;
         tokio::fs::write(tmp.join(LOCK), &files.lock).await?;
         if let Some(rc) = &files.npmrc {
             tokio::fs::write(tmp.join(NPMRC), rc).await?;
         }
-        let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
         // Not the message's token: see `acquire`.
-        let out = build::run_logged(&argv, tmp, timeout, &CancellationToken::new())
+        let out = build::run_logged(&self.install_argv, tmp, timeout, &CancellationToken::new())
             .instrument(tracing::info_span!("install dependencies", store_key = %key))
             .await?;
         if !out.success {
@@ -603,9 +760,9 @@ impl Inner {
         if files.npmrc.is_some() {
             tokio::fs::remove_file(tmp.join(NPMRC)).await?;
         }
-        let (key_owned, tmp_owned, final_dir) =
-            (key.to_owned(), tmp.to_owned(), self.dir.join(key));
-        let scanned = blocking(move || {
+        let (key_owned, tmp_owned) = (key.to_owned(), tmp.to_owned());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let (scanned, install) = blocking(move || {
             make_read_only(&tmp_owned, false)?;
             let scanned = scan(&tmp_owned)?;
             let marker = Marker {
@@ -613,6 +770,7 @@ impl Inner {
                 fingerprint: scanned.fingerprint.clone(),
                 bytes: scanned.bytes,
                 created: unix_now(),
+                install: id,
             };
             let path = tmp_owned.join(MARKER);
             std::fs::write(
@@ -621,23 +779,68 @@ impl Inner {
             )?;
             std::fs::File::open(&path)?.sync_all()?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
-            // The rename is what makes the entry visible, complete or not at all. Same parent
-            // folder: no write permission on the entry itself is needed to move it.
-            std::fs::rename(&tmp_owned, &final_dir)?;
-            std::fs::set_permissions(&final_dir, std::fs::Permissions::from_mode(0o555))?;
-            Ok(scanned)
+            // The rename below keeps the folder's inode.
+            let install = InstallId::of(&std::fs::metadata(&tmp_owned)?, &marker);
+            Ok((scanned, install))
         })
         .await?;
-        self.known
-            .lock()
-            .expect("known lock")
-            .insert(key.to_owned(), scanned.fingerprint.clone());
+        if !self.place(key, tmp).await? {
+            // Another process put the entry in place during the install, though this one held
+            // the key's install lock: a worker that does not lock (an earlier version, during a
+            // rolling deploy) or locks that do not reach every client of a network file system.
+            // Its entry is as good as this one, once checked; a broken one is replaced.
+            match self.check(key, &files.lock).await? {
+                Entry::Valid(found) => {
+                    tracing::info!(store_key = %key, "another worker installed the same dependencies first; using its entry");
+                    return Ok(found);
+                }
+                Entry::Invalid(reason) => {
+                    tracing::warn!(store_key = %key, %reason, "replacing a store entry another worker put in place");
+                    self.discard(key).await?;
+                }
+                Entry::Missing => {}
+            }
+            if !self.place(key, tmp).await? {
+                return Err(BuildError::Io(std::io::Error::other(format!(
+                    "another process keeps putting {key} in place"
+                ))));
+            }
+        }
+        self.known.lock().expect("known lock").insert(
+            key.to_owned(),
+            Known {
+                install: install.clone(),
+                fingerprint: scanned.fingerprint.clone(),
+            },
+        );
         tracing::info!(
             store_key = %key,
             bytes = scanned.bytes,
             "installed dependencies into the shared store"
         );
-        Ok(scanned.fingerprint)
+        Ok(Found {
+            fingerprint: scanned.fingerprint,
+            install,
+        })
+    }
+
+    /// Rename a finished install to `{key}`: `false` when an entry is there already.
+    async fn place(&self, key: &str, tmp: &Path) -> std::io::Result<bool> {
+        let (tmp, final_dir) = (tmp.to_owned(), self.dir.join(key));
+        blocking(move || {
+            // The rename is what makes the entry visible, complete or not at all. Same parent
+            // folder: no write permission on the entry itself is needed to move it.
+            match std::fs::rename(&tmp, &final_dir) {
+                Ok(()) => {}
+                // rename(2) replaces an empty folder only: an entry makes it fail (ENOTEMPTY
+                // or EEXIST; ENOTDIR for a file).
+                Err(_) if std::fs::symlink_metadata(&final_dir).is_ok() => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            std::fs::set_permissions(&final_dir, std::fs::Permissions::from_mode(0o555))?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn first_sweep(&self) {
@@ -682,31 +885,178 @@ impl Inner {
             if self.leases.lock().expect("leases lock").contains_key(&key) {
                 continue;
             }
+            // Other processes: their installs, checks and builds hold one of the key's locks.
+            let _locks = match self.lock_for_removal(&key).await {
+                Ok(Some(locks)) => locks,
+                Ok(None) => {
+                    tracing::debug!(store_key = %key, "not evicting a store entry in use by another worker");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(store_key = %key, error = %e, "could not lock a store entry to evict it");
+                    continue;
+                }
+            };
             tracing::info!(store_key = %key, "evicting a store entry");
             if let Err(e) = self.discard(&key).await {
                 tracing::warn!(store_key = %key, error = %e, "could not evict a store entry");
                 continue;
             }
             let _ = tokio::fs::remove_file(self.dir.join(format!("{key}.used"))).await;
+            self.remove_lock_files(&key).await;
         }
-        let own = format!(".{}.", std::process::id());
         for (path, age) in listed.leftovers {
             let name = path
                 .file_name()
                 .map(OsStr::to_string_lossy)
-                .unwrap_or_default();
-            let abandoned = if name.starts_with(".trash.") {
+                .unwrap_or_default()
+                .into_owned();
+            // Held while the folder goes, so that no install of its key starts meanwhile (one
+            // would make a new folder anyway).
+            let _install_lock = if name.starts_with(".trash.") {
                 // Another process may be removing it right now; both removals end the same.
-                true
+                None
             } else {
-                // `.tmp.`: ours and no longer running (a crash before a restart with the same
-                // pid, as in a container), or anyone's and far older than an install may take.
-                let running = self.installing.lock().expect("installing").contains(&path);
-                !running && (name.contains(&own) || age > self.stale_install)
+                // `.tmp.`: one of ours running, or another process's, which holds its key's
+                // install lock until it ends (a crashed one's lock died with it). Not its pid:
+                // pids repeat across containers and restarts. Without a lock to ask (a name
+                // not made here, a lock that fails), its age decides.
+                if self.installing.lock().expect("installing").contains(&path) {
+                    continue;
+                }
+                match tmp_key(&name) {
+                    Some(key) => match self.try_lock(key, Lock::Install).await {
+                        Ok(Some(lock)) => Some(lock),
+                        Ok(None) => continue,
+                        Err(_) if age <= self.stale_install => continue,
+                        Err(_) => None,
+                    },
+                    None if age <= self.stale_install => continue,
+                    None => None,
+                }
             };
-            if abandoned {
-                let _ = blocking(move || remove_tree(&path)).await;
+            let _ = blocking(move || remove_tree(&path)).await;
+        }
+        // Lock files of keys without an entry (an install that failed or died): removed when
+        // nobody holds them, so that they do not pile up.
+        let entries: HashSet<&str> = listed.entries.iter().map(|e| e.key.as_str()).collect();
+        for key in &listed.lock_keys {
+            if entries.contains(key.as_str()) {
+                continue;
             }
+            if let Ok(Some(_locks)) = self.lock_for_removal(key).await {
+                self.remove_lock_files(key).await;
+            }
+        }
+    }
+}
+
+/// The key of an install folder `.tmp.{key}.{pid}.{n}`.
+fn tmp_key(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(".tmp.")?;
+    let mut parts = rest.rsplitn(3, '.');
+    let (_n, _pid, key) = (parts.next()?, parts.next()?, parts.next()?);
+    (!key.is_empty()).then_some(key)
+}
+
+/// A key's two lock files (see the module comment).
+#[derive(Debug, Clone, Copy)]
+enum Lock {
+    /// `.lock.{key}`: checking, installing, replacing or removing the entry.
+    Install,
+    /// `.lock.{key}.in-use`: builds using the entry.
+    InUse,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Take {
+    Shared,
+    Exclusive,
+    /// Exclusive, or an error of kind `WouldBlock` at once.
+    TryExclusive,
+}
+
+const IN_USE_SUFFIX: &str = ".in-use";
+
+fn lock_path(dir: &Path, key: &str, lock: Lock) -> PathBuf {
+    match lock {
+        Lock::Install => dir.join(format!(".lock.{key}")),
+        Lock::InUse => dir.join(format!(".lock.{key}{IN_USE_SUFFIX}")),
+    }
+}
+
+/// The key of a lock file's name.
+fn lock_key(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(".lock.")?;
+    let key = rest.strip_suffix(IN_USE_SUFFIX).unwrap_or(rest);
+    (!key.is_empty()).then_some(key)
+}
+
+/// `flock(2)` on `path`, made when missing. The lock lives as long as the returned open file
+/// (locks belong to an open file, so two opens in one process exclude each other too) and
+/// dies with the process, however it ends. It blocks the thread: call it in a blocking task.
+fn lock_file(path: &Path, take: Take) -> std::io::Result<File> {
+    // Removals of lock files racing this loop end in a few rounds; this bounds a broken file
+    // system.
+    for _ in 0..100 {
+        // Read and write: on NFS an exclusive flock is a write lock, which needs a file open
+        // for writing.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let locked = match take {
+            Take::Shared => file.lock_shared(),
+            Take::Exclusive => file.lock(),
+            Take::TryExclusive => match file.try_lock() {
+                Ok(()) => Ok(()),
+                Err(TryLockError::WouldBlock) => {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Err(TryLockError::Error(e)) => Err(e),
+            },
+        };
+        // An eviction removes the lock files while it holds them: a lock on a removed file
+        // excludes nobody, so it counts only if the path still names the file locked. (On NFS
+        // a file removed by another client can also answer "stale".)
+        let current = locked.and_then(|()| {
+            let held = file.metadata()?;
+            let now = std::fs::metadata(path)?;
+            Ok((held.dev(), held.ino()) == (now.dev(), now.ino()))
+        });
+        match current {
+            Ok(true) => return Ok(file),
+            Ok(false) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::StaleNetworkFileHandle
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "{} kept being replaced while it was locked",
+        path.display()
+    )))
+}
+
+/// An entry's marker, when it has one for `key`.
+async fn read_marker(entry: &Path, key: &str) -> Option<Marker> {
+    let bytes = tokio::fs::read(entry.join(MARKER)).await.ok()?;
+    serde_json::from_slice::<Marker>(&bytes)
+        .ok()
+        .filter(|m| m.key == key)
+}
+
+impl InstallId {
+    fn of(folder: &std::fs::Metadata, marker: &Marker) -> InstallId {
+        InstallId {
+            dev: folder.dev(),
+            ino: folder.ino(),
+            id: marker.install.clone(),
         }
     }
 }
@@ -715,12 +1065,15 @@ struct Listing {
     entries: Vec<EntryInfo>,
     /// `.tmp.*` and `.trash.*` folders, with their age.
     leftovers: Vec<(PathBuf, Duration)>,
+    /// Keys that have lock files.
+    lock_keys: HashSet<String>,
 }
 
 fn list_store(dir: &Path) -> std::io::Result<Listing> {
     let mut listing = Listing {
         entries: Vec::new(),
         leftovers: Vec::new(),
+        lock_keys: HashSet::new(),
     };
     let read = match std::fs::read_dir(dir) {
         Ok(read) => read,
@@ -731,8 +1084,16 @@ fn list_store(dir: &Path) -> std::io::Result<Listing> {
     for item in read {
         let item = item?;
         let name = item.file_name().to_string_lossy().into_owned();
-        let meta = item.metadata()?;
+        let meta = match item.metadata() {
+            Ok(meta) => meta,
+            // Removed since it was listed: other processes sweep the same folder.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if !meta.is_dir() {
+            if let Some(key) = lock_key(&name).filter(|_| meta.is_file()) {
+                listing.lock_keys.insert(key.to_owned());
+            }
             continue;
         }
         if name.starts_with(".tmp.") || name.starts_with(".trash.") {
@@ -1051,5 +1412,353 @@ mod tests {
         assert!(ws.join(".vite/deps").is_dir());
         remove_tree(&store).unwrap();
         assert!(!store.exists());
+    }
+
+    // Stores on one folder stand for worker processes sharing it: each has its own in-process
+    // locks and counts, so only the flock locks (per open file, not per process) stand between
+    // them, as between processes.
+
+    const T: Duration = Duration::from_secs(60);
+    /// A stand-in for `npm ci`: one package, whose `index.js` says `$1`.
+    const INSTALL: &str =
+        r#"mkdir -p node_modules/pkg && printf %s "$1" > node_modules/pkg/index.js"#;
+
+    /// A temporary folder, removed at the end, read-only entries and all.
+    struct Folder(tempfile::TempDir);
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = remove_tree(self.0.path());
+        }
+    }
+
+    impl std::ops::Deref for Folder {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    fn folder() -> Folder {
+        Folder(tempfile::tempdir().unwrap())
+    }
+
+    /// A store whose installs run `sh -c script sh args...` in the install folder (no npm, no
+    /// network), on a Node 20 (no `node` asked).
+    fn store_with(dir: &Path, settings: StoreSettings, script: &str, args: &[&str]) -> NpmStore {
+        let mut argv: Vec<String> = vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let store = NpmStore::with_install_command(dir.to_owned(), settings, T, argv);
+        store.inner.node_major.set("20".into()).unwrap();
+        store
+    }
+
+    /// A store whose installs write `tag`.
+    fn store(dir: &Path, tag: &str) -> NpmStore {
+        store_with(dir, StoreSettings::default(), INSTALL, &[tag])
+    }
+
+    fn site(n: u32) -> SiteFiles {
+        SiteFiles {
+            lock: format!(r#"{{"lockfileVersion": 3, "n": {n}}}"#).into_bytes(),
+            package_json: b"{}".to_vec(),
+            npmrc: None,
+        }
+    }
+
+    fn key_of(files: &SiteFiles) -> String {
+        store_key(&files.lock, None, "20")
+    }
+
+    /// Which install the entry holds.
+    fn tag(dir: &Path, key: &str) -> String {
+        std::fs::read_to_string(dir.join(key).join("node_modules/pkg/index.js")).unwrap()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// What a build that writes into its dependencies does (root may; anyone else opens the
+    /// folder first, as an attacker would need to).
+    fn plant(dir: &Path, key: &str) {
+        let pkg = dir.join(key).join("node_modules/pkg");
+        std::fs::set_permissions(&pkg, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(pkg.join("planted.js"), "planted").unwrap();
+    }
+
+    #[test]
+    fn flock_locks_exclude_two_opens_in_one_process() {
+        let dir = folder();
+        let path = dir.join(".lock.k");
+        let held = |take| lock_file(&path, take);
+        let blocked =
+            |r: std::io::Result<File>| r.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock);
+        let one = held(Take::Shared).unwrap();
+        let two = held(Take::Shared).unwrap();
+        assert!(blocked(held(Take::TryExclusive)));
+        drop(one);
+        assert!(blocked(held(Take::TryExclusive)));
+        drop(two);
+        let exclusive = held(Take::TryExclusive).unwrap();
+        assert!(blocked(held(Take::TryExclusive)));
+
+        // A lock file removed while a locker waits on it (as an eviction does): the waiter
+        // ends up holding the file now at the path, not the removed one.
+        let waiter = std::thread::spawn({
+            let path = path.clone();
+            move || lock_file(&path, Take::Exclusive)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::remove_file(&path).unwrap();
+        drop(exclusive);
+        let got = waiter.join().unwrap().unwrap();
+        // (The inode number may be the removed file's again: it was free once the waiter
+        // closed that file.)
+        let now = std::fs::metadata(&path).expect("the waiter made the lock file again");
+        assert_eq!(got.metadata().unwrap().ino(), now.ino());
+        assert!(blocked(held(Take::TryExclusive)));
+
+        assert_eq!(
+            tmp_key(".tmp.node20-linux-x86_64-ab12.7.0"),
+            Some("node20-linux-x86_64-ab12")
+        );
+        assert_eq!(tmp_key(".tmp.x"), None);
+        assert_eq!(lock_key(".lock.node20-k"), Some("node20-k"));
+        assert_eq!(lock_key(".lock.node20-k.in-use"), Some("node20-k"));
+    }
+
+    #[tokio::test]
+    async fn an_entry_another_store_uses_is_not_evicted_until_it_is_let_go() {
+        let dir = folder();
+        let a = store(&dir, "a");
+        // B would evict every entry: none fits in its limit.
+        let small = StoreSettings {
+            max_bytes: 0,
+            ..StoreSettings::default()
+        };
+        let b = store_with(&dir, small, INSTALL, &["b"]);
+        let files = site(1);
+        let key = key_of(&files);
+        let cancel = CancellationToken::new();
+        let held = a.acquire(files.clone(), T, &cancel).await.unwrap();
+        assert!(held.installed_ms.is_some());
+        // By B's own books nobody uses it, and its eviction chooses it.
+        let listed = list_store(&dir).unwrap();
+        let chosen = choose_evictions(&listed.entries, unix_now(), T, 0, &HashSet::new());
+        assert_eq!(chosen, [key.as_str()]);
+
+        b.inner.sweep("").await;
+        assert_eq!(
+            tag(&dir, &key),
+            "a",
+            "evicted while another store's build used it"
+        );
+        a.verify_unchanged(&held).await.unwrap();
+
+        drop(held);
+        b.inner.sweep("").await;
+        // The entry went, with its record of use and its lock files.
+        assert_eq!(names(&dir), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_finds_the_entry_in_place_at_its_rename_uses_it() {
+        let root = folder();
+        let (shared, elsewhere) = (root.join("store"), root.join("elsewhere"));
+        let files = site(2);
+        let key = key_of(&files);
+        let cancel = CancellationToken::new();
+        // The winner's entry: complete, read-only, fingerprinted, on the same file system.
+        let winner = store(&elsewhere, "winner");
+        drop(winner.acquire(files.clone(), T, &cancel).await.unwrap());
+        let won = scan(&elsewhere.join(&key)).unwrap().fingerprint;
+        // While B installs, the winner's entry appears under the final name (a worker that does
+        // not lock finishing first). Moving a folder to another parent needs write permission
+        // on it (for its `..`), unless one is root.
+        let b = store_with(
+            &shared,
+            StoreSettings::default(),
+            &format!(r#"{INSTALL} && chmod u+w "$2" && mv "$2" "$3""#),
+            &[
+                "b",
+                elsewhere.join(&key).to_str().unwrap(),
+                shared.join(&key).to_str().unwrap(),
+            ],
+        );
+        let got = b.acquire(files.clone(), T, &cancel).await.unwrap();
+        assert!(got.installed_ms.is_some());
+        assert_eq!(tag(&shared, &key), "winner");
+        assert_eq!(got.fingerprint, won);
+        // B's own install is gone, nothing half-done is left.
+        let mut left = names(&shared);
+        left.retain(|n| !n.starts_with(".lock."));
+        assert_eq!(left, [key.clone(), format!("{key}.used")]);
+        b.verify_unchanged(&got).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_store_waits_for_another_stores_install_and_uses_it() {
+        let dir = folder();
+        let files = site(3);
+        let key = key_of(&files);
+        let slow = format!("sleep 1 && {INSTALL}");
+        let a = store_with(&dir, StoreSettings::default(), &slow, &["a"]);
+        // B must not install at all: its install would fail.
+        let b = store_with(&dir, StoreSettings::default(), "exit 3", &[]);
+        let first = tokio::spawn({
+            let (a, files) = (a.clone(), files.clone());
+            async move { a.acquire(files, T, &CancellationToken::new()).await }
+        });
+        let under_way = || names(&dir).iter().any(|n| n.starts_with(".tmp."));
+        for _ in 0..1000 {
+            if under_way() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(under_way(), "A's install did not start");
+        let second = b
+            .acquire(files.clone(), T, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(second.installed_ms, None);
+        assert!(second.waited_ms.is_some());
+        let first = first.await.unwrap().unwrap();
+        assert!(first.installed_ms.is_some());
+        assert_eq!(first.fingerprint, second.fingerprint);
+        assert_eq!(tag(&dir, &key), "a");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_another_stores_install_can_be_cancelled() {
+        let dir = folder();
+        let b = store(&dir, "b");
+        let files = site(4);
+        let key = key_of(&files);
+        // Another process's install holds the key.
+        let other = lock_file(&lock_path(&dir, &key, Lock::Install), Take::Exclusive).unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                cancel.cancel();
+            }
+        });
+        let waited = tokio::time::timeout(T, b.acquire(files.clone(), T, &cancel))
+            .await
+            .expect("the cancel did not stop the waiting");
+        assert!(matches!(waited, Err(BuildError::Cancelled)));
+        assert!(!dir.join(&key).exists());
+        drop(other);
+        let got = b
+            .acquire(files, T, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(got.installed_ms.is_some());
+    }
+
+    #[tokio::test]
+    async fn two_stores_use_one_entry_at_once() {
+        let dir = folder();
+        let (a, b) = (store(&dir, "a"), store(&dir, "b"));
+        let files = site(5);
+        let cancel = CancellationToken::new();
+        let first = a.acquire(files.clone(), T, &cancel).await.unwrap();
+        // Using an entry does not lock out a use anywhere else (nor a second one here).
+        let quick = Duration::from_secs(10);
+        let second = tokio::time::timeout(quick, b.acquire(files.clone(), T, &cancel))
+            .await
+            .expect("B waited for A's build")
+            .unwrap();
+        let third = tokio::time::timeout(quick, a.acquire(files.clone(), T, &cancel))
+            .await
+            .expect("A's second build waited for its first")
+            .unwrap();
+        assert_eq!((second.installed_ms, third.installed_ms), (None, None));
+        assert_eq!(tag(&dir, &key_of(&files)), "a");
+        drop((first, second, third));
+    }
+
+    #[tokio::test]
+    async fn an_install_under_way_in_another_process_is_not_swept() {
+        let dir = folder();
+        let b = store(&dir, "b");
+        let key = key_of(&site(6));
+        // With this process's pid: pids repeat across containers.
+        let tmp = dir.join(format!(".tmp.{key}.{}.0", std::process::id()));
+        std::fs::create_dir_all(tmp.join("node_modules")).unwrap();
+        let installer = lock_file(&lock_path(&dir, &key, Lock::Install), Take::Exclusive).unwrap();
+        b.inner.sweep("").await;
+        assert!(tmp.is_dir(), "a live install was swept");
+        // Its installer died: its lock is gone, so is the folder, and the lock file.
+        drop(installer);
+        b.inner.sweep("").await;
+        assert_eq!(names(&dir), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_reinstall_by_another_store_is_not_taken_for_a_change() {
+        let dir = folder();
+        let (a, b) = (store(&dir, "a"), store(&dir, "b"));
+        let files = site(7);
+        let key = key_of(&files);
+        let cancel = CancellationToken::new();
+        drop(a.acquire(files.clone(), T, &cancel).await.unwrap());
+        // B removes the entry (as an eviction does) and installs it again.
+        b.inner.discard(&key).await.unwrap();
+        let b_got = b.acquire(files.clone(), T, &cancel).await.unwrap();
+        assert!(b_got.installed_ms.is_some());
+        drop(b_got);
+        let again = a.acquire(files.clone(), T, &cancel).await.unwrap();
+        assert_eq!(
+            again.installed_ms, None,
+            "A took B's install for a changed one"
+        );
+        assert_eq!(tag(&dir, &key), "b");
+        drop(again);
+
+        // A change to the install A has seen still counts, even with its marker rewritten.
+        plant(&dir, &key);
+        let entry = dir.join(&key);
+        let marker_path = entry.join(MARKER);
+        let mut marker: Marker =
+            serde_json::from_slice(&std::fs::read(&marker_path).unwrap()).unwrap();
+        marker.fingerprint = scan(&entry).unwrap().fingerprint;
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&marker_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&marker_path, serde_json::to_vec(&marker).unwrap()).unwrap();
+        let third = a.acquire(files.clone(), T, &cancel).await.unwrap();
+        assert!(third.installed_ms.is_some(), "a changed entry was used");
+        assert_eq!(tag(&dir, &key), "a");
+    }
+
+    #[tokio::test]
+    async fn the_check_after_a_build_keeps_another_stores_fresh_install() {
+        let dir = folder();
+        let (a, b) = (store(&dir, "a"), store(&dir, "b"));
+        let files = site(8);
+        let key = key_of(&files);
+        let cancel = CancellationToken::new();
+        let a_got = a.acquire(files.clone(), T, &cancel).await.unwrap();
+        // A's build writes into the entry; B sees the change first and installs it again.
+        plant(&dir, &key);
+        let b_got = b.acquire(files.clone(), T, &cancel).await.unwrap();
+        assert!(b_got.installed_ms.is_some());
+        let changed = a.verify_unchanged(&a_got).await;
+        assert!(matches!(changed, Err(BuildError::StoreChanged { .. })));
+        assert_eq!(tag(&dir, &key), "b", "A discarded B's fresh install");
+        b.verify_unchanged(&b_got).await.unwrap();
+        // A change to the entry a build used, with nothing in its place, is discarded.
+        plant(&dir, &key);
+        let changed = b.verify_unchanged(&b_got).await;
+        assert!(matches!(changed, Err(BuildError::StoreChanged { .. })));
+        assert!(!dir.join(&key).exists());
     }
 }
