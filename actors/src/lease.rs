@@ -393,6 +393,8 @@ impl Lease {
         };
         record.expires_at_ms = 0;
         let text = serde_json::to_string(&record).expect("leases serialize");
+        // Stamped before the write: the next holder's "acquired" never precedes our "released".
+        let at_ms = now_ms();
         match held
             .shared
             .store
@@ -403,7 +405,7 @@ impl Lease {
                 workspace = %self.key,
                 token = self.token,
                 worker = %held.shared.config.worker,
-                at_ms = now_ms(),
+                at_ms,
                 "lease released"
             ),
             Ok(None) => tracing::warn!(

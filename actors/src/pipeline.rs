@@ -949,7 +949,8 @@ async fn agent_turn_inner(
             // The agent's session files are gone (new storage): start the conversation anew.
             Err(AgentError::SessionNotFound(id)) => {
                 tracing::warn!(session = %id, "the thread's conversation is gone; starting a new one");
-                progress.conversation_restarted = true;
+                // Only a conversation the agent had written can be lost.
+                progress.conversation_restarted |= record.as_ref().is_some_and(|r| r.written);
                 session = AgentSession::New(uuid::Uuid::new_v4().to_string());
                 if let AgentSession::New(id) = &session {
                     record_new_conversation(threads, &key, &job.request.thread_id, id).await;
@@ -994,6 +995,7 @@ async fn agent_turn_inner(
         let saved = ThreadRecord {
             session_id,
             total_cost_usd: report.total_cost_usd.unwrap_or(previous),
+            written: true,
         };
         if let Err(e) = threads.save(&key, &job.request.thread_id, &saved).await {
             tracing::warn!(error = %e, "could not record the thread's conversation");
@@ -1009,6 +1011,18 @@ async fn agent_turn_inner(
                 AgentSession::New(id) | AgentSession::Resume(id) => id.clone(),
             });
         let file = ThreadStore::conversation_file(config_dir, &cwd, &session_id);
+        let left_a_file = tokio::fs::try_exists(&file).await.unwrap_or(false);
+        if report.is_none() && left_a_file {
+            // A run stopped before it reported still wrote its conversation.
+            let written = ThreadRecord {
+                session_id: session_id.clone(),
+                total_cost_usd: record.as_ref().map_or(0.0, |r| r.total_cost_usd),
+                written: true,
+            };
+            if let Err(e) = threads.save(&key, &job.request.thread_id, &written).await {
+                tracing::warn!(error = %e, "could not record the thread's conversation");
+            }
+        }
         if let Err(e) = threads.save_conversation(&key, &session_id, &file).await {
             tracing::warn!(error = %e, "could not share the thread's conversation file");
         }
@@ -1028,6 +1042,7 @@ async fn record_new_conversation(
     let record = ThreadRecord {
         session_id: session_id.to_owned(),
         total_cost_usd: 0.0,
+        written: false,
     };
     if let Err(e) = threads.save(key, thread_id, &record).await {
         tracing::warn!(error = %e, "could not record the thread's conversation");

@@ -16,13 +16,23 @@ use crate::message::WorkspaceKey;
 use crate::records::{RecordStore, Version};
 
 /// What we remember of a thread's conversation.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ThreadRecord {
     /// The agent's session id, for `--resume`.
     pub session_id: String,
     /// The session's cumulative cost after the last run (the agent reports a running total).
     pub total_cost_usd: f64,
+    /// The agent has written this conversation (a run reported, or left its file). A
+    /// conversation recorded at a run's start but stopped before the agent wrote anything was
+    /// never there to lose: not finding it is no restart. Records from before this field were
+    /// written after runs, hence the default.
+    #[serde(default = "written_by_default")]
+    pub written: bool,
+}
+
+fn written_by_default() -> bool {
+    true
 }
 
 #[derive(Clone)]
@@ -217,6 +227,7 @@ mod tests {
         let record = ThreadRecord {
             session_id: "s-1".into(),
             total_cost_usd: 0.5,
+            written: true,
         };
         store.save(&key, "t", &record).await.unwrap();
         assert_eq!(store.load(&key, "t").await, Some(record));
