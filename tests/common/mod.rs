@@ -968,3 +968,324 @@ impl Drop for FaultProxy {
         let _ = self.child.wait();
     }
 }
+
+// ------------------------------------- several workers on one queue (tests/many_workers.rs)
+
+/// Wall-clock milliseconds since the Unix epoch (what the workers' `at_ms` fields carry).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// `git` that may fail: its output, or `None` (a missing branch or file).
+pub fn git_ok(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// One of several worker processes of a test: its `WORKER_ID`, its log (JSON lines: it runs
+/// with `LOG_FORMAT=json`) and, once killed with SIGKILL, the wall-clock time of the kill.
+/// Killed when dropped.
+pub struct WorkerProcess {
+    pub name: String,
+    pub log: PathBuf,
+    pub killed_at_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    child: Option<Child>,
+}
+
+impl TestEnv {
+    /// A bucket of this test for `LEASE_STORE`; returns the setting, `s3://{bucket}/leases`.
+    pub async fn create_lease_store(&self) -> String {
+        let bucket = format!("leases.{}.test", self.name);
+        self.create_bucket(&bucket).await;
+        format!("s3://{bucket}/leases")
+    }
+
+    /// Start `edit-worker run` as worker `name` (`WORKER_ID`), with this test's environment,
+    /// `LOG_FORMAT=json`, plus `extra` (which wins: `WORKSPACE_ROOT`, `CLAUDE_CONFIG_DIR`,
+    /// `LEASE_STORE`, ...). Its log is `{dir}/worker-{name}.log`. Independent of the test's
+    /// single worker (`start_worker`).
+    pub fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
+        let log = self.dir.path().join(format!("worker-{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edit-worker"));
+        cmd.args(["run", "--exit-when-idle", "120"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .envs(self.worker_env())
+            .env("LOG_FORMAT", "json")
+            .env("WORKER_ID", name)
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Ok(cache) = std::env::var("npm_config_cache") {
+            cmd.env("npm_config_cache", cache);
+        }
+        WorkerProcess {
+            name: name.to_owned(),
+            log,
+            killed_at_ms: None,
+            exit_code: None,
+            child: Some(cmd.spawn().expect("start edit-worker")),
+        }
+    }
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its log lines that are JSON objects, in order.
+    pub fn lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .collect()
+    }
+
+    /// Its log lines whose message is exactly `message`.
+    pub fn lines_saying(&self, message: &str) -> Vec<Value> {
+        self.lines()
+            .into_iter()
+            .filter(|l| log_message(l) == message)
+            .collect()
+    }
+
+    /// Whether it is still running (reaps it if it exited).
+    pub fn running(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                self.exit_code = status.code();
+                self.child = None;
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// SIGTERM, then wait up to 40 s for it to exit; its exit code (`None`: killed by a signal,
+    /// or it did not exit in time and was killed).
+    pub fn stop(&mut self) -> Option<i32> {
+        let Some(mut child) = self.child.take() else {
+            return self.exit_code;
+        };
+        let _ = nix_kill(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.exit_code = status.code();
+                return self.exit_code;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL (`kill -9`), noting the time; waits for it to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            self.killed_at_ms = Some(now_ms());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Wait until one of its log lines satisfies `pred`; that line.
+    pub async fn wait_for_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {}: no log line {what} within {timeout:?}; its log:\n{}",
+                self.name,
+                tail(&self.text(), 60)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The message of a JSON log line (tracing-subscriber's JSON format: `fields.message`).
+pub fn log_message(line: &Value) -> &str {
+    line["fields"]["message"]
+        .as_str()
+        .or_else(|| line["message"].as_str())
+        .unwrap_or_default()
+}
+
+/// A field of a JSON log line: its own (`fields`), the line's top level, or of the spans it is
+/// in (innermost first).
+pub fn log_field<'a>(line: &'a Value, key: &str) -> Option<&'a Value> {
+    if let Some(v) = line["fields"].get(key) {
+        return Some(v);
+    }
+    if let Some(v) = line.get(key) {
+        return Some(v);
+    }
+    if let Some(v) = line["span"].get(key) {
+        return Some(v);
+    }
+    line["spans"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find_map(|span| span.get(key))
+}
+
+/// A field as text (strings as they are, numbers and booleans written out).
+pub fn log_text(line: &Value, key: &str) -> Option<String> {
+    match log_field(line, key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// A field as a number (also when logged as text).
+pub fn log_u64(line: &Value, key: &str) -> Option<u64> {
+    match log_field(line, key)? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// One lease a worker held: from its "lease acquired" line to the "lease released" or "lease
+/// lost" line of the same workspace and token, or to the worker's kill (`ended_by`
+/// "killed"), or never ended (`until_ms` None, `ended_by` "open").
+#[derive(Debug, Clone)]
+pub struct LeaseHeld {
+    pub workspace: String,
+    pub worker: String,
+    pub token: String,
+    pub from_ms: u64,
+    pub until_ms: Option<u64>,
+    pub ended_by: String,
+    /// The line's `handover`: the previous holder was another worker, or unknown.
+    pub handover: bool,
+    /// The line's `previous` holder, when it names one.
+    pub previous: Option<String>,
+}
+
+/// The leases `worker` held, from its log.
+pub fn lease_intervals(worker: &WorkerProcess) -> Vec<LeaseHeld> {
+    let mut held: Vec<LeaseHeld> = Vec::new();
+    for line in worker.lines() {
+        let message = log_message(&line);
+        if !matches!(message, "lease acquired" | "lease released" | "lease lost") {
+            continue;
+        }
+        let (Some(workspace), Some(token), Some(at)) = (
+            log_text(&line, "workspace"),
+            log_text(&line, "token"),
+            log_u64(&line, "at_ms"),
+        ) else {
+            panic!(
+                "worker {}: a lease line without workspace, token or at_ms: {line}",
+                worker.name
+            );
+        };
+        let open = held
+            .iter_mut()
+            .find(|h| h.workspace == workspace && h.token == token && h.until_ms.is_none());
+        match (message, open) {
+            ("lease acquired", None) => held.push(LeaseHeld {
+                workspace,
+                worker: log_text(&line, "worker").unwrap_or_else(|| worker.name.clone()),
+                token,
+                from_ms: at,
+                until_ms: None,
+                ended_by: "open".into(),
+                handover: log_field(&line, "handover").and_then(Value::as_bool) == Some(true),
+                previous: log_text(&line, "previous").filter(|p| !p.is_empty()),
+            }),
+            ("lease acquired", Some(_)) => {}
+            (end, Some(h)) => {
+                h.until_ms = Some(at);
+                h.ended_by = end.trim_start_matches("lease ").to_owned();
+            }
+            (end, None) => panic!(
+                "worker {}: {end} of a lease it never acquired ({workspace} token {token}): {line}",
+                worker.name
+            ),
+        }
+    }
+    if let Some(killed) = worker.killed_at_ms {
+        for h in held.iter_mut().filter(|h| h.until_ms.is_none()) {
+            h.until_ms = Some(killed);
+            h.ended_by = "killed".into();
+        }
+    }
+    held
+}
+
+impl LeaseHeld {
+    /// Whether the workspace came from another worker (named as the previous holder).
+    pub fn moved(&self) -> bool {
+        self.previous.as_ref().is_some_and(|p| *p != self.worker)
+    }
+}
+
+/// Pairs of leases of one workspace held by different workers at once.
+pub fn lease_overlaps(all: &[LeaseHeld]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            if a.workspace != b.workspace || a.worker == b.worker {
+                continue;
+            }
+            let a_until = a.until_ms.unwrap_or(u64::MAX);
+            let b_until = b.until_ms.unwrap_or(u64::MAX);
+            if a.from_ms < b_until && b.from_ms < a_until {
+                found.push(format!("{a:?}\n  overlaps\n{b:?}"));
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,907 @@
+"""Many workers on one queue (issue 12): several worker processes on one machine share one input
+queue and one lease store (LEASE_STORE=s3://... on moto), driven by `edit-worker loadgen
+--ledger`. Figures are printed, not asserted (the script exits 0 whatever it finds, 2 when it
+cannot run).
+
+  a. three workers, each with its own WORKSPACE_ROOT and CLAUDE_CONFIG_DIR, 200 workspaces x 5
+     messages with interrupt bursts: terminal events per message (must be exactly 1),
+     overlapping lease intervals across workers (0), rejected pushes (0), threads whose branch
+     or workspaces whose site lacks the newest request, conversations resumed across workers;
+  b. the same with one shared WORKSPACE_ROOT (and one CLAUDE_CONFIG_DIR);
+  c. kill -9 of one of three workers mid-run (LEASE_SECONDS=6, visibility 6 s): time from the
+     kill to each of its workspaces' "lease acquired" by another worker; nothing lost or
+     applied twice;
+  d. rolling deploy: A works alone, B starts, A gets SIGTERM while working; nothing worked
+     twice, A's stopped work continued by B;
+  e. cross-worker interrupt latency: A holds every workspace with a slow agent and has no room
+     for more messages, so B receives the newer ones and sends A a notice; from the newer
+     message's send to A's "work stopped" (stopped_at_ms): median and p99 (target p99 < 2 s);
+     the notice lines found in runs a and b are reported too;
+  f. throughput with 1, 2 and 3 workers on the same load, side by side (and first one worker
+     without a lease store, as before issue 12), and the lease store's cost per message: S3
+     requests to the lease bucket, counted in moto's request log (MOTO_LOG, which `scripts/bench
+     many-workers` sets), by method and key prefix, beside the workers' own count ("record store
+     calls", logged at exit).
+
+Where the numbers come from: each worker runs with LOG_FORMAT=json and logs its lease
+transitions ("lease acquired"/"released"/"lost" with workspace, token, worker, handover,
+at_ms), notices ("interrupt notice sent"/"received") and "work stopped" (stopped_at_ms). Each
+worker's agent is the stand-in behind a wrapper that notes its pid, so every stand-in run
+(its call log: session, resumed, writes) is tied to the worker that ran it.
+
+Run with: scripts/bench many-workers   (SCALE=0.1 for a quick look; CASES=a,c,e for some cases;
+knobs: WORKSPACES (200), MESSAGES_PER_WORKSPACE (5), SHARE (0.3), AGENT_SLEEP (2), RATE (0: as
+fast as possible), LEASE_SECONDS (6, case c), VISIBILITY (6, case c), INTERRUPTS (20, case e),
+F_WORKSPACES (100), F_MESSAGES_PER_WORKSPACE (4); WORKER_BIN picks the build; KEEP=1 keeps the
+run folder)
+"""
+
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import boto3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENDPOINT = os.environ["MOTO_ENDPOINT"]
+WORKER = os.environ["WORKER_BIN"]
+MOTO_LOG = os.environ.get("MOTO_LOG")
+
+
+def env_num(name, default, kind=float):
+    return kind(os.environ.get(name, default))
+
+
+SCALE = env_num("SCALE", 1)
+WORKSPACES = env_num("WORKSPACES", max(4, int(200 * SCALE)), int)
+PER_WORKSPACE = env_num("MESSAGES_PER_WORKSPACE", 5, int)
+SHARE = env_num("SHARE", 0.3)
+AGENT_SLEEP = env_num("AGENT_SLEEP", 2)
+RATE = env_num("RATE", 0)
+LEASE_SECONDS = env_num("LEASE_SECONDS", 6, int)
+VISIBILITY = env_num("VISIBILITY", 6, int)
+INTERRUPTS = env_num("INTERRUPTS", max(5, int(20 * min(1, SCALE * 2))), int)
+F_WORKSPACES = env_num("F_WORKSPACES", max(4, int(100 * SCALE)), int)
+F_PER_WORKSPACE = env_num("F_MESSAGES_PER_WORKSPACE", 4, int)
+CASES = os.environ.get("CASES", "a,b,c,d,e,f").split(",")
+KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
+          aws_secret_access_key="testing")
+sqs = boto3.client("sqs", **KW)
+s3 = boto3.client("s3", **KW)
+BASE = tempfile.mkdtemp(prefix="bench-many-workers-")
+TAG = f"mw{os.getpid()}"
+MARKER = re.compile(r"\[load n=(\d+)[ \]]")
+SEEDS = {}
+ALL_WORKERS = []
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def git(cwd, *args, check=True):
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
+                              "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
+    if check and out.returncode != 0:
+        raise RuntimeError(f"git {args}: {out.stderr}")
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(p / 100 * len(values) + 0.5)) - 1))
+    return values[k]
+
+
+def fmt_ms(v):
+    return "n/a" if v is None else (f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms")
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+def seed():
+    if "tiny" not in SEEDS:
+        work, bare = os.path.join(BASE, "seed"), os.path.join(BASE, "seed.git")
+        shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-site"), work,
+                        ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
+        git(work, "init", "--quiet", "--initial-branch=main")
+        git(work, "add", "-A")
+        git(work, "commit", "--quiet", "-m", "init")
+        git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", bare)
+        git(work, "push", "--quiet", bare, "main")
+        SEEDS["tiny"] = bare
+    return SEEDS["tiny"]
+
+
+class Run:
+    """One case's world: upstreams and buckets for load-c{i}/p1, the queues, the lease store
+    (a bucket of its own, so that its requests can be counted), and its workers."""
+
+    def __init__(self, name, workspaces):
+        self.name = name
+        self.tag = f"{TAG}{name}"
+        self.dir = os.path.join(BASE, name)
+        self.workspaces = workspaces
+        os.makedirs(self.dir)
+        for c in range(1, workspaces + 1):
+            shutil.copytree(seed(), self.upstream(f"load-c{c}", "p1"))
+            s3.create_bucket(Bucket=self.bucket(f"load-c{c}", "p1"))
+        self.lease_bucket = f"leases.{self.tag}.bench"
+        s3.create_bucket(Bucket=self.lease_bucket)
+        self.q = {n: sqs.create_queue(QueueName=f"{self.tag}-{n}")["QueueUrl"] for n in ("in", "out")}
+        self.workers = {}
+
+    def upstream(self, client, project):
+        return os.path.join(self.dir, "upstream", client, f"{project}.git")
+
+    def bucket(self, client, project):
+        return f"{project}.{client}.{self.tag}.bench"
+
+    def start(self, name, shared=False, extra=None):
+        w = Worker(self, name, shared, extra or {})
+        self.workers[name] = w
+        return w
+
+    def config_dirs(self):
+        return sorted({w.claude for w in self.workers.values()})
+
+    def stop_all(self):
+        return {n: w.stop() for n, w in self.workers.items() if w.proc.poll() is None and w.killed_at_ms is None}
+
+
+class Worker:
+    def __init__(self, run, name, shared, extra):
+        self.run = run
+        self.name = name
+        self.log = os.path.join(run.dir, f"worker-{name}.log")
+        self.pids = os.path.join(run.dir, f"agents-{name}.pids")
+        self.root = os.path.join(run.dir, "ws" if shared else f"ws-{name}")
+        self.claude = os.path.join(run.dir, "claude" if shared else f"claude-{name}")
+        # The stand-in behind a wrapper that notes its pid (exec keeps it): which worker ran it.
+        wrapper = os.path.join(run.dir, f"agent-{name}")
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\necho $$ >> '{self.pids}'\nexec '{os.path.join(ROOT, 'tools/claude-standin')}' \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+               "INPUT_QUEUE_URL": run.q["in"], "OUTPUT_QUEUE_URL": run.q["out"],
+               "WORKSPACE_ROOT": self.root, "CLAUDE_CONFIG_DIR": self.claude,
+               "GIT_REMOTE_TEMPLATE": os.path.join(run.dir, "upstream", "{clientId}/{projectId}.git"),
+               "BUCKET_TEMPLATE": "{projectId}.{clientId}." + run.tag + ".bench",
+               "CLAUDE_BIN": wrapper, "BUILD_COMMAND": "cp -R public dist",
+               "LEASE_STORE": f"s3://{run.lease_bucket}/p", "WORKER_ID": name, "LOG_FORMAT": "json",
+               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "PROGRESS_INTERVAL_SECONDS": "60",
+               "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn,hyper=warn", **extra}
+        if "npm_config_cache" in os.environ:
+            env["npm_config_cache"] = os.environ["npm_config_cache"]
+        self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "w"))
+        self.killed_at_ms = None
+        self.exit_code = None
+        self.cpu = 0.0
+        ALL_WORKERS.append(self)
+
+    def lines(self):
+        out = []
+        try:
+            with open(self.log) as f:
+                for line in f:
+                    if line.startswith("{"):
+                        try:
+                            out.append(json.loads(line))
+                        except ValueError:
+                            pass
+        except OSError:
+            pass
+        return out
+
+    def agent_pids(self):
+        try:
+            with open(self.pids) as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def running_agents(self):
+        """Its agents alive now (a zombie, exited but not reaped yet, is not alive)."""
+        alive = []
+        for p in self.agent_pids():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in ("Z", "X"):
+                alive.append(p)
+        return alive
+
+    def sample_cpu(self):
+        """User + system CPU seconds of the worker itself (not its children) so far."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            self.cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+        return self.cpu
+
+    def stop(self):
+        self.sample_cpu()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.exit_code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.exit_code = self.proc.wait()
+        return self.exit_code
+
+    def kill9(self):
+        self.sample_cpu()
+        self.killed_at_ms = int(time.time() * 1000)
+        self.proc.kill()
+        self.proc.wait()
+
+
+def wait_until(what, timeout, check, every=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise SystemExit(f"timed out after {timeout} s waiting for {what}")
+
+
+def command_template(sleep):
+    return ("[load n={n}] [standin:write public/threads/{thread}.txt {n}] [standin:write public/live.txt {n}]"
+            + (f" [standin:sleep {sleep}]" if sleep > 0 else ""))
+
+
+def loadgen_args(run, workspaces, per_workspace, sleep, share=SHARE, rate=RATE, threads=1):
+    return [WORKER, "loadgen", "--clients", str(workspaces), "--projects", "1", "--threads", str(threads),
+            "--messages", str(workspaces * per_workspace), "--interrupt-share", str(share),
+            "--rate", str(rate), "--command", command_template(sleep), "--wait", "1800", "--settle", "3",
+            "--ledger", os.path.join(run.dir, "ledger.jsonl"), "--report", os.path.join(run.dir, "report.json")]
+
+
+def loadgen_start(run, *args, **kwargs):
+    env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "INPUT_QUEUE_URL": run.q["in"], "OUTPUT_QUEUE_URL": run.q["out"], "RUST_LOG": "warn"}
+    out = open(os.path.join(run.dir, "loadgen.out"), "w")
+    return subprocess.Popen(loadgen_args(run, *args, **kwargs), env=env, stdout=out,
+                            stderr=open(os.path.join(run.dir, "loadgen.err"), "w"))
+
+
+def loadgen_finish(run, proc):
+    code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"loadgen failed ({code}): {open(os.path.join(run.dir, 'loadgen.err')).read()[-2000:]}")
+    with open(os.path.join(run.dir, "ledger.jsonl")) as f:
+        ledger = [json.loads(line) for line in f if line.strip()]
+    return ledger, json.load(open(os.path.join(run.dir, "report.json")))
+
+
+# ------------------------------------------------------------------------------------- analysis
+
+def message(line):
+    return (line.get("fields") or {}).get("message") or line.get("message") or ""
+
+
+def field(line, key):
+    for where in (line.get("fields") or {}, line, line.get("span") or {}):
+        if key in where:
+            return where[key]
+    for span in reversed(line.get("spans") or []):
+        if key in span:
+            return span[key]
+    return None
+
+
+def line_ms(line):
+    """The line's own timestamp (RFC 3339) in epoch ms, when a field is missing."""
+    ts = line.get("timestamp")
+    if not ts:
+        return None
+    from datetime import datetime
+    try:
+        return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def lease_intervals(worker):
+    held = []
+    for line in worker.lines():
+        m = message(line)
+        if m not in ("lease acquired", "lease released", "lease lost"):
+            continue
+        ws, token, at = field(line, "workspace"), str(field(line, "token")), field(line, "at_ms") or line_ms(line)
+        open_one = next((h for h in held if h["workspace"] == ws and h["token"] == token and h["until"] is None), None)
+        if m == "lease acquired":
+            if open_one is None:
+                previous = field(line, "previous") or None
+                held.append({"workspace": ws, "token": token, "worker": worker.name, "from": int(at), "until": None,
+                             "end": "open", "handover": field(line, "handover") is True, "previous": previous,
+                             "moved": previous is not None and previous != worker.name})
+        elif open_one is not None:
+            open_one["until"] = int(at)
+            open_one["end"] = m.split()[1]
+    for h in held:
+        if h["until"] is None and worker.killed_at_ms is not None:
+            h["until"], h["end"] = worker.killed_at_ms, "killed"
+    return held
+
+
+def overlaps(intervals):
+    by_ws = collections.defaultdict(list)
+    for h in intervals:
+        by_ws[h["workspace"]].append(h)
+    found = []
+    for ws, hs in by_ws.items():
+        hs.sort(key=lambda h: h["from"])
+        for i, a in enumerate(hs):
+            for b in hs[i + 1:]:
+                if a["worker"] == b["worker"]:
+                    continue
+                if b["from"] >= (a["until"] if a["until"] is not None else float("inf")):
+                    continue
+                found.append((a, b))
+    return found
+
+
+def standin_runs(run):
+    """Every stand-in run of the case, with the worker that ran it (wrapper pids)."""
+    owner = {}
+    for w in run.workers.values():
+        for pid in w.agent_pids():
+            owner[pid] = w.name
+    starts, ends = [], {}
+    for d in run.config_dirs():
+        path = os.path.join(d, "standin-calls.jsonl")
+        if not os.path.exists(path):
+            continue
+        for line in open(path):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("event") == "start":
+                starts.append(r)
+            elif r.get("event") == "end":
+                ends[r["pid"]] = r
+    for r in starts:
+        r["endRecord"] = ends.get(r["pid"])
+        r["worker"] = owner.get(r["pid"], "?")
+        r["markers"] = [int(n) for n in MARKER.findall(r.get("prompt", ""))]
+    return sorted(starts, key=lambda r: r["start"])
+
+
+def thread_key(m):
+    return (m["clientId"], m["projectId"], m["threadId"])
+
+
+def check_run(run, ledger):
+    """The figures every case reports."""
+    by_n = {m["n"]: m for m in ledger}
+    runs = standin_runs(run)
+    out = {}
+    out["messages"] = len(ledger)
+    out["lost"] = sum(1 for m in ledger if not m["terminal"])
+    # A repeat sent byte for byte (a recorded outcome sent again after a delete that did not take
+    # or a worker that died before its delete) is the contract's; a differing one is a violation.
+    distinct = lambda m: {(t["type"], t["atMs"], t.get("commit")) for t in m["terminal"]}  # noqa: E731
+    out["more_than_one_terminal"] = sum(1 for m in ledger if len(distinct(m)) > 1)
+    out["identical_repeats"] = sum(1 for m in ledger if len(m["terminal"]) > len(distinct(m)))
+    out["outcomes"] = dict(collections.Counter(m["terminal"][0]["type"] for m in ledger if m["terminal"]))
+    out["rejected_pushes_events"] = sum(1 for m in ledger for t in m["terminal"]
+                                        if t.get("errorKind") in ("push_failed", "thread_diverged"))
+    lines = {name: w.lines() for name, w in run.workers.items()}
+    out["push_failed_lines"] = sum(1 for ls in lines.values() for l in ls if "push failed" in message(l))
+    out["conversation_gone_lines"] = sum(1 for ls in lines.values() for l in ls
+                                         if "conversation is gone" in message(l))
+    intervals = [h for w in run.workers.values() for h in lease_intervals(w)]
+    out["leases"] = len(intervals)
+    out["handovers"] = sum(1 for h in intervals if h["moved"])
+    out["overlaps"] = overlaps(intervals)
+    out["never_released"] = [h for h in intervals if h["until"] is None]
+
+    # Applied twice: a message's trailer on more than one commit of its thread's branch.
+    applied_twice = []
+    branch_not_newest = []
+    threads = collections.defaultdict(list)
+    for m in ledger:
+        threads[thread_key(m)].append(m)
+    for (client, project, thread), ms in threads.items():
+        repo = run.upstream(client, project)
+        body = git(repo, "log", "--format=%B", f"thread-{thread}", check=False) or ""
+        for m in ms:
+            if body.count(f"Edit-Worker-Message: {m['messageId']}") > 1:
+                applied_twice.append(m["messageId"])
+        ns = {m["n"] for m in ms}
+        expected = [m["n"] for m in ms if m["terminal"] and m["terminal"][0]["type"] == "completed"]
+        for r in runs:
+            if not set(r["markers"]) & ns or not r.get("endRecord"):
+                continue
+            for path, text in r["endRecord"].get("writes", []):
+                if path == f"public/threads/{thread}.txt" and text.strip().isdigit() and int(text) in ns:
+                    expected.append(int(text))
+        if not expected:
+            continue
+        held = git(repo, "show", f"thread-{thread}:public/threads/{thread}.txt", check=False)
+        if held is None or not held.strip().isdigit() or int(held) != max(expected):
+            branch_not_newest.append({"thread": f"{client}/{project}/{thread}", "holds": held,
+                                      "newest": max(expected)})
+    out["applied_twice"] = applied_twice
+    out["branch_not_newest"] = branch_not_newest
+
+    # The site: each bucket holds the build of its workspace's last completion.
+    site_not_newest = []
+    last = {}
+    for m in ledger:
+        for t in m["terminal"][:1]:
+            if t["type"] == "completed" and t.get("commit"):
+                ws = (m["clientId"], m["projectId"])
+                if ws not in last or t["atMs"] > last[ws][0]:
+                    last[ws] = (t["atMs"], t["commit"])
+    for (client, project), (_, commit) in last.items():
+        want = git(run.upstream(client, project), "show", f"{commit}:public/live.txt", check=False)
+        try:
+            got = s3.get_object(Bucket=run.bucket(client, project), Key="live.txt")["Body"].read().decode().strip()
+        except Exception:  # noqa: BLE001 - a missing object is the finding
+            got = None
+        if got != (want or "").strip():
+            site_not_newest.append({"workspace": f"{client}/{project}", "bucket": got, "lastCompleted": want})
+    out["site_not_newest"] = site_not_newest
+
+    # Conversations: a run of a thread after its first resumes the thread's session; across
+    # workers when the previous run of the thread was on another worker.
+    prev = {}
+    across = restarted = 0
+    for r in runs:
+        if not r["markers"] or r["markers"][0] not in by_n:
+            continue
+        key = thread_key(by_n[r["markers"][0]])
+        p = prev.get(key)
+        if p is not None:
+            if r.get("resumed") and r["sessionId"] == p["sessionId"]:
+                if r["worker"] != p["worker"]:
+                    across += 1
+            else:
+                restarted += 1
+        prev[key] = r
+    out["agent_runs"] = len(runs)
+    out["resumed_across_workers"] = across
+    out["conversation_not_continued"] = restarted
+    out["runs"] = runs
+    out["intervals"] = intervals
+    out["lines"] = lines
+    return out
+
+
+def notice_latencies(run, ledger):
+    """Cross-worker interrupts: a holder's "interrupt notice received" (the newer message's id)
+    followed, within 10 s, by its "work stopped" (reason Interrupted) for the same workspace.
+    Returns the latencies from the newer message's send (ledger) to stopped_at_ms, and from the
+    waiter's "interrupt notice sent" to stopped_at_ms (the notice path alone, without the time
+    the message waited in the queue); the stop latencies the workers log (interrupt_latency_us:
+    stop request to agent gone); notices not followed by a stop (the holder was idle, or its
+    work was newer, or past the agent); stops without a notice (local interrupts)."""
+    sent = {m["messageId"]: m["sentAtMs"] for m in ledger}
+    notice_sent = {}
+    for w in run.workers.values():
+        for l in w.lines():
+            if message(l) == "interrupt notice sent":
+                key = (field(l, "message_id"), field(l, "holder"))
+                notice_sent.setdefault(key, field(l, "at_ms") or line_ms(l))
+    cross, path, local_us, unmatched, local_stops = [], [], [], 0, 0
+    for w in run.workers.values():
+        lines = w.lines()
+        stops = []
+        for l in lines:
+            if message(l) == "work stopped" and "nterrupt" in str(field(l, "reason")):
+                client, project = field(l, "edit.client_id"), field(l, "edit.project_id")
+                at = field(l, "stopped_at_ms") or line_ms(l)
+                stops.append({"ws": f"{client}/{project}", "at": at, "used": False})
+                if field(l, "interrupt_latency_us") is not None:
+                    local_us.append(field(l, "interrupt_latency_us"))
+        for l in lines:
+            if message(l) != "interrupt notice received":
+                continue
+            newer = field(l, "message_id")
+            at = field(l, "at_ms") or line_ms(l)
+            if newer not in sent or at is None:
+                continue
+            stop = next((s for s in stops if not s["used"] and s["ws"] == field(l, "workspace")
+                         and s["at"] is not None and at - 50 <= s["at"] <= at + 10_000), None)
+            if stop is None:
+                unmatched += 1
+                continue
+            stop["used"] = True
+            cross.append(stop["at"] - sent[newer])
+            told = notice_sent.get((newer, w.name))
+            if told is not None:
+                path.append(stop["at"] - told)
+        local_stops += sum(1 for s in stops if not s["used"])
+    return {"cross": cross, "path": path, "local_us": local_us, "unmatched": unmatched, "local_stops": local_stops}
+
+
+def s3_requests(run, since_offset):
+    """Requests to the case's lease bucket in moto's log since `since_offset` (bytes)."""
+    if not MOTO_LOG or not os.path.exists(MOTO_LOG):
+        return None
+    pattern = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (/[^ ]*) HTTP/1\.[01](?:\x1b\[[0-9;]*m)*" (\d{3})')
+    counts = collections.Counter()
+    with open(MOTO_LOG, "rb") as f:
+        f.seek(since_offset)
+        for raw in f:
+            line = raw.decode("utf-8", "replace")
+            m = pattern.search(line)
+            if not m:
+                continue
+            method, path, status = m.groups()
+            if not path.startswith(f"/{run.lease_bucket}"):
+                continue
+            key = path[len(run.lease_bucket) + 2:].split("?")[0]
+            parts = key.split("/")
+            kind = parts[1] if len(parts) > 1 and parts[0] == "p" else (parts[0] or "(bucket)")
+            counts[(method, kind, status == "412")] += 1
+    return counts
+
+
+def moto_offset():
+    return os.path.getsize(MOTO_LOG) if MOTO_LOG and os.path.exists(MOTO_LOG) else 0
+
+
+def summary_rows(label, r, report):
+    ok = lambda v, want=0: f"{v}" + ("" if v == want else " **!**")  # noqa: E731
+    row(label, "messages / agent runs", f"{r['messages']} / {r['agent_runs']}")
+    row("", "outcomes (first terminal event)", json.dumps(r["outcomes"]))
+    row("", "messages without a terminal event / with differing ones / with one sent again byte for byte",
+        f"{ok(r['lost'])} / {ok(r['more_than_one_terminal'])} / {r['identical_repeats']}")
+    row("", "overlapping lease intervals (different workers, one workspace)", ok(len(r["overlaps"])))
+    row("", "leases never released (graceful stops)", ok(len(r["never_released"])))
+    row("", "rejected pushes (push_failed / thread_diverged events; \"push failed\" log lines)",
+        f"{ok(r['rejected_pushes_events'])}; {ok(r['push_failed_lines'])}")
+    row("", "threads whose branch lacks the newest applied request", ok(len(r["branch_not_newest"])))
+    row("", "workspaces whose site is not the last completed build", ok(len(r["site_not_newest"])))
+    row("", "requests applied twice (trailer on two commits)", ok(len(r["applied_twice"])))
+    row("", "leases / taken from another worker", f"{r['leases']} / {r['handovers']}")
+    row("", "conversations resumed on another worker / not continued (new session)",
+        f"{r['resumed_across_workers']} / {r['conversation_not_continued']} "
+        f"(\"conversation is gone\" lines: {r['conversation_gone_lines']})")
+    if report:
+        row("", "makespan / throughput", f"{report['makespanMs'] / 1000:.1f} s / {report['throughputPerSec']:.2f} msg/s")
+
+
+def details(label, r):
+    shown = {k: r[k][:3] for k in ("overlaps", "never_released", "branch_not_newest", "site_not_newest",
+                                   "applied_twice") if r[k]}
+    if shown:
+        log(f"{label}: first findings: {json.dumps(shown, default=str)[:3000]}")
+
+
+# ---------------------------------------------------------------------------------------- cases
+
+RESULTS = {}
+
+
+def case_ab(name, shared):
+    label = f"{name}. 3 workers, {'one shared' if shared else 'own'} WORKSPACE_ROOT"
+    log(f"== {label}: {WORKSPACES} workspaces x {PER_WORKSPACE}, share {SHARE}, agent {AGENT_SLEEP} s")
+    run = Run(name, WORKSPACES)
+    for w in ("a", "b", "c"):
+        run.start(w, shared)
+    time.sleep(1)
+    proc = loadgen_start(run, WORKSPACES, PER_WORKSPACE, AGENT_SLEEP)
+    ledger, report = loadgen_finish(run, proc)
+    exits = run.stop_all()
+    r = check_run(run, ledger)
+    RESULTS[name] = {"label": label, "r": r, "report": report, "exits": exits,
+                     "latency": notice_latencies(run, ledger)}
+    details(label, r)
+
+
+def case_c():
+    label = f"c. kill -9 of one of 3 workers mid-run (LEASE_SECONDS={LEASE_SECONDS}, visibility {VISIBILITY} s)"
+    log(f"== {label}")
+    run = Run("c", WORKSPACES)
+    extra = {"LEASE_SECONDS": str(LEASE_SECONDS), "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY)}
+    for w in ("a", "b", "c"):
+        run.start(w, False, extra)
+    time.sleep(1)
+    proc = loadgen_start(run, WORKSPACES, PER_WORKSPACE, AGENT_SLEEP)
+    victim = run.workers["a"]
+    want = max(3, WORKSPACES // 20)
+    wait_until("worker a to hold leases and run agents", 300,
+               lambda: sum(1 for l in victim.lines() if message(l) == "lease acquired") >= want
+               and victim.running_agents())
+    held_before = [h for h in lease_intervals(victim) if h["until"] is None]
+    victim.kill9()
+    time.sleep(1)
+    left = victim.running_agents()
+    log(f"killed worker a holding {len(held_before)} leases; its agents still running 1 s later: {len(left)}")
+    ledger, report = loadgen_finish(run, proc)
+    exits = run.stop_all()
+    r = check_run(run, ledger)
+    intervals = r["intervals"]
+    takeover, not_taken = [], 0
+    for h in (h for h in intervals if h["worker"] == "a" and h["end"] == "killed"):
+        nxt = [o for o in intervals if o["workspace"] == h["workspace"] and o["worker"] != "a"
+               and o["from"] >= victim.killed_at_ms]
+        if nxt:
+            takeover.append(min(o["from"] for o in nxt) - victim.killed_at_ms)
+        else:
+            not_taken += 1
+    # Agent runs that died with a (no end line) and the messages they carried.
+    killed_runs = [x for x in r["runs"] if x["worker"] == "a" and not x.get("endRecord")]
+    RESULTS["c"] = {"label": label, "r": r, "report": report, "exits": exits, "takeover": takeover,
+                    "not_taken": not_taken, "killed_runs": len(killed_runs), "held": len(held_before),
+                    "agents_left": len(left), "latency": notice_latencies(run, ledger)}
+    details(label, r)
+
+
+def case_d():
+    workspaces = max(4, int(20 * SCALE))
+    label = f"d. rolling deploy (A alone, B starts, SIGTERM A while it works), {workspaces} workspaces x 3"
+    log(f"== {label}")
+    run = Run("d", workspaces)
+    a = run.start("a")
+    time.sleep(1)
+    proc = loadgen_start(run, workspaces, 3, max(AGENT_SLEEP, 4), share=0, rate=float(os.environ.get("D_RATE", 2)))
+
+    def a_working():
+        runs = standin_runs(run)
+        return sum(1 for x in runs if x["worker"] == "a" and not x.get("endRecord")) >= min(3, workspaces)
+    wait_until("worker a's agents at work", 300, a_working)
+    b = run.start("b")
+    wait_until("worker b to start", 60, lambda: b.lines())
+    t = time.time()
+    a.stop()
+    a_exit_s = time.time() - t
+    log(f"worker a stopped in {a_exit_s:.1f} s, exit code {a.exit_code}")
+    ledger, report = loadgen_finish(run, proc)
+    exits = run.stop_all()
+    r = check_run(run, ledger)
+    # Worked twice: the agent finished a message's request with success more than once.
+    success = collections.Counter()
+    for x in r["runs"]:
+        end = x.get("endRecord") or {}
+        if end.get("outcome") == "success":
+            for n in set(x["markers"]):
+                success[n] += 1
+    worked_twice = sum(1 for n, k in success.items() if k > 1)
+    # A's stopped runs, and whether B continued them (resumed the same session, succeeded).
+    stopped = [x for x in r["runs"] if x["worker"] == "a" and (x.get("endRecord") or {}).get("outcome") != "success"]
+    continued = 0
+    by_n = {m["n"]: m for m in ledger}
+    key = lambda x: thread_key(by_n[x["markers"][0]]) if x["markers"] and x["markers"][0] in by_n else None  # noqa: E731
+    for x in stopped:
+        # B's next run of the same thread resumed the conversation A's stopped run was in.
+        later = [y for y in r["runs"] if y["worker"] == "b" and y["start"] > x["start"] and key(y) == key(x)]
+        if later and later[0].get("resumed") and later[0]["sessionId"] == x["sessionId"]:
+            continued += 1
+    saved = 0
+    for c in range(1, workspaces + 1):
+        body = git(run.upstream(f"load-c{c}", "p1"), "log", "--all", "--format=%s", check=False) or ""
+        saved += body.count("Interrupted - saving work")
+    RESULTS["d"] = {"label": label, "r": r, "report": report, "exits": {**exits, "a": a.exit_code},
+                    "a_exit_s": a_exit_s, "worked_twice": worked_twice, "stopped_on_a": len(stopped),
+                    "continued_by_b": continued, "saved_commits": saved}
+    details(label, r)
+
+
+def case_e():
+    n = INTERRUPTS
+    label = f"e. cross-worker interrupt latency ({n} interrupts; A holds {n} workspaces, B gets the newer messages)"
+    log(f"== {label}")
+    run = Run("e", n)
+    # A has room for exactly the n slow messages, so B receives every newer one.
+    a = run.start("a", extra={"MAX_IN_FLIGHT": str(n), "AGENT_CONCURRENCY": str(n)})
+    slow = []
+    for c in range(1, n + 1):
+        body = {"sessionId": "s", "threadId": "slow", "clientId": f"load-c{c}", "projectId": "p1",
+                "command": "[load n=0] [standin:write public/threads/slow.txt 0] [standin:sleep 120]"}
+        slow.append(sqs.send_message(QueueUrl=run.q["in"], MessageBody=json.dumps(body))["MessageId"])
+    wait_until(f"worker a to run {n} agents", 300, lambda: len(a.running_agents()) >= n)
+    b = run.start("b")
+    # Both workers' notice queues exist: b is up.
+    wait_until("worker b's notice queue", 60, lambda: len(sqs.list_queues(
+        QueueNamePrefix=f"{run.tag}-in-notices").get("QueueUrls", [])) >= 2, every=0.5)
+    newer = {}
+    for c in range(1, n + 1):
+        body = {"sessionId": "s", "threadId": "new", "clientId": f"load-c{c}", "projectId": "p1",
+                "command": "[load n=1] [standin:write public/threads/new.txt 1]"}
+        at = int(time.time() * 1000)
+        mid = sqs.send_message(QueueUrl=run.q["in"], MessageBody=json.dumps(body))["MessageId"]
+        newer[mid] = at
+        time.sleep(float(os.environ.get("INTERVAL", "0.25")))
+    ledger = [{"messageId": k, "sentAtMs": v} for k, v in newer.items()]
+    want = set(slow) | set(newer)
+    ended = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and not want <= set(ended):
+        for m in sqs.receive_message(QueueUrl=run.q["out"], MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", []):
+            e = json.loads(m["Body"])
+            if e.get("type") in ("completed", "interrupted", "failed", "rejected"):
+                ended.setdefault(e["messageId"], []).append(e["type"])
+            sqs.delete_message(QueueUrl=run.q["out"], ReceiptHandle=m["ReceiptHandle"])
+    exits = run.stop_all()
+    outcomes = collections.Counter(ended.get(m, ["none"])[0] for m in slow)
+    outcomes_new = collections.Counter(ended.get(m, ["none"])[0] for m in newer)
+    RESULTS["e"] = {"label": label, "latency": notice_latencies(run, ledger),
+                    "slow": dict(outcomes), "new": dict(outcomes_new), "exits": exits}
+
+
+def case_f():
+    label = f"f. throughput, 1 worker alone (no lease store), then 1 / 2 / 3 workers with one, {F_WORKSPACES} workspaces x {F_PER_WORKSPACE}, share {SHARE}, agent {AGENT_SLEEP} s"
+    log(f"== {label}")
+    out = []
+    # First one worker without a lease store (alone, as before issue 12): the cost of the store.
+    for i, (k, extra) in enumerate(((1, {"LEASE_STORE": ""}), (1, {}), (2, {}), (3, {}))):
+        run = Run(f"f{i}", F_WORKSPACES)
+        for w in "abc"[:k]:
+            run.start(w, extra=extra)
+        time.sleep(1)
+        offset = moto_offset()
+        proc = loadgen_start(run, F_WORKSPACES, F_PER_WORKSPACE, AGENT_SLEEP)
+        ledger, report = loadgen_finish(run, proc)
+        cpu = sum(w.sample_cpu() for w in run.workers.values())
+        exits = run.stop_all()
+        r = check_run(run, ledger)
+        counts = s3_requests(run, offset)
+        lease_lines = sum(1 for ls in r["lines"].values() for l in ls if message(l).startswith("lease "))
+        # The workers' own count of record store calls (records, thread map, conversations and
+        # leases), logged at exit.
+        store = [l for ls in r["lines"].values() for l in ls if message(l) == "record store calls"]
+        store_calls = (sum((field(l, "reads") or 0) + (field(l, "writes") or 0) for l in store)
+                       if len(store) == k else None)
+        who = f"{k}" + (" (no lease store)" if extra else "")
+        out.append({"workers": who, "report": report, "r": r, "counts": counts, "cpu": cpu, "exits": exits,
+                    "lease_lines": lease_lines, "store_calls": store_calls})
+        log(f"   {who} worker(s): {report['throughputPerSec']:.2f} msg/s")
+    RESULTS["f"] = {"label": label, "runs": out}
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def print_report(started):
+    print(f"\nmany workers on one queue: worker {os.path.relpath(WORKER, ROOT) if WORKER.startswith(ROOT) else WORKER}, "
+          f"SCALE {SCALE}, {time.time() - started:.0f} s in all\n")
+    for name in ("a", "b", "c", "d"):
+        if name not in RESULTS:
+            continue
+        res = RESULTS[name]
+        print(f"\n### {res['label']}\n")
+        print("| case | figure | result |")
+        print("| --- | --- | --- |")
+        summary_rows(name, res["r"], res["report"])
+        row("", "worker exit codes", json.dumps(res["exits"]))
+        if name == "c":
+            t = res["takeover"]
+            row("", "leases held by the killed worker / its agent runs cut off / its agents alive 1 s after",
+                f"{res['held']} / {res['killed_runs']} / {res['agents_left']}")
+            row("", "kill -> its workspaces' next \"lease acquired\" (median / max)",
+                f"{fmt_ms(percentile(t, 50))} / {fmt_ms(max(t) if t else None)} "
+                f"(bound: lease {LEASE_SECONDS} s + visibility {VISIBILITY} s)")
+            row("", "workspaces of the killed worker never taken over", res["not_taken"])
+        if name == "d":
+            row("", "worker A: SIGTERM to exit", f"{res['a_exit_s']:.1f} s")
+            row("", "messages worked twice (agent succeeded twice)", res["worked_twice"])
+            row("", "A's stopped runs / their thread's next run on B resumed the same conversation",
+                f"{res['stopped_on_a']} / {res['continued_by_b']}")
+            row("", "\"Interrupted - saving work\" commits", res["saved_commits"])
+    lat_rows = [(name, RESULTS[name]["latency"]) for name in ("e", "a", "b", "c") if name in RESULTS]
+    if lat_rows:
+        print("\n### e. interrupts across workers: newer message sent -> holder's agent stopped\n")
+        print("| run | interrupts via a notice | sent -> stopped: median / p99 / max | notice sent -> stopped: "
+              "median / p99 | notices without a stop | stops without a notice (local) | "
+              "stop request -> agent gone, median / p99 (all stops) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, lat in lat_rows:
+            c, pth, us = lat["cross"], lat["path"], lat["local_us"]
+            row(name, len(c),
+                f"{fmt_ms(percentile(c, 50))} / {fmt_ms(percentile(c, 99))} / {fmt_ms(max(c) if c else None)}",
+                f"{fmt_ms(percentile(pth, 50))} / {fmt_ms(percentile(pth, 99))}",
+                lat["unmatched"], lat["local_stops"],
+                f"{'n/a' if not us else f'{percentile(us, 50) / 1000:.1f} ms'} / "
+                f"{'n/a' if not us else f'{percentile(us, 99) / 1000:.1f} ms'}")
+        print("\n(a, b, c: under load the send time includes the time the newer message waited in the queue; "
+              "the notice path alone is the second column.)")
+        if "e" in RESULTS:
+            print(f"\ncase e outcomes: slow messages {RESULTS['e']['slow']}, newer messages {RESULTS['e']['new']}; "
+                  f"target p99 < 2 s")
+    if "f" in RESULTS:
+        res = RESULTS["f"]
+        print(f"\n### {res['label']}\n")
+        print("| workers | makespan | throughput | vs 1 worker | lost / >1 terminal / overlaps | worker CPU per message "
+              "| lease-store S3 requests per message, moto's log (412 conflicts) | record store calls per message, "
+              "the workers' count | lease log lines per message |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        base = res["runs"][1]["report"]["throughputPerSec"] or 1
+        for x in res["runs"]:
+            rep, r, counts = x["report"], x["r"], x["counts"]
+            n = r["messages"] or 1
+            if counts is None:
+                s3_cell = "n/a (MOTO_LOG not set)"
+            else:
+                total = sum(counts.values())
+                conflicts = sum(v for (m, k, c), v in counts.items() if c)
+                s3_cell = f"{total / n:.1f} ({conflicts / n:.2f})"
+            row(x["workers"], f"{rep['makespanMs'] / 1000:.1f} s", f"{rep['throughputPerSec']:.2f} msg/s",
+                f"{rep['throughputPerSec'] / base:.2f}x",
+                f"{r['lost']} / {r['more_than_one_terminal']} / {len(r['overlaps'])}",
+                f"{x['cpu'] * 1000 / n:.0f} ms", s3_cell,
+                "n/a" if x["store_calls"] is None else f"{x['store_calls'] / n:.1f}", f"{x['lease_lines'] / n:.1f}")
+        for x in res["runs"]:
+            if x["counts"]:
+                by = collections.Counter()
+                for (m, k, c), v in x["counts"].items():
+                    by[f"{m} {k}"] += v
+                n = x["r"]["messages"] or 1
+                print(f"\n{x['workers']} worker(s), lease-store requests per message by method and key prefix: " +
+                      ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+    out = os.path.join(ROOT, ".bench", "many-workers.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    slim = {}
+    for k, v in RESULTS.items():
+        v = dict(v)
+        if "r" in v:
+            v["r"] = {kk: vv for kk, vv in v["r"].items() if kk not in ("runs", "intervals", "lines")}
+        if "runs" in v:
+            v["runs"] = [{**x, "r": {kk: vv for kk, vv in x["r"].items() if kk not in ("runs", "intervals", "lines")},
+                          "counts": {" ".join(map(str, kk)): vv for kk, vv in (x["counts"] or {}).items()}}
+                         for x in v["runs"]]
+        slim[k] = v
+    with open(out, "w") as f:
+        json.dump(slim, f, indent=2, default=str)
+    print(f"\ndetails: {out}" + (f"; run folder kept: {BASE}" if os.environ.get("KEEP") else ""))
+
+
+def main():
+    started = time.time()
+    try:
+        for name in CASES:
+            name = name.strip()
+            if name == "a":
+                case_ab("a", False)
+            elif name == "b":
+                case_ab("b", True)
+            elif name == "c":
+                case_c()
+            elif name == "d":
+                case_d()
+            elif name == "e":
+                case_e()
+            elif name == "f":
+                case_f()
+            elif name:
+                raise SystemExit(f"unknown case {name!r} (CASES=a,b,c,d,e,f)")
+        print_report(started)
+    finally:
+        for w in ALL_WORKERS:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(BASE, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
