@@ -343,13 +343,9 @@ pub(crate) async fn run_logged(
         .process_group(0)
         .kill_on_drop(true);
     process::allow_env(&mut cmd, BUILD_ENV);
-    for (name, value) in std::env::vars_os() {
-        // npm's own settings (cache folder, registry) pass through; they hold no secrets of ours.
-        let n = name.to_string_lossy();
-        if n.starts_with("npm_config_") || n.starts_with("NPM_CONFIG_") {
-            cmd.env(&name, value);
-        }
-    }
+    // npm's own harmless settings (cache folder, registry, retries, proxy) pass through by an
+    // explicit list; none of npm's credentials or config files do.
+    process::allow_npm_config(&mut cmd);
     // The worker must not phone home on the client's behalf.
     cmd.env("ASTRO_TELEMETRY_DISABLED", "1").env("CI", "1");
     let mut child = cmd.spawn().map_err(|source| BuildError::Spawn {

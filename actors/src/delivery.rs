@@ -122,11 +122,15 @@ impl Delivery {
         self.set_visibility(receipt_handle, delay).await
     }
 
-    /// Keep a rejected message in the dead-letter queue, with the reason beside it.
+    /// Keep a rejected message in the dead-letter queue, with the reason beside it. The reason
+    /// is redacted (a git error can carry the remote's token); the body is the producer's own
+    /// message and is kept as it came.
     pub async fn dead_letter(&self, body: &str, reason: &str) -> Result<(), DeliveryError> {
         let Some(url) = &self.dead_letter_queue_url else {
             return Ok(());
         };
+        // Redacted before it is cut, so a secret cut in half is still recognised.
+        let reason = crate::redact::redact(reason);
         let reason_attr = aws_sdk_sqs::types::MessageAttributeValue::builder()
             .data_type("String")
             .string_value(reason.chars().take(1024).collect::<String>())

@@ -509,7 +509,8 @@ async fn accept(
             .chars()
             .take(ctx.config.trace_command_chars)
             .collect();
-        span.record("edit.command", shown.as_str());
+        // A key pasted into a request must not reach every log line and trace.
+        span.record("edit.command", crate::redact::redact(&shown).as_ref());
     }
     let receipt = Receipt::new(receipt_handle);
     let workspace = request.workspace();

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod process;
 pub mod publish;
 pub mod records;
+pub mod redact;
 pub mod restart;
 pub mod session;
 pub mod status;

@@ -1,10 +1,15 @@
 //! Status events (`CONTRACT.md`, "Status events"): one JSON object per SQS message on the
 //! status queue, and always in the log.
+//!
+//! The free text of an event (`result`, `detail`, `error.message`: the agent's words, its
+//! progress, git's and the build's messages) is redacted (`crate::redact`) when the event is
+//! serialized. Every event leaves the worker only as its JSON (the status queue, the log line,
+//! the record a repeated event is sent from), so no path around the redaction exists.
 
 use std::collections::BTreeMap;
 
 use aws_sdk_sqs::error::DisplayErrorContext;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::message::{EditRequest, LooseIds};
 use crate::publish::PublishReport;
@@ -30,7 +35,8 @@ impl EventType {
 pub struct EventError {
     /// Stable, machine-readable.
     pub kind: String,
-    /// For a person; for a failed build, the tail of the build log.
+    /// For a person; for a failed build, the tail of the build log. Redacted when serialized.
+    #[serde(serialize_with = "redacted")]
     pub message: String,
 }
 
@@ -60,7 +66,11 @@ pub struct StatusEvent {
     pub bucket: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preview_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The agent's result text. Redacted when serialized.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redacted_option"
+    )]
     pub result: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
@@ -78,8 +88,11 @@ pub struct StatusEvent {
     pub publish: Option<PublishReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
-    /// What is happening, for `progress` events.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// What is happening, for `progress` events. Redacted when serialized.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redacted_option"
+    )]
     pub detail: Option<String>,
     /// Order of a message's `progress` events (1, 2, ...): the status queue may reorder them.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,6 +106,17 @@ pub struct StatusEvent {
     /// The CloudFront invalidation made after the publish, when the bucket has a distribution.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalidation_id: Option<String>,
+}
+
+fn redacted<S: Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&crate::redact::redact(text))
+}
+
+fn redacted_option<S: Serializer>(text: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match text {
+        Some(text) => serializer.serialize_some(&*crate::redact::redact(text)),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl StatusEvent {
@@ -202,5 +226,37 @@ impl StatusSink {
             .await
             .map_err(|e| StatusSendError(DisplayErrorContext(&e).to_string()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_text_is_redacted_when_serialized() {
+        let mut event = StatusEvent::bare(EventType::Failed, "m-1");
+        event.result = Some("Read .env: ANTHROPIC_API_KEY=sk-ant-api03-abcdefghijkl".into());
+        event.detail = Some("Write keys/sk-ant-api03-abcdefghijkl.txt".into());
+        event.error = Some(EventError {
+            kind: "git".into(),
+            message: "`git clone --quiet -- https://x:ghp_abcdefghijklmnopqrstuvwxyz0123@h/c/p.git` failed"
+                .into(),
+        });
+        let json = serde_json::to_string(&event).unwrap();
+        for secret in ["abcdefghijkl", "ghp_abcdef", "x:ghp"] {
+            assert!(!json.contains(secret), "{secret} in {json}");
+        }
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["result"], "Read .env: ANTHROPIC_API_KEY=***");
+        assert_eq!(value["detail"], "Write keys/sk-ant-***.txt");
+        assert_eq!(
+            value["error"]["message"],
+            "`git clone --quiet -- https://***@h/c/p.git` failed"
+        );
+        assert_eq!(value["error"]["kind"], "git");
+        // Absent fields stay absent.
+        let bare = serde_json::to_value(StatusEvent::bare(EventType::Started, "m-2")).unwrap();
+        assert!(bare.get("result").is_none() && bare.get("detail").is_none());
     }
 }
