@@ -219,4 +219,32 @@ async fn doctor_passes_a_good_setup_and_names_what_is_wrong() {
     }
     let (code, text) = doctor(&[("MAX_IN_FLIGHT", "lots")]);
     assert_eq!(code, Some(2), "{text}");
+
+    // Issue 12: without a lease store doctor says the worker assumes it is alone; with one,
+    // it proves the store's conditional writes and the notice queue permission.
+    let (_, text) = doctor(&[]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("PASS") && l.contains("lease store") && l.contains("alone")),
+        "{text}"
+    );
+    let leases = format!("leases-{}", env.name).to_lowercase();
+    env.create_bucket(&leases).await;
+    let store = format!("s3://{leases}/shared");
+    let (code, text) = doctor(&[("LEASE_STORE", store.as_str()), ("WORKER_ID", "doc-1")]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("PASS")
+            && l.contains("lease store")
+            && l.contains("conditional writes enforced")
+            && l.contains("notice queues can be created")),
+        "{text}"
+    );
+    let (code, text) = doctor(&[("LEASE_STORE", "s3://no-such-lease-bucket-x/p")]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("lease store")),
+        "{text}"
+    );
 }
