@@ -68,13 +68,19 @@ impl Delivery {
     ) -> Result<(), DeliveryError> {
         debug_assert!(event.event_type.is_terminal());
         let body = serde_json::to_string(event).expect("status events serialize");
-        self.records
+        let earlier = self
+            .records
             .end(&event.message_id, &body)
             .await
             .map_err(|e| DeliveryError {
                 op: "record the outcome",
                 message: e.to_string(),
             })?;
+        if let Some(recorded) = earlier {
+            // A copy ran elsewhere and ended first: its ending stands, repeated as it was.
+            tracing::warn!(message_id = %event.message_id, "this message had already ended (a copy ran elsewhere); repeating its recorded event instead of a second ending");
+            return self.finish_again(receipt_handle, &recorded).await;
+        }
         self.status.send(event).await.map_err(|e| DeliveryError {
             op: "terminal status event",
             message: e.to_string(),

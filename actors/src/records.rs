@@ -254,15 +254,38 @@ impl RecordStore {
         Ok(())
     }
 
-    /// Record the message's terminal event. Final: written before the event is reported.
-    pub async fn end(&self, message_id: &str, event_json: &str) -> Result<(), RecordError> {
+    /// Record the message's terminal event, written before the event is reported. The first
+    /// ending wins: when the message already ended (another worker ran a copy of it that SQS
+    /// handed out while this one held it, and ended first), nothing is written and that
+    /// recorded event is returned, to be reported instead, so a message never ends two ways.
+    pub async fn end(
+        &self,
+        message_id: &str,
+        event_json: &str,
+    ) -> Result<Option<String>, RecordError> {
+        let key = message_key(message_id);
         let record = OutcomeRecord::Ended {
             event: event_json.to_owned(),
         };
         let text = serde_json::to_string(&record).expect("records serialize");
-        self.write(&message_key(message_id), &text, Version::Any)
-            .await
-            .map(drop)
+        for _ in 0..4 {
+            let version = match self.read(&key).await? {
+                None => Version::Absent,
+                Some((found, version)) => {
+                    if let Ok(OutcomeRecord::Ended { event }) = serde_json::from_str(&found) {
+                        return Ok(Some(event));
+                    }
+                    version
+                }
+            };
+            if self.write(&key, &text, version).await? {
+                return Ok(None);
+            }
+        }
+        Err(RecordError::Store {
+            op: "end",
+            message: format!("{key} kept changing under us"),
+        })
     }
 
     pub async fn thread_mark(
@@ -671,7 +694,15 @@ mod tests {
         // Given back to the queue: the next worker may start it at once.
         store.give_up("m1").await.unwrap();
         assert_eq!(other.begin("m1", hold).await.unwrap(), Begin::Fresh);
-        store.end("m1", "{\"type\":\"completed\"}").await.unwrap();
+        assert_eq!(
+            store.end("m1", "{\"type\":\"completed\"}").await.unwrap(),
+            None
+        );
+        // A second, different ending (a copy run elsewhere) does not replace the first.
+        assert_eq!(
+            other.end("m1", "{\"type\":\"failed\"}").await.unwrap(),
+            Some("{\"type\":\"completed\"}".into())
+        );
         for s in [&store, &other] {
             assert_eq!(
                 s.begin("m1", hold).await.unwrap(),
