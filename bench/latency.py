@@ -17,7 +17,8 @@ Run with: scripts/bench latency, or directly:
   source scripts/lib.sh; ensure_moto; start_moto
   MOTO_ENDPOINT=$MOTO_ENDPOINT .venv/bin/python bench/latency.py
 Settings: WORKER_BIN (default target/release/edit-worker), SAMPLES (default 5), CASES (default
-1,2), CLIENTS for case 3 (default 20), MODES (default shared,per-workspace).
+1,2), CLIENTS for case 3 (default 20), MODES (default shared,per-workspace), BUILD_SLOTS for
+case 3 (e.g. 1,2,3: one run per BUILD_CONCURRENCY, side by side; default the worker's own).
 """
 
 import json
@@ -39,6 +40,9 @@ SAMPLES = int(os.environ.get("SAMPLES", "5"))
 CASES = set(os.environ.get("CASES", "1,2").split(","))
 CLIENTS = int(os.environ.get("CLIENTS", "20"))
 MODES = os.environ.get("MODES", "shared,per-workspace").split(",")
+# Case 3 with each of these BUILD_CONCURRENCY settings side by side (default: the worker's own,
+# the number of cores), to choose the default by measurement.
+BUILD_SLOTS = [s for s in os.environ.get("BUILD_SLOTS", "").split(",") if s]
 KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
           aws_secret_access_key="testing")
 sqs = boto3.client("sqs", **KW)
@@ -208,8 +212,12 @@ def cases_1_and_2():
 def case_3():
     """The README's realistic run through loadgen: CLIENTS clients of one lock file at once."""
     rows = []
-    for m in MODES:
-        w = Worker(f"c3-{m}", {"INSTALL_MODE": m})
+    runs = [(m, slots) for m in MODES for slots in (BUILD_SLOTS or [None])]
+    for m, slots in runs:
+        settings = {"INSTALL_MODE": m}
+        if slots:
+            settings["BUILD_CONCURRENCY"] = slots
+        w = Worker(f"c3-{m}-{slots or 'default'}", settings)
         for c in range(1, CLIENTS + 1):
             w.workspace(f"load-c{c}")
         report = os.path.join(w.dir, "report.json")
@@ -225,10 +233,13 @@ def case_3():
             raise SystemExit(out.stderr)
         r = json.load(open(report))
         lat = r["latencyMs"]
-        log(f"  case 3 {m}: p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
+        log(f"  case 3 {m}, build slots {slots or 'default'}: p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
         phases = r.get("phasesMs", {})
         done = r["terminal"].get("completed", 0) if isinstance(r["terminal"], dict) else r["terminal"]
-        rows.append((f"3. {CLIENTS} clients at once, one lock file, agent 10 s", m, f"{done} completed",
+        label = f"3. {CLIENTS} clients at once, one lock file, agent 10 s"
+        if slots:
+            label += f", {slots} build slots"
+        rows.append((label, m, f"{done} completed",
                      f"{lat['p50'] / 1000:.1f} s", f"{lat['p95'] / 1000:.1f} s / max {lat['max'] / 1000:.1f} s",
                      f"{phases['install']['p50'] / 1000:.1f}" if "install" in phases else "-",
                      f"{phases['build']['p50'] / 1000:.1f}" if "build" in phases else "-",
