@@ -572,6 +572,12 @@ async fn execute(
     let request = &job.request;
     let branch = request.branch();
     let config = &ctx.config;
+    let run = BatchRun {
+        ctx,
+        steps,
+        stop,
+        scope,
+    };
     let workspace_dir = config.workspace_dir(&request.workspace());
     let bucket = config.bucket_for(&request.workspace());
 
@@ -658,19 +664,7 @@ async fn execute(
     if ran_agent {
         progress.cost_payer = Some(pending[0].message_id.clone());
         // 2 and 3. The agent, then a commit of what it changed.
-        agent_turn(
-            &BatchRun {
-                ctx,
-                steps,
-                stop,
-                scope,
-            },
-            &pending,
-            batch_prompt(&pending),
-            progress,
-            "request",
-        )
-        .await?;
+        agent_turn(&run, &pending, batch_prompt(&pending), progress, "request").await?;
         commit_turn(
             steps,
             &pending,
@@ -751,19 +745,7 @@ async fn execute(
                      keeping the requested change. The end of the build log:\n\n{log_tail}",
                     config.build_command.join(" ")
                 );
-                agent_turn(
-                    &BatchRun {
-                        ctx,
-                        steps,
-                        stop,
-                        scope,
-                    },
-                    &pending,
-                    prompt,
-                    progress,
-                    "build repair",
-                )
-                .await?;
+                agent_turn(&run, &pending, prompt, progress, "build repair").await?;
                 commit_turn(steps, &pending, "Claude: Fix the build".into(), progress).await?;
             }
             Err(e) => {

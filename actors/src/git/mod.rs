@@ -4,6 +4,8 @@
 
 pub mod local;
 pub mod subprocess;
+#[cfg(test)]
+mod test_support;
 mod workspace;
 
 pub use workspace::{Fence, GitError, SAVE_MESSAGE, SavedWork, Workspace, agent_commit_subject};
