@@ -18,7 +18,8 @@ Run with: scripts/bench latency, or directly:
   MOTO_ENDPOINT=$MOTO_ENDPOINT .venv/bin/python bench/latency.py
 Settings: WORKER_BIN (default target/release/edit-worker), SAMPLES (default 5), CASES (default
 1,2), CLIENTS for case 3 (default 20), MODES (default shared,per-workspace), BUILD_SLOTS for
-case 3 (e.g. 1,2,3: one run per BUILD_CONCURRENCY, side by side; default the worker's own).
+case 3 (e.g. 1,2,3: one run per BUILD_CONCURRENCY, side by side; default the worker's own),
+STORES for case 3 (cold,warm: the lock file installed inside the run, or once before it).
 """
 
 import json
@@ -43,6 +44,10 @@ MODES = os.environ.get("MODES", "shared,per-workspace").split(",")
 # Case 3 with each of these BUILD_CONCURRENCY settings side by side (default: the worker's own,
 # the number of cores), to choose the default by measurement.
 BUILD_SLOTS = [s for s in os.environ.get("BUILD_SLOTS", "").split(",") if s]
+# Case 3 with the store cold (the lock file's first install ever happens inside the run) and/or
+# warm (installed once before, as on a volume that has served the agency before; case 1 is
+# measured warm too).
+STORES = os.environ.get("STORES", "cold").split(",")
 KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
           aws_secret_access_key="testing")
 sqs = boto3.client("sqs", **KW)
@@ -212,12 +217,15 @@ def cases_1_and_2():
 def case_3():
     """The README's realistic run through loadgen: CLIENTS clients of one lock file at once."""
     rows = []
-    runs = [(m, slots) for m in MODES for slots in (BUILD_SLOTS or [None])]
-    for m, slots in runs:
+    runs = [(m, slots, store) for m in MODES for slots in (BUILD_SLOTS or [None]) for store in STORES]
+    for m, slots, store in runs:
         settings = {"INSTALL_MODE": m}
         if slots:
             settings["BUILD_CONCURRENCY"] = slots
-        w = Worker(f"c3-{m}-{slots or 'default'}", settings)
+        w = Worker(f"c3{m[0]}{slots or 'd'}{store[0]}", settings)
+        if store == "warm":
+            w.workspace("warm")
+            w.edit("warm", "Warm-up")
         for c in range(1, CLIENTS + 1):
             w.workspace(f"load-c{c}")
         report = os.path.join(w.dir, "report.json")
@@ -233,10 +241,10 @@ def case_3():
             raise SystemExit(out.stderr)
         r = json.load(open(report))
         lat = r["latencyMs"]
-        log(f"  case 3 {m}, build slots {slots or 'default'}: p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
+        log(f"  case 3 {m}, build slots {slots or 'default'}, store {store}: p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
         phases = r.get("phasesMs", {})
         done = r["terminal"].get("completed", 0) if isinstance(r["terminal"], dict) else r["terminal"]
-        label = f"3. {CLIENTS} clients at once, one lock file, agent 10 s"
+        label = f"3. {CLIENTS} clients at once, one lock file, agent 10 s, store {store}"
         if slots:
             label += f", {slots} build slots"
         rows.append((label, m, f"{done} completed",
