@@ -250,6 +250,9 @@ struct Held {
     shared: Arc<Shared>,
     state: Arc<Mutex<HeldState>>,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// Stops the heartbeat between two renewals, never in the middle of one: a renewal cut
+    /// off after S3 took it would leave us a stale version, and the release would fail.
+    stop_heartbeat: CancellationToken,
 }
 
 struct HeldState {
@@ -326,12 +329,14 @@ impl Lease {
             record: record.clone(),
             version,
         }));
+        let stop_heartbeat = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
             key.clone(),
             state.clone(),
             check.clone(),
             valid_until,
+            stop_heartbeat.clone(),
         ));
         Lease {
             key,
@@ -342,6 +347,7 @@ impl Lease {
                 shared,
                 state,
                 heartbeat,
+                stop_heartbeat,
             }),
         }
     }
@@ -382,7 +388,7 @@ impl Lease {
         let Some(held) = self.held.take() else {
             return;
         };
-        held.heartbeat.abort();
+        held.stop_heartbeat.cancel();
         let _ = held.heartbeat.await;
         if self.check.lost.is_cancelled() {
             return;
@@ -440,13 +446,17 @@ async fn heartbeat(
     state: Arc<Mutex<HeldState>>,
     check: LeaseCheck,
     valid_until: Arc<Mutex<Instant>>,
+    stop: CancellationToken,
 ) {
     let config = &shared.config;
     let doc = lease_key(&key);
     let every = config.duration / 3;
     let mut next = Instant::now() + every;
     loop {
-        tokio::time::sleep_until(next.into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = stop.cancelled() => return,
+        }
         let asked = Instant::now();
         let (mut record, version) = {
             let s = state.lock().expect("lease state");
