@@ -376,7 +376,8 @@ impl Actor for SessionActor {
                     state.lease = lease;
                 } else {
                     let waiters = std::mem::take(&mut state.waiters);
-                    state.yielded = !waiters.is_empty();
+                    // Only the batch that follows at once yields; a later one finds the lease free.
+                    state.yielded = !waiters.is_empty() && !state.queue.is_empty();
                     Self::release_lease(&state.args, lease, waiters).await;
                 }
                 Self::start_next(&myself, state).await?;
