@@ -63,10 +63,9 @@ impl LeaseConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
+    /// The store did not answer, or a lease record does not parse (`RecordError::Corrupt`).
     #[error("lease store: {0}")]
     Store(#[from] RecordError),
-    #[error("lease {key} is not readable: {message}")]
-    Corrupt { key: String, message: String },
 }
 
 /// This worker lost the workspace's lease: another worker may hold it now.
@@ -174,18 +173,7 @@ impl Leases {
         let me = &shared.config.worker;
         // A conditional write per attempt; a lost race reads again and decides again.
         for _ in 0..4 {
-            let found = shared.store.read_document(&doc).await?;
-            let (current, version) = match found {
-                None => (None, Version::Absent),
-                Some((text, version)) => {
-                    let record: LeaseRecord =
-                        serde_json::from_str(&text).map_err(|e| LeaseError::Corrupt {
-                            key: doc.clone(),
-                            message: e.to_string(),
-                        })?;
-                    (Some(record), version)
-                }
-            };
+            let (current, version) = shared.store.read_typed::<LeaseRecord>(&doc).await?;
             let (token, handover) = match &current {
                 None => (1, true),
                 // Ours (live or not): nobody else held it since, so our checkout, the fence

@@ -200,17 +200,7 @@ impl RecordStore {
         };
         // A conditional write per attempt; a lost race reads again and decides again.
         for _ in 0..4 {
-            let (found, version) = match self.read(&key).await? {
-                None => (None, Version::Absent),
-                Some((text, version)) => {
-                    let record: OutcomeRecord =
-                        serde_json::from_str(&text).map_err(|e| RecordError::Corrupt {
-                            key: key.clone(),
-                            message: e.to_string(),
-                        })?;
-                    (Some(record), version)
-                }
-            };
+            let (found, version) = self.read_typed::<OutcomeRecord>(&key).await?;
             match found {
                 Some(OutcomeRecord::Ended { event }) => return Ok(Begin::Ended(event)),
                 Some(OutcomeRecord::Started {
@@ -390,6 +380,24 @@ impl RecordStore {
         key: &str,
     ) -> Result<Option<(String, Version)>, RecordError> {
         self.read(key).await
+    }
+
+    /// A JSON record, parsed, with the version a conditional write expects (`Absent` when
+    /// there is none). A record that does not parse is `Corrupt`, never taken for absent.
+    pub(crate) async fn read_typed<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<(Option<T>, Version), RecordError> {
+        match self.read(key).await? {
+            None => Ok((None, Version::Absent)),
+            Some((text, version)) => {
+                let record = serde_json::from_str(&text).map_err(|e| RecordError::Corrupt {
+                    key: key.to_owned(),
+                    message: e.to_string(),
+                })?;
+                Ok((Some(record), version))
+            }
+        }
     }
 
     /// Write a document if it is still at `version`; its new version, or `None` when someone
