@@ -236,24 +236,11 @@ impl GitProgram {
         name: &str,
         email: &str,
     ) -> Result<(), GitCommandError> {
-        let user = format!("user.name={name}");
-        let mail = format!("user.email={email}");
-        self.run(
-            &[
-                "-c",
-                &user,
-                "-c",
-                &mail,
-                "merge",
-                "--quiet",
-                "--no-edit",
-                "--no-ff",
-                upstream,
-            ],
-            LOCAL_TIMEOUT,
+        self.run_as(
+            (name, email),
+            &["merge", "--quiet", "--no-edit", "--no-ff", upstream],
         )
         .await
-        .map(drop)
     }
 
     /// Abandon a merge that stopped on conflicts, leaving the branch as it was.
@@ -355,14 +342,9 @@ impl GitProgram {
         name: &str,
         email: &str,
     ) -> Result<(), GitCommandError> {
-        let user = format!("user.name={name}");
-        let mail = format!("user.email={email}");
-        self.run(
+        self.run_as(
+            (name, email),
             &[
-                "-c",
-                &user,
-                "-c",
-                &mail,
                 "stash",
                 "push",
                 "--quiet",
@@ -370,10 +352,8 @@ impl GitProgram {
                 "-m",
                 message,
             ],
-            LOCAL_TIMEOUT,
         )
         .await
-        .map(drop)
     }
 
     /// Make `branch` point at `start_point` (created or reset) and switch to it.
@@ -414,6 +394,16 @@ impl GitProgram {
     }
 
     /// Run git with `args` in this repository and return its stdout.
+    /// A local command that writes a commit (merge, stash), as `who` (name, email): the
+    /// worker's identity, not whatever the machine's git configuration says.
+    async fn run_as(&self, who: (&str, &str), args: &[&str]) -> Result<(), GitCommandError> {
+        let user = format!("user.name={}", who.0);
+        let mail = format!("user.email={}", who.1);
+        let mut full = vec!["-c", user.as_str(), "-c", mail.as_str()];
+        full.extend_from_slice(args);
+        self.run(&full, LOCAL_TIMEOUT).await.map(drop)
+    }
+
     async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, GitCommandError> {
         if self.checkout {
             self.secure_checkout().await?;
