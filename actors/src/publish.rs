@@ -11,21 +11,41 @@
 //! then deletions of what is gone, and no deletion at all when any upload failed. Symlinks are
 //! never followed, an empty build is refused, and a build that would delete most of a site is
 //! refused unless allowed, so a broken build can never wipe a live site.
+//!
+//! A bucket belongs to one workspace: `.edit-worker/owner.json` names it. The first workspace
+//! that publishes into a bucket writes that record (`If-None-Match: *`), and a publish for any
+//! other workspace is refused before it writes anything, so one tenant's publish can never
+//! replace another's site (a `BUCKET_TEMPLATE` without `{projectId}` gives a client's projects
+//! one bucket; the second project's publishes then fail as `bucket_owned_elsewhere`).
+//!
+//! A build is never read whole into memory: files are hashed in chunks and uploaded from disk
+//! (a multipart upload holds one part at a time). A file over `max_file_bytes`, or a build over
+//! `max_total_bytes`, is refused before anything is written to the bucket.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use aws_sdk_s3::error::DisplayErrorContext;
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
+
+use crate::message::WorkspaceKey;
 
 /// DeleteObjects takes at most this many keys per request.
 const DELETE_BATCH: usize = 1000;
 /// Below this many objects in the bucket the deletion cap does not apply: a tiny site may
 /// legitimately change most of its files.
 const DELETE_CAP_MIN_OBJECTS: usize = 10;
+/// Reads and conditional writes of one of our records (fence, owner) before giving up: each
+/// lost race means another writer made progress, so a few rounds always settle it.
+const RECORD_ATTEMPTS: usize = 4;
+/// Our records are a few dozen bytes; anything larger in their place is not ours and is not
+/// read into memory.
+const MAX_RECORD_BYTES: i64 = 64 * 1024;
 
 /// One `Cache-Control` rule: keys matching `pattern` get `value`. A pattern ending in `/` is a
 /// key prefix (`_astro/`), `*.ext` matches a suffix, `*` matches everything.
@@ -88,8 +108,8 @@ impl CacheRule {
 /// How to publish.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// Uploads in flight per publish: S3 takes many at once, but each holds a file open (and a
-    /// multipart part in memory).
+    /// Uploads in flight per publish: S3 takes many at once, but each holds a file open (parts
+    /// and files are streamed from disk, so not their bytes).
     pub concurrency: usize,
     /// First match wins; keys no rule matches get `no-cache`.
     pub cache_rules: Vec<CacheRule>,
@@ -105,6 +125,13 @@ pub struct PublishOptions {
     /// Uploads at once over every publish of the process: many sessions publishing together
     /// share the network and S3's request rate.
     pub total_concurrency: usize,
+    /// A build holding a larger file is refused before anything is uploaded: the build is the
+    /// tenant's code, and one runaway file (a video, a dump) must not cost every other tenant
+    /// the worker's bandwidth and time, nor fill a bucket.
+    pub max_file_bytes: u64,
+    /// The same for the whole build (every file, whether it needs uploading or not), so a build
+    /// of many files each under `max_file_bytes` is bounded too.
+    pub max_total_bytes: u64,
 }
 
 impl Default for PublishOptions {
@@ -118,6 +145,8 @@ impl Default for PublishOptions {
             allow_mass_delete: false,
             file_attempts: 3,
             total_concurrency: 64,
+            max_file_bytes: 100 * 1024 * 1024,
+            max_total_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -172,6 +201,28 @@ pub enum PublishError {
         total: usize,
         max_percent: u8,
     },
+    #[error(
+        "bucket {bucket} belongs to the workspace {owner_client}/{owner_project} (its \
+         .edit-worker/owner.json says so); refusing to publish another workspace's site into it. \
+         Every workspace needs a bucket of its own: BUCKET_TEMPLATE should contain {{projectId}}"
+    )]
+    OwnedElsewhere {
+        bucket: String,
+        owner_client: String,
+        owner_project: String,
+    },
+    #[error("the owner record .edit-worker/owner.json in {bucket}: {message}")]
+    OwnerStore { bucket: String, message: String },
+    #[error(
+        "the build file {key} is {size} bytes, more than the {max} bytes a published file may \
+         have (PUBLISH_MAX_FILE_BYTES); nothing was published"
+    )]
+    FileTooLarge { key: String, size: u64, max: u64 },
+    #[error(
+        "the build is larger than the {max} bytes a publish may carry (PUBLISH_MAX_BYTES): \
+         with {key} it comes to {total} bytes; nothing was published"
+    )]
+    BuildTooLarge { key: String, total: u64, max: u64 },
 }
 
 impl PublishError {
@@ -180,14 +231,33 @@ impl PublishError {
             PublishError::EmptyBuild(_) => "empty_build",
             PublishError::TooManyDeletions { .. } => "too_many_deletions",
             PublishError::LeaseLost(_) | PublishError::Fenced { .. } => "lease_lost",
+            PublishError::OwnedElsewhere { .. } => "bucket_owned_elsewhere",
+            PublishError::FileTooLarge { .. } | PublishError::BuildTooLarge { .. } => {
+                "build_too_large"
+            }
             _ => "publish_failed",
         }
     }
+
+    /// The same build would fail the same way at every try: nothing passing (S3 away, a lost
+    /// race) caused it, so retrying the message only delays its `failed` event.
+    pub fn would_repeat(&self) -> bool {
+        matches!(
+            self,
+            PublishError::EmptyBuild(_)
+                | PublishError::OwnedElsewhere { .. }
+                | PublishError::FileTooLarge { .. }
+                | PublishError::BuildTooLarge { .. }
+        )
+    }
 }
 
-/// Keys under this prefix are the worker's own (the lease fences), never the site's: a publish
-/// neither lists nor deletes them.
+/// Keys under this prefix are the worker's own (the lease fences, the owner record), never the
+/// site's: a publish neither lists nor deletes them.
 pub const RESERVED_PREFIX: &str = ".edit-worker/";
+
+/// The bucket's owner record (under the reserved prefix, so no publish ever deletes it).
+pub const OWNER_KEY: &str = ".edit-worker/owner.json";
 
 /// A lease's fence in the bucket it publishes to: an object per workspace holding the newest
 /// lease token that published there. A publish first raises it to its own token (a conditional
@@ -223,6 +293,66 @@ struct FenceRecord {
     token: u64,
 }
 
+/// Who a bucket belongs to (`.edit-worker/owner.json`). Written once, by the first workspace
+/// that publishes into the bucket, and never changed or deleted by a publish: an operator who
+/// gives the bucket to another workspace deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OwnerRecord {
+    client_id: String,
+    project_id: String,
+    /// When the workspace claimed the bucket (RFC 3339): for the operator reading a refusal.
+    since: String,
+}
+
+impl OwnerRecord {
+    fn claiming(workspace: &WorkspaceKey) -> OwnerRecord {
+        OwnerRecord {
+            client_id: workspace.client_id.clone(),
+            project_id: workspace.project_id.clone(),
+            since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
+
+    fn owned_by(&self, workspace: &WorkspaceKey) -> bool {
+        self.client_id == workspace.client_id && self.project_id == workspace.project_id
+    }
+}
+
+/// An owner record as this process last read or wrote it. It is still the bucket's while a
+/// listing shows the record with this ETag, so checking it costs no request of its own.
+#[derive(Debug, Clone)]
+struct KnownOwner {
+    record: OwnerRecord,
+    /// Without quotes, as listings are compared.
+    etag: String,
+}
+
+/// One of our records in a bucket as read, with the ETag that a conditional write of its next
+/// version must name (`If-Match`).
+struct StoredRecord<T> {
+    value: T,
+    etag: String,
+}
+
+/// What a conditional write of a record came to.
+enum Written {
+    /// It took; the new version's ETag, when the server gave one.
+    Took(Option<String>),
+    /// Someone wrote first (412 or 409): read the record again.
+    LostRace,
+}
+
+/// What a listing of the bucket found.
+#[derive(Debug, Default)]
+struct Listing {
+    /// Key → ETag (without quotes) of every object of the site (none under the reserved prefix).
+    objects: HashMap<String, String>,
+    /// The owner record's ETag (without quotes), when there is one: tells whether the record
+    /// this process knows is still the bucket's without reading it.
+    owner_etag: Option<String>,
+}
+
 /// A file of the build, ready to compare and upload.
 #[derive(Debug, Clone)]
 struct LocalFile {
@@ -231,6 +361,7 @@ struct LocalFile {
     md5_hex: String,
     /// The ETag S3 gives this file when we upload it in parts (`None` below the threshold).
     multipart_etag: Option<String>,
+    /// As the walk saw it: the caps were checked against it, and no more is ever read.
     size: u64,
 }
 
@@ -260,7 +391,10 @@ pub struct Publisher {
     s3: aws_sdk_s3::Client,
     options: PublishOptions,
     /// Shared by every clone: the process-wide upload limit.
-    uploads: std::sync::Arc<tokio::sync::Semaphore>,
+    uploads: Arc<tokio::sync::Semaphore>,
+    /// Owner records by bucket, shared by every clone: a bucket's record is read once per
+    /// process, then trusted while the listings every publish takes anyway show it unchanged.
+    owners: Arc<Mutex<HashMap<String, KnownOwner>>>,
 }
 
 impl Publisher {
@@ -269,52 +403,65 @@ impl Publisher {
         options.part_size = options.part_size.max(5 * 1024 * 1024);
         options.multipart_threshold = options.multipart_threshold.max(options.part_size);
         options.file_attempts = options.file_attempts.max(1);
-        let uploads = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
             options.total_concurrency.max(1),
         ));
         Publisher {
             s3,
             options,
             uploads,
+            owners: Arc::default(),
         }
     }
 
-    /// Make `bucket` hold exactly the files under `build_dir`.
+    /// Make `bucket`, which belongs to `workspace`, hold exactly the files under `build_dir`.
+    /// A bucket nobody owns yet becomes the workspace's; one that another workspace owns is
+    /// refused (`bucket_owned_elsewhere`) before anything in it is written.
+    pub async fn publish_for(
+        &self,
+        workspace: &WorkspaceKey,
+        bucket: &str,
+        build_dir: &Path,
+        fence: Option<&BucketFence>,
+    ) -> Result<PublishReport, PublishError> {
+        self.run(bucket, build_dir, Some(workspace), fence).await
+    }
+
+    /// Make `bucket` hold exactly the files under `build_dir`, without reading or writing its
+    /// owner record: for a bucket that belongs to no workspace (`edit-worker publish`, the
+    /// benchmarks). The worker's own publishes go through [`Publisher::publish_for`].
     pub async fn publish(
         &self,
         bucket: &str,
         build_dir: &Path,
         fence: Option<&BucketFence>,
     ) -> Result<PublishReport, PublishError> {
+        self.run(bucket, build_dir, None, fence).await
+    }
+
+    /// Every write comes after every check: the build's size and emptiness, the bucket's owner,
+    /// the fence, the deletion cap. A publish refused for any of them leaves the bucket as it
+    /// was (only an unowned bucket's claim and a raised fence may precede a later refusal).
+    async fn run(
+        &self,
+        bucket: &str,
+        build_dir: &Path,
+        owner: Option<&WorkspaceKey>,
+        fence: Option<&BucketFence>,
+    ) -> Result<PublishReport, PublishError> {
+        let still_held = || fence.map_or(Ok(()), |f| f.lease.check());
+        still_held()?;
+        let (local, listing) = self.survey(bucket, build_dir).await?;
+        if let Some(workspace) = owner {
+            self.confirm_owner(bucket, workspace, listing.owner_etag.as_deref())
+                .await?;
+        }
         if let Some(fence) = fence {
-            fence.lease.check()?;
             self.raise_fence(bucket, fence).await?;
         }
-        let still_held = || fence.map_or(Ok(()), |f| f.lease.check());
-        let root = build_dir.to_owned();
-        let part_size = self.options.part_size;
-        let threshold = self.options.multipart_threshold;
-        // Hash the build and list the bucket at the same time: neither needs the other.
-        let scan = tokio::task::spawn_blocking(move || scan_build(&root, threshold, part_size));
-        let (local, remote) = tokio::join!(scan, self.list(bucket));
-        let local = local.map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
-        let remote = remote?;
-        if local.is_empty() {
-            return Err(PublishError::EmptyBuild(build_dir.to_owned()));
-        }
+        let remote = listing.objects;
         let plan = self.plan(bucket, &local, &remote).await?;
-        let total = remote.len();
-        if !self.options.allow_mass_delete
-            && total >= DELETE_CAP_MIN_OBJECTS
-            && plan.stale.len() * 100 > total * self.options.max_delete_percent as usize
-        {
-            return Err(PublishError::TooManyDeletions {
-                bucket: bucket.into(),
-                stale: plan.stale.len(),
-                total,
-                max_percent: self.options.max_delete_percent,
-            });
-        }
+        self.check_deletions(bucket, &plan, remote.len())?;
 
         let mut report = PublishReport {
             skipped: plan.skipped,
@@ -336,37 +483,140 @@ impl Publisher {
         Ok(report)
     }
 
+    /// Hash the build and list the bucket at the same time: neither needs the other, and
+    /// neither writes anything, so a build over a cap, or an empty one, fails here untouched.
+    async fn survey(
+        &self,
+        bucket: &str,
+        build_dir: &Path,
+    ) -> Result<(Vec<LocalFile>, Listing), PublishError> {
+        let root = build_dir.to_owned();
+        let limits = ScanLimits::of(&self.options);
+        let scan = tokio::task::spawn_blocking(move || scan_build(&root, &limits));
+        let (local, listing) = tokio::join!(scan, self.list(bucket));
+        let local = local.map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
+        if local.is_empty() {
+            return Err(PublishError::EmptyBuild(build_dir.to_owned()));
+        }
+        Ok((local, listing?))
+    }
+
+    /// Refuse a plan that would delete most of a site (a broken build), unless allowed.
+    fn check_deletions(&self, bucket: &str, plan: &Plan, total: usize) -> Result<(), PublishError> {
+        if !self.options.allow_mass_delete
+            && total >= DELETE_CAP_MIN_OBJECTS
+            && plan.stale.len() * 100 > total * self.options.max_delete_percent as usize
+        {
+            return Err(PublishError::TooManyDeletions {
+                bucket: bucket.into(),
+                stale: plan.stale.len(),
+                total,
+                max_percent: self.options.max_delete_percent,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuse to publish into a bucket that another workspace owns; claim it when nobody does.
+    /// `listed` is the owner record's ETag in the listing this publish just took: when it is
+    /// the record this process already knows, no request is needed.
+    async fn confirm_owner(
+        &self,
+        bucket: &str,
+        workspace: &WorkspaceKey,
+        listed: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let owner = match listed.and_then(|etag| self.known_owner(bucket, etag)) {
+            Some(record) => record,
+            None => self.claim(bucket, workspace).await?,
+        };
+        if owner.owned_by(workspace) {
+            Ok(())
+        } else {
+            Err(PublishError::OwnedElsewhere {
+                bucket: bucket.into(),
+                owner_client: owner.client_id,
+                owner_project: owner.project_id,
+            })
+        }
+    }
+
+    /// The owner record this process knows for `bucket`, if it is still the one with `etag`.
+    fn known_owner(&self, bucket: &str, etag: &str) -> Option<OwnerRecord> {
+        let owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        owners
+            .get(bucket)
+            .filter(|known| known.etag == etag)
+            .map(|known| known.record.clone())
+    }
+
+    /// Keep `record` as the bucket's owner while its ETag stays (without one there is nothing
+    /// to recognise it by: it is read again next time).
+    fn remember(&self, bucket: &str, record: OwnerRecord, etag: Option<&str>) -> OwnerRecord {
+        let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        match etag.map(unquoted).filter(|e| !e.is_empty()) {
+            Some(etag) => {
+                let known = KnownOwner {
+                    record: record.clone(),
+                    etag: etag.to_owned(),
+                };
+                owners.insert(bucket.to_owned(), known);
+            }
+            None => {
+                owners.remove(bucket);
+            }
+        }
+        record
+    }
+
+    /// Read the bucket's owner record; when there is none, write one naming `workspace`, only
+    /// if there is still none (`If-None-Match: *`): of two workspaces claiming a new bucket at
+    /// once, exactly one wins, and the other reads the winner's record.
+    async fn claim(
+        &self,
+        bucket: &str,
+        workspace: &WorkspaceKey,
+    ) -> Result<OwnerRecord, PublishError> {
+        let store_err = |message: String| PublishError::OwnerStore {
+            bucket: bucket.into(),
+            message,
+        };
+        for _ in 0..RECORD_ATTEMPTS {
+            let stored = self
+                .read_record::<OwnerRecord>(bucket, OWNER_KEY)
+                .await
+                .map_err(store_err)?;
+            if let Some(stored) = stored {
+                return Ok(self.remember(bucket, stored.value, Some(&stored.etag)));
+            }
+            let record = OwnerRecord::claiming(workspace);
+            match self
+                .write_record(bucket, OWNER_KEY, &record, None)
+                .await
+                .map_err(store_err)?
+            {
+                Written::Took(etag) => {
+                    tracing::info!(%bucket, %workspace, "the bucket now belongs to the workspace");
+                    return Ok(self.remember(bucket, record, etag.as_deref()));
+                }
+                Written::LostRace => {}
+            }
+        }
+        Err(store_err("the owner record kept changing under us".into()))
+    }
+
     /// Raise the bucket's fence to this holder's token; refuse when it is already past it.
     async fn raise_fence(&self, bucket: &str, fence: &BucketFence) -> Result<(), PublishError> {
         let store_err = |message: String| PublishError::FenceStore {
             bucket: bucket.into(),
             message,
         };
-        for _ in 0..4 {
-            let got = self
-                .s3
-                .get_object()
-                .bucket(bucket)
-                .key(&fence.key)
-                .send()
-                .await;
-            let (found, etag) = match got {
-                Ok(object) => {
-                    let etag = object.e_tag().unwrap_or_default().to_owned();
-                    let bytes = object
-                        .body
-                        .collect()
-                        .await
-                        .map_err(|e| store_err(e.to_string()))?
-                        .into_bytes();
-                    let record: FenceRecord =
-                        serde_json::from_slice(&bytes).map_err(|e| store_err(e.to_string()))?;
-                    (Some(record.token), Some(etag))
-                }
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => (None, None),
-                Err(e) => return Err(store_err(DisplayErrorContext(&e).to_string())),
-            };
-            match found {
+        for _ in 0..RECORD_ATTEMPTS {
+            let stored = self
+                .read_record::<FenceRecord>(bucket, &fence.key)
+                .await
+                .map_err(store_err)?;
+            match stored.as_ref().map(|s| s.value.token) {
                 Some(token) if token > fence.token => {
                     return Err(PublishError::Fenced {
                         bucket: bucket.into(),
@@ -377,32 +627,75 @@ impl Publisher {
                 Some(token) if token == fence.token => return Ok(()),
                 _ => {}
             }
-            let body =
-                serde_json::to_vec(&FenceRecord { token: fence.token }).expect("fences serialize");
-            let put = self
-                .s3
-                .put_object()
-                .bucket(bucket)
-                .key(&fence.key)
-                .content_type("application/json")
-                .cache_control("no-store")
-                .body(body.into());
-            let put = match etag {
-                Some(etag) => put.if_match(etag),
-                None => put.if_none_match("*"),
-            };
-            match put.send().await {
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    let status = e.raw_response().map(|r| r.status().as_u16());
-                    if !matches!(status, Some(412 | 409)) {
-                        return Err(store_err(DisplayErrorContext(&e).to_string()));
-                    }
-                    // Someone wrote first: read it again.
-                }
+            let record = FenceRecord { token: fence.token };
+            let replacing = stored.as_ref().map(|s| s.etag.as_str());
+            match self
+                .write_record(bucket, &fence.key, &record, replacing)
+                .await
+                .map_err(store_err)?
+            {
+                Written::Took(_) => return Ok(()),
+                Written::LostRace => {}
             }
         }
         Err(store_err("the fence kept changing under us".into()))
+    }
+
+    /// One of our JSON records, with its ETag; `None` when there is none.
+    async fn read_record<T: serde::de::DeserializeOwned>(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<StoredRecord<T>>, String> {
+        let got = self.s3.get_object().bucket(bucket).key(key).send().await;
+        let object = match got {
+            Ok(object) => object,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(DisplayErrorContext(&e).to_string()),
+        };
+        if object.content_length().unwrap_or(0) > MAX_RECORD_BYTES {
+            return Err(format!("{key} is larger than a record of ours can be"));
+        }
+        let etag = object.e_tag().unwrap_or_default().to_owned();
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_bytes();
+        let value = serde_json::from_slice(&bytes).map_err(|e| format!("{key}: {e}"))?;
+        Ok(Some(StoredRecord { value, etag }))
+    }
+
+    /// Write one of our records only if it is still as we read it: `replacing` the version
+    /// with that ETag (`If-Match`), or where there is none yet (`If-None-Match: *`).
+    async fn write_record<T: serde::Serialize>(
+        &self,
+        bucket: &str,
+        key: &str,
+        value: &T,
+        replacing: Option<&str>,
+    ) -> Result<Written, String> {
+        let body = serde_json::to_vec(value).expect("records serialize");
+        let put = self
+            .s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type("application/json")
+            .cache_control("no-store")
+            .body(body.into());
+        let put = match replacing {
+            Some(etag) => put.if_match(etag),
+            None => put.if_none_match("*"),
+        };
+        match put.send().await {
+            Ok(out) => Ok(Written::Took(out.e_tag().map(str::to_owned))),
+            Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                Some(412 | 409) => Ok(Written::LostRace),
+                _ => Err(DisplayErrorContext(&e).to_string()),
+            },
+        }
     }
 
     /// Decide what to upload, skip and delete.
@@ -480,9 +773,9 @@ impl Publisher {
         Ok(head.metadata().and_then(|m| m.get("md5")).cloned())
     }
 
-    /// Key → ETag (without quotes) of every object in the bucket.
-    async fn list(&self, bucket: &str) -> Result<HashMap<String, String>, PublishError> {
-        let mut objects = HashMap::new();
+    /// Every object of the site with its ETag, and the owner record's ETag.
+    async fn list(&self, bucket: &str) -> Result<Listing, PublishError> {
+        let mut listing = Listing::default();
         let mut pages = self
             .s3
             .list_objects_v2()
@@ -495,15 +788,16 @@ impl Publisher {
                 message: DisplayErrorContext(&e).to_string(),
             })?;
             for object in page.contents() {
-                if let Some(key) = object.key()
-                    && !key.starts_with(RESERVED_PREFIX)
-                {
-                    let etag = object.e_tag().unwrap_or_default().trim_matches('"');
-                    objects.insert(key.to_owned(), etag.to_owned());
+                let Some(key) = object.key() else { continue };
+                let etag = unquoted(object.e_tag().unwrap_or_default()).to_owned();
+                if key == OWNER_KEY {
+                    listing.owner_etag = Some(etag);
+                } else if !key.starts_with(RESERVED_PREFIX) {
+                    listing.objects.insert(key.to_owned(), etag);
                 }
             }
         }
-        Ok(objects)
+        Ok(listing)
     }
 
     /// Upload files with bounded concurrency; the first failure stops the batch.
@@ -555,7 +849,12 @@ impl Publisher {
 
     async fn upload(&self, bucket: &str, file: &LocalFile) -> Result<u64, PublishError> {
         let fail = |message: String| Self::upload_error(bucket, &file.key, message);
-        let body = ByteStream::from_path(&file.path)
+        // Streamed from disk, and never more than the size the caps were checked against
+        // (a file that shrank since fails here).
+        let body = ByteStream::read_from()
+            .path(&file.path)
+            .length(Length::Exact(file.size))
+            .build()
             .await
             .map_err(|e| fail(e.to_string()))?;
         self.s3
@@ -619,29 +918,25 @@ impl Publisher {
         completed.map(|()| file.size)
     }
 
+    /// Upload the parts one after the other, each streamed from its slice of the file: no
+    /// part is held in memory, and no more than the size the caps were checked against is read
+    /// (a file that shrank since fails here).
     async fn upload_parts(
         &self,
         bucket: &str,
         file: &LocalFile,
         upload_id: &str,
     ) -> Result<Vec<aws_sdk_s3::types::CompletedPart>, PublishError> {
-        use tokio::io::AsyncReadExt;
         let fail = |message: String| Self::upload_error(bucket, &file.key, message);
-        let mut reader = tokio::fs::File::open(&file.path)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
         let mut parts = Vec::new();
-        let mut number = 1;
-        loop {
-            let mut chunk = Vec::with_capacity(self.options.part_size as usize);
-            let read = (&mut reader)
-                .take(self.options.part_size)
-                .read_to_end(&mut chunk)
+        for (number, offset, length) in part_slices(file.size, self.options.part_size) {
+            let body = ByteStream::read_from()
+                .path(&file.path)
+                .offset(offset)
+                .length(Length::Exact(length))
+                .build()
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            if read == 0 {
-                break;
-            }
             let part = self
                 .s3
                 .upload_part()
@@ -649,7 +944,7 @@ impl Publisher {
                 .key(&file.key)
                 .upload_id(upload_id)
                 .part_number(number)
-                .body(ByteStream::from(chunk))
+                .body(body)
                 .send()
                 .await
                 .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
@@ -659,7 +954,6 @@ impl Publisher {
                     .set_e_tag(part.e_tag().map(str::to_owned))
                     .build(),
             );
-            number += 1;
         }
         Ok(parts)
     }
@@ -711,13 +1005,50 @@ impl Publisher {
     }
 }
 
-/// Every regular file under `root`, with its key and MD5. Symlinks are skipped, never followed,
-/// so a link to `/etc/passwd` (or to anything outside the build) is never published.
-fn scan_build(
-    root: &Path,
+/// What the scan of a build needs from the options: where multipart starts, and the caps.
+#[derive(Debug, Clone, Copy)]
+struct ScanLimits {
     multipart_threshold: u64,
     part_size: u64,
-) -> Result<Vec<LocalFile>, std::io::Error> {
+    max_file_bytes: u64,
+    max_total_bytes: u64,
+}
+
+impl ScanLimits {
+    fn of(options: &PublishOptions) -> ScanLimits {
+        ScanLimits {
+            multipart_threshold: options.multipart_threshold,
+            part_size: options.part_size,
+            max_file_bytes: options.max_file_bytes,
+            max_total_bytes: options.max_total_bytes,
+        }
+    }
+}
+
+/// A regular file of the build as the walk found it, before it is read.
+#[derive(Debug)]
+struct FoundFile {
+    key: String,
+    path: PathBuf,
+    size: u64,
+}
+
+/// Every regular file under `root`, with its key and MD5. The caps are checked on the sizes
+/// first, so a build over them is refused before a byte of it is read; then each file is
+/// hashed in chunks.
+fn scan_build(root: &Path, limits: &ScanLimits) -> Result<Vec<LocalFile>, PublishError> {
+    let found = walk_build(root)?;
+    check_limits(&found, limits)?;
+    let files = found
+        .into_iter()
+        .map(|file| hash_file(file, limits))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(files)
+}
+
+/// Every regular file under `root`, sorted by key. Symlinks are skipped, never followed, so a
+/// link to `/etc/passwd` (or to anything outside the build) is never published.
+fn walk_build(root: &Path) -> std::io::Result<Vec<FoundFile>> {
     let meta = match std::fs::symlink_metadata(root) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -744,32 +1075,164 @@ fn scan_build(
                     tracing::warn!(path = %path.display(), "file name is not UTF-8; not published");
                     continue;
                 };
-                let bytes = std::fs::read(&path)?;
-                let size = bytes.len() as u64;
-                files.push(LocalFile {
-                    key,
-                    md5_hex: format!("{:x}", Md5::digest(&bytes)),
-                    multipart_etag: (size >= multipart_threshold)
-                        .then(|| multipart_etag(&bytes, part_size)),
-                    size,
-                    path,
-                });
+                // The entry's own metadata: a symlink is never followed here either.
+                let size = entry.metadata()?.len();
+                files.push(FoundFile { key, path, size });
             }
         }
     }
+    // Sorted, so that the file named by a refusal is the same at every try.
     files.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(files)
 }
 
-/// The ETag S3 computes for a multipart upload: the MD5 of the parts' MD5s, then `-{parts}`.
-fn multipart_etag(bytes: &[u8], part_size: u64) -> String {
-    let mut digests = Vec::new();
-    let mut parts = 0;
-    for chunk in bytes.chunks(part_size as usize) {
-        digests.extend_from_slice(&Md5::digest(chunk));
-        parts += 1;
+/// Refuse a build with a file over `max_file_bytes`, or over `max_total_bytes` in all.
+fn check_limits(found: &[FoundFile], limits: &ScanLimits) -> Result<(), PublishError> {
+    let mut total: u64 = 0;
+    for file in found {
+        if file.size > limits.max_file_bytes {
+            return Err(PublishError::FileTooLarge {
+                key: file.key.clone(),
+                size: file.size,
+                max: limits.max_file_bytes,
+            });
+        }
+        total = total.saturating_add(file.size);
+        if total > limits.max_total_bytes {
+            return Err(PublishError::BuildTooLarge {
+                key: file.key.clone(),
+                total,
+                max: limits.max_total_bytes,
+            });
+        }
     }
-    format!("{:x}-{parts}", Md5::digest(&digests))
+    Ok(())
+}
+
+/// Hash one file in chunks, reading exactly the size the walk saw (which the caps were checked
+/// against): a file that changed size since is an error, not a silently different upload.
+fn hash_file(file: FoundFile, limits: &ScanLimits) -> std::io::Result<LocalFile> {
+    let multipart = file.size >= limits.multipart_threshold;
+    let mut digests = Digests::new(multipart.then_some(limits.part_size));
+    let mut reader = std::fs::File::open(&file.path)?.take(file.size);
+    let read = std::io::copy(&mut reader, &mut digests)?;
+    let grew = reader.into_inner().read(&mut [0u8; 1])? > 0;
+    if read != file.size || grew {
+        return Err(std::io::Error::other(format!(
+            "{} changed while it was read",
+            file.path.display()
+        )));
+    }
+    let (md5_hex, multipart_etag) = digests.finish();
+    Ok(LocalFile {
+        key: file.key,
+        path: file.path,
+        md5_hex,
+        multipart_etag,
+        size: file.size,
+    })
+}
+
+/// The MD5s of a file written into it chunk by chunk (it is an `io::Write`, fed by
+/// `io::copy`): of the whole file, and, for a file uploaded in parts, of each part, from which
+/// the ETag S3 gives a multipart upload follows.
+struct Digests {
+    whole: Md5,
+    parts: Option<PartDigests>,
+}
+
+/// The running MD5s of the parts of a multipart upload.
+struct PartDigests {
+    part_size: u64,
+    current: Md5,
+    /// Bytes in `current` so far.
+    filled: u64,
+    /// The finished parts' digests, one after the other: S3's ETag is their MD5.
+    finished: Vec<u8>,
+    count: usize,
+}
+
+impl Digests {
+    /// `part_size`: the parts of a multipart upload, `None` for a single-part one.
+    fn new(part_size: Option<u64>) -> Digests {
+        Digests {
+            whole: Md5::new(),
+            parts: part_size.map(|part_size| PartDigests {
+                part_size: part_size.max(1),
+                current: Md5::new(),
+                filled: 0,
+                finished: Vec::new(),
+                count: 0,
+            }),
+        }
+    }
+
+    /// The file's MD5 (hex) and, for a multipart upload, its ETag.
+    fn finish(self) -> (String, Option<String>) {
+        let md5 = format!("{:x}", self.whole.finalize());
+        (md5, self.parts.map(PartDigests::etag))
+    }
+}
+
+impl Write for Digests {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Never past the end of the current part: `write_all` hands the rest in again.
+        let taken = match &mut self.parts {
+            Some(parts) => parts.feed(buf),
+            None => buf.len(),
+        };
+        self.whole.update(&buf[..taken]);
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl PartDigests {
+    /// Hash as much of `buf` as the current part has room for; returns how much.
+    fn feed(&mut self, buf: &[u8]) -> usize {
+        let room = self.part_size - self.filled;
+        let taken = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        self.current.update(&buf[..taken]);
+        self.filled += taken as u64;
+        if self.filled == self.part_size {
+            self.close_part();
+        }
+        taken
+    }
+
+    fn close_part(&mut self) {
+        let part = std::mem::replace(&mut self.current, Md5::new());
+        self.finished.extend_from_slice(&part.finalize());
+        self.count += 1;
+        self.filled = 0;
+    }
+
+    /// The MD5 of the parts' MD5s, then `-{parts}`.
+    fn etag(mut self) -> String {
+        if self.filled > 0 {
+            self.close_part();
+        }
+        format!("{:x}-{}", Md5::digest(&self.finished), self.count)
+    }
+}
+
+/// The parts of a multipart upload of `size` bytes: (part number from 1, offset, length), cut
+/// where `Digests` cuts them, so the ETag S3 computes is the one we expect.
+fn part_slices(size: u64, part_size: u64) -> impl Iterator<Item = (i32, u64, u64)> {
+    let part_size = part_size.max(1);
+    (0..size.div_ceil(part_size)).map(move |index| {
+        let offset = index * part_size;
+        let number = i32::try_from(index + 1).unwrap_or(i32::MAX);
+        (number, offset, part_size.min(size - offset))
+    })
+}
+
+/// An ETag as listings give it, without the quotes that other responses keep.
+fn unquoted(etag: &str) -> &str {
+    etag.trim_matches('"')
 }
 
 fn is_html(key: &str) -> bool {
@@ -794,6 +1257,23 @@ pub fn content_type(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(max_file_bytes: u64, max_total_bytes: u64) -> ScanLimits {
+        ScanLimits {
+            max_file_bytes,
+            max_total_bytes,
+            ..ScanLimits::of(&PublishOptions::default())
+        }
+    }
+
+    /// Stream `bytes` through the digests in chunks of `chunk` bytes.
+    fn digests_of(bytes: &[u8], part_size: Option<u64>, chunk: usize) -> (String, Option<String>) {
+        let mut digests = Digests::new(part_size);
+        for piece in bytes.chunks(chunk) {
+            digests.write_all(piece).unwrap();
+        }
+        digests.finish()
+    }
 
     #[test]
     fn content_types_carry_charset_for_text() {
@@ -836,7 +1316,112 @@ mod tests {
             digests.extend_from_slice(&Md5::digest(part));
         }
         let expected = format!("{:x}-3", Md5::digest(&digests));
-        assert_eq!(multipart_etag(b"aaaaabbbbbc", 5), expected);
+        // However the bytes arrive, the parts are cut at the same places.
+        for chunk in [1, 3, 5, 7, 64] {
+            let (md5, etag) = digests_of(b"aaaaabbbbbc", Some(5), chunk);
+            assert_eq!(etag.as_deref(), Some(expected.as_str()), "chunk {chunk}");
+            assert_eq!(md5, format!("{:x}", Md5::digest(b"aaaaabbbbbc")));
+        }
+        // A file of whole parts has no empty last part.
+        let (_, etag) = digests_of(b"aaaaabbbbb", Some(5), 4);
+        assert!(etag.unwrap().ends_with("-2"));
+        assert_eq!(digests_of(b"abc", None, 2).1, None);
+    }
+
+    #[test]
+    fn parts_cover_the_file_once_in_order() {
+        let parts: Vec<_> = part_slices(11, 5).collect();
+        assert_eq!(parts, vec![(1, 0, 5), (2, 5, 5), (3, 10, 1)]);
+        assert_eq!(part_slices(10, 5).count(), 2);
+        assert_eq!(part_slices(0, 5).count(), 0);
+    }
+
+    #[test]
+    fn a_file_is_hashed_as_streamed_chunks_and_must_keep_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        // Larger than io::copy's buffer, and not a multiple of it.
+        let bytes: Vec<u8> = (0..200_003u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let found = |size| FoundFile {
+            key: "big.bin".into(),
+            path: path.clone(),
+            size,
+        };
+        let file = hash_file(found(bytes.len() as u64), &limits(u64::MAX, u64::MAX)).unwrap();
+        assert_eq!(file.md5_hex, format!("{:x}", Md5::digest(&bytes)));
+        // The walk saw it smaller, or larger, than it is now: an error either way.
+        assert!(hash_file(found(100), &limits(u64::MAX, u64::MAX)).is_err());
+        assert!(hash_file(found(300_000), &limits(u64::MAX, u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn the_caps_name_the_file_and_allow_exactly_the_limit() {
+        let found = |sizes: &[(&str, u64)]| -> Vec<FoundFile> {
+            sizes
+                .iter()
+                .map(|(key, size)| FoundFile {
+                    key: (*key).into(),
+                    path: PathBuf::from(key),
+                    size: *size,
+                })
+                .collect()
+        };
+        let build = found(&[("a.css", 40), ("b.png", 60), ("c.html", 10)]);
+        assert!(check_limits(&build, &limits(60, 110)).is_ok());
+        let err = check_limits(&build, &limits(59, 110)).unwrap_err();
+        assert!(
+            matches!(&err, PublishError::FileTooLarge { key, size: 60, max: 59 } if key == "b.png"),
+            "{err}"
+        );
+        assert_eq!(err.kind(), "build_too_large");
+        let err = check_limits(&build, &limits(60, 109)).unwrap_err();
+        assert!(
+            matches!(&err, PublishError::BuildTooLarge { key, total: 110, max: 109 } if key == "c.html"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("PUBLISH_MAX_BYTES"), "{err}");
+        assert!(err.would_repeat());
+    }
+
+    #[test]
+    fn an_oversized_build_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("dist");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("index.html"), "hi").unwrap();
+        let big = std::fs::File::create(root.join("huge.bin")).unwrap();
+        // Sparse: a large file that costs no disk, and would take a while to hash.
+        big.set_len(8 << 30).unwrap();
+        let err = scan_build(&root, &limits(100 << 20, 1 << 30)).unwrap_err();
+        assert!(
+            matches!(&err, PublishError::FileTooLarge { key, .. } if key == "huge.bin"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_owner_error_says_who_owns_the_bucket_and_what_to_change() {
+        let err = PublishError::OwnedElsewhere {
+            bucket: "edit.amelia.webordinary.com".into(),
+            owner_client: "amelia".into(),
+            owner_project: "stamps".into(),
+        };
+        assert_eq!(err.kind(), "bucket_owned_elsewhere");
+        let text = err.to_string();
+        assert!(text.contains("amelia/stamps"), "{text}");
+        assert!(
+            text.contains("BUCKET_TEMPLATE should contain {projectId}"),
+            "{text}"
+        );
+        let record = OwnerRecord::claiming(&WorkspaceKey {
+            client_id: "amelia".into(),
+            project_id: "stamps".into(),
+        });
+        let json: serde_json::Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["clientId"], "amelia");
+        assert_eq!(json["projectId"], "stamps");
+        assert!(json["since"].as_str().unwrap().ends_with('Z'), "{json}");
     }
 
     #[test]
@@ -848,7 +1433,8 @@ mod tests {
         std::fs::write(root.join("about/index.html"), "about").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("passwd")).unwrap();
         std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
-        let keys: Vec<_> = scan_build(&root, u64::MAX, 5 << 20)
+        let all = limits(u64::MAX, u64::MAX);
+        let keys: Vec<_> = scan_build(&root, &all)
             .unwrap()
             .into_iter()
             .map(|f| f.key)
@@ -857,7 +1443,7 @@ mod tests {
         // A symlinked output folder is no build.
         std::os::unix::fs::symlink(&root, dir.path().join("linked")).unwrap();
         assert!(
-            scan_build(&dir.path().join("linked"), u64::MAX, 5 << 20)
+            scan_build(&dir.path().join("linked"), &all)
                 .unwrap()
                 .is_empty()
         );
