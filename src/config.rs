@@ -47,6 +47,8 @@ const KEYS: &[&str] = &[
     "CACHE_CONTROL_RULES",
     "PUBLISH_MAX_DELETE_PERCENT",
     "PUBLISH_ALLOW_MASS_DELETE",
+    "PUBLISH_MAX_FILE_BYTES",
+    "PUBLISH_MAX_BYTES",
     "PUSH_ATTEMPTS",
     "MAX_RECEIVES",
     "RETRY_BASE_SECONDS",
@@ -67,6 +69,12 @@ const KEYS: &[&str] = &[
     "LEASE_STORE",
     "WORKER_ID",
     "LEASE_SECONDS",
+    "ISOLATION",
+    "SANDBOX_MAX_PROCESSES",
+    "SANDBOX_MAX_MEMORY_MB",
+    "SANDBOX_MAX_FILE_MB",
+    "SANDBOX_MAX_CPU_SECONDS",
+    "SANDBOX_MAX_TMP_MB",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +318,8 @@ impl Settings {
         p.allow_mass_delete = self.flag("PUBLISH_ALLOW_MASS_DELETE")?;
         p.total_concurrency =
             self.positive("S3_UPLOAD_CONCURRENCY", p.total_concurrency as u64)? as usize;
+        p.max_file_bytes = self.positive("PUBLISH_MAX_FILE_BYTES", p.max_file_bytes)?;
+        p.max_total_bytes = self.positive("PUBLISH_MAX_BYTES", p.max_total_bytes)?;
         Ok(p)
     }
 
@@ -434,6 +444,18 @@ impl Settings {
             self.positive("LEASE_SECONDS", c.lease_duration.as_secs())?
                 .max(3),
         );
+        if let Some(isolation) = self.get("ISOLATION") {
+            c.isolation = isolation.parse().map_err(|message| ConfigError::Invalid {
+                key: "ISOLATION",
+                message,
+            })?;
+        }
+        let l = &mut c.sandbox_limits;
+        l.processes = self.positive("SANDBOX_MAX_PROCESSES", l.processes)?;
+        l.memory_bytes = self.positive("SANDBOX_MAX_MEMORY_MB", l.memory_bytes >> 20)? << 20;
+        l.file_bytes = self.positive("SANDBOX_MAX_FILE_MB", l.file_bytes >> 20)? << 20;
+        l.cpu_seconds = self.positive("SANDBOX_MAX_CPU_SECONDS", l.cpu_seconds)?;
+        l.tmp_bytes = self.positive("SANDBOX_MAX_TMP_MB", l.tmp_bytes >> 20)? << 20;
         Ok(c)
     }
 }

@@ -89,6 +89,7 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
     }
     report.line("workspace root", check_workspace_root(&config).await);
     report.line("lease store", check_lease_store(&sdk, &config).await);
+    report.line("isolation", check_isolation(&config).await);
     report.line("git", version("git", &["--version"]).await);
     report.line("npm", version("npm", &["--version"]).await);
     let agent = config.agent.bin.display().to_string();
@@ -126,6 +127,32 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
         println!("SKIP  bucket and git remote: name a client with --client (or CLIENT_ID)");
     }
     if report.failed == 0 { 0 } else { 1 }
+}
+
+/// What `run` would detect: the isolation in force, or why there is none.
+async fn check_isolation(config: &WorkerConfig) -> Result<String, String> {
+    let sandbox = edit_worker_actors::sandbox::Sandbox::detect(
+        config.isolation,
+        config.sandbox_limits.clone(),
+        &config.workspace_root,
+        vec![config.npm_store.dir_under(&config.workspace_root)],
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let isolation = sandbox.isolation();
+    if isolation.is_none() {
+        return Ok("none (ISOLATION=none): tenants' code runs as the worker's user".into());
+    }
+    let l = sandbox.limits();
+    Ok(format!(
+        "{isolation} (limits: {} processes, {} MB memory per process, {} MB per file, {} CPU s, \
+         {} MB /tmp)",
+        l.processes,
+        l.memory_bytes >> 20,
+        l.file_bytes >> 20,
+        l.cpu_seconds,
+        l.tmp_bytes >> 20
+    ))
 }
 
 async fn check_workspace_root(config: &WorkerConfig) -> Result<String, String> {

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use edit_worker_actors::intake::IntakeEnd;
+use edit_worker_actors::sandbox::Sandbox;
 use edit_worker_actors::worker::{self, RunOptions};
 
 /// Turns edit requests on an SQS queue into committed, built and published sites.
@@ -185,6 +186,30 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         agent = %config.agent.bin.display(),
         "edit-worker starting"
     );
+    if !config.bucket_template.contains("{projectId}") {
+        tracing::warn!(
+            bucket_template = %config.bucket_template,
+            "BUCKET_TEMPLATE has no {{projectId}}: each client can have one project; a second \
+             project's publish into the same bucket fails (bucket_owned_elsewhere)"
+        );
+    }
+    // What the host allows for tenants' code, found out now: a host that allows nothing stops
+    // the worker here unless ISOLATION=none says so.
+    let sandbox = match Sandbox::detect(
+        config.isolation,
+        config.sandbox_limits.clone(),
+        &config.workspace_root,
+        vec![config.npm_store.dir_under(&config.workspace_root)],
+    )
+    .await
+    {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            tracing::error!(error = %e, "tenants' code cannot be isolated");
+            eprintln!("edit-worker: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     let options = RunOptions {
@@ -194,7 +219,7 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
     let (sqs, s3) = (aws::sqs(&sdk), aws::s3(&sdk));
     // CloudFront only when some client's bucket has a distribution.
     let cloudfront = (!config.cloudfront_distributions.is_empty()).then(|| aws::cloudfront(&sdk));
-    match worker::run(config, sqs, s3, cloudfront, options, shutdown).await {
+    match worker::run(config, sqs, s3, cloudfront, sandbox, options, shutdown).await {
         Ok(IntakeEnd::Idle) => {
             tracing::info!("idle; exiting");
             ExitCode::SUCCESS

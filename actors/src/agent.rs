@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::process;
+use crate::sandbox::Jail;
 
 /// What the agent may see besides `process::BASE_ENV`: its credentials and settings. The
 /// worker's own AWS credentials and queue URLs are withheld: the agent runs code from a model.
@@ -440,6 +441,7 @@ impl<R: tokio::io::AsyncRead + Unpin> LossyLines<R> {
 /// then SIGKILL); `on_activity` sees what it does as it happens.
 pub async fn run_agent(
     spec: &AgentSpec,
+    jail: &Jail,
     cwd: &Path,
     prompt: &str,
     session: &AgentSession,
@@ -450,7 +452,17 @@ pub async fn run_agent(
     // At most: one retry without stream-json input, one retry resuming a session in use.
     for _ in 0..3 {
         let mode = spec.input_mode();
-        let attempt = run_once(spec, cwd, prompt, &session, mode, cancel, &mut on_activity).await;
+        let attempt = run_once(
+            spec,
+            jail,
+            cwd,
+            prompt,
+            &session,
+            mode,
+            cancel,
+            &mut on_activity,
+        )
+        .await;
         let stderr = attempt.stderr.as_str();
         if !attempt.started && attempt.result.is_none() && !attempt.cancelled {
             if mode == InputMode::StreamJson && rejects_stream_input(stderr) {
@@ -586,8 +598,10 @@ pub fn interrupt_request(request_id: &str) -> String {
     .to_string()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_once(
     spec: &AgentSpec,
+    jail: &Jail,
     cwd: &Path,
     prompt: &str,
     session: &AgentSession,
@@ -603,9 +617,9 @@ async fn run_once(
         exit: String::new(),
         stderr: String::new(),
     };
-    let mut cmd = Command::new(&spec.bin);
+    // In the workspace's sandbox: its own user, namespaces and limits where the host allows.
+    let mut cmd = jail.command(&spec.bin, cwd);
     cmd.args(spec.args_for(session, mode))
-        .current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -618,6 +632,8 @@ async fn run_once(
         std::env::vars_os(),
         current_traceparent().as_deref(),
     ));
+    // Its own HOME, TMPDIR and CLAUDE_CONFIG_DIR in the sandbox, over the worker's.
+    cmd.envs(jail.env());
     die_with_parent(&mut cmd);
 
     let mut child = match cmd.spawn() {
@@ -797,8 +813,10 @@ async fn run_once(
                 .unwrap_or_else(|e| e.to_string())
         }
     };
-    // Anything it left running in its group goes with it.
+    // Anything it left running in its group goes with it, and (without namespaces) anything
+    // of its uid that left the group.
     guard.kill();
+    jail.sweep().await;
     attempt.stderr = stderr_task.await.unwrap_or_default();
     attempt
 }
@@ -1340,6 +1358,7 @@ mod tests {
     ) -> Result<AgentReport, AgentError> {
         run_agent(
             spec,
+            &Jail::open(dir),
             dir,
             "do it",
             &AgentSession::New("s-1".into()),

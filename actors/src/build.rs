@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::WorkerConfig;
 use crate::npm_store::{self, NpmStore, SiteFiles};
 use crate::process;
+use crate::sandbox::{Jail, Sandbox, SandboxError};
 
 /// Lines of build output kept for the error message: enough to show the error, small enough
 /// for a status event.
@@ -44,7 +44,8 @@ pub struct BuildSpec {
 
 impl BuildSpec {
     /// The build as configured; the store is shared by every build actor made from this spec.
-    pub fn from_config(config: &WorkerConfig) -> BuildSpec {
+    /// Shared installs run in `sandbox` as the store's own user.
+    pub fn from_config(config: &WorkerConfig, sandbox: std::sync::Arc<Sandbox>) -> BuildSpec {
         let settings = &config.npm_store;
         BuildSpec {
             command: config.build_command.clone(),
@@ -55,6 +56,7 @@ impl BuildSpec {
                     settings.dir_under(&config.workspace_root),
                     settings.clone(),
                     config.build_timeout,
+                    sandbox.clone(),
                 )
             }),
         }
@@ -100,6 +102,8 @@ pub enum BuildError {
     EmptyCommand,
     #[error("build state: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
 }
 
 impl BuildError {
@@ -116,6 +120,7 @@ impl BuildError {
 /// Install (when needed) and build the site in `dir`. `state_dir` keeps the install stamp.
 pub async fn build_site(
     spec: &BuildSpec,
+    jail: &Jail,
     dir: &Path,
     state_dir: &Path,
     cancel: &CancellationToken,
@@ -128,9 +133,12 @@ pub async fn build_site(
         None => None,
     };
     if shared.is_none() {
-        install_in_workspace(spec, dir, state_dir, cancel, &mut report).await?;
+        jail.hand_over().await?;
+        install_in_workspace(spec, jail, dir, state_dir, cancel, &mut report).await?;
     }
-    let built = run_build(spec, dir, cancel, &mut report).await;
+    // The links of the store and the output folder's parent are the tenant's to write in.
+    jail.hand_over().await?;
+    let built = run_build(spec, jail, dir, cancel, &mut report).await;
     if let (Some(store), Some(acquired)) = (&spec.store, &shared) {
         // Also when the build failed: a changed entry must not be loaded by anyone else.
         let started = Instant::now();
@@ -235,6 +243,7 @@ async fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, BuildError> {
 /// `npm ci` in the workspace when `node_modules` is missing or the lock file changed.
 async fn install_in_workspace(
     spec: &BuildSpec,
+    jail: &Jail,
     dir: &Path,
     state_dir: &Path,
     cancel: &CancellationToken,
@@ -255,7 +264,7 @@ async fn install_in_workspace(
     if let Some(lock_hash) = install_needed(dir, state_dir).await? {
         let started = Instant::now();
         let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
-        let out = run_logged(&argv, dir, spec.timeout, cancel)
+        let out = run_logged(&argv, jail, dir, spec.timeout, cancel)
             .instrument(tracing::info_span!("install dependencies"))
             .await?;
         if !out.success {
@@ -273,6 +282,7 @@ async fn install_in_workspace(
 
 async fn run_build(
     spec: &BuildSpec,
+    jail: &Jail,
     dir: &Path,
     cancel: &CancellationToken,
     report: &mut BuildReport,
@@ -288,7 +298,7 @@ async fn run_build(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    let out = run_logged(&spec.command, dir, spec.timeout, cancel)
+    let out = run_logged(&spec.command, jail, dir, spec.timeout, cancel)
         .instrument(tracing::info_span!("build site", command = %spec.command.join(" ")))
         .await?;
     if !out.success {
@@ -326,17 +336,18 @@ pub(crate) struct Logged {
 /// How long the build's output is still read after the build has ended.
 const READ_AFTER_EXIT: Duration = Duration::from_secs(2);
 
-/// Run argv in `dir` in its own process group; keep the last lines of stdout and stderr.
+/// Run argv in `dir` in `jail`, in its own process group; keep the last lines of stdout and
+/// stderr.
 pub(crate) async fn run_logged(
     argv: &[String],
+    jail: &Jail,
     dir: &Path,
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Result<Logged, BuildError> {
     let program = argv[0].clone();
-    let mut cmd = Command::new(&argv[0]);
+    let mut cmd = jail.command(&argv[0], dir);
     cmd.args(&argv[1..])
-        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -348,6 +359,8 @@ pub(crate) async fn run_logged(
     process::allow_npm_config(&mut cmd);
     // The worker must not phone home on the client's behalf.
     cmd.env("ASTRO_TELEMETRY_DISABLED", "1").env("CI", "1");
+    // Its own HOME, TMPDIR and npm cache in the sandbox.
+    cmd.envs(jail.env());
     let mut child = cmd.spawn().map_err(|source| BuildError::Spawn {
         program: program.clone(),
         source,
@@ -365,6 +378,7 @@ pub(crate) async fn run_logged(
     };
     // Whatever happened, nothing of the build outlives this call.
     process::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+    jail.sweep().await;
     let status = waited?;
     // A process that left the group (setsid, a detached child) can hold the pipes open for
     // ever: read what is left for a moment, then stop reading.

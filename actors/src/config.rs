@@ -93,6 +93,11 @@ pub struct WorkerConfig {
     /// `LEASE_SECONDS`: how long a workspace lease lasts without a heartbeat (one every
     /// third). A worker that dies holds its workspaces this long at most.
     pub lease_duration: Duration,
+    /// `ISOLATION`: how tenants' code (agent, installs, builds) is kept from the worker and
+    /// from each other (`sandbox`). Detected at start; `none` only when asked for.
+    pub isolation: crate::sandbox::IsolationSetting,
+    /// `SANDBOX_MAX_*`: the limits on every process of a tenant's run.
+    pub sandbox_limits: crate::sandbox::Limits,
 }
 
 impl WorkerConfig {
@@ -134,6 +139,8 @@ impl WorkerConfig {
             lease_store: None,
             worker_id: default_worker_id(),
             lease_duration: Duration::from_secs(30),
+            isolation: crate::sandbox::IsolationSetting::Auto,
+            sandbox_limits: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod publish;
 pub mod records;
 pub mod redact;
 pub mod restart;
+pub mod sandbox;
 pub mod session;
 pub mod status;
 pub mod steps;

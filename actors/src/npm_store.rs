@@ -52,7 +52,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::build::{self, BuildError};
+use crate::sandbox::Sandbox;
 
 /// Written last into an entry: its presence means the install finished.
 const MARKER: &str = ".complete";
@@ -320,6 +321,8 @@ struct Inner {
     counter: AtomicU64,
     /// `npm ci`; tests install with a stand-in.
     install_argv: Vec<String>,
+    /// Installs run a dependency's install scripts: in the sandbox, as the store's own user.
+    sandbox: Arc<Sandbox>,
 }
 
 /// Outcome of checking an entry.
@@ -337,9 +340,14 @@ struct Found {
 
 impl NpmStore {
     /// A store in `dir` (made absolute). Nothing is read or written until the first build.
-    pub fn new(dir: PathBuf, settings: StoreSettings, install_timeout: Duration) -> NpmStore {
+    pub fn new(
+        dir: PathBuf,
+        settings: StoreSettings,
+        install_timeout: Duration,
+        sandbox: Arc<Sandbox>,
+    ) -> NpmStore {
         let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
-        NpmStore::with_install_command(dir, settings, install_timeout, argv.into())
+        NpmStore::with_install_command(dir, settings, install_timeout, argv.into(), sandbox)
     }
 
     fn with_install_command(
@@ -347,6 +355,7 @@ impl NpmStore {
         settings: StoreSettings,
         install_timeout: Duration,
         install_argv: Vec<String>,
+        sandbox: Arc<Sandbox>,
     ) -> NpmStore {
         let dir = std::path::absolute(&dir).unwrap_or(dir);
         NpmStore {
@@ -362,6 +371,7 @@ impl NpmStore {
                 swept: tokio::sync::Mutex::new(false),
                 counter: AtomicU64::new(0),
                 install_argv,
+                sandbox,
             }),
         }
     }
@@ -746,10 +756,20 @@ impl Inner {
         if let Some(rc) = &files.npmrc {
             tokio::fs::write(tmp.join(NPMRC), rc).await?;
         }
+        // As the store's own user, with only this folder (and its home) to write in.
+        let jail = self.sandbox.store_jail(tmp).await?;
         // Not the message's token: see `acquire`.
-        let out = build::run_logged(&self.install_argv, tmp, timeout, &CancellationToken::new())
-            .instrument(tracing::info_span!("install dependencies", store_key = %key))
-            .await?;
+        let out = build::run_logged(
+            &self.install_argv,
+            &jail,
+            tmp,
+            timeout,
+            &CancellationToken::new(),
+        )
+        .instrument(tracing::info_span!("install dependencies", store_key = %key))
+        .await?;
+        // The worker's again before it is made read-only: no tenant can change it after.
+        jail.take_back().await?;
         if !out.success {
             return Err(BuildError::InstallFailed {
                 status: out.status,
@@ -1001,11 +1021,13 @@ fn lock_file(path: &Path, take: Take) -> std::io::Result<File> {
     for _ in 0..100 {
         // Read and write: on NFS an exclusive flock is a write lock, which needs a file open
         // for writing.
+        // Only the worker's: a tenant holding a lock would stop every install of that key.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)?;
         let locked = match take {
             Take::Shared => file.lock_shared(),
@@ -1448,7 +1470,13 @@ mod tests {
     fn store_with(dir: &Path, settings: StoreSettings, script: &str, args: &[&str]) -> NpmStore {
         let mut argv: Vec<String> = vec!["sh".into(), "-c".into(), script.into(), "sh".into()];
         argv.extend(args.iter().map(|a| a.to_string()));
-        let store = NpmStore::with_install_command(dir.to_owned(), settings, T, argv);
+        let store = NpmStore::with_install_command(
+            dir.to_owned(),
+            settings,
+            T,
+            argv,
+            crate::sandbox::Sandbox::off(dir),
+        );
         store.inner.node_major.set("20".into()).unwrap();
         store
     }

@@ -46,11 +46,20 @@ pub struct WorkerContext {
     pub notice_url: Option<String>,
     /// Which conversation each thread has, and the agent's conversation files when shared.
     pub threads: ThreadStore,
-    /// Where the agent keeps its conversation files (`CLAUDE_CONFIG_DIR`), when known.
-    pub agent_config_dir: Option<std::path::PathBuf>,
+    /// Where the agent keeps its conversation files (`CLAUDE_CONFIG_DIR`), when known. With
+    /// isolation each workspace has its own folder under it (`agent_config_dir_for`).
+    agent_config_dir: Option<std::path::PathBuf>,
+    /// Where tenants' code runs (`ISOLATION`); off until the worker sets what it detected.
+    pub sandbox: Arc<crate::sandbox::Sandbox>,
 }
 
 impl WorkerContext {
+    /// The agent's `CLAUDE_CONFIG_DIR` for workspace `key`.
+    pub fn agent_config_dir_for(&self, key: &WorkspaceKey) -> Option<std::path::PathBuf> {
+        let base = self.agent_config_dir.as_deref()?;
+        Some(self.sandbox.agent_config_dir(base, key))
+    }
+
     pub fn new(
         config: WorkerConfig,
         delivery: Delivery,
@@ -70,6 +79,7 @@ impl WorkerContext {
             notices: None,
             notice_url: None,
             threads,
+            sandbox: crate::sandbox::Sandbox::off(&config.workspace_root),
             agent_config_dir,
             agent_slots: Arc::new(tokio::sync::Semaphore::new(config.agent_concurrency.max(1))),
             build_slots: Arc::new(tokio::sync::Semaphore::new(config.build_concurrency.max(1))),
@@ -136,6 +146,9 @@ enum JobError {
     /// Stopped while waiting for another worker to hand the workspace over.
     #[error("stopped while waiting for the workspace's lease")]
     StoppedWaiting,
+    /// The workspace's sandbox could not be set up (its uid, folders or permissions).
+    #[error("{0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 impl JobError {
@@ -151,8 +164,9 @@ impl JobError {
             | JobError::Records(_)
             | JobError::Lease(_)
             | JobError::LeaseLost(_)
-            | JobError::StoppedWaiting => true,
-            JobError::Publish(e) => !matches!(e, PublishError::EmptyBuild(_)),
+            | JobError::StoppedWaiting
+            | JobError::Sandbox(_) => true,
+            JobError::Publish(e) => !e.would_repeat(),
             JobError::Build(e) => matches!(e, BuildError::InstallFailed { .. }),
             JobError::Agent(e) => matches!(e.kind(), "agent_api_error" | "agent_no_result"),
         }
@@ -172,6 +186,7 @@ impl JobError {
             JobError::Lease(_) => "lease_store_failed",
             JobError::LeaseLost(_) => "lease_lost",
             JobError::StoppedWaiting => "interrupted",
+            JobError::Sandbox(_) => "sandbox_failed",
         }
     }
 
@@ -709,7 +724,12 @@ async fn execute(
         .await?;
         let t = Instant::now();
         let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
+        let jail = ctx
+            .sandbox
+            .jail(&request.workspace(), &workspace_dir, None)
+            .await?;
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
+            jail,
             dir: workspace_dir.clone(),
             state_dir: state_dir.clone(),
             stop: stop.token().clone(),
@@ -738,6 +758,8 @@ async fn execute(
                 progress.build_repairs = repairs;
                 tracing::warn!(
                     attempt = repairs,
+                    %status,
+                    log_tail = %crate::redact::redact(&log_tail),
                     "the build failed after the agent's edit; asking the agent to repair it"
                 );
                 let prompt = format!(
@@ -770,6 +792,7 @@ async fn execute(
         );
         let published = ask(&steps.publisher, "publisher", |reply| {
             PublisherMsg::Publish {
+                workspace: request.workspace(),
                 bucket: bucket.clone(),
                 build_dir: workspace_dir.join(&config.build_output_dir),
                 fence: scope.bucket_fence.clone(),
@@ -875,7 +898,8 @@ async fn agent_turn_inner(
     let cwd = ctx.config.workspace_dir(&key);
     let record = threads.load(&key, &job.request.thread_id).await;
     // The conversation may have gone on elsewhere: bring the shared copy of its file here.
-    if let (Some(r), Some(config_dir)) = (&record, &ctx.agent_config_dir) {
+    let agent_config_dir = ctx.agent_config_dir_for(&key);
+    if let (Some(r), Some(config_dir)) = (&record, &agent_config_dir) {
         let file = ThreadStore::conversation_file(config_dir, &cwd, &r.session_id);
         match threads
             .restore_conversation(&key, &r.session_id, &file, scope.handover)
@@ -897,6 +921,11 @@ async fn agent_turn_inner(
     if let AgentSession::New(id) = &session {
         record_new_conversation(threads, &key, &job.request.thread_id, id).await;
     }
+    // After the restore: the conversation file is the tenant's too.
+    let jail = ctx
+        .sandbox
+        .jail(&key, &cwd, agent_config_dir.as_deref())
+        .await?;
     let _agent_slot = slot(&ctx.agent_slots, stop, progress, || {
         JobError::Agent(AgentError::Interrupted)
     })
@@ -917,6 +946,7 @@ async fn agent_turn_inner(
             .instrument(span.clone()),
         );
         let outcome = ask(&steps.agent, "agent", |reply| AgentMsg::Run {
+            jail: jail.clone(),
             cwd: ctx.config.workspace_dir(&key),
             prompt: prompt.clone(),
             session: session.clone(),
@@ -985,7 +1015,7 @@ async fn agent_turn_inner(
     }
     // Whatever the run's end (an interrupted run stays in the conversation too), its file
     // goes where the thread's next message finds it, on whichever worker.
-    if let Some(config_dir) = &ctx.agent_config_dir {
+    if let Some(config_dir) = &agent_config_dir {
         let session_id = report
             .as_ref()
             .and_then(|r| r.session_id.clone())

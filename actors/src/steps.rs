@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSession, AgentSpec};
 use crate::build::{self, BuildError, BuildReport, BuildSpec};
 use crate::git::{Fence, GitError, SavedWork, Workspace};
+use crate::message::WorkspaceKey;
 use crate::publish::{BucketFence, PublishError, PublishReport, Publisher};
+use crate::sandbox::Jail;
 
 /// Test-only switch (cargo feature `fault-injection`): panic in the named step when the
 /// environment variable `EDIT_WORKER_FAULT` names it (`git.commit`, `agent.run`, `build.run`,
@@ -165,6 +167,8 @@ impl Actor for GitActor {
 
 pub enum AgentMsg {
     Run {
+        /// Where it runs: the workspace's sandbox.
+        jail: Jail,
         cwd: PathBuf,
         prompt: String,
         /// The thread's conversation.
@@ -199,6 +203,7 @@ impl Actor for AgentActor {
         spec: &mut AgentSpec,
     ) -> Result<(), ActorProcessingErr> {
         let AgentMsg::Run {
+            jail,
             cwd,
             prompt,
             session,
@@ -207,7 +212,7 @@ impl Actor for AgentActor {
             reply,
         } = msg;
         maybe_fault("agent.run");
-        let outcome = agent::run_agent(spec, &cwd, &prompt, &session, &stop, |a| {
+        let outcome = agent::run_agent(spec, &jail, &cwd, &prompt, &session, &stop, |a| {
             let _ = activity.send(a);
         })
         .await;
@@ -220,6 +225,8 @@ impl Actor for AgentActor {
 
 pub enum BuildMsg {
     Build {
+        /// Where installs and the build run: the workspace's sandbox.
+        jail: Jail,
         dir: PathBuf,
         state_dir: PathBuf,
         stop: CancellationToken,
@@ -249,13 +256,14 @@ impl Actor for BuildActor {
         spec: &mut BuildSpec,
     ) -> Result<(), ActorProcessingErr> {
         let BuildMsg::Build {
+            jail,
             dir,
             state_dir,
             stop,
             reply,
         } = msg;
         maybe_fault("build.run");
-        let _ = reply.send(build::build_site(spec, &dir, &state_dir, &stop).await);
+        let _ = reply.send(build::build_site(spec, &jail, &dir, &state_dir, &stop).await);
         Ok(())
     }
 }
@@ -264,6 +272,8 @@ impl Actor for BuildActor {
 
 pub enum PublisherMsg {
     Publish {
+        /// The workspace the bucket must belong to (its owner record).
+        workspace: WorkspaceKey,
         bucket: String,
         build_dir: PathBuf,
         /// The lease's fence in the bucket, when workers share the queue.
@@ -294,13 +304,18 @@ impl Actor for PublisherActor {
         publisher: &mut Publisher,
     ) -> Result<(), ActorProcessingErr> {
         let PublisherMsg::Publish {
+            workspace,
             bucket,
             build_dir,
             fence,
             reply,
         } = msg;
         maybe_fault("publish.run");
-        let _ = reply.send(publisher.publish(&bucket, &build_dir, fence.as_ref()).await);
+        let _ = reply.send(
+            publisher
+                .publish_for(&workspace, &bucket, &build_dir, fence.as_ref())
+                .await,
+        );
         Ok(())
     }
 }

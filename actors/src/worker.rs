@@ -16,6 +16,7 @@ use crate::pipeline::WorkerContext;
 use crate::publish::Publisher;
 use crate::records::RecordStore;
 use crate::restart::RestartPolicy;
+use crate::sandbox::Sandbox;
 use crate::status::StatusSink;
 use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 
@@ -46,6 +47,7 @@ pub async fn run(
     sqs: aws_sdk_sqs::Client,
     s3: aws_sdk_s3::Client,
     cloudfront: Option<aws_sdk_cloudfront::Client>,
+    sandbox: Arc<Sandbox>,
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<IntakeEnd, WorkerError> {
@@ -78,7 +80,7 @@ pub async fn run(
         records,
     );
     let agent = config.agent.clone();
-    let build = BuildSpec::from_config(&config);
+    let build = BuildSpec::from_config(&config, sandbox.clone());
     let publisher = Publisher::new(s3, config.publish.clone());
     let registry = InFlightRegistry::new(
         config.max_in_flight,
@@ -91,6 +93,7 @@ pub async fn run(
         cloudfront.map(crate::invalidate::Invalidator::new),
         build.clone(),
     );
+    ctx.sandbox = sandbox;
     // With a lease store, workspaces are leased and other workers reach this one through its
     // notice queue.
     let mut notice_queue = None;

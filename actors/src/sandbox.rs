@@ -1,0 +1,977 @@
+//! Where a tenant's code runs: the agent, dependency installs and builds of one workspace.
+//!
+//! All of that is code none of us wrote (the site's scripts, its dependencies' install scripts,
+//! whatever the request leads the agent to do), so it runs as a user of its own and, where the
+//! host allows, in namespaces of its own:
+//!
+//! - **separate users** (the worker runs as root): each workspace gets a uid of its own,
+//!   allocated once and kept in `{WORKSPACE_ROOT}/.sandbox/uids.json`. The checkout belongs to
+//!   that uid, except `.git`, which stays the worker's (mode 0700: a tenant can neither read the
+//!   remote's credentials nor plant hooks or configuration). The checkout folder is
+//!   `root:{tenant gid}` with mode 3770: other uids cannot enter it, and the sticky bit keeps the
+//!   tenant from renaming `.git` away. Another uid cannot read the worker's `/proc/*/environ`.
+//! - **namespaces** (bubblewrap, where the kernel lets unprivileged users make them): its own PID
+//!   view (the worker's processes do not exist for it, and nothing it starts outlives the run), a
+//!   private `/tmp` of limited size, and `WORKSPACE_ROOT` replaced by an empty folder with only its
+//!   own checkout, home and agent folder bound in (and the dependency store, read-only).
+//! - **limits** (rlimits, set on every process it starts): processes (per uid, so a fork bomb
+//!   stops there), data memory, size of one file, CPU seconds, open files, no core files.
+//!
+//! `ISOLATION` chooses: `auto` (default: the strongest the host allows, and an error at start
+//! when it allows nothing), `users`, `namespaces`, `users+namespaces`, or `none` (an explicit,
+//! logged opt-out). Network stays: the agent needs its API and npm its registry.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use tokio::process::Command;
+
+use crate::message::WorkspaceKey;
+
+/// Each workspace root has a range of uids of its own, chosen at random once and kept in
+/// `.sandbox/uid-range`: two roots on one host (two workers with their own disks, tests side
+/// by side) must not share uids, or one's process limit and clean-up would reach the other's
+/// tenants. Workers sharing one root (a shared volume) read the same range. The ranges start
+/// far above a distribution's own users and stay below 2^31.
+const RANGE_START: u32 = 1_000_000;
+const RANGE_SIZE: u32 = 100_000;
+const RANGES: u32 = 20_000;
+/// How many workspaces one root can have uids for: the range, less the store's uid.
+const MAX_TENANTS: u32 = RANGE_SIZE - 1;
+/// Who probes for namespaces at start: `nobody`, a uid every system has.
+const PROBE_UID: u32 = 65_534;
+
+/// What `ISOLATION` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationSetting {
+    /// The strongest the host allows; refuse to start when it allows nothing.
+    Auto,
+    Users,
+    Namespaces,
+    UsersAndNamespaces,
+    /// No isolation at all: the operator's explicit choice, logged at start.
+    None,
+}
+
+impl std::str::FromStr for IsolationSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "auto" => Ok(IsolationSetting::Auto),
+            "users" => Ok(IsolationSetting::Users),
+            "namespaces" => Ok(IsolationSetting::Namespaces),
+            "users+namespaces" => Ok(IsolationSetting::UsersAndNamespaces),
+            "none" => Ok(IsolationSetting::None),
+            other => Err(format!(
+                "ISOLATION must be auto, users, namespaces, users+namespaces or none, not {other:?}"
+            )),
+        }
+    }
+}
+
+/// What is in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isolation {
+    /// Each workspace runs as a uid of its own.
+    pub separate_users: bool,
+    /// Each run is in namespaces of its own (bubblewrap).
+    pub namespaces: bool,
+}
+
+impl Isolation {
+    pub const NONE: Isolation = Isolation {
+        separate_users: false,
+        namespaces: false,
+    };
+
+    pub fn is_none(&self) -> bool {
+        !self.separate_users && !self.namespaces
+    }
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.separate_users, self.namespaces) {
+            (true, true) => "users+namespaces",
+            (true, false) => "users",
+            (false, true) => "namespaces",
+            (false, false) => "none",
+        })
+    }
+}
+
+/// Limits on every process of a tenant's run. The defaults leave room for the real CLI and an
+/// Astro build (a few hundred MB each) and stop what no site build needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// `RLIMIT_NPROC`: processes and threads of the tenant's uid, all runs together.
+    pub processes: u64,
+    /// `RLIMIT_DATA`: private writable memory of one process (V8's reserved but unused address
+    /// space does not count, unlike `RLIMIT_AS`).
+    pub memory_bytes: u64,
+    /// `RLIMIT_FSIZE`: the largest file a process may write.
+    pub file_bytes: u64,
+    /// `RLIMIT_CPU`: CPU seconds of one process.
+    pub cpu_seconds: u64,
+    /// Size of the private `/tmp` (namespaces only; without them `/tmp` is the tenant's home).
+    pub tmp_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            processes: 512,
+            memory_bytes: 2 << 30,
+            file_bytes: 1 << 30,
+            cpu_seconds: 1800,
+            tmp_bytes: 512 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(
+        "this host cannot isolate tenants' code: {why}. Run the worker as root (separate users) \
+         or where user namespaces are allowed (bubblewrap), or set ISOLATION=none to run every \
+         tenant's code as the worker's own user"
+    )]
+    Unavailable { why: String },
+    #[error("ISOLATION={asked} is not possible on this host: {why}")]
+    NotPossible { asked: String, why: String },
+    #[error("no uid is left for another workspace ({MAX_TENANTS} are taken)")]
+    NoUidLeft,
+    #[error("preparing the sandbox at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
+    move |source| SandboxError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The sandbox of one worker: what the host allows, and the uids of the workspaces.
+#[derive(Debug)]
+pub struct Sandbox {
+    isolation: Isolation,
+    limits: Limits,
+    /// `WORKSPACE_ROOT`, hidden as a whole inside namespaces.
+    root: PathBuf,
+    /// `{root}/.sandbox`: uids, homes. Only the worker reads it.
+    state: PathBuf,
+    /// The dependency store, bound read-only into every run (its links point there).
+    read_only: Vec<PathBuf>,
+    /// Workspace -> uid, as read from or written to `uids.json`.
+    uids: Mutex<BTreeMap<String, u32>>,
+    /// The first uid of this root's range (`.sandbox/uid-range`), read at start.
+    first_uid: std::sync::OnceLock<u32>,
+}
+
+impl Sandbox {
+    /// No isolation: what tests of other parts and `ISOLATION=none` use.
+    pub fn off(root: &Path) -> Arc<Sandbox> {
+        Arc::new(Sandbox::with(
+            Isolation::NONE,
+            Limits::default(),
+            root,
+            Vec::new(),
+        ))
+    }
+
+    fn with(isolation: Isolation, limits: Limits, root: &Path, read_only: Vec<PathBuf>) -> Sandbox {
+        Sandbox {
+            isolation,
+            limits,
+            root: root.to_owned(),
+            state: root.join(".sandbox"),
+            read_only,
+            uids: Mutex::new(BTreeMap::new()),
+            first_uid: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Find out what this host allows and set up the root for it. `read_only`: folders every
+    /// run must see but not change (the dependency store).
+    pub async fn detect(
+        setting: IsolationSetting,
+        limits: Limits,
+        root: &Path,
+        read_only: Vec<PathBuf>,
+    ) -> Result<Arc<Sandbox>, SandboxError> {
+        if setting == IsolationSetting::None {
+            tracing::warn!(
+                "ISOLATION=none: every tenant's agent, install and build runs as the worker's own \
+                 user, and can read the worker's secrets and every other workspace"
+            );
+            return Ok(Sandbox::off(root));
+        }
+        tokio::fs::create_dir_all(root).await.map_err(io_at(root))?;
+        let root = tokio::fs::canonicalize(root).await.map_err(io_at(root))?;
+        let can_switch_users = nix::unistd::geteuid().is_root();
+        let probe_uid = can_switch_users.then_some(PROBE_UID);
+        let namespaces = probe_namespaces(probe_uid).await;
+        let want_users = matches!(
+            setting,
+            IsolationSetting::Users | IsolationSetting::UsersAndNamespaces
+        );
+        let want_namespaces = matches!(
+            setting,
+            IsolationSetting::Namespaces | IsolationSetting::UsersAndNamespaces
+        );
+        let not_possible = |why: String| SandboxError::NotPossible {
+            asked: match setting {
+                IsolationSetting::Users => "users",
+                IsolationSetting::Namespaces => "namespaces",
+                _ => "users+namespaces",
+            }
+            .into(),
+            why,
+        };
+        if want_users && !can_switch_users {
+            return Err(not_possible(
+                "the worker is not root, so it cannot run code as other users".into(),
+            ));
+        }
+        if want_namespaces && let Err(why) = &namespaces {
+            return Err(not_possible(why.clone()));
+        }
+        let isolation = match setting {
+            IsolationSetting::Auto => Isolation {
+                separate_users: can_switch_users,
+                namespaces: namespaces.is_ok(),
+            },
+            IsolationSetting::Users => Isolation {
+                separate_users: true,
+                namespaces: false,
+            },
+            IsolationSetting::Namespaces => Isolation {
+                separate_users: false,
+                namespaces: true,
+            },
+            IsolationSetting::UsersAndNamespaces => Isolation {
+                separate_users: true,
+                namespaces: true,
+            },
+            IsolationSetting::None => unreachable!("handled above"),
+        };
+        if isolation.is_none() {
+            return Err(SandboxError::Unavailable {
+                why: format!(
+                    "the worker is not root, and namespaces failed ({})",
+                    namespaces.err().unwrap_or_default()
+                ),
+            });
+        }
+        let sandbox = Arc::new(Sandbox::with(isolation, limits, &root, read_only));
+        if isolation.separate_users {
+            let s = sandbox.clone();
+            blocking(move || s.prepare_root()).await?;
+        }
+        tracing::info!(
+            isolation = %isolation,
+            namespaces_probe = namespaces.as_ref().err().map(String::as_str).unwrap_or("ok"),
+            "tenants' code runs isolated"
+        );
+        Ok(sandbox)
+    }
+
+    fn first_uid(&self) -> u32 {
+        *self
+            .first_uid
+            .get()
+            .expect("the uid range is read at start, before any jail")
+    }
+
+    /// This root's uid range: the one recorded, or a new one chosen at random.
+    fn read_or_choose_range(&self) -> Result<u32, SandboxError> {
+        let path = self.state.join("uid-range");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|e| io_at(&path)(std::io::Error::other(format!("not a uid: {e}")))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let random = uuid::Uuid::new_v4().as_u128() as u32;
+                let first = RANGE_START + (random % RANGES) * RANGE_SIZE;
+                // Written whole, then linked into place: of two workers starting on one root
+                // at once, one range wins and nobody reads a half-written file.
+                let tmp = self
+                    .state
+                    .join(format!("uid-range.{}.{random}", std::process::id()));
+                write_private(&tmp, first.to_string().as_bytes())?;
+                let linked = std::fs::hard_link(&tmp, &path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => Ok(first),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.read_or_choose_range()
+                    }
+                    Err(e) => Err(io_at(&path)(e)),
+                }
+            }
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Where the agent of `key` keeps its conversations and settings (`CLAUDE_CONFIG_DIR`):
+    /// `base` itself without isolation, a folder of the workspace's own under it with.
+    pub fn agent_config_dir(&self, base: &Path, key: &WorkspaceKey) -> PathBuf {
+        if self.isolation.is_none() {
+            return base.to_owned();
+        }
+        base.join("workspaces")
+            .join(&key.client_id)
+            .join(&key.project_id)
+    }
+
+    /// The sandbox for a run in workspace `key` (checkout `workdir`; the agent's folder
+    /// `agent_config_dir`, if it runs the agent): its uid allocated on first use, and the
+    /// checkout, home and agent folder handed to that uid.
+    pub async fn jail(
+        self: &Arc<Self>,
+        key: &WorkspaceKey,
+        workdir: &Path,
+        agent_config_dir: Option<&Path>,
+    ) -> Result<Jail, SandboxError> {
+        if self.isolation.is_none() {
+            return Ok(Jail::open(workdir));
+        }
+        let name = format!("{}/{}", key.client_id, key.project_id);
+        let home = self
+            .state
+            .join("home")
+            .join(&key.client_id)
+            .join(&key.project_id);
+        let me = self.clone();
+        let (workdir, config) = (workdir.to_owned(), agent_config_dir.map(Path::to_owned));
+        blocking(move || {
+            let uid = if me.isolation.separate_users {
+                Some(me.uid_for(&name)?)
+            } else {
+                None
+            };
+            let jail = Jail {
+                sandbox: Some(me.clone()),
+                uid,
+                workdir: workdir.clone(),
+                home: home.clone(),
+                agent_config_dir: config.clone(),
+                private: vec![Some(workdir), Some(home), config]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            };
+            jail.hand_over_blocking()?;
+            Ok(jail)
+        })
+        .await
+    }
+
+    /// The sandbox for a shared dependency install into `dir` (a fresh folder of the store):
+    /// the store's own uid, `dir` its only writable folder besides its home.
+    pub async fn store_jail(self: &Arc<Self>, dir: &Path) -> Result<Jail, SandboxError> {
+        if self.isolation.is_none() {
+            return Ok(Jail::open(dir));
+        }
+        let home = self.state.join("home").join(".store");
+        let jail = Jail {
+            sandbox: Some(self.clone()),
+            // The first uid of the root's range runs every shared install: a dependency's
+            // install script is nobody's tenant, and must not run as the worker.
+            uid: self.isolation.separate_users.then_some(self.first_uid()),
+            workdir: dir.to_owned(),
+            home: home.clone(),
+            agent_config_dir: None,
+            private: vec![dir.to_owned(), home],
+        };
+        let j = jail.clone();
+        blocking(move || j.hand_over_blocking()).await?;
+        Ok(jail)
+    }
+
+    /// The uid of workspace `name` (`client/project`), allocated under a file lock so that
+    /// workers sharing the root agree.
+    fn uid_for(&self, name: &str) -> Result<u32, SandboxError> {
+        if let Some(uid) = self.uids.lock().expect("uids").get(name) {
+            return Ok(*uid);
+        }
+        let path = self.state.join("uids.json");
+        let lock_path = self.state.join("uids.lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_at(&lock_path))?;
+        lock.lock().map_err(io_at(&lock_path))?;
+        let mut map: BTreeMap<String, u32> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| io_at(&path)(std::io::Error::other(e)))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let uid = match map.get(name) {
+            Some(uid) => *uid,
+            None => {
+                let first = self.first_uid();
+                let next = map.values().max().map_or(first + 1, |max| max + 1);
+                if next > first + MAX_TENANTS {
+                    return Err(SandboxError::NoUidLeft);
+                }
+                map.insert(name.to_owned(), next);
+                let tmp = self.state.join(format!("uids.json.{}", std::process::id()));
+                write_private(
+                    &tmp,
+                    &serde_json::to_vec_pretty(&map).expect("a map of ids"),
+                )?;
+                std::fs::rename(&tmp, &path).map_err(io_at(&path))?;
+                next
+            }
+        };
+        *self.uids.lock().expect("uids") = map;
+        Ok(uid)
+    }
+
+    /// The root and the worker's own folders under it: other users may pass through the root
+    /// (to reach their checkout) but list nothing, and read none of the worker's records.
+    fn prepare_root(&self) -> Result<(), SandboxError> {
+        set_mode(&self.root, 0o711)?;
+        std::fs::create_dir_all(&self.state).map_err(io_at(&self.state))?;
+        set_mode(&self.state, 0o711)?;
+        let first = self.read_or_choose_range()?;
+        let _ = self.first_uid.set(first);
+        let homes = self.state.join("home");
+        std::fs::create_dir_all(&homes).map_err(io_at(&homes))?;
+        set_mode(&homes, 0o711)?;
+        // The worker's records and the thread map: nobody else's to read.
+        for private in [".records", ".agent/threads"] {
+            let dir = self.root.join(private);
+            std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            set_mode(&dir, 0o700)?;
+        }
+        // Every folder above the root must let other users pass, or no tenant reaches its
+        // checkout: say so at start rather than failing every message.
+        let mut at = self.root.parent();
+        while let Some(dir) = at {
+            let mode = std::fs::metadata(dir).map_err(io_at(dir))?.mode();
+            if mode & 0o001 == 0 {
+                return Err(SandboxError::Io {
+                    path: dir.to_owned(),
+                    source: std::io::Error::other(
+                        "other users cannot pass through this folder (no o+x), so tenants \
+                         cannot reach their workspaces under WORKSPACE_ROOT",
+                    ),
+                });
+            }
+            at = dir.parent();
+        }
+        Ok(())
+    }
+}
+
+/// Can unprivileged namespaces be made here (as `uid`, when the worker can switch to it)?
+async fn probe_namespaces(uid: Option<u32>) -> Result<(), String> {
+    let mut cmd = Command::new("bwrap");
+    cmd.args([
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--",
+        "true",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid).current_dir("/");
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(10), cmd.output()).await {
+        Err(_) => Err("bwrap did not finish in 10 s".into()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("bubblewrap (bwrap) is not installed".into())
+        }
+        Ok(Err(e)) => Err(format!("bwrap could not be started: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(format!(
+            "bwrap failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// Where one run of a tenant's code happens. Cheap to clone; made per run.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    /// `None`: no isolation, the run is the worker's own child.
+    sandbox: Option<Arc<Sandbox>>,
+    /// The uid (and gid) it runs as; `None`: the worker's own.
+    uid: Option<u32>,
+    workdir: PathBuf,
+    /// `HOME` (npm's cache, the CLI's own files), the tenant's and nobody else's.
+    home: PathBuf,
+    /// `CLAUDE_CONFIG_DIR` of the workspace, when the run is the agent's.
+    agent_config_dir: Option<PathBuf>,
+    /// What the run may write: bound into the namespaces, owned by its uid.
+    private: Vec<PathBuf>,
+}
+
+impl Jail {
+    /// No isolation: the worker's own user, its own environment rules.
+    pub fn open(workdir: &Path) -> Jail {
+        Jail {
+            sandbox: None,
+            uid: None,
+            workdir: workdir.to_owned(),
+            home: PathBuf::new(),
+            agent_config_dir: None,
+            private: Vec::new(),
+        }
+    }
+
+    pub fn isolation(&self) -> Isolation {
+        self.sandbox
+            .as_ref()
+            .map_or(Isolation::NONE, |s| s.isolation)
+    }
+
+    /// The uid its processes run as, when it is not the worker's.
+    pub fn uid(&self) -> Option<u32> {
+        self.uid
+    }
+
+    /// A command for `program` that runs inside this jail, in `cwd`. The caller sets up the
+    /// environment as for any child (`env_clear` and an allow-list), then adds `self.env()`.
+    pub fn command(&self, program: impl AsRef<OsStr>, cwd: &Path) -> Command {
+        let Some(sandbox) = &self.sandbox else {
+            let mut cmd = Command::new(program);
+            cmd.current_dir(cwd);
+            return cmd;
+        };
+        let mut cmd = if sandbox.isolation.namespaces {
+            let mut cmd = Command::new("bwrap");
+            cmd.args(self.bwrap_args(sandbox, cwd))
+                .arg("--")
+                .arg(program);
+            // bwrap itself starts from a folder every uid can enter.
+            cmd.current_dir("/");
+            cmd
+        } else {
+            let mut cmd = Command::new(program);
+            cmd.current_dir(cwd);
+            cmd
+        };
+        if let Some(uid) = self.uid {
+            // std drops the supplementary groups (setgroups) when a root parent sets a uid.
+            cmd.uid(uid).gid(uid);
+        }
+        let limits = sandbox.limits.clone();
+        let own_uid = self.uid.is_some();
+        // SAFETY: runs in the forked child before exec, after the uid change; it only calls
+        // setrlimit(2), which is async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || apply_limits(&limits, own_uid));
+        }
+        cmd
+    }
+
+    fn bwrap_args(&self, sandbox: &Sandbox, cwd: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = [
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            // The agent needs its API, npm its registry.
+            "--share-net",
+            "--die-with-parent",
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--size",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        args.push(sandbox.limits.tmp_bytes.to_string().into());
+        args.extend(["--tmpfs", "/tmp"].map(OsString::from));
+        // Every workspace, record and home disappears; its own are bound back in.
+        args.extend([OsString::from("--tmpfs"), sandbox.root.clone().into()]);
+        for dir in &sandbox.read_only {
+            if dir.exists() {
+                args.extend([
+                    OsString::from("--ro-bind"),
+                    dir.clone().into(),
+                    dir.clone().into(),
+                ]);
+            }
+        }
+        for dir in &self.private {
+            args.extend([
+                OsString::from("--bind"),
+                dir.clone().into(),
+                dir.clone().into(),
+            ]);
+        }
+        args.extend([OsString::from("--chdir"), cwd.into()]);
+        args
+    }
+
+    /// What the run's environment must say about where it is: its own `HOME` and `TMPDIR`
+    /// (and npm's cache in it), its own `CLAUDE_CONFIG_DIR`. Empty without isolation.
+    pub fn env(&self) -> Vec<(OsString, OsString)> {
+        let Some(sandbox) = &self.sandbox else {
+            return Vec::new();
+        };
+        let tmp = if sandbox.isolation.namespaces {
+            PathBuf::from("/tmp")
+        } else {
+            self.home.join("tmp")
+        };
+        let mut env = vec![
+            ("HOME".into(), self.home.clone().into()),
+            ("TMPDIR".into(), tmp.into()),
+            ("npm_config_cache".into(), self.home.join(".npm").into()),
+        ];
+        if let Some(uid) = self.uid {
+            env.push(("USER".into(), format!("tenant{uid}").into()));
+        }
+        if let Some(dir) = &self.agent_config_dir {
+            env.push(("CLAUDE_CONFIG_DIR".into(), dir.clone().into()));
+        }
+        env
+    }
+
+    /// Give the tenant what the worker changed in its folders since (new files of a merge,
+    /// the links of an install): they become its uid's. Call before each run.
+    pub async fn hand_over(&self) -> Result<(), SandboxError> {
+        if self.uid.is_none() {
+            return Ok(());
+        }
+        let me = self.clone();
+        blocking(move || me.hand_over_blocking()).await
+    }
+
+    fn hand_over_blocking(&self) -> Result<(), SandboxError> {
+        let Some(uid) = self.uid else {
+            for dir in &self.private {
+                std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+            }
+            return Ok(());
+        };
+        let root = self.sandbox.as_ref().map(|s| s.root.clone());
+        for dir in &self.private {
+            std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+            // The folders between the root and it: passable, not listable. Folders outside
+            // the root (a store or agent folder elsewhere) are the operator's to set.
+            let mut at = dir.parent();
+            while let (Some(p), Some(root)) = (at, &root) {
+                if p == root.as_path() || !p.starts_with(root) {
+                    break;
+                }
+                let mode = std::fs::metadata(p).map_err(io_at(p))?.mode() & 0o7777;
+                if mode & 0o711 != 0o711 || mode & 0o066 != 0 {
+                    set_mode(p, (mode | 0o711) & !0o066)?;
+                }
+                at = p.parent();
+            }
+        }
+        for dir in &self.private {
+            if *dir == self.workdir && dir.join(".git").exists() {
+                // root:{tenant} 3770: the tenant writes in it, nobody else enters it, and the
+                // sticky bit keeps `.git` (the worker's, 0700) where it is.
+                std::os::unix::fs::chown(dir, Some(0), Some(uid)).map_err(io_at(dir))?;
+                set_mode(dir, 0o3770)?;
+                let git = dir.join(".git");
+                std::os::unix::fs::chown(&git, Some(0), Some(0)).map_err(io_at(&git))?;
+                set_mode(&git, 0o700)?;
+                give_tree(dir, uid, &[git.as_path()])?;
+            } else {
+                std::os::unix::fs::chown(dir, Some(uid), Some(uid)).map_err(io_at(dir))?;
+                set_mode(dir, 0o700)?;
+                give_tree(dir, uid, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a run without namespaces: nothing it started may live on (a daemon that left the
+    /// process group). Every process of its uid is killed; with namespaces the kernel does it.
+    pub async fn sweep(&self) {
+        let (Some(sandbox), Some(uid)) = (&self.sandbox, self.uid) else {
+            return;
+        };
+        if sandbox.isolation.namespaces {
+            return;
+        }
+        let mut cmd = Command::new("true");
+        cmd.uid(uid)
+            .gid(uid)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: kill(2) is async-signal-safe. kill(-1) as the tenant's uid reaches exactly
+        // its processes (Linux spares the caller itself).
+        unsafe {
+            cmd.pre_exec(|| {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(-1),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Ok(())
+            });
+        }
+        if let Err(e) = cmd.status().await {
+            tracing::warn!(uid, error = %e, "could not end what a tenant's run left behind");
+        }
+    }
+
+    /// Take back what the store's install wrote (the worker makes it read-only for everyone).
+    pub async fn take_back(&self) -> Result<(), SandboxError> {
+        if self.uid.is_none() {
+            return Ok(());
+        }
+        let dir = self.workdir.clone();
+        blocking(move || {
+            std::os::unix::fs::chown(&dir, Some(0), Some(0)).map_err(io_at(&dir))?;
+            // Every tenant's build reads it (the entry stays without write bits).
+            set_mode(&dir, 0o755)?;
+            give_tree(&dir, 0, &[])
+        })
+        .await
+    }
+}
+
+/// `own_uid`: the run has a uid of its own. `RLIMIT_NPROC` counts every process of the uid, so
+/// it is set only then: on the worker's own uid it would count the worker and every tenant.
+fn apply_limits(limits: &Limits, own_uid: bool) -> std::io::Result<()> {
+    use nix::sys::resource::{Resource, setrlimit};
+    let set = |r: Resource, v: u64| setrlimit(r, v, v).map_err(std::io::Error::from);
+    if own_uid {
+        set(Resource::RLIMIT_NPROC, limits.processes)?;
+    }
+    set(Resource::RLIMIT_DATA, limits.memory_bytes)?;
+    set(Resource::RLIMIT_FSIZE, limits.file_bytes)?;
+    set(Resource::RLIMIT_CPU, limits.cpu_seconds)?;
+    set(Resource::RLIMIT_CORE, 0)?;
+    Ok(())
+}
+
+/// Write a file only the worker reads (which uid is whose is nobody else's business).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
+    use std::io::Write;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_at(path))?;
+    file.write_all(bytes).map_err(io_at(path))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_at(path))
+}
+
+/// Everything under `dir` (not following links, not entering `skip`) becomes `uid`'s.
+fn give_tree(dir: &Path, uid: u32, skip: &[&Path]) -> Result<(), SandboxError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_at(dir))?;
+        let path = entry.path();
+        if skip.contains(&path.as_path()) {
+            continue;
+        }
+        let meta = entry.metadata().map_err(io_at(&path))?;
+        if meta.uid() != uid || meta.gid() != uid {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).map_err(io_at(&path))?;
+        }
+        if meta.is_dir() {
+            give_tree(&path, uid, skip)?;
+        }
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
+) -> Result<T, SandboxError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io_at(Path::new("."))(std::io::Error::other(e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(client: &str, project: &str) -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: client.into(),
+            project_id: project.into(),
+        }
+    }
+
+    /// A workspace root other uids can pass through, as `/workspace` is.
+    fn root() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn isolation_settings_are_read_by_name() {
+        assert_eq!("".parse(), Ok(IsolationSetting::Auto));
+        assert_eq!("auto".parse(), Ok(IsolationSetting::Auto));
+        assert_eq!("none".parse(), Ok(IsolationSetting::None));
+        assert_eq!(
+            "users+namespaces".parse(),
+            Ok(IsolationSetting::UsersAndNamespaces)
+        );
+        let err = "chroot".parse::<IsolationSetting>().unwrap_err();
+        assert!(err.contains("auto, users, namespaces"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn none_is_no_sandbox_at_all() {
+        let dir = root();
+        let sandbox = Sandbox::detect(
+            IsolationSetting::None,
+            Limits::default(),
+            dir.path(),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert!(sandbox.isolation().is_none());
+        let jail = sandbox
+            .jail(&key("c", "p"), dir.path(), None)
+            .await
+            .unwrap();
+        assert_eq!(jail.uid(), None);
+        assert!(jail.env().is_empty());
+        assert_eq!(
+            sandbox.agent_config_dir(Path::new("/cfg"), &key("c", "p")),
+            Path::new("/cfg")
+        );
+    }
+
+    /// Needs root (as the worker in its container): separate users.
+    #[tokio::test]
+    async fn each_workspace_has_its_own_uid_which_workers_on_one_root_agree_on() {
+        let dir = root();
+        let detect = || {
+            Sandbox::detect(
+                IsolationSetting::Users,
+                Limits::default(),
+                dir.path(),
+                vec![],
+            )
+        };
+        let (one, two) = (detect().await.unwrap(), detect().await.unwrap());
+        let a = one.uid_for("a/site").unwrap();
+        let b = one.uid_for("b/site").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(two.uid_for("a/site").unwrap(), a);
+        assert_eq!(two.uid_for("b/site").unwrap(), b);
+        assert!(a > one.first_uid() && a < one.first_uid() + RANGE_SIZE);
+        // Another root, another range: its uids reach none of these.
+        let other = root();
+        let three = Sandbox::detect(
+            IsolationSetting::Users,
+            Limits::default(),
+            other.path(),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_ne!(three.first_uid(), one.first_uid());
+    }
+
+    /// Needs root: the checkout is handed to the workspace's uid, `.git` is not, and what
+    /// runs in the jail runs as that uid under the limits.
+    #[tokio::test]
+    async fn a_jail_runs_as_its_workspace_under_limits() {
+        let dir = root();
+        let limits = Limits {
+            processes: 77,
+            ..Limits::default()
+        };
+        let sandbox = Sandbox::detect(IsolationSetting::Users, limits, dir.path(), vec![])
+            .await
+            .unwrap();
+        let work = sandbox.root.join("c").join("p");
+        std::fs::create_dir_all(work.join(".git/hooks")).unwrap();
+        std::fs::create_dir_all(work.join("src")).unwrap();
+        std::fs::write(work.join("src/index.astro"), "x").unwrap();
+        let jail = sandbox.jail(&key("c", "p"), &work, None).await.unwrap();
+        let uid = jail.uid().unwrap();
+        let meta = |p: &Path| std::fs::metadata(p).unwrap();
+        assert_eq!(meta(&work.join("src/index.astro")).uid(), uid);
+        assert_eq!(meta(&work).uid(), 0);
+        assert_eq!(meta(&work).mode() & 0o7777, 0o3770);
+        assert_eq!(meta(&work.join(".git")).uid(), 0);
+        assert_eq!(meta(&work.join(".git")).mode() & 0o777, 0o700);
+
+        let mut cmd = jail.command("sh", &work);
+        cmd.args([
+            "-c",
+            "id -u; awk '/Max processes/ {print $3}' /proc/self/limits; touch mine; \
+             touch .git/hooks/x",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(jail.env());
+        let out = cmd.output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines, [uid.to_string().as_str(), "77"], "{out:?}");
+        assert!(work.join("mine").exists());
+        assert!(!work.join(".git/hooks/x").exists());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    }
+}
