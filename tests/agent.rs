@@ -19,7 +19,7 @@ fn terminal(events: &[serde_json::Value], id: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
     let mut env = TestEnv::new("resume").await;
-    env.create_bucket(&env.bucket("mia")).await;
+    env.create_bucket(&env.bucket("mia", "site")).await;
     env.create_upstream("mia", "site", Site::Tiny);
     env.start_worker(&[]);
 
@@ -121,7 +121,7 @@ async fn each_way_an_agent_fails_has_its_own_kind() {
     ];
     for (client, _, _) in &cases {
         let client = format!("f-{client}");
-        env.create_bucket(&env.bucket(&client)).await;
+        env.create_bucket(&env.bucket(&client, "site")).await;
         env.create_upstream(&client, "site", Site::Tiny);
     }
     // One delivery each (no retries of passing failures), short limits for the slow cases.
@@ -147,7 +147,7 @@ async fn each_way_an_agent_fails_has_its_own_kind() {
             env.worker_log()
         );
         assert!(
-            env.bucket_contents(&env.bucket(&format!("f-{client}")))
+            env.bucket_contents(&env.bucket(&format!("f-{client}"), "site"))
                 .await
                 .is_empty()
         );
@@ -158,7 +158,7 @@ async fn each_way_an_agent_fails_has_its_own_kind() {
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_of_a_chatty_agent_is_throttled_and_numbered() {
     let mut env = TestEnv::new("progress").await;
-    env.create_bucket(&env.bucket("ned")).await;
+    env.create_bucket(&env.bucket("ned", "site")).await;
     env.create_upstream("ned", "site", Site::Tiny);
     env.start_worker(&[("PROGRESS_INTERVAL_SECONDS", "1")]);
     let id = env
@@ -207,7 +207,7 @@ async fn progress_of_a_chatty_agent_is_throttled_and_numbered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_broken_by_the_agent_is_repaired_by_the_resumed_agent() {
     let mut env = TestEnv::new("repair").await;
-    let bucket = env.bucket("ola");
+    let bucket = env.bucket("ola", "site");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("ola", "site", Site::Tiny);
     env.start_worker(&[]);
@@ -244,7 +244,7 @@ async fn a_build_broken_by_the_agent_is_repaired_by_the_resumed_agent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_sees_no_worker_secrets_unless_bedrock_is_configured() {
     let mut env = TestEnv::new("agentenv").await;
-    env.create_bucket(&env.bucket("pia")).await;
+    env.create_bucket(&env.bucket("pia", "site")).await;
     let upstream = env.create_upstream("pia", "site", Site::Tiny);
     env.start_worker(&[("ANTHROPIC_API_KEY", "sk-test-not-a-key")]);
     let id = env.send("pia", "site", "plain", "[standin:env]").await;

@@ -30,7 +30,7 @@ fn instructions() -> Vec<String> {
 }
 
 #[test]
-fn the_dockerfile_builds_a_slim_non_root_runtime_without_ports() {
+fn the_dockerfile_builds_a_slim_runtime_without_ports() {
     let lines = instructions();
     let from: Vec<&String> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(from.len(), 2, "multi-stage: {from:?}");
@@ -49,7 +49,7 @@ fn the_dockerfile_builds_a_slim_non_root_runtime_without_ports() {
         .iter()
         .find(|l| l.contains("apt-get install"))
         .unwrap();
-    for pkg in ["git", "ca-certificates", "tini"] {
+    for pkg in ["git", "ca-certificates", "tini", "bubblewrap"] {
         assert!(
             installs.split_whitespace().any(|w| w == pkg),
             "{pkg} not installed"
@@ -65,12 +65,10 @@ fn the_dockerfile_builds_a_slim_non_root_runtime_without_ports() {
             |l| l.starts_with("COPY --from=build") && l.ends_with("/usr/local/bin/edit-worker")
         )
     );
-    let user = lines
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("USER "))
-        .expect("a USER");
-    assert_ne!(user.as_str(), "USER root");
+    // The worker runs as root to run each tenant's code as a uid of its own (the sandbox): no
+    // USER that would take that away.
+    let user = lines.iter().rev().find(|l| l.starts_with("USER "));
+    assert!(user.is_none_or(|u| u.as_str() == "USER root"), "{user:?}");
     assert!(!lines.iter().any(|l| l.starts_with("EXPOSE")), "no port");
     let health = lines
         .iter()
@@ -162,7 +160,7 @@ async fn a_running_worker_keeps_its_health_file_fresh() {
 #[tokio::test(flavor = "multi_thread")]
 async fn doctor_passes_a_good_setup_and_names_what_is_wrong() {
     let env = common::TestEnv::new("doctor").await;
-    env.create_bucket(&env.bucket("quin")).await;
+    env.create_bucket(&env.bucket("quin", "site")).await;
     env.create_upstream("quin", "site", common::Site::Tiny);
     let doctor = |extra: &[(&str, &str)]| {
         let out = Command::new(env!("CARGO_BIN_EXE_edit-worker"))
@@ -247,4 +245,26 @@ async fn doctor_passes_a_good_setup_and_names_what_is_wrong() {
             .any(|l| l.starts_with("FAIL") && l.contains("lease store")),
         "{text}"
     );
+
+    // Issue 13: doctor names the isolation in force, or the explicit opt-out (these tests run
+    // the worker with ISOLATION=none).
+    let isolation = |text: &str| {
+        text.lines()
+            .find(|l| l.contains("isolation:"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (_, text) = doctor(&[]);
+    assert!(
+        isolation(&text).starts_with("PASS  isolation: none (ISOLATION=none)"),
+        "{text}"
+    );
+    let (code, text) = doctor(&[("ISOLATION", "users+namespaces")]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        isolation(&text).starts_with("PASS  isolation: users+namespaces (limits: 512 processes"),
+        "{text}"
+    );
+    let (code, text) = doctor(&[("ISOLATION", "chroot")]);
+    assert_eq!(code, Some(2), "{text}");
 }

@@ -73,7 +73,7 @@ fn branch_has_file(upstream: &Path, branch: &str, file: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_message_of_a_coalesced_batch_is_checked_for_an_earlier_run() {
     let mut env = TestEnv::new("eo-batch").await;
-    env.create_bucket(&env.bucket("bea")).await;
+    env.create_bucket(&env.bucket("bea", "site")).await;
     let upstream = env.create_upstream("bea", "site", Site::Tiny);
     env.start_worker(&[]);
     // Four requests sent first, visible only in 4 s; meanwhile a newer slow one runs, so that
@@ -141,7 +141,7 @@ async fn each_message_of_a_coalesced_batch_is_checked_for_an_earlier_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
     let mut env = TestEnv::new("eo-again").await;
-    env.create_bucket(&env.bucket("cid")).await;
+    env.create_bucket(&env.bucket("cid", "site")).await;
     let upstream = env.create_upstream("cid", "site", Site::Tiny);
     let queue = env.input.rsplit('/').next().unwrap().to_owned();
     // Every first delete is dropped (answered as a success); every message is handed out a
@@ -225,7 +225,7 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
             .count();
         assert_eq!(starts, 1, "{id}: {events:#?}");
     }
-    let live = env.bucket_contents(&env.bucket("cid")).await;
+    let live = env.bucket_contents(&env.bucket("cid", "site")).await;
     assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Second</title>"));
     assert!(
         git(&upstream, &["show", "thread-t:src/pages/index.astro"])
@@ -249,7 +249,7 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_message_never_interrupts_a_newer_one() {
     let mut env = TestEnv::new("eo-order").await;
-    env.create_bucket(&env.bucket("dot")).await;
+    env.create_bucket(&env.bucket("dot", "site")).await;
     let upstream = env.create_upstream("dot", "site", Site::Tiny);
     env.start_worker(&[]);
     let old_same = send_delayed(&env, "t", "dot", "[standin:write old.txt old]", 2).await;
@@ -290,7 +290,7 @@ async fn an_older_message_never_interrupts_a_newer_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_over_the_share_burns_no_receives() {
     let mut env = TestEnv::new("eo-burst").await;
-    env.create_bucket(&env.bucket("eve")).await;
+    env.create_bucket(&env.bucket("eve", "site")).await;
     env.create_upstream("eve", "site", Site::Tiny);
     let redrive = env
         .sqs
@@ -333,7 +333,7 @@ async fn a_burst_over_the_share_burns_no_receives() {
 async fn work_interrupted_before_its_build_is_pushed() {
     let mut env = TestEnv::new("eo-build").await;
     for client in ["fox", "fog"] {
-        env.create_bucket(&env.bucket(client)).await;
+        env.create_bucket(&env.bucket(client, "site")).await;
         env.create_upstream(client, "site", Site::Tiny);
     }
     let upstream = env.upstream("fog", "site");
@@ -377,7 +377,7 @@ async fn work_interrupted_before_its_build_is_pushed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_git_locks_are_cleared() {
     let mut env = TestEnv::new("eo-locks").await;
-    env.create_bucket(&env.bucket("gil")).await;
+    env.create_bucket(&env.bucket("gil", "site")).await;
     let upstream = env.create_upstream("gil", "site", Site::Tiny);
     env.start_worker(&[]);
     let first = env
@@ -437,7 +437,7 @@ async fn a_thread_branch_that_diverged_upstream_is_merged_or_fails_clearly() {
     // Two workspaces, so that neither message interrupts the other.
     let mut upstreams = Vec::new();
     for client in ["ivy", "ivo"] {
-        env.create_bucket(&env.bucket(client)).await;
+        env.create_bucket(&env.bucket(client, "site")).await;
         upstreams.push(env.create_upstream(client, "site", Site::Tiny));
     }
     env.start_worker(&[]);
@@ -518,7 +518,7 @@ async fn a_thread_branch_that_diverged_upstream_is_merged_or_fails_clearly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coalesced_batch_reports_its_cost_once() {
     let mut env = TestEnv::new("eo-cost").await;
-    env.create_bucket(&env.bucket("jay")).await;
+    env.create_bucket(&env.bucket("jay", "site")).await;
     env.create_upstream("jay", "site", Site::Tiny);
     env.start_worker(&[]);
     let busy = env.send("jay", "site", "x", "[standin:sleep 30]").await;
@@ -558,7 +558,7 @@ async fn a_coalesced_batch_reports_its_cost_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_build_output_neither_hangs_nor_kills_the_build() {
     let mut env = TestEnv::new("eo-output").await;
-    env.create_bucket(&env.bucket("kim")).await;
+    env.create_bucket(&env.bucket("kim", "site")).await;
     env.create_upstream("kim", "site", Site::Tiny);
     env.start_worker(&[]);
     let id = env

@@ -272,7 +272,7 @@ async fn violations(
             &env.upstream(client, PROJECT),
             &format!("{commit}:public/live.txt"),
         );
-        let live = env.bucket_contents(&env.bucket(client)).await;
+        let live = env.bucket_contents(&env.bucket(client, PROJECT)).await;
         let held = live
             .get("live.txt")
             .and_then(|(_, body)| String::from_utf8_lossy(body).trim().parse().ok());
@@ -337,7 +337,7 @@ async fn send(env: &TestEnv, sent: &mut Vec<Sent>, client: &str, thread: &str) -
 async fn every_request_ends_once_and_applies_in_send_order_through_a_faulty_sqs() {
     let mut env = TestEnv::new("eo-faults").await;
     for client in CLIENTS {
-        env.create_bucket(&env.bucket(client)).await;
+        env.create_bucket(&env.bucket(client, PROJECT)).await;
         env.create_upstream(client, PROJECT, Site::Tiny);
     }
     // A dead-letter queue after 5 receives, as production has: a message that burns its

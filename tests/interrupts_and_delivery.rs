@@ -17,7 +17,7 @@ fn terminal_for<'a>(events: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
     let mut env = TestEnv::new("interrupt").await;
-    env.create_bucket(&env.bucket("fay")).await;
+    env.create_bucket(&env.bucket("fay", "site")).await;
     let upstream = env.create_upstream("fay", "site", Site::Tiny);
     env.start_worker(&[]);
 
@@ -70,7 +70,7 @@ async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
         "{:?}",
         started.elapsed()
     );
-    let live = env.bucket_contents(&env.bucket("fay")).await;
+    let live = env.bucket_contents(&env.bucket("fay", "site")).await;
     assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Newer</title>"));
     assert!(env.worker_log().contains("interrupt_latency_us"));
     assert_eq!(env.queue_depth(&env.input).await, 0);
@@ -80,7 +80,7 @@ async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
     let mut env = TestEnv::new("burst").await;
-    env.create_bucket(&env.bucket("gus")).await;
+    env.create_bucket(&env.bucket("gus", "site")).await;
     let upstream = env.create_upstream("gus", "site", Site::Tiny);
     env.start_worker(&[]);
 
@@ -160,7 +160,7 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
     let mut env = TestEnv::new("crash").await;
-    env.create_bucket(&env.bucket("hal")).await;
+    env.create_bucket(&env.bucket("hal", "site")).await;
     let upstream = env.create_upstream("hal", "site", Site::Tiny);
     let fast_redelivery = [("VISIBILITY_TIMEOUT_SECONDS", "3")];
     env.start_worker(&fast_redelivery);
@@ -211,7 +211,7 @@ async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
     git(&ws, &["fsck", "--strict", "--no-progress"]);
     git(&upstream, &["fsck", "--strict", "--no-progress"]);
     assert_eq!(git(&ws, &["status", "--porcelain"]), "");
-    let live = env.bucket_contents(&env.bucket("hal")).await;
+    let live = env.bucket_contents(&env.bucket("hal", "site")).await;
     assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>After crash</title>"));
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -219,7 +219,7 @@ async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_saves_running_work_and_releases_the_message() {
     let mut env = TestEnv::new("sigterm").await;
-    env.create_bucket(&env.bucket("ida")).await;
+    env.create_bucket(&env.bucket("ida", "site")).await;
     let upstream = env.create_upstream("ida", "site", Site::Tiny);
     env.start_worker(&[("SHUTDOWN_DEADLINE_SECONDS", "10")]);
 
@@ -266,7 +266,7 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_completes_once_s3_is_back() {
     let mut env = TestEnv::new("s3down").await;
-    let bucket = env.bucket("jo");
+    let bucket = env.bucket("jo", "site");
     env.create_bucket(&bucket).await;
     env.create_upstream("jo", "site", Site::Tiny);
     // S3 (only S3) is unreachable for the first 10 seconds.
@@ -311,7 +311,7 @@ async fn a_publish_completes_once_s3_is_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_push_to_a_remote_that_was_away_is_retried() {
     let mut env = TestEnv::new("gitdown").await;
-    env.create_bucket(&env.bucket("kit")).await;
+    env.create_bucket(&env.bucket("kit", "site")).await;
     let upstream = env.create_upstream("kit", "site", Site::Tiny);
     env.start_worker(&[("RETRY_BASE_SECONDS", "1")]);
     let first = env

@@ -14,7 +14,7 @@ async fn the_intake_holds_no_more_than_max_in_flight() {
     let mut env = TestEnv::new("backpressure").await;
     for i in 0..6 {
         let client = format!("bp{i}");
-        env.create_bucket(&env.bucket(&client)).await;
+        env.create_bucket(&env.bucket(&client, "site")).await;
         env.create_upstream(&client, "site", Site::Tiny);
     }
     env.start_worker(&[("MAX_IN_FLIGHT", "2")]);
@@ -54,11 +54,12 @@ async fn the_intake_holds_no_more_than_max_in_flight() {
 /// (24 / 6 x 3 s = 12 s and more); with a share of 3 it starts at once.
 async fn solo_wait_behind_a_flood(per_client: &str) -> Duration {
     let mut env = TestEnv::new("fairness").await;
-    env.create_bucket(&env.bucket("flood")).await;
-    env.create_bucket(&env.bucket("solo")).await;
+    env.create_bucket(&env.bucket("solo", "site")).await;
     env.create_upstream("solo", "site", Site::Tiny);
     for p in 0..24 {
-        env.create_upstream("flood", &format!("p{p}"), Site::Tiny);
+        let project = format!("p{p}");
+        env.create_bucket(&env.bucket("flood", &project)).await;
+        env.create_upstream("flood", &project, Site::Tiny);
     }
     env.start_worker(&[("MAX_IN_FLIGHT", "6"), ("MAX_HELD_PER_CLIENT", per_client)]);
     let entries: Vec<_> = (0..24)
@@ -120,7 +121,7 @@ async fn a_flooding_client_does_not_starve_a_client_with_one_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_sessions_are_stopped_and_come_back() {
     let mut env = TestEnv::new("idle").await;
-    env.create_bucket(&env.bucket("rex")).await;
+    env.create_bucket(&env.bucket("rex", "site")).await;
     env.create_upstream("rex", "site", Site::Tiny);
     env.start_worker(&[
         ("SESSION_IDLE_SECONDS", "1"),
@@ -175,11 +176,9 @@ async fn loadgen_accounts_for_every_message() {
     let mut env = TestEnv::new("loadgen").await;
     for c in 1..=2 {
         for p in 1..=2 {
-            let client = format!("load-c{c}");
-            if p == 1 {
-                env.create_bucket(&env.bucket(&client)).await;
-            }
-            env.create_upstream(&client, &format!("p{p}"), Site::Tiny);
+            let (client, project) = (format!("load-c{c}"), format!("p{p}"));
+            env.create_bucket(&env.bucket(&client, &project)).await;
+            env.create_upstream(&client, &project, Site::Tiny);
         }
     }
     env.start_worker(&[]);
@@ -284,7 +283,7 @@ async fn loadgen_accounts_for_every_message() {
 async fn time_waiting_for_a_slot_is_reported_as_queued() {
     let mut env = TestEnv::new("queued").await;
     for client in ["qa", "qb"] {
-        env.create_bucket(&env.bucket(client)).await;
+        env.create_bucket(&env.bucket(client, "site")).await;
         env.create_upstream(client, "site", Site::Tiny);
     }
     env.start_worker(&[("AGENT_CONCURRENCY", "1")]);

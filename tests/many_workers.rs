@@ -160,7 +160,7 @@ impl Cluster {
     async fn new(name: &str, clients: &[String]) -> Cluster {
         let env = TestEnv::new(name).await;
         for client in clients {
-            env.create_bucket(&env.bucket(client)).await;
+            env.create_bucket(&env.bucket(client, PROJECT)).await;
             env.create_upstream(client, PROJECT, Site::Tiny);
         }
         let lease_store = env.create_lease_store().await;
@@ -599,7 +599,10 @@ impl Cluster {
             let commit = last["commit"].as_str().unwrap_or_default();
             let thread = last["threadId"].as_str().unwrap_or_default();
             let upstream = self.upstream(client);
-            let live = self.env.bucket_contents(&self.env.bucket(client)).await;
+            let live = self
+                .env
+                .bucket_contents(&self.env.bucket(client, PROJECT))
+                .await;
             let body = |key: &str| {
                 live.get(key)
                     .map(|(_, b)| String::from_utf8_lossy(b).trim().to_owned())

@@ -1,11 +1,13 @@
 //! Issue 4: the publisher against moto. Content-compared uploads, order, headers, safety.
+//! Issue 13: a bucket belongs to one workspace; size caps on what a build may publish.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use edit_worker_actors::publish::{CacheRule, PublishError, PublishOptions, Publisher};
+use edit_worker_actors::message::WorkspaceKey;
+use edit_worker_actors::publish::{CacheRule, OWNER_KEY, PublishError, PublishOptions, Publisher};
 
 /// A small generated site: `pages` HTML pages, one stylesheet per page under _astro/, an image.
 fn site(dir: &Path, pages: usize) {
@@ -33,7 +35,7 @@ fn site(dir: &Path, pages: usize) {
 
 async fn setup(name: &str) -> (common::TestEnv, String, tempfile::TempDir) {
     let env = common::TestEnv::new(name).await;
-    let bucket = env.bucket("pub");
+    let bucket = env.bucket("pub", "site");
     env.create_bucket(&bucket).await;
     (env, bucket, tempfile::tempdir().unwrap())
 }
@@ -358,7 +360,7 @@ async fn a_cloudfront_distribution_gets_the_changed_paths_invalidated() {
         ViewerProtocolPolicy,
     };
     let mut env = common::TestEnv::new("cdn").await;
-    let bucket = env.bucket("uma");
+    let bucket = env.bucket("uma", "site");
     env.create_bucket(&bucket).await;
     env.create_upstream("uma", "site", common::Site::Tiny);
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -503,4 +505,325 @@ async fn a_publish_under_an_older_lease_token_is_refused() {
         .await
         .unwrap();
     assert_eq!(again.deleted, 0);
+}
+
+// ---------------------------------------------------------------- issue 13: one bucket, one workspace
+
+fn workspace(client: &str, project: &str) -> WorkspaceKey {
+    WorkspaceKey {
+        client_id: client.into(),
+        project_id: project.into(),
+    }
+}
+
+/// The requests through a recording proxy that write (PUT, POST, DELETE).
+fn writes(proxy: &common::RecordingProxy) -> Vec<String> {
+    proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            ["PUT ", "POST ", "DELETE "]
+                .iter()
+                .any(|m| r.starts_with(m))
+        })
+        .cloned()
+        .collect()
+}
+
+/// How many `method` requests the proxy saw for the owner record.
+fn owner_requests(proxy: &common::RecordingProxy, method: &str) -> usize {
+    proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.starts_with(method) && r.contains(OWNER_KEY))
+        .count()
+}
+
+/// Two projects of one client, one bucket (a `BUCKET_TEMPLATE` without `{projectId}`): the
+/// first to publish owns it, and the second's publish fails without touching anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workspace_cannot_publish_into_a_bucket_another_workspace_owns() {
+    use edit_worker_actors::lease::{Acquired, Leases};
+    use edit_worker_actors::publish::BucketFence;
+
+    let (env, bucket, dir) = setup("pub-owned").await;
+    let (one, two) = (workspace("pub", "one"), workspace("pub", "two"));
+    site(dir.path(), 3);
+    let p = publisher(env.s3.clone());
+    let first = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!(first.uploaded, 7);
+    let before = env.bucket_contents(&bucket).await;
+    let owner: serde_json::Value = serde_json::from_slice(&before[OWNER_KEY].1).unwrap();
+    assert_eq!(owner["clientId"], "pub", "{owner}");
+    assert_eq!(owner["projectId"], "one", "{owner}");
+    assert!(owner["since"].is_string(), "{owner}");
+
+    // The other project's build: another home page, and fewer files (it would delete the rest).
+    let other = tempfile::tempdir().unwrap();
+    site(other.path(), 1);
+    std::fs::write(other.path().join("index.html"), "<p>project two</p>").unwrap();
+    // As another worker process would (nothing known yet), with a lease fence of its own.
+    let Acquired::Granted(lease) = Leases::alone().try_acquire(&two).await.unwrap() else {
+        panic!("alone, always granted");
+    };
+    let fence = BucketFence::for_workspace(&two, 1, lease.check().clone());
+    let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
+    let elsewhere = publisher(common::s3_client(&proxy.url).await);
+    let err = elsewhere
+        .publish_for(&two, &bucket, other.path(), Some(&fence))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            PublishError::OwnedElsewhere { bucket: b, owner_client, owner_project }
+                if b == &bucket && owner_client == "pub" && owner_project == "one"
+        ),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "bucket_owned_elsewhere");
+    let message = err.to_string();
+    assert!(message.contains("pub/one"), "{message}");
+    assert!(
+        message.contains("BUCKET_TEMPLATE should contain {projectId}"),
+        "{message}"
+    );
+    assert_eq!(
+        writes(&proxy),
+        Vec::<String>::new(),
+        "nothing may be written"
+    );
+
+    // The publisher that serves project one (it knows the owner already) refuses too.
+    let err = p
+        .publish_for(&two, &bucket, other.path(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "bucket_owned_elsewhere", "{err}");
+    assert_eq!(
+        env.bucket_contents(&bucket).await,
+        before,
+        "project one's site (and its owner record) must be exactly as it was"
+    );
+
+    // And project one goes on publishing.
+    std::fs::write(dir.path().join("index.html"), "<p>one, again</p>").unwrap();
+    let again = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!((again.uploaded, again.deleted), (1, 0), "{again:?}");
+    assert_eq!(
+        env.bucket_contents(&bucket).await["index.html"].1,
+        b"<p>one, again</p>"
+    );
+}
+
+/// The owner publishes as often as it likes; its record costs one read per bucket and process,
+/// and a record that went missing is written again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_publishes_again_reading_its_record_once() {
+    let (env, bucket, dir) = setup("pub-mine").await;
+    let one = workspace("pub", "one");
+    site(dir.path(), 2);
+    let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
+    let p = publisher(common::s3_client(&proxy.url).await);
+    p.publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("index.html"), "<p>second</p>").unwrap();
+    let second = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!(second.uploaded, 1, "{second:?}");
+    let live = env.bucket_contents(&bucket).await;
+    assert_eq!(live["index.html"].1, b"<p>second</p>");
+    assert_eq!(
+        live.len(),
+        6,
+        "the site and the owner record: {:?}",
+        live.keys()
+    );
+    assert_eq!(owner_requests(&proxy, "GET "), 1);
+    assert_eq!(owner_requests(&proxy, "PUT "), 1);
+
+    // An operator removed the record: the listing shows it gone, so it is claimed again.
+    env.s3
+        .delete_object()
+        .bucket(&bucket)
+        .key(OWNER_KEY)
+        .send()
+        .await
+        .unwrap();
+    let third = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!(third.uploaded, 0, "{third:?}");
+    let live = env.bucket_contents(&bucket).await;
+    let owner: serde_json::Value = serde_json::from_slice(&live[OWNER_KEY].1).unwrap();
+    assert_eq!(owner["projectId"], "one", "{owner}");
+    assert_eq!(owner_requests(&proxy, "GET "), 2);
+    assert_eq!(owner_requests(&proxy, "PUT "), 2);
+
+    // Another process serving the same workspace reads the record and publishes too.
+    let fresh = publisher(env.s3.clone());
+    let same = fresh
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!((same.uploaded, same.skipped), (0, 5), "{same:?}");
+}
+
+/// What a publisher knows about a bucket's owner holds only while the record is unchanged: a
+/// bucket handed to another workspace (record deleted, claimed anew) is refused to the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_owner_is_not_trusted_once_the_record_changed() {
+    let (env, bucket, dir) = setup("pub-handed").await;
+    let (one, two) = (workspace("pub", "one"), workspace("pub", "two"));
+    site(dir.path(), 2);
+    let p = publisher(env.s3.clone());
+    p.publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    env.s3
+        .delete_object()
+        .bucket(&bucket)
+        .key(OWNER_KEY)
+        .send()
+        .await
+        .unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    site(theirs.path(), 2);
+    std::fs::write(theirs.path().join("index.html"), "<p>two's</p>").unwrap();
+    publisher(env.s3.clone())
+        .publish_for(&two, &bucket, theirs.path(), None)
+        .await
+        .unwrap();
+    let before = env.bucket_contents(&bucket).await;
+
+    let err = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::OwnedElsewhere { owner_project, .. } if owner_project == "two"),
+        "{err}"
+    );
+    assert_eq!(env.bucket_contents(&bucket).await, before);
+    assert_eq!(before["index.html"].1, b"<p>two's</p>");
+}
+
+/// A file over `max_file_bytes` fails the publish before anything is uploaded, naming the file
+/// and the cap; a file of exactly the cap is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_over_the_size_cap_fails_before_anything_is_uploaded() {
+    const CAP: u64 = 1024 * 1024;
+    let (env, bucket, dir) = setup("pub-filecap").await;
+    let one = workspace("pub", "site");
+    site(dir.path(), 2);
+    let p = Publisher::new(
+        env.s3.clone(),
+        PublishOptions {
+            max_file_bytes: CAP,
+            ..PublishOptions::default()
+        },
+    );
+    p.publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    let before = env.bucket_contents(&bucket).await;
+
+    std::fs::write(dir.path().join("index.html"), "<p>changed</p>").unwrap();
+    std::fs::remove_file(dir.path().join("logo.png")).unwrap();
+    let video = dir.path().join("video.mp4");
+    std::fs::write(&video, vec![7u8; CAP as usize + 1]).unwrap();
+    let err = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::FileTooLarge { key, size, max }
+            if key == "video.mp4" && *size == CAP + 1 && *max == CAP),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "build_too_large");
+    let message = err.to_string();
+    assert!(
+        message.contains("video.mp4") && message.contains(&CAP.to_string()),
+        "{message}"
+    );
+    assert_eq!(
+        env.bucket_contents(&bucket).await,
+        before,
+        "nothing uploaded, nothing deleted"
+    );
+
+    std::fs::write(&video, vec![7u8; CAP as usize]).unwrap();
+    let report = p
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!((report.uploaded, report.deleted), (2, 1), "{report:?}");
+    assert_eq!(
+        env.bucket_contents(&bucket).await["video.mp4"].1.len() as u64,
+        CAP
+    );
+}
+
+/// A build over `max_total_bytes` in all fails before anything is written (not even the owner
+/// record of a bucket nobody owned); a build of exactly the cap is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_over_the_total_cap_fails_before_anything_is_written() {
+    let (env, bucket, dir) = setup("pub-totalcap").await;
+    let one = workspace("pub", "site");
+    site(dir.path(), 20);
+    let total: u64 = common::files_under(dir.path())
+        .iter()
+        .map(|key| std::fs::metadata(dir.path().join(key)).unwrap().len())
+        .sum();
+    let capped = |max_total_bytes| {
+        Publisher::new(
+            env.s3.clone(),
+            PublishOptions {
+                max_total_bytes,
+                ..PublishOptions::default()
+            },
+        )
+    };
+    let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
+    let through_proxy = Publisher::new(
+        common::s3_client(&proxy.url).await,
+        PublishOptions {
+            max_total_bytes: total - 1,
+            ..PublishOptions::default()
+        },
+    );
+    let err = through_proxy
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::BuildTooLarge { total: t, max, .. }
+            if *t == total && *max == total - 1),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "build_too_large");
+    assert!(err.to_string().contains("PUBLISH_MAX_BYTES"), "{err}");
+    assert_eq!(writes(&proxy), Vec::<String>::new());
+    assert!(env.bucket_contents(&bucket).await.is_empty());
+
+    let report = capped(total)
+        .publish_for(&one, &bucket, dir.path(), None)
+        .await
+        .unwrap();
+    assert_eq!((report.uploaded, report.bytes), (41, total), "{report:?}");
 }

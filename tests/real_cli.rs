@@ -52,14 +52,24 @@ fn close(a: f64, b: f64) -> bool {
 /// session the worker chose.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_real_cli_edits_the_page_and_the_edit_goes_live() {
-    let mut env = TestEnv::new("realedit").await;
+    edit_goes_live("none").await;
+}
+
+/// Uses the real CLI, in the tenant sandbox (issue 13): its own uid, namespaces and limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_cli_edits_the_page_from_inside_the_sandbox() {
+    edit_goes_live("users+namespaces").await;
+}
+
+async fn edit_goes_live(isolation: &str) {
+    let mut env = TestEnv::new(&format!("realedit-{}", isolation.replace('+', "-"))).await;
     let api = FakeApi::start(env.dir.path(), None);
-    let bucket = env.bucket("rae");
+    let bucket = env.bucket("rae", "site");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("rae", "site", Site::Tiny);
     env.start_worker(&env_pairs(&with(
         &api,
-        &[("PROGRESS_INTERVAL_SECONDS", "1")],
+        &[("PROGRESS_INTERVAL_SECONDS", "1"), ("ISOLATION", isolation)],
     )));
 
     let command = "Update the homepage title to \"Real CLI Title\"";
@@ -165,7 +175,7 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
     ];
     for (client, _, _) in &cases {
         let client = format!("rf-{client}");
-        env.create_bucket(&env.bucket(&client)).await;
+        env.create_bucket(&env.bucket(&client, "site")).await;
         env.create_upstream(&client, "site", Site::Tiny);
     }
     env.start_worker(&env_pairs(&with(
@@ -206,7 +216,7 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
             env.worker_log()
         );
         assert!(
-            env.bucket_contents(&env.bucket(&format!("rf-{client}")))
+            env.bucket_contents(&env.bucket(&format!("rf-{client}"), "site"))
                 .await
                 .is_empty()
         );
@@ -232,11 +242,22 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
 /// thread starts another conversation, and a thread whose session files are gone starts anew.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thread_keeps_its_conversation_across_a_restart_and_each_message_pays_its_share() {
-    let mut env = TestEnv::new("realresume").await;
+    conversation_across_restart("none").await;
+}
+
+/// Uses the real CLI, in the tenant sandbox: the conversation lives in the workspace's own
+/// agent folder, and resumes from there after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thread_keeps_its_conversation_in_the_sandbox() {
+    conversation_across_restart("users+namespaces").await;
+}
+
+async fn conversation_across_restart(isolation: &str) {
+    let mut env = TestEnv::new(&format!("realresume-{}", isolation.replace('+', "-"))).await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("rr")).await;
+    env.create_bucket(&env.bucket("rr", "site")).await;
     env.create_upstream("rr", "site", Site::Tiny);
-    let settings = with(&api, &[]);
+    let settings = with(&api, &[("ISOLATION", isolation)]);
     env.start_worker(&env_pairs(&settings));
 
     // One model request.
@@ -318,7 +339,7 @@ async fn a_build_broken_by_the_real_cli_is_repaired_in_the_same_conversation() {
         ]
     }]});
     let api = FakeApi::start(env.dir.path(), Some(script));
-    let bucket = env.bucket("rp");
+    let bucket = env.bucket("rp", "site");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("rp", "site", Site::Tiny);
     env.start_worker(&env_pairs(&with(&api, &[])));
@@ -387,11 +408,22 @@ fn interrupt_latencies(log: &str) -> Vec<u64> {
 /// already, so this holds with the session recorded only at the end of a run.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_newer_message_interrupts_the_real_cli_and_the_follow_up_resumes_its_conversation() {
-    let mut env = TestEnv::new("realint").await;
+    interrupt_and_resume("none").await;
+}
+
+/// Uses the real CLI, in the tenant sandbox: the in-band interrupt and the signals reach the
+/// CLI inside its namespaces.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_message_interrupts_the_real_cli_in_the_sandbox() {
+    interrupt_and_resume("users+namespaces").await;
+}
+
+async fn interrupt_and_resume(isolation: &str) {
+    let mut env = TestEnv::new(&format!("realint-{}", isolation.replace('+', "-"))).await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("rt")).await;
+    env.create_bucket(&env.bucket("rt", "site")).await;
     let upstream = env.create_upstream("rt", "site", Site::Tiny);
-    env.start_worker(&env_pairs(&with(&api, &[])));
+    env.start_worker(&env_pairs(&with(&api, &[("ISOLATION", isolation)])));
     let hello = env.send("rt", "site", "t", "[api:say hello] opening").await;
     env.wait_for(&hello, "completed", WAIT).await;
 
@@ -440,8 +472,8 @@ async fn a_newer_message_interrupts_the_real_cli_and_the_follow_up_resumes_its_c
 async fn an_interrupted_first_message_stays_in_the_conversation_and_pays_its_cost() {
     let mut env = TestEnv::new("realint1").await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("rt")).await;
-    env.create_bucket(&env.bucket("base")).await;
+    env.create_bucket(&env.bucket("rt", "site")).await;
+    env.create_bucket(&env.bucket("base", "site")).await;
     env.create_upstream("rt", "site", Site::Tiny);
     env.create_upstream("base", "site", Site::Tiny);
     env.start_worker(&env_pairs(&with(&api, &[])));
@@ -493,7 +525,7 @@ async fn an_interrupted_first_message_stays_in_the_conversation_and_pays_its_cos
 async fn the_real_cli_joins_the_messages_trace() {
     let mut env = TestEnv::new("realtrace").await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("tr")).await;
+    env.create_bucket(&env.bucket("tr", "site")).await;
     env.create_upstream("tr", "site", Site::Tiny);
     let url = api.url.clone();
     env.start_worker(&env_pairs(&with(

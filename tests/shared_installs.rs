@@ -42,7 +42,7 @@ fn installed(event: &Value) -> bool {
 }
 
 async fn live_title(env: &TestEnv, client: &str) -> String {
-    let contents = env.bucket_contents(&env.bucket(client)).await;
+    let contents = env.bucket_contents(&env.bucket(client, "site")).await;
     let (_, body) = contents
         .get("index.html")
         .unwrap_or_else(|| panic!("no index.html in {client}'s bucket: {:?}", contents.keys()));
@@ -55,7 +55,7 @@ async fn live_title(env: &TestEnv, client: &str) -> String {
 async fn world(name: &str, clients: &[&str]) -> TestEnv {
     let env = TestEnv::new(name).await;
     for client in clients {
-        env.create_bucket(&env.bucket(client)).await;
+        env.create_bucket(&env.bucket(client, "site")).await;
         env.create_upstream(client, "site", Site::Astro);
     }
     env
@@ -257,14 +257,26 @@ export default defineConfig({ output: 'static' });
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_cannot_change_what_another_sites_build_loads() {
-    let mut env = world("store-tamper", &["mallory", "victim"]).await;
+    tamper_with_the_store("none").await;
+}
+
+/// The same in the tenant sandbox: the store is not the tenant's to write, so the write is
+/// refused outright and the tampering build completes without having changed anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_sandbox_a_build_cannot_write_the_shared_dependencies() {
+    tamper_with_the_store("users+namespaces").await;
+}
+
+async fn tamper_with_the_store(isolation: &str) {
+    let name = format!("store-tamper-{}", isolation.replace('+', "-"));
+    let mut env = world(&name, &["mallory", "victim"]).await;
     env.push_branch_with(
         "mallory",
         "site",
         "thread-evil",
         &[("astro.config.mjs", TAMPERING_CONFIG.as_bytes())],
     );
-    env.start_worker(&[]);
+    env.start_worker(&[("ISOLATION", isolation)]);
     let store = store_dir(&env);
     let tampered = |store: &Path| {
         complete_entries(store)
@@ -295,6 +307,9 @@ async fn a_build_cannot_change_what_another_sites_build_loads() {
             assert!(message.contains("shared dependencies"), "{message}");
         }
         _ => panic!("unexpected end: {end}"),
+    }
+    if isolation != "none" {
+        assert_eq!(end["type"], "completed", "{end}");
     }
     assert!(!tampered(&store), "the write stayed in the store");
 

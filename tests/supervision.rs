@@ -11,7 +11,7 @@ use common::{Site, TestEnv, is_terminal};
 #[tokio::test(flavor = "multi_thread")]
 async fn every_step_actor_panics_once_and_the_message_still_completes() {
     let mut env = TestEnv::new("faults").await;
-    let bucket = env.bucket("lee");
+    let bucket = env.bucket("lee", "site");
     env.create_bucket(&bucket).await;
     env.create_upstream("lee", "site", Site::Tiny);
     let markers = env.dir.path().join("fault-markers");

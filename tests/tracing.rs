@@ -120,7 +120,7 @@ async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
 /// A worker for client `tess` that exports to the receiver at `url`.
 async fn traced_worker(name: &str, url: &str) -> TestEnv {
     let mut env = TestEnv::new(name).await;
-    env.create_bucket(&env.bucket("tess")).await;
+    env.create_bucket(&env.bucket("tess", "site")).await;
     env.create_upstream("tess", "site", Site::Tiny);
     env.start_worker(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", url),

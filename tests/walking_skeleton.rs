@@ -79,7 +79,13 @@ async fn contract_example_becomes_a_pushed_commit_and_a_live_site() {
     let workspace = env.workspace_root().join("amelia/stamps");
     let dist = files_under(&workspace.join("dist"));
     let objects = env.bucket_contents(bucket).await;
-    assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), dist);
+    // Besides the worker's own records (`.edit-worker/`: the bucket's owner).
+    let site: Vec<String> = objects
+        .keys()
+        .filter(|k| !k.starts_with(".edit-worker/"))
+        .cloned()
+        .collect();
+    assert_eq!(site, dist);
     let (content_type, index) = &objects["index.html"];
     assert!(content_type.starts_with("text/html"), "{content_type}");
     let index = String::from_utf8_lossy(index);
@@ -107,8 +113,8 @@ async fn contract_example_becomes_a_pushed_commit_and_a_live_site() {
 #[tokio::test(flavor = "multi_thread")]
 async fn threads_switch_cleanly_and_clients_run_concurrently() {
     let mut env = TestEnv::new("threads").await;
-    env.create_bucket(&env.bucket("bob")).await;
-    env.create_bucket(&env.bucket("carol")).await;
+    env.create_bucket(&env.bucket("bob", "site")).await;
+    env.create_bucket(&env.bucket("carol", "site")).await;
     let bob = env.create_upstream("bob", "site", Site::Tiny);
     let carol = env.create_upstream("carol", "site", Site::Tiny);
     env.start_worker(&[]);
@@ -183,7 +189,7 @@ async fn threads_switch_cleanly_and_clients_run_concurrently() {
     assert!(git(&carol, &["log", "-1", "--format=%s", "thread-c1"]).starts_with("Claude: "));
 
     // Carol's bucket has her title; bob's has thread two's build.
-    let carol_site = env.bucket_contents(&env.bucket("carol")).await;
+    let carol_site = env.bucket_contents(&env.bucket("carol", "site")).await;
     assert!(String::from_utf8_lossy(&carol_site["index.html"].1).contains("<title>Carol</title>"));
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -191,7 +197,7 @@ async fn threads_switch_cleanly_and_clients_run_concurrently() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
     let mut env = TestEnv::new("badinput").await;
-    env.create_bucket(&env.bucket("dora")).await;
+    env.create_bucket(&env.bucket("dora", "site")).await;
     env.create_upstream("dora", "site", Site::Tiny);
     env.start_worker(&[]);
 
@@ -290,7 +296,7 @@ async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_build_and_agent_error_fail_and_publish_nothing() {
     let mut env = TestEnv::new("failures").await;
-    let bucket = env.bucket("erin");
+    let bucket = env.bucket("erin", "site");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("erin", "site", Site::Tiny);
     // No repair attempt and no retry of the API error (a passing failure): this test is about
@@ -344,7 +350,7 @@ async fn failing_build_and_agent_error_fail_and_publish_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn work_pushed_to_the_thread_elsewhere_is_built_on() {
     let mut env = TestEnv::new("elsewhere").await;
-    let bucket = env.bucket("dana");
+    let bucket = env.bucket("dana", "site");
     env.create_bucket(&bucket).await;
     let upstream = env.create_upstream("dana", "site", Site::Tiny);
     env.start_worker(&[]);

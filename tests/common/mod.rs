@@ -121,10 +121,19 @@ impl TestEnv {
             queues.push(url);
         }
         let dir = tempfile::tempdir().unwrap();
+        // Tenants' uids must pass through it to reach their workspaces (tests/isolation.rs).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.path().join("workspaces")).unwrap();
         std::fs::create_dir_all(dir.path().join("upstream")).unwrap();
         TestEnv {
-            bucket_template: format!("edit.{{clientId}}.{name}.test"),
+            // With `{projectId}`: a bucket belongs to one workspace, and tests serve several
+            // projects of one client (e.g. 24 in tests/load_and_fairness.rs). The longest
+            // name stays within S3's 63 characters: `edit.` + client + project + name + `.test`.
+            bucket_template: format!("edit.{{clientId}}.{{projectId}}.{name}.test"),
             name,
             dir,
             sqs,
@@ -136,8 +145,18 @@ impl TestEnv {
         }
     }
 
-    pub fn bucket(&self, client: &str) -> String {
-        self.bucket_template.replace("{clientId}", client)
+    /// The edit bucket of `client/project`, as the worker names it.
+    pub fn bucket(&self, client: &str, project: &str) -> String {
+        let bucket = self
+            .bucket_template
+            .replace("{clientId}", client)
+            .replace("{projectId}", project);
+        // The worker rejects a message whose bucket name S3 would refuse.
+        assert!(
+            bucket.len() <= 63,
+            "bucket name over 63 characters: {bucket}"
+        );
+        bucket
     }
 
     pub async fn create_bucket(&self, bucket: &str) {
@@ -210,6 +229,9 @@ impl TestEnv {
             "CLAUDE_CONFIG_DIR",
             self.dir.path().join("claude").display().to_string(),
         );
+        // The parts these tests are about run the same with or without the tenant sandbox;
+        // tests/isolation.rs runs the worker with the isolation the host allows.
+        set("ISOLATION", "none".into());
         set("AWS_ENDPOINT_URL", endpoint());
         set("AWS_REGION", "us-east-1".into());
         set("AWS_ACCESS_KEY_ID", "testing".into());
@@ -486,6 +508,13 @@ impl TestEnv {
 
     pub fn worker_pid(&self) -> Option<u32> {
         self.worker.as_ref().map(|c| c.id())
+    }
+
+    /// The worker process is still there (not exited).
+    pub fn worker_running(&mut self) -> bool {
+        self.worker
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Wait for the worker to exit by itself; its exit code.

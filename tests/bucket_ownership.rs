@@ -1,0 +1,58 @@
+//! Issue 13, end to end: a bucket belongs to one workspace. With a `BUCKET_TEMPLATE` that leaves
+//! out `{projectId}` (the contract's default shape), a client's two projects map to one bucket:
+//! the first to publish owns it, the other's message fails at once with
+//! `bucket_owned_elsewhere`, and the owner's site stays exactly as it was.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Site, TestEnv, event_of};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_project_cannot_publish_into_the_first_projects_bucket() {
+    let mut env = TestEnv::new("owned").await;
+    env.bucket_template = format!("edit.{{clientId}}.{}.test", env.name);
+    let bucket = env.bucket("olga", "shop");
+    assert_eq!(bucket, env.bucket("olga", "blog"), "one bucket for both");
+    env.create_bucket(&bucket).await;
+    env.create_upstream("olga", "shop", Site::Tiny);
+    env.create_upstream("olga", "blog", Site::Tiny);
+    env.start_worker(&[]);
+
+    let shop = env
+        .send("olga", "shop", "t", "Update the homepage title to \"Shop\"")
+        .await;
+    env.wait_for(&shop, "completed", Duration::from_secs(60))
+        .await;
+    let before = env.bucket_contents(&bucket).await;
+    assert!(before.contains_key("index.html"), "{:?}", before.keys());
+    let owner: serde_json::Value =
+        serde_json::from_slice(&before[".edit-worker/owner.json"].1).unwrap();
+    assert_eq!(owner["projectId"], "shop", "{owner}");
+
+    let blog = env
+        .send("olga", "blog", "t", "Update the homepage title to \"Blog\"")
+        .await;
+    // At once: a refusal that would repeat is not retried (retries wait for backoff first).
+    let events = env.wait_for(&blog, "failed", Duration::from_secs(40)).await;
+    let failed = event_of(&events, &blog, "failed");
+    assert_eq!(
+        failed["error"]["kind"], "bucket_owned_elsewhere",
+        "{failed}"
+    );
+    let message = failed["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("olga/shop"), "{message}");
+    assert!(message.contains("{projectId}"), "{message}");
+    assert!(
+        !env.worker_log().contains("will be tried again"),
+        "{}",
+        env.worker_log()
+    );
+    assert_eq!(
+        env.bucket_contents(&bucket).await,
+        before,
+        "the shop's site (and its owner record) must be exactly as it was"
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}
