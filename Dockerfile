@@ -14,9 +14,12 @@ RUN cargo build --release --locked --bin edit-worker
 
 FROM node:22-bookworm-slim AS runtime
 # git for the workspaces, ca-certificates for TLS, tini as PID 1: it forwards SIGTERM to the
-# worker and reaps the processes the agent and the builds leave behind.
+# worker and reaps the processes the agent and the builds leave behind. bubblewrap gives each
+# tenant's run its own namespaces where the host allows user namespaces (ECS on EC2 with a
+# seccomp profile that allows them); elsewhere (Fargate) the worker detects that and isolates
+# by separate users alone.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends git ca-certificates tini openssh-client \
+ && apt-get install -y --no-install-recommends git ca-certificates tini openssh-client bubblewrap \
  && rm -rf /var/lib/apt/lists/*
 # The Claude Code CLI, pinned in tools/claude-code.version (the version the tests run, see
 # scripts/lib.sh); with its install script, which puts the native binary in place (without it
@@ -27,11 +30,13 @@ RUN npm install -g "@anthropic-ai/claude-code@$(tr -d '[:space:]' </tmp/claude-c
  && npm cache clean --force && rm /tmp/claude-code.version
 COPY --from=build /src/target/release/edit-worker /usr/local/bin/edit-worker
 
-# Not root: Claude Code refuses --dangerously-skip-permissions as root, and nothing here needs it.
-RUN useradd --create-home --uid 10001 worker \
- && mkdir -p /workspace && chown worker:worker /workspace
-USER worker
-WORKDIR /home/worker
+# The worker runs as root so that it can run each workspace's agent, installs and builds as a
+# uid of that workspace's own (ISOLATION, README "Tenants"): none of that code ever runs as
+# root or as the worker. What root needs of its capabilities: SETUID, SETGID (switching to a
+# tenant), CHOWN, FOWNER (handing a checkout to its tenant), DAC_OVERRIDE (reading what
+# tenants wrote), KILL (ending what they leave behind); the ECS notes drop the rest.
+RUN mkdir -p /workspace && chmod 0711 /workspace
+WORKDIR /workspace
 
 # /workspace holds the client checkouts and, under /workspace/.agent, the thread map and the
 # agent's session files: mount persistent storage (EFS on ECS) here so resumes survive restarts.

@@ -74,6 +74,8 @@ KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="tes
 sqs = boto3.client("sqs", **KW)
 s3 = boto3.client("s3", **KW)
 BASE = tempfile.mkdtemp(prefix="bench-exactly-once-")
+# Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
+os.chmod(BASE, 0o711)
 TAG = f"eo{os.getpid()}"
 MARKER = re.compile(r"\[load n=(\d+) ")
 # The message's span on every log line: long, and the message id is in the line anyway.

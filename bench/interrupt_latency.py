@@ -55,6 +55,8 @@ def main():
     sqs = boto3.client("sqs", **KW)
     s3 = boto3.client("s3", **KW)
     base = tempfile.mkdtemp(prefix="bench-int-")
+    # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
+    os.chmod(base, 0o711)
     q = {n: sqs.create_queue(QueueName=f"bi-{os.getpid()}-{n}")["QueueUrl"] for n in ("in", "out")}
     clients = ["target"] + [f"other{i}" for i in range(OTHERS)]
     for c in clients:

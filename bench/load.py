@@ -34,6 +34,8 @@ KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="tes
 sqs = boto3.client("sqs", **KW)
 s3 = boto3.client("s3", **KW)
 BASE = tempfile.mkdtemp(prefix="bench-load-")
+# Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
+os.chmod(BASE, 0o711)
 # The throughput runs' build: a copy of public/ (where the stand-in writes its edits) to dist/.
 # Tiny on purpose, so that what the runs measure is the orchestration, not a site generator.
 TINY_BUILD = "cp -R public dist"
@@ -65,8 +67,8 @@ def seed(site):
 def prepare(tag, clients, projects, site):
     upstream = os.path.join(BASE, tag, "upstream")
     for c in range(1, clients + 1):
-        s3.create_bucket(Bucket=f"edit.load-c{c}.{tag}.bench")
         for p in range(1, projects + 1):
+            s3.create_bucket(Bucket=f"edit.load-c{c}.p{p}.{tag}.bench")
             shutil.copytree(seed(site), os.path.join(upstream, f"load-c{c}", f"p{p}.git"))
     q = {n: sqs.create_queue(QueueName=f"{tag}-{n}")["QueueUrl"] for n in ("in", "out")}
     return upstream, q
@@ -87,7 +89,7 @@ class Worker:
                "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
                "WORKSPACE_ROOT": os.path.join(BASE, tag, "ws"),
                "GIT_REMOTE_TEMPLATE": os.path.join(upstream, "{clientId}/{projectId}.git"),
-               "BUCKET_TEMPLATE": "edit.{clientId}." + tag + ".bench",
+               "BUCKET_TEMPLATE": "edit.{clientId}.{projectId}." + tag + ".bench",
                "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
                "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -216,9 +218,84 @@ def trace_overhead():
     print(f"\ncost of export: {(1 - on / off) * 100:.1f}% of throughput (target: at most 5%)")
 
 
+def isolation_cost():
+    """Issue 13: what the tenant sandbox costs, against ISOLATION=none, alternating in one run.
+    Saturated: one message into each of 150 fresh workspaces (clone included), tiny build
+    (`node build.mjs`), as fast as the worker goes, for throughput. Light: 10 workspaces at
+    4 msg/s, nothing waits, for the time added to each message."""
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    levels = os.environ.get("ISOLATIONS", "none,users+namespaces,users").split(",")
+    messages = max(40, int(150 * SCALE))
+    light = max(20, int(60 * SCALE))
+    thr = {level: [] for level in levels}
+    lat = {level: [] for level in levels}
+    # Where the sandbox's work falls: starting the agent and the build in it, handing the
+    # checkout over. The p50 of agent + build per message, at light load.
+    steps = {level: [] for level in levels}
+    for r in range(rounds):
+        for level in levels:
+            name = level.replace("+", "-")
+            tag = f"iso{r}{name}"
+            # One message per workspace: none interrupts another, each is a whole run.
+            clients = messages // 5
+            upstream, q = prepare(tag, clients, 5, "tiny-site")
+            w = Worker(tag, upstream, q, {"BUILD_COMMAND": "node build.mjs", "ISOLATION": level})
+            report, _ = loadgen(tag, q, clients, 5, 1, messages, "[standin:write public/load/{n}.txt {n}]")
+            w.stop()
+            assert report["lost"] == 0 and report["terminal"]["completed"] == messages, report
+            thr[level].append(report["throughputPerSec"])
+            tag = f"isol{r}{name}"
+            upstream, q = prepare(tag, 10, 1, "tiny-site")
+            w = Worker(tag, upstream, q, {"BUILD_COMMAND": "node build.mjs", "ISOLATION": level})
+            report, _ = loadgen(tag, q, 10, 1, 1, light, "[standin:write public/load/{n}.txt {n}]", rate=4)
+            w.stop()
+            assert report["lost"] == 0, report
+            lat[level].append(report["latencyMs"]["p50"])
+            steps[level].append(report["phasesMs"]["agent"]["p50"] + report["phasesMs"]["build"]["p50"])
+            print(f"  round {r + 1} {level}: {thr[level][-1]:.2f} msg/s saturated, "
+                  f"p50 {lat[level][-1]} ms at 4 msg/s", file=sys.stderr)
+
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    # The sandbox's own price per process start, alone: `true` as a tenant's uid in
+    # bubblewrap with the worker's arguments, against `true` as the worker.
+    def start_ms(argv, **kw):
+        times = []
+        for _ in range(50):
+            t = time.perf_counter()
+            subprocess.run(argv, check=True, **kw)
+            times.append((time.perf_counter() - t) * 1000)
+        return median(times)
+
+    plain = start_ms(["true"])
+    as_user = start_ms(["true"], user=1_000_001, group=1_000_001, extra_groups=[], cwd="/")
+    bwrap = start_ms(["bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                      "--unshare-cgroup-try", "--share-net", "--die-with-parent", "--ro-bind", "/", "/",
+                      "--dev", "/dev", "--proc", "/proc", "--size", str(512 << 20), "--tmpfs", "/tmp",
+                      "--tmpfs", BASE, "--chdir", "/", "--", "true"],
+                     user=1_000_001, group=1_000_001, extra_groups=[], cwd="/")
+
+    base_thr, base_lat, base_steps = median(thr["none"]), median(lat["none"]), median(steps["none"])
+    print(f"\ntenant sandbox cost: {messages} messages saturated (one per workspace) and {light} at 4 msg/s, "
+          f"{rounds} rounds each, alternating, medians")
+    print("| ISOLATION | throughput, saturated (msg/s) | vs none | send to live p50 at 4 msg/s | vs none | agent + build p50 | vs none |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for level in levels:
+        t, l, st = median(thr[level]), median(lat[level]), median(steps[level])
+        print(f"| {level} | {t:.2f} | {t / base_thr:.3f}x | {l} ms | {l - base_lat:+d} ms | {st} ms | {st - base_steps:+d} ms |")
+    print(f"\none process start, median of 50: `true` {plain:.1f} ms, as a tenant's uid {as_user:.1f} ms, "
+          f"in bubblewrap as a tenant's uid {bwrap:.1f} ms (a message starts 2: the agent and the build)")
+    print("\ntargets: under 50 ms added per message; throughput within 5% of none")
+
+
 def main():
     if os.environ.get("MODE") == "trace-overhead":
         trace_overhead()
+        shutil.rmtree(BASE, ignore_errors=True)
+        return
+    if os.environ.get("MODE") == "isolation-cost":
+        isolation_cost()
         shutil.rmtree(BASE, ignore_errors=True)
         return
     runs_wanted = set(os.environ.get("RUNS", "1,2,3,5").split(","))

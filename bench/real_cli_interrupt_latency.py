@@ -107,6 +107,8 @@ def main():
               aws_access_key_id="testing", aws_secret_access_key="testing")
     sqs, s3 = boto3.client("sqs", **kw), boto3.client("s3", **kw)
     base = tempfile.mkdtemp(prefix="bench-real-int-")
+    # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
+    os.chmod(base, 0o711)
     name = f"brci-{os.getpid()}"
     queues = {n: sqs.create_queue(QueueName=f"{name}-{n}")["QueueUrl"] for n in ("in", "out")}
     s3.create_bucket(Bucket=f"edit.bench.{name}.test")

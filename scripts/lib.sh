@@ -86,6 +86,21 @@ stop_moto() {
   fi
 }
 
+# bubblewrap (Debian's package) for the tenant sandbox's namespaces. Installed when missing and
+# the scripts run as root on Debian; elsewhere the worker detects what it has and says so.
+ensure_bubblewrap() {
+  command -v bwrap >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing bubblewrap (Debian package) for the tenant sandbox"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    fi
+  else
+    log "bubblewrap is missing and cannot be installed here (not root, or no apt-get)"
+  fi
+}
+
 require() {
   for tool in "$@"; do
     command -v "$tool" >/dev/null 2>&1 || { log "missing required tool: $tool"; exit 2; }
