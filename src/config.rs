@@ -75,6 +75,7 @@ const KEYS: &[&str] = &[
     "SANDBOX_MAX_FILE_MB",
     "SANDBOX_MAX_CPU_SECONDS",
     "SANDBOX_MAX_TMP_MB",
+    "SANDBOX_MAX_DISK_MB",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -456,6 +457,7 @@ impl Settings {
         l.file_bytes = self.positive("SANDBOX_MAX_FILE_MB", l.file_bytes >> 20)? << 20;
         l.cpu_seconds = self.positive("SANDBOX_MAX_CPU_SECONDS", l.cpu_seconds)?;
         l.tmp_bytes = self.positive("SANDBOX_MAX_TMP_MB", l.tmp_bytes >> 20)? << 20;
+        l.disk_bytes = self.positive("SANDBOX_MAX_DISK_MB", l.disk_bytes >> 20)? << 20;
         Ok(c)
     }
 }

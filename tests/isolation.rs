@@ -38,6 +38,20 @@ async fn two_tenants(env: &TestEnv) {
     env.push_branch_with("evil", "site", "thread-t-evil", &files);
 }
 
+/// The neighbour's first message, to its end: it has a checkout and a conversation before the
+/// hostile tenant arrives.
+async fn neighbour_settles_in(env: &TestEnv) {
+    let first = env
+        .send(
+            "good",
+            "site",
+            "t1",
+            "Update the homepage title to \"Good 1\"",
+        )
+        .await;
+    terminals(env, std::slice::from_ref(&first), Duration::from_secs(60)).await;
+}
+
 /// Terminal events for all of `ids`, by message id.
 async fn terminals(env: &TestEnv, ids: &[String], timeout: Duration) -> BTreeMap<String, Value> {
     let mut found = BTreeMap::new();
@@ -131,16 +145,7 @@ async fn hostile_tenant_is_contained(isolation: &str) {
         ("SANDBOX_MAX_MEMORY_MB", "512"),
         ("SANDBOX_MAX_FILE_MB", "64"),
     ]);
-    // The neighbour has a checkout and a conversation before the hostile tenant arrives.
-    let first = env
-        .send(
-            "good",
-            "site",
-            "t1",
-            "Update the homepage title to \"Good 1\"",
-        )
-        .await;
-    terminals(&env, std::slice::from_ref(&first), Duration::from_secs(60)).await;
+    neighbour_settles_in(&env).await;
 
     let evil = env
         .send(
@@ -242,6 +247,64 @@ async fn hostile_tenant_is_contained_by_users_alone() {
     hostile_tenant_is_contained("users").await;
 }
 
+/// A tenant that fills the disk with many files, each under the file limit, is stopped at
+/// `SANDBOX_MAX_DISK_MB`: its message fails, far short of the 10 GiB it set out to write, and
+/// the neighbour's message completes meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_filling_the_disk_is_stopped_at_its_limit() {
+    let mut env = TestEnv::new("iso-disk").await;
+    two_tenants(&env).await;
+    env.start_worker(&[
+        ("ISOLATION", "users+namespaces"),
+        ("SANDBOX_MAX_DISK_MB", "256"),
+        ("SANDBOX_MAX_FILE_MB", "64"),
+        // An agent that ends without a result is retried; once is enough here.
+        ("MAX_RECEIVES", "1"),
+    ]);
+    let evil = env
+        .send(
+            "evil",
+            "site",
+            "t-evil",
+            "[standin:exec node hostile.mjs fill]",
+        )
+        .await;
+    let good = env
+        .send(
+            "good",
+            "site",
+            "t1",
+            "Update the homepage title to \"Good 1\"",
+        )
+        .await;
+    let ends = terminals(
+        &env,
+        &[evil.clone(), good.clone()],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(ends[&good]["type"], "completed", "{:#?}", ends[&good]);
+    assert_eq!(ends[&evil]["type"], "failed", "{:#?}", ends[&evil]);
+    let home = env.workspace_root().join(".sandbox/home/evil/site");
+    let written: u64 = std::fs::read_dir(&home)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("fill-"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    // Past 256 MiB, and stopped within a check or two (the files are 32 MiB each).
+    assert!(
+        written > 256 << 20 && written < 2 << 30,
+        "{written} bytes written"
+    );
+    assert!(
+        env.worker_log()
+            .contains("a tenant's run wrote past its disk limit; stopped")
+    );
+    assert!(env.worker_running());
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
 /// The control: without isolation the same script reads the worker's secrets, reads and
 /// writes the neighbour's checkout and plants hooks. (The heavy attempts are skipped: no limit
 /// would stop them.)
@@ -250,15 +313,7 @@ async fn without_isolation_the_hostile_tenant_gets_through() {
     let mut env = TestEnv::new("iso-none").await;
     two_tenants(&env).await;
     env.start_worker(&[("ISOLATION", "none"), ("HOSTILE_TEST_SECRET", SECRET)]);
-    let first = env
-        .send(
-            "good",
-            "site",
-            "t1",
-            "Update the homepage title to \"Good 1\"",
-        )
-        .await;
-    terminals(&env, std::slice::from_ref(&first), Duration::from_secs(60)).await;
+    neighbour_settles_in(&env).await;
     let evil = env
         .send(
             "evil",

@@ -648,6 +648,8 @@ async fn run_once(
     };
     let pgid = child.id().map(|id| id as i32);
     let guard = GroupGuard(pgid);
+    // A tenant that fills the disk with many files, each under its file limit, is stopped.
+    let _disk = jail.watch_disk(pgid);
 
     // stdin from its own task: a prompt larger than the pipe buffer must not block reading.
     // In stream-json mode it stays open for control requests until `stdin_tx` is dropped.

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::config::WorkerConfig;
 use crate::npm_store::{self, NpmStore, SiteFiles};
 use crate::process;
-use crate::sandbox::{Jail, Sandbox, SandboxError};
+use crate::sandbox::{DiskWatch, Jail, Sandbox, SandboxError};
 
 /// Lines of build output kept for the error message: enough to show the error, small enough
 /// for a status event.
@@ -366,6 +366,8 @@ pub(crate) async fn run_logged(
         source,
     })?;
     let pgid = child.id().map(|id| id as i32);
+    // A tenant that fills the disk with many files, each under its file limit, is stopped.
+    let disk = jail.watch_disk(pgid);
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let readers = [
         tokio::spawn(keep_tail(child.stdout.take().expect("piped"), tail.clone())),
@@ -397,6 +399,17 @@ pub(crate) async fn run_logged(
         .cloned()
         .collect::<Vec<_>>()
         .join("\n");
+    if let Some(disk) = disk.filter(DiskWatch::exceeded) {
+        drop(disk);
+        return Ok(Logged {
+            success: false,
+            status: format!(
+                "stopped: it wrote more than {} MB (SANDBOX_MAX_DISK_MB)",
+                jail.disk_limit_mb()
+            ),
+            tail,
+        });
+    }
     Ok(Logged {
         success: status.success(),
         status: status.to_string(),

@@ -121,6 +121,9 @@ pub struct Limits {
     pub cpu_seconds: u64,
     /// Size of the private `/tmp` (namespaces only; without them `/tmp` is the tenant's home).
     pub tmp_bytes: u64,
+    /// What the workspace's uid may have on disk in its checkout, home and agent folder, all
+    /// files together, while a run lasts (checked twice a second; with separate users).
+    pub disk_bytes: u64,
 }
 
 impl Default for Limits {
@@ -131,6 +134,7 @@ impl Default for Limits {
             file_bytes: 1 << 30,
             cpu_seconds: 1800,
             tmp_bytes: 512 << 20,
+            disk_bytes: 4 << 30,
         }
     }
 }
@@ -569,6 +573,13 @@ impl Jail {
             .map_or(Isolation::NONE, |s| s.isolation)
     }
 
+    /// `SANDBOX_MAX_DISK_MB`, for messages.
+    pub fn disk_limit_mb(&self) -> u64 {
+        self.sandbox
+            .as_ref()
+            .map_or(0, |s| s.limits.disk_bytes >> 20)
+    }
+
     /// The uid its processes run as, when it is not the worker's.
     pub fn uid(&self) -> Option<u32> {
         self.uid
@@ -733,6 +744,45 @@ impl Jail {
         Ok(())
     }
 
+    /// While the run in process group `pgid` lasts: add up what the workspace's uid has in its
+    /// folders, and past `SANDBOX_MAX_DISK_MB` kill the group (a tenant filling the disk with
+    /// many files, each under the file limit). `None` without a uid of its own.
+    pub fn watch_disk(&self, pgid: Option<i32>) -> Option<DiskWatch> {
+        let (Some(sandbox), Some(uid), Some(pgid)) = (&self.sandbox, self.uid, pgid) else {
+            return None;
+        };
+        let max = sandbox.limits.disk_bytes;
+        let dirs = self.private.clone();
+        let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = exceeded.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DISK_CHECK).await;
+                let dirs = dirs.clone();
+                let used = tokio::task::spawn_blocking(move || {
+                    dirs.iter().map(|d| bytes_of_uid(d, uid)).sum::<u64>()
+                })
+                .await
+                .unwrap_or(0);
+                if used > max {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pgid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    tracing::warn!(
+                        uid,
+                        used_mb = used >> 20,
+                        max_mb = max >> 20,
+                        "a tenant's run wrote past its disk limit; stopped"
+                    );
+                    return;
+                }
+            }
+        });
+        Some(DiskWatch { task, exceeded })
+    }
+
     /// After a run without namespaces: nothing it started may live on (a daemon that left the
     /// process group). Every process of its uid is killed; with namespaces the kernel does it.
     pub async fn sweep(&self) {
@@ -781,6 +831,30 @@ impl Jail {
     }
 }
 
+/// How often a run's disk use is added up. A run writing at disk speed overshoots the limit by
+/// at most this much time's worth; each file stays under `SANDBOX_MAX_FILE_MB` anyway.
+const DISK_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A run's disk watch: ends (is aborted) when dropped.
+#[derive(Debug)]
+pub struct DiskWatch {
+    task: tokio::task::JoinHandle<()>,
+    exceeded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DiskWatch {
+    /// The run wrote past the limit and its process group was killed.
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for DiskWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// `own_uid`: the run has a uid of its own. `RLIMIT_NPROC` counts every process of the uid, so
 /// it is set only then: on the worker's own uid it would count the worker and every tenant.
 fn apply_limits(limits: &Limits, own_uid: bool) -> std::io::Result<()> {
@@ -811,6 +885,25 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SandboxError> {
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_at(path))
+}
+
+/// Disk use (allocated blocks) of the files `uid` owns under `dir`, not following links.
+fn bytes_of_uid(dir: &Path, uid: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if meta.is_dir() {
+            total += bytes_of_uid(&entry.path(), uid);
+        } else if meta.uid() == uid {
+            total += meta.blocks() * 512;
+        }
+    }
+    total
 }
 
 /// Everything under `dir` (not following links, not entering `skip`) becomes `uid`'s.
