@@ -135,7 +135,12 @@ async fn check_isolation(config: &WorkerConfig) -> Result<String, String> {
         config.isolation,
         config.sandbox_limits.clone(),
         &config.workspace_root,
-        vec![config.npm_store.dir_under(&config.workspace_root)],
+        // The store (its links point there) and the agent's program stay visible.
+        std::iter::once(config.npm_store.dir_under(&config.workspace_root))
+            .chain(edit_worker_actors::sandbox::program_files(
+                &config.agent.bin,
+            ))
+            .collect(),
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -199,7 +199,12 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         config.isolation,
         config.sandbox_limits.clone(),
         &config.workspace_root,
-        vec![config.npm_store.dir_under(&config.workspace_root)],
+        // The store (its links point there) and the agent's program stay visible.
+        std::iter::once(config.npm_store.dir_under(&config.workspace_root))
+            .chain(edit_worker_actors::sandbox::program_files(
+                &config.agent.bin,
+            ))
+            .collect(),
     )
     .await
     {

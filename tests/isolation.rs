@@ -305,6 +305,32 @@ async fn a_tenant_filling_the_disk_is_stopped_at_its_limit() {
     assert_eq!(env.stop_worker(), Some(0));
 }
 
+/// The agent's program may live under /tmp (a checkout of this project there, as CI makes):
+/// the sandbox's private /tmp must not hide it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_under_tmp_still_runs_in_the_sandbox() {
+    let mut env = TestEnv::new("iso-tmp-agent").await;
+    two_tenants(&env).await;
+    let bin = env.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let agent = bin.join("claude-standin");
+    std::fs::copy(common::standin(), &agent).unwrap();
+    assert!(agent.starts_with("/tmp"), "{}", agent.display());
+    let agent = agent.display().to_string();
+    env.start_worker(&[("ISOLATION", "users+namespaces"), ("CLAUDE_BIN", &agent)]);
+    let id = env
+        .send(
+            "good",
+            "site",
+            "t1",
+            "Update the homepage title to \"Under tmp\"",
+        )
+        .await;
+    let ends = terminals(&env, std::slice::from_ref(&id), Duration::from_secs(60)).await;
+    assert_eq!(ends[&id]["type"], "completed", "{:#?}", ends[&id]);
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
 /// The control: without isolation the same script reads the worker's secrets, reads and
 /// writes the neighbour's checkout and plants hooks. (The heavy attempts are skipped: no limit
 /// would stop them.)

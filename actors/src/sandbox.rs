@@ -175,7 +175,8 @@ pub struct Sandbox {
     root: PathBuf,
     /// `{root}/.sandbox`: uids, homes. Only the worker reads it.
     state: PathBuf,
-    /// The dependency store, bound read-only into every run (its links point there).
+    /// What every run must see but not change: the dependency store (its links point there)
+    /// and the programs it runs (the agent), wherever the namespaces would hide them.
     read_only: Vec<PathBuf>,
     /// Workspace -> uid, as read from or written to `uids.json`.
     uids: Mutex<BTreeMap<String, u32>>,
@@ -495,6 +496,28 @@ impl Sandbox {
     }
 }
 
+/// The files a program named `program` is (its path, resolved on `PATH` when it is a bare name,
+/// and where its links lead): what must stay visible to a sandboxed run of it.
+pub fn program_files(program: &Path) -> Vec<PathBuf> {
+    let found = if program.components().count() > 1 || program.is_absolute() {
+        Some(std::path::absolute(program).unwrap_or_else(|_| program.to_owned()))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    let mut files = Vec::new();
+    if let Some(path) = found {
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            files.push(real);
+        }
+        files.push(path);
+    }
+    files
+}
+
 /// Can unprivileged namespaces be made here (as `uid`, when the worker can switch to it)?
 async fn probe_namespaces(uid: Option<u32>) -> Result<(), String> {
     let mut cmd = Command::new("bwrap");
@@ -644,10 +667,29 @@ impl Jail {
         .collect();
         args.push(sandbox.limits.tmp_bytes.to_string().into());
         args.extend(["--tmpfs", "/tmp"].map(OsString::from));
-        // Every workspace, record and home disappears; its own are bound back in.
+        // A program that lives under /tmp (a checkout of this project there, with its agent)
+        // stays visible, read-only: its top folder under /tmp is bound back first...
+        let tmp = Path::new("/tmp");
+        let mut shown: Vec<PathBuf> = Vec::new();
+        for path in &sandbox.read_only {
+            if let Ok(rest) = path.strip_prefix(tmp)
+                && let Some(top) = rest.components().next()
+            {
+                let top = tmp.join(top);
+                if !shown.contains(&top) && top.exists() {
+                    args.extend([
+                        OsString::from("--ro-bind"),
+                        top.clone().into(),
+                        top.clone().into(),
+                    ]);
+                    shown.push(top);
+                }
+            }
+        }
+        // ...then every workspace, record and home disappears; its own are bound back in.
         args.extend([OsString::from("--tmpfs"), sandbox.root.clone().into()]);
         for dir in &sandbox.read_only {
-            if dir.exists() {
+            if dir.is_dir() && dir.starts_with(&sandbox.root) {
                 args.extend([
                     OsString::from("--ro-bind"),
                     dir.clone().into(),
