@@ -131,19 +131,9 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
 
 /// What `run` would detect: the isolation in force, or why there is none.
 async fn check_isolation(config: &WorkerConfig) -> Result<String, String> {
-    let sandbox = edit_worker_actors::sandbox::Sandbox::detect(
-        config.isolation,
-        config.sandbox_limits.clone(),
-        &config.workspace_root,
-        // The store (its links point there) and the agent's program stay visible.
-        std::iter::once(config.npm_store.dir_under(&config.workspace_root))
-            .chain(edit_worker_actors::sandbox::program_files(
-                &config.agent.bin,
-            ))
-            .collect(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let sandbox = edit_worker_actors::sandbox::Sandbox::for_config(config)
+        .await
+        .map_err(|e| e.to_string())?;
     let isolation = sandbox.isolation();
     if isolation.is_none() {
         return Ok("none (ISOLATION=none): tenants' code runs as the worker's user".into());

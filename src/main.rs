@@ -195,19 +195,7 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
     }
     // What the host allows for tenants' code, found out now: a host that allows nothing stops
     // the worker here unless ISOLATION=none says so.
-    let sandbox = match Sandbox::detect(
-        config.isolation,
-        config.sandbox_limits.clone(),
-        &config.workspace_root,
-        // The store (its links point there) and the agent's program stay visible.
-        std::iter::once(config.npm_store.dir_under(&config.workspace_root))
-            .chain(edit_worker_actors::sandbox::program_files(
-                &config.agent.bin,
-            ))
-            .collect(),
-    )
-    .await
-    {
+    let sandbox = match Sandbox::for_config(&config).await {
         Ok(sandbox) => sandbox,
         Err(e) => {
             tracing::error!(error = %e, "tenants' code cannot be isolated");

@@ -330,6 +330,23 @@ impl Sandbox {
         }
     }
 
+    /// What `run` (and `doctor`) detect for `config`: its `ISOLATION` and limits, with the
+    /// dependency store (its links point there) and the agent's program kept visible.
+    pub async fn for_config(
+        config: &crate::config::WorkerConfig,
+    ) -> Result<Arc<Sandbox>, SandboxError> {
+        let visible = std::iter::once(config.npm_store.dir_under(&config.workspace_root))
+            .chain(program_files(&config.agent.bin))
+            .collect();
+        Sandbox::detect(
+            config.isolation,
+            config.sandbox_limits.clone(),
+            &config.workspace_root,
+            visible,
+        )
+        .await
+    }
+
     pub fn isolation(&self) -> Isolation {
         self.isolation
     }
