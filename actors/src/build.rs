@@ -133,7 +133,7 @@ pub async fn build_site(
         None => None,
     };
     if shared.is_none() {
-        jail.hand_over().await?;
+        // The jail was handed over when it was made, just before this build.
         install_in_workspace(spec, jail, dir, state_dir, cancel, &mut report).await?;
     }
     // The links of the store and the output folder's parent are the tenant's to write in.
@@ -399,8 +399,7 @@ pub(crate) async fn run_logged(
         .cloned()
         .collect::<Vec<_>>()
         .join("\n");
-    if let Some(disk) = disk.filter(DiskWatch::exceeded) {
-        drop(disk);
+    if disk.as_ref().is_some_and(DiskWatch::exceeded) {
         return Ok(Logged {
             success: false,
             status: format!(

@@ -235,13 +235,13 @@ impl Sandbox {
             setting,
             IsolationSetting::Namespaces | IsolationSetting::UsersAndNamespaces
         );
+        // What an explicit setting asks for is what it gets, or the worker does not start.
+        let asked = Isolation {
+            separate_users: want_users,
+            namespaces: want_namespaces,
+        };
         let not_possible = |why: String| SandboxError::NotPossible {
-            asked: match setting {
-                IsolationSetting::Users => "users",
-                IsolationSetting::Namespaces => "namespaces",
-                _ => "users+namespaces",
-            }
-            .into(),
+            asked: asked.to_string(),
             why,
         };
         if want_users && !can_switch_users {
@@ -252,24 +252,13 @@ impl Sandbox {
         if want_namespaces && let Err(why) = &namespaces {
             return Err(not_possible(why.clone()));
         }
-        let isolation = match setting {
-            IsolationSetting::Auto => Isolation {
+        let isolation = if setting == IsolationSetting::Auto {
+            Isolation {
                 separate_users: can_switch_users,
                 namespaces: namespaces.is_ok(),
-            },
-            IsolationSetting::Users => Isolation {
-                separate_users: true,
-                namespaces: false,
-            },
-            IsolationSetting::Namespaces => Isolation {
-                separate_users: false,
-                namespaces: true,
-            },
-            IsolationSetting::UsersAndNamespaces => Isolation {
-                separate_users: true,
-                namespaces: true,
-            },
-            IsolationSetting::None => unreachable!("handled above"),
+            }
+        } else {
+            asked
         };
         if isolation.is_none() {
             return Err(SandboxError::Unavailable {
@@ -535,31 +524,36 @@ pub fn program_files(program: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// bubblewrap's namespaces for a run: its own user, PID, IPC, UTS (and cgroup, where it can)
+/// namespaces, the network shared (the agent needs its API, npm its registry), the host's files
+/// read-only, its own `/dev` and `/proc`, and the run dies with its parent.
+const BWRAP_NAMESPACES: &[&str] = &[
+    "--unshare-user",
+    "--unshare-pid",
+    "--unshare-ipc",
+    "--unshare-uts",
+    "--unshare-cgroup-try",
+    "--share-net",
+    "--die-with-parent",
+    "--ro-bind",
+    "/",
+    "/",
+    "--dev",
+    "/dev",
+    "--proc",
+    "/proc",
+];
+
 /// Can unprivileged namespaces be made here (as `uid`, when the worker can switch to it)?
 async fn probe_namespaces(uid: Option<u32>) -> Result<(), String> {
     let mut cmd = Command::new("bwrap");
-    cmd.args([
-        "--unshare-user",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--die-with-parent",
-        "--ro-bind",
-        "/",
-        "/",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--",
-        "true",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    // What every run asks of bubblewrap, so that a probe that passes means runs can start.
+    cmd.args(BWRAP_NAMESPACES)
+        .args(["--tmpfs", "/tmp", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     if let Some(uid) = uid {
         cmd.uid(uid).gid(uid).current_dir("/");
     }
@@ -605,12 +599,6 @@ impl Jail {
             agent_config_dir: None,
             private: Vec::new(),
         }
-    }
-
-    pub fn isolation(&self) -> Isolation {
-        self.sandbox
-            .as_ref()
-            .map_or(Isolation::NONE, |s| s.isolation)
     }
 
     /// `SANDBOX_MAX_DISK_MB`, for messages.
@@ -661,28 +649,8 @@ impl Jail {
     }
 
     fn bwrap_args(&self, sandbox: &Sandbox, cwd: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> = [
-            "--unshare-user",
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            // The agent needs its API, npm its registry.
-            "--share-net",
-            "--die-with-parent",
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--size",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
-        args.push(sandbox.limits.tmp_bytes.to_string().into());
+        let mut args: Vec<OsString> = BWRAP_NAMESPACES.iter().map(OsString::from).collect();
+        args.extend(["--size".into(), sandbox.limits.tmp_bytes.to_string().into()]);
         args.extend(["--tmpfs", "/tmp"].map(OsString::from));
         // A program that lives under /tmp (a checkout of this project there, with its agent)
         // stays visible, read-only: its top folder under /tmp is bound back first...
@@ -761,15 +729,14 @@ impl Jail {
     }
 
     fn hand_over_blocking(&self) -> Result<(), SandboxError> {
+        for dir in &self.private {
+            std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        }
         let Some(uid) = self.uid else {
-            for dir in &self.private {
-                std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-            }
             return Ok(());
         };
         let root = self.sandbox.as_ref().map(|s| s.root.clone());
         for dir in &self.private {
-            std::fs::create_dir_all(dir).map_err(io_at(dir))?;
             // The folders between the root and it: passable, not listable. Folders outside
             // the root (a store or agent folder elsewhere) are the operator's to set.
             let mut at = dir.parent();
