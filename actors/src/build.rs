@@ -136,8 +136,11 @@ pub async fn build_site(
         // The jail was handed over when it was made, just before this build.
         install_in_workspace(spec, jail, dir, state_dir, cancel, &mut report).await?;
     }
-    // The links of the store and the output folder's parent are the tenant's to write in.
-    jail.hand_over().await?;
+    if shared.is_some() {
+        // The worker made the store's links since the jail was handed over: they become the
+        // tenant's too. (An install in the workspace ran as the tenant already.)
+        jail.hand_over().await?;
+    }
     let built = run_build(spec, jail, dir, cancel, &mut report).await;
     if let (Some(store), Some(acquired)) = (&spec.store, &shared) {
         // Also when the build failed: a changed entry must not be loaded by anyone else.

@@ -718,16 +718,18 @@ async fn execute(
                 Err(e) => tracing::warn!(error = %e, "the install ahead of the build ended early"),
             }
         }
+        // Handing the checkout over to the tenant is preparation, not building: done before
+        // the slot, so that a slot is held only while the build runs.
+        let jail = ctx
+            .sandbox
+            .jail(&request.workspace(), &workspace_dir, None)
+            .await?;
         let build_slot = slot(&ctx.build_slots, stop, progress, || {
             JobError::Build(BuildError::Cancelled)
         })
         .await?;
         let t = Instant::now();
         let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
-        let jail = ctx
-            .sandbox
-            .jail(&request.workspace(), &workspace_dir, None)
-            .await?;
         let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
             jail,
             dir: workspace_dir.clone(),

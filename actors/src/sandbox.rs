@@ -786,7 +786,9 @@ impl Jail {
                 tokio::time::sleep(DISK_CHECK).await;
                 let dirs = dirs.clone();
                 let used = tokio::task::spawn_blocking(move || {
-                    dirs.iter().map(|d| bytes_of_uid(d, uid)).sum::<u64>()
+                    dirs.iter()
+                        .map(|d| bytes_of_uid(d, uid, &d.join(".git")))
+                        .sum::<u64>()
                 })
                 .await
                 .unwrap_or(0);
@@ -913,8 +915,9 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_at(path))
 }
 
-/// Disk use (allocated blocks) of the files `uid` owns under `dir`, not following links.
-fn bytes_of_uid(dir: &Path, uid: u32) -> u64 {
+/// Disk use (allocated blocks) of the files `uid` owns under `dir`, not following links, not
+/// entering `skip` (a checkout's `.git`: the worker's, which no tenant can write).
+fn bytes_of_uid(dir: &Path, uid: u32, skip: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -924,7 +927,10 @@ fn bytes_of_uid(dir: &Path, uid: u32) -> u64 {
             continue;
         };
         if meta.is_dir() {
-            total += bytes_of_uid(&entry.path(), uid);
+            let path = entry.path();
+            if path != skip {
+                total += bytes_of_uid(&path, uid, skip);
+            }
         } else if meta.uid() == uid {
             total += meta.blocks() * 512;
         }
