@@ -155,7 +155,8 @@ def machine_cpu_seconds():
     """CPU time spent by everything on the machine (all cores), from /proc/stat."""
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
-    busy = sum(ticks) - ticks[3] - ticks[4]  # everything but idle and iowait
+    # Everything but idle, iowait and steal (time the host gave another machine).
+    busy = sum(ticks) - ticks[3] - ticks[4] - ticks[7]
     return busy / os.sysconf("SC_CLK_TCK")
 
 
@@ -224,13 +225,20 @@ def trace_overhead():
 
 def isolation_cost():
     """Issue 13: what the tenant sandbox costs, against ISOLATION=none, alternating in one run.
-    Saturated: one message into each of 150 fresh workspaces (clone included), tiny build
-    (`node build.mjs`), as fast as the worker goes, for throughput. Light: 10 workspaces at
+    Load (the target): the load benchmark's run 1 (workspaces x 5 messages, agent 2 s, tiny
+    build, AGENT_CONCURRENCY 16, interrupt bursts), throughput = messages / makespan.
+    No think time (the harshest case): one message into each of 150 fresh workspaces (clone
+    included), agent 0 s, a node build, as fast as the worker goes. Light: 10 workspaces at
     4 msg/s, nothing waits, for the time added to each message."""
     rounds = int(os.environ.get("ROUNDS", "3"))
     levels = os.environ.get("ISOLATIONS", "none,users+namespaces,users").split(",")
     messages = max(40, int(150 * SCALE))
     light = max(20, int(60 * SCALE))
+    # 60 workspaces x 5 (300 messages, about a minute): the load benchmark's run 1 at
+    # LOAD_SCALE=0.3 of its 1,000, so that several rounds fit in one run.
+    load_clients = max(2, int(40 * float(os.environ.get("LOAD_SCALE", "0.3"))))
+    load_messages = load_clients * 5 * 5
+    load = {level: [] for level in levels}
     thr = {level: [] for level in levels}
     lat = {level: [] for level in levels}
     # Where the sandbox's work falls: starting the agent and the build in it, handing the
@@ -238,17 +246,27 @@ def isolation_cost():
     steps = {level: [] for level in levels}
     # CPU per message in the saturated runs: the machine, the worker, its children, moto.
     cpu = {level: [] for level in levels}
+    moto_pid = int(os.environ.get("MOTO_PID", "0"))
     for r in range(rounds):
         for level in levels:
             name = level.replace("+", "-")
+            env = {"ISOLATION": level, "PATH": SYSTEM_PATH}
+            tag = f"isl{r}{name}"
+            upstream, q = prepare(tag, load_clients, 5, "tiny-site")
+            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": TINY_BUILD})
+            report, _ = loadgen(tag, q, load_clients, 5, 1, load_messages,
+                                "[standin:sleep 2] [standin:write public/load/{n}.txt {n}]", share=0.1)
+            w.stop()
+            assert report["lost"] == 0, report
+            load[level].append(load_messages / (report["makespanMs"] / 1000))
             tag = f"iso{r}{name}"
             # One message per workspace: none interrupts another, each is a whole run.
             clients = messages // 5
             upstream, q = prepare(tag, clients, 5, "tiny-site")
-            w = Worker(tag, upstream, q, {"BUILD_COMMAND": "node build.mjs", "ISOLATION": level, "PATH": SYSTEM_PATH})
-            cpu0 = cpu_snapshot(int(os.environ.get("MOTO_PID", "0")), w.proc.pid)
+            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": "node build.mjs"})
+            cpu0 = cpu_snapshot(moto_pid, w.proc.pid)
             report, _ = loadgen(tag, q, clients, 5, 1, messages, "[standin:write public/load/{n}.txt {n}]")
-            cpu1 = cpu_snapshot(int(os.environ.get("MOTO_PID", "0")), w.proc.pid)
+            cpu1 = cpu_snapshot(moto_pid, w.proc.pid)
             w.stop()
             busy, moto_cpu, worker_cpu, children_cpu = (b - a for a, b in zip(cpu0, cpu1))
             cpu[level].append((busy / messages * 1000, worker_cpu / messages * 1000,
@@ -257,13 +275,13 @@ def isolation_cost():
             thr[level].append(report["throughputPerSec"])
             tag = f"isol{r}{name}"
             upstream, q = prepare(tag, 10, 1, "tiny-site")
-            w = Worker(tag, upstream, q, {"BUILD_COMMAND": "node build.mjs", "ISOLATION": level, "PATH": SYSTEM_PATH})
+            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": "node build.mjs"})
             report, _ = loadgen(tag, q, 10, 1, 1, light, "[standin:write public/load/{n}.txt {n}]", rate=4)
             w.stop()
             assert report["lost"] == 0, report
             lat[level].append(report["latencyMs"]["p50"])
             steps[level].append(report["phasesMs"]["agent"]["p50"] + report["phasesMs"]["build"]["p50"])
-            print(f"  round {r + 1} {level}: {thr[level][-1]:.2f} msg/s saturated, "
+            print(f"  round {r + 1} {level}: load {load[level][-1]:.2f} msg/s, no think {thr[level][-1]:.2f} msg/s, "
                   f"p50 {lat[level][-1]} ms at 4 msg/s", file=sys.stderr)
 
     def median(xs):
@@ -287,16 +305,29 @@ def isolation_cost():
                       "--tmpfs", BASE, "--chdir", "/", "--", "true"],
                      user=1_000_001, group=1_000_001, extra_groups=[], cwd="/")
 
-    # Against the first level named (none, unless ISOLATIONS says otherwise).
+    # Against the first level named (none, unless ISOLATIONS says otherwise). Each round's ratio
+    # compares runs minutes apart, so a slow spell of the machine hits both sides; the median of
+    # those ratios is printed beside the ratio of the medians.
     first = levels[0]
-    base_thr, base_lat, base_steps = median(thr[first]), median(lat[first]), median(steps[first])
-    print(f"\ntenant sandbox cost: {messages} messages saturated (one per workspace) and {light} at 4 msg/s, "
-          f"{rounds} rounds each, alternating, medians")
-    print("| ISOLATION | throughput, saturated (msg/s) | vs none | send to live p50 at 4 msg/s | vs none | agent + build p50 | vs none |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base_load, base_thr = median(load[first]), median(thr[first])
+    base_lat, base_steps = median(lat[first]), median(steps[first])
+
+    def paired(xs, level):
+        return median([a / b for a, b in zip(xs[level], xs[first])])
+
+    print(f"\ntenant sandbox cost, {rounds} rounds, levels alternating, medians")
+    print(f"- load: the load benchmark's run 1 shape, {load_clients * 5} workspaces x 5 messages, agent 2 s, tiny build")
+    print(f"- no think: {messages} messages, one per fresh workspace, agent 0 s, `node build.mjs`")
+    print(f"- light: {light} messages at 4 msg/s into 10 workspaces")
+    print("| ISOLATION | load (msg/s) | vs none: of medians / median of rounds | no think (msg/s) | vs none: of medians / median of rounds "
+          "| send to live p50, light | vs none | agent + build p50 | vs none |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for level in levels:
-        t, l, st = median(thr[level]), median(lat[level]), median(steps[level])
-        print(f"| {level} | {t:.2f} | {t / base_thr:.3f}x | {l} ms | {l - base_lat:+d} ms | {st} ms | {st - base_steps:+d} ms |")
+        lo, t, l, st = median(load[level]), median(thr[level]), median(lat[level]), median(steps[level])
+        print(f"| {level} | {lo:.2f} | {lo / base_load:.3f}x / {paired(load, level):.3f}x | {t:.2f} | "
+              f"{t / base_thr:.3f}x / {paired(thr, level):.3f}x | {l} ms | {l - base_lat:+d} ms | {st} ms | {st - base_steps:+d} ms |")
+    print("\nper round (msg/s), load / no think: " + "; ".join(
+        f"{level} " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(load[level], thr[level])) for level in levels))
     print("\n| ISOLATION | CPU per message, saturated: machine / worker / its children / moto (ms) |")
     print("| --- | --- |")
     for level in levels:
