@@ -15,6 +15,7 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::backoff::Backoff;
 use crate::job::{InFlight, Job, Receipt, Renewal};
 use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::metrics::metrics;
@@ -303,7 +304,7 @@ pub async fn run_intake(
 ) -> Result<IntakeEnd, IntakeError> {
     let sqs = ctx.delivery.sqs().clone();
     let mut last_activity = Instant::now();
-    let mut error_backoff = Duration::from_millis(500);
+    let mut error_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(20));
     loop {
         if shutdown.is_cancelled() {
             return Ok(IntakeEnd::Shutdown(None));
@@ -377,16 +378,15 @@ pub async fn run_intake(
         };
         let messages = match received {
             Ok(out) => {
-                error_backoff = Duration::from_millis(500);
+                error_backoff.succeeded();
                 out.messages.unwrap_or_default()
             }
             Err(e) => {
                 tracing::error!(error = %DisplayErrorContext(&e), "receiving from the input queue failed; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(error_backoff) => {}
+                    _ = tokio::time::sleep(error_backoff.failed()) => {}
                     _ = shutdown.cancelled() => return Ok(IntakeEnd::Shutdown(None)),
                 }
-                error_backoff = (error_backoff * 2).min(Duration::from_secs(20));
                 continue;
             }
         };

@@ -1,6 +1,7 @@
 //! The actor system of edit-worker. See `ARCHITECTURE.md` at the root for the map.
 
 pub mod agent;
+mod backoff;
 pub mod build;
 pub mod config;
 pub mod delivery;

@@ -12,9 +12,11 @@
 use std::time::Duration;
 
 use aws_sdk_sqs::error::DisplayErrorContext;
+
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::message::WorkspaceKey;
 
 /// SQS's shortest retention: a notice older than this is of no use anyway.
@@ -167,7 +169,7 @@ impl NoticeQueue {
 
     /// Hand every notice to `on_notice` until `shutdown`; then delete the queue.
     pub async fn serve(self, on_notice: impl Fn(Notice), shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             let receive = self
                 .sqs
@@ -183,16 +185,15 @@ impl NoticeQueue {
             };
             let messages = match received {
                 Ok(out) => {
-                    backoff = Duration::from_millis(500);
+                    backoff.succeeded();
                     out.messages.unwrap_or_default()
                 }
                 Err(e) => {
                     tracing::warn!(error = %DisplayErrorContext(&e), "receiving notices failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.failed()) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }
             };

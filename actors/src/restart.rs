@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
+
 #[derive(Debug, Clone)]
 pub struct RestartPolicy {
     pub max_restarts: usize,
@@ -56,8 +58,11 @@ impl RestartPolicy {
                 window: self.window,
             });
         }
-        let factor = 1u32 << (failures - 1).min(16);
-        Ok((self.base_backoff * factor).min(self.max_backoff))
+        Ok(Backoff::after(
+            self.base_backoff,
+            self.max_backoff,
+            failures,
+        ))
     }
 }
 
