@@ -15,6 +15,7 @@ use crate::agent::{AgentActivity, AgentError, AgentReport, AgentSession};
 use crate::build::BuildError;
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
+use crate::git::subprocess::GitCommandError;
 use crate::git::{Fence, GitError, SAVE_MESSAGE, agent_commit_subject};
 use crate::job::{Job, StopReason, StopSignal};
 use crate::lease::{Acquired, Lease, LeaseCheck, LeaseError, LeaseLost, Leases};
@@ -181,6 +182,9 @@ impl JobError {
             JobError::Build(e) => e.kind(),
             JobError::Publish(e) => e.kind(),
             JobError::StepCrashed(_) => "step_crashed",
+            JobError::Push(GitError::Command(GitCommandError::PushRefused { .. })) => {
+                "push_rejected"
+            }
             JobError::Push(_) => "push_failed",
             JobError::Records(_) => "record_store_failed",
             JobError::Lease(_) => "lease_store_failed",

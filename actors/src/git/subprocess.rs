@@ -80,6 +80,14 @@ pub enum GitCommandError {
         status: String,
         stderr: String,
     },
+    /// The upstream answered and refused the push of one or more refs (a branch moved on, a
+    /// fence that is not ours, a hook that declined): unlike an unreachable upstream, trying
+    /// the same push again gets the same answer.
+    #[error("the upstream refused `git {args}`: {}", describe_refused(.refused))]
+    PushRefused {
+        args: String,
+        refused: Vec<RefusedRef>,
+    },
     #[error("`git {args}` did not finish within {timeout:?}")]
     TimedOut { args: String, timeout: Duration },
     #[error("refusing to run git in {dir}: {reason}")]
@@ -90,6 +98,40 @@ pub enum GitCommandError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A ref the upstream refused, from a `!` line of `git push --porcelain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRef {
+    /// The ref on the upstream (`refs/heads/...`).
+    pub target: String,
+    /// git's summary and reason: `[rejected] (fetch first)`, `[remote rejected] (...)`.
+    pub reason: String,
+}
+
+fn describe_refused(refused: &[RefusedRef]) -> String {
+    refused
+        .iter()
+        .map(|r| format!("{} {}", r.target, r.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The refused refs of `git push --porcelain`'s output: lines `!\t<from>:<to>\t<summary>`.
+/// An atomic push refuses every ref once one is refused; they are all listed.
+fn refused_refs(porcelain: &str) -> Vec<RefusedRef> {
+    porcelain
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.strip_prefix("!\t")?.splitn(2, '\t');
+            let spec = fields.next()?;
+            let target = spec.rsplit_once(':').map_or(spec, |(_, to)| to);
+            Some(RefusedRef {
+                target: target.to_owned(),
+                reason: redact_string(fields.next().unwrap_or("").trim().to_owned()),
+            })
+        })
+        .collect()
 }
 
 /// What git may do for one workspace, from its configured remote: which transports are open,
@@ -253,12 +295,8 @@ impl GitProgram {
     /// Push `branch` to the same name on `origin`.
     pub async fn push(&self, branch: &str) -> Result<(), GitCommandError> {
         let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        self.run(
-            &["push", "--quiet", "--porcelain", "origin", &refspec],
-            NETWORK_TIMEOUT,
-        )
-        .await
-        .map(drop)
+        self.run_push(&["push", "--quiet", "--porcelain", "origin", &refspec])
+            .await
     }
 
     /// Push `branch` together with the lease's fence ref, atomically: the push goes through
@@ -273,21 +311,17 @@ impl GitProgram {
         let branch_spec = format!("refs/heads/{branch}:refs/heads/{branch}");
         let fence_spec = format!("{fence_commit}:{fence_ref}");
         let lease = format!("--force-with-lease={fence_ref}:{fence_commit}");
-        self.run(
-            &[
-                "push",
-                "--quiet",
-                "--porcelain",
-                "--atomic",
-                &lease,
-                "origin",
-                &branch_spec,
-                &fence_spec,
-            ],
-            NETWORK_TIMEOUT,
-        )
+        self.run_push(&[
+            "push",
+            "--quiet",
+            "--porcelain",
+            "--atomic",
+            &lease,
+            "origin",
+            &branch_spec,
+            &fence_spec,
+        ])
         .await
-        .map(drop)
     }
 
     /// Move the upstream's fence ref to `commit`, only if it is still `expected` (`None`: only
@@ -300,12 +334,8 @@ impl GitProgram {
     ) -> Result<(), GitCommandError> {
         let lease = format!("--force-with-lease={fence_ref}:{}", expected.unwrap_or(""));
         let spec = format!("{commit}:{fence_ref}");
-        self.run(
-            &["push", "--quiet", "--porcelain", &lease, "origin", &spec],
-            NETWORK_TIMEOUT,
-        )
-        .await
-        .map(drop)
+        self.run_push(&["push", "--quiet", "--porcelain", &lease, "origin", &spec])
+            .await
     }
 
     /// The commit a ref of `origin` points at, if it exists there.
@@ -404,7 +434,39 @@ impl GitProgram {
         self.run(&full, LOCAL_TIMEOUT).await.map(drop)
     }
 
+    /// Run a `git push --porcelain`: a refusal by the upstream is `PushRefused`, told apart
+    /// from an upstream that could not be reached (`Failed`).
+    async fn run_push(&self, args: &[&str]) -> Result<(), GitCommandError> {
+        let (output, joined) = self.output(args, NETWORK_TIMEOUT).await?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let refused = refused_refs(&String::from_utf8_lossy(&output.stdout));
+        if refused.is_empty() {
+            Err(failed(joined, &output))
+        } else {
+            Err(GitCommandError::PushRefused {
+                args: joined,
+                refused,
+            })
+        }
+    }
+
     async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, GitCommandError> {
+        let (output, joined) = self.output(args, timeout).await?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(failed(joined, &output))
+        }
+    }
+
+    /// Run git with `args` here; its output, and `args` joined and redacted for messages.
+    async fn output(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<(std::process::Output, String), GitCommandError> {
         if self.checkout {
             self.secure_checkout().await?;
         }
@@ -428,24 +490,22 @@ impl GitProgram {
             .kill_on_drop(true);
         // The remote URL (with a token in it) is in clone's argv.
         let joined = redact_string(args.join(" "));
-        let output = match tokio::time::timeout(timeout, cmd.output()).await {
-            Ok(result) => result.map_err(GitCommandError::Spawn)?,
-            Err(_) => {
-                return Err(GitCommandError::TimedOut {
-                    args: joined,
-                    timeout,
-                });
-            }
-        };
-        if output.status.success() {
-            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-        } else {
-            Err(GitCommandError::Failed {
+        match tokio::time::timeout(timeout, cmd.output()).await {
+            Ok(result) => Ok((result.map_err(GitCommandError::Spawn)?, joined)),
+            Err(_) => Err(GitCommandError::TimedOut {
                 args: joined,
-                status: output.status.to_string(),
-                stderr: redact_string(String::from_utf8_lossy(&output.stderr).trim().to_owned()),
-            })
+                timeout,
+            }),
         }
+    }
+}
+
+/// A git call that ended badly, with its (redacted) stderr.
+fn failed(args: String, output: &std::process::Output) -> GitCommandError {
+    GitCommandError::Failed {
+        args,
+        status: output.status.to_string(),
+        stderr: redact_string(String::from_utf8_lossy(&output.stderr).trim().to_owned()),
     }
 }
 
@@ -691,6 +751,66 @@ mod tests {
         let local = GitPolicy::for_remote(Some("/srv/x.git")).overrides();
         assert!(!local.contains(&"protocol.file.allow=never"));
         assert!(local.contains(&"protocol.ext.allow=never"));
+    }
+
+    #[test]
+    fn porcelain_refusals_are_read_ref_by_ref() {
+        let out = "To /srv/up.git\n!\tHEAD:refs/heads/y\t[rejected] (atomic push failed)\n\
+                   !\tabc:refs/edit-worker/lease/c/p\t[rejected] (stale info)\n \t\
+                   refs/heads/z:refs/heads/z\t[up to date]\nDone\n";
+        assert_eq!(
+            refused_refs(out),
+            vec![
+                RefusedRef {
+                    target: "refs/heads/y".into(),
+                    reason: "[rejected] (atomic push failed)".into()
+                },
+                RefusedRef {
+                    target: "refs/edit-worker/lease/c/p".into(),
+                    reason: "[rejected] (stale info)".into()
+                },
+            ]
+        );
+        assert!(
+            refused_refs("To /srv/up.git\n*\tHEAD:refs/heads/n\t[new branch]\nDone\n").is_empty()
+        );
+    }
+
+    /// A push the upstream refuses and one that never reaches it are different errors: the
+    /// first is not worth repeating, the second is.
+    #[tokio::test]
+    async fn a_refused_push_is_told_apart_from_an_unreachable_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = bare(dir.path());
+        let remote = up.to_str().unwrap();
+        let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+        GitProgram::clone_into(remote, &ours).await.unwrap();
+        GitProgram::clone_into(remote, &theirs).await.unwrap();
+        for (checkout, file) in [(&theirs, "theirs.txt"), (&ours, "ours.txt")] {
+            std::fs::write(checkout.join(file), "x\n").unwrap();
+            git(checkout, &["add", "-A"]);
+            git(checkout, &["commit", "-qm", file]);
+        }
+        let policy = GitPolicy::for_remote(Some(remote));
+        GitProgram::new(&theirs, &policy)
+            .push("main")
+            .await
+            .unwrap();
+
+        match GitProgram::new(&ours, &policy).push("main").await {
+            Err(GitCommandError::PushRefused { refused, .. }) => {
+                assert_eq!(refused.len(), 1, "{refused:?}");
+                assert_eq!(refused[0].target, "refs/heads/main");
+                assert!(refused[0].reason.contains("rejected"), "{refused:?}");
+            }
+            other => panic!("a non-fast-forward push must be refused, got {other:?}"),
+        }
+
+        std::fs::remove_dir_all(&up).unwrap();
+        match GitProgram::new(&ours, &policy).push("main").await {
+            Err(GitCommandError::Failed { .. }) => {}
+            other => panic!("an upstream that is gone is a failure, not a refusal: {other:?}"),
+        }
     }
 
     const CLONED: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n[remote \"origin\"]\n\turl = /srv/git/c/p.git\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n[branch \"main\"]\n\tremote = origin\n\tmerge = refs/heads/main\n";

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backoff::Backoff;
+
 use super::local::{self, Identity, LocalGitError};
 use super::subprocess::{GitCommandError, GitPolicy, GitProgram};
 
@@ -355,7 +357,7 @@ impl Workspace {
     }
 
     /// Push `branch` to the upstream, retrying with backoff: a remote that is away for a
-    /// moment must not cost the client their edit.
+    /// moment must not cost the client their edit. A push the upstream refuses is not retried.
     ///
     /// With a `fence`, the push carries it (see `Fence`) and one the upstream refuses because
     /// the fence has moved on is not retried: the workspace has another holder.
@@ -373,7 +375,7 @@ impl Workspace {
             Some(f) => Some(self.fence_commit(f).await?),
             None => None,
         };
-        let mut delay = Duration::from_millis(500);
+        let mut delay = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut attempt = 1;
         loop {
             let pushed = match (fence, &fence_commit) {
@@ -392,10 +394,11 @@ impl Workspace {
             }
             match pushed {
                 Ok(()) => return Ok(()),
+                // The upstream answered and said no: the same push would get the same answer.
+                Err(e @ GitCommandError::PushRefused { .. }) => return Err(e.into()),
                 Err(e) if attempt < attempts.max(1) => {
                     tracing::warn!(branch, attempt, error = %e, "push failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(delay.failed()).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
