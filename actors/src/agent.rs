@@ -19,7 +19,7 @@
 //!
 //! The agent joins the message's trace: it gets `TRACEPARENT` of the job's `agent run` span
 //! (ractor carries the span into the agent actor's handler). What the pinned CLI (2.1.332,
-//! checked in tests/real_cli.rs) does with it: in headless mode it takes it as the parent of its
+//! checked in tests/suite/real_cli.rs) does with it: in headless mode it takes it as the parent of its
 //! own spans, which it exports only when its telemetry is on (`CLAUDE_CODE_ENABLE_TELEMETRY=1`,
 //! `CLAUDE_CODE_ENHANCED_TELEMETRY_BETA=1`, `OTEL_TRACES_EXPORTER=otlp` and an OTLP endpoint:
 //! the worker sets these when it exports traces itself, see `agent_env`). Then one

@@ -2,11 +2,9 @@
 //! no status event, no log line and no dead-letter message. Real parts: moto (SQS, S3), git,
 //! the worker binary and the stand-in agent.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, of_type};
+use crate::common::{Site, TestEnv, of_type};
 
 /// A GitHub-shaped token in the remote template; port 9 (discard) on localhost refuses at once.
 const TOKEN: &str = "ghp_SECRETSECRETSECRETSECRETSECRETSECRET12";

@@ -7,11 +7,11 @@
 //! The stand-in (`tools/claude-standin`) stays for tests/agent.rs and the load runs, where speed
 //! matters; this file is where the stand-in's reading of the contract meets the real program.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     FakeApi, Site, TestEnv, conversation_text, env_pairs, git, is_terminal, of_type,
     pids_working_in,
 };

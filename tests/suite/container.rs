@@ -1,7 +1,7 @@
 //! Issue 7: what can be checked of the container without a Docker engine (none runs on these
 //! machines): the Dockerfile's promises, `healthcheck`, and `doctor` against moto.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

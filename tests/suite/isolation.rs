@@ -6,13 +6,13 @@
 //! what shows these checks can fail. Real parts: moto, git, bubblewrap, the worker binary, the
 //! stand-in agent (its `exec` runs the hostile script as the CLI's Bash tool would).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, is_terminal};
+use crate::common::{Site, TestEnv, is_terminal};
 use serde_json::Value;
 
 const SECRET: &str = "hostile-test-secret-value";

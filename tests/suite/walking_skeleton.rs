@@ -1,11 +1,11 @@
 //! Issue 2: one SQS message becomes a pushed commit and a live edit site in S3, against real
 //! parts: moto (SQS, S3), git with a bare upstream, the sample sites and the stand-in agent.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, files_under, git, of_type};
+use crate::common::{Site, TestEnv, files_under, git, of_type};
 
 const EXAMPLE_COMMAND: &str =
     "Update the homepage title to \"Amelia Stamps - Handcrafted with Love\"";

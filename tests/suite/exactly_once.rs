@@ -3,14 +3,14 @@
 //! needed (a delete that does not take, a second copy with a new receipt handle) the worker
 //! reads its input queue through `tools/sqs-fault-proxy`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{FaultProxy, Site, TestEnv, git, is_terminal};
+use crate::common::{FaultProxy, Site, TestEnv, git, is_terminal};
 use serde_json::Value;
 
 fn terminal_for<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {

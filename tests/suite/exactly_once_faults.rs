@@ -8,14 +8,12 @@
 //! a thread applied after a newer one, each thread's branch holding its newest applied request,
 //! each bucket holding the build of the last publish reported, nothing dead-lettered.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{FaultProxy, Site, TestEnv, is_terminal};
+use crate::common::{FaultProxy, Site, TestEnv, is_terminal};
 use serde_json::Value;
 
 const CLIENTS: [&str; 3] = ["eoa", "eob", "eoc"];

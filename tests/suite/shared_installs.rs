@@ -3,12 +3,12 @@
 //! again; a half-written or changed store entry is never used; a build cannot change what
 //! another site's build loads.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Site, TestEnv, event_of, make_removable};
+use crate::common::{Site, TestEnv, event_of, make_removable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(360);

@@ -16,9 +16,27 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// The moto endpoint. `scripts/test` starts one moto for the whole run and exports it.
 pub fn endpoint() -> String {
-    std::env::var("EDIT_WORKER_TEST_ENDPOINT").expect(
-        "EDIT_WORKER_TEST_ENDPOINT is not set: run the tests with `scripts/test`, which starts moto",
-    )
+    set_by_scripts_test("EDIT_WORKER_TEST_ENDPOINT")
+}
+
+/// A setting `scripts/test` makes (moto's address, the CLI it installed). Without it (a plain
+/// `cargo test`), the run ends at once with one line saying how to run the suite, instead of
+/// every test failing on its own.
+fn set_by_scripts_test(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(value) => value,
+        Err(_) => {
+            use std::io::Write;
+            // Straight to the process's stderr: the test harness captures `eprintln!`, and
+            // the exit would take the captured text with it.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{name} is not set: run the integration tests with `scripts/test` (it installs \
+                 moto and the pinned Claude Code CLI, starts moto, then runs cargo test)"
+            );
+            std::process::exit(2)
+        }
+    }
 }
 
 pub fn repo_root() -> PathBuf {
@@ -655,14 +673,12 @@ pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
     )
 }
 
-// ------------------------------------------------- the real Claude Code CLI (tests/real_cli.rs)
+// ------------------------------------------------- the real Claude Code CLI (tests/suite/real_cli.rs)
 
 /// The REAL Claude Code CLI, pinned in `tools/claude-code.version` and installed into
 /// `.tools/claude-code` by `scripts/test`, which exports its path.
 pub fn real_claude() -> PathBuf {
-    PathBuf::from(std::env::var("EDIT_WORKER_TEST_CLAUDE_BIN").expect(
-        "EDIT_WORKER_TEST_CLAUDE_BIN is not set: run the tests with `scripts/test`, which installs the pinned Claude Code CLI",
-    ))
+    PathBuf::from(set_by_scripts_test("EDIT_WORKER_TEST_CLAUDE_BIN"))
 }
 
 /// `tools/fake-anthropic-api` for one test: a scripted Messages API on loopback that the real

@@ -1,7 +1,7 @@
 //! Issue 4: the publisher against moto. Content-compared uploads, order, headers, safety.
 //! Issue 13: a bucket belongs to one workspace; size caps on what a build may publish.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};

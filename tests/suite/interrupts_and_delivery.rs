@@ -1,11 +1,11 @@
 //! Issue 3: interrupts, delivery that loses nothing, crash recovery, shutdown, and faults of
 //! the parts we depend on (S3, the git remote), against moto, git and real processes.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, git, is_terminal, of_type};
+use crate::common::{Site, TestEnv, git, is_terminal, of_type};
 
 fn terminal_for<'a>(events: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
     events

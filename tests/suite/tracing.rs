@@ -2,13 +2,13 @@
 //! exporter to a receiver this test runs on 127.0.0.1 (OTLP over HTTP/protobuf, decoded with
 //! the protocol's own message types).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Site, TestEnv};
+use crate::common::{Site, TestEnv};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message as _;

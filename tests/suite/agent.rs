@@ -2,11 +2,9 @@
 //! a failure kind per failure, a watchdog, throttled progress, build repair, a clean
 //! environment. Against the stand-in agent, moto and git.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Site, TestEnv, git, is_terminal, of_type};
+use crate::common::{Site, TestEnv, git, is_terminal, of_type};
 
 fn terminal(events: &[serde_json::Value], id: &str) -> serde_json::Value {
     events

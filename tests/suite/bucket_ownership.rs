@@ -3,11 +3,9 @@
 //! the first to publish owns it, the other's message fails at once with
 //! `bucket_owned_elsewhere`, and the owner's site stays exactly as it was.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Site, TestEnv, event_of};
+use crate::common::{Site, TestEnv, event_of};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_project_cannot_publish_into_the_first_projects_bucket() {

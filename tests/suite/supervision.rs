@@ -2,11 +2,9 @@
 //! flight is retried and ends with exactly one terminal event. Needs the test-only cargo
 //! feature `fault-injection` (scripts/test enables it).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Site, TestEnv, is_terminal};
+use crate::common::{Site, TestEnv, is_terminal};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_step_actor_panics_once_and_the_message_still_completes() {

@@ -10,13 +10,13 @@
 //! request they hold; the marker `[mw n=…]` in the prompt ties the stand-in's runs (its call
 //! log, `standin-calls.jsonl` in each `CLAUDE_CONFIG_DIR`) to the requests.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     LeaseHeld, Site, TestEnv, WorkerProcess, git, git_ok, is_terminal, lease_intervals,
     lease_overlaps, log_message, log_text, log_u64, now_ms, tail,
 };
@@ -458,7 +458,7 @@ impl Cluster {
                 }
                 if matches!(
                     e["error"]["kind"].as_str(),
-                    Some("push_failed" | "thread_diverged")
+                    Some("push_failed" | "push_rejected" | "thread_diverged")
                 ) {
                     found
                         .entry("push_rejected")

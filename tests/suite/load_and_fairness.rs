@@ -2,12 +2,12 @@
 //! generator's accounting. Not timed tests: each asserts an outcome that a broken mechanism
 //! would change by far more than the noise of these machines.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Site, TestEnv, is_terminal};
+use crate::common::{Site, TestEnv, is_terminal};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_intake_holds_no_more_than_max_in_flight() {

@@ -1,0 +1,24 @@
+//! The integration suite, one test binary: the worker's dependencies (the AWS SDK above all)
+//! are linked once, not once per file, and every scenario can run beside every other.
+//! `scripts/test` runs it against one moto; `scripts/test -- isolation::` runs one module.
+
+mod common;
+
+mod agent;
+mod bucket_ownership;
+mod container;
+mod exactly_once;
+mod exactly_once_faults;
+mod interrupts_and_delivery;
+mod isolation;
+mod load_and_fairness;
+mod many_workers;
+mod publisher;
+mod real_cli;
+mod secrets;
+mod shared_installs;
+/// Needs the test-only feature `fault-injection` (scripts/test enables it).
+#[cfg(feature = "fault-injection")]
+mod supervision;
+mod tracing;
+mod walking_skeleton;
