@@ -30,11 +30,11 @@ async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
             "Update the homepage title to \"Partial\" [standin:sleep 30]",
         )
         .await;
+    // The first progress event: the agent has made its partial edit (the stand-in reports a
+    // tool use after the file is written).
     let mut events = env
-        .wait_for(&slow, "started", Duration::from_secs(30))
+        .wait_for(&slow, "progress", Duration::from_secs(30))
         .await;
-    // Let the agent make its partial edit before the interrupt.
-    tokio::time::sleep(Duration::from_millis(800)).await;
     let newer = env
         .send(
             "fay",
@@ -173,8 +173,8 @@ async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
             "Update the homepage title to \"After crash\" [standin:sleep 5]",
         )
         .await;
-    env.wait_for(&id, "started", Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Mid-run: the agent has made its edit and works on.
+    env.wait_for(&id, "progress", Duration::from_secs(30)).await;
     common::nix_kill(env.worker_pid().unwrap(), "KILL").unwrap();
     assert_eq!(
         env.wait_worker(Duration::from_secs(10)),
@@ -231,8 +231,8 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
             "Update the homepage title to \"Half done\" [standin:sleep 60]",
         )
         .await;
-    env.wait_for(&id, "started", Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Mid-run: the agent has made its edit and works on.
+    env.wait_for(&id, "progress", Duration::from_secs(30)).await;
     let asked = Instant::now();
     assert_eq!(env.stop_worker(), Some(0), "{}", env.worker_log());
     assert!(

@@ -207,9 +207,9 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
 
     // An interrupted message's trace shows the interrupt.
     let slow = send_with_attributes(&env, "u", "[standin:sleep 30]", None, None).await;
-    env.wait_for(&slow, "started", Duration::from_secs(30))
+    // Its agent at work (a progress event), not merely started.
+    env.wait_for(&slow, "progress", Duration::from_secs(30))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let newer = send_with_attributes(&env, "v", "[standin:write n.txt 1]", None, None).await;
     env.wait_for(&newer, "completed", Duration::from_secs(60))
         .await;
