@@ -25,6 +25,7 @@ const KEYS: &[&str] = &[
     "CLAUDE_BIN",
     "BUILD_COMMAND",
     "BUILD_OUTPUT_DIR",
+    "BUILD_SCRIPTS_WITHOUT_NPM",
     "CLIENT_ID",
     "PROJECT_ID",
     "MAX_COMMAND_BYTES",
@@ -122,11 +123,14 @@ impl Settings {
                 }
                 let bad = || ConfigError::Parse {
                     path: path.to_owned(),
-                    message: format!("`{key}` must be a string, a whole number or a list of words"),
+                    message: format!(
+                        "`{key}` must be a string, a whole number, true or false, or a list of words"
+                    ),
                 };
                 let text = match value {
                     toml::Value::String(s) => s,
                     toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
                     toml::Value::Array(words) => words
                         .iter()
                         .map(|w| w.as_str().map(str::to_owned).ok_or_else(bad))
@@ -374,6 +378,9 @@ impl Settings {
                 });
             }
             c.build_output_dir = dir;
+        }
+        if self.get("BUILD_SCRIPTS_WITHOUT_NPM").is_some() {
+            c.build_scripts_without_npm = self.flag("BUILD_SCRIPTS_WITHOUT_NPM")?;
         }
         for (key, slot) in [
             ("CLIENT_ID", &mut c.only_client),

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::config::WorkerConfig;
 use crate::npm_store::{self, NpmStore, SiteFiles};
+use crate::package_script;
 use crate::process;
 use crate::sandbox::{DiskWatch, Jail, Sandbox, SandboxError};
 
@@ -36,6 +37,8 @@ pub struct BuildSpec {
     pub command: Vec<String>,
     /// Output folder, relative to the workspace.
     pub output_dir: PathBuf,
+    /// `npm run <script>` runs the script directly where npm would add nothing.
+    pub scripts_without_npm: bool,
     /// Time limit for the install and for the build, each.
     pub timeout: Duration,
     /// The shared dependency store; `None`: `npm ci` in each workspace (`INSTALL_MODE=per-workspace`).
@@ -50,6 +53,7 @@ impl BuildSpec {
         BuildSpec {
             command: config.build_command.clone(),
             output_dir: config.build_output_dir.clone(),
+            scripts_without_npm: config.build_scripts_without_npm,
             timeout: config.build_timeout,
             store: settings.shared.then(|| {
                 NpmStore::new(
@@ -267,7 +271,7 @@ async fn install_in_workspace(
     if let Some(lock_hash) = install_needed(dir, state_dir).await? {
         let started = Instant::now();
         let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
-        let out = run_logged(&argv, jail, dir, spec.timeout, cancel)
+        let out = run_logged(&argv, &[], jail, dir, spec.timeout, cancel)
             .instrument(tracing::info_span!("install dependencies"))
             .await?;
         if !out.success {
@@ -301,8 +305,17 @@ async fn run_build(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    let out = run_logged(&spec.command, jail, dir, spec.timeout, cancel)
-        .instrument(tracing::info_span!("build site", command = %spec.command.join(" ")))
+    // npm's start-up is half a second of every build; skipped where it would add nothing.
+    let direct = spec
+        .scripts_without_npm
+        .then(|| package_script::direct(&spec.command, dir))
+        .flatten();
+    let (argv, env) = match direct {
+        Some(script) => (script.argv, script.env),
+        None => (spec.command.clone(), Vec::new()),
+    };
+    let out = run_logged(&argv, &env, jail, dir, spec.timeout, cancel)
+        .instrument(tracing::info_span!("build site", command = %argv.join(" ")))
         .await?;
     if !out.success {
         return Err(BuildError::BuildFailed {
@@ -339,10 +352,11 @@ pub(crate) struct Logged {
 /// How long the build's output is still read after the build has ended.
 const READ_AFTER_EXIT: Duration = Duration::from_secs(2);
 
-/// Run argv in `dir` in `jail`, in its own process group; keep the last lines of stdout and
-/// stderr.
+/// Run argv in `dir` in `jail`, in its own process group, with `env` on top of the allowed
+/// environment; keep the last lines of stdout and stderr.
 pub(crate) async fn run_logged(
     argv: &[String],
+    env: &[(String, std::ffi::OsString)],
     jail: &Jail,
     dir: &Path,
     timeout: Duration,
@@ -364,6 +378,7 @@ pub(crate) async fn run_logged(
     cmd.env("ASTRO_TELEMETRY_DISABLED", "1").env("CI", "1");
     // Its own HOME, TMPDIR and npm cache in the sandbox.
     cmd.envs(jail.env());
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let mut child = cmd.spawn().map_err(|source| BuildError::Spawn {
         program: program.clone(),
         source,

@@ -14,6 +14,7 @@ pub mod message;
 pub mod metrics;
 pub mod notices;
 pub mod npm_store;
+mod package_script;
 pub mod pipeline;
 pub mod process;
 pub mod publish;

@@ -761,6 +761,7 @@ impl Inner {
         // Not the message's token: see `acquire`.
         let out = build::run_logged(
             &self.install_argv,
+            &[],
             &jail,
             tmp,
             timeout,

@@ -407,3 +407,46 @@ async fn work_pushed_to_the_thread_elsewhere_is_built_on() {
     );
     assert_eq!(env.stop_worker(), Some(0));
 }
+
+/// `npm run build` of a plain package script runs the script directly (npm's start-up is half
+/// a second of every build), with what npm would give it: the package's `node_modules/.bin`
+/// first on `PATH` and npm's lifecycle variables. With `BUILD_SCRIPTS_WITHOUT_NPM=false`, npm
+/// runs it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_build_script_runs_without_npm_unless_told_to_use_npm() {
+    // The agent makes the build a script that reports who ran it, as the page.
+    let edit = "[standin:write package.json {\"name\":\"tiny-site\",\"version\":\"0.1.0\",\
+                \"type\":\"module\",\"scripts\":{\"build\":\"node report.mjs\"}}] \
+                [standin:write report.mjs import { mkdirSync, writeFileSync } from \"node:fs\"; \
+                mkdirSync(\"dist\", { recursive: true }); writeFileSync(\"dist/index.html\", \
+                JSON.stringify({ event: process.env.npm_lifecycle_event, \
+                npm: process.env.npm_config_user_agent || \"none\", \
+                bin: process.env.PATH.split(\":\").shift() }));]";
+    for (without_npm, client) in [("true", "dana"), ("false", "fern")] {
+        let mut env = TestEnv::new(&format!("scripts-{without_npm}")).await;
+        let bucket = env.bucket(client, "site");
+        env.create_bucket(&bucket).await;
+        env.create_upstream(client, "site", Site::Tiny);
+        env.start_worker(&[("BUILD_SCRIPTS_WITHOUT_NPM", without_npm)]);
+        env.send(client, "site", "t", edit).await;
+        let events = env.events_until_terminal(1, Duration::from_secs(60)).await;
+        assert_eq!(
+            of_type(&events, "completed").len(),
+            1,
+            "{events:#?}\n{}",
+            env.worker_log()
+        );
+        let page = &env.bucket_contents(&bucket).await["index.html"].1;
+        let ran: serde_json::Value = serde_json::from_slice(page).unwrap();
+        assert_eq!(ran["event"], "build", "{ran}");
+        let bin = ran["bin"].as_str().unwrap();
+        assert!(bin.ends_with("/node_modules/.bin"), "{ran}");
+        let npm = ran["npm"].as_str().unwrap();
+        if without_npm == "true" {
+            assert_eq!(npm, "none", "npm ran the plain script: {ran}");
+        } else {
+            assert!(npm.starts_with("npm/"), "npm did not run it: {ran}");
+        }
+        assert_eq!(env.stop_worker(), Some(0));
+    }
+}
