@@ -109,6 +109,9 @@ class Worker:
                "PROGRESS_INTERVAL_SECONDS": "60", **extra}
         if "npm_config_cache" in os.environ:
             env["npm_config_cache"] = os.environ["npm_config_cache"]
+        # BUILD_SCRIPTS_WITHOUT_NPM=false measures builds through npm, as before.
+        if "BUILD_SCRIPTS_WITHOUT_NPM" in os.environ:
+            env["BUILD_SCRIPTS_WITHOUT_NPM"] = os.environ["BUILD_SCRIPTS_WITHOUT_NPM"]
         self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "w"))
 
