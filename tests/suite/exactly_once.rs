@@ -342,6 +342,20 @@ async fn work_interrupted_before_its_build_is_pushed() {
     env.start_worker(&[("BUILD_CONCURRENCY", "1")]);
     env.send("fox", "site", "s", "[standin:write slow-build 20]")
         .await;
+    // The slow build runs, so it holds the one slot: else the other workspace's agent could
+    // finish first and take the slot (seen with four tests at once on two cores).
+    let fox = env.workspace_root().join("fox/site");
+    until(
+        "fox's slow build to hold the slot",
+        Duration::from_secs(30),
+        || {
+            common::pids_working_in(&fox).iter().any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|argv| String::from_utf8_lossy(&argv).contains("build.mjs"))
+            })
+        },
+    )
+    .await;
     let waiting = env
         .send("fog", "site", "a", "[standin:write a.txt a]")
         .await;
