@@ -524,6 +524,32 @@ impl TestEnv {
         );
     }
 
+    /// Wait until a progress event of `message_id` names `step` (a tool, such as `Edit`, the
+    /// agent has used); returns every event seen.
+    pub async fn wait_for_step(
+        &self,
+        message_id: &str,
+        step: &str,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let mut events = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            events.extend(self.drain(&self.output, 1).await);
+            if events.iter().any(|e| {
+                e["messageId"] == message_id
+                    && e["type"] == "progress"
+                    && e["detail"].as_str().is_some_and(|d| d.contains(step))
+            }) {
+                return events;
+            }
+        }
+        panic!(
+            "no progress event naming {step} for {message_id}: {events:#?}\n{}",
+            self.worker_log()
+        );
+    }
+
     pub fn worker_pid(&self) -> Option<u32> {
         self.worker.as_ref().map(|c| c.id())
     }

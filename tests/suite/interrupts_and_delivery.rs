@@ -19,7 +19,7 @@ async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
     let mut env = TestEnv::new("interrupt").await;
     env.create_bucket(&env.bucket("fay", "site")).await;
     let upstream = env.create_upstream("fay", "site", Site::Tiny);
-    env.start_worker(&[]);
+    env.start_worker(&[("PROGRESS_INTERVAL_SECONDS", "1")]);
 
     let started = Instant::now();
     let slow = env
@@ -30,10 +30,10 @@ async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
             "Update the homepage title to \"Partial\" [standin:sleep 30]",
         )
         .await;
-    // The first progress event: the agent has made its partial edit (the stand-in reports a
-    // tool use after the file is written).
+    // The agent has made its partial edit: the stand-in reports its Edit after the file is
+    // written, and progress events say so (one a second at most here).
     let mut events = env
-        .wait_for(&slow, "progress", Duration::from_secs(30))
+        .wait_for_step(&slow, "Edit", Duration::from_secs(30))
         .await;
     let newer = env
         .send(
@@ -162,7 +162,10 @@ async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
     let mut env = TestEnv::new("crash").await;
     env.create_bucket(&env.bucket("hal", "site")).await;
     let upstream = env.create_upstream("hal", "site", Site::Tiny);
-    let fast_redelivery = [("VISIBILITY_TIMEOUT_SECONDS", "3")];
+    let fast_redelivery = [
+        ("VISIBILITY_TIMEOUT_SECONDS", "3"),
+        ("PROGRESS_INTERVAL_SECONDS", "1"),
+    ];
     env.start_worker(&fast_redelivery);
 
     let id = env
@@ -174,7 +177,8 @@ async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
         )
         .await;
     // Mid-run: the agent has made its edit and works on.
-    env.wait_for(&id, "progress", Duration::from_secs(30)).await;
+    env.wait_for_step(&id, "Edit", Duration::from_secs(30))
+        .await;
     common::nix_kill(env.worker_pid().unwrap(), "KILL").unwrap();
     assert_eq!(
         env.wait_worker(Duration::from_secs(10)),
@@ -221,7 +225,10 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
     let mut env = TestEnv::new("sigterm").await;
     env.create_bucket(&env.bucket("ida", "site")).await;
     let upstream = env.create_upstream("ida", "site", Site::Tiny);
-    env.start_worker(&[("SHUTDOWN_DEADLINE_SECONDS", "10")]);
+    env.start_worker(&[
+        ("SHUTDOWN_DEADLINE_SECONDS", "10"),
+        ("PROGRESS_INTERVAL_SECONDS", "1"),
+    ]);
 
     let id = env
         .send(
@@ -232,7 +239,8 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
         )
         .await;
     // Mid-run: the agent has made its edit and works on.
-    env.wait_for(&id, "progress", Duration::from_secs(30)).await;
+    env.wait_for_step(&id, "Edit", Duration::from_secs(30))
+        .await;
     let asked = Instant::now();
     assert_eq!(env.stop_worker(), Some(0), "{}", env.worker_log());
     assert!(

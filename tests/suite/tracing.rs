@@ -207,7 +207,8 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
 
     // An interrupted message's trace shows the interrupt.
     let slow = send_with_attributes(&env, "u", "[standin:sleep 30]", None, None).await;
-    // Its agent at work (a progress event), not merely started.
+    // Its agent running (the first progress event, sent when the agent's process speaks),
+    // not merely the job started.
     env.wait_for(&slow, "progress", Duration::from_secs(30))
         .await;
     let newer = send_with_attributes(&env, "v", "[standin:write n.txt 1]", None, None).await;
