@@ -7,8 +7,8 @@ use std::time::Duration;
 pub(crate) struct Backoff {
     first: Duration,
     max: Duration,
-    /// The delay the next failure waits.
-    next: Duration,
+    /// Failures since the last success: the delay follows from it (`after`).
+    failures: usize,
 }
 
 impl Backoff {
@@ -16,20 +16,19 @@ impl Backoff {
         Backoff {
             first,
             max,
-            next: first,
+            failures: 0,
         }
     }
 
     /// The delay to wait after this failure; the next one waits twice as long (up to `max`).
     pub(crate) fn failed(&mut self) -> Duration {
-        let now = self.next;
-        self.next = (self.next * 2).min(self.max);
-        now
+        self.failures += 1;
+        Backoff::after(self.first, self.max, self.failures)
     }
 
     /// A success: the next failure waits the first delay again.
     pub(crate) fn succeeded(&mut self) {
-        self.next = self.first;
+        self.failures = 0;
     }
 
     /// The delay after the `failures`-th failure in a row (1 is the first), without state:
