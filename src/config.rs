@@ -181,9 +181,9 @@ impl Settings {
         Ok(n)
     }
 
-    fn flag(&self, key: &'static str) -> Result<bool, ConfigError> {
+    fn flag(&self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(key).map(|v| v.trim().to_ascii_lowercase()) {
-            None => Ok(false),
+            None => Ok(default),
             Some(v) if matches!(v.as_str(), "1" | "true" | "yes") => Ok(true),
             Some(v) if matches!(v.as_str(), "0" | "false" | "no") => Ok(false),
             Some(v) => Err(ConfigError::Invalid {
@@ -320,7 +320,7 @@ impl Settings {
             });
         }
         p.max_delete_percent = percent as u8;
-        p.allow_mass_delete = self.flag("PUBLISH_ALLOW_MASS_DELETE")?;
+        p.allow_mass_delete = self.flag("PUBLISH_ALLOW_MASS_DELETE", p.allow_mass_delete)?;
         p.total_concurrency =
             self.positive("S3_UPLOAD_CONCURRENCY", p.total_concurrency as u64)? as usize;
         p.max_file_bytes = self.positive("PUBLISH_MAX_FILE_BYTES", p.max_file_bytes)?;
@@ -379,9 +379,8 @@ impl Settings {
             }
             c.build_output_dir = dir;
         }
-        if self.get("BUILD_SCRIPTS_WITHOUT_NPM").is_some() {
-            c.build_scripts_without_npm = self.flag("BUILD_SCRIPTS_WITHOUT_NPM")?;
-        }
+        c.build_scripts_without_npm =
+            self.flag("BUILD_SCRIPTS_WITHOUT_NPM", c.build_scripts_without_npm)?;
         for (key, slot) in [
             ("CLIENT_ID", &mut c.only_client),
             ("PROJECT_ID", &mut c.only_project),
@@ -499,6 +498,20 @@ mod tests {
         );
         assert_eq!(c.max_command_bytes, 16 * 1024);
         assert!(c.output_queue_url.is_none());
+        assert!(c.build_scripts_without_npm);
+        let npm = settings(&[
+            ("INPUT_QUEUE_URL", "q"),
+            ("BUILD_SCRIPTS_WITHOUT_NPM", "false"),
+        ])
+        .worker_config("eu-west-1")
+        .unwrap();
+        assert!(!npm.build_scripts_without_npm);
+        assert!(
+            !settings(&[("INPUT_QUEUE_URL", "q")])
+                .publish_options()
+                .unwrap()
+                .allow_mass_delete
+        );
     }
 
     #[test]
