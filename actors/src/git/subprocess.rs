@@ -295,8 +295,7 @@ impl GitProgram {
     /// Push `branch` to the same name on `origin`.
     pub async fn push(&self, branch: &str) -> Result<(), GitCommandError> {
         let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        self.run_push(&["push", "--quiet", "--porcelain", "origin", &refspec])
-            .await
+        self.run_push(&["origin", &refspec]).await
     }
 
     /// Push `branch` together with the lease's fence ref, atomically: the push goes through
@@ -311,17 +310,8 @@ impl GitProgram {
         let branch_spec = format!("refs/heads/{branch}:refs/heads/{branch}");
         let fence_spec = format!("{fence_commit}:{fence_ref}");
         let lease = format!("--force-with-lease={fence_ref}:{fence_commit}");
-        self.run_push(&[
-            "push",
-            "--quiet",
-            "--porcelain",
-            "--atomic",
-            &lease,
-            "origin",
-            &branch_spec,
-            &fence_spec,
-        ])
-        .await
+        self.run_push(&["--atomic", &lease, "origin", &branch_spec, &fence_spec])
+            .await
     }
 
     /// Move the upstream's fence ref to `commit`, only if it is still `expected` (`None`: only
@@ -334,8 +324,7 @@ impl GitProgram {
     ) -> Result<(), GitCommandError> {
         let lease = format!("--force-with-lease={fence_ref}:{}", expected.unwrap_or(""));
         let spec = format!("{commit}:{fence_ref}");
-        self.run_push(&["push", "--quiet", "--porcelain", &lease, "origin", &spec])
-            .await
+        self.run_push(&[&lease, "origin", &spec]).await
     }
 
     /// The commit a ref of `origin` points at, if it exists there.
@@ -434,10 +423,13 @@ impl GitProgram {
         self.run(&full, LOCAL_TIMEOUT).await.map(drop)
     }
 
-    /// Run a `git push --porcelain`: a refusal by the upstream is `PushRefused`, told apart
-    /// from an upstream that could not be reached (`Failed`).
+    /// Run `git push --quiet --porcelain` with `args`: a refusal by the upstream is
+    /// `PushRefused` (read from the porcelain lines, which is why this adds the flag), told
+    /// apart from an upstream that could not be reached (`Failed`).
     async fn run_push(&self, args: &[&str]) -> Result<(), GitCommandError> {
-        let (output, joined) = self.output(args, NETWORK_TIMEOUT).await?;
+        let mut full = vec!["push", "--quiet", "--porcelain"];
+        full.extend_from_slice(args);
+        let (output, joined) = self.output(&full, NETWORK_TIMEOUT).await?;
         if output.status.success() {
             return Ok(());
         }
