@@ -507,21 +507,10 @@ pub async fn flaky_proxy(target: String, blocked_for: Duration) -> String {
 impl TestEnv {
     /// Wait until an event of `kind` for `message_id` arrives; returns every event seen.
     pub async fn wait_for(&self, message_id: &str, kind: &str, timeout: Duration) -> Vec<Value> {
-        let mut events = Vec::new();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            events.extend(self.drain(&self.output, 1).await);
-            if events
-                .iter()
-                .any(|e| e["messageId"] == message_id && e["type"] == kind)
-            {
-                return events;
-            }
-        }
-        panic!(
-            "no {kind} event for {message_id}: {events:#?}\n{}",
-            self.worker_log()
-        );
+        self.wait_until(&format!("{kind} event for {message_id}"), timeout, |e| {
+            e["messageId"] == message_id && e["type"] == kind
+        })
+        .await
     }
 
     /// Wait until a progress event of `message_id` names `step` (a tool, such as `Edit`, the
@@ -532,22 +521,32 @@ impl TestEnv {
         step: &str,
         timeout: Duration,
     ) -> Vec<Value> {
+        let what = format!("progress event naming {step} for {message_id}");
+        self.wait_until(&what, timeout, |e| {
+            e["messageId"] == message_id
+                && e["type"] == "progress"
+                && e["detail"].as_str().is_some_and(|d| d.contains(step))
+        })
+        .await
+    }
+
+    /// Drain status events until one matches `wanted` (`what` names it in the failure);
+    /// returns every event seen.
+    async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
         let mut events = Vec::new();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             events.extend(self.drain(&self.output, 1).await);
-            if events.iter().any(|e| {
-                e["messageId"] == message_id
-                    && e["type"] == "progress"
-                    && e["detail"].as_str().is_some_and(|d| d.contains(step))
-            }) {
+            if events.iter().any(&wanted) {
                 return events;
             }
         }
-        panic!(
-            "no progress event naming {step} for {message_id}: {events:#?}\n{}",
-            self.worker_log()
-        );
+        panic!("no {what}: {events:#?}\n{}", self.worker_log());
     }
 
     pub fn worker_pid(&self) -> Option<u32> {
