@@ -19,7 +19,9 @@ Run with: scripts/bench latency, or directly:
 Settings: WORKER_BIN (default target/release/edit-worker), SAMPLES (default 5), CASES (default
 1,2), CLIENTS for case 3 (default 20), MODES (default shared,per-workspace), BUILD_SLOTS for
 case 3 (e.g. 1,2,3: one run per BUILD_CONCURRENCY, side by side; default the worker's own),
-STORES for case 3 (cold,warm: the lock file installed inside the run, or once before it).
+STORES for case 3 (cold,warm: the lock file installed inside the run, or once before it),
+AHEAD for case 3 (e.g. 0,16: one run per BUILD_AHEAD_MAX, side by side; default the worker's
+own), ROUNDS for case 3 (default 1: each combination once; more alternate them round by round).
 """
 
 import json
@@ -48,6 +50,9 @@ BUILD_SLOTS = [s for s in os.environ.get("BUILD_SLOTS", "").split(",") if s]
 # warm (installed once before, as on a volume that has served the agency before; case 1 is
 # measured warm too).
 STORES = os.environ.get("STORES", "cold").split(",")
+# Case 3 with each of these BUILD_AHEAD_MAX settings (0: Astro is not started ahead).
+AHEAD = [s for s in os.environ.get("AHEAD", "").split(",") if s]
+ROUNDS = int(os.environ.get("ROUNDS", "1"))
 KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
           aws_secret_access_key="testing")
 sqs = boto3.client("sqs", **KW)
@@ -222,12 +227,15 @@ def cases_1_and_2():
 def case_3():
     """The README's realistic run through loadgen: CLIENTS clients of one lock file at once."""
     rows = []
-    runs = [(m, slots, store) for m in MODES for slots in (BUILD_SLOTS or [None]) for store in STORES]
-    for m, slots, store in runs:
+    runs = [(rnd, m, slots, store, ahead) for rnd in range(ROUNDS) for m in MODES
+            for slots in (BUILD_SLOTS or [None]) for store in STORES for ahead in (AHEAD or [None])]
+    for rnd, m, slots, store, ahead in runs:
         settings = {"INSTALL_MODE": m}
         if slots:
             settings["BUILD_CONCURRENCY"] = slots
-        w = Worker(f"c3{m[0]}{slots or 'd'}{store[0]}", settings)
+        if ahead:
+            settings["BUILD_AHEAD_MAX"] = ahead
+        w = Worker(f"c3{m[0]}{slots or 'd'}{store[0]}{ahead or 'd'}r{rnd}", settings)
         if store == "warm":
             w.workspace("warm")
             w.edit("warm", "Warm-up")
@@ -246,12 +254,15 @@ def case_3():
             raise SystemExit(out.stderr)
         r = json.load(open(report))
         lat = r["latencyMs"]
-        log(f"  case 3 {m}, build slots {slots or 'default'}, store {store}: p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
+        log(f"  case 3 {m}, build slots {slots or 'default'}, store {store}, ahead {ahead or 'default'}: "
+            f"p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
         phases = r.get("phasesMs", {})
         done = r["terminal"].get("completed", 0) if isinstance(r["terminal"], dict) else r["terminal"]
         label = f"3. {CLIENTS} clients at once, one lock file, agent 10 s, store {store}"
         if slots:
             label += f", {slots} build slots"
+        if ahead:
+            label += f", BUILD_AHEAD_MAX {ahead}"
         rows.append((label, m, f"{done} completed",
                      f"{lat['p50'] / 1000:.1f} s", f"{lat['p95'] / 1000:.1f} s / max {lat['max'] / 1000:.1f} s",
                      f"{phases['install']['p50'] / 1000:.1f}" if "install" in phases else "-",

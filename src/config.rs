@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "BUILD_COMMAND",
     "BUILD_OUTPUT_DIR",
     "BUILD_SCRIPTS_WITHOUT_NPM",
+    "BUILD_AHEAD_MAX",
     "CLIENT_ID",
     "PROJECT_ID",
     "MAX_COMMAND_BYTES",
@@ -381,6 +382,7 @@ impl Settings {
         }
         c.build_scripts_without_npm =
             self.flag("BUILD_SCRIPTS_WITHOUT_NPM", c.build_scripts_without_npm)?;
+        c.build_ahead_max = self.number("BUILD_AHEAD_MAX", c.build_ahead_max as u64)? as usize;
         for (key, slot) in [
             ("CLIENT_ID", &mut c.only_client),
             ("PROJECT_ID", &mut c.only_project),

@@ -16,9 +16,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use tokio::sync::Semaphore;
+
 use crate::config::WorkerConfig;
+use crate::message::WorkspaceKey;
 use crate::npm_store::{self, NpmStore, SiteFiles};
 use crate::package_script;
+use crate::prepared_build::{Plan, PreparedBuild};
 use crate::process;
 use crate::sandbox::{DiskWatch, Jail, Sandbox, SandboxError};
 
@@ -43,6 +47,9 @@ pub struct BuildSpec {
     pub timeout: Duration,
     /// The shared dependency store; `None`: `npm ci` in each workspace (`INSTALL_MODE=per-workspace`).
     pub store: Option<NpmStore>,
+    /// `BUILD_AHEAD_MAX`: builds whose Node process may wait, started ahead, at once (each
+    /// holds about 150 MB while it waits; shared by every build actor). `None`: never.
+    pub ahead: Option<Arc<Semaphore>>,
 }
 
 impl BuildSpec {
@@ -55,6 +62,8 @@ impl BuildSpec {
             output_dir: config.build_output_dir.clone(),
             scripts_without_npm: config.build_scripts_without_npm,
             timeout: config.build_timeout,
+            ahead: (config.build_ahead_max > 0)
+                .then(|| Arc::new(Semaphore::new(config.build_ahead_max))),
             store: settings.shared.then(|| {
                 NpmStore::new(
                     settings.dir_under(&config.workspace_root),
@@ -79,6 +88,8 @@ pub struct BuildReport {
     pub link_ms: Option<u64>,
     /// Time spent waiting for another build's install of the same store entry.
     pub install_wait_ms: Option<u64>,
+    /// The build ran in its Node process started ahead (`prepared_build`).
+    pub started_ahead: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +138,7 @@ pub async fn build_site(
     jail: &Jail,
     dir: &Path,
     state_dir: &Path,
+    prepared: Option<PreparedBuild>,
     cancel: &CancellationToken,
 ) -> Result<BuildReport, BuildError> {
     let mut report = BuildReport::default();
@@ -145,7 +157,8 @@ pub async fn build_site(
         // tenant's too. (An install in the workspace ran as the tenant already.)
         jail.hand_over().await?;
     }
-    let built = run_build(spec, jail, dir, cancel, &mut report).await;
+    let store_key = shared.as_ref().map(|acquired| acquired.key.as_str());
+    let built = run_build(spec, jail, dir, prepared, store_key, cancel, &mut report).await;
     if let (Some(store), Some(acquired)) = (&spec.store, &shared) {
         // Also when the build failed: a changed entry must not be loaded by anyone else.
         let started = Instant::now();
@@ -193,27 +206,74 @@ async fn shared_dependencies(
     Ok(Some(acquired))
 }
 
+/// What was done for a build ahead of its turn.
+#[derive(Debug, Default)]
+pub struct Prefetched {
+    /// How long `npm ci` took, when it ran.
+    pub installed_ms: Option<u64>,
+    /// The build's Node process, loading Astro (`prepared_build`), for the build to use.
+    pub(crate) prepared: Option<PreparedBuild>,
+}
+
 /// Install the site's dependencies into the shared store ahead of its build (for instance while
-/// the agent runs), so that the build only checks and links them. Returns how long `npm ci`
-/// took when it ran. Does nothing with `INSTALL_MODE=per-workspace`, for a site without a lock
-/// file, or for one whose install depends on its own files. Should the agent change the lock
-/// file, the build installs the new one itself.
+/// the agent runs), so that the build only checks and links them; and, within
+/// `BUILD_AHEAD_MAX`, start the build's Node process so that it loads Astro meanwhile. Does
+/// nothing with `INSTALL_MODE=per-workspace`, for a site without a lock file, or for one whose
+/// install depends on its own files. Should the agent change the lock file or the build
+/// script, the build installs the new one itself and starts its own process.
 pub async fn prefetch_dependencies(
     spec: &BuildSpec,
+    sandbox: &Arc<Sandbox>,
+    workspace: &WorkspaceKey,
     dir: &Path,
     cancel: &CancellationToken,
-) -> Result<Option<u64>, BuildError> {
+) -> Result<Prefetched, BuildError> {
     let Some(store) = &spec.store else {
-        return Ok(None);
+        return Ok(Prefetched::default());
     };
     let Some(files) = shareable_files(dir).await? else {
-        return Ok(None);
+        return Ok(Prefetched::default());
     };
     let acquired = store
         .acquire(files, spec.timeout, cancel)
         .instrument(tracing::info_span!("prefetch dependencies"))
         .await?;
-    Ok(acquired.installed_ms)
+    let installed_ms = acquired.installed_ms;
+    let prepared = prepare(spec, store, acquired, sandbox, workspace, dir).await;
+    Ok(Prefetched {
+        installed_ms,
+        prepared,
+    })
+}
+
+/// The build's Node process started ahead, when the build allows it (`prepared_build`) and
+/// one of `BUILD_AHEAD_MAX` is free (never waited for).
+async fn prepare(
+    spec: &BuildSpec,
+    store: &NpmStore,
+    acquired: npm_store::Acquired,
+    sandbox: &Arc<Sandbox>,
+    workspace: &WorkspaceKey,
+    dir: &Path,
+) -> Option<PreparedBuild> {
+    let permit = spec.ahead.as_ref()?.clone().try_acquire_owned().ok()?;
+    let script = spec
+        .scripts_without_npm
+        .then(|| package_script::direct(&spec.command, dir))??;
+    let jail = match sandbox.jail_as_handed_over(workspace, dir).await {
+        Ok(jail) => jail,
+        Err(e) => {
+            tracing::warn!(error = %e, "no sandbox for a build ahead; it runs the usual way");
+            return None;
+        }
+    };
+    // Without namespaces, the end of the agent's run ends every process of the tenant's uid.
+    if !jail.outlives_other_runs() {
+        return None;
+    }
+    let modules = store.modules_of(&acquired.key);
+    let entry = (acquired.key.clone(), Some(acquired));
+    PreparedBuild::start(script.into(), entry, &modules, jail, dir, permit)
 }
 
 /// The files the shared store needs, or `None` when the site has no lock file or its install
@@ -291,6 +351,8 @@ async fn run_build(
     spec: &BuildSpec,
     jail: &Jail,
     dir: &Path,
+    prepared: Option<PreparedBuild>,
+    store_key: Option<&str>,
     cancel: &CancellationToken,
     report: &mut BuildReport,
 ) -> Result<(), BuildError> {
@@ -310,13 +372,37 @@ async fn run_build(
         .scripts_without_npm
         .then(|| package_script::direct(&spec.command, dir))
         .flatten();
-    let (argv, env) = match direct {
-        Some(script) => (script.argv, script.env),
-        None => (spec.command.clone(), Vec::new()),
+    let plan = match direct {
+        Some(script) => Plan::from(script),
+        None => Plan {
+            argv: spec.command.clone(),
+            env: Vec::new(),
+        },
     };
-    let out = run_logged(&argv, &env, jail, dir, spec.timeout, cancel)
-        .instrument(tracing::info_span!("build site", command = %argv.join(" ")))
-        .await?;
+    let span = tracing::info_span!(
+        "build site",
+        command = %plan.argv.join(" "),
+        started_ahead = tracing::field::Empty
+    );
+    let ahead = match prepared {
+        Some(prepared) => {
+            prepared
+                .build(&plan, store_key, spec.timeout, cancel)
+                .instrument(span.clone())
+                .await?
+        }
+        None => None,
+    };
+    span.record("started_ahead", ahead.is_some());
+    report.started_ahead = ahead.is_some();
+    let out = match ahead {
+        Some(out) => out,
+        None => {
+            run_logged(&plan.argv, &plan.env, jail, dir, spec.timeout, cancel)
+                .instrument(span)
+                .await?
+        }
+    };
     if !out.success {
         return Err(BuildError::BuildFailed {
             status: out.status,
@@ -363,9 +449,31 @@ pub(crate) async fn run_logged(
     cancel: &CancellationToken,
 ) -> Result<Logged, BuildError> {
     let program = argv[0].clone();
+    let mut cmd = command_for(argv, env, jail, dir);
+    cmd.stdin(Stdio::null());
+    let mut child = cmd.spawn().map_err(|source| BuildError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pgid = child.id().map(|id| id as i32);
+    let output: [Output; 2] = [
+        Box::new(child.stdout.take().expect("piped")),
+        Box::new(child.stderr.take().expect("piped")),
+    ];
+    finish_logged(child, pgid, output, jail, program, timeout, cancel).await
+}
+
+/// The command for argv in `dir` in `jail`, as every install and build runs: its own process
+/// group, stdout and stderr piped, the build's environment with `env` on top. Stdin is the
+/// caller's to set.
+pub(crate) fn command_for(
+    argv: &[impl AsRef<std::ffi::OsStr>],
+    env: &[(String, std::ffi::OsString)],
+    jail: &Jail,
+    dir: &Path,
+) -> tokio::process::Command {
     let mut cmd = jail.command(&argv[0], dir);
     cmd.args(&argv[1..])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -379,17 +487,29 @@ pub(crate) async fn run_logged(
     // Its own HOME, TMPDIR and npm cache in the sandbox.
     cmd.envs(jail.env());
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    let mut child = cmd.spawn().map_err(|source| BuildError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    let pgid = child.id().map(|id| id as i32);
+    cmd
+}
+
+/// A started process's stdout or stderr.
+pub(crate) type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+/// Wait for a started install or build (process group `pgid`) within `timeout`, reading its
+/// `[stdout, stderr]`, and end everything it started.
+pub(crate) async fn finish_logged(
+    mut child: tokio::process::Child,
+    pgid: Option<i32>,
+    [stdout, stderr]: [Output; 2],
+    jail: &Jail,
+    program: String,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Logged, BuildError> {
     // A tenant that fills the disk with many files, each under its file limit, is stopped.
     let disk = jail.watch_disk(pgid);
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let readers = [
-        tokio::spawn(keep_tail(child.stdout.take().expect("piped"), tail.clone())),
-        tokio::spawn(keep_tail(child.stderr.take().expect("piped"), tail.clone())),
+        tokio::spawn(keep_tail(stdout, tail.clone())),
+        tokio::spawn(keep_tail(stderr, tail.clone())),
     ];
     let waited = tokio::select! {
         status = child.wait() => Ok(status?),

@@ -42,6 +42,9 @@ pub struct WorkerConfig {
     pub build_scripts_without_npm: bool,
     /// Build wall-clock limit.
     pub build_timeout: Duration,
+    /// `BUILD_AHEAD_MAX`: Astro builds whose Node process is started while the agent works
+    /// (`prepared_build`), at most this many waiting at once; each holds about 150 MB. 0: off.
+    pub build_ahead_max: usize,
     /// Serve only this client / project; others are rejected.
     pub only_client: Option<String>,
     pub only_project: Option<String>,
@@ -121,6 +124,7 @@ impl WorkerConfig {
             build_output_dir: PathBuf::from("dist"),
             build_scripts_without_npm: true,
             build_timeout: Duration::from_secs(10 * 60),
+            build_ahead_max: 16,
             only_client: None,
             only_project: None,
             max_command_bytes: crate::message::DEFAULT_MAX_COMMAND_BYTES,

@@ -16,6 +16,7 @@ pub mod notices;
 pub mod npm_store;
 mod package_script;
 pub(crate) mod pipeline;
+mod prepared_build;
 pub(crate) mod process;
 pub mod publish;
 pub mod records;

@@ -495,6 +495,11 @@ impl NpmStore {
         })
     }
 
+    /// The `node_modules` folder of entry `key`.
+    pub fn modules_of(&self, key: &str) -> PathBuf {
+        self.inner.dir.join(key).join("node_modules")
+    }
+
     /// Point `{workspace}/node_modules` at the entry: one symlink per top-level name, the
     /// build's caches kept, anything else removed. Records the key in `state_dir`.
     pub async fn link(
@@ -503,7 +508,7 @@ impl NpmStore {
         workspace: &Path,
         state_dir: &Path,
     ) -> Result<(), BuildError> {
-        let modules = self.inner.dir.join(&acquired.key).join("node_modules");
+        let modules = self.modules_of(&acquired.key);
         let target = workspace.join("node_modules");
         blocking(move || link_overlay(&modules, &target)).await?;
         tokio::fs::create_dir_all(state_dir).await?;

@@ -670,16 +670,22 @@ async fn execute(
     let ran_agent = !pending.is_empty();
     // The dependencies install while the agent works, outside the build slots: the build then
     // only checks and links them. Not stopped by an interrupt: the newer work needs them too.
+    // Then the build's own Node process starts loading Astro (`prepared_build`); dropping the
+    // task's result (this job ended early) ends it.
     let mut prefetch = ran_agent.then(|| {
         let spec = ctx.build.clone();
         let dir = workspace_dir.clone();
+        let sandbox = ctx.sandbox.clone();
+        let workspace = request.workspace();
         tokio::spawn(
             async move {
-                crate::build::prefetch_dependencies(&spec, &dir, &CancellationToken::new()).await
+                let never = CancellationToken::new();
+                crate::build::prefetch_dependencies(&spec, &sandbox, &workspace, &dir, &never).await
             }
             .in_current_span(),
         )
     });
+    let mut prepared = None;
     if ran_agent {
         progress.cost_payer = Some(pending[0].message_id.clone());
         // 2 and 3. The agent, then a commit of what it changed.
@@ -714,8 +720,12 @@ async fn execute(
         if let Some(prefetch) = prefetch.take() {
             // The dependencies were being installed while the agent ran.
             match prefetch.await {
-                Ok(Ok(Some(ms))) => *progress.durations.entry("install".into()).or_default() += ms,
-                Ok(Ok(None)) => {}
+                Ok(Ok(done)) => {
+                    if let Some(ms) = done.installed_ms {
+                        *progress.durations.entry("install".into()).or_default() += ms;
+                    }
+                    prepared = done.prepared;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "installing ahead of the build failed; the build installs")
                 }
@@ -738,6 +748,8 @@ async fn execute(
             jail,
             dir: workspace_dir.clone(),
             state_dir: state_dir.clone(),
+            // Only the first build: after a repair the agent has changed the site.
+            prepared: prepared.take(),
             stop: stop.token().clone(),
             reply,
         })

@@ -364,6 +364,28 @@ impl Sandbox {
         workdir: &Path,
         agent_config_dir: Option<&Path>,
     ) -> Result<Jail, SandboxError> {
+        self.jail_with(key, workdir, agent_config_dir, true).await
+    }
+
+    /// The sandbox for a run in workspace `key` that starts while another run has the
+    /// checkout (the build started ahead, while the agent works): the folders as the last
+    /// hand-over left them, so that two walks of the checkout do not race. A folder that does
+    /// not exist yet is made and handed over all the same.
+    pub async fn jail_as_handed_over(
+        self: &Arc<Self>,
+        key: &WorkspaceKey,
+        workdir: &Path,
+    ) -> Result<Jail, SandboxError> {
+        self.jail_with(key, workdir, None, false).await
+    }
+
+    async fn jail_with(
+        self: &Arc<Self>,
+        key: &WorkspaceKey,
+        workdir: &Path,
+        agent_config_dir: Option<&Path>,
+        hand_over: bool,
+    ) -> Result<Jail, SandboxError> {
         if self.isolation.is_none() {
             return Ok(Jail::open(workdir));
         }
@@ -392,7 +414,9 @@ impl Sandbox {
                     .flatten()
                     .collect(),
             };
-            jail.hand_over_blocking()?;
+            if hand_over || jail.private.iter().any(|dir| !dir.exists()) {
+                jail.hand_over_blocking()?;
+            }
             Ok(jail)
         })
         .await
@@ -606,6 +630,16 @@ impl Jail {
         self.sandbox
             .as_ref()
             .map_or(0, |s| s.limits.disk_bytes >> 20)
+    }
+
+    /// A process of this jail lives on when another run of the same workspace ends. Not so
+    /// with separate users but no namespaces: the end of every run ends all of its uid's
+    /// processes (`sweep`).
+    pub fn outlives_other_runs(&self) -> bool {
+        match &self.sandbox {
+            Some(sandbox) => sandbox.isolation.namespaces || self.uid.is_none(),
+            None => true,
+        }
     }
 
     /// The uid its processes run as, when it is not the worker's.

@@ -16,6 +16,7 @@ use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSession, A
 use crate::build::{self, BuildError, BuildReport, BuildSpec};
 use crate::git::{Fence, GitError, SavedWork, Workspace};
 use crate::message::WorkspaceKey;
+use crate::prepared_build::PreparedBuild;
 use crate::publish::{BucketFence, PublishError, PublishReport, Publisher};
 use crate::sandbox::Jail;
 
@@ -229,6 +230,8 @@ pub enum BuildMsg {
         jail: Jail,
         dir: PathBuf,
         state_dir: PathBuf,
+        /// The build's Node process, started while the agent worked, if any.
+        prepared: Option<PreparedBuild>,
         stop: CancellationToken,
         reply: RpcReplyPort<Result<BuildReport, BuildError>>,
     },
@@ -259,11 +262,13 @@ impl Actor for BuildActor {
             jail,
             dir,
             state_dir,
+            prepared,
             stop,
             reply,
         } = msg;
         maybe_fault("build.run");
-        let _ = reply.send(build::build_site(spec, &jail, &dir, &state_dir, &stop).await);
+        let built = build::build_site(spec, &jail, &dir, &state_dir, prepared, &stop).await;
+        let _ = reply.send(built);
         Ok(())
     }
 }

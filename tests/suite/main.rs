@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod bucket_ownership;
+mod build_ahead;
 mod container;
 mod exactly_once;
 mod exactly_once_faults;

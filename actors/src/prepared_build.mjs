@@ -1,0 +1,41 @@
+// Run by edit-worker as `node --input-type=module --eval <this> <cli> <bin> <args...>`, inside
+// the tenant's sandbox, while the agent works (prepared_build.rs). It loads Astro's CLI and
+// build ahead, says so on stdout, and waits: the line "build" on stdin runs `astro <args>` as
+// the `astro` program would run it; anything else (or stdin closed) ends it without building.
+import { pathToFileURL } from 'node:url';
+
+const [cliPath, binPath, ...args] = process.argv.slice(1);
+const cliUrl = pathToFileURL(cliPath);
+let cli;
+try {
+  ({ cli } = await import(cliUrl.href));
+  // What `astro build` imports first; the rest is loaded and compiled by the build itself.
+  await import(new URL('./build/index.js', cliUrl).href);
+  await import(new URL('../core/build/index.js', cliUrl).href);
+} catch {
+  // Not the Astro this was written for: the worker builds the usual way instead.
+  process.exit(86);
+}
+process.stdout.write('edit-worker: build tool loaded\n');
+const go = await new Promise((resolve) => {
+  let text = '';
+  process.stdin.setEncoding('utf8');
+  process.stdin.on('data', (chunk) => {
+    text += chunk;
+    if (text.includes('\n')) resolve(text === 'build\n');
+  });
+  process.stdin.on('end', () => resolve(false));
+});
+process.stdin.destroy();
+if (!go) process.exit(0);
+// From here on the process looks as `node {bin} <args>` would: a child forked with
+// process.execArgv must not run this script again.
+process.execArgv.splice(0);
+process.argv = [process.execPath, binPath, ...args];
+try {
+  await cli(process.argv);
+} catch (error) {
+  // As Astro's own `astro.js` does.
+  console.error(error);
+  process.exit(1);
+}
