@@ -328,12 +328,6 @@ impl Settings {
         Ok(p)
     }
 
-    pub fn shutdown_deadline(&self) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_secs(
-            self.positive("SHUTDOWN_DEADLINE_SECONDS", 25)?,
-        ))
-    }
-
     /// The worker's configuration for `run`.
     pub fn worker_config(&self, region: &str) -> Result<WorkerConfig, ConfigError> {
         let mut c = WorkerConfig::with_defaults(self.require("INPUT_QUEUE_URL")?);
@@ -464,6 +458,9 @@ impl Settings {
         l.cpu_seconds = self.positive("SANDBOX_MAX_CPU_SECONDS", l.cpu_seconds)?;
         l.tmp_bytes = self.positive("SANDBOX_MAX_TMP_MB", l.tmp_bytes >> 20)? << 20;
         l.disk_bytes = self.positive("SANDBOX_MAX_DISK_MB", l.disk_bytes >> 20)? << 20;
+        c.shutdown_deadline = Duration::from_secs(
+            self.positive("SHUTDOWN_DEADLINE_SECONDS", c.shutdown_deadline.as_secs())?,
+        );
         Ok(c)
     }
 }
@@ -499,6 +496,7 @@ mod tests {
         assert_eq!(c.max_command_bytes, 16 * 1024);
         assert!(c.output_queue_url.is_none());
         assert!(c.build_scripts_without_npm);
+        assert_eq!(c.shutdown_deadline, Duration::from_secs(25));
         let npm = settings(&[
             ("INPUT_QUEUE_URL", "q"),
             ("BUILD_SCRIPTS_WITHOUT_NPM", "false"),
@@ -530,6 +528,10 @@ mod tests {
             .worker_config("r")
             .unwrap_err();
         assert!(err.to_string().starts_with("MAX_IN_FLIGHT"));
+        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("SHUTDOWN_DEADLINE_SECONDS", "0")])
+            .worker_config("r")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("SHUTDOWN_DEADLINE_SECONDS"));
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub struct WorkerConfig {
     pub isolation: crate::sandbox::IsolationSetting,
     /// `SANDBOX_MAX_*`: the limits on every process of a tenant's run.
     pub sandbox_limits: crate::sandbox::Limits,
+    /// `SHUTDOWN_DEADLINE_SECONDS`: on SIGTERM, how long running work may take to save itself
+    /// and give its messages back before the worker exits anyway (ECS gives 30 s between
+    /// SIGTERM and SIGKILL).
+    pub shutdown_deadline: Duration,
 }
 
 impl WorkerConfig {
@@ -145,6 +149,7 @@ impl WorkerConfig {
             lease_duration: Duration::from_secs(30),
             isolation: crate::sandbox::IsolationSetting::Auto,
             sandbox_limits: Default::default(),
+            shutdown_deadline: Duration::from_secs(25),
         }
     }
 
