@@ -3,10 +3,10 @@
 //! process at start (exit code 2) with a message that names it, instead of failing a job later.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edit_worker_actors::config::WorkerConfig;
+use edit_worker_actors::config::{OutputDir, WorkerConfig};
 use edit_worker_actors::message::check_dns_label;
 use edit_worker_actors::npm_store::StoreSettings;
 use edit_worker_actors::publish::{CacheRule, PublishOptions};
@@ -361,17 +361,10 @@ impl Settings {
             c.build_command = cmd.split_whitespace().map(str::to_owned).collect();
         }
         if let Some(dir) = self.get("BUILD_OUTPUT_DIR") {
-            let dir = PathBuf::from(dir);
-            let inside = dir
-                .components()
-                .all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
-            if !inside || dir.as_os_str().is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: "BUILD_OUTPUT_DIR",
-                    message: "must be a relative folder inside the workspace".into(),
-                });
-            }
-            c.build_output_dir = dir;
+            c.build_output_dir = OutputDir::new(dir).map_err(|e| ConfigError::Invalid {
+                key: "BUILD_OUTPUT_DIR",
+                message: e.to_string(),
+            })?;
         }
         c.build_scripts_without_npm =
             self.flag("BUILD_SCRIPTS_WITHOUT_NPM", c.build_scripts_without_npm)?;
@@ -486,7 +479,7 @@ mod tests {
         assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
         assert_eq!(c.build_command, ["npm", "run", "build"]);
-        assert_eq!(c.build_output_dir, PathBuf::from("dist"));
+        assert_eq!(c.build_output_dir.as_path(), Path::new("dist"));
         assert_eq!(c.agent.bin, PathBuf::from("claude"));
         assert_eq!(c.agent.permission_mode, "acceptEdits");
         assert_eq!(
@@ -516,10 +509,16 @@ mod tests {
     fn bad_values_are_named() {
         let err = settings(&[]).worker_config("r").unwrap_err();
         assert_eq!(err.to_string(), "INPUT_QUEUE_URL is required");
-        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("BUILD_OUTPUT_DIR", "../x")])
+        for bad in ["../x", "/srv/dist", ".", ".git"] {
+            let err = settings(&[("INPUT_QUEUE_URL", "q"), ("BUILD_OUTPUT_DIR", bad)])
+                .worker_config("r")
+                .unwrap_err();
+            assert!(err.to_string().starts_with("BUILD_OUTPUT_DIR: "), "{err}");
+        }
+        let c = settings(&[("INPUT_QUEUE_URL", "q"), ("BUILD_OUTPUT_DIR", "./site/")])
             .worker_config("r")
-            .unwrap_err();
-        assert!(err.to_string().starts_with("BUILD_OUTPUT_DIR"));
+            .unwrap();
+        assert_eq!(c.build_output_dir.as_path(), Path::new("site"));
         let err = settings(&[("INPUT_QUEUE_URL", "q"), ("CLIENT_ID", "../bob")])
             .worker_config("r")
             .unwrap_err();
