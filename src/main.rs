@@ -8,6 +8,7 @@ mod doctor;
 mod loadgen;
 mod publish_cmd;
 mod send;
+mod settings_table;
 mod telemetry;
 
 use std::path::PathBuf;

@@ -4,8 +4,9 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::AgentSpec;
 use crate::message::WorkspaceKey;
+// The agent's spec is part of the configuration's shape (its module is the crate's own).
+pub use crate::agent::AgentSpec;
 use crate::publish::PublishOptions;
 
 /// Not `Clone`: it holds the one [`OutputDir`], and the process keeps one configuration (in
@@ -110,7 +111,8 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults of the contract, for a given input queue.
+    /// Defaults of the contract, for a given input queue: the defaults of the settings table
+    /// (`src/settings_table.rs`), where the worker reads them; a test there keeps these equal.
     pub fn with_defaults(input_queue_url: impl Into<String>) -> WorkerConfig {
         WorkerConfig {
             input_queue_url: input_queue_url.into(),
@@ -135,7 +137,7 @@ impl WorkerConfig {
             max_held_per_workspace: 10,
             max_held_per_client: 16,
             agent_concurrency: 16,
-            build_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            build_concurrency: default_build_concurrency(),
             session_idle: Duration::from_secs(300),
             visibility_timeout: Duration::from_secs(120),
             publish: PublishOptions::default(),
@@ -267,6 +269,11 @@ impl std::fmt::Display for OutputDir {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.display().fmt(f)
     }
+}
+
+/// Builds at once when `BUILD_CONCURRENCY` is not set: one per core (a build is CPU-bound).
+pub fn default_build_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// The host name and the process id: unique among the workers of a deployment.
