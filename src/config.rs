@@ -1,84 +1,24 @@
-//! Configuration: the contract's environment variables, optionally set in a TOML file too.
-//! The environment wins over the file. Every value is checked here, so a bad setting stops the
-//! process at start (exit code 2) with a message that names it, instead of failing a job later.
+//! Configuration: the settings of `settings_table.rs`, from the environment and optionally a
+//! TOML file with the same keys. The environment wins over the file. Every value is read by its
+//! kind and checked here, so a bad setting stops the process at start (exit code 2) with a
+//! message that names it, instead of failing a job later. Names and defaults come from the
+//! table only.
 
-use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edit_worker_actors::config::WorkerConfig;
+use edit_worker_actors::config::{
+    AgentSpec, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
+};
 use edit_worker_actors::message::check_dns_label;
 use edit_worker_actors::npm_store::StoreSettings;
 use edit_worker_actors::publish::{CacheRule, PublishOptions};
 use edit_worker_actors::records::StoreLocation;
+use edit_worker_actors::sandbox::Limits;
 use edit_worker_actors::threads::ThreadStore;
 
-/// Every key the worker reads; the TOML file may set the same ones.
-const KEYS: &[&str] = &[
-    "INPUT_QUEUE_URL",
-    "OUTPUT_QUEUE_URL",
-    "DEAD_LETTER_QUEUE_URL",
-    "WORKSPACE_ROOT",
-    "GIT_REMOTE_TEMPLATE",
-    "BUCKET_TEMPLATE",
-    "PREVIEW_URL_TEMPLATE",
-    "CLAUDE_BIN",
-    "BUILD_COMMAND",
-    "BUILD_OUTPUT_DIR",
-    "BUILD_SCRIPTS_WITHOUT_NPM",
-    "BUILD_AHEAD_MAX",
-    "CLIENT_ID",
-    "PROJECT_ID",
-    "MAX_COMMAND_BYTES",
-    "AGENT_TIMEOUT_SECONDS",
-    "AGENT_SILENCE_SECONDS",
-    "AGENT_MAX_TURNS",
-    "AGENT_MAX_BUDGET_USD",
-    "AGENT_MODEL",
-    "AGENT_PERMISSION_MODE",
-    "AGENT_ALLOWED_TOOLS",
-    "AGENT_DISALLOWED_TOOLS",
-    "AGENT_APPEND_SYSTEM_PROMPT",
-    "AGENT_ENV_ALLOW",
-    "PROGRESS_INTERVAL_SECONDS",
-    "BUILD_REPAIR_ATTEMPTS",
-    "BUILD_TIMEOUT_SECONDS",
-    "MAX_IN_FLIGHT",
-    "VISIBILITY_TIMEOUT_SECONDS",
-    "UPLOAD_CONCURRENCY",
-    "CACHE_CONTROL_RULES",
-    "PUBLISH_MAX_DELETE_PERCENT",
-    "PUBLISH_ALLOW_MASS_DELETE",
-    "PUBLISH_MAX_FILE_BYTES",
-    "PUBLISH_MAX_BYTES",
-    "PUSH_ATTEMPTS",
-    "MAX_RECEIVES",
-    "RETRY_BASE_SECONDS",
-    "SHUTDOWN_DEADLINE_SECONDS",
-    "HEALTH_FILE",
-    "AGENT_CONCURRENCY",
-    "BUILD_CONCURRENCY",
-    "S3_UPLOAD_CONCURRENCY",
-    "MAX_HELD_PER_WORKSPACE",
-    "MAX_HELD_PER_CLIENT",
-    "TRACE_COMMAND_CHARS",
-    "CLOUDFRONT_DISTRIBUTIONS",
-    "SESSION_IDLE_SECONDS",
-    "INSTALL_MODE",
-    "NPM_STORE_DIR",
-    "NPM_STORE_MAX_MB",
-    "NPM_STORE_MAX_AGE_DAYS",
-    "LEASE_STORE",
-    "WORKER_ID",
-    "LEASE_SECONDS",
-    "ISOLATION",
-    "SANDBOX_MAX_PROCESSES",
-    "SANDBOX_MAX_MEMORY_MB",
-    "SANDBOX_MAX_FILE_MB",
-    "SANDBOX_MAX_CPU_SECONDS",
-    "SANDBOX_MAX_TMP_MB",
-    "SANDBOX_MAX_DISK_MB",
-];
+use crate::settings_table::{self as table, DefaultIs, Kind, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -98,375 +38,380 @@ pub enum ConfigError {
 
 /// Raw settings: key → value, from the file and then the environment.
 pub struct Settings {
-    values: HashMap<String, String>,
+    values: HashMap<&'static str, String>,
+    /// The names read so far: a test checks that building the configuration reads every one.
+    #[cfg(test)]
+    read: std::cell::RefCell<std::collections::BTreeSet<&'static str>>,
 }
 
 impl Settings {
+    fn new(values: HashMap<&'static str, String>) -> Settings {
+        Settings {
+            values,
+            #[cfg(test)]
+            read: Default::default(),
+        }
+    }
+
     /// Read the TOML file (if any), then overlay the environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let mut values = HashMap::new();
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-            for (key, value) in table {
-                let upper = key.to_ascii_uppercase();
-                if !KEYS.contains(&upper.as_str()) {
-                    return Err(ConfigError::Parse {
-                        path: path.to_owned(),
-                        message: format!("unknown key `{key}`"),
-                    });
-                }
-                let bad = || ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: format!(
-                        "`{key}` must be a string, a whole number, true or false, or a list of words"
-                    ),
-                };
-                let text = match value {
-                    toml::Value::String(s) => s,
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    toml::Value::Array(words) => words
-                        .iter()
-                        .map(|w| w.as_str().map(str::to_owned).ok_or_else(bad))
-                        .collect::<Result<Vec<_>, _>>()?
-                        .join(" "),
-                    _ => return Err(bad()),
-                };
-                values.insert(upper, text);
-            }
-        }
-        for key in KEYS {
-            if let Ok(v) = std::env::var(key) {
-                values.insert((*key).to_owned(), v);
-            }
-        }
-        Ok(Settings { values })
-    }
-
-    pub fn get(&self, key: &'static str) -> Option<&str> {
-        self.values
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.trim().is_empty())
-    }
-
-    pub fn require(&self, key: &'static str) -> Result<&str, ConfigError> {
-        self.get(key).ok_or(ConfigError::Missing { key })
-    }
-
-    fn number(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
-                key,
-                message: format!("`{v}` is not a whole number"),
-            }),
-        }
-    }
-
-    fn positive(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
-        let n = self.number(key, default)?;
-        if n == 0 {
-            return Err(ConfigError::Invalid {
-                key,
-                message: "must be at least 1".into(),
-            });
-        }
-        Ok(n)
-    }
-
-    fn flag(&self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(key).map(|v| v.trim().to_ascii_lowercase()) {
-            None => Ok(default),
-            Some(v) if matches!(v.as_str(), "1" | "true" | "yes") => Ok(true),
-            Some(v) if matches!(v.as_str(), "0" | "false" | "no") => Ok(false),
-            Some(v) => Err(ConfigError::Invalid {
-                key,
-                message: format!("`{v}` is not true or false"),
-            }),
-        }
-    }
-
-    /// The agent's limits, model, permissions and tools.
-    fn agent_limits(&self, c: &mut WorkerConfig) -> Result<(), ConfigError> {
-        let a = &mut c.agent;
-        a.timeout =
-            Duration::from_secs(self.positive("AGENT_TIMEOUT_SECONDS", a.timeout.as_secs())?);
-        // The watchdog: by default as long as the whole run may take.
-        a.silence_timeout =
-            Duration::from_secs(self.positive("AGENT_SILENCE_SECONDS", a.timeout.as_secs())?);
-        a.config_dir = Some(ThreadStore::default_agent_config_dir(&c.workspace_root));
-        if self.get("AGENT_MAX_TURNS").is_some() {
-            a.max_turns = Some(self.positive("AGENT_MAX_TURNS", 1)? as u32);
-        }
-        if let Some(v) = self.get("AGENT_MAX_BUDGET_USD") {
-            let usd: f64 = v
-                .trim()
-                .parse()
-                .ok()
-                .filter(|x: &f64| *x > 0.0)
-                .ok_or_else(|| ConfigError::Invalid {
-                    key: "AGENT_MAX_BUDGET_USD",
-                    message: format!("`{v}` is not a positive amount"),
-                })?;
-            a.max_budget_usd = Some(usd);
-        }
-        a.model = self.get("AGENT_MODEL").map(str::to_owned);
-        if let Some(mode) = self.get("AGENT_PERMISSION_MODE") {
-            const MODES: &[&str] = &[
-                "acceptEdits",
-                "bypassPermissions",
-                "plan",
-                "default",
-                "dontAsk",
-                "auto",
-            ];
-            if !MODES.contains(&mode) {
-                return Err(ConfigError::Invalid {
-                    key: "AGENT_PERMISSION_MODE",
-                    message: format!("`{mode}` is not one of {}", MODES.join(", ")),
-                });
-            }
-            a.permission_mode = mode.to_owned();
-        }
-        let tools = |key| -> Vec<String> {
-            self.get(key)
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|t| !t.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default()
+        let mut values = match file {
+            Some(path) => read_file(path)?,
+            None => HashMap::new(),
         };
-        a.allowed_tools = tools("AGENT_ALLOWED_TOOLS");
-        a.disallowed_tools = tools("AGENT_DISALLOWED_TOOLS");
-        a.append_system_prompt = self.get("AGENT_APPEND_SYSTEM_PROMPT").map(str::to_owned);
-        // More environment variables for the agent, by name (its allow-list is in agent.rs).
-        a.env_allow = tools("AGENT_ENV_ALLOW");
-        if let Some(bad) = a.env_allow.iter().find(|name| {
-            let mut chars = name.chars();
-            !chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        }) {
-            return Err(ConfigError::Invalid {
-                key: "AGENT_ENV_ALLOW",
-                message: format!("`{bad}` is not an environment variable name"),
-            });
+        for setting in table::SETTINGS {
+            if let Ok(v) = std::env::var(setting.name) {
+                values.insert(setting.name, v);
+            }
         }
-        c.progress_interval = Duration::from_secs(
-            self.number("PROGRESS_INTERVAL_SECONDS", c.progress_interval.as_secs())?,
-        );
-        c.build_repair_attempts =
-            self.number("BUILD_REPAIR_ATTEMPTS", c.build_repair_attempts as u64)? as u32;
-        Ok(())
+        Ok(Settings::new(values))
     }
 
-    /// Dependencies: `INSTALL_MODE` (`shared` or `per-workspace`) and the shared store's folder
-    /// and limits.
-    fn npm_store(&self, s: &mut StoreSettings) -> Result<(), ConfigError> {
-        match self.get("INSTALL_MODE").map(str::trim) {
-            None | Some("shared") => s.shared = true,
-            Some("per-workspace") => s.shared = false,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    key: "INSTALL_MODE",
-                    message: format!("`{other}` is not `shared` or `per-workspace`"),
-                });
-            }
+    /// What `name` is set to (blank counts as unset), else its default value; `None` when it
+    /// has neither. A required setting that is not set is an error.
+    fn raw(&self, name: &'static str) -> Result<Option<&str>, ConfigError> {
+        let setting = table::setting(name);
+        #[cfg(test)]
+        self.read.borrow_mut().insert(setting.name);
+        let set = self
+            .values
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty());
+        match (set, setting.default) {
+            (Some(v), _) => Ok(Some(v)),
+            (None, DefaultIs::Value(v)) => Ok(Some(v)),
+            (None, DefaultIs::Required) => Err(ConfigError::Missing { key: setting.name }),
+            (None, DefaultIs::Nothing(_) | DefaultIs::Derived(_)) => Ok(None),
         }
-        if let Some(dir) = self.get("NPM_STORE_DIR") {
-            let dir = PathBuf::from(dir);
-            if !dir.is_absolute() {
-                return Err(ConfigError::Invalid {
-                    key: "NPM_STORE_DIR",
-                    message: "must be an absolute path".into(),
-                });
-            }
-            s.dir = Some(dir);
+    }
+
+    /// `name`'s value read by its kind, or `None` when it has none.
+    fn value(&self, name: &'static str) -> Result<Option<Value>, ConfigError> {
+        let Some(text) = self.raw(name)? else {
+            return Ok(None);
+        };
+        let setting = table::setting(name);
+        setting
+            .kind
+            .parse(text)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid {
+                key: setting.name,
+                message,
+            })
+    }
+
+    /// `name`'s value, which it always has (set, its default, or required).
+    fn given(&self, name: &'static str) -> Result<Value, ConfigError> {
+        Ok(self
+            .value(name)?
+            .unwrap_or_else(|| panic!("{name} has no default value in the settings table")))
+    }
+
+    fn text(&self, name: &'static str) -> Result<String, ConfigError> {
+        Ok(text_of(name, self.given(name)?))
+    }
+
+    fn optional_text(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        Ok(self.value(name)?.map(|v| text_of(name, v)))
+    }
+
+    fn path(&self, name: &'static str) -> Result<PathBuf, ConfigError> {
+        Ok(path_of(name, self.given(name)?))
+    }
+
+    fn optional_path(&self, name: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        Ok(self.value(name)?.map(|v| path_of(name, v)))
+    }
+
+    /// A list; unset is empty.
+    fn list(&self, name: &'static str) -> Result<Vec<String>, ConfigError> {
+        match self.value(name)? {
+            None => Ok(Vec::new()),
+            Some(Value::List(items)) => Ok(items),
+            Some(other) => panic!("{name} is not a list: {other:?}"),
         }
-        s.max_bytes = self.positive("NPM_STORE_MAX_MB", s.max_bytes >> 20)? << 20;
-        s.max_age = Duration::from_secs(
-            self.positive("NPM_STORE_MAX_AGE_DAYS", s.max_age.as_secs() / 86_400)? * 86_400,
-        );
-        Ok(())
+    }
+
+    fn number(&self, name: &'static str) -> Result<u64, ConfigError> {
+        Ok(number_of(name, self.given(name)?))
+    }
+
+    fn optional_number(&self, name: &'static str) -> Result<Option<u64>, ConfigError> {
+        Ok(self.value(name)?.map(|v| number_of(name, v)))
+    }
+
+    fn seconds(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        self.number(name).map(Duration::from_secs)
+    }
+
+    fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {
+        match self.given(name)? {
+            Value::Flag(b) => Ok(b),
+            other => panic!("{name} is not a flag: {other:?}"),
+        }
+    }
+
+    /// A value the table's kinds cannot check by themselves (cache rules, a store URL...): read
+    /// by its kind first, then by `parse`, whose error names the setting.
+    fn parsed_optional<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        if self.value(name)?.is_none() {
+            return Ok(None);
+        }
+        let text = self.raw(name)?.unwrap_or_default();
+        parse(text)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid { key: name, message })
+    }
+
+    /// As `parsed_optional`, for a setting that always has a value.
+    fn parsed<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        Ok(self
+            .parsed_optional(name, parse)?
+            .unwrap_or_else(|| panic!("{name} has no default value in the settings table")))
+    }
+
+    /// A whole number of `unit`s, in the smaller unit (MiB in bytes, days in seconds).
+    fn scaled(&self, name: &'static str, unit: u64) -> Result<u64, ConfigError> {
+        self.number(name)?
+            .checked_mul(unit)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: name,
+                message: "is too large".into(),
+            })
+    }
+
+    fn output_dir(&self, name: &'static str) -> Result<OutputDir, ConfigError> {
+        match self.given(name)? {
+            Value::OutputDir(dir) => Ok(dir),
+            other => panic!("{name} is not a folder inside the workspace: {other:?}"),
+        }
+    }
+
+    fn optional_amount(&self, name: &'static str) -> Result<Option<f64>, ConfigError> {
+        match self.value(name)? {
+            None => Ok(None),
+            Some(Value::Amount(x)) => Ok(Some(x)),
+            Some(other) => panic!("{name} is not an amount: {other:?}"),
+        }
+    }
+
+    /// `WORKSPACE_ROOT`, absolute (a relative one is taken from the current folder).
+    fn workspace_root(&self) -> Result<PathBuf, ConfigError> {
+        self.parsed("WORKSPACE_ROOT", |root| {
+            std::path::absolute(root).map_err(|e| e.to_string())
+        })
+    }
+
+    /// How the agent (`CLAUDE_BIN`) runs: its limits, model, permissions and tools.
+    fn agent(&self, workspace_root: &Path) -> Result<AgentSpec, ConfigError> {
+        let timeout = self.seconds("AGENT_TIMEOUT_SECONDS")?;
+        let mut a = AgentSpec::new(self.path("CLAUDE_BIN")?, timeout);
+        // The watchdog: by default as long as the whole run may take.
+        a.silence_timeout = self
+            .optional_number("AGENT_SILENCE_SECONDS")?
+            .map_or(timeout, Duration::from_secs);
+        a.config_dir = Some(ThreadStore::default_agent_config_dir(workspace_root));
+        a.max_turns = self.optional_number("AGENT_MAX_TURNS")?.map(|n| n as u32);
+        a.max_budget_usd = self.optional_amount("AGENT_MAX_BUDGET_USD")?;
+        a.model = self.optional_text("AGENT_MODEL")?;
+        a.permission_mode = self.text("AGENT_PERMISSION_MODE")?;
+        a.allowed_tools = self.list("AGENT_ALLOWED_TOOLS")?;
+        a.disallowed_tools = self.list("AGENT_DISALLOWED_TOOLS")?;
+        a.append_system_prompt = self.optional_text("AGENT_APPEND_SYSTEM_PROMPT")?;
+        // More environment variables for the agent, by name (its allow-list is in agent.rs).
+        a.env_allow = self.list("AGENT_ENV_ALLOW")?;
+        Ok(a)
+    }
+
+    /// Dependencies: `INSTALL_MODE` and the shared store's folder and limits.
+    fn npm_store(&self) -> Result<StoreSettings, ConfigError> {
+        Ok(StoreSettings {
+            shared: self.text("INSTALL_MODE")? == "shared",
+            dir: self.optional_path("NPM_STORE_DIR")?,
+            max_bytes: self.scaled("NPM_STORE_MAX_MB", 1 << 20)?,
+            max_age: Duration::from_secs(self.scaled("NPM_STORE_MAX_AGE_DAYS", 86_400)?),
+        })
     }
 
     /// How builds are published; also used by `edit-worker publish`.
     pub fn publish_options(&self) -> Result<PublishOptions, ConfigError> {
-        let mut p = PublishOptions::default();
-        p.concurrency = self.positive("UPLOAD_CONCURRENCY", p.concurrency as u64)? as usize;
-        if let Some(rules) = self.get("CACHE_CONTROL_RULES") {
-            p.cache_rules =
-                CacheRule::parse_list(rules).map_err(|message| ConfigError::Invalid {
-                    key: "CACHE_CONTROL_RULES",
-                    message,
-                })?;
-        }
-        let percent = self.number("PUBLISH_MAX_DELETE_PERCENT", p.max_delete_percent as u64)?;
-        if percent > 100 {
-            return Err(ConfigError::Invalid {
-                key: "PUBLISH_MAX_DELETE_PERCENT",
-                message: "must be 0 to 100".into(),
-            });
-        }
-        p.max_delete_percent = percent as u8;
-        p.allow_mass_delete = self.flag("PUBLISH_ALLOW_MASS_DELETE", p.allow_mass_delete)?;
-        p.total_concurrency =
-            self.positive("S3_UPLOAD_CONCURRENCY", p.total_concurrency as u64)? as usize;
-        p.max_file_bytes = self.positive("PUBLISH_MAX_FILE_BYTES", p.max_file_bytes)?;
-        p.max_total_bytes = self.positive("PUBLISH_MAX_BYTES", p.max_total_bytes)?;
-        Ok(p)
+        Ok(PublishOptions {
+            concurrency: self.number("UPLOAD_CONCURRENCY")? as usize,
+            cache_rules: self.parsed("CACHE_CONTROL_RULES", CacheRule::parse_list)?,
+            max_delete_percent: self.number("PUBLISH_MAX_DELETE_PERCENT")? as u8,
+            allow_mass_delete: self.flag("PUBLISH_ALLOW_MASS_DELETE")?,
+            total_concurrency: self.number("S3_UPLOAD_CONCURRENCY")? as usize,
+            max_file_bytes: self.number("PUBLISH_MAX_FILE_BYTES")?,
+            max_total_bytes: self.number("PUBLISH_MAX_BYTES")?,
+            // Not settings: how uploads are cut into parts and retried.
+            ..PublishOptions::default()
+        })
     }
 
-    pub fn shutdown_deadline(&self) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_secs(
-            self.positive("SHUTDOWN_DEADLINE_SECONDS", 25)?,
-        ))
+    /// `SANDBOX_MAX_*`: the limits on every process of a tenant's run.
+    fn sandbox_limits(&self) -> Result<Limits, ConfigError> {
+        Ok(Limits {
+            processes: self.number("SANDBOX_MAX_PROCESSES")?,
+            memory_bytes: self.scaled("SANDBOX_MAX_MEMORY_MB", 1 << 20)?,
+            file_bytes: self.scaled("SANDBOX_MAX_FILE_MB", 1 << 20)?,
+            cpu_seconds: self.number("SANDBOX_MAX_CPU_SECONDS")?,
+            tmp_bytes: self.scaled("SANDBOX_MAX_TMP_MB", 1 << 20)?,
+            disk_bytes: self.scaled("SANDBOX_MAX_DISK_MB", 1 << 20)?,
+        })
+    }
+
+    /// `CLOUDFRONT_DISTRIBUTIONS`: client id -> distribution id.
+    fn cloudfront_distributions(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        let map = self.parsed_optional("CLOUDFRONT_DISTRIBUTIONS", |map| {
+            map.split(',')
+                .map(str::trim)
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(c, d)| (c.trim(), d.trim()))
+                        .filter(|(c, d)| check_dns_label("id", c).is_ok() && !d.is_empty())
+                        .map(|(c, d)| (c.to_owned(), d.to_owned()))
+                        .ok_or_else(|| format!("`{pair}` is not clientId=DISTRIBUTIONID"))
+                })
+                .collect()
+        })?;
+        Ok(map.unwrap_or_default())
     }
 
     /// The worker's configuration for `run`.
     pub fn worker_config(&self, region: &str) -> Result<WorkerConfig, ConfigError> {
-        let mut c = WorkerConfig::with_defaults(self.require("INPUT_QUEUE_URL")?);
-        c.region = region.to_owned();
-        c.output_queue_url = self.get("OUTPUT_QUEUE_URL").map(str::to_owned);
-        c.dead_letter_queue_url = self.get("DEAD_LETTER_QUEUE_URL").map(str::to_owned);
-        if let Some(root) = self.get("WORKSPACE_ROOT") {
-            c.workspace_root = PathBuf::from(root);
-        }
-        if !c.workspace_root.is_absolute() {
-            c.workspace_root = std::env::current_dir()
-                .map_err(|e| ConfigError::Invalid {
-                    key: "WORKSPACE_ROOT",
-                    message: e.to_string(),
-                })?
-                .join(&c.workspace_root);
-        }
-        c.git_remote_template = self.get("GIT_REMOTE_TEMPLATE").map(str::to_owned);
-        c.health_file = self.get("HEALTH_FILE").map(PathBuf::from);
-        if let Some(t) = self.get("BUCKET_TEMPLATE") {
-            c.bucket_template = t.to_owned();
-        }
-        if let Some(t) = self.get("PREVIEW_URL_TEMPLATE") {
-            c.preview_url_template = t.to_owned();
-        }
-        if let Some(bin) = self.get("CLAUDE_BIN") {
-            c.agent.bin = PathBuf::from(bin);
-        }
-        if let Some(cmd) = self.get("BUILD_COMMAND") {
-            // argv words, split on white space: there is no shell, hence no quoting.
-            c.build_command = cmd.split_whitespace().map(str::to_owned).collect();
-        }
-        if let Some(dir) = self.get("BUILD_OUTPUT_DIR") {
-            let dir = PathBuf::from(dir);
-            let inside = dir
-                .components()
-                .all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
-            if !inside || dir.as_os_str().is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: "BUILD_OUTPUT_DIR",
-                    message: "must be a relative folder inside the workspace".into(),
-                });
+        let workspace_root = self.workspace_root()?;
+        Ok(WorkerConfig {
+            input_queue_url: self.text("INPUT_QUEUE_URL")?,
+            output_queue_url: self.optional_text("OUTPUT_QUEUE_URL")?,
+            dead_letter_queue_url: self.optional_text("DEAD_LETTER_QUEUE_URL")?,
+            git_remote_template: self.optional_text("GIT_REMOTE_TEMPLATE")?,
+            bucket_template: self.text("BUCKET_TEMPLATE")?,
+            preview_url_template: self.text("PREVIEW_URL_TEMPLATE")?,
+            agent: self.agent(&workspace_root)?,
+            progress_interval: self.seconds("PROGRESS_INTERVAL_SECONDS")?,
+            build_repair_attempts: self.number("BUILD_REPAIR_ATTEMPTS")? as u32,
+            build_command: self.list("BUILD_COMMAND")?,
+            build_output_dir: self.output_dir("BUILD_OUTPUT_DIR")?,
+            build_scripts_without_npm: self.flag("BUILD_SCRIPTS_WITHOUT_NPM")?,
+            build_timeout: self.seconds("BUILD_TIMEOUT_SECONDS")?,
+            build_ahead_max: self.number("BUILD_AHEAD_MAX")? as usize,
+            only_client: self.optional_text("CLIENT_ID")?,
+            only_project: self.optional_text("PROJECT_ID")?,
+            max_command_bytes: self.number("MAX_COMMAND_BYTES")? as usize,
+            region: region.to_owned(),
+            max_in_flight: self.number("MAX_IN_FLIGHT")? as usize,
+            max_held_per_workspace: self.number("MAX_HELD_PER_WORKSPACE")? as usize,
+            max_held_per_client: self.number("MAX_HELD_PER_CLIENT")? as usize,
+            agent_concurrency: self.number("AGENT_CONCURRENCY")? as usize,
+            build_concurrency: self
+                .optional_number("BUILD_CONCURRENCY")?
+                .map_or_else(default_build_concurrency, |n| n as usize),
+            session_idle: self.seconds("SESSION_IDLE_SECONDS")?,
+            // SQS keeps a message invisible for 12 hours at most.
+            visibility_timeout: self
+                .seconds("VISIBILITY_TIMEOUT_SECONDS")?
+                .min(Duration::from_secs(43_200)),
+            publish: self.publish_options()?,
+            push_attempts: self.number("PUSH_ATTEMPTS")? as u32,
+            cloudfront_distributions: self.cloudfront_distributions()?,
+            trace_command_chars: self.number("TRACE_COMMAND_CHARS")? as usize,
+            health_file: self.optional_path("HEALTH_FILE")?,
+            max_receives: self.number("MAX_RECEIVES")? as u32,
+            retry_base_delay: self.seconds("RETRY_BASE_SECONDS")?,
+            npm_store: self.npm_store()?,
+            lease_store: self.parsed_optional("LEASE_STORE", StoreLocation::parse)?,
+            worker_id: self
+                .optional_text("WORKER_ID")?
+                .unwrap_or_else(default_worker_id),
+            // Renewed every third: a lease shorter than 3 s would be renewed more than once a
+            // second.
+            lease_duration: self.seconds("LEASE_SECONDS")?.max(Duration::from_secs(3)),
+            isolation: self.parsed("ISOLATION", str::parse)?,
+            sandbox_limits: self.sandbox_limits()?,
+            shutdown_deadline: self.seconds("SHUTDOWN_DEADLINE_SECONDS")?,
+            workspace_root,
+        })
+    }
+}
+
+/// The TOML file's keys (upper or lower case) and values, as text.
+fn read_file(path: &Path) -> Result<HashMap<&'static str, String>, ConfigError> {
+    let bad = |message: String| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut values = HashMap::new();
+    for (key, value) in file {
+        let setting = table::SETTINGS
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(&key))
+            .ok_or_else(|| bad(format!("unknown key `{key}`")))?;
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(x) if matches!(setting.kind, Kind::Amount) => x.to_string(),
+            // A list joins as its kind splits: words on spaces, items on commas.
+            toml::Value::Array(items) => {
+                let separator = setting
+                    .kind
+                    .list_separator()
+                    .ok_or_else(|| bad(format!("`{key}` takes one value, not a list")))?;
+                items
+                    .iter()
+                    .map(|item| {
+                        item.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| bad(format!("`{key}` must be a list of strings")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(separator)
             }
-            c.build_output_dir = dir;
-        }
-        c.build_scripts_without_npm =
-            self.flag("BUILD_SCRIPTS_WITHOUT_NPM", c.build_scripts_without_npm)?;
-        c.build_ahead_max = self.number("BUILD_AHEAD_MAX", c.build_ahead_max as u64)? as usize;
-        for (key, slot) in [
-            ("CLIENT_ID", &mut c.only_client),
-            ("PROJECT_ID", &mut c.only_project),
-        ] {
-            if let Some(id) = self.get(key) {
-                check_dns_label("id", id).map_err(|e| ConfigError::Invalid {
-                    key,
-                    message: e.to_string(),
-                })?;
-                *slot = Some(id.to_owned());
+            _ => {
+                return Err(bad(format!(
+                    "`{key}` must be a string, a whole number, true or false, or a list of words"
+                )));
             }
-        }
-        c.max_command_bytes =
-            self.positive("MAX_COMMAND_BYTES", c.max_command_bytes as u64)? as usize;
-        self.agent_limits(&mut c)?;
-        c.build_timeout =
-            Duration::from_secs(self.positive("BUILD_TIMEOUT_SECONDS", c.build_timeout.as_secs())?);
-        c.max_in_flight = self.positive("MAX_IN_FLIGHT", c.max_in_flight as u64)? as usize;
-        c.max_held_per_workspace =
-            self.positive("MAX_HELD_PER_WORKSPACE", c.max_held_per_workspace as u64)? as usize;
-        if let Some(map) = self.get("CLOUDFRONT_DISTRIBUTIONS") {
-            for pair in map.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let (client, distribution) = pair
-                    .split_once('=')
-                    .map(|(c, d)| (c.trim(), d.trim()))
-                    .filter(|(c, d)| check_dns_label("id", c).is_ok() && !d.is_empty())
-                    .ok_or_else(|| ConfigError::Invalid {
-                        key: "CLOUDFRONT_DISTRIBUTIONS",
-                        message: format!("`{pair}` is not clientId=DISTRIBUTIONID"),
-                    })?;
-                c.cloudfront_distributions
-                    .insert(client.to_owned(), distribution.to_owned());
-            }
-        }
-        c.trace_command_chars =
-            self.number("TRACE_COMMAND_CHARS", c.trace_command_chars as u64)? as usize;
-        c.max_held_per_client =
-            self.positive("MAX_HELD_PER_CLIENT", c.max_held_per_client as u64)? as usize;
-        c.agent_concurrency =
-            self.positive("AGENT_CONCURRENCY", c.agent_concurrency as u64)? as usize;
-        c.build_concurrency =
-            self.positive("BUILD_CONCURRENCY", c.build_concurrency as u64)? as usize;
-        c.session_idle =
-            Duration::from_secs(self.positive("SESSION_IDLE_SECONDS", c.session_idle.as_secs())?);
-        c.visibility_timeout = Duration::from_secs(
-            self.positive("VISIBILITY_TIMEOUT_SECONDS", c.visibility_timeout.as_secs())?
-                .min(43_200),
-        );
-        c.publish = self.publish_options()?;
-        c.push_attempts = self.positive("PUSH_ATTEMPTS", c.push_attempts as u64)? as u32;
-        c.max_receives = self.positive("MAX_RECEIVES", c.max_receives as u64)? as u32;
-        c.retry_base_delay =
-            Duration::from_secs(self.number("RETRY_BASE_SECONDS", c.retry_base_delay.as_secs())?);
-        self.npm_store(&mut c.npm_store)?;
-        if let Some(store) = self.get("LEASE_STORE") {
-            c.lease_store =
-                Some(
-                    StoreLocation::parse(store).map_err(|message| ConfigError::Invalid {
-                        key: "LEASE_STORE",
-                        message,
-                    })?,
-                );
-        }
-        if let Some(id) = self.get("WORKER_ID") {
-            c.worker_id = id.to_owned();
-        }
-        c.lease_duration = Duration::from_secs(
-            self.positive("LEASE_SECONDS", c.lease_duration.as_secs())?
-                .max(3),
-        );
-        if let Some(isolation) = self.get("ISOLATION") {
-            c.isolation = isolation.parse().map_err(|message| ConfigError::Invalid {
-                key: "ISOLATION",
-                message,
-            })?;
-        }
-        let l = &mut c.sandbox_limits;
-        l.processes = self.positive("SANDBOX_MAX_PROCESSES", l.processes)?;
-        l.memory_bytes = self.positive("SANDBOX_MAX_MEMORY_MB", l.memory_bytes >> 20)? << 20;
-        l.file_bytes = self.positive("SANDBOX_MAX_FILE_MB", l.file_bytes >> 20)? << 20;
-        l.cpu_seconds = self.positive("SANDBOX_MAX_CPU_SECONDS", l.cpu_seconds)?;
-        l.tmp_bytes = self.positive("SANDBOX_MAX_TMP_MB", l.tmp_bytes >> 20)? << 20;
-        l.disk_bytes = self.positive("SANDBOX_MAX_DISK_MB", l.disk_bytes >> 20)? << 20;
-        Ok(c)
+        };
+        values.insert(setting.name, text);
+    }
+    Ok(values)
+}
+
+fn text_of(name: &str, value: Value) -> String {
+    match value {
+        Value::Text(text) => text,
+        other => panic!("{name} is not text: {other:?}"),
+    }
+}
+
+fn path_of(name: &str, value: Value) -> PathBuf {
+    match value {
+        Value::Path(path) => path,
+        other => panic!("{name} is not a path: {other:?}"),
+    }
+}
+
+fn number_of(name: &str, value: Value) -> u64 {
+    match value {
+        Value::Number(n) => n,
+        other => panic!("{name} is not a number: {other:?}"),
     }
 }
 
@@ -474,64 +419,221 @@ impl Settings {
 mod tests {
     use super::*;
 
-    fn settings(pairs: &[(&str, &str)]) -> Settings {
-        Settings {
-            values: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
+    fn settings(pairs: &[(&'static str, &str)]) -> Settings {
+        Settings::new(pairs.iter().map(|(k, v)| (*k, v.to_string())).collect())
+    }
+
+    fn with_queue(pairs: &[(&'static str, &str)]) -> Settings {
+        let mut all = vec![("INPUT_QUEUE_URL", "q")];
+        all.extend_from_slice(pairs);
+        settings(&all)
+    }
+
+    fn error(pairs: &[(&'static str, &str)]) -> String {
+        with_queue(pairs)
+            .worker_config("r")
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn defaults_follow_the_contract() {
-        let c = settings(&[("INPUT_QUEUE_URL", "q")])
-            .worker_config("eu-west-1")
-            .unwrap();
+        let c = with_queue(&[]).worker_config("eu-west-1").unwrap();
         assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
         assert_eq!(c.build_command, ["npm", "run", "build"]);
-        assert_eq!(c.build_output_dir, PathBuf::from("dist"));
+        assert_eq!(c.build_output_dir.as_path(), Path::new("dist"));
         assert_eq!(c.agent.bin, PathBuf::from("claude"));
         assert_eq!(c.agent.permission_mode, "acceptEdits");
         assert_eq!(
             c.agent.config_dir,
             Some(PathBuf::from("/workspace/.agent/claude"))
         );
+        assert_eq!(c.agent.silence_timeout, c.agent.timeout);
         assert_eq!(c.max_command_bytes, 16 * 1024);
         assert!(c.output_queue_url.is_none());
         assert!(c.build_scripts_without_npm);
-        let npm = settings(&[
-            ("INPUT_QUEUE_URL", "q"),
-            ("BUILD_SCRIPTS_WITHOUT_NPM", "false"),
-        ])
-        .worker_config("eu-west-1")
-        .unwrap();
+        assert_eq!(c.shutdown_deadline, Duration::from_secs(25));
+        assert_eq!(c.publish.max_file_bytes, 100 << 20);
+        assert_eq!(c.sandbox_limits.memory_bytes, 2 << 30);
+        let npm = with_queue(&[("BUILD_SCRIPTS_WITHOUT_NPM", "false")])
+            .worker_config("eu-west-1")
+            .unwrap();
         assert!(!npm.build_scripts_without_npm);
-        assert!(
-            !settings(&[("INPUT_QUEUE_URL", "q")])
-                .publish_options()
-                .unwrap()
-                .allow_mass_delete
-        );
+        assert!(!with_queue(&[]).publish_options().unwrap().allow_mass_delete);
+    }
+
+    /// The actors' own defaults (`WorkerConfig::with_defaults`, which tests and the actors'
+    /// `Default`s use) are the table's: nothing set gives exactly them.
+    #[test]
+    fn the_tables_defaults_are_the_actors_defaults() {
+        let parsed = with_queue(&[]).worker_config("us-east-1").unwrap();
+        let mut actors = WorkerConfig::with_defaults("q");
+        // Worked out from WORKSPACE_ROOT, which the actors leave to the worker.
+        actors.agent.config_dir = parsed.agent.config_dir.clone();
+        assert_eq!(format!("{parsed:#?}"), format!("{actors:#?}"));
+    }
+
+    /// Every setting of the table is read when the configuration is built: one the parser
+    /// forgot would be documented but do nothing.
+    #[test]
+    fn building_reads_every_setting() {
+        let s = with_queue(&[]);
+        s.worker_config("r").unwrap();
+        let read = s.read.borrow();
+        let unread: Vec<&str> = table::SETTINGS
+            .iter()
+            .map(|setting| setting.name)
+            .filter(|name| !read.contains(name))
+            .collect();
+        assert!(unread.is_empty(), "never read: {unread:?}");
     }
 
     #[test]
     fn bad_values_are_named() {
         let err = settings(&[]).worker_config("r").unwrap_err();
         assert_eq!(err.to_string(), "INPUT_QUEUE_URL is required");
-        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("BUILD_OUTPUT_DIR", "../x")])
+        // A blank value is no value.
+        let err = settings(&[("INPUT_QUEUE_URL", "  ")])
             .worker_config("r")
             .unwrap_err();
-        assert!(err.to_string().starts_with("BUILD_OUTPUT_DIR"));
-        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("CLIENT_ID", "../bob")])
-            .worker_config("r")
-            .unwrap_err();
-        assert!(err.to_string().starts_with("CLIENT_ID"));
-        let err = settings(&[("INPUT_QUEUE_URL", "q"), ("MAX_IN_FLIGHT", "many")])
-            .worker_config("r")
-            .unwrap_err();
-        assert!(err.to_string().starts_with("MAX_IN_FLIGHT"));
+        assert_eq!(err.to_string(), "INPUT_QUEUE_URL is required");
+        assert!(error(&[("BUILD_OUTPUT_DIR", "../x")]).starts_with("BUILD_OUTPUT_DIR: "));
+        assert!(error(&[("CLIENT_ID", "../bob")]).starts_with("CLIENT_ID: "));
+        assert_eq!(
+            error(&[("MAX_IN_FLIGHT", "many")]),
+            "MAX_IN_FLIGHT: `many` is not a whole number"
+        );
+        assert_eq!(
+            error(&[("SHUTDOWN_DEADLINE_SECONDS", "0")]),
+            "SHUTDOWN_DEADLINE_SECONDS: must be at least 1"
+        );
+        assert_eq!(
+            error(&[("PUBLISH_MAX_DELETE_PERCENT", "101")]),
+            "PUBLISH_MAX_DELETE_PERCENT: must be 0 to 100"
+        );
+        assert_eq!(
+            error(&[("NPM_STORE_MAX_MB", &u64::MAX.to_string())]),
+            "NPM_STORE_MAX_MB: is too large"
+        );
+        assert!(error(&[("ISOLATION", "chroot")]).starts_with("ISOLATION: `chroot` is not one of"));
+        assert!(error(&[("CACHE_CONTROL_RULES", "no rule")]).starts_with("CACHE_CONTROL_RULES: "));
+        assert!(error(&[("LEASE_STORE", "dynamodb://t")]).starts_with("LEASE_STORE: "));
+        assert!(
+            error(&[("CLOUDFRONT_DISTRIBUTIONS", "amelia")])
+                .starts_with("CLOUDFRONT_DISTRIBUTIONS: ")
+        );
+        assert!(error(&[("AGENT_MAX_BUDGET_USD", "0")]).starts_with("AGENT_MAX_BUDGET_USD: "));
+        assert!(error(&[("AGENT_MAX_TURNS", "5000000000")]).starts_with("AGENT_MAX_TURNS: "));
+    }
+
+    /// A value that no setting of its kind takes: each setting of those kinds refuses it with
+    /// its own name first.
+    #[test]
+    fn every_checked_setting_names_itself_when_bad() {
+        for setting in table::SETTINGS {
+            let bad = match setting.kind {
+                Kind::Number { .. } | Kind::Bytes => "lots",
+                Kind::Flag => "maybe",
+                Kind::Amount => "free",
+                Kind::Choice(_) => "something-else",
+                Kind::Label => "Not A Label",
+                Kind::AbsolutePath => "relative/path",
+                Kind::InsidePath => "/etc",
+                Kind::Names => "NOT=A NAME",
+                Kind::Text | Kind::Path | Kind::Words | Kind::List => continue,
+            };
+            let err = error(&[(setting.name, bad)]);
+            assert!(
+                err.starts_with(&format!("{}: ", setting.name)),
+                "{}={bad}: {err}",
+                setting.name
+            );
+        }
+    }
+
+    #[test]
+    fn values_are_read_by_their_kind() {
+        let c = with_queue(&[
+            ("WORKSPACE_ROOT", "/srv/ws"),
+            ("BUILD_COMMAND", "  node   build.mjs --fast "),
+            ("BUILD_OUTPUT_DIR", "./site/out/"),
+            ("PUBLISH_ALLOW_MASS_DELETE", "YES"),
+            ("AGENT_SILENCE_SECONDS", "60"),
+            ("AGENT_MAX_TURNS", "7"),
+            ("AGENT_MAX_BUDGET_USD", "1.25"),
+            ("AGENT_PERMISSION_MODE", "plan"),
+            ("AGENT_ALLOWED_TOOLS", "Edit, Write,,Bash(npm run build)"),
+            ("CLIENT_ID", "amelia"),
+            ("BUILD_CONCURRENCY", "3"),
+            ("VISIBILITY_TIMEOUT_SECONDS", "100000"),
+            ("LEASE_SECONDS", "1"),
+            ("SANDBOX_MAX_TMP_MB", "64"),
+            ("NPM_STORE_MAX_AGE_DAYS", "2"),
+            ("LEASE_STORE", "s3://leases/prod"),
+            ("WORKER_ID", "w-1"),
+            ("ISOLATION", "users+namespaces"),
+            ("CLOUDFRONT_DISTRIBUTIONS", "amelia=E1, bob = E2"),
+            ("HEALTH_FILE", "/tmp/health"),
+        ])
+        .worker_config("r")
+        .unwrap();
+        assert_eq!(c.workspace_root, PathBuf::from("/srv/ws"));
+        assert_eq!(
+            c.agent.config_dir,
+            Some(PathBuf::from("/srv/ws/.agent/claude"))
+        );
+        assert_eq!(c.build_command, ["node", "build.mjs", "--fast"]);
+        assert_eq!(c.build_output_dir.as_path(), Path::new("site/out"));
+        assert!(c.publish.allow_mass_delete);
+        assert_eq!(c.agent.silence_timeout, Duration::from_secs(60));
+        assert_eq!(c.agent.max_turns, Some(7));
+        assert_eq!(c.agent.max_budget_usd, Some(1.25));
+        assert_eq!(c.agent.permission_mode, "plan");
+        assert_eq!(
+            c.agent.allowed_tools,
+            ["Edit", "Write", "Bash(npm run build)"]
+        );
+        assert_eq!(c.only_client.as_deref(), Some("amelia"));
+        assert_eq!(c.only_project, None);
+        assert_eq!(c.build_concurrency, 3);
+        // Past SQS's 12 hours and under one renewal a second, values are brought in range.
+        assert_eq!(c.visibility_timeout, Duration::from_secs(43_200));
+        assert_eq!(c.lease_duration, Duration::from_secs(3));
+        assert_eq!(c.sandbox_limits.tmp_bytes, 64 << 20);
+        assert_eq!(c.npm_store.max_age, Duration::from_secs(2 * 86_400));
+        assert_eq!(
+            c.lease_store,
+            Some(StoreLocation::S3 {
+                bucket: "leases".into(),
+                prefix: "prod/".into()
+            })
+        );
+        assert_eq!(c.worker_id, "w-1");
+        assert_eq!(
+            c.isolation,
+            edit_worker_actors::sandbox::IsolationSetting::UsersAndNamespaces
+        );
+        assert_eq!(
+            c.cloudfront_distributions,
+            BTreeMap::from([
+                ("amelia".to_owned(), "E1".to_owned()),
+                ("bob".to_owned(), "E2".to_owned())
+            ])
+        );
+        assert_eq!(c.health_file, Some(PathBuf::from("/tmp/health")));
+    }
+
+    /// Every word `ISOLATION` accepts is one the sandbox understands.
+    #[test]
+    fn isolation_choices_are_the_sandboxs() {
+        let Kind::Choice(words) = table::setting("ISOLATION").kind else {
+            panic!("ISOLATION is a choice");
+        };
+        for word in words {
+            let c = with_queue(&[("ISOLATION", word)]).worker_config("r");
+            assert!(c.is_ok(), "{word}");
+        }
     }
 
     #[test]
@@ -540,35 +642,68 @@ mod tests {
         let path = dir.path().join("w.toml");
         std::fs::write(
             &path,
-            "input_queue_url = \"from-file\"\nBUILD_COMMAND = [\"node\", \"build.mjs\"]\nMAX_IN_FLIGHT = 3\n",
+            "input_queue_url = \"from-file\"\nBUILD_COMMAND = [\"node\", \"build.mjs\"]\n\
+             MAX_IN_FLIGHT = 3\nAGENT_ALLOWED_TOOLS = [\"Edit\", \"Bash(npm run build)\"]\n\
+             AGENT_MAX_BUDGET_USD = 2.5\nBUILD_SCRIPTS_WITHOUT_NPM = false\n",
         )
         .unwrap();
         let s = Settings::load(Some(&path)).unwrap();
         // The environment of the test process does not set these keys.
         let c = s.worker_config("r").unwrap();
+        assert_eq!(c.input_queue_url, "from-file");
         assert_eq!(c.build_command, ["node", "build.mjs"]);
         assert_eq!(c.max_in_flight, 3);
-        // The example shipped in config/ parses.
-        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("config/edit-worker.example.toml");
+        assert_eq!(c.agent.allowed_tools, ["Edit", "Bash(npm run build)"]);
+        assert_eq!(c.agent.max_budget_usd, Some(2.5));
+        assert!(!c.build_scripts_without_npm);
+        for (bad, why) in [
+            ("nonsense_key = 1\n", "unknown key `nonsense_key`"),
+            ("MAX_IN_FLIGHT = [\"1\"]\n", "takes one value, not a list"),
+            ("MAX_IN_FLIGHT = 1.5\n", "must be a string"),
+            ("BUILD_COMMAND = [1, 2]\n", "must be a list of strings"),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let err = Settings::load(Some(&path)).err().unwrap().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    /// The example file parses as it is, and with every line commented out put back: each
+    /// default and example it shows is a value its setting takes.
+    #[test]
+    fn the_example_file_parses_with_and_without_its_comments() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/edit-worker.example.toml");
         let c = Settings::load(Some(&example))
             .unwrap()
             .worker_config("r")
             .unwrap();
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
-        std::fs::write(&path, "nonsense_key = 1\n").unwrap();
-        assert!(Settings::load(Some(&path)).is_err());
+        let text = std::fs::read_to_string(&example).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("all.toml");
+        std::fs::write(&path, uncommented).unwrap();
+        let c = Settings::load(Some(&path))
+            .unwrap()
+            .worker_config("r")
+            .unwrap();
+        assert_eq!(c.only_client.as_deref(), Some("amelia"));
+        assert_eq!(c.max_in_flight, 64);
     }
 
     #[test]
     fn agent_env_allow_takes_variable_names() {
-        let c = settings(&[
-            ("INPUT_QUEUE_URL", "q"),
-            (
-                "AGENT_ENV_ALLOW",
-                "MY_PROXY_TOKEN, CLAUDE_CODE_MAX_RETRIES,,",
-            ),
-        ])
+        let c = with_queue(&[(
+            "AGENT_ENV_ALLOW",
+            "MY_PROXY_TOKEN, CLAUDE_CODE_MAX_RETRIES,,",
+        )])
         .worker_config("r")
         .unwrap();
         assert_eq!(
@@ -576,28 +711,20 @@ mod tests {
             ["MY_PROXY_TOKEN", "CLAUDE_CODE_MAX_RETRIES"]
         );
         for bad in ["A=B", "1ABC", "X Y", "PATH*"] {
-            let err = settings(&[("INPUT_QUEUE_URL", "q"), ("AGENT_ENV_ALLOW", bad)])
-                .worker_config("r")
-                .unwrap_err();
-            assert!(
-                err.to_string().starts_with("AGENT_ENV_ALLOW"),
-                "{bad}: {err}"
-            );
+            let err = error(&[("AGENT_ENV_ALLOW", bad)]);
+            assert!(err.starts_with("AGENT_ENV_ALLOW"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn install_mode_and_store_settings() {
-        let c = settings(&[("INPUT_QUEUE_URL", "q")])
-            .worker_config("r")
-            .unwrap();
+        let c = with_queue(&[]).worker_config("r").unwrap();
         assert!(c.npm_store.shared);
         assert_eq!(
             c.npm_store.dir_under(&c.workspace_root),
             PathBuf::from("/workspace/.cache/npm-store")
         );
-        let c = settings(&[
-            ("INPUT_QUEUE_URL", "q"),
+        let c = with_queue(&[
             ("INSTALL_MODE", "per-workspace"),
             ("NPM_STORE_DIR", "/var/cache/npm-store"),
             ("NPM_STORE_MAX_MB", "512"),
@@ -614,10 +741,8 @@ mod tests {
             ("NPM_STORE_DIR", "relative/store"),
             ("NPM_STORE_MAX_MB", "0"),
         ] {
-            let err = settings(&[("INPUT_QUEUE_URL", "q"), (key, bad)])
-                .worker_config("r")
-                .unwrap_err();
-            assert!(err.to_string().starts_with(key), "{err}");
+            let err = error(&[(key, bad)]);
+            assert!(err.starts_with(key), "{err}");
         }
     }
 }

@@ -8,6 +8,7 @@ mod doctor;
 mod loadgen;
 mod publish_cmd;
 mod send;
+mod settings_table;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -170,10 +171,7 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         .region()
         .map(|r| r.to_string())
         .unwrap_or_else(|| "us-east-1".into());
-    let (config, deadline) = match settings
-        .worker_config(&region)
-        .and_then(|c| Ok((c, settings.shutdown_deadline()?)))
-    {
+    let config = match settings.worker_config(&region) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edit-worker: configuration: {e}");
@@ -207,7 +205,6 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
     tokio::spawn(wait_for_signal(shutdown.clone()));
     let options = RunOptions {
         exit_when_idle: exit_when_idle.map(Duration::from_secs),
-        shutdown_deadline: deadline,
     };
     let (sqs, s3) = (aws::sqs(&sdk), aws::s3(&sdk));
     // CloudFront only when some client's bucket has a distribution.

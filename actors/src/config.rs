@@ -1,14 +1,17 @@
 //! What the actor system needs to know, already parsed and checked. The process (`src/config.rs`)
 //! builds this from the environment and the optional TOML file; tests build it directly.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::AgentSpec;
 use crate::message::WorkspaceKey;
+// The agent's spec is part of the configuration's shape (its module is the crate's own).
+pub use crate::agent::AgentSpec;
 use crate::publish::PublishOptions;
 
-#[derive(Debug, Clone)]
+/// Not `Clone`: it holds the one [`OutputDir`], and the process keeps one configuration (in
+/// `WorkerContext`), which the actors share by reference.
+#[derive(Debug)]
 pub struct WorkerConfig {
     /// The queue of edit requests.
     pub input_queue_url: String,
@@ -35,8 +38,8 @@ pub struct WorkerConfig {
     pub build_repair_attempts: u32,
     /// The build, as argv words, run without a shell.
     pub build_command: Vec<String>,
-    /// The build's output folder, relative to the workspace.
-    pub build_output_dir: PathBuf,
+    /// The build's output folder: a folder inside the workspace, by its type.
+    pub build_output_dir: OutputDir,
     /// `npm run <script>` runs the script's words directly when npm would add nothing
     /// (`package_script`): half a second less per build.
     pub build_scripts_without_npm: bool,
@@ -104,10 +107,15 @@ pub struct WorkerConfig {
     pub isolation: crate::sandbox::IsolationSetting,
     /// `SANDBOX_MAX_*`: the limits on every process of a tenant's run.
     pub sandbox_limits: crate::sandbox::Limits,
+    /// `SHUTDOWN_DEADLINE_SECONDS`: on SIGTERM, how long running work may take to save itself
+    /// and give its messages back before the worker exits anyway (ECS gives 30 s between
+    /// SIGTERM and SIGKILL).
+    pub shutdown_deadline: Duration,
 }
 
 impl WorkerConfig {
-    /// Defaults of the contract, for a given input queue.
+    /// Defaults of the contract, for a given input queue: the defaults of the settings table
+    /// (`src/settings_table.rs`), where the worker reads them; a test there keeps these equal.
     pub fn with_defaults(input_queue_url: impl Into<String>) -> WorkerConfig {
         WorkerConfig {
             input_queue_url: input_queue_url.into(),
@@ -121,7 +129,7 @@ impl WorkerConfig {
             progress_interval: Duration::from_secs(5),
             build_repair_attempts: 1,
             build_command: vec!["npm".into(), "run".into(), "build".into()],
-            build_output_dir: PathBuf::from("dist"),
+            build_output_dir: OutputDir::new("dist").expect("a folder inside the workspace"),
             build_scripts_without_npm: true,
             build_timeout: Duration::from_secs(10 * 60),
             build_ahead_max: 16,
@@ -133,7 +141,7 @@ impl WorkerConfig {
             max_held_per_workspace: 10,
             max_held_per_client: 16,
             agent_concurrency: 16,
-            build_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            build_concurrency: default_build_concurrency(),
             session_idle: Duration::from_secs(300),
             visibility_timeout: Duration::from_secs(120),
             publish: PublishOptions::default(),
@@ -149,6 +157,7 @@ impl WorkerConfig {
             lease_duration: Duration::from_secs(30),
             isolation: crate::sandbox::IsolationSetting::Auto,
             sandbox_limits: Default::default(),
+            shutdown_deadline: Duration::from_secs(25),
         }
     }
 
@@ -180,6 +189,95 @@ impl WorkerConfig {
             .replace("{bucket}", bucket)
             .replace("{region}", &self.region)
     }
+}
+
+/// `BUILD_OUTPUT_DIR`: the build's output folder, a folder inside the workspace. The only way to
+/// make one is [`OutputDir::new`], which refuses what would leave the workspace (an absolute
+/// path, `..`), the workspace itself (empty, `.`) and the worker's `.git`; the path it keeps is
+/// normalised to its plain parts (`./dist/` is `dist`). The build removes this folder before it
+/// runs and the publisher uploads what it holds, so `workspace.join(output_dir)` is always a
+/// folder of the checkout, never the checkout itself or something outside it.
+///
+/// Not `Clone`, on purpose: the configuration holds the one copy. It derefs to its `PathBuf`, so
+/// code that still keeps a `PathBuf` of its own (`BuildSpec`, `Workspace`) gets one from
+/// `config.build_output_dir.clone()`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OutputDir(PathBuf);
+
+/// Why a path is not an [`OutputDir`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputDirError {
+    #[error("`{0}` names no folder inside the workspace")]
+    Empty(String),
+    #[error("`{0}` is absolute: it must be relative to the workspace")]
+    Absolute(String),
+    #[error("`{0}` leaves the workspace (`..`): it must be a folder inside it")]
+    Parent(String),
+    #[error("`{0}` is inside `.git`, which belongs to the worker")]
+    Git(String),
+}
+
+impl OutputDir {
+    /// A relative folder inside the workspace, or why `path` is not one.
+    pub fn new(path: impl AsRef<Path>) -> Result<OutputDir, OutputDirError> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let mut inside = PathBuf::new();
+        for part in path.components() {
+            match part {
+                Component::Normal(name) if name == ".git" => {
+                    return Err(OutputDirError::Git(shown));
+                }
+                Component::Normal(name) => inside.push(name),
+                Component::CurDir => {}
+                Component::ParentDir => return Err(OutputDirError::Parent(shown)),
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(OutputDirError::Absolute(shown));
+                }
+            }
+        }
+        if inside.as_os_str().is_empty() {
+            return Err(OutputDirError::Empty(shown));
+        }
+        Ok(OutputDir(inside))
+    }
+
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for OutputDir {
+    type Target = PathBuf;
+
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for OutputDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for OutputDir {
+    type Err = OutputDirError;
+
+    fn from_str(s: &str) -> Result<OutputDir, OutputDirError> {
+        OutputDir::new(s)
+    }
+}
+
+impl std::fmt::Display for OutputDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.display().fmt(f)
+    }
+}
+
+/// Builds at once when `BUILD_CONCURRENCY` is not set: one per core (a build is CPU-bound).
+pub fn default_build_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// The host name and the process id: unique among the workers of a deployment.
@@ -221,5 +319,54 @@ mod tests {
             c.workspace_dir(&key),
             PathBuf::from("/workspace/amelia/stamps")
         );
+    }
+
+    #[test]
+    fn an_output_dir_is_a_folder_inside_the_workspace() {
+        for (given, kept) in [
+            ("dist", "dist"),
+            ("build/site", "build/site"),
+            ("./dist/", "dist"),
+            ("a/./b", "a/b"),
+            ("a//b", "a/b"),
+            (".output", ".output"),
+            ("dist/.gitkeep-not", "dist/.gitkeep-not"),
+        ] {
+            let dir = OutputDir::new(given).unwrap();
+            assert_eq!(dir.as_path(), Path::new(kept), "{given}");
+            assert_eq!(dir.to_string(), kept);
+            assert_eq!(given.parse::<OutputDir>().unwrap(), dir);
+        }
+        let error = |path: &str| OutputDir::new(path).unwrap_err();
+        assert!(matches!(error(""), OutputDirError::Empty(_)));
+        assert!(matches!(error("."), OutputDirError::Empty(_)));
+        assert!(matches!(error("./."), OutputDirError::Empty(_)));
+        assert!(matches!(error("/srv/dist"), OutputDirError::Absolute(_)));
+        assert!(matches!(error("/"), OutputDirError::Absolute(_)));
+        assert!(matches!(error(".."), OutputDirError::Parent(_)));
+        assert!(matches!(error("../dist"), OutputDirError::Parent(_)));
+        assert!(matches!(error("dist/../../x"), OutputDirError::Parent(_)));
+        // Even `a/..`, which would stay inside: `..` is never needed to name a folder.
+        assert!(matches!(error("dist/.."), OutputDirError::Parent(_)));
+        assert!(matches!(error(".git"), OutputDirError::Git(_)));
+        assert!(matches!(error("./.git/dist"), OutputDirError::Git(_)));
+        assert!(matches!(error("site/.git"), OutputDirError::Git(_)));
+        assert_eq!(
+            error("../x").to_string(),
+            "`../x` leaves the workspace (`..`): it must be a folder inside it"
+        );
+    }
+
+    #[test]
+    fn an_output_dir_joins_under_the_workspace_and_copies_out_as_a_path() {
+        let c = WorkerConfig::with_defaults("q");
+        let workspace = Path::new("/workspace/amelia/stamps");
+        assert_eq!(
+            workspace.join(&c.build_output_dir),
+            Path::new("/workspace/amelia/stamps/dist")
+        );
+        // What `BuildSpec` and `Workspace` keep of it until they hold an `OutputDir` themselves.
+        let copy: PathBuf = c.build_output_dir.clone();
+        assert_eq!(copy, PathBuf::from("dist"));
     }
 }

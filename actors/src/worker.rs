@@ -23,14 +23,12 @@ use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 /// SQS keeps a message 14 days at most: an outcome record older than that is never needed.
 const RECORD_RETENTION: Duration = Duration::from_secs(15 * 24 * 3600);
 
-/// How `run` should end, besides a signal.
+/// How `run` should end, besides a signal (how long a shutdown may take is a setting:
+/// `WorkerConfig::shutdown_deadline`).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Exit when the queue has been empty and nothing has run for this long.
     pub exit_when_idle: Option<Duration>,
-    /// On shutdown, how long running work may take to save itself before we exit anyway
-    /// (ECS gives 30 s between SIGTERM and SIGKILL).
-    pub shutdown_deadline: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,12 +163,12 @@ pub async fn run(
             in_flight = registry.in_flight(),
             "shutting down: saving running work and releasing messages"
         );
-        let deadline = Instant::now() + options.shutdown_deadline;
+        let deadline = Instant::now() + ctx.config.shutdown_deadline;
         // Parked messages never started: back to the queue at once, for the next worker.
         for job in registry.take_parked() {
             job.release(&ctx.delivery, Duration::ZERO, "shutdown").await;
         }
-        let stopped = supervisor.call(SupervisorMsg::Shutdown, Some(options.shutdown_deadline));
+        let stopped = supervisor.call(SupervisorMsg::Shutdown, Some(ctx.config.shutdown_deadline));
         if !matches!(stopped.await, Ok(ractor::rpc::CallResult::Success(()))) {
             tracing::warn!("sessions did not all stop before the deadline");
         }
