@@ -13,15 +13,16 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use tracing::Instrument;
 
 use crate::agent::AgentSpec;
+use crate::batch::run_batch;
 use crate::build::BuildSpec;
+use crate::context::WorkerContext;
 use crate::git::Workspace;
 use crate::job::{Job, StopReason, StopSignal};
 use crate::lease::Lease;
 use crate::message::WorkspaceKey;
-use crate::pipeline::{self, Steps, WorkerContext};
 use crate::publish::Publisher;
 use crate::restart::RestartPolicy;
-use crate::steps::{AgentActor, BuildActor, GitActor, PublisherActor};
+use crate::steps::{AgentActor, BuildActor, GitActor, PublisherActor, Steps};
 
 pub enum SessionMsg {
     /// A new message for this workspace.
@@ -262,7 +263,7 @@ impl SessionActor {
         }
         tokio::spawn(
             async move {
-                let lease = pipeline::run_batch(ctx, steps, batch, stop, lease, yielded).await;
+                let lease = run_batch(ctx, steps, batch, stop, lease, yielded).await;
                 let _ = me.cast(SessionMsg::JobEnded(lease));
             }
             .instrument(span),

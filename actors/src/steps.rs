@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, rpc::CallResult};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +18,36 @@ use crate::git::{Fence, GitError, SavedWork, Workspace};
 use crate::message::WorkspaceKey;
 use crate::publish::{BucketFence, PublishError, PublishReport, Publisher};
 use crate::sandbox::Jail;
+
+/// A session's step actors, as the job sees them.
+#[derive(Clone)]
+pub(crate) struct Steps {
+    pub(crate) git: ActorRef<GitMsg>,
+    pub(crate) agent: ActorRef<AgentMsg>,
+    pub(crate) build: ActorRef<BuildMsg>,
+    pub(crate) publisher: ActorRef<PublisherMsg>,
+}
+
+/// A step actor died before it answered: a panic in the step (the session restarts it).
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} step crashed")]
+pub(crate) struct StepCrashed(pub(crate) &'static str);
+
+/// Ask a step actor and wait for its answer. A step that dies before answering is a crash.
+pub(crate) async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    step: &'static str,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T, StepCrashed>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(build, None).await {
+        Ok(CallResult::Success(answer)) => Ok(answer),
+        _ => Err(StepCrashed(step)),
+    }
+}
 
 /// Test-only switch (cargo feature `fault-injection`): panic in the named step when the
 /// environment variable `EDIT_WORKER_FAULT` names it (`git.commit`, `agent.run`, `build.run`,

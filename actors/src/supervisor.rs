@@ -11,9 +11,9 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use crate::agent::AgentSpec;
 use crate::build::BuildSpec;
+use crate::context::WorkerContext;
 use crate::job::Job;
 use crate::message::WorkspaceKey;
-use crate::pipeline::WorkerContext;
 use crate::publish::Publisher;
 use crate::restart::RestartPolicy;
 use crate::session::{SessionActor, SessionArgs, SessionMsg};

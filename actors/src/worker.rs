@@ -8,11 +8,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::build::BuildSpec;
 use crate::config::WorkerConfig;
+use crate::context::WorkerContext;
 use crate::delivery::Delivery;
 use crate::intake::{self, InFlightRegistry, IntakeEnd, IntakeError};
 use crate::lease::{LeaseConfig, Leases};
 use crate::notices::{NoticeQueue, NoticeSender};
-use crate::pipeline::WorkerContext;
 use crate::publish::Publisher;
 use crate::records::RecordStore;
 use crate::restart::RestartPolicy;
