@@ -14,7 +14,7 @@ use crate::job::Job;
 use crate::job_error::JobError;
 use crate::journal::Journal;
 use crate::progress::{ProgressTarget, report_progress};
-use crate::steps::{AgentMsg, GitMsg, Steps, ask};
+use crate::steps::{AgentMsg, GitMsg, Steps};
 use crate::threads::{ThreadRecord, ThreadStore};
 
 /// Run the agent on `prompt` in the thread's conversation: resume it when the thread has one,
@@ -113,16 +113,18 @@ async fn agent_turn_inner(
             )
             .instrument(span.clone()),
         );
-        let outcome = ask(&steps.agent, "agent", |reply| AgentMsg::Run {
-            jail: jail.clone(),
-            cwd: ctx.config.workspace_dir(&key),
-            prompt: prompt.clone(),
-            session: session.clone(),
-            stop: stop.token().clone(),
-            activity: activity_tx,
-            reply,
-        })
-        .await;
+        let outcome = steps
+            .agent
+            .ask(|reply| AgentMsg::Run {
+                jail: jail.clone(),
+                cwd: ctx.config.workspace_dir(&key),
+                prompt: prompt.clone(),
+                session: session.clone(),
+                stop: stop.token().clone(),
+                activity: activity_tx,
+                reply,
+            })
+            .await;
         // The sender went with the agent's message, so the reporter ends by itself.
         journal.progress_sent = reporter.await.unwrap_or(journal.progress_sent);
         match outcome? {
@@ -238,15 +240,17 @@ pub(crate) async fn commit_turn(
 ) -> Result<(), JobError> {
     let t = Instant::now();
     let span = info_span!("commit", commit = Empty);
-    let commit = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
-        subject,
-        body: batch_prompt(batch),
-        message_ids: batch_ids(batch),
-        finished: true,
-        reply,
-    })
-    .instrument(span.clone())
-    .await??;
+    let commit = steps
+        .git
+        .ask(|reply| GitMsg::CommitAll {
+            subject,
+            body: batch_prompt(batch),
+            message_ids: batch_ids(batch),
+            finished: true,
+            reply,
+        })
+        .instrument(span.clone())
+        .await??;
     if let Some(c) = &commit {
         span.record("commit", c.as_str());
     }

@@ -18,7 +18,7 @@ use crate::job_error::JobError;
 use crate::journal::Journal;
 use crate::publish::PublishError;
 use crate::push::push;
-use crate::steps::{BuildMsg, GitMsg, PublisherMsg, ask};
+use crate::steps::{BuildMsg, GitMsg, PublisherMsg};
 
 /// The batch's work, in order. `Ok` when it completed; on an error, whatever the agent changed
 /// is still in the worktree (or committed) for `run_batch` to save.
@@ -45,22 +45,26 @@ pub(crate) async fn execute(
     // takeover, the fence moved to this holder first and the upstream's state trusted.
     let t = Instant::now();
     if let (true, Some(fence)) = (scope.handover, &scope.fence) {
-        ask(&steps.git, "git", |reply| GitMsg::TakeOver {
-            fence: fence.clone(),
-            reply,
-        })
-        .instrument(info_span!("take over workspace", token = fence.token))
-        .await??;
+        steps
+            .git
+            .ask(|reply| GitMsg::TakeOver {
+                fence: fence.clone(),
+                reply,
+            })
+            .instrument(info_span!("take over workspace", token = fence.token))
+            .await??;
     }
     let span = info_span!("prepare workspace", branch = %branch, saved_work = Empty);
-    let saved = ask(&steps.git, "git", |reply| GitMsg::PrepareThread {
-        branch: branch.clone(),
-        message_id: job.message_id.clone(),
-        trust_upstream: scope.handover && scope.fence.is_some(),
-        reply,
-    })
-    .instrument(span.clone())
-    .await??;
+    let saved = steps
+        .git
+        .ask(|reply| GitMsg::PrepareThread {
+            branch: branch.clone(),
+            message_id: job.message_id.clone(),
+            trust_upstream: scope.handover && scope.fence.is_some(),
+            reply,
+        })
+        .instrument(span.clone())
+        .await??;
     if let Some(saved) = &saved {
         span.record("saved_work", saved.commit.as_str());
     }
@@ -84,12 +88,14 @@ pub(crate) async fn execute(
     let mut pending: Vec<&Job> = Vec::new();
     let mut applied = 0;
     for job in batch {
-        let earlier = ask(&steps.git, "git", |reply| GitMsg::CommitOfMessage {
-            branch: branch.clone(),
-            message_id: job.message_id.clone(),
-            reply,
-        })
-        .await??;
+        let earlier = steps
+            .git
+            .ask(|reply| GitMsg::CommitOfMessage {
+                branch: branch.clone(),
+                message_id: job.message_id.clone(),
+                reply,
+            })
+            .await??;
         if let Some(commit) = earlier {
             tracing::info!(message_id = %job.message_id, %commit, "message was already applied by an earlier delivery; not running the agent again");
             journal.commit = Some(commit);
@@ -140,7 +146,10 @@ pub(crate) async fn execute(
     let marker_path = state_dir.join("published");
     let mut repairs = 0;
     let (head, marker) = loop {
-        let head = ask(&steps.git, "git", |reply| GitMsg::HeadCommit { reply }).await??;
+        let head = steps
+            .git
+            .ask(|reply| GitMsg::HeadCommit { reply })
+            .await??;
         journal.commit = Some(head.clone());
         let marker = format!("{head} {bucket}");
         let live = tokio::fs::read_to_string(&marker_path)
@@ -176,15 +185,17 @@ pub(crate) async fn execute(
         journal.waited_for(&build_slot);
         let t = Instant::now();
         let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
-        let built = ask(&steps.build, "build", |reply| BuildMsg::Build {
-            jail,
-            dir: workspace_dir.clone(),
-            state_dir: state_dir.clone(),
-            stop: stop.token().clone(),
-            reply,
-        })
-        .instrument(span.clone())
-        .await?;
+        let built = steps
+            .build
+            .ask(|reply| BuildMsg::Build {
+                jail,
+                dir: workspace_dir.clone(),
+                state_dir: state_dir.clone(),
+                stop: stop.token().clone(),
+                reply,
+            })
+            .instrument(span.clone())
+            .await?;
         drop(build_slot);
         match &built {
             Ok(b) => span.record("installed", b.install_ms.is_some()),
@@ -238,17 +249,17 @@ pub(crate) async fn execute(
             bytes = Empty,
             error = Empty
         );
-        let published = ask(&steps.publisher, "publisher", |reply| {
-            PublisherMsg::Publish {
+        let published = steps
+            .publisher
+            .ask(|reply| PublisherMsg::Publish {
                 workspace: request.workspace(),
                 bucket: bucket.clone(),
                 build_dir: workspace_dir.join(&config.build_output_dir),
                 fence: scope.bucket_fence.clone(),
                 reply,
-            }
-        })
-        .instrument(span.clone())
-        .await?;
+            })
+            .instrument(span.clone())
+            .await?;
         journal.time("publish", t);
         if let (Ok(report), Some(invalidator), Some(distribution)) = (
             &published,

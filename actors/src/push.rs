@@ -13,7 +13,7 @@ use crate::git::SAVE_MESSAGE;
 use crate::job::Job;
 use crate::job_error::JobError;
 use crate::journal::Journal;
-use crate::steps::{GitMsg, Steps, ask};
+use crate::steps::{GitMsg, Steps};
 
 /// Push `branch` to the upstream, while the lease still holds.
 pub(crate) async fn push(
@@ -25,14 +25,16 @@ pub(crate) async fn push(
 ) -> Result<(), JobError> {
     scope.check.check()?;
     let t = Instant::now();
-    let pushed = ask(&steps.git, "git", |reply| GitMsg::Push {
-        branch: branch.to_owned(),
-        attempts: ctx.config.push_attempts,
-        fence: scope.fence.clone(),
-        reply,
-    })
-    .instrument(info_span!("push", branch))
-    .await?;
+    let pushed = steps
+        .git
+        .ask(|reply| GitMsg::Push {
+            branch: branch.to_owned(),
+            attempts: ctx.config.push_attempts,
+            fence: scope.fence.clone(),
+            reply,
+        })
+        .instrument(info_span!("push", branch))
+        .await?;
     journal.time("push", t);
     pushed.map_err(JobError::Push)
 }
@@ -53,14 +55,16 @@ pub(crate) async fn save_work(
     };
     let body = format!("Saved while working on:\n\n{}", batch_prompt(working));
     let t = Instant::now();
-    let saved = ask(&steps.git, "git", |reply| GitMsg::CommitAll {
-        subject: SAVE_MESSAGE.into(),
-        body,
-        message_ids: batch_ids(working),
-        finished: false,
-        reply,
-    })
-    .await;
+    let saved = steps
+        .git
+        .ask(|reply| GitMsg::CommitAll {
+            subject: SAVE_MESSAGE.into(),
+            body,
+            message_ids: batch_ids(working),
+            finished: false,
+            reply,
+        })
+        .await;
     journal.time("commit", t);
     match saved {
         Ok(Ok(commit)) => {

@@ -9,14 +9,12 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::agent::AgentSpec;
-use crate::build::BuildSpec;
 use crate::context::WorkerContext;
 use crate::job::Job;
 use crate::message::WorkspaceKey;
-use crate::publish::Publisher;
 use crate::restart::RestartPolicy;
 use crate::session::{SessionActor, SessionArgs, SessionMsg};
+use crate::steps::StepFactory;
 
 pub enum SupervisorMsg {
     /// A valid job: hand it to its workspace's session.
@@ -33,9 +31,8 @@ pub enum SupervisorMsg {
 
 pub struct SupervisorArgs {
     pub ctx: Arc<WorkerContext>,
-    pub publisher: Publisher,
-    pub agent: AgentSpec,
-    pub build: BuildSpec,
+    /// Makes each session's steps.
+    pub step_factory: Arc<dyn StepFactory>,
     pub restarts: RestartPolicy,
 }
 
@@ -64,9 +61,7 @@ impl Supervisor {
             key: key.clone(),
             supervisor: myself.clone(),
             ctx: state.args.ctx.clone(),
-            publisher: state.args.publisher.clone(),
-            agent: state.args.agent.clone(),
-            build: state.args.build.clone(),
+            step_factory: state.args.step_factory.clone(),
         };
         let (session, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
         state.sessions.insert(key.clone(), session.clone());
