@@ -44,6 +44,8 @@ pub struct SessionArgs {
     pub ctx: Arc<WorkerContext>,
     /// Makes the handlers of the session's steps (the real ones, or a test's fakes).
     pub step_factory: Arc<dyn StepFactory>,
+    /// Restarts of the step actors: backoff, and at most so many within a window.
+    pub step_restarts: RestartPolicy,
 }
 
 pub struct SessionState {
@@ -151,6 +153,14 @@ impl SessionActor {
             });
             return Ok(());
         }
+        // A step that died is restarted after its backoff. Until then the next job waits here:
+        // handed the dead actor, it would fail as `step_crashed` and use up one of its
+        // message's deliveries for nothing. (A step can die before the session hears of it:
+        // its failure is then on its way, and its restart starts the job.)
+        if state.pending_restarts > 0 || state.steps.as_ref().is_some_and(Steps::any_dead) {
+            tracing::info!(workspace = %state.args.key, queued = state.queue.len(), "the next job waits for a step's restart");
+            return Ok(());
+        }
         let steps = match &state.steps {
             Some(steps) => steps.clone(),
             None => {
@@ -236,12 +246,13 @@ impl Actor for SessionActor {
         // Idle from the start: a session whose first job never comes is stopped too.
         let idle = args.ctx.config.session_idle;
         myself.send_after(idle, || SessionMsg::IdleCheck(0));
+        let restarts = args.step_restarts.clone();
         Ok(SessionState {
             args,
             queue: VecDeque::new(),
             running: None,
             steps: None,
-            restarts: RestartPolicy::default(),
+            restarts,
             pending_restarts: 0,
             shutting_down: false,
             shutdown_reply: None,
@@ -334,8 +345,13 @@ impl Actor for SessionActor {
                         .respawn(kind, &*args.step_factory, &args.key, myself.get_cell())
                         .await?;
                 }
-                // Idle since the crash: the restarted set is not needed until the next job.
-                Self::stop_steps_when_idle(state);
+                if state.running.is_none() && !state.queue.is_empty() {
+                    // Work waited for the restart.
+                    Self::start_next(&myself, state).await?;
+                } else {
+                    // Idle since the crash: the restarted set is not needed until the next job.
+                    Self::stop_steps_when_idle(state);
+                }
             }
             SessionMsg::Shutdown(reply) => {
                 state.shutting_down = true;
@@ -402,3 +418,6 @@ impl Actor for SessionActor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

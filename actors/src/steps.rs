@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use futures::future::BoxFuture;
 use ractor::{
-    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SpawnErr,
     rpc::CallResult,
 };
 use tokio::sync::mpsc::UnboundedSender;
@@ -125,6 +125,14 @@ impl<M: ractor::Message> Step<M> {
         Ok(Step { kind, actor })
     }
 
+    /// Its actor has died (stopping or stopped).
+    fn is_dead(&self) -> bool {
+        matches!(
+            self.actor.get_status(),
+            ActorStatus::Stopping | ActorStatus::Stopped
+        )
+    }
+
     /// Ask the step and wait for its answer. A step that dies before answering is a crash.
     pub(crate) async fn ask<T: Send + 'static>(
         &self,
@@ -190,6 +198,15 @@ impl Steps {
         ]
         .into_iter()
         .find_map(|(step, kind)| (step == id).then_some(kind))
+    }
+
+    /// Some step's actor has died: its restart is waiting out its backoff, or its failure is
+    /// still on its way to the session.
+    pub(crate) fn any_dead(&self) -> bool {
+        self.git.is_dead()
+            || self.agent.is_dead()
+            || self.build.is_dead()
+            || self.publisher.is_dead()
     }
 
     /// Stop every step's actor.
@@ -479,3 +496,6 @@ impl StepHandler<PublisherMsg> for Publisher {
         })
     }
 }
+
+#[cfg(test)]
+pub(crate) mod fake;

@@ -33,7 +33,10 @@ pub struct SupervisorArgs {
     pub ctx: Arc<WorkerContext>,
     /// Makes each session's steps.
     pub step_factory: Arc<dyn StepFactory>,
+    /// Failed sessions: past this limit the root gives up (the process exits).
     pub restarts: RestartPolicy,
+    /// Each session's restarts of its step actors.
+    pub step_restarts: RestartPolicy,
 }
 
 pub struct SupervisorState {
@@ -62,6 +65,7 @@ impl Supervisor {
             supervisor: myself.clone(),
             ctx: state.args.ctx.clone(),
             step_factory: state.args.step_factory.clone(),
+            step_restarts: state.args.step_restarts.clone(),
         };
         let (session, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
         state.sessions.insert(key.clone(), session.clone());

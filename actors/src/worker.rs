@@ -135,6 +135,7 @@ pub async fn run(
             ctx: ctx.clone(),
             step_factory,
             restarts: RestartPolicy::default(),
+            step_restarts: RestartPolicy::default(),
         },
     )
     .await?;
