@@ -1,5 +1,5 @@
-//! The session with fake steps (`steps::fake`), in milliseconds, without git, an agent, a
-//! build, S3 or SQS. The real supervisor and
+//! The session with fake steps (`steps::fake`): interrupts, coalescing, restarts and idle
+//! stops in milliseconds, without git, an agent, a build, S3 or SQS. The real supervisor and
 //! job runner run; what they report is read from the status events, what the steps were asked
 //! from the fakes' calls. Tests wait on those, never on time; the timeouts only keep a broken
 //! test from hanging.
@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use ractor::Actor;
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
 
 use crate::build::BuildSpec;
 use crate::config::WorkerConfig;
 use crate::context::WorkerContext;
 use crate::delivery::Delivery;
+use crate::git::SAVE_MESSAGE;
 use crate::job::{Job, Receipt, Renewal};
 use crate::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
 use crate::records::RecordStore;
@@ -180,6 +182,72 @@ fn agent_runs(calls: &[Call]) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_newer_message_of_the_thread_stops_the_running_job_which_saves_its_work() {
+    let mut h = Harness::start(|_| {}, RestartPolicy::default()).await;
+    h.send("m1", "t", 1_000, "First edit [wait]");
+    h.call(|c| matches!(c, Call::Agent { prompt } if prompt.contains("First")))
+        .await;
+
+    h.send("m2", "t", 2_000, "Second edit");
+
+    let first = h.ended("m1").await;
+    assert_eq!(first.event_type, EventType::Interrupted, "{first:?}");
+    let second = h.ended("m2").await;
+    assert_eq!(second.event_type, EventType::Completed, "{second:?}");
+    assert_eq!(second.result.as_deref(), Some("done: Second edit"));
+    // The stopped job saved its work (a commit that is not finished work) and pushed it,
+    // before the newer one ran.
+    let calls = h.calls_so_far();
+    let saved = calls
+        .iter()
+        .position(
+            |c| matches!(c, Call::Commit { subject, finished: false } if subject == SAVE_MESSAGE),
+        )
+        .unwrap_or_else(|| panic!("no saving commit: {calls:?}"));
+    assert!(
+        matches!(&calls[saved + 1], Call::Push { branch } if branch == "thread-t"),
+        "{calls:?}"
+    );
+    assert_eq!(agent_runs(&calls[saved..]), ["Second edit"], "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_burst_into_one_thread_runs_as_one_batch() {
+    let mut h = Harness::start(|_| {}, RestartPolicy::default()).await;
+    h.send("m1", "t", 1_000, "Edit A [wait]");
+    h.call(|c| matches!(c, Call::Agent { .. })).await;
+
+    // Three more while the first runs: the first of them interrupts it, and all three wait
+    // in the session's queue until it has ended.
+    h.send("m2", "t", 2_000, "Edit B");
+    h.send("m3", "t", 3_000, "Edit C");
+    h.send("m4", "t", 4_000, "Edit D");
+
+    assert_eq!(h.ended("m1").await.event_type, EventType::Interrupted);
+    let events = [
+        h.ended("m2").await,
+        h.ended("m3").await,
+        h.ended("m4").await,
+    ];
+    for event in &events {
+        assert_eq!(event.event_type, EventType::Completed, "{event:?}");
+    }
+    // One agent run for the three, their requests in send order.
+    let calls = h.calls_so_far();
+    assert_eq!(
+        agent_runs(&calls),
+        ["Request 1 of 3:\nEdit B\n\nRequest 2 of 3:\nEdit C\n\nRequest 3 of 3:\nEdit D"],
+        "{calls:?}"
+    );
+    // Its cost is reported once, by the first; the others name it.
+    assert_eq!(events[0].cost_usd, Some(0.25));
+    for event in &events[1..] {
+        assert_eq!(event.cost_usd, Some(0.0));
+        assert_eq!(event.cost_paid_by.as_deref(), Some("m2"));
+    }
+}
+
+#[tokio::test]
 async fn a_crashed_step_is_restarted_after_its_backoff_and_a_job_sent_meanwhile_waits_for_it() {
     let mut restarts = RestartPolicy::default();
     restarts.base_backoff = Duration::from_millis(300);
@@ -221,4 +289,36 @@ async fn a_crashed_step_is_restarted_after_its_backoff_and_a_job_sent_meanwhile_
         restarted - crashed
     );
     assert_eq!(agent_runs(&calls), ["Second edit"], "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_session_with_nothing_to_do_stops_its_steps_and_then_itself_after_its_idle_time() {
+    let idle = Duration::from_millis(200);
+    let mut h = Harness::start(|c| c.session_idle = idle, RestartPolicy::default()).await;
+    h.send("m1", "t", 1_000, "Edit");
+    assert_eq!(h.ended("m1").await.event_type, EventType::Completed);
+    let ended = Instant::now();
+    let sessions = h.supervisor.get_cell().get_children();
+    assert_eq!(sessions.len(), 1);
+
+    // The work ran out: the four step actors stop at once (an idle session is one actor).
+    for _ in 0..4 {
+        h.call(|c| matches!(c, Call::Stopped(_))).await;
+    }
+    // And after its idle time the session itself goes.
+    tokio::time::timeout(PATIENCE, sessions[0].wait(None))
+        .await
+        .expect("the idle session stops")
+        .expect("waited");
+    assert!(
+        ended.elapsed() >= idle,
+        "stopped {:?} after its work ended, before its idle time",
+        ended.elapsed()
+    );
+    let count = h
+        .supervisor
+        .call(SupervisorMsg::SessionCount, None)
+        .await
+        .expect("supervisor answers");
+    assert!(matches!(count, ractor::rpc::CallResult::Success(0)));
 }
