@@ -6,7 +6,7 @@
 //! and can be cancelled; a failure keeps the tail of the log for the status event.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,8 +39,8 @@ pub(crate) const INSTALL_STAMP: &str = "npm-ci.stamp";
 pub struct BuildSpec {
     /// argv of the build (`npm run build`).
     pub command: Vec<String>,
-    /// Output folder, relative to the workspace.
-    pub output_dir: PathBuf,
+    /// Output folder, inside the workspace.
+    pub output_dir: crate::config::OutputDir,
     /// `npm run <script>` runs the script directly where npm would add nothing.
     pub scripts_without_npm: bool,
     /// Time limit for the install and for the build, each.

@@ -11,7 +11,7 @@ use crate::publish::PublishOptions;
 
 /// Not `Clone`: it holds the one [`OutputDir`], and the process keeps one configuration (in
 /// `WorkerContext`), which the actors share by reference.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// The queue of edit requests.
     pub input_queue_url: String,
@@ -197,11 +197,8 @@ impl WorkerConfig {
 /// normalised to its plain parts (`./dist/` is `dist`). The build removes this folder before it
 /// runs and the publisher uploads what it holds, so `workspace.join(output_dir)` is always a
 /// folder of the checkout, never the checkout itself or something outside it.
-///
-/// Not `Clone`, on purpose: the configuration holds the one copy. It derefs to its `PathBuf`, so
-/// code that still keeps a `PathBuf` of its own (`BuildSpec`, `Workspace`) gets one from
-/// `config.build_output_dir.clone()`.
-#[derive(Debug, PartialEq, Eq)]
+/// The build (`BuildSpec`) and the checkout's git exclude (`Workspace`) keep it as this type.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputDir(PathBuf);
 
 /// Why a path is not an [`OutputDir`].
@@ -365,8 +362,8 @@ mod tests {
             workspace.join(&c.build_output_dir),
             Path::new("/workspace/amelia/stamps/dist")
         );
-        // What `BuildSpec` and `Workspace` keep of it until they hold an `OutputDir` themselves.
-        let copy: PathBuf = c.build_output_dir.clone();
-        assert_eq!(copy, PathBuf::from("dist"));
+        // `BuildSpec` and `Workspace` keep copies of the checked folder, not a path.
+        let copy: OutputDir = c.build_output_dir.clone();
+        assert_eq!(copy.as_path(), Path::new("dist"));
     }
 }

@@ -16,10 +16,10 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::backoff::Backoff;
+use crate::context::WorkerContext;
 use crate::job::{InFlight, Job, Receipt, Renewal};
 use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::metrics::metrics;
-use crate::pipeline::WorkerContext;
 use crate::records::Begin;
 use crate::status::StatusEvent;
 use crate::supervisor::SupervisorMsg;

@@ -1,24 +1,33 @@
 //! The actor system of edit-worker. See `ARCHITECTURE.md` at the root for the map.
 
 pub(crate) mod agent;
+pub(crate) mod agent_turn;
 mod backoff;
+pub(crate) mod batch;
+pub(crate) mod batch_lease;
 pub(crate) mod build;
 pub mod config;
+pub(crate) mod context;
 pub(crate) mod delivery;
+pub(crate) mod execute;
 pub mod git;
 pub mod intake;
 pub(crate) mod invalidate;
 pub(crate) mod job;
+pub(crate) mod job_error;
+pub(crate) mod journal;
 pub mod lease;
 pub mod message;
 pub(crate) mod metrics;
 pub mod notices;
 pub mod npm_store;
+pub(crate) mod outcome;
 mod package_script;
-pub(crate) mod pipeline;
 mod prepared_build;
 pub(crate) mod process;
+pub(crate) mod progress;
 pub mod publish;
+pub(crate) mod push;
 pub mod records;
 pub(crate) mod redact;
 pub(crate) mod restart;

@@ -51,7 +51,7 @@ impl From<DirectScript> for Plan {
 
 /// A Node process that has loaded (or is loading) Astro and waits for the word to build.
 /// Dropping it ends the process and everything it started.
-pub(crate) struct PreparedBuild {
+pub struct PreparedBuild {
     /// `None` once handed to the build, which then owns its end.
     child: Option<Child>,
     pgid: Option<i32>,

@@ -9,19 +9,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::Instrument;
 
-use crate::agent::AgentSpec;
-use crate::build::BuildSpec;
-use crate::git::Workspace;
+use crate::batch::run_batch;
+use crate::context::WorkerContext;
 use crate::job::{Job, StopReason, StopSignal};
 use crate::lease::Lease;
 use crate::message::WorkspaceKey;
-use crate::pipeline::{self, Steps, WorkerContext};
-use crate::publish::Publisher;
 use crate::restart::RestartPolicy;
-use crate::steps::{AgentActor, BuildActor, GitActor, PublisherActor};
+use crate::steps::{StepFactory, StepKind, Steps};
 
 pub enum SessionMsg {
     /// A new message for this workspace.
@@ -40,22 +37,15 @@ pub enum SessionMsg {
     IdleCheck(u64),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepKind {
-    Git,
-    Agent,
-    Build,
-    Publisher,
-}
-
 pub struct SessionArgs {
     pub key: WorkspaceKey,
     /// Told when the session has been idle long enough to be stopped.
     pub supervisor: ActorRef<crate::supervisor::SupervisorMsg>,
     pub ctx: Arc<WorkerContext>,
-    pub publisher: Publisher,
-    pub agent: AgentSpec,
-    pub build: BuildSpec,
+    /// Makes the handlers of the session's steps (the real ones, or a test's fakes).
+    pub step_factory: Arc<dyn StepFactory>,
+    /// Restarts of the step actors: backoff, and at most so many within a window.
+    pub step_restarts: RestartPolicy,
 }
 
 pub struct SessionState {
@@ -129,66 +119,6 @@ struct Running {
 pub struct SessionActor;
 
 impl SessionActor {
-    fn workspace(args: &SessionArgs) -> Workspace {
-        let config = &args.ctx.config;
-        Workspace::new(
-            config.workspace_dir(&args.key),
-            config.remote_for(&args.key),
-            config.build_output_dir.clone(),
-        )
-    }
-
-    /// Start every step actor, linked to this session.
-    async fn spawn_steps(args: &SessionArgs, me: ActorCell) -> Result<Steps, ActorProcessingErr> {
-        Ok(Steps {
-            git: Actor::spawn_linked(None, GitActor, Self::workspace(args), me.clone())
-                .await?
-                .0,
-            agent: Actor::spawn_linked(None, AgentActor, args.agent.clone(), me.clone())
-                .await?
-                .0,
-            build: Actor::spawn_linked(None, BuildActor, args.build.clone(), me.clone())
-                .await?
-                .0,
-            publisher: Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me)
-                .await?
-                .0,
-        })
-    }
-
-    /// Restart the one step actor that died.
-    async fn respawn_step(
-        kind: StepKind,
-        args: &SessionArgs,
-        me: ActorCell,
-        steps: &mut Steps,
-    ) -> Result<(), ActorProcessingErr> {
-        match kind {
-            StepKind::Git => {
-                steps.git = Actor::spawn_linked(None, GitActor, Self::workspace(args), me)
-                    .await?
-                    .0
-            }
-            StepKind::Agent => {
-                steps.agent = Actor::spawn_linked(None, AgentActor, args.agent.clone(), me)
-                    .await?
-                    .0
-            }
-            StepKind::Build => {
-                steps.build = Actor::spawn_linked(None, BuildActor, args.build.clone(), me)
-                    .await?
-                    .0
-            }
-            StepKind::Publisher => {
-                steps.publisher =
-                    Actor::spawn_linked(None, PublisherActor, args.publisher.clone(), me)
-                        .await?
-                        .0
-            }
-        }
-        Ok(())
-    }
-
     /// With no work running or queued and no restart waiting out its backoff, the step actors
     /// are not needed until the next job, which starts new ones.
     fn stop_steps_when_idle(state: &mut SessionState) {
@@ -201,10 +131,7 @@ impl SessionActor {
     fn stop_steps(state: &mut SessionState) {
         if let Some(steps) = state.steps.take() {
             tracing::debug!(workspace = %state.args.key, "no work left: step actors stopped");
-            steps.git.stop(None);
-            steps.agent.stop(None);
-            steps.build.stop(None);
-            steps.publisher.stop(None);
+            steps.stop();
         }
     }
 
@@ -226,10 +153,19 @@ impl SessionActor {
             });
             return Ok(());
         }
+        // A step that died is restarted after its backoff. Until then the next job waits here:
+        // handed the dead actor, it would fail as `step_crashed` and use up one of its
+        // message's deliveries for nothing. (A step can die before the session hears of it:
+        // its failure is then on its way, and its restart starts the job.)
+        if state.pending_restarts > 0 || state.steps.as_ref().is_some_and(Steps::any_dead) {
+            tracing::info!(workspace = %state.args.key, queued = state.queue.len(), "the next job waits for a step's restart");
+            return Ok(());
+        }
         let steps = match &state.steps {
             Some(steps) => steps.clone(),
             None => {
-                let steps = Self::spawn_steps(&state.args, myself.get_cell()).await?;
+                let args = &state.args;
+                let steps = Steps::spawn(&*args.step_factory, &args.key, myself.get_cell()).await?;
                 state.steps = Some(steps.clone());
                 steps
             }
@@ -262,7 +198,7 @@ impl SessionActor {
         }
         tokio::spawn(
             async move {
-                let lease = pipeline::run_batch(ctx, steps, batch, stop, lease, yielded).await;
+                let lease = run_batch(ctx, steps, batch, stop, lease, yielded).await;
                 let _ = me.cast(SessionMsg::JobEnded(lease));
             }
             .instrument(span),
@@ -310,12 +246,13 @@ impl Actor for SessionActor {
         // Idle from the start: a session whose first job never comes is stopped too.
         let idle = args.ctx.config.session_idle;
         myself.send_after(idle, || SessionMsg::IdleCheck(0));
+        let restarts = args.step_restarts.clone();
         Ok(SessionState {
             args,
             queue: VecDeque::new(),
             running: None,
             steps: None,
-            restarts: RestartPolicy::default(),
+            restarts,
             pending_restarts: 0,
             shutting_down: false,
             shutdown_reply: None,
@@ -403,10 +340,18 @@ impl Actor for SessionActor {
                 );
                 state.pending_restarts = state.pending_restarts.saturating_sub(1);
                 if let Some(steps) = &mut state.steps {
-                    Self::respawn_step(kind, &state.args, myself.get_cell(), steps).await?;
+                    let args = &state.args;
+                    steps
+                        .respawn(kind, &*args.step_factory, &args.key, myself.get_cell())
+                        .await?;
                 }
-                // Idle since the crash: the restarted set is not needed until the next job.
-                Self::stop_steps_when_idle(state);
+                if state.running.is_none() && !state.queue.is_empty() {
+                    // Work waited for the restart.
+                    Self::start_next(&myself, state).await?;
+                } else {
+                    // Idle since the crash: the restarted set is not needed until the next job.
+                    Self::stop_steps_when_idle(state);
+                }
             }
             SessionMsg::Shutdown(reply) => {
                 state.shutting_down = true;
@@ -435,20 +380,8 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         // ractor's default would stop the session when any child ends; we restart instead.
         if let SupervisionEvent::ActorFailed(cell, error) = event {
-            let id = cell.get_id();
             // A step of a set already stopped (the session went idle): nothing to restart.
-            let Some(steps) = &state.steps else {
-                return Ok(());
-            };
-            let kind = if id == steps.git.get_id() {
-                StepKind::Git
-            } else if id == steps.agent.get_id() {
-                StepKind::Agent
-            } else if id == steps.build.get_id() {
-                StepKind::Build
-            } else if id == steps.publisher.get_id() {
-                StepKind::Publisher
-            } else {
+            let Some(kind) = state.steps.as_ref().and_then(|s| s.kind_of(cell.get_id())) else {
                 return Ok(());
             };
             tracing::error!(workspace = %state.args.key, step = ?kind, %error, "step actor failed");
@@ -485,3 +418,6 @@ impl Actor for SessionActor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -183,11 +183,36 @@ pub struct StatusSendError(String);
 pub struct StatusSink {
     sqs: aws_sdk_sqs::Client,
     queue_url: Option<String>,
+    /// Tests only: every event sent is also handed to the test here.
+    #[cfg(test)]
+    tap: Option<tokio::sync::mpsc::UnboundedSender<StatusEvent>>,
 }
 
 impl StatusSink {
     pub fn new(sqs: aws_sdk_sqs::Client, queue_url: Option<String>) -> StatusSink {
-        StatusSink { sqs, queue_url }
+        StatusSink {
+            sqs,
+            queue_url,
+            #[cfg(test)]
+            tap: None,
+        }
+    }
+
+    /// Tests only: a sink without a status queue whose events the test receives.
+    #[cfg(test)]
+    pub(crate) fn tapped(
+        sqs: aws_sdk_sqs::Client,
+    ) -> (
+        StatusSink,
+        tokio::sync::mpsc::UnboundedReceiver<StatusEvent>,
+    ) {
+        let (tap, events) = tokio::sync::mpsc::unbounded_channel();
+        let sink = StatusSink {
+            sqs,
+            queue_url: None,
+            tap: Some(tap),
+        };
+        (sink, events)
     }
 
     pub async fn send(&self, event: &StatusEvent) -> Result<(), StatusSendError> {
@@ -204,6 +229,10 @@ impl StatusSink {
             error_kind = event.error.as_ref().map(|e| e.kind.as_str()),
             "status {body}"
         );
+        #[cfg(test)]
+        if let Some(tap) = &self.tap {
+            let _ = tap.send(event.clone());
+        }
         self.put_on_queue(body).await
     }
 

@@ -9,14 +9,12 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::agent::AgentSpec;
-use crate::build::BuildSpec;
+use crate::context::WorkerContext;
 use crate::job::Job;
 use crate::message::WorkspaceKey;
-use crate::pipeline::WorkerContext;
-use crate::publish::Publisher;
 use crate::restart::RestartPolicy;
 use crate::session::{SessionActor, SessionArgs, SessionMsg};
+use crate::steps::StepFactory;
 
 pub enum SupervisorMsg {
     /// A valid job: hand it to its workspace's session.
@@ -33,10 +31,12 @@ pub enum SupervisorMsg {
 
 pub struct SupervisorArgs {
     pub ctx: Arc<WorkerContext>,
-    pub publisher: Publisher,
-    pub agent: AgentSpec,
-    pub build: BuildSpec,
+    /// Makes each session's steps.
+    pub step_factory: Arc<dyn StepFactory>,
+    /// Failed sessions: past this limit the root gives up (the process exits).
     pub restarts: RestartPolicy,
+    /// Each session's restarts of its step actors.
+    pub step_restarts: RestartPolicy,
 }
 
 pub struct SupervisorState {
@@ -64,9 +64,8 @@ impl Supervisor {
             key: key.clone(),
             supervisor: myself.clone(),
             ctx: state.args.ctx.clone(),
-            publisher: state.args.publisher.clone(),
-            agent: state.args.agent.clone(),
-            build: state.args.build.clone(),
+            step_factory: state.args.step_factory.clone(),
+            step_restarts: state.args.step_restarts.clone(),
         };
         let (session, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
         state.sessions.insert(key.clone(), session.clone());

@@ -8,16 +8,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::build::BuildSpec;
 use crate::config::WorkerConfig;
+use crate::context::WorkerContext;
 use crate::delivery::Delivery;
 use crate::intake::{self, InFlightRegistry, IntakeEnd, IntakeError};
 use crate::lease::{LeaseConfig, Leases};
 use crate::notices::{NoticeQueue, NoticeSender};
-use crate::pipeline::WorkerContext;
 use crate::publish::Publisher;
 use crate::records::RecordStore;
 use crate::restart::RestartPolicy;
 use crate::sandbox::Sandbox;
 use crate::status::StatusSink;
+use crate::steps::RealSteps;
 use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 
 /// SQS keeps a message 14 days at most: an outcome record older than that is never needed.
@@ -123,16 +124,16 @@ pub async fn run(
         ctx.notices = Some(NoticeSender::new(sqs_client.clone()));
         ctx.leases = leases;
     }
+    let step_factory = Arc::new(RealSteps::new(ctx.config.clone(), agent, build, publisher));
     let ctx = Arc::new(ctx);
     let (supervisor, supervisor_done) = Actor::spawn(
         None,
         Supervisor,
         SupervisorArgs {
             ctx: ctx.clone(),
-            publisher,
-            agent,
-            build,
+            step_factory,
             restarts: RestartPolicy::default(),
+            step_restarts: RestartPolicy::default(),
         },
     )
     .await?;

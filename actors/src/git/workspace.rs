@@ -92,13 +92,17 @@ pub struct Workspace {
     /// Upstream remote (`origin`), when the workspace is cloned and pushed.
     remote: Option<String>,
     /// The build output folder (relative), kept out of commits.
-    build_output_dir: PathBuf,
+    build_output_dir: crate::config::OutputDir,
     /// What git may do here (transports, `origin`), from `remote`.
     policy: GitPolicy,
 }
 
 impl Workspace {
-    pub fn new(dir: PathBuf, remote: Option<String>, build_output_dir: PathBuf) -> Workspace {
+    pub fn new(
+        dir: PathBuf,
+        remote: Option<String>,
+        build_output_dir: crate::config::OutputDir,
+    ) -> Workspace {
         Workspace {
             policy: GitPolicy::for_remote(remote.as_deref()),
             dir,
@@ -637,8 +641,16 @@ mod fence_tests {
         git(&seed, &["commit", "-qm", "init"]);
         git(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
         let remote = Some(bare.display().to_string());
-        let a = Workspace::new(dir.path().join("a/ws"), remote.clone(), "dist".into());
-        let b = Workspace::new(dir.path().join("b/ws"), remote, "dist".into());
+        let a = Workspace::new(
+            dir.path().join("a/ws"),
+            remote.clone(),
+            crate::config::OutputDir::new("dist").unwrap(),
+        );
+        let b = Workspace::new(
+            dir.path().join("b/ws"),
+            remote,
+            crate::config::OutputDir::new("dist").unwrap(),
+        );
         (dir, a, b)
     }
 
@@ -763,7 +775,7 @@ mod tenant_config_tests {
         let ws = Workspace::new(
             dir.path().join("ws"),
             Some(bare.display().to_string()),
-            "dist".into(),
+            crate::config::OutputDir::new("dist").unwrap(),
         );
         ws.prepare_thread("thread-t", "m0", false).await.unwrap();
         (dir, ws, marks)

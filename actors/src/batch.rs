@@ -1,0 +1,207 @@
+//! The life of one batch, run as a task by its session: its `started` events, the workspace's
+//! lease, the work (`execute`), how it ended, saving what a job that did not complete left, and
+//! each message's end (`outcome`). Every way out ends each message exactly once: a terminal
+//! event and a delete, or (crash of a step, shutdown, lost lease) a release back to the queue.
+
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::batch_lease::{LeaseScope, take_lease};
+use crate::build::BuildError;
+use crate::context::WorkerContext;
+use crate::execute::execute;
+use crate::job::{Job, StopReason, StopSignal};
+use crate::job_error::JobError;
+use crate::journal::Journal;
+use crate::lease::Lease;
+use crate::outcome::finish;
+use crate::push::save_work;
+use crate::status::{EventType, StatusEvent};
+use crate::steps::Steps;
+
+/// How the job ended, before it is reported.
+pub(crate) enum Ending {
+    Completed,
+    /// Stopped by a newer message or by shutdown; its work was saved in `commit`.
+    Stopped(StopReason),
+    Failed(JobError),
+}
+
+/// Run a batch to its end: the first job and any directly following jobs of the same thread,
+/// which run as one agent turn (their commands joined in order) and each get their own
+/// terminal event. Never panics on bad input; every path reports or releases every message.
+///
+/// The batch runs under the workspace's lease: `lease` when its session still holds it from
+/// the batch before, else taken here (waiting for another worker to hand it over; `yielded`:
+/// this worker has just handed it to a waiter, who goes first). The lease comes back when it
+/// still holds, for the session to keep or release.
+pub(crate) async fn run_batch(
+    ctx: Arc<WorkerContext>,
+    steps: Steps,
+    mut batch: Vec<Job>,
+    stop: StopSignal,
+    lease: Option<Lease>,
+    yielded: bool,
+) -> Option<Lease> {
+    let events = batch
+        .iter()
+        .map(|job| {
+            let mut started =
+                StatusEvent::for_request(EventType::Started, &job.request, &job.message_id);
+            started.trace_id = job.trace_id.clone();
+            started.branch = Some(job.request.branch());
+            started
+        })
+        .collect();
+    let mut started = StartedEvents::send(&ctx, events);
+
+    let mut journal = Journal::default();
+    let key = batch[0].request.workspace();
+    let lease = match lease {
+        Some(lease) => Ok(lease),
+        None => take_lease(&ctx, &key, &batch, &stop, yielded).await,
+    };
+    let (outcome, mut lease) = match lease {
+        Ok(mut lease) => {
+            // A lease found lost stops the work at once, as an interrupt would.
+            let lost = lease.check().lost().clone();
+            let stopper = stop.clone();
+            let watch = tokio::spawn(async move {
+                lost.cancelled().await;
+                stopper.request(StopReason::LeaseLost);
+            });
+            let scope = LeaseScope::of(&mut lease);
+            let run = BatchRun {
+                ctx: &ctx,
+                steps: &steps,
+                stop: &stop,
+                scope: &scope,
+            };
+            let outcome = execute(&run, &batch, &mut started, &mut journal).await;
+            watch.abort();
+            (outcome.map(|()| scope), Some(lease))
+        }
+        Err(e) => (Err(e), None),
+    };
+    let scope = match &outcome {
+        Ok(scope) => Some(scope.clone()),
+        Err(_) => lease.as_mut().map(LeaseScope::of),
+    };
+    let outcome = outcome.map(drop);
+    let ending = match outcome {
+        Ok(()) => Ending::Completed,
+        Err(JobError::StoppedWaiting) => {
+            Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
+        }
+        Err(e) if e.is_lost_lease() => Ending::Stopped(StopReason::LeaseLost),
+        Err(JobError::Agent(e)) if e.is_interrupted() => {
+            Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
+        }
+        Err(JobError::Build(BuildError::Cancelled)) => {
+            Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
+        }
+        Err(e) => Ending::Failed(e),
+    };
+    if matches!(ending, Ending::Stopped(StopReason::Interrupted)) {
+        crate::metrics::metrics().interrupts.add(1, &[]);
+    }
+    if let (Ending::Stopped(reason), Some(asked)) = (&ending, stop.requested_at()) {
+        // From the stop request to the agent's process group gone (or the build stopped).
+        tracing::info!(
+            ?reason,
+            interrupt_latency_us = asked.elapsed().as_micros() as u64,
+            stopped_at_ms = crate::records::now_ms(),
+            "work stopped"
+        );
+    }
+    if matches!(ending, Ending::Stopped(StopReason::LeaseLost)) {
+        tracing::warn!(workspace = %key, "the workspace's lease was lost: nothing more is pushed or published here; the messages go back to the queue");
+    }
+    // Work the agent left in the worktree is never thrown away: commit and push it on the
+    // thread's own branch before reporting. Only under a lease that still holds: without it,
+    // the checkout (on a shared volume) and the upstream belong to another worker now.
+    let held = lease.as_ref().is_some_and(|l| l.check().check().is_ok());
+    if let (false, true, Some(scope)) = (matches!(ending, Ending::Completed), held, &scope) {
+        let working: Vec<&Job> = batch
+            .iter()
+            .filter(|j| !journal.superseded.contains(&j.message_id))
+            .collect();
+        save_work(&ctx, &steps, &working, scope, &mut journal).await;
+    }
+    let lead_received = batch[0].received_at;
+    journal
+        .durations
+        .insert("total".into(), lead_received.elapsed().as_millis() as u64);
+    // Stop renewing visibility, and wait for a renewal in flight, before any message is
+    // deleted or released.
+    futures::future::join_all(batch.iter_mut().map(|job| job.renewal.stop())).await;
+    started.sent().await;
+    for job in batch {
+        finish(&ctx, job, &ending, &journal).await;
+    }
+    lease.filter(|l| l.check().check().is_ok())
+}
+
+/// What the work of a batch runs with.
+#[derive(Clone, Copy)]
+pub(crate) struct BatchRun<'a> {
+    pub(crate) ctx: &'a WorkerContext,
+    pub(crate) steps: &'a Steps,
+    pub(crate) stop: &'a StopSignal,
+    pub(crate) scope: &'a LeaseScope,
+}
+
+/// The batch's `started` events, on their way while the workspace is prepared: the round trip
+/// to the status queue need not hold up the work. They are out before the agent starts (its
+/// `progress` events follow them) and before any terminal event.
+pub(crate) struct StartedEvents(Option<tokio::task::JoinHandle<()>>);
+
+impl StartedEvents {
+    fn send(ctx: &WorkerContext, events: Vec<StatusEvent>) -> StartedEvents {
+        let delivery = ctx.delivery.clone();
+        let task = tokio::spawn(
+            async move {
+                for event in events {
+                    if let Err(e) = delivery.status.send(&event).await {
+                        tracing::warn!(error = %e, "started event not sent");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        StartedEvents(Some(task))
+    }
+
+    /// Wait until they are sent (at once after the first call).
+    pub(crate) async fn sent(&mut self) {
+        if let Some(task) = self.0.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The commands of a batch, as one request to the agent.
+pub(crate) fn batch_prompt(batch: &[&Job]) -> String {
+    if batch.len() == 1 {
+        return batch[0].request.command.clone();
+    }
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, job)| {
+            format!(
+                "Request {} of {}:\n{}",
+                i + 1,
+                batch.len(),
+                job.request.command
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// The message ids of a batch, for the commit trailers.
+pub(crate) fn batch_ids(batch: &[&Job]) -> Vec<String> {
+    batch.iter().map(|j| j.message_id.clone()).collect()
+}

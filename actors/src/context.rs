@@ -1,0 +1,118 @@
+//! What every job of the process shares (`WorkerContext`): the configuration, the way messages
+//! end (`Delivery`), the stores, and the process-wide limits on how much work runs at once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::WorkerConfig;
+use crate::delivery::Delivery;
+use crate::job::StopSignal;
+use crate::lease::Leases;
+use crate::message::WorkspaceKey;
+use crate::notices::NoticeSender;
+use crate::threads::ThreadStore;
+
+/// What every job of the process shares.
+pub struct WorkerContext {
+    pub(crate) config: WorkerConfig,
+    pub(crate) delivery: Delivery,
+    /// CloudFront, when some client's bucket has a distribution.
+    pub(crate) invalidator: Option<crate::invalidate::Invalidator>,
+    /// Agent runs at once over all workspaces (`AGENT_CONCURRENCY`). An agent run mostly waits
+    /// on the model, so the limit is high: it bounds the agent processes alive at once and
+    /// their memory, not CPU.
+    agent_slots: Arc<Semaphore>,
+    /// Builds at once over all workspaces (`BUILD_CONCURRENCY`, the cores by default). A build
+    /// is CPU-bound: more builds than cores only make each of them slower.
+    build_slots: Arc<Semaphore>,
+    /// The build as the build actors run it; its dependency store is the one they share, so
+    /// that installing ahead of a build (while the agent runs) installs each lock file once.
+    pub(crate) build: crate::build::BuildSpec,
+    /// Workspace leases: one worker at a time per workspace (granted at once when alone).
+    pub(crate) leases: Leases,
+    /// Notices to other workers (`None` when alone).
+    pub(crate) notices: Option<NoticeSender>,
+    /// This worker's notice queue, where a holder answers `Released`.
+    pub(crate) notice_url: Option<String>,
+    /// Which conversation each thread has, and the agent's conversation files when shared.
+    pub(crate) threads: ThreadStore,
+    /// Where the agent keeps its conversation files (`CLAUDE_CONFIG_DIR`), when known. With
+    /// isolation each workspace has its own folder under it (`agent_config_dir_for`).
+    agent_config_dir: Option<std::path::PathBuf>,
+    /// Where tenants' code runs (`ISOLATION`); off until the worker sets what it detected.
+    pub(crate) sandbox: Arc<crate::sandbox::Sandbox>,
+}
+
+/// A place under one of the process's limits, held while the work runs; dropping it frees
+/// the place.
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// How long the job waited for it (ms), reported as `durationsMs.queued`, apart from the
+    /// work.
+    pub(crate) waited_ms: u64,
+}
+
+impl WorkerContext {
+    /// The agent's `CLAUDE_CONFIG_DIR` for workspace `key`.
+    pub(crate) fn agent_config_dir_for(&self, key: &WorkspaceKey) -> Option<std::path::PathBuf> {
+        let base = self.agent_config_dir.as_deref()?;
+        Some(self.sandbox.agent_config_dir(base, key))
+    }
+
+    pub(crate) fn new(
+        config: WorkerConfig,
+        delivery: Delivery,
+        invalidator: Option<crate::invalidate::Invalidator>,
+        build: crate::build::BuildSpec,
+    ) -> WorkerContext {
+        let threads = ThreadStore::for_worker(&config.workspace_root, &delivery.records);
+        // The agent gets the worker's own CLAUDE_CONFIG_DIR when it has one (`agent_env`).
+        let agent_config_dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| config.agent.config_dir.clone());
+        WorkerContext {
+            invalidator,
+            build,
+            leases: Leases::alone(),
+            notices: None,
+            notice_url: None,
+            threads,
+            sandbox: crate::sandbox::Sandbox::off(&config.workspace_root),
+            agent_config_dir,
+            agent_slots: Arc::new(Semaphore::new(config.agent_concurrency.max(1))),
+            build_slots: Arc::new(Semaphore::new(config.build_concurrency.max(1))),
+            config,
+            delivery,
+        }
+    }
+
+    /// A slot for one agent run; `None` when the job is stopped while waiting.
+    pub(crate) async fn agent_slot(&self, stop: &StopSignal) -> Option<Slot> {
+        wait_for_slot(&self.agent_slots, stop).await
+    }
+
+    /// A slot for one build; `None` when the job is stopped while waiting.
+    pub(crate) async fn build_slot(&self, stop: &StopSignal) -> Option<Slot> {
+        wait_for_slot(&self.build_slots, stop).await
+    }
+}
+
+/// Wait for a slot of `slots`, unless the job is stopped first (an interrupt must not wait
+/// for another client's work to end).
+async fn wait_for_slot(slots: &Arc<Semaphore>, stop: &StopSignal) -> Option<Slot> {
+    let asked = Instant::now();
+    let permit = match slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            _ = stop.token().cancelled() => return None,
+        },
+    };
+    Some(Slot {
+        _permit: permit,
+        waited_ms: asked.elapsed().as_millis() as u64,
+    })
+}

@@ -1,0 +1,322 @@
+//! The work of a batch, step after step: take the workspace over (after another worker),
+//! prepare the thread's branch, sort out messages already applied or superseded, run the agent
+//! and commit, build (asking the agent to repair a build its edit broke), publish, invalidate
+//! the CDN, push.
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::{Instrument, info_span};
+
+use crate::agent_turn::{agent_turn, commit_turn};
+use crate::batch::{BatchRun, StartedEvents, batch_prompt};
+use crate::build::BuildError;
+use crate::git::agent_commit_subject;
+use crate::job::Job;
+use crate::job_error::JobError;
+use crate::journal::Journal;
+use crate::publish::PublishError;
+use crate::push::push;
+use crate::steps::{BuildMsg, GitMsg, PublisherMsg};
+
+/// The batch's work, in order. `Ok` when it completed; on an error, whatever the agent changed
+/// is still in the worktree (or committed) for `run_batch` to save.
+pub(crate) async fn execute(
+    run: &BatchRun<'_>,
+    batch: &[Job],
+    started: &mut StartedEvents,
+    journal: &mut Journal,
+) -> Result<(), JobError> {
+    let BatchRun {
+        ctx,
+        steps,
+        stop,
+        scope,
+    } = *run;
+    let job = &batch[0];
+    let request = &job.request;
+    let branch = request.branch();
+    let config = &ctx.config;
+    let workspace_dir = config.workspace_dir(&request.workspace());
+    let bucket = config.bucket_for(&request.workspace());
+
+    // 1. The thread's branch, with unfinished work of another thread saved first; after a
+    // takeover, the fence moved to this holder first and the upstream's state trusted.
+    let t = Instant::now();
+    if let (true, Some(fence)) = (scope.handover, &scope.fence) {
+        steps
+            .git
+            .ask(|reply| GitMsg::TakeOver {
+                fence: fence.clone(),
+                reply,
+            })
+            .instrument(info_span!("take over workspace", token = fence.token))
+            .await??;
+    }
+    let span = info_span!("prepare workspace", branch = %branch, saved_work = Empty);
+    let saved = steps
+        .git
+        .ask(|reply| GitMsg::PrepareThread {
+            branch: branch.clone(),
+            message_id: job.message_id.clone(),
+            trust_upstream: scope.handover && scope.fence.is_some(),
+            reply,
+        })
+        .instrument(span.clone())
+        .await??;
+    if let Some(saved) = &saved {
+        span.record("saved_work", saved.commit.as_str());
+    }
+    if let Some(saved) = saved {
+        tracing::warn!(branch = %saved.branch, commit = %saved.commit, "saved unfinished work found in the workspace");
+        match push(ctx, steps, &saved.branch, scope, journal).await {
+            Err(JobError::Push(e)) => {
+                tracing::warn!(error = %e, "saved work could not be pushed yet; it stays committed locally");
+            }
+            other => other?,
+        }
+    }
+    // Each message of the batch, one by one: already applied by an earlier delivery (its
+    // commit carries its trailer), superseded (sent before a newer message of the thread that
+    // has ended), or to be run now.
+    let mark = ctx
+        .delivery
+        .records
+        .thread_mark(&request.workspace(), &request.thread_id)
+        .await?;
+    let mut pending: Vec<&Job> = Vec::new();
+    let mut applied = 0;
+    for job in batch {
+        let earlier = steps
+            .git
+            .ask(|reply| GitMsg::CommitOfMessage {
+                branch: branch.clone(),
+                message_id: job.message_id.clone(),
+                reply,
+            })
+            .await??;
+        if let Some(commit) = earlier {
+            tracing::info!(message_id = %job.message_id, %commit, "message was already applied by an earlier delivery; not running the agent again");
+            journal.commit = Some(commit);
+            applied += 1;
+        } else if mark.is_some_and(|m| job.sent_at_ms < m.newest_sent_ms) {
+            tracing::warn!(message_id = %job.message_id, "a newer message of this thread has already ended; this older one is superseded and not applied");
+            journal.superseded.insert(job.message_id.clone());
+        } else {
+            pending.push(job);
+        }
+    }
+    journal.time("prepare", t);
+    started.sent().await;
+    if pending.is_empty() && applied == 0 {
+        // Nothing of this batch is to be applied: nothing to build or publish.
+        return Ok(());
+    }
+
+    let ran_agent = !pending.is_empty();
+    // The dependencies install while the agent works, outside the build slots: the build then
+    // only checks and links them. Not stopped by an interrupt: the newer work needs them too.
+    // Then the build's own Node process starts loading Astro (`prepared_build`); dropping the
+    // task's result (this job ended early) ends it.
+    let mut prefetch = ran_agent.then(|| {
+        let spec = ctx.build.clone();
+        let dir = workspace_dir.clone();
+        let sandbox = ctx.sandbox.clone();
+        let workspace = request.workspace();
+        tokio::spawn(
+            async move {
+                let never = CancellationToken::new();
+                crate::build::prefetch_dependencies(&spec, &sandbox, &workspace, &dir, &never).await
+            }
+            .in_current_span(),
+        )
+    });
+    let mut prepared = None;
+    if ran_agent {
+        journal.cost_payer = Some(pending[0].message_id.clone());
+        // 2 and 3. The agent, then a commit of what it changed.
+        agent_turn(run, &pending, batch_prompt(&pending), journal, "request").await?;
+        commit_turn(
+            steps,
+            &pending,
+            agent_commit_subject(&pending[0].request.command),
+            journal,
+        )
+        .await?;
+    }
+
+    // 4. Build; when the agent's edit broke it, resume the agent with the error and try again.
+    // Worker state of the checkout (install stamp, last published commit) lives in .git.
+    let state_dir = workspace_dir.join(".git/edit-worker");
+    let marker_path = state_dir.join("published");
+    let mut repairs = 0;
+    let (head, marker) = loop {
+        let head = steps
+            .git
+            .ask(|reply| GitMsg::HeadCommit { reply })
+            .await??;
+        journal.commit = Some(head.clone());
+        let marker = format!("{head} {bucket}");
+        let live = tokio::fs::read_to_string(&marker_path)
+            .await
+            .unwrap_or_default();
+        if live.trim() == marker {
+            tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
+            // Nothing to build or publish: straight to the push.
+            return push(ctx, steps, &branch, scope, journal).await;
+        }
+        // Phases count from the slot on: time spent waiting for one is not the build's.
+        if let Some(prefetch) = prefetch.take() {
+            // The dependencies were being installed while the agent ran.
+            match prefetch.await {
+                Ok(Ok(done)) => {
+                    if let Some(ms) = done.installed_ms {
+                        journal.add("install", ms);
+                    }
+                    prepared = done.prepared;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "installing ahead of the build failed; the build installs")
+                }
+                Err(e) => tracing::warn!(error = %e, "the install ahead of the build ended early"),
+            }
+        }
+        // Handing the checkout over to the tenant is preparation, not building: done before
+        // the slot, so that a slot is held only while the build runs.
+        let jail = ctx
+            .sandbox
+            .jail(&request.workspace(), &workspace_dir, None)
+            .await?;
+        let build_slot = ctx
+            .build_slot(stop)
+            .await
+            .ok_or(JobError::Build(BuildError::Cancelled))?;
+        journal.waited_for(&build_slot);
+        let t = Instant::now();
+        let span = info_span!("build", commit = %head, installed = Empty, error = Empty);
+        let built = steps
+            .build
+            .ask(|reply| BuildMsg::Build {
+                jail,
+                dir: workspace_dir.clone(),
+                state_dir: state_dir.clone(),
+                // Only the first build: after a repair the agent has changed the site.
+                prepared: prepared.take(),
+                stop: stop.token().clone(),
+                reply,
+            })
+            .instrument(span.clone())
+            .await?;
+        drop(build_slot);
+        match &built {
+            Ok(b) => span.record("installed", b.install_ms.is_some()),
+            Err(e) => span.record("error", e.kind()),
+        };
+        match built {
+            Ok(b) => {
+                if let Some(ms) = b.install_ms {
+                    journal.add("install", ms);
+                }
+                journal.add("build", b.build_ms);
+                break (head, marker);
+            }
+            Err(BuildError::BuildFailed { log_tail, status })
+                if ran_agent && repairs < config.build_repair_attempts =>
+            {
+                journal.time("build", t);
+                repairs += 1;
+                journal.build_repairs = repairs;
+                tracing::warn!(
+                    attempt = repairs,
+                    %status,
+                    log_tail = %crate::redact::redact(&log_tail),
+                    "the build failed after the agent's edit; asking the agent to repair it"
+                );
+                let prompt = format!(
+                    "The build failed after your change ({status}). Fix the site so that `{}` succeeds, \
+                     keeping the requested change. The end of the build log:\n\n{log_tail}",
+                    config.build_command.join(" ")
+                );
+                agent_turn(run, &pending, prompt, journal, "build repair").await?;
+                commit_turn(steps, &pending, "Claude: Fix the build".into(), journal).await?;
+            }
+            Err(e) => {
+                journal.time("build", t);
+                // The agent's work is pushed even though it does not build: nothing is lost.
+                push(ctx, steps, &branch, scope, journal).await?;
+                return Err(e.into());
+            }
+        }
+    };
+    {
+        // Publishing is not cancelled: it is short, and a half-published site is worse.
+        let t = Instant::now();
+        let span = info_span!(
+            "publish",
+            bucket = %bucket,
+            uploaded = Empty,
+            skipped = Empty,
+            deleted = Empty,
+            bytes = Empty,
+            error = Empty
+        );
+        let published = steps
+            .publisher
+            .ask(|reply| PublisherMsg::Publish {
+                workspace: request.workspace(),
+                bucket: bucket.clone(),
+                build_dir: workspace_dir.join(&config.build_output_dir),
+                fence: scope.bucket_fence.clone(),
+                reply,
+            })
+            .instrument(span.clone())
+            .await?;
+        journal.time("publish", t);
+        if let (Ok(report), Some(invalidator), Some(distribution)) = (
+            &published,
+            &ctx.invalidator,
+            config.cloudfront_distributions.get(&request.client_id),
+        ) && !report.changed.is_empty()
+        {
+            // The site is published either way; a failed invalidation only delays the CDN.
+            let reference = format!("{}-{head}", job.message_id);
+            match invalidator
+                .invalidate(distribution, &report.changed, &reference)
+                .instrument(info_span!("invalidate cdn", distribution = %distribution))
+                .await
+            {
+                Ok(id) => journal.invalidation_id = Some(id),
+                Err(e) => {
+                    tracing::warn!(%distribution, error = %e, "CloudFront invalidation failed")
+                }
+            }
+        }
+        match &published {
+            Ok(r) => {
+                span.record("uploaded", r.uploaded);
+                span.record("skipped", r.skipped);
+                span.record("deleted", r.deleted);
+                span.record("bytes", r.bytes);
+            }
+            Err(e) => {
+                span.record("error", e.kind());
+            }
+        }
+        match published {
+            Ok(report) => journal.published = Some(report),
+            Err(e) => {
+                if !matches!(e, PublishError::LeaseLost(_) | PublishError::Fenced { .. }) {
+                    push(ctx, steps, &branch, scope, journal).await?;
+                }
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = tokio::fs::write(&marker_path, &marker).await {
+            tracing::warn!(error = %e, "could not record the published commit");
+        }
+    }
+
+    // 6. Push.
+    push(ctx, steps, &branch, scope, journal).await
+}
