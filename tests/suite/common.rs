@@ -283,6 +283,19 @@ impl TestEnv {
         std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
     }
 
+    /// Every run of the stand-in agent so far: the `start` records of its call log
+    /// (`standin-calls.jsonl` in this test's `CLAUDE_CONFIG_DIR`), in order. What counts agent
+    /// runs: a `started` event is sent per message and delivery, whether the agent runs or not.
+    pub fn agent_runs(&self) -> Vec<Value> {
+        let log = self.dir.path().join("claude/standin-calls.jsonl");
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["event"] == "start")
+            .collect()
+    }
+
     /// Send SIGTERM and wait for the worker to exit; returns its exit code.
     pub fn stop_worker(&mut self) -> Option<i32> {
         let mut child = self.worker.take()?;
@@ -441,6 +454,19 @@ pub fn event_of<'a>(events: &'a [Value], id: &str, kind: &str) -> &'a Value {
 
 pub fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+/// The messages among `events` that have a `started` event (each delivery that reached a
+/// session sends one), distinct, in the order first seen.
+pub fn started_ids(events: &[Value]) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for e in of_type(events, "started") {
+        let id = e["messageId"].as_str().unwrap_or_default().to_owned();
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
 }
 
 /// `kill -SIGNAL pid` through the `kill` program (no unsafe code in tests).

@@ -82,7 +82,7 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
     let mut env = TestEnv::new("burst").await;
     env.create_bucket(&env.bucket("gus", "site")).await;
     let upstream = env.create_upstream("gus", "site", Site::Tiny);
-    env.start_worker(&[]);
+    env.start_worker(&[("PROGRESS_INTERVAL_SECONDS", "1")]);
 
     let running = env
         .send(
@@ -92,7 +92,10 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
             "[standin:write a.txt a] [standin:sleep 30]",
         )
         .await;
-    env.wait_for(&running, "started", Duration::from_secs(30))
+    // Its agent is at work: it has written a.txt (a progress event names the Write). Its
+    // `started` event alone would not say so: that is sent before the agent starts.
+    let mut events = env
+        .wait_for_step(&running, "Write", Duration::from_secs(30))
         .await;
     // Four messages of another thread, arriving together.
     let entries: Vec<_> = (1..=4)
@@ -125,7 +128,7 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
         .collect();
     assert_eq!(burst.len(), 4);
 
-    let events = env.events_until_terminal(5, Duration::from_secs(60)).await;
+    events.extend(env.events_until_terminal(5, Duration::from_secs(60)).await);
     assert_eq!(
         events.iter().filter(|e| is_terminal(e)).count(),
         5,
@@ -152,8 +155,19 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
     for i in 1..=4 {
         assert!(tree.contains(&format!("burst-{i}.txt")), "{tree}");
     }
-    // The agent started twice in all: the interrupted run and the coalesced one.
-    assert_eq!(env.worker_log().matches("\"type\":\"started\"").count(), 5);
+    // A `started` event per message, and the agent ran twice in all (its call log): the
+    // interrupted run and the coalesced one.
+    assert_eq!(common::started_ids(&events).len(), 5, "{events:#?}");
+    let runs = env.agent_runs();
+    assert_eq!(runs.len(), 2, "agent runs: {runs:#?}");
+    assert!(runs[0]["prompt"].as_str().unwrap().contains("a.txt"));
+    for i in 1..=4 {
+        let burst = format!("burst-{i}.txt");
+        assert!(
+            runs[1]["prompt"].as_str().unwrap().contains(&burst),
+            "{burst} not in the coalesced run: {runs:#?}"
+        );
+    }
     assert_eq!(env.stop_worker(), Some(0));
 }
 
