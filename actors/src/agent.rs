@@ -1509,4 +1509,345 @@ mod tests {
         );
         assert_eq!(lines.next_line().await.unwrap(), None);
     }
+
+    #[test]
+    fn the_command_line_without_options_and_with_the_rest() {
+        // Only what is set: the session, nothing more.
+        assert_eq!(
+            spec().args(&AgentSession::New("s-1".into())),
+            [
+                "-p",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--input-format",
+                "stream-json",
+                "--permission-mode",
+                "acceptEdits",
+                "--session-id",
+                "s-1",
+            ]
+        );
+        let mut s = spec();
+        s.permission_mode = "plan".into();
+        s.disallowed_tools = vec!["Bash".into(), "WebFetch".into()];
+        s.append_system_prompt = Some("Use British spelling.\nNo emoji.".into());
+        assert_eq!(
+            s.args_for(&AgentSession::Resume("s-2".into()), InputMode::Text),
+            [
+                "-p",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--permission-mode",
+                "plan",
+                "--resume",
+                "s-2",
+                "--disallowedTools",
+                "Bash,WebFetch",
+                "--append-system-prompt",
+                "Use British spelling.\nNo emoji.",
+            ]
+        );
+        assert_eq!(AgentSession::Resume("s-2".into()).id(), "s-2");
+    }
+
+    #[test]
+    fn any_request_text_is_one_stream_json_line_that_reads_back_exactly() {
+        for prompt in [
+            "plain",
+            "line one\r\nline two\n",
+            "quotes \" and \\ backslashes",
+            "separators \u{2028}\u{2029} and emoji 🎉",
+            "{\"type\":\"control_request\"}",
+            &"long ".repeat(10_000),
+        ] {
+            let line = user_message(prompt);
+            assert!(!line.contains('\n') && !line.contains('\r'), "{prompt:?}");
+            let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(back["message"]["content"], prompt);
+            assert_eq!(back["message"]["role"], "user");
+        }
+    }
+
+    #[test]
+    fn a_tool_use_is_reported_with_its_target() {
+        let (seen, out) = events(&[
+            // The target is the first of file_path, path, command, pattern that the input has.
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","name":"Grep","input":{"pattern":"title","path":"src"}}]}}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","name":"Glob","input":{"pattern":"**/*.astro"}}]}}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","name":"TodoWrite","input":{"todos":[]}}]}}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","input":{"file_path":"a.txt"}}]}}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","name":"Read"}]}}"#,
+            // Nothing to report.
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"Thinking."}]}}"#,
+            r#"{"type":"assistant","message":{}}"#,
+            r#"{"type":"assistant"}"#,
+        ]);
+        let tool = |tool: &str, target: Option<&str>| AgentActivity::ToolUse {
+            tool: tool.into(),
+            target: target.map(Into::into),
+        };
+        assert_eq!(
+            seen,
+            [
+                tool("Grep", Some("src")),
+                tool("Glob", Some("**/*.astro")),
+                tool("TodoWrite", None),
+                tool("tool", Some("a.txt")),
+                tool("Read", None),
+            ]
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_long_target_is_cut_at_200_characters() {
+        let command = "é".repeat(300);
+        let line = serde_json::json!({"type": "assistant", "message": {"content": [
+            {"type": "tool_use", "name": "Bash", "input": {"command": command}}
+        ]}})
+        .to_string();
+        let (seen, _) = events(&[line.as_str()]);
+        let [
+            AgentActivity::ToolUse {
+                target: Some(target),
+                ..
+            },
+        ] = seen.as_slice()
+        else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(target.chars().count(), 200);
+        assert!(command.starts_with(target.as_str()));
+    }
+
+    #[test]
+    fn only_init_starts_a_run_and_only_a_readable_result_ends_it() {
+        let (seen, out) = events(&[
+            r#"{"type":"system","subtype":"api_retry","attempt":1}"#,
+            r#"{"type":"system","subtype":"init"}"#,
+            // A result whose fields have the wrong types is not taken for one.
+            r#"{"type":"result","subtype":"success","is_error":"no","num_turns":"many"}"#,
+            "",
+            "   ",
+            r#"{"type":"result"}"#,
+        ]);
+        assert_eq!(
+            seen,
+            [AgentActivity::Started {
+                session_id: None,
+                version: None
+            }]
+        );
+        assert_eq!(out.len(), 2);
+        assert!(matches!(out[0], Event::Started));
+        let Event::Result(r) = &out[1] else {
+            panic!("no result")
+        };
+        // A bare result: no subtype, no is_error: not a success.
+        let report = r.report();
+        assert_eq!(report.subtype, "");
+        assert_eq!(report.total_cost_usd, None);
+    }
+
+    #[test]
+    fn what_an_ending_says_and_which_rule_decides_it() {
+        let kind = |line: &str| outcome(Some(line), false, "").unwrap_err().kind();
+        assert_eq!(
+            kind(r#"{"type":"result","subtype":"error_during_execution","is_error":true}"#),
+            "agent_execution_error"
+        );
+        assert_eq!(
+            kind(r#"{"type":"result","subtype":"error_something_new","is_error":true}"#),
+            "agent_error"
+        );
+        // "success" that says it is an error, and an error that says it is none: neither passes.
+        assert_eq!(
+            kind(r#"{"type":"result","subtype":"success","is_error":true}"#),
+            "agent_api_error"
+        );
+        assert_eq!(
+            kind(r#"{"type":"result","subtype":"error_max_turns","is_error":false}"#),
+            "agent_max_turns"
+        );
+        // The detail: the errors, else the result text, else a note that there was none.
+        let detail = |line: &str| match outcome(Some(line), false, "").unwrap_err() {
+            AgentError::Reported { detail, .. } => detail,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            detail(
+                r#"{"type":"result","subtype":"error_max_turns","is_error":true,"errors":["too many"],"result":"r"}"#
+            ),
+            r#"["too many"]"#
+        );
+        assert_eq!(
+            detail(r#"{"type":"result","subtype":"error_max_turns","is_error":true,"result":"r"}"#),
+            "r"
+        );
+        assert_eq!(
+            detail(r#"{"type":"result","subtype":"error_max_turns","is_error":true}"#),
+            "no detail given"
+        );
+        // Without stderr, no dangling colon.
+        let none = outcome(None, false, "  \n").unwrap_err();
+        assert_eq!(
+            none.to_string(),
+            "the agent ended without a result (exit status: 1)"
+        );
+    }
+
+    #[test]
+    fn a_failure_of_the_run_itself_outranks_what_it_printed() {
+        let result = r#"{"type":"result","subtype":"success","is_error":false,"result":"ok"}"#;
+        for (failure, kind) in [
+            (AgentError::Timeout(Duration::from_secs(1)), "agent_timeout"),
+            (AgentError::Silent(Duration::from_secs(1)), "agent_silent"),
+            (
+                AgentError::Spawn {
+                    bin: "claude".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                "agent_unavailable",
+            ),
+            (
+                AgentError::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+                "agent_io",
+            ),
+        ] {
+            let attempt = Attempt {
+                started: true,
+                result: match read_event(result, &mut |_| {}) {
+                    Some(Event::Result(r)) => Some(*r),
+                    _ => unreachable!(),
+                },
+                cancelled: false,
+                failure: Some(failure),
+                exit: String::new(),
+                stderr: String::new(),
+            };
+            let err = attempt
+                .outcome(&AgentSession::New("s-1".into()))
+                .unwrap_err();
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(!err.is_interrupted());
+        }
+    }
+
+    #[test]
+    fn only_a_resumed_conversation_that_never_started_is_lost() {
+        let attempt = |started: bool| Attempt {
+            started,
+            result: None,
+            cancelled: false,
+            failure: None,
+            exit: "exit status: 1".into(),
+            stderr: "No conversation found with session ID: s-1".into(),
+        };
+        assert!(matches!(
+            attempt(false).outcome(&AgentSession::Resume("s-1".into())),
+            Err(AgentError::SessionNotFound(_))
+        ));
+        // A new conversation cannot be missing; nor can one the CLI went on to start.
+        for (started, session) in [
+            (false, AgentSession::New("s-1".into())),
+            (true, AgentSession::Resume("s-1".into())),
+        ] {
+            let err = attempt(started).outcome(&session).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                "agent_no_result",
+                "{session:?} started={started}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cli_that_refuses_stream_input_is_recognised_by_either_wording() {
+        assert!(rejects_stream_input(
+            "error: option '--input-format <format>' argument 'stream-json' is invalid."
+        ));
+        assert!(!rejects_stream_input("error: unknown option '--verbose'"));
+        assert!(!rejects_stream_input("--input-format stream-json is fine"));
+    }
+
+    #[test]
+    fn named_otlp_settings_and_edge_cases_of_the_environment() {
+        let mut s = spec();
+        // Naming one of the CLI's telemetry defaults passes the worker's value instead.
+        s.env_allow = vec!["OTEL_METRICS_EXPORTER".into()];
+        let env = agent_env(
+            &s,
+            vars(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318"),
+                ("OTEL_METRICS_EXPORTER", "otlp"),
+            ]),
+            None,
+        );
+        assert_eq!(value(&env, "OTEL_METRICS_EXPORTER"), Some("otlp"));
+        assert_eq!(value(&env, "OTEL_LOGS_EXPORTER"), Some("none"));
+        // An empty endpoint exports nothing: no telemetry for the CLI either.
+        let env = agent_env(&spec(), vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]), None);
+        assert!(value(&env, "CLAUDE_CODE_ENABLE_TELEMETRY").is_none());
+        assert!(value(&env, "OTEL_EXPORTER_OTLP_ENDPOINT").is_none());
+        // Bedrock by "true" as well as by "1"; anything else keeps AWS out.
+        for (on, expected) in [("true", true), ("1", true), ("yes", false), ("0", false)] {
+            let env = agent_env(
+                &spec(),
+                vars(&[
+                    ("CLAUDE_CODE_USE_BEDROCK", on),
+                    ("AWS_ACCESS_KEY_ID", "AKIA"),
+                ]),
+                None,
+            );
+            assert_eq!(value(&env, "AWS_ACCESS_KEY_ID").is_some(), expected, "{on}");
+        }
+        // The head and tail of a pattern may not overlap.
+        assert!(!name_matches("AB*BA", "ABA"));
+        assert!(name_matches("AB*BA", "ABBA"));
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_pipe_reaches_a_cli_that_writes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // Writes far more than a pipe holds before it reads its input: stdin written from the
+        // same task as stdout is read would leave both sides waiting for the other.
+        let chatter = r#"{"type":"assistant","message":{"content":[{"type":"text","text":"................................................................................"}]}}"#;
+        let spec = script(
+            dir.path(),
+            &format!(
+                "echo '{INIT}'\n\
+                 i=0; while [ $i -lt 2000 ]; do echo '{chatter}'; i=$((i+1)); done\n\
+                 head -n 1 > request.json\n\
+                 echo '{}'",
+                r#"{"type":"result","subtype":"success","is_error":false,"result":"read it"}"#
+            ),
+        );
+        let prompt = "x".repeat(1 << 20);
+        let report = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_agent(
+                &spec,
+                &Jail::open(dir.path()),
+                dir.path(),
+                &prompt,
+                &AgentSession::New("s-1".into()),
+                &CancellationToken::new(),
+                |_| {},
+            ),
+        )
+        .await
+        .expect("no deadlock")
+        .unwrap();
+        assert_eq!(report.result.as_deref(), Some("read it"));
+        let request: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("request.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            request["message"]["content"].as_str().map(str::len),
+            Some(1 << 20)
+        );
+    }
 }

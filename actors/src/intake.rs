@@ -597,3 +597,213 @@ async fn reject(
         tracing::error!(%message_id, error = %e, "rejected message not finished");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Renewal;
+
+    fn key(client: &str, project: &str) -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: client.into(),
+            project_id: project.into(),
+        }
+    }
+
+    /// A valid job of `client/project`, as the intake makes one (without its slot).
+    fn job(id: &str, client: &str, project: &str) -> Job {
+        let body = serde_json::json!({
+            "sessionId": "s", "threadId": "t", "clientId": client, "projectId": project,
+            "command": "do it",
+        });
+        Job {
+            request: EditRequest::parse(&body.to_string(), 1024).unwrap(),
+            message_id: id.into(),
+            receipt: Receipt::new(format!("handle-{id}")),
+            sent_at_ms: 0,
+            received_at: Instant::now(),
+            receive_count: 1,
+            trace_id: None,
+            span: tracing::Span::none(),
+            renewal: Renewal::none(),
+            slot: None,
+        }
+    }
+
+    /// Take message `id` of `client/project` into the books as `accept` does: the job at work
+    /// (holding its slot), or `None` when it was parked.
+    fn take(registry: &InFlightRegistry, id: &str, client: &str, project: &str) -> Option<Job> {
+        let mut job = job(id, client, project);
+        match registry.claim(id, &job.receipt, Some(&key(client, project))) {
+            Claim::Slot(slot) => {
+                job.slot = Some(slot);
+                Some(job)
+            }
+            Claim::Park => {
+                registry.park(job);
+                None
+            }
+            Claim::Copy => panic!("{id} is held already"),
+        }
+    }
+
+    fn ids(jobs: &[Job]) -> Vec<&str> {
+        jobs.iter().map(|j| j.message_id.as_str()).collect()
+    }
+
+    #[test]
+    fn no_more_than_max_messages_are_at_work() {
+        let registry = InFlightRegistry::new(2, 10, 10);
+        assert_eq!(registry.room(), 2);
+        let a = take(&registry, "m1", "a", "site").expect("at work");
+        let _b = take(&registry, "m2", "b", "site").expect("at work");
+        assert_eq!(registry.room(), 0, "full: no receive");
+        // One that arrives anyway (a receive brings up to `room` at the time it was asked)
+        // waits, held, out of the slots.
+        assert!(take(&registry, "m3", "c", "site").is_none());
+        assert_eq!(registry.in_flight(), 3);
+        assert!(registry.unpark_ready().is_empty());
+
+        drop(a);
+        assert_eq!(registry.room(), 1);
+        let ready = registry.unpark_ready();
+        assert_eq!(ids(&ready), ["m3"]);
+        assert!(ready[0].slot.is_some(), "an unparked message holds a slot");
+        assert_eq!(registry.room(), 0);
+        assert_eq!(registry.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_workspace_has_no_more_than_its_share_at_work() {
+        let registry = InFlightRegistry::new(10, 1, 10);
+        let first = take(&registry, "m1", "a", "site").expect("at work");
+        assert!(take(&registry, "m2", "a", "site").is_none(), "parked");
+        // Another workspace of the same client, and another client, are not held back.
+        assert!(take(&registry, "m3", "a", "blog").is_some());
+        assert!(take(&registry, "m4", "b", "site").is_some());
+        assert!(registry.unpark_ready().is_empty());
+        drop(first);
+        assert_eq!(ids(&registry.unpark_ready()), ["m2"]);
+    }
+
+    #[test]
+    fn a_client_has_no_more_than_its_share_at_work_over_all_its_projects() {
+        let registry = InFlightRegistry::new(10, 10, 2);
+        let p1 = take(&registry, "m1", "a", "p1").expect("at work");
+        let _p2 = take(&registry, "m2", "a", "p2").expect("at work");
+        assert!(take(&registry, "m3", "a", "p3").is_none(), "parked");
+        assert!(take(&registry, "m4", "b", "p1").is_some(), "another client");
+        assert!(registry.unpark_ready().is_empty());
+        drop(p1);
+        assert_eq!(ids(&registry.unpark_ready()), ["m3"]);
+    }
+
+    #[test]
+    fn dropping_the_slot_frees_its_place_and_forgets_the_message() {
+        let registry = InFlightRegistry::new(1, 1, 1);
+        let job = take(&registry, "m1", "a", "site").expect("at work");
+        assert_eq!(registry.room(), 0);
+        drop(job);
+        {
+            let held = registry.state.lock().unwrap();
+            assert_eq!(held.at_work, 0);
+            assert!(held.receipts.is_empty());
+            // Counts at zero are removed: the maps hold only what is held.
+            assert!(held.per_workspace.is_empty());
+            assert!(held.per_client.is_empty());
+        }
+        assert_eq!(registry.room(), 1);
+        assert_eq!(registry.in_flight(), 0);
+        // The same message again (a redelivery after it ended) is new work, not a copy.
+        assert!(take(&registry, "m1", "a", "site").is_some());
+    }
+
+    #[test]
+    fn a_copy_of_a_held_message_lends_it_the_newer_handle() {
+        let registry = InFlightRegistry::new(1, 1, 1);
+        let held = take(&registry, "m1", "a", "site").expect("at work");
+        let copy = Receipt::new("newer".into());
+        assert!(matches!(
+            registry.claim("m1", &copy, Some(&key("a", "site"))),
+            Claim::Copy
+        ));
+        assert_eq!(held.receipt.current(), "newer");
+        assert!(registry.take_copy("m1", "newest"));
+        assert_eq!(held.receipt.current(), "newest");
+        assert!(!registry.take_copy("m2", "other"), "not held");
+        assert_eq!(registry.in_flight(), 1, "a copy takes no place");
+
+        // A parked message's copy is a copy too.
+        assert!(take(&registry, "m2", "a", "site").is_none());
+        assert!(registry.take_copy("m2", "newer-2"));
+        drop(held);
+        let ready = registry.unpark_ready();
+        assert_eq!(ready[0].receipt.current(), "newer-2");
+    }
+
+    #[test]
+    fn parked_messages_are_bounded_and_then_nothing_is_received() {
+        let registry = InFlightRegistry::new(2, 1, 10);
+        let _at_work = take(&registry, "m0", "a", "site").expect("at work");
+        for i in 1..=PARKED_PER_SLOT * 2 {
+            assert_eq!(registry.room(), 1, "a slot is free and parking has room");
+            assert!(take(&registry, &format!("m{i}"), "a", "site").is_none());
+        }
+        assert_eq!(registry.room(), 0, "parking is full: no receive");
+    }
+
+    #[test]
+    fn parked_messages_leave_oldest_first_each_when_its_share_has_room() {
+        let registry = InFlightRegistry::new(10, 1, 10);
+        let a = take(&registry, "a1", "a", "site").expect("at work");
+        let b = take(&registry, "b1", "b", "site").expect("at work");
+        for id in ["a2", "b2", "a3"] {
+            assert!(take(&registry, id, &id[..1], "site").is_none());
+        }
+        drop(b);
+        drop(a);
+        // Both workspaces have room for one: the older of a's two goes, a3 waits behind it.
+        let ready = registry.unpark_ready();
+        assert_eq!(ids(&ready), ["a2", "b2"]);
+        assert!(registry.unpark_ready().is_empty());
+        drop(ready);
+        assert_eq!(ids(&registry.unpark_ready()), ["a3"]);
+    }
+
+    #[test]
+    fn parked_messages_are_given_back_and_forgotten() {
+        let registry = InFlightRegistry::new(1, 1, 1);
+        let _at_work = take(&registry, "m1", "a", "site").expect("at work");
+        assert!(take(&registry, "m2", "a", "site").is_none());
+        assert!(take(&registry, "m3", "b", "site").is_none());
+        assert_eq!(ids(&registry.take_parked()), ["m2", "m3"]);
+        assert_eq!(registry.in_flight(), 1);
+        assert!(!registry.take_copy("m2", "h"), "no longer held");
+    }
+
+    #[test]
+    fn limits_of_zero_mean_one() {
+        let registry = InFlightRegistry::new(0, 0, 0);
+        assert_eq!(registry.room(), 1);
+        let _one = take(&registry, "m1", "a", "site").expect("at work");
+        assert!(take(&registry, "m2", "b", "site").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_wakes_the_intake_waiting_for_room() {
+        let registry = InFlightRegistry::new(1, 1, 1);
+        let job = take(&registry, "m1", "a", "site").expect("at work");
+        let waiting = {
+            let registry = registry.clone();
+            tokio::spawn(async move { registry.wait_for_room().await })
+        };
+        // Full: the wait does not end by itself.
+        let full = tokio::time::timeout(Duration::from_millis(50), registry.wait_for_room()).await;
+        assert!(full.is_err(), "room while full");
+        drop(job);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken when the slot was freed")
+            .unwrap();
+    }
+}

@@ -182,3 +182,85 @@ impl Drop for Renewal {
         self.stop.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_newer_handle_serves_every_holder_of_the_receipt() {
+        let receipt = Receipt::new("first".into());
+        let held_by_renewal = receipt.clone();
+        receipt.replace("newer".into());
+        assert_eq!(held_by_renewal.current(), "newer");
+    }
+
+    #[test]
+    fn a_place_is_freed_once_when_dropped() {
+        let freed = Arc::new(AtomicUsize::new(0));
+        let place = {
+            let freed = freed.clone();
+            InFlight::new(move || {
+                freed.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        assert_eq!(freed.load(Ordering::SeqCst), 0);
+        drop(place);
+        assert_eq!(freed.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_first_stop_reason_wins_and_its_time_is_kept() {
+        let stop = StopSignal::default();
+        assert!(!stop.token().is_cancelled());
+        assert_eq!((stop.reason(), stop.requested_at()), (None, None));
+        // The session holds one clone, the running job another.
+        let running = stop.clone();
+        stop.request(StopReason::Interrupted);
+        let first = running.requested_at().expect("when it was asked");
+        stop.request(StopReason::Shutdown);
+        assert!(running.token().is_cancelled());
+        assert_eq!(running.reason(), Some(StopReason::Interrupted));
+        assert_eq!(running.requested_at(), Some(first));
+    }
+
+    #[tokio::test]
+    async fn stopping_a_renewal_waits_for_the_one_in_flight() {
+        let stop = CancellationToken::new();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let (stop, finished) = (stop.clone(), finished.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                // A renewal still finishing its request.
+                tokio::task::yield_now().await;
+                finished.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let mut renewal = Renewal::new(stop.clone(), task);
+        renewal.stop().await;
+        assert!(stop.is_cancelled());
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            1,
+            "stop returned before it ended"
+        );
+        // Stopping again (a release after a failed delete) is harmless.
+        renewal.stop().await;
+    }
+
+    #[test]
+    fn dropping_a_renewal_cancels_it() {
+        let stop = CancellationToken::new();
+        drop(Renewal {
+            stop: stop.clone(),
+            task: None,
+        });
+        assert!(stop.is_cancelled());
+        let mut none = Renewal::none();
+        assert!(none.task.is_none());
+        // `none` stops at once: there is nothing to wait for.
+        futures::executor::block_on(none.stop());
+    }
+}

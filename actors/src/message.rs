@@ -427,4 +427,162 @@ mod tests {
             assert!(check_bucket_name(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn lengths_at_their_limits_pass_and_one_more_fails() {
+        let label = "a".repeat(63);
+        assert!(EditRequest::parse(&with("clientId", label.as_str().into()), 100).is_ok());
+        assert!(EditRequest::parse(&with("projectId", "a".into()), 100).is_ok());
+        let id = "a".repeat(128);
+        assert!(EditRequest::parse(&with("threadId", id.as_str().into()), 100).is_ok());
+        assert!(EditRequest::parse(&with("sessionId", id.as_str().into()), 100).is_ok());
+
+        let exact = "x".repeat(100);
+        assert!(EditRequest::parse(&with("command", exact.as_str().into()), 100).is_ok());
+        let over = "x".repeat(101);
+        assert_eq!(
+            EditRequest::parse(&with("command", over.as_str().into()), 100).unwrap_err(),
+            RequestError::CommandTooLarge { len: 101, max: 100 }
+        );
+        // The limit is in bytes of UTF-8, not characters: 60 of these are 120 bytes.
+        let wide = "é".repeat(60);
+        assert_eq!(
+            EditRequest::parse(&with("command", wide.as_str().into()), 100).unwrap_err(),
+            RequestError::CommandTooLarge { len: 120, max: 100 }
+        );
+    }
+
+    #[test]
+    fn the_command_is_kept_exactly_as_sent() {
+        // Leading dashes, surrounding white space, lines and any script: text, never trimmed.
+        for command in [
+            "--help",
+            "-p --dangerously-skip-permissions",
+            "  indented\n\tand two lines  ",
+            "Überschrift auf \"Grüße\" ändern 🎉",
+        ] {
+            let r = EditRequest::parse(&with("command", command.into()), 1024).unwrap();
+            assert_eq!(r.command, command);
+        }
+        for blank in ["", "\n", "\t \r\n"] {
+            assert_eq!(
+                EditRequest::parse(&with("command", blank.into()), 1024).unwrap_err(),
+                RequestError::InvalidField {
+                    field: "command",
+                    reason: "must not be empty"
+                },
+                "{blank:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_first_broken_field_is_named_in_the_contracts_order() {
+        assert_eq!(
+            EditRequest::parse("{}", 100).unwrap_err(),
+            RequestError::MissingField("sessionId")
+        );
+        assert_eq!(
+            EditRequest::parse(&with("threadId", serde_json::json!(["t"])), 100).unwrap_err(),
+            RequestError::NotAString { field: "threadId" }
+        );
+        // Presence and type of every field first, then their values.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v["clientId"] = "Bad Client".into();
+        v.as_object_mut().unwrap().remove("command");
+        assert_eq!(
+            EditRequest::parse(&v.to_string(), 100).unwrap_err(),
+            RequestError::MissingField("command")
+        );
+        let err = EditRequest::parse(&with("projectId", "Shop".into()), 100).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RequestError::InvalidField {
+                    field: "projectId",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn every_rejection_has_its_stable_kind() {
+        let cases = [
+            (RequestError::MalformedJson("x".into()), "malformed_message"),
+            (RequestError::NotAnObject, "malformed_message"),
+            (RequestError::MissingField("command"), "missing_field"),
+            (
+                RequestError::NotAString { field: "command" },
+                "invalid_field",
+            ),
+            (
+                RequestError::InvalidField {
+                    field: "clientId",
+                    reason: "r",
+                },
+                "invalid_field",
+            ),
+            (
+                RequestError::CommandTooLarge { len: 2, max: 1 },
+                "command_too_large",
+            ),
+            (
+                RequestError::NotServedHere {
+                    allowed: "client a".into(),
+                    got: "client b".into(),
+                },
+                "not_served_here",
+            ),
+            (
+                RequestError::InvalidBucket {
+                    bucket: "b".into(),
+                    reason: "r",
+                },
+                "invalid_field",
+            ),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+        }
+    }
+
+    #[test]
+    fn loose_ids_read_what_they_can_of_any_body() {
+        let ids = LooseIds::from_body(EXAMPLE);
+        assert_eq!(
+            ids,
+            LooseIds {
+                session_id: Some("test-session-123".into()),
+                thread_id: Some("test-thread-456".into()),
+                client_id: Some("amelia".into()),
+                project_id: Some("stamps".into()),
+            }
+        );
+        // A body that fails for another reason (no command) still names its sender.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v.as_object_mut().unwrap().remove("command");
+        assert_eq!(LooseIds::from_body(&v.to_string()), ids);
+        // Ids that are not strings, or not valid, are left out one by one.
+        let odd = serde_json::json!({"sessionId": 5, "threadId": "a..b", "clientId": "ok", "projectId": null});
+        assert_eq!(
+            LooseIds::from_body(&odd.to_string()),
+            LooseIds {
+                client_id: Some("ok".into()),
+                ..LooseIds::default()
+            }
+        );
+        assert_eq!(LooseIds::from_body("[\"amelia\"]"), LooseIds::default());
+    }
+
+    #[test]
+    fn bucket_names_at_the_edges() {
+        assert!(check_bucket_name("abc").is_ok());
+        assert!(check_bucket_name(&"a".repeat(63)).is_ok());
+        assert!(check_bucket_name("1.2.3").is_ok(), "not an IPv4 address");
+        for bad in ["a-.b", "a_b", "a b", "abc.", ".abc", "10.0.0.1"] {
+            assert!(check_bucket_name(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -269,6 +269,9 @@ impl TestEnv {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", std::env::var("HOME").unwrap_or_default())
             .envs(self.worker_env())
+            // JSON lines: a test that must read the log reads a line's message and fields
+            // (`log_lines`), never its layout.
+            .env("LOG_FORMAT", "json")
             .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -281,6 +284,60 @@ impl TestEnv {
 
     pub fn worker_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
+    }
+
+    /// The worker's log lines, each a JSON object (`start_worker` sets `LOG_FORMAT=json`), in
+    /// order. Only for what the worker announces nowhere else (no status event, no file): read
+    /// a line's message and fields, never its layout.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.worker_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .collect()
+    }
+
+    /// The worker's log lines whose message is exactly `message`.
+    pub fn log_lines_saying(&self, message: &str) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| log_message(l) == message)
+            .collect()
+    }
+
+    /// Wait until one of the worker's log lines satisfies `pred`; that line. For what the
+    /// worker announces only in its log.
+    pub async fn wait_for_log_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line {what} within {timeout:?}; the log:\n{}",
+                tail(&self.worker_log(), 60)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every run of the stand-in agent so far: the `start` records of its call log
+    /// (`standin-calls.jsonl` in this test's `CLAUDE_CONFIG_DIR`), in order. What counts agent
+    /// runs: a `started` event is sent per message and delivery, whether the agent runs or not.
+    pub fn agent_runs(&self) -> Vec<Value> {
+        let log = self.dir.path().join("claude/standin-calls.jsonl");
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["event"] == "start")
+            .collect()
     }
 
     /// Send SIGTERM and wait for the worker to exit; returns its exit code.
@@ -443,6 +500,27 @@ pub fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["type"] == kind).collect()
 }
 
+/// The messages among `events` that have a `started` event (each delivery that reached a
+/// session sends one), distinct, in the order first seen.
+pub fn started_ids(events: &[Value]) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for e in of_type(events, "started") {
+        let id = e["messageId"].as_str().unwrap_or_default().to_owned();
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// How many deliveries of message `id` reached a session: its `started` events.
+pub fn deliveries_of(events: &[Value], id: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["messageId"] == id && e["type"] == "started")
+        .count()
+}
+
 /// `kill -SIGNAL pid` through the `kill` program (no unsafe code in tests).
 pub fn nix_kill(pid: u32, signal: &str) -> std::io::Result<()> {
     Command::new("kill")
@@ -532,17 +610,29 @@ impl TestEnv {
 
     /// Drain status events until one matches `wanted` (`what` names it in the failure);
     /// returns every event seen.
-    async fn wait_until(
+    pub async fn wait_until(
         &self,
         what: &str,
         timeout: Duration,
         wanted: impl Fn(&Value) -> bool,
     ) -> Vec<Value> {
+        self.wait_until_all(what, timeout, |events| events.iter().any(&wanted))
+            .await
+    }
+
+    /// Drain status events until those seen so far satisfy `done` (`what` names it in the
+    /// failure); returns every event seen.
+    pub async fn wait_until_all(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let mut events = Vec::new();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             events.extend(self.drain(&self.output, 1).await);
-            if events.iter().any(&wanted) {
+            if done(&events) {
                 return events;
             }
         }
@@ -1067,6 +1157,8 @@ pub fn git_ok(dir: &Path, args: &[&str]) -> Option<String> {
 pub struct WorkerProcess {
     pub name: String,
     pub log: PathBuf,
+    /// Its `HEALTH_FILE`, touched by its intake at every turn of the receive loop.
+    pub health: PathBuf,
     pub killed_at_ms: Option<u64>,
     pub exit_code: Option<i32>,
     child: Option<Child>,
@@ -1082,10 +1174,11 @@ impl TestEnv {
 
     /// Start `edit-worker run` as worker `name` (`WORKER_ID`), with this test's environment,
     /// `LOG_FORMAT=json`, plus `extra` (which wins: `WORKSPACE_ROOT`, `CLAUDE_CONFIG_DIR`,
-    /// `LEASE_STORE`, ...). Its log is `{dir}/worker-{name}.log`. Independent of the test's
-    /// single worker (`start_worker`).
+    /// `LEASE_STORE`, ...). Its log is `{dir}/worker-{name}.log`, its health file
+    /// `{dir}/health-{name}`. Independent of the test's single worker (`start_worker`).
     pub fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
         let log = self.dir.path().join(format!("worker-{name}.log"));
+        let health = self.dir.path().join(format!("health-{name}"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edit-worker"));
         cmd.args(["run", "--exit-when-idle", "120"])
             .env_clear()
@@ -1094,6 +1187,7 @@ impl TestEnv {
             .envs(self.worker_env())
             .env("LOG_FORMAT", "json")
             .env("WORKER_ID", name)
+            .env("HEALTH_FILE", &health)
             .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1104,6 +1198,7 @@ impl TestEnv {
         WorkerProcess {
             name: name.to_owned(),
             log,
+            health,
             killed_at_ms: None,
             exit_code: None,
             child: Some(cmd.spawn().expect("start edit-worker")),
@@ -1183,25 +1278,18 @@ impl WorkerProcess {
         }
     }
 
-    /// Wait until one of its log lines satisfies `pred`; that line.
-    pub async fn wait_for_line(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
+    /// Wait until its intake receives: its health file appears (written at the top of every
+    /// turn of the receive loop, after the worker has set up everything it needs).
+    pub async fn wait_until_receiving(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
-                return line;
-            }
+        while !self.health.exists() {
             assert!(
                 Instant::now() < deadline,
-                "worker {}: no log line {what} within {timeout:?}; its log:\n{}",
+                "worker {}: not receiving within {timeout:?}; its log:\n{}",
                 self.name,
                 tail(&self.text(), 60)
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

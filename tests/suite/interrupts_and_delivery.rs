@@ -72,7 +72,14 @@ async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
     );
     let live = env.bucket_contents(&env.bucket("fay", "site")).await;
     assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Newer</title>"));
-    assert!(env.worker_log().contains("interrupt_latency_us"));
+    // The interrupt's latency is measured (the worker logs it, and nowhere else).
+    let stopped = env.log_lines_saying("work stopped");
+    assert!(
+        stopped
+            .iter()
+            .any(|l| common::log_u64(l, "interrupt_latency_us").is_some()),
+        "{stopped:#?}"
+    );
     assert_eq!(env.queue_depth(&env.input).await, 0);
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -82,7 +89,7 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
     let mut env = TestEnv::new("burst").await;
     env.create_bucket(&env.bucket("gus", "site")).await;
     let upstream = env.create_upstream("gus", "site", Site::Tiny);
-    env.start_worker(&[]);
+    env.start_worker(&[("PROGRESS_INTERVAL_SECONDS", "1")]);
 
     let running = env
         .send(
@@ -92,7 +99,10 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
             "[standin:write a.txt a] [standin:sleep 30]",
         )
         .await;
-    env.wait_for(&running, "started", Duration::from_secs(30))
+    // Its agent is at work: it has written a.txt (a progress event names the Write). Its
+    // `started` event alone would not say so: that is sent before the agent starts.
+    let mut events = env
+        .wait_for_step(&running, "Write", Duration::from_secs(30))
         .await;
     // Four messages of another thread, arriving together.
     let entries: Vec<_> = (1..=4)
@@ -125,7 +135,7 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
         .collect();
     assert_eq!(burst.len(), 4);
 
-    let events = env.events_until_terminal(5, Duration::from_secs(60)).await;
+    events.extend(env.events_until_terminal(5, Duration::from_secs(60)).await);
     assert_eq!(
         events.iter().filter(|e| is_terminal(e)).count(),
         5,
@@ -152,8 +162,19 @@ async fn a_burst_in_one_thread_is_one_interrupt_and_one_agent_run() {
     for i in 1..=4 {
         assert!(tree.contains(&format!("burst-{i}.txt")), "{tree}");
     }
-    // The agent started twice in all: the interrupted run and the coalesced one.
-    assert_eq!(env.worker_log().matches("\"type\":\"started\"").count(), 5);
+    // A `started` event per message, and the agent ran twice in all (its call log): the
+    // interrupted run and the coalesced one.
+    assert_eq!(common::started_ids(&events).len(), 5, "{events:#?}");
+    let runs = env.agent_runs();
+    assert_eq!(runs.len(), 2, "agent runs: {runs:#?}");
+    assert!(runs[0]["prompt"].as_str().unwrap().contains("a.txt"));
+    for i in 1..=4 {
+        let burst = format!("burst-{i}.txt");
+        assert!(
+            runs[1]["prompt"].as_str().unwrap().contains(&burst),
+            "{burst} not in the coalesced run: {runs:#?}"
+        );
+    }
     assert_eq!(env.stop_worker(), Some(0));
 }
 
@@ -293,17 +314,15 @@ async fn a_publish_completes_once_s3_is_back() {
         .await;
     assert!(started.elapsed() >= Duration::from_secs(10));
     assert_eq!(terminal_for(&events, &id).len(), 1, "{events:#?}");
+    // A passing failure: the message was delivered again.
     assert!(
-        env.worker_log().contains("passing failure"),
-        "{}",
-        env.worker_log()
+        common::deliveries_of(&events, &id) >= 2,
+        "one delivery only: {events:#?}"
     );
-    // The agent ran once: later deliveries found its commit and went straight to publishing.
-    let log = env.worker_log();
-    assert!(
-        log.contains("already applied by an earlier delivery"),
-        "{log}"
-    );
+    // The agent ran once (its call log): later deliveries found its commit and went straight
+    // to publishing.
+    let runs = env.agent_runs();
+    assert_eq!(runs.len(), 1, "agent runs: {runs:#?}");
     let upstream = env.upstream("jo", "site");
     let edits = git(&upstream, &["log", "--format=%H", "main..thread-t"]);
     assert_eq!(
@@ -339,17 +358,31 @@ async fn a_push_to_a_remote_that_was_away_is_retried() {
             "Update the homepage title to \"Offline edit\"",
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    std::fs::rename(&away, &upstream).unwrap();
-    let events = env
-        .wait_for(&second, "completed", Duration::from_secs(60))
+    // The remote comes back once a delivery has failed: the next one has started.
+    let mut events = env
+        .wait_until_all(
+            "a second delivery of the offline edit",
+            Duration::from_secs(60),
+            |events| common::deliveries_of(events, &second) >= 2,
+        )
         .await;
-    assert_eq!(terminal_for(&events, &second).len(), 1);
+    // That delivery made the edit and committed it in the checkout; only the push failed.
+    let ws = env.workspace_root().join("kit/site");
+    let trailer = format!("Edit-Worker-Message: {second}");
     assert!(
-        env.worker_log().contains("push failed"),
-        "{}",
-        env.worker_log()
+        git(&ws, &["log", "--format=%B", "main..thread-t"]).contains(&trailer),
+        "the edit is committed locally"
     );
+    assert!(
+        !git(&away, &["log", "--format=%B", "thread-t"]).contains(&trailer),
+        "nothing reached the remote while it was away"
+    );
+    std::fs::rename(&away, &upstream).unwrap();
+    events.extend(
+        env.wait_for(&second, "completed", Duration::from_secs(60))
+            .await,
+    );
+    assert_eq!(terminal_for(&events, &second).len(), 1);
     assert!(git(&upstream, &["show", "thread-t:src/pages/index.astro"]).contains("Offline edit"));
     assert_eq!(env.stop_worker(), Some(0));
 }

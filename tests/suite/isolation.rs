@@ -226,13 +226,14 @@ async fn hostile_tenant_is_contained(isolation: &str) {
     let site = env.bucket_contents(&env.bucket("good", "site")).await;
     let index = String::from_utf8_lossy(&site["index.html"].1).into_owned();
     assert!(index.contains("Good 2"), "{index}");
-    let log = env.worker_log();
+    // The level the worker runs at: said at start, in its log only.
+    let level = env.log_lines_saying("tenants' code runs isolated");
     assert!(
-        log.contains(&format!(
-            "tenants' code runs isolated isolation={isolation}"
-        )),
+        level
+            .iter()
+            .any(|l| common::log_text(l, "isolation").as_deref() == Some(isolation)),
         "{}",
-        common::tail(&log, 20)
+        common::tail(&env.worker_log(), 20)
     );
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -298,9 +299,15 @@ async fn a_tenant_filling_the_disk_is_stopped_at_its_limit() {
         ((256 << 20)..(2 << 30)).contains(&written),
         "{written} bytes written"
     );
+    // What stopped it: its message fails like any agent that ends without a result, and only
+    // the log says why.
+    let stopped = env.log_lines_saying("a tenant's run wrote past its disk limit; stopped");
     assert!(
-        env.worker_log()
-            .contains("a tenant's run wrote past its disk limit; stopped")
+        stopped
+            .iter()
+            .any(|l| common::log_u64(l, "max_mb") == Some(256)),
+        "{}",
+        common::tail(&env.worker_log(), 20)
     );
     assert!(env.worker_running());
     assert_eq!(env.stop_worker(), Some(0));
@@ -364,9 +371,13 @@ async fn without_isolation_the_hostile_tenant_gets_through() {
     // What the agent left running outlives its run.
     assert_eq!(got["left-a-process"], true);
     assert!(!processes_with(&leftover_marker(&env, "agent")).is_empty());
+    // The contract: turning isolation off is logged.
     assert!(
-        env.worker_log()
-            .contains("ISOLATION=none: every tenant's agent")
+        env.log_lines()
+            .iter()
+            .any(|l| common::log_message(l).starts_with("ISOLATION=none: every tenant's agent")),
+        "{}",
+        common::tail(&env.worker_log(), 20)
     );
     env.stop_worker();
     for pid in processes_with(&leftover_marker(&env, "agent")) {

@@ -22,31 +22,56 @@ async fn the_intake_holds_no_more_than_max_in_flight() {
         env.send(&format!("bp{i}"), "site", "t", "[standin:sleep 3]")
             .await;
     }
-    // While the first two run, the other four wait in the queue, visible to any container.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The queue is looked at after every status event until all six have ended: never more
+    // than two messages held, and once two have started (and each works for 3 s), the other
+    // four wait in the queue, visible to any container.
+    let mut events = Vec::new();
+    let mut seen_while_two_ran = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ended = events.iter().filter(|e| is_terminal(e)).count();
+        if ended == 6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{events:#?}\n{}",
+            env.worker_log()
+        );
+        let (visible, held) = queue_counts(&env).await;
+        assert!(held <= 2, "{held} held, {visible} visible: {events:#?}");
+        if ended == 0 && common::started_ids(&events).len() == 2 {
+            seen_while_two_ran.get_or_insert(visible);
+        }
+        events.extend(env.drain(&env.output, 1).await);
+    }
+    let visible = seen_while_two_ran.expect("the queue was looked at while two ran");
+    assert!(visible >= 4, "{visible} visible while two ran");
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "completed").count(),
+        6
+    );
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Messages of the input queue: (visible, held by a consumer).
+async fn queue_counts(env: &TestEnv) -> (usize, usize) {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
     let attrs = env
         .sqs
         .get_queue_attributes()
         .queue_url(&env.input)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .attribute_names(A::All)
         .send()
         .await
         .unwrap()
         .attributes
         .unwrap();
     let get = |n| attrs[&n].parse::<usize>().unwrap();
-    use aws_sdk_sqs::types::QueueAttributeName as A;
-    assert!(
-        get(A::ApproximateNumberOfMessagesNotVisible) <= 2,
-        "{attrs:?}"
-    );
-    assert!(get(A::ApproximateNumberOfMessages) >= 4, "{attrs:?}");
-    let events = env.events_until_terminal(6, Duration::from_secs(90)).await;
-    assert_eq!(
-        events.iter().filter(|e| e["type"] == "completed").count(),
-        6
-    );
-    assert_eq!(env.stop_worker(), Some(0));
+    (
+        get(A::ApproximateNumberOfMessages),
+        get(A::ApproximateNumberOfMessagesNotVisible),
+    )
 }
 
 /// One client floods 24 of its projects with 3-second edits; another client sends one. With
@@ -86,7 +111,15 @@ async fn solo_wait_behind_a_flood(per_client: &str) -> Duration {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flood has taken what its share allows (one slot per `started` event) before the
+    // single message is sent.
+    let share: usize = per_client.parse().unwrap();
+    env.wait_until_all(
+        &format!("{share} flood messages started"),
+        Duration::from_secs(60),
+        |events| common::started_ids(events).len() >= share,
+    )
+    .await;
     let sent = Instant::now();
     let solo = env
         .send(
@@ -135,14 +168,28 @@ async fn idle_sessions_are_stopped_and_come_back() {
         .await;
     env.wait_for(&first, "completed", Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let log = env.worker_log();
+    // Only the log says that a session stopped (no status event is about sessions): its
+    // lines are read by message and field.
+    let of_rex = |line: &serde_json::Value, message: &str| {
+        common::log_message(line) == message
+            && common::log_text(line, "workspace").as_deref() == Some("rex/site")
+    };
+    env.wait_for_log_line("stopping the idle session", Duration::from_secs(30), |l| {
+        of_rex(l, "stopping idle session")
+    })
+    .await;
+    let lines = env.log_lines();
     // First the step actors go with the work, then the idle session itself.
-    let steps_stopped = log.find("no work left: step actors stopped workspace=rex/site");
-    let session_stopped = log.find("stopping idle session workspace=rex/site");
+    let steps_stopped = lines
+        .iter()
+        .position(|l| of_rex(l, "no work left: step actors stopped"));
+    let session_stopped = lines
+        .iter()
+        .position(|l| of_rex(l, "stopping idle session"));
     assert!(
         matches!((steps_stopped, session_stopped), (Some(a), Some(b)) if a < b),
-        "{log}"
+        "{:#?}",
+        lines
     );
     let second = env
         .send("rex", "site", "t", "[standin:write b.txt 2]")

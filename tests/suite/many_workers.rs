@@ -1032,7 +1032,7 @@ async fn a_rolling_deploy_hands_running_work_to_the_new_worker() {
     }
     c.start("b", Roots::Own, &[]);
     c.worker("b")
-        .wait_for_line("at all", Duration::from_secs(30), |_| true)
+        .wait_until_receiving(Duration::from_secs(30))
         .await;
     assert_eq!(c.worker_mut("a").stop(), Some(0), "{}", c.logs_tail(40));
     c.wait_all_ended(Duration::from_secs(90)).await;
@@ -1123,7 +1123,7 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
     }
     c.start("b", Roots::Own, &[]);
     c.worker("b")
-        .wait_for_line("at all", Duration::from_secs(30), |_| true)
+        .wait_until_receiving(Duration::from_secs(30))
         .await;
     let newer = c.send("ix1", "t2", 1).await;
     let sent_at = c.sent_by_id(&newer).sent_at_ms;

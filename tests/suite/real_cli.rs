@@ -365,8 +365,9 @@ async fn a_build_broken_by_the_real_cli_is_repaired_in_the_same_conversation() {
     assert_eq!(env.stop_worker(), Some(0));
 }
 
-/// Sends `first` on thread `t` of `rt/site`, waits until its CLI is in the middle of a model
-/// request that would take a minute, then sends `second` on the same thread. Returns the ids.
+/// Sends `first` (a Write, then a model request that takes a minute) on thread `t` of
+/// `rt/site`, waits until its CLI is in the middle of that request, then sends `second` on the
+/// same thread. Returns the ids. The worker must report progress at least once a second.
 async fn interrupt_in_the_middle(
     env: &TestEnv,
     api: &FakeApi,
@@ -375,28 +376,27 @@ async fn interrupt_in_the_middle(
     second: &str,
 ) -> (String, String) {
     let id1 = env.send("rt", "site", "t", first).await;
-    // The second request of the first message is the one that sleeps (after a Write).
+    // The worker has seen the Write (a progress event names it) ...
+    env.wait_for_step(&id1, "Write", WAIT).await;
+    // ... and the CLI has sent the request after it: the second of the message, which the
+    // fake API answers at once with message_start (what the partial run is charged for) and
+    // then holds for a minute. The newer message reaches the CLI only after its way through
+    // SQS, the intake and the session.
     let deadline = std::time::Instant::now() + WAIT;
     while api.turns_for(marker).len() < 2 {
         assert!(std::time::Instant::now() < deadline, "{}", env.worker_log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let id2 = env.send("rt", "site", "t", second).await;
     (id1, id2)
 }
 
-/// The `interrupt_latency_us` figures the worker logged ("work stopped").
-fn interrupt_latencies(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("work stopped"))
-        .filter_map(|l| {
-            let rest = l.split("interrupt_latency_us=").nth(1)?;
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
+/// The `interrupt_latency_us` figures the worker logged ("work stopped"); the worker reports
+/// them nowhere else.
+fn interrupt_latencies(env: &TestEnv) -> Vec<u64> {
+    env.log_lines_saying("work stopped")
+        .iter()
+        .filter_map(|l| common::log_u64(l, "interrupt_latency_us"))
         .collect()
 }
 
@@ -423,7 +423,10 @@ async fn interrupt_and_resume(isolation: &str) {
     let api = FakeApi::start(env.dir.path(), None);
     env.create_bucket(&env.bucket("rt", "site")).await;
     let upstream = env.create_upstream("rt", "site", Site::Tiny);
-    env.start_worker(&env_pairs(&with(&api, &[("ISOLATION", isolation)])));
+    env.start_worker(&env_pairs(&with(
+        &api,
+        &[("ISOLATION", isolation), ("PROGRESS_INTERVAL_SECONDS", "1")],
+    )));
     let hello = env.send("rt", "site", "t", "[api:say hello] opening").await;
     env.wait_for(&hello, "completed", WAIT).await;
 
@@ -450,14 +453,17 @@ async fn interrupt_and_resume(isolation: &str) {
     assert!(text.contains("make it red"), "{text}");
     assert!(text.contains("[Request interrupted by user]"), "{text}");
     // From the newer message at its session to the CLI done with the interrupted turn.
-    let latencies = interrupt_latencies(&env.worker_log());
+    let latencies = interrupt_latencies(&env);
     assert_eq!(latencies.len(), 1, "{}", env.worker_log());
     assert!(latencies[0] < 3_000_000, "{latencies:?}");
-    // The in-band interrupt, not the signal fallback.
-    assert!(
-        !env.worker_log().contains("sending SIGINT"),
-        "{}",
-        env.worker_log()
+    // The in-band interrupt ended the CLI's turn, not the signal fallback (the worker says
+    // which in its log, and only there).
+    let ended = env.log_lines_saying("the agent ended its turn after the interrupt");
+    assert_eq!(ended.len(), 1, "{}", env.worker_log());
+    assert_eq!(
+        common::log_field(&ended[0], "in_band"),
+        Some(&Value::Bool(true)),
+        "{ended:#?}"
     );
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -476,7 +482,10 @@ async fn an_interrupted_first_message_stays_in_the_conversation_and_pays_its_cos
     env.create_bucket(&env.bucket("base", "site")).await;
     env.create_upstream("rt", "site", Site::Tiny);
     env.create_upstream("base", "site", Site::Tiny);
-    env.start_worker(&env_pairs(&with(&api, &[])));
+    env.start_worker(&env_pairs(&with(
+        &api,
+        &[("PROGRESS_INTERVAL_SECONDS", "1")],
+    )));
     // What a Write and an answer cost, on a thread of its own.
     let base = env
         .send("base", "site", "t", "[api:write b.txt b] baseline")

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Site, TestEnv, of_type};
+use crate::common::{self, Site, TestEnv, of_type};
+use serde_json::Value;
 
 /// A GitHub-shaped token in the remote template; port 9 (discard) on localhost refuses at once.
 const TOKEN: &str = "ghp_SECRETSECRETSECRETSECRETSECRETSECRET12";
@@ -148,16 +149,22 @@ async fn secrets_the_agent_prints_are_redacted_in_progress_and_result() {
     env.stop_worker();
     // The events in the log are the redacted ones. (The request text itself, the producer's
     // own, may show on the message's span: `TRACE_COMMAND_CHARS`.)
-    let log = env.worker_log();
-    let logged: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split_once(" status {").map(|(_, event)| event))
+    // Each event is logged as the message `status {event}`.
+    let logged: Vec<Value> = env
+        .log_lines()
+        .iter()
+        .filter_map(|l| common::log_message(l).strip_prefix("status "))
+        .filter_map(|event| serde_json::from_str::<Value>(event).ok())
+        .filter(|event| event["messageId"] == message_id.as_str())
         .collect();
-    assert!(!logged.is_empty(), "{log}");
+    assert_eq!(
+        of_type(&logged, "completed").len(),
+        1,
+        "{logged:#?}\n{}",
+        env.worker_log()
+    );
     for event in logged {
-        assert!(
-            !event.contains("AbCdEfGh"),
-            "key in a logged event: {event}"
-        );
+        let text = event.to_string();
+        assert!(!text.contains("AbCdEfGh"), "key in a logged event: {text}");
     }
 }
