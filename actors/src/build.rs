@@ -50,6 +50,10 @@ pub struct BuildSpec {
     /// `BUILD_AHEAD_MAX`: builds whose Node process may wait, started ahead, at once (each
     /// holds about 150 MB while it waits; shared by every build actor). `None`: never.
     pub ahead: Option<Arc<Semaphore>>,
+    /// `BUILD_CONCURRENCY`: builds at once (a build is CPU-bound: more builds than cores only
+    /// make each slower). Held by each build (`WorkerContext::build_slot`), and by a build
+    /// started ahead while it loads Astro.
+    pub slots: Arc<Semaphore>,
 }
 
 impl BuildSpec {
@@ -64,6 +68,7 @@ impl BuildSpec {
             timeout: config.build_timeout,
             ahead: (config.build_ahead_max > 0)
                 .then(|| Arc::new(Semaphore::new(config.build_ahead_max))),
+            slots: Arc::new(Semaphore::new(config.build_concurrency.max(1))),
             store: settings.shared.then(|| {
                 NpmStore::new(
                     settings.dir_under(&config.workspace_root),
@@ -273,7 +278,8 @@ async fn prepare(
     }
     let modules = store.modules_of(&acquired.key);
     let entry = (acquired.key.clone(), Some(acquired));
-    PreparedBuild::start(script.into(), entry, &modules, jail, dir, permit)
+    let slots = spec.slots.clone();
+    PreparedBuild::start(script.into(), entry, &modules, jail, dir, permit, slots)
 }
 
 /// The files the shared store needs, or `None` when the site has no lock file or its install

@@ -73,6 +73,8 @@ impl WorkerContext {
             .filter(|v| !v.is_empty())
             .map(std::path::PathBuf::from)
             .or_else(|| config.agent.config_dir.clone());
+        // One set of slots with the builds started ahead, which load Astro in one.
+        let build_slots = build.slots.clone();
         WorkerContext {
             invalidator,
             build,
@@ -83,7 +85,7 @@ impl WorkerContext {
             sandbox: crate::sandbox::Sandbox::off(&config.workspace_root),
             agent_config_dir,
             agent_slots: Arc::new(Semaphore::new(config.agent_concurrency.max(1))),
-            build_slots: Arc::new(Semaphore::new(config.build_concurrency.max(1))),
+            build_slots,
             config,
             delivery,
         }

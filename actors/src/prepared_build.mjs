@@ -1,11 +1,21 @@
 // Run by edit-worker as `node --input-type=module --eval <this> <cli> <bin> <args...>`, inside
-// the tenant's sandbox, while the agent works (prepared_build.rs). It loads Astro's CLI and
-// build ahead, says so on stdout, and waits: the line "build" on stdin runs `astro <args>` as
-// the `astro` program would run it; anything else (or stdin closed) ends it without building.
+// the tenant's sandbox, while the agent works (prepared_build.rs). It waits for a line on stdin:
+// "load" loads Astro's CLI and build ahead, says so on stdout, and waits for the next line;
+// "build" (first or next) runs `astro <args>` as the `astro` program would run it, loading first
+// if it has not. Anything else, or stdin closed, ends it without building.
+import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
 
 const [cliPath, binPath, ...args] = process.argv.slice(1);
 const cliUrl = pathToFileURL(cliPath);
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+const nextLine = async () => {
+  const { value, done } = await lines.next();
+  return done ? null : value;
+};
+
+let command = await nextLine();
+if (command !== 'load' && command !== 'build') process.exit(0);
 let cli;
 try {
   ({ cli } = await import(cliUrl.href));
@@ -17,17 +27,9 @@ try {
   process.exit(86);
 }
 process.stdout.write('edit-worker: build tool loaded\n');
-const go = await new Promise((resolve) => {
-  let text = '';
-  process.stdin.setEncoding('utf8');
-  process.stdin.on('data', (chunk) => {
-    text += chunk;
-    if (text.includes('\n')) resolve(text === 'build\n');
-  });
-  process.stdin.on('end', () => resolve(false));
-});
+if (command === 'load') command = await nextLine();
+if (command !== 'build') process.exit(0);
 process.stdin.destroy();
-if (!go) process.exit(0);
 // From here on the process looks as `node {bin} <args>` would: a child forked with
 // process.execArgv must not run this script again.
 process.execArgv.splice(0);

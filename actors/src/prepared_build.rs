@@ -5,6 +5,11 @@
 //! that only the rest is spent in the build slot. Twenty clients whose agents finish together
 //! then queue for the slots with less work each.
 //!
+//! Loading is build work, so it takes a build slot too (released once Astro is loaded): it
+//! runs on cores no build is using, and never makes the running builds share their cores with
+//! twenty loading processes (which would make every build finish late). When the build's turn
+//! comes before a slot did, the build's own slot covers the loading.
+//!
 //! It is used only when it builds exactly what the usual way would: the build is `npm run
 //! <script>` run without npm (`package_script`) whose words start with `astro`; Astro comes from
 //! the shared store (whose entry is held, so not evicted, meanwhile); and when the build's turn
@@ -17,9 +22,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdout};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::build::{self, BuildError, Logged};
@@ -65,6 +73,31 @@ pub struct PreparedBuild {
     jail: Jail,
     /// One of `BUILD_AHEAD_MAX`: a waiting Node process holds about 150 MB.
     _permit: OwnedSemaphorePermit,
+    /// Waits for a build slot, has the process load Astro in it, and gives the pipes back.
+    loading: Option<JoinHandle<Pipes>>,
+    /// Tells `loading` to stop waiting for a slot: the build's turn has come.
+    go_now: Option<oneshot::Sender<()>>,
+}
+
+/// The prepared process's stdin and stdout, and whether it said Astro is loaded.
+struct Pipes {
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    loaded: bool,
+}
+
+/// Wait for a build slot (or the build's turn), have the process load Astro, and wait until it
+/// says so; the slot is let go then.
+async fn load(mut pipes: Pipes, slots: Arc<Semaphore>, go_now: oneshot::Receiver<()>) -> Pipes {
+    let slot = tokio::select! {
+        slot = slots.acquire_owned() => slot.ok(),
+        _ = go_now => None,
+    };
+    if pipes.stdin.write_all(b"load\n").await.is_ok() {
+        pipes.loaded = wait_until_loaded(&mut pipes.stdout).await;
+    }
+    drop(slot);
+    pipes
 }
 
 impl std::fmt::Debug for PreparedBuild {
@@ -79,6 +112,9 @@ impl std::fmt::Debug for PreparedBuild {
 
 impl Drop for PreparedBuild {
     fn drop(&mut self) {
+        if let Some(loading) = &self.loading {
+            loading.abort();
+        }
         if self.child.is_some() {
             process::signal_group(self.pgid, nix::sys::signal::Signal::SIGKILL);
         }
@@ -113,6 +149,7 @@ impl PreparedBuild {
         jail: Jail,
         dir: &Path,
         permit: OwnedSemaphorePermit,
+        build_slots: Arc<Semaphore>,
     ) -> Option<PreparedBuild> {
         let cli = astro_cli(store_modules, &plan)?;
         // What `node_modules/.bin/astro` would be in argv[1], had the build started it.
@@ -124,7 +161,7 @@ impl PreparedBuild {
         argv.extend(plan.argv[1..].iter().map(OsString::from));
         let mut cmd = build::command_for(&argv, &plan.env, &jail, dir);
         cmd.stdin(Stdio::piped());
-        let child = match cmd.spawn() {
+        let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
                 tracing::warn!(error = %e, "could not start the build ahead; it runs the usual way");
@@ -132,6 +169,13 @@ impl PreparedBuild {
             }
         };
         let pgid = child.id().map(|id| id as i32);
+        let pipes = Pipes {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: BufReader::new(child.stdout.take().expect("piped")),
+            loaded: false,
+        };
+        let (go_now, go) = oneshot::channel();
+        let loading = tokio::spawn(load(pipes, build_slots, go));
         tracing::info!(%store_key, "build started ahead: Astro loads while the agent works");
         Some(PreparedBuild {
             child: Some(child),
@@ -141,6 +185,8 @@ impl PreparedBuild {
             _entry: entry,
             jail,
             _permit: permit,
+            loading: Some(loading),
+            go_now: Some(go_now),
         })
     }
 
@@ -160,27 +206,37 @@ impl PreparedBuild {
         }
         let started = std::time::Instant::now();
         // Until the build has it, dropping `self` ends the process (and its group).
-        let running = self.child.as_mut().expect("a prepared build runs once");
-        let mut stdin = running.stdin.take().expect("piped");
-        let mut stdout = BufReader::new(running.stdout.take().expect("piped"));
-        let stderr = running.stderr.take().expect("piped");
-        // A process that already ended (it could not load Astro) reads nothing: the write may
-        // fail, and the missing line below says the same.
-        let _ = stdin.write_all(b"build\n").await;
-        drop(stdin);
-        let loaded = tokio::select! {
-            loaded = wait_until_loaded(&mut stdout) => loaded,
+        if let Some(go_now) = self.go_now.take() {
+            let _ = go_now.send(());
+        }
+        let loading = self.loading.as_mut().expect("a prepared build runs once");
+        let pipes = tokio::select! {
+            pipes = loading => pipes.map_err(|e| BuildError::Io(std::io::Error::other(e)))?,
             _ = tokio::time::sleep(timeout) => {
                 return Err(BuildError::Timeout { program: "astro".into(), timeout })
             }
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
         };
+        self.loading = None;
+        let Pipes {
+            mut stdin,
+            stdout,
+            loaded,
+        } = pipes;
         if !loaded {
             tracing::warn!(
                 "the build started ahead ended before loading Astro; building the usual way"
             );
             return Ok(None);
         }
+        // A process that ended since reads nothing; its exit status says so below.
+        let _ = stdin.write_all(b"build\n").await;
+        drop(stdin);
+        let stderr = self
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("piped");
         // The process is the build's now: its end follows the build's rules.
         let child = self.child.take().expect("taken once");
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -215,9 +271,7 @@ async fn wait_until_loaded(stdout: &mut BufReader<ChildStdout>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
-    use tokio::sync::Semaphore;
 
     /// A site whose `node_modules/astro` is a fake Astro: its CLI writes what it saw to
     /// `dist/index.html`. `cli_body` replaces the CLI module's text when given.
@@ -257,6 +311,10 @@ export async function cli(argv) {
     }
 
     fn start(site: &Path, plan: Plan) -> Option<PreparedBuild> {
+        start_with_slots(site, plan, Arc::new(Semaphore::new(2)))
+    }
+
+    fn start_with_slots(site: &Path, plan: Plan, slots: Arc<Semaphore>) -> Option<PreparedBuild> {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         PreparedBuild::start(
             plan,
@@ -265,6 +323,7 @@ export async function cli(argv) {
             Jail::open(site),
             site,
             permit,
+            slots,
         )
     }
 
@@ -318,6 +377,36 @@ export async function cli(argv) {
         assert_eq!(seen["execArgv"], serde_json::json!([]), "{seen}");
         assert_eq!(seen["event"], "build");
         assert!(!out.tail.contains(LOADED), "{}", out.tail);
+    }
+
+    /// Loading takes a build slot; when the build's turn comes first, its own slot covers it.
+    #[tokio::test]
+    async fn a_build_whose_turn_comes_before_a_free_slot_loads_astro_itself() {
+        let site = fake_site(None);
+        let plan = plan(&["astro", "build"]);
+        let slots = Arc::new(Semaphore::new(1));
+        let held = slots.clone().try_acquire_owned().unwrap();
+        let prepared = start_with_slots(site.path(), plan.clone(), slots.clone()).unwrap();
+        let pid = prepared.pgid.unwrap();
+        let out = prepared
+            .build(
+                &plan,
+                Some("entry-1"),
+                Duration::from_secs(30),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+            .expect("it built");
+        assert!(out.success, "{}", out.tail);
+        let seen: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(site.path().join("dist/index.html")).unwrap())
+                .unwrap();
+        assert_eq!(seen["pid"], pid);
+        // The loading never took the slot the test holds, and holds none now.
+        assert_eq!(slots.available_permits(), 0);
+        drop(held);
+        assert_eq!(slots.available_permits(), 1);
     }
 
     #[tokio::test]

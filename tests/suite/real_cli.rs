@@ -468,8 +468,8 @@ async fn interrupt_and_resume(isolation: &str) {
     assert_eq!(env.stop_worker(), Some(0));
 }
 
-/// Uses the real CLI. NEEDS the lead's change to pipeline.rs (issue 14): the thread's session
-/// recorded at the START of a run, and an interrupted run's cost accounted from
+/// Uses the real CLI. Relies on `agent_turn.rs` recording the thread's conversation at the
+/// START of a run, and accounting an interrupted run's cost from
 /// `AgentError::InterruptedWithReport`. The thread's FIRST message is interrupted: the
 /// follow-up must still resume its conversation (the API sees the interrupted request), the
 /// interrupted event carries the cost the CLI reported for the partial run, and the follow-up

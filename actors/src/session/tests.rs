@@ -78,6 +78,7 @@ impl Harness {
             timeout: config.build_timeout,
             store: None,
             ahead: None,
+            slots: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let ctx = Arc::new(WorkerContext::new(config, delivery, None, build));
         let (step_factory, calls) = FakeSteps::new();
