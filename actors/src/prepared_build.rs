@@ -348,15 +348,17 @@ export async function cli(argv) {
         false
     }
 
-    #[tokio::test]
-    async fn the_build_runs_in_the_process_started_ahead_as_the_astro_program_would() {
-        let site = fake_site(None);
-        let plan = plan(&["astro", "build", "--silent"]);
-        let prepared = start(site.path(), plan.clone()).expect("an Astro build is prepared");
+    /// Build `plan` in `prepared`; it must succeed in that very process. Returns its output
+    /// and what the fake Astro saw.
+    async fn build_in_it(
+        prepared: PreparedBuild,
+        plan: &Plan,
+        site: &Path,
+    ) -> (Logged, serde_json::Value) {
         let pid = prepared.pgid.expect("started");
         let out = prepared
             .build(
-                &plan,
+                plan,
                 Some("entry-1"),
                 Duration::from_secs(30),
                 &CancellationToken::new(),
@@ -366,9 +368,17 @@ export async function cli(argv) {
             .expect("it built");
         assert!(out.success, "{}", out.tail);
         let seen: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(site.path().join("dist/index.html")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(site.join("dist/index.html")).unwrap()).unwrap();
         assert_eq!(seen["pid"], pid, "another process built: {seen}");
+        (out, seen)
+    }
+
+    #[tokio::test]
+    async fn the_build_runs_in_the_process_started_ahead_as_the_astro_program_would() {
+        let site = fake_site(None);
+        let plan = plan(&["astro", "build", "--silent"]);
+        let prepared = start(site.path(), plan.clone()).expect("an Astro build is prepared");
+        let (out, seen) = build_in_it(prepared, &plan, site.path()).await;
         let bin = site.path().join("node_modules/.bin/astro");
         assert_eq!(
             seen["argv"],
@@ -387,22 +397,7 @@ export async function cli(argv) {
         let slots = Arc::new(Semaphore::new(1));
         let held = slots.clone().try_acquire_owned().unwrap();
         let prepared = start_with_slots(site.path(), plan.clone(), slots.clone()).unwrap();
-        let pid = prepared.pgid.unwrap();
-        let out = prepared
-            .build(
-                &plan,
-                Some("entry-1"),
-                Duration::from_secs(30),
-                &CancellationToken::new(),
-            )
-            .await
-            .unwrap()
-            .expect("it built");
-        assert!(out.success, "{}", out.tail);
-        let seen: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(site.path().join("dist/index.html")).unwrap())
-                .unwrap();
-        assert_eq!(seen["pid"], pid);
+        build_in_it(prepared, &plan, site.path()).await;
         // The loading never took the slot the test holds, and holds none now.
         assert_eq!(slots.available_permits(), 0);
         drop(held);
