@@ -205,3 +205,41 @@ pub(crate) fn batch_prompt(batch: &[&Job]) -> String {
 pub(crate) fn batch_ids(batch: &[&Job]) -> Vec<String> {
     batch.iter().map(|j| j.message_id.clone()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Receipt, Renewal};
+    use crate::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
+
+    fn job(id: &str, command: &str) -> Job {
+        let body = serde_json::json!({
+            "sessionId": "s", "threadId": "t", "clientId": "amelia", "projectId": "stamps",
+            "command": command,
+        });
+        Job {
+            request: EditRequest::parse(&body.to_string(), DEFAULT_MAX_COMMAND_BYTES).unwrap(),
+            message_id: id.into(),
+            receipt: Receipt::new(format!("receipt-{id}")),
+            sent_at_ms: 0,
+            received_at: std::time::Instant::now(),
+            receive_count: 1,
+            trace_id: None,
+            span: tracing::Span::none(),
+            renewal: Renewal::none(),
+            slot: None,
+        }
+    }
+
+    #[test]
+    fn one_request_goes_to_the_agent_as_it_is_and_several_are_numbered_in_order() {
+        let one = job("m1", "Make the title say \"Hi\"");
+        assert_eq!(batch_prompt(&[&one]), "Make the title say \"Hi\"");
+        let (a, b, c) = (job("m1", "first"), job("m2", "second"), job("m3", "third"));
+        assert_eq!(
+            batch_prompt(&[&a, &b, &c]),
+            "Request 1 of 3:\nfirst\n\nRequest 2 of 3:\nsecond\n\nRequest 3 of 3:\nthird"
+        );
+        assert_eq!(batch_ids(&[&a, &b, &c]), ["m1", "m2", "m3"]);
+    }
+}

@@ -111,3 +111,91 @@ impl JobError {
         Some((config.retry_base_delay * factor).min(Duration::from_secs(900)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn config() -> WorkerConfig {
+        let mut config = WorkerConfig::with_defaults("q");
+        config.max_receives = 5;
+        config.retry_base_delay = Duration::from_secs(5);
+        config
+    }
+
+    #[test]
+    fn what_would_fail_again_is_not_retried_and_what_was_away_is() {
+        let build_failed = BuildError::BuildFailed {
+            status: "exit 1".into(),
+            log_tail: String::new(),
+        };
+        let install_failed = BuildError::InstallFailed {
+            status: "exit 1".into(),
+            log_tail: String::new(),
+        };
+        let refused = GitError::Command(GitCommandError::PushRefused {
+            args: "push".into(),
+            refused: Vec::new(),
+        });
+        let cases: Vec<(JobError, bool, &str)> = vec![
+            (
+                GitError::NoWorkspace(PathBuf::from("/w")).into(),
+                false,
+                "workspace_missing",
+            ),
+            (
+                GitError::Diverged {
+                    branch: "thread-t".into(),
+                    detail: String::new(),
+                }
+                .into(),
+                false,
+                "thread_diverged",
+            ),
+            (build_failed.into(), false, "build_failed"),
+            (install_failed.into(), true, "install_failed"),
+            (BuildError::Cancelled.into(), false, "interrupted"),
+            (StepCrashed("agent").into(), true, "step_crashed"),
+            (JobError::Push(refused), true, "push_rejected"),
+            (JobError::StoppedWaiting, true, "interrupted"),
+        ];
+        for (error, retryable, kind) in cases {
+            assert_eq!(error.is_retryable(), retryable, "{error:?}");
+            assert_eq!(error.kind(), kind, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn a_passing_failure_waits_twice_as_long_each_delivery_up_to_a_limit() {
+        let config = config();
+        let away = JobError::StoppedWaiting;
+        let delays: Vec<Option<u64>> = (1..=5)
+            .map(|n| away.retry_delay(n, &config).map(|d| d.as_secs()))
+            .collect();
+        // The fifth delivery is the last (MAX_RECEIVES): it fails for good.
+        assert_eq!(delays, [Some(5), Some(10), Some(20), Some(40), None]);
+        let mut patient = config.clone();
+        patient.max_receives = 100;
+        assert_eq!(
+            away.retry_delay(40, &patient),
+            Some(Duration::from_secs(900)),
+            "capped at 15 minutes"
+        );
+        let broken = JobError::Build(BuildError::EmptyCommand);
+        assert_eq!(broken.retry_delay(1, &config), None);
+    }
+
+    #[test]
+    fn only_another_holder_makes_a_lost_lease() {
+        let fenced = || GitError::Fenced {
+            fence_ref: "refs/edit-worker/fence".into(),
+            token: 7,
+            detail: String::new(),
+        };
+        assert!(JobError::Git(fenced()).is_lost_lease());
+        assert!(JobError::Push(fenced()).is_lost_lease());
+        assert!(!JobError::StoppedWaiting.is_lost_lease());
+        assert!(!JobError::Push(GitError::NoWorkspace(PathBuf::new())).is_lost_lease());
+    }
+}

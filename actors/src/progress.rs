@@ -108,3 +108,54 @@ fn summarize(steps: &[String]) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn tool(tool: &str, target: Option<&str>) -> AgentActivity {
+        AgentActivity::ToolUse {
+            tool: tool.into(),
+            target: target.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn steps_show_paths_relative_to_the_workspace_and_nothing_else_of_the_machine() {
+        let ws = Path::new("/workspace/amelia/stamps");
+        let cases = [
+            (
+                tool(
+                    "Edit",
+                    Some("/workspace/amelia/stamps/src/pages/index.astro"),
+                ),
+                "Edit src/pages/index.astro",
+            ),
+            (tool("Read", Some("/etc/passwd")), "Read passwd"),
+            (tool("Bash", Some("npm test")), "Bash npm test"),
+            (tool("TodoWrite", None), "TodoWrite"),
+            (
+                AgentActivity::Started {
+                    session_id: None,
+                    version: None,
+                },
+                "agent started",
+            ),
+        ];
+        for (activity, shown) in cases {
+            assert_eq!(describe(&activity, ws), shown);
+        }
+    }
+
+    #[test]
+    fn a_summary_shows_five_steps_then_how_many_more() {
+        let steps: Vec<String> = (1..=7).map(|i| format!("Edit f{i}")).collect();
+        assert_eq!(
+            summarize(&steps),
+            "Edit f1; Edit f2; Edit f3; Edit f4; Edit f5; and 2 more"
+        );
+        assert_eq!(summarize(&steps[..2]), "Edit f1; Edit f2");
+        assert_eq!(summarize(&[]), "");
+    }
+}
