@@ -206,12 +206,12 @@ impl AgentSpec {
     }
 
     /// The command line in stream-json input mode, without the prompt (which goes on stdin).
-    pub fn args(&self, session: &AgentSession) -> Vec<String> {
+    pub fn args(&self, session: &Conversation) -> Vec<String> {
         self.args_for(session, InputMode::StreamJson)
     }
 
     /// The command line for `mode`, without the prompt (which goes on stdin).
-    pub fn args_for(&self, session: &AgentSession, mode: InputMode) -> Vec<String> {
+    pub fn args_for(&self, session: &Conversation, mode: InputMode) -> Vec<String> {
         let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"]
             .map(String::from)
             .to_vec();
@@ -220,8 +220,8 @@ impl AgentSpec {
         }
         args.extend(["--permission-mode".into(), self.permission_mode.clone()]);
         match session {
-            AgentSession::New(id) => args.extend(["--session-id".into(), id.clone()]),
-            AgentSession::Resume(id) => args.extend(["--resume".into(), id.clone()]),
+            Conversation::New(id) => args.extend(["--session-id".into(), id.clone()]),
+            Conversation::Resume(id) => args.extend(["--resume".into(), id.clone()]),
         }
         if let Some(n) = self.max_turns {
             args.extend(["--max-turns".into(), n.to_string()]);
@@ -245,19 +245,21 @@ impl AgentSpec {
     }
 }
 
-/// Which conversation a run belongs to.
+/// Which Claude conversation (the CLI's `--session-id` / `--resume`) a run belongs to. Not the
+/// session actor of a workspace (`session.rs`), nor a message's `sessionId` (the producer's
+/// chat session, kept in the status events).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentSession {
+pub enum Conversation {
     /// Start a conversation with this id (the thread's first message).
     New(String),
     /// Continue this conversation (later messages of the thread).
     Resume(String),
 }
 
-impl AgentSession {
+impl Conversation {
     pub fn id(&self) -> &str {
         match self {
-            AgentSession::New(id) | AgentSession::Resume(id) => id,
+            Conversation::New(id) | Conversation::Resume(id) => id,
         }
     }
 }
@@ -444,7 +446,7 @@ pub async fn run_agent(
     jail: &Jail,
     cwd: &Path,
     prompt: &str,
-    session: &AgentSession,
+    session: &Conversation,
     cancel: &CancellationToken,
     mut on_activity: impl FnMut(AgentActivity) + Send,
 ) -> Result<AgentReport, AgentError> {
@@ -473,13 +475,13 @@ pub async fn run_agent(
                 spec.set_input_mode(InputMode::Text);
                 continue;
             }
-            if let AgentSession::New(id) = &session
+            if let Conversation::New(id) = &session
                 && stderr.contains("already in use")
             {
                 // A retry of a run whose CLI created the session: recent CLIs refuse a reused
                 // --session-id, and the conversation is there to continue.
                 tracing::info!(session = %id, "the session exists already; resuming it");
-                session = AgentSession::Resume(id.clone());
+                session = Conversation::Resume(id.clone());
                 continue;
             }
         }
@@ -516,13 +518,13 @@ struct Attempt {
 impl Attempt {
     // The same `Result` as the public `run_agent`, whose error type the pipeline matches on.
     #[allow(clippy::result_large_err)]
-    fn outcome(self, session: &AgentSession) -> Result<AgentReport, AgentError> {
+    fn outcome(self, session: &Conversation) -> Result<AgentReport, AgentError> {
         if let Some(e) = self.failure {
             return Err(e);
         }
         // A conversation to resume that is not there: the CLI says so on stderr, and (2.1.x)
         // also in an `error_during_execution` result, before it starts.
-        if let AgentSession::Resume(id) = session
+        if let Conversation::Resume(id) = session
             && !self.started
             && (self.stderr.contains(NO_CONVERSATION)
                 || self
@@ -604,7 +606,7 @@ async fn run_once(
     jail: &Jail,
     cwd: &Path,
     prompt: &str,
-    session: &AgentSession,
+    session: &Conversation,
     mode: InputMode,
     cancel: &CancellationToken,
     on_activity: &mut (impl FnMut(AgentActivity) + Send),
@@ -1030,7 +1032,7 @@ mod tests {
         s.max_budget_usd = Some(0.5);
         s.model = Some("claude-x".into());
         s.allowed_tools = vec!["Edit".into(), "Bash(npm run build)".into()];
-        let args = s.args(&AgentSession::New("abc".into()));
+        let args = s.args(&Conversation::New("abc".into()));
         assert_eq!(
             args,
             [
@@ -1054,7 +1056,7 @@ mod tests {
                 "Edit,Bash(npm run build)",
             ]
         );
-        let text = s.args_for(&AgentSession::Resume("abc".into()), InputMode::Text);
+        let text = s.args_for(&Conversation::Resume("abc".into()), InputMode::Text);
         assert!(!text.iter().any(|a| a == "--input-format"));
         assert!(text.windows(2).any(|w| w == ["--resume", "abc"]));
         // A request that looks like a flag goes on stdin, inside JSON.
@@ -1160,7 +1162,7 @@ mod tests {
             exit: "exit status: 1".into(),
             stderr: stderr.into(),
         }
-        .outcome(&AgentSession::Resume("s-1".into()))
+        .outcome(&Conversation::Resume("s-1".into()))
     }
 
     #[test]
@@ -1363,7 +1365,7 @@ mod tests {
             &Jail::open(dir),
             dir,
             "do it",
-            &AgentSession::New("s-1".into()),
+            &Conversation::New("s-1".into()),
             cancel,
             |_| {},
         )
@@ -1514,7 +1516,7 @@ mod tests {
     fn the_command_line_without_options_and_with_the_rest() {
         // Only what is set: the session, nothing more.
         assert_eq!(
-            spec().args(&AgentSession::New("s-1".into())),
+            spec().args(&Conversation::New("s-1".into())),
             [
                 "-p",
                 "--output-format",
@@ -1533,7 +1535,7 @@ mod tests {
         s.disallowed_tools = vec!["Bash".into(), "WebFetch".into()];
         s.append_system_prompt = Some("Use British spelling.\nNo emoji.".into());
         assert_eq!(
-            s.args_for(&AgentSession::Resume("s-2".into()), InputMode::Text),
+            s.args_for(&Conversation::Resume("s-2".into()), InputMode::Text),
             [
                 "-p",
                 "--output-format",
@@ -1549,7 +1551,7 @@ mod tests {
                 "Use British spelling.\nNo emoji.",
             ]
         );
-        assert_eq!(AgentSession::Resume("s-2".into()).id(), "s-2");
+        assert_eq!(Conversation::Resume("s-2".into()).id(), "s-2");
     }
 
     #[test]
@@ -1728,7 +1730,7 @@ mod tests {
                 stderr: String::new(),
             };
             let err = attempt
-                .outcome(&AgentSession::New("s-1".into()))
+                .outcome(&Conversation::New("s-1".into()))
                 .unwrap_err();
             assert_eq!(err.kind(), kind, "{err}");
             assert!(!err.is_interrupted());
@@ -1746,13 +1748,13 @@ mod tests {
             stderr: "No conversation found with session ID: s-1".into(),
         };
         assert!(matches!(
-            attempt(false).outcome(&AgentSession::Resume("s-1".into())),
+            attempt(false).outcome(&Conversation::Resume("s-1".into())),
             Err(AgentError::SessionNotFound(_))
         ));
         // A new conversation cannot be missing; nor can one the CLI went on to start.
         for (started, session) in [
-            (false, AgentSession::New("s-1".into())),
-            (true, AgentSession::Resume("s-1".into())),
+            (false, Conversation::New("s-1".into())),
+            (true, Conversation::Resume("s-1".into())),
         ] {
             let err = attempt(started).outcome(&session).unwrap_err();
             assert_eq!(
@@ -1832,7 +1834,7 @@ mod tests {
                 &Jail::open(dir.path()),
                 dir.path(),
                 &prompt,
-                &AgentSession::New("s-1".into()),
+                &Conversation::New("s-1".into()),
                 &CancellationToken::new(),
                 |_| {},
             ),

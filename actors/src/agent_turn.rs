@@ -8,7 +8,7 @@ use std::time::Instant;
 use tracing::field::Empty;
 use tracing::{Instrument, info_span};
 
-use crate::agent::{AgentError, AgentSession};
+use crate::agent::{AgentError, Conversation};
 use crate::batch::{BatchRun, batch_ids, batch_prompt};
 use crate::job::Job;
 use crate::job_error::JobError;
@@ -79,13 +79,13 @@ async fn agent_turn_inner(
             Err(e) => tracing::warn!(error = %e, "could not restore the thread's conversation"),
         }
     }
-    let mut session = match &record {
-        Some(r) => AgentSession::Resume(r.session_id.clone()),
-        None => AgentSession::New(uuid::Uuid::new_v4().to_string()),
+    let mut conversation = match &record {
+        Some(r) => Conversation::Resume(r.session_id.clone()),
+        None => Conversation::New(uuid::Uuid::new_v4().to_string()),
     };
     // The thread's conversation is known before the run starts, so that an interrupted,
     // crashed or failed run stays in it (the follow-up resumes it).
-    if let AgentSession::New(id) = &session {
+    if let Conversation::New(id) = &conversation {
         record_new_conversation(threads, &key, &job.request.thread_id, id).await;
     }
     // After the restore: the conversation file is the tenant's too.
@@ -119,7 +119,7 @@ async fn agent_turn_inner(
                 jail: jail.clone(),
                 cwd: ctx.config.workspace_dir(&key),
                 prompt: prompt.clone(),
-                session: session.clone(),
+                conversation: conversation.clone(),
                 stop: stop.token().clone(),
                 activity: activity_tx,
                 reply,
@@ -128,13 +128,13 @@ async fn agent_turn_inner(
         // The sender went with the agent's message, so the reporter ends by itself.
         journal.progress_sent = reporter.await.unwrap_or(journal.progress_sent);
         match outcome? {
-            // The agent's session files are gone (new storage): start the conversation anew.
+            // The agent's conversation files are gone (new storage): start the conversation anew.
             Err(AgentError::SessionNotFound(id)) => {
                 tracing::warn!(session = %id, "the thread's conversation is gone; starting a new one");
                 // Only a conversation the agent had written can be lost.
                 journal.conversation_restarted |= record.as_ref().is_some_and(|r| r.written);
-                session = AgentSession::New(uuid::Uuid::new_v4().to_string());
-                if let AgentSession::New(id) = &session {
+                conversation = Conversation::New(uuid::Uuid::new_v4().to_string());
+                if let Conversation::New(id) = &conversation {
                     record_new_conversation(threads, &key, &job.request.thread_id, id).await;
                 }
             }
@@ -153,15 +153,21 @@ async fn agent_turn_inner(
         Err(e) => e.report().cloned(),
     };
     if let Some(report) = &report {
-        let session_id = report.session_id.clone().unwrap_or_else(|| match &session {
-            AgentSession::New(id) | AgentSession::Resume(id) => id.clone(),
-        });
+        let session_id = report
+            .session_id
+            .clone()
+            .unwrap_or_else(|| match &conversation {
+                Conversation::New(id) | Conversation::Resume(id) => id.clone(),
+            });
         span.record("agent.session_id", session_id.as_str());
-        span.record("agent.resumed", matches!(session, AgentSession::Resume(_)));
+        span.record(
+            "agent.resumed",
+            matches!(conversation, Conversation::Resume(_)),
+        );
         span.record("agent.turns", report.num_turns.unwrap_or(0));
         span.record("agent.result_subtype", report.subtype.as_str());
-        let previous = match (&session, &record) {
-            (AgentSession::Resume(_), Some(r)) => r.total_cost_usd,
+        let previous = match (&conversation, &record) {
+            (Conversation::Resume(_), Some(r)) => r.total_cost_usd,
             _ => 0.0,
         };
         if let Some(total) = report.total_cost_usd {
@@ -189,8 +195,8 @@ async fn agent_turn_inner(
         let session_id = report
             .as_ref()
             .and_then(|r| r.session_id.clone())
-            .unwrap_or_else(|| match &session {
-                AgentSession::New(id) | AgentSession::Resume(id) => id.clone(),
+            .unwrap_or_else(|| match &conversation {
+                Conversation::New(id) | Conversation::Resume(id) => id.clone(),
             });
         let file = ThreadStore::conversation_file(config_dir, &cwd, &session_id);
         let left_a_file = tokio::fs::try_exists(&file).await.unwrap_or(false);

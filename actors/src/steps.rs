@@ -20,7 +20,7 @@ use ractor::{
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSession, AgentSpec};
+use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSpec, Conversation};
 use crate::build::{self, BuildError, BuildReport, BuildSpec};
 use crate::config::WorkerConfig;
 use crate::git::{Fence, GitError, SavedWork, Workspace};
@@ -405,7 +405,7 @@ pub enum AgentMsg {
         cwd: PathBuf,
         prompt: String,
         /// The thread's conversation.
-        session: AgentSession,
+        conversation: Conversation,
         /// Stops the run from outside (interrupt, shutdown).
         stop: CancellationToken,
         /// What the agent is doing, as it happens.
@@ -421,13 +421,13 @@ impl StepHandler<AgentMsg> for AgentSpec {
                 jail,
                 cwd,
                 prompt,
-                session,
+                conversation,
                 stop,
                 activity,
                 reply,
             } = msg;
             maybe_fault("agent.run");
-            let outcome = agent::run_agent(self, &jail, &cwd, &prompt, &session, &stop, |a| {
+            let outcome = agent::run_agent(self, &jail, &cwd, &prompt, &conversation, &stop, |a| {
                 let _ = activity.send(a);
             })
             .await;
