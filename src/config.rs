@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edit_worker_actors::config::{
-    AgentSpec, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
+    AgentSpec, BuildSettings, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
 };
 use edit_worker_actors::message::check_dns_label;
 use edit_worker_actors::npm_store::StoreSettings;
@@ -300,12 +300,17 @@ impl Settings {
             preview_url_template: self.text("PREVIEW_URL_TEMPLATE")?,
             agent: self.agent(&workspace_root)?,
             progress_interval: self.seconds("PROGRESS_INTERVAL_SECONDS")?,
-            build_repair_attempts: self.number("BUILD_REPAIR_ATTEMPTS")? as u32,
-            build_command: self.list("BUILD_COMMAND")?,
-            build_output_dir: self.output_dir("BUILD_OUTPUT_DIR")?,
-            build_scripts_without_npm: self.flag("BUILD_SCRIPTS_WITHOUT_NPM")?,
-            build_timeout: self.seconds("BUILD_TIMEOUT_SECONDS")?,
-            build_ahead_max: self.number("BUILD_AHEAD_MAX")? as usize,
+            build: BuildSettings {
+                command: self.list("BUILD_COMMAND")?,
+                output_dir: self.output_dir("BUILD_OUTPUT_DIR")?,
+                scripts_without_npm: self.flag("BUILD_SCRIPTS_WITHOUT_NPM")?,
+                timeout: self.seconds("BUILD_TIMEOUT_SECONDS")?,
+                ahead_max: self.number("BUILD_AHEAD_MAX")? as usize,
+                concurrency: self
+                    .optional_number("BUILD_CONCURRENCY")?
+                    .map_or_else(default_build_concurrency, |n| n as usize),
+                repair_attempts: self.number("BUILD_REPAIR_ATTEMPTS")? as u32,
+            },
             only_client: self.optional_text("CLIENT_ID")?,
             only_project: self.optional_text("PROJECT_ID")?,
             max_command_bytes: self.number("MAX_COMMAND_BYTES")? as usize,
@@ -314,9 +319,6 @@ impl Settings {
             max_held_per_workspace: self.number("MAX_HELD_PER_WORKSPACE")? as usize,
             max_held_per_client: self.number("MAX_HELD_PER_CLIENT")? as usize,
             agent_concurrency: self.number("AGENT_CONCURRENCY")? as usize,
-            build_concurrency: self
-                .optional_number("BUILD_CONCURRENCY")?
-                .map_or_else(default_build_concurrency, |n| n as usize),
             session_idle: self.seconds("SESSION_IDLE_SECONDS")?,
             // SQS keeps a message invisible for 12 hours at most.
             visibility_timeout: self
@@ -441,8 +443,8 @@ mod tests {
         let c = with_queue(&[]).worker_config("eu-west-1").unwrap();
         assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
         assert_eq!(c.bucket_template, "edit.{clientId}.webordinary.com");
-        assert_eq!(c.build_command, ["npm", "run", "build"]);
-        assert_eq!(c.build_output_dir.as_path(), Path::new("dist"));
+        assert_eq!(c.build.command, ["npm", "run", "build"]);
+        assert_eq!(c.build.output_dir.as_path(), Path::new("dist"));
         assert_eq!(c.agent.bin, PathBuf::from("claude"));
         assert_eq!(c.agent.permission_mode, "acceptEdits");
         assert_eq!(
@@ -452,14 +454,14 @@ mod tests {
         assert_eq!(c.agent.silence_timeout, c.agent.timeout);
         assert_eq!(c.max_command_bytes, 16 * 1024);
         assert!(c.output_queue_url.is_none());
-        assert!(c.build_scripts_without_npm);
+        assert!(c.build.scripts_without_npm);
         assert_eq!(c.shutdown_deadline, Duration::from_secs(25));
         assert_eq!(c.publish.max_file_bytes, 100 << 20);
         assert_eq!(c.sandbox_limits.memory_bytes, 2 << 30);
         let npm = with_queue(&[("BUILD_SCRIPTS_WITHOUT_NPM", "false")])
             .worker_config("eu-west-1")
             .unwrap();
-        assert!(!npm.build_scripts_without_npm);
+        assert!(!npm.build.scripts_without_npm);
         assert!(!with_queue(&[]).publish_options().unwrap().allow_mass_delete);
     }
 
@@ -583,8 +585,8 @@ mod tests {
             c.agent.config_dir,
             Some(PathBuf::from("/srv/ws/.agent/claude"))
         );
-        assert_eq!(c.build_command, ["node", "build.mjs", "--fast"]);
-        assert_eq!(c.build_output_dir.as_path(), Path::new("site/out"));
+        assert_eq!(c.build.command, ["node", "build.mjs", "--fast"]);
+        assert_eq!(c.build.output_dir.as_path(), Path::new("site/out"));
         assert!(c.publish.allow_mass_delete);
         assert_eq!(c.agent.silence_timeout, Duration::from_secs(60));
         assert_eq!(c.agent.max_turns, Some(7));
@@ -596,7 +598,7 @@ mod tests {
         );
         assert_eq!(c.only_client.as_deref(), Some("amelia"));
         assert_eq!(c.only_project, None);
-        assert_eq!(c.build_concurrency, 3);
+        assert_eq!(c.build.concurrency, 3);
         // Past SQS's 12 hours and under one renewal a second, values are brought in range.
         assert_eq!(c.visibility_timeout, Duration::from_secs(43_200));
         assert_eq!(c.lease_duration, Duration::from_secs(3));
@@ -651,11 +653,11 @@ mod tests {
         // The environment of the test process does not set these keys.
         let c = s.worker_config("r").unwrap();
         assert_eq!(c.input_queue_url, "from-file");
-        assert_eq!(c.build_command, ["node", "build.mjs"]);
+        assert_eq!(c.build.command, ["node", "build.mjs"]);
         assert_eq!(c.max_in_flight, 3);
         assert_eq!(c.agent.allowed_tools, ["Edit", "Bash(npm run build)"]);
         assert_eq!(c.agent.max_budget_usd, Some(2.5));
-        assert!(!c.build_scripts_without_npm);
+        assert!(!c.build.scripts_without_npm);
         for (bad, why) in [
             ("nonsense_key = 1\n", "unknown key `nonsense_key`"),
             ("MAX_IN_FLIGHT = [\"1\"]\n", "takes one value, not a list"),

@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use tokio::sync::Semaphore;
 
-use crate::config::WorkerConfig;
+use crate::config::{BuildSettings, WorkerConfig};
 use crate::message::WorkspaceKey;
 use crate::npm_store::{self, NpmStore, SiteFiles};
 use crate::package_script;
@@ -37,14 +37,8 @@ pub(crate) const INSTALL_STAMP: &str = "npm-ci.stamp";
 
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
-    /// argv of the build (`npm run build`).
-    pub command: Vec<String>,
-    /// Output folder, inside the workspace.
-    pub output_dir: crate::config::OutputDir,
-    /// `npm run <script>` runs the script directly where npm would add nothing.
-    pub scripts_without_npm: bool,
-    /// Time limit for the install and for the build, each.
-    pub timeout: Duration,
+    /// What the configuration says (`BUILD_*`).
+    pub settings: BuildSettings,
     /// The shared dependency store; `None`: `npm ci` in each workspace (`INSTALL_MODE=per-workspace`).
     pub store: Option<NpmStore>,
     /// `BUILD_AHEAD_MAX`: builds whose Node process may wait, started ahead, at once (each
@@ -62,18 +56,15 @@ impl BuildSpec {
     pub fn from_config(config: &WorkerConfig, sandbox: std::sync::Arc<Sandbox>) -> BuildSpec {
         let settings = &config.npm_store;
         BuildSpec {
-            command: config.build_command.clone(),
-            output_dir: config.build_output_dir.clone(),
-            scripts_without_npm: config.build_scripts_without_npm,
-            timeout: config.build_timeout,
-            ahead: (config.build_ahead_max > 0)
-                .then(|| Arc::new(Semaphore::new(config.build_ahead_max))),
-            slots: Arc::new(Semaphore::new(config.build_concurrency.max(1))),
+            settings: config.build.clone(),
+            ahead: (config.build.ahead_max > 0)
+                .then(|| Arc::new(Semaphore::new(config.build.ahead_max))),
+            slots: Arc::new(Semaphore::new(config.build.concurrency.max(1))),
             store: settings.shared.then(|| {
                 NpmStore::new(
                     settings.dir_under(&config.workspace_root),
                     settings.clone(),
-                    config.build_timeout,
+                    config.build.timeout,
                     sandbox.clone(),
                 )
             }),
@@ -195,7 +186,7 @@ async fn shared_dependencies(
     };
     let started = Instant::now();
     let acquired = store
-        .acquire(files, spec.timeout, cancel)
+        .acquire(files, spec.settings.timeout, cancel)
         .instrument(tracing::info_span!("dependencies from the shared store"))
         .await?;
     store.link(&acquired, dir, state_dir).await?;
@@ -240,7 +231,7 @@ pub async fn prefetch_dependencies(
         return Ok(Prefetched::default());
     };
     let acquired = store
-        .acquire(files, spec.timeout, cancel)
+        .acquire(files, spec.settings.timeout, cancel)
         .instrument(tracing::info_span!("prefetch dependencies"))
         .await?;
     let installed_ms = acquired.installed_ms;
@@ -263,8 +254,9 @@ async fn prepare(
 ) -> Option<PreparedBuild> {
     let permit = spec.ahead.as_ref()?.clone().try_acquire_owned().ok()?;
     let script = spec
+        .settings
         .scripts_without_npm
-        .then(|| package_script::direct(&spec.command, dir))??;
+        .then(|| package_script::direct(&spec.settings.command, dir))??;
     let jail = match sandbox.jail_as_handed_over(workspace, dir).await {
         Ok(jail) => jail,
         Err(e) => {
@@ -337,7 +329,7 @@ async fn install_in_workspace(
     if let Some(lock_hash) = install_needed(dir, state_dir).await? {
         let started = Instant::now();
         let argv = ["npm", "ci", "--no-audit", "--no-fund"].map(String::from);
-        let out = run_logged(&argv, &[], jail, dir, spec.timeout, cancel)
+        let out = run_logged(&argv, &[], jail, dir, spec.settings.timeout, cancel)
             .instrument(tracing::info_span!("install dependencies"))
             .await?;
         if !out.success {
@@ -362,12 +354,12 @@ async fn run_build(
     cancel: &CancellationToken,
     report: &mut BuildReport,
 ) -> Result<(), BuildError> {
-    if spec.command.is_empty() {
+    if spec.settings.command.is_empty() {
         return Err(BuildError::EmptyCommand);
     }
     let started = Instant::now();
     // A stale output folder could hide a build that wrote nothing: start from empty.
-    let output = dir.join(&spec.output_dir);
+    let output = dir.join(&spec.settings.output_dir);
     match tokio::fs::remove_dir_all(&output).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -375,13 +367,14 @@ async fn run_build(
     }
     // npm's start-up is half a second of every build; skipped where it would add nothing.
     let direct = spec
+        .settings
         .scripts_without_npm
-        .then(|| package_script::direct(&spec.command, dir))
+        .then(|| package_script::direct(&spec.settings.command, dir))
         .flatten();
     let plan = match direct {
         Some(script) => Plan::from(script),
         None => Plan {
-            argv: spec.command.clone(),
+            argv: spec.settings.command.clone(),
             env: Vec::new(),
         },
     };
@@ -393,7 +386,7 @@ async fn run_build(
     let ahead = match prepared {
         Some(prepared) => {
             prepared
-                .build(&plan, store_key, spec.timeout, cancel)
+                .build(&plan, store_key, spec.settings.timeout, cancel)
                 .instrument(span.clone())
                 .await?
         }
@@ -404,9 +397,16 @@ async fn run_build(
     let out = match ahead {
         Some(out) => out,
         None => {
-            run_logged(&plan.argv, &plan.env, jail, dir, spec.timeout, cancel)
-                .instrument(span)
-                .await?
+            run_logged(
+                &plan.argv,
+                &plan.env,
+                jail,
+                dir,
+                spec.settings.timeout,
+                cancel,
+            )
+            .instrument(span)
+            .await?
         }
     };
     if !out.success {

@@ -33,21 +33,8 @@ pub struct WorkerConfig {
     /// Progress events of one message are sent at most this often (a chatty agent must not
     /// flood the status queue); what happens in between is summed up in the next one.
     pub progress_interval: Duration,
-    /// When the build fails after the agent's edit, resume the agent this many times with the
-    /// build's error and build again.
-    pub build_repair_attempts: u32,
-    /// The build, as argv words, run without a shell.
-    pub build_command: Vec<String>,
-    /// The build's output folder: a folder inside the workspace, by its type.
-    pub build_output_dir: OutputDir,
-    /// `npm run <script>` runs the script's words directly when npm would add nothing
-    /// (`package_script`): half a second less per build.
-    pub build_scripts_without_npm: bool,
-    /// Build wall-clock limit.
-    pub build_timeout: Duration,
-    /// `BUILD_AHEAD_MAX`: Astro builds whose Node process is started while the agent works
-    /// (`prepared_build`), at most this many waiting at once; each holds about 150 MB. 0: off.
-    pub build_ahead_max: usize,
+    /// How sites are built (`BUILD_*`): what `BuildSpec` takes.
+    pub build: BuildSettings,
     /// Serve only this client / project; others are rejected.
     pub only_client: Option<String>,
     pub only_project: Option<String>,
@@ -66,8 +53,6 @@ pub struct WorkerConfig {
     /// Agent runs at once, over all workspaces. The agent mostly waits on the model, so this is
     /// high; it bounds processes and memory, not CPU.
     pub agent_concurrency: usize,
-    /// Builds at once. A build is CPU-bound: more builds than cores only makes each slower.
-    pub build_concurrency: usize,
     /// A session with nothing to do for this long is stopped; the next message starts it
     /// again. Memory follows the active workspaces, not every workspace ever seen.
     pub session_idle: Duration,
@@ -127,12 +112,7 @@ impl WorkerConfig {
             preview_url_template: "http://{bucket}.s3-website-{region}.amazonaws.com/".into(),
             agent: AgentSpec::new(PathBuf::from("claude"), Duration::from_secs(30 * 60)),
             progress_interval: Duration::from_secs(5),
-            build_repair_attempts: 1,
-            build_command: vec!["npm".into(), "run".into(), "build".into()],
-            build_output_dir: OutputDir::new("dist").expect("a folder inside the workspace"),
-            build_scripts_without_npm: true,
-            build_timeout: Duration::from_secs(10 * 60),
-            build_ahead_max: 16,
+            build: BuildSettings::default(),
             only_client: None,
             only_project: None,
             max_command_bytes: crate::message::DEFAULT_MAX_COMMAND_BYTES,
@@ -141,7 +121,6 @@ impl WorkerConfig {
             max_held_per_workspace: 10,
             max_held_per_client: 16,
             agent_concurrency: 16,
-            build_concurrency: default_build_concurrency(),
             session_idle: Duration::from_secs(300),
             visibility_timeout: Duration::from_secs(120),
             publish: PublishOptions::default(),
@@ -273,6 +252,42 @@ impl std::fmt::Display for OutputDir {
 }
 
 /// Builds at once when `BUILD_CONCURRENCY` is not set: one per core (a build is CPU-bound).
+/// How sites are built: the `BUILD_*` settings, in the shape `BuildSpec` takes them.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// The build, as argv words, run without a shell.
+    pub command: Vec<String>,
+    /// The build's output folder: a folder inside the workspace, by its type.
+    pub output_dir: OutputDir,
+    /// `npm run <script>` runs the script's words directly when npm would add nothing
+    /// (`package_script`): half a second less per build.
+    pub scripts_without_npm: bool,
+    /// Wall-clock limit of the install and of the build, each.
+    pub timeout: Duration,
+    /// `BUILD_AHEAD_MAX`: Astro builds whose Node process is started while the agent works
+    /// (`prepared_build`), at most this many waiting at once; each holds about 150 MB. 0: off.
+    pub ahead_max: usize,
+    /// Builds at once. A build is CPU-bound: more builds than cores only makes each slower.
+    pub concurrency: usize,
+    /// When the build fails after the agent's edit, resume the agent this many times with the
+    /// build's error and build again.
+    pub repair_attempts: u32,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        BuildSettings {
+            command: vec!["npm".into(), "run".into(), "build".into()],
+            output_dir: OutputDir::new("dist").expect("a folder inside the workspace"),
+            scripts_without_npm: true,
+            timeout: Duration::from_secs(10 * 60),
+            ahead_max: 16,
+            concurrency: default_build_concurrency(),
+            repair_attempts: 1,
+        }
+    }
+}
+
 pub fn default_build_concurrency() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -359,11 +374,11 @@ mod tests {
         let c = WorkerConfig::with_defaults("q");
         let workspace = Path::new("/workspace/amelia/stamps");
         assert_eq!(
-            workspace.join(&c.build_output_dir),
+            workspace.join(&c.build.output_dir),
             Path::new("/workspace/amelia/stamps/dist")
         );
         // `BuildSpec` and `Workspace` keep copies of the checked folder, not a path.
-        let copy: OutputDir = c.build_output_dir.clone();
+        let copy: OutputDir = c.build.output_dir.clone();
         assert_eq!(copy.as_path(), Path::new("dist"));
     }
 }

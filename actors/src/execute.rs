@@ -222,7 +222,7 @@ pub(crate) async fn execute(
                 break (head, marker);
             }
             Err(BuildError::BuildFailed { log_tail, status })
-                if ran_agent && repairs < config.build_repair_attempts =>
+                if ran_agent && repairs < config.build.repair_attempts =>
             {
                 journal.time("build", t);
                 repairs += 1;
@@ -236,7 +236,7 @@ pub(crate) async fn execute(
                 let prompt = format!(
                     "The build failed after your change ({status}). Fix the site so that `{}` succeeds, \
                      keeping the requested change. The end of the build log:\n\n{log_tail}",
-                    config.build_command.join(" ")
+                    config.build.command.join(" ")
                 );
                 agent_turn(run, &pending, prompt, journal, "build repair").await?;
                 commit_turn(steps, &pending, "Claude: Fix the build".into(), journal).await?;
@@ -266,7 +266,7 @@ pub(crate) async fn execute(
             .ask(|reply| PublisherMsg::Publish {
                 workspace: request.workspace(),
                 bucket: bucket.clone(),
-                build_dir: workspace_dir.join(&config.build_output_dir),
+                build_dir: workspace_dir.join(&config.build.output_dir),
                 fence: scope.bucket_fence.clone(),
                 reply,
             })

@@ -251,7 +251,7 @@ impl StepFactory for RealSteps {
         Box::new(Workspace::new(
             self.config.workspace_dir(key),
             self.config.remote_for(key),
-            self.config.build_output_dir.clone(),
+            self.config.build.output_dir.clone(),
         ))
     }
 

@@ -72,10 +72,7 @@ impl Harness {
             records,
         );
         let build = BuildSpec {
-            command: config.build_command.clone(),
-            output_dir: config.build_output_dir.clone(),
-            scripts_without_npm: true,
-            timeout: config.build_timeout,
+            settings: config.build.clone(),
             store: None,
             ahead: None,
             slots: Arc::new(tokio::sync::Semaphore::new(1)),
