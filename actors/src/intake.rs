@@ -57,7 +57,7 @@ pub enum IntakeError {
 
 /// The intake's bookkeeping of messages held by this process.
 #[derive(Clone)]
-pub struct InFlightRegistry {
+pub(crate) struct InFlightRegistry {
     /// Messages at work at once (running or queued in their session). Bounds memory and
     /// leaves messages in the queue, where another container can take them, instead of letting
     /// them wait invisibly in ours while their visibility runs out.
@@ -295,7 +295,7 @@ fn decrement<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
 }
 
 /// Receive and route until shutdown or idleness.
-pub async fn run_intake(
+pub(crate) async fn run_intake(
     ctx: Arc<WorkerContext>,
     supervisor: ActorRef<SupervisorMsg>,
     registry: InFlightRegistry,

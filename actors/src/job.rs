@@ -161,7 +161,8 @@ impl Renewal {
         }
     }
 
-    /// No renewal (tests, and messages that are not held).
+    /// No renewal: a job that tests make by hand.
+    #[cfg(test)]
     pub fn none() -> Renewal {
         Renewal {
             stop: CancellationToken::new(),

@@ -32,7 +32,7 @@ pub mod records;
 pub(crate) mod redact;
 pub(crate) mod restart;
 pub mod sandbox;
-pub mod session;
+pub(crate) mod session;
 pub mod status;
 pub(crate) mod steps;
 pub(crate) mod supervisor;

@@ -26,7 +26,7 @@ const MAX_QUEUE_NAME: usize = 80;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
-pub enum Notice {
+pub(crate) enum Notice {
     /// A message for a workspace you hold waits on worker `from`.
     #[serde(rename_all = "camelCase")]
     Newer {
@@ -78,7 +78,7 @@ pub struct NoticeError {
 
 /// Sends notices to other workers' queues.
 #[derive(Clone)]
-pub struct NoticeSender {
+pub(crate) struct NoticeSender {
     sqs: aws_sdk_sqs::Client,
 }
 
@@ -111,7 +111,7 @@ pub struct NoticeQueue {
 
 /// The notice queue's name for `worker` beside the input queue: readable, and unique per worker
 /// id even when cut to SQS's 80 characters (a hash of the whole id ends it).
-pub fn queue_name(input_queue_url: &str, worker: &str) -> String {
+pub(crate) fn queue_name(input_queue_url: &str, worker: &str) -> String {
     let input = input_queue_url.rsplit('/').next().unwrap_or("edit-worker");
     let clean = |s: &str| -> String {
         s.chars()
@@ -168,7 +168,7 @@ impl NoticeQueue {
     }
 
     /// Hand every notice to `on_notice` until `shutdown`; then delete the queue.
-    pub async fn serve(self, on_notice: impl Fn(Notice), shutdown: CancellationToken) {
+    pub(crate) async fn serve(self, on_notice: impl Fn(Notice), shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             let receive = self

@@ -32,7 +32,7 @@ impl EventType {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EventError {
+pub(crate) struct EventError {
     /// Stable, machine-readable.
     pub kind: String,
     /// For a person; for a failed build, the tail of the build log. Redacted when serialized.
@@ -42,7 +42,7 @@ pub struct EventError {
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StatusEvent {
+pub(crate) struct StatusEvent {
     #[serde(rename = "type")]
     pub event_type: EventType,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -176,11 +176,11 @@ impl StatusEvent {
 
 #[derive(Debug, thiserror::Error)]
 #[error("sending a status event: {0}")]
-pub struct StatusSendError(String);
+pub(crate) struct StatusSendError(String);
 
 /// Where status events go: the status queue when one is configured, and the log always.
 #[derive(Clone)]
-pub struct StatusSink {
+pub(crate) struct StatusSink {
     sqs: aws_sdk_sqs::Client,
     queue_url: Option<String>,
     /// Tests only: every event sent is also handed to the test here.

@@ -21,7 +21,8 @@ pub enum SupervisorMsg {
     Route(Box<Job>),
     /// Stop every session (saving running work), then reply.
     Shutdown(RpcReplyPort<()>),
-    /// How many sessions are alive (for tests and metrics).
+    /// How many sessions are alive (the session tests' idle-stop check).
+    #[cfg(test)]
     SessionCount(RpcReplyPort<usize>),
     /// A session has been idle for the idle time, having received `received` jobs.
     SessionIdle { key: WorkspaceKey, received: u64 },
@@ -166,6 +167,7 @@ impl Actor for Supervisor {
                     }
                 }
             }
+            #[cfg(test)]
             SupervisorMsg::SessionCount(reply) => {
                 let _ = reply.send(state.sessions.len());
             }

@@ -18,7 +18,7 @@ use crate::records::{RecordStore, Version};
 /// What we remember of a thread's conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ThreadRecord {
+pub(crate) struct ThreadRecord {
     /// The agent's session id, for `--resume`.
     pub session_id: String,
     /// The session's cumulative cost after the last run (the agent reports a running total).
@@ -156,7 +156,7 @@ impl ThreadStore {
             .join(format!("{thread_id}.json"))
     }
 
-    pub async fn load(&self, key: &WorkspaceKey, thread_id: &str) -> Option<ThreadRecord> {
+    pub(crate) async fn load(&self, key: &WorkspaceKey, thread_id: &str) -> Option<ThreadRecord> {
         let text = match &self.shared {
             Some(shared) => {
                 match shared
@@ -184,7 +184,7 @@ impl ThreadStore {
     }
 
     /// Write atomically (temp file + rename), so a crash never leaves half a record.
-    pub async fn save(
+    pub(crate) async fn save(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,

@@ -10,7 +10,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 
 /// Where the parent came from, for the span's attributes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParentSource {
+pub(crate) enum ParentSource {
     TraceParent,
     AwsTraceHeader,
     None,
@@ -39,7 +39,7 @@ impl Extractor for Attributes {
 }
 
 /// The producer's span context carried by a message, if any.
-pub fn parent_of(message: &Message) -> (opentelemetry::Context, ParentSource) {
+pub(crate) fn parent_of(message: &Message) -> (opentelemetry::Context, ParentSource) {
     let attributes: HashMap<String, String> = message
         .message_attributes()
         .map(|attrs| {
@@ -67,7 +67,7 @@ pub fn parent_of(message: &Message) -> (opentelemetry::Context, ParentSource) {
 
 /// `Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1` as a span
 /// context: the X-Ray trace id is the W3C one with its version and dash taken out.
-pub fn from_xray(header: &str) -> Option<SpanContext> {
+pub(crate) fn from_xray(header: &str) -> Option<SpanContext> {
     let mut root = None;
     let mut parent = None;
     let mut sampled = false;
