@@ -209,7 +209,6 @@ pub(crate) fn batch_ids(batch: &[&Job]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{Receipt, Renewal};
     use crate::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
 
     fn job(id: &str, command: &str) -> Job {
@@ -217,18 +216,8 @@ mod tests {
             "sessionId": "s", "threadId": "t", "clientId": "amelia", "projectId": "stamps",
             "command": command,
         });
-        Job {
-            request: EditRequest::parse(&body.to_string(), DEFAULT_MAX_COMMAND_BYTES).unwrap(),
-            message_id: id.into(),
-            receipt: Receipt::new(format!("receipt-{id}")),
-            sent_at_ms: 0,
-            received_at: std::time::Instant::now(),
-            receive_count: 1,
-            trace_id: None,
-            span: tracing::Span::none(),
-            renewal: Renewal::none(),
-            slot: None,
-        }
+        let request = EditRequest::parse(&body.to_string(), DEFAULT_MAX_COMMAND_BYTES).unwrap();
+        Job::for_test(id, request, 0)
     }
 
     #[test]

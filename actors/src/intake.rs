@@ -601,7 +601,6 @@ async fn reject(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Renewal;
 
     fn key(client: &str, project: &str) -> WorkspaceKey {
         WorkspaceKey {
@@ -616,18 +615,7 @@ mod tests {
             "sessionId": "s", "threadId": "t", "clientId": client, "projectId": project,
             "command": "do it",
         });
-        Job {
-            request: EditRequest::parse(&body.to_string(), 1024).unwrap(),
-            message_id: id.into(),
-            receipt: Receipt::new(format!("handle-{id}")),
-            sent_at_ms: 0,
-            received_at: Instant::now(),
-            receive_count: 1,
-            trace_id: None,
-            span: tracing::Span::none(),
-            renewal: Renewal::none(),
-            slot: None,
-        }
+        Job::for_test(id, EditRequest::parse(&body.to_string(), 1024).unwrap(), 0)
     }
 
     /// Take message `id` of `client/project` into the books as `accept` does: the job at work

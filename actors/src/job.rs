@@ -36,6 +36,24 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job as the intake would make it from `request`, for tests: no renewal, no slot, first
+    /// delivery, sent at `sent_at_ms`.
+    #[cfg(test)]
+    pub(crate) fn for_test(message_id: &str, request: EditRequest, sent_at_ms: u64) -> Job {
+        Job {
+            request,
+            message_id: message_id.into(),
+            receipt: Receipt::new(format!("receipt-{message_id}")),
+            sent_at_ms,
+            received_at: Instant::now(),
+            receive_count: 1,
+            trace_id: None,
+            span: tracing::Span::none(),
+            renewal: Renewal::none(),
+            slot: None,
+        }
+    }
+
     /// Give the message back to the queue, visible again after `delay`: stop the renewal
     /// first (and wait for one in flight, which would otherwise hide it again), then release.
     pub async fn release(

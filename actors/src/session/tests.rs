@@ -17,7 +17,7 @@ use crate::config::WorkerConfig;
 use crate::context::WorkerContext;
 use crate::delivery::Delivery;
 use crate::git::SAVE_MESSAGE;
-use crate::job::{Job, Receipt, Renewal};
+use crate::job::Job;
 use crate::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
 use crate::records::RecordStore;
 use crate::restart::RestartPolicy;
@@ -111,18 +111,7 @@ impl Harness {
         });
         let request = EditRequest::parse(&body.to_string(), DEFAULT_MAX_COMMAND_BYTES)
             .expect("a valid request");
-        let job = Job {
-            request,
-            message_id: id.into(),
-            receipt: Receipt::new(format!("receipt-{id}")),
-            sent_at_ms,
-            received_at: std::time::Instant::now(),
-            receive_count: 1,
-            trace_id: None,
-            span: tracing::Span::none(),
-            renewal: Renewal::none(),
-            slot: None,
-        };
+        let job = Job::for_test(id, request, sent_at_ms);
         self.supervisor
             .cast(SupervisorMsg::Route(Box::new(job)))
             .expect("supervisor alive");
