@@ -602,13 +602,6 @@ async fn reject(
 mod tests {
     use super::*;
 
-    fn key(client: &str, project: &str) -> WorkspaceKey {
-        WorkspaceKey {
-            client_id: client.into(),
-            project_id: project.into(),
-        }
-    }
-
     /// A valid job of `client/project`, as the intake makes one (without its slot).
     fn job(id: &str, client: &str, project: &str) -> Job {
         let body = serde_json::json!({
@@ -622,7 +615,7 @@ mod tests {
     /// (holding its slot), or `None` when it was parked.
     fn take(registry: &InFlightRegistry, id: &str, client: &str, project: &str) -> Option<Job> {
         let mut job = job(id, client, project);
-        match registry.claim(id, &job.receipt, Some(&key(client, project))) {
+        match registry.claim(id, &job.receipt, Some(&WorkspaceKey::of(client, project))) {
             Claim::Slot(slot) => {
                 job.slot = Some(slot);
                 Some(job)
@@ -712,7 +705,7 @@ mod tests {
         let held = take(&registry, "m1", "a", "site").expect("at work");
         let copy = Receipt::new("newer".into());
         assert!(matches!(
-            registry.claim("m1", &copy, Some(&key("a", "site"))),
+            registry.claim("m1", &copy, Some(&WorkspaceKey::of("a", "site"))),
             Claim::Copy
         ));
         assert_eq!(held.receipt.current(), "newer");

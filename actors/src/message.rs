@@ -27,6 +27,17 @@ pub struct WorkspaceKey {
     pub project_id: String,
 }
 
+#[cfg(test)]
+impl WorkspaceKey {
+    /// The key of `client/project`, for tests (real keys come from validated requests).
+    pub(crate) fn of(client: &str, project: &str) -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: client.into(),
+            project_id: project.into(),
+        }
+    }
+}
+
 impl std::fmt::Display for WorkspaceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.client_id, self.project_id)

@@ -1008,13 +1008,6 @@ async fn blocking<T: Send + 'static>(
 mod tests {
     use super::*;
 
-    fn key(client: &str, project: &str) -> WorkspaceKey {
-        WorkspaceKey {
-            client_id: client.into(),
-            project_id: project.into(),
-        }
-    }
-
     /// A workspace root other uids can pass through, as `/workspace` is.
     fn root() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -1048,13 +1041,13 @@ mod tests {
         .unwrap();
         assert!(sandbox.isolation().is_none());
         let jail = sandbox
-            .jail(&key("c", "p"), dir.path(), None)
+            .jail(&WorkspaceKey::of("c", "p"), dir.path(), None)
             .await
             .unwrap();
         assert_eq!(jail.uid(), None);
         assert!(jail.env().is_empty());
         assert_eq!(
-            sandbox.agent_config_dir(Path::new("/cfg"), &key("c", "p")),
+            sandbox.agent_config_dir(Path::new("/cfg"), &WorkspaceKey::of("c", "p")),
             Path::new("/cfg")
         );
     }
@@ -1107,7 +1100,10 @@ mod tests {
         std::fs::create_dir_all(work.join(".git/hooks")).unwrap();
         std::fs::create_dir_all(work.join("src")).unwrap();
         std::fs::write(work.join("src/index.astro"), "x").unwrap();
-        let jail = sandbox.jail(&key("c", "p"), &work, None).await.unwrap();
+        let jail = sandbox
+            .jail(&WorkspaceKey::of("c", "p"), &work, None)
+            .await
+            .unwrap();
         let uid = jail.uid().unwrap();
         let meta = |p: &Path| std::fs::metadata(p).unwrap();
         assert_eq!(meta(&work.join("src/index.astro")).uid(), uid);
