@@ -84,8 +84,6 @@ pub struct BuildReport {
     pub link_ms: Option<u64>,
     /// Time spent waiting for another build's install of the same store entry.
     pub install_wait_ms: Option<u64>,
-    /// The build ran in its Node process started ahead (`prepared_build`).
-    pub started_ahead: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -393,7 +391,6 @@ async fn run_build(
         None => None,
     };
     span.record("started_ahead", ahead.is_some());
-    report.started_ahead = ahead.is_some();
     let out = match ahead {
         Some(out) => out,
         None => {
