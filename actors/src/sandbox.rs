@@ -634,7 +634,7 @@ impl Jail {
 
     /// A process of this jail lives on when another run of the same workspace ends. Not so
     /// with separate users but no namespaces: the end of every run ends all of its uid's
-    /// processes (`sweep`).
+    /// processes (`sweep`, which does nothing exactly when this holds).
     pub fn outlives_other_runs(&self) -> bool {
         match &self.sandbox {
             Some(sandbox) => sandbox.isolation.namespaces || self.uid.is_none(),
@@ -848,12 +848,12 @@ impl Jail {
     /// After a run without namespaces: nothing it started may live on (a daemon that left the
     /// process group). Every process of its uid is killed; with namespaces the kernel does it.
     pub async fn sweep(&self) {
-        let (Some(sandbox), Some(uid)) = (&self.sandbox, self.uid) else {
-            return;
-        };
-        if sandbox.isolation.namespaces {
+        if self.outlives_other_runs() {
             return;
         }
+        let Some(uid) = self.uid else {
+            return;
+        };
         let mut cmd = Command::new("true");
         cmd.uid(uid)
             .gid(uid)
