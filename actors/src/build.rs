@@ -25,6 +25,7 @@ use crate::package_script;
 use crate::prepared_build::{Plan, PreparedBuild};
 use crate::process;
 use crate::sandbox::{DiskWatch, Jail, Sandbox, SandboxError};
+use crate::slots::BuildSlots;
 
 /// Lines of build output kept for the error message: enough to show the error, small enough
 /// for a status event.
@@ -44,10 +45,9 @@ pub struct BuildSpec {
     /// `BUILD_AHEAD_MAX`: builds whose Node process may wait, started ahead, at once (each
     /// holds about 150 MB while it waits; shared by every build actor). `None`: never.
     pub ahead: Option<Arc<Semaphore>>,
-    /// `BUILD_CONCURRENCY`: builds at once (a build is CPU-bound: more builds than cores only
-    /// make each slower). Held by each build (`WorkerContext::build_slot`), and by a build
-    /// started ahead while it loads Astro.
-    pub slots: Arc<Semaphore>,
+    /// `BUILD_CONCURRENCY`: builds at once. Held by each build (`WorkerContext::build_slot`),
+    /// and by a build started ahead while it loads Astro, when no build waits.
+    pub slots: Arc<BuildSlots>,
 }
 
 impl BuildSpec {
@@ -59,7 +59,7 @@ impl BuildSpec {
             settings: config.build.clone(),
             ahead: (config.build.ahead_max > 0)
                 .then(|| Arc::new(Semaphore::new(config.build.ahead_max))),
-            slots: Arc::new(Semaphore::new(config.build.concurrency.max(1))),
+            slots: BuildSlots::new(config.build.concurrency),
             store: settings.shared.then(|| {
                 NpmStore::new(
                     settings.dir_under(&config.workspace_root),

@@ -2,9 +2,8 @@
 //! end (`Delivery`), the stores, and the process-wide limits on how much work runs at once.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
@@ -12,6 +11,7 @@ use crate::job::StopSignal;
 use crate::lease::Leases;
 use crate::message::WorkspaceKey;
 use crate::notices::NoticeSender;
+use crate::slots::{Slot, wait_for_slot};
 use crate::threads::ThreadStore;
 
 /// What every job of the process shares.
@@ -24,9 +24,6 @@ pub struct WorkerContext {
     /// on the model, so the limit is high: it bounds the agent processes alive at once and
     /// their memory, not CPU.
     agent_slots: Arc<Semaphore>,
-    /// Builds at once over all workspaces (`BUILD_CONCURRENCY`, the cores by default). A build
-    /// is CPU-bound: more builds than cores only make each of them slower.
-    build_slots: Arc<Semaphore>,
     /// The build as the build actors run it; its dependency store is the one they share, so
     /// that installing ahead of a build (while the agent runs) installs each lock file once.
     pub(crate) build: crate::build::BuildSpec,
@@ -43,15 +40,6 @@ pub struct WorkerContext {
     agent_config_dir: Option<std::path::PathBuf>,
     /// Where tenants' code runs (`ISOLATION`); off until the worker sets what it detected.
     pub(crate) sandbox: Arc<crate::sandbox::Sandbox>,
-}
-
-/// A place under one of the process's limits, held while the work runs; dropping it frees
-/// the place.
-pub(crate) struct Slot {
-    _permit: OwnedSemaphorePermit,
-    /// How long the job waited for it (ms), reported as `durationsMs.queued`, apart from the
-    /// work.
-    pub(crate) waited_ms: u64,
 }
 
 impl WorkerContext {
@@ -73,8 +61,6 @@ impl WorkerContext {
             .filter(|v| !v.is_empty())
             .map(std::path::PathBuf::from)
             .or_else(|| config.agent.config_dir.clone());
-        // One set of slots with the builds started ahead, which load Astro in one.
-        let build_slots = build.slots.clone();
         WorkerContext {
             invalidator,
             build,
@@ -85,7 +71,6 @@ impl WorkerContext {
             sandbox: crate::sandbox::Sandbox::off(&config.workspace_root),
             agent_config_dir,
             agent_slots: Arc::new(Semaphore::new(config.agent_concurrency.max(1))),
-            build_slots,
             config,
             delivery,
         }
@@ -96,25 +81,9 @@ impl WorkerContext {
         wait_for_slot(&self.agent_slots, stop).await
     }
 
-    /// A slot for one build; `None` when the job is stopped while waiting.
+    /// A slot for one build (`BUILD_CONCURRENCY`, shared with the builds started ahead,
+    /// which load Astro in one); `None` when the job is stopped while waiting.
     pub(crate) async fn build_slot(&self, stop: &StopSignal) -> Option<Slot> {
-        wait_for_slot(&self.build_slots, stop).await
+        self.build.slots.for_build(stop).await
     }
-}
-
-/// Wait for a slot of `slots`, unless the job is stopped first (an interrupt must not wait
-/// for another client's work to end).
-async fn wait_for_slot(slots: &Arc<Semaphore>, stop: &StopSignal) -> Option<Slot> {
-    let asked = Instant::now();
-    let permit = match slots.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(_) => tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-            _ = stop.token().cancelled() => return None,
-        },
-    };
-    Some(Slot {
-        _permit: permit,
-        waited_ms: asked.elapsed().as_millis() as u64,
-    })
 }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use crate::agent::AgentReport;
-use crate::context::Slot;
 use crate::publish::PublishReport;
+use crate::slots::Slot;
 
 /// What happened to a batch, for its terminal events.
 #[derive(Default)]

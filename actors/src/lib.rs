@@ -33,6 +33,7 @@ pub(crate) mod redact;
 pub(crate) mod restart;
 pub mod sandbox;
 pub(crate) mod session;
+pub(crate) mod slots;
 pub mod status;
 pub(crate) mod steps;
 pub(crate) mod supervisor;

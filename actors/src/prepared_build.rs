@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,7 @@ use crate::npm_store::Acquired;
 use crate::package_script::DirectScript;
 use crate::process;
 use crate::sandbox::Jail;
+use crate::slots::BuildSlots;
 
 /// The Node side (`node --eval`): no file to place where the sandbox can read it.
 const SCRIPT: &str = include_str!("prepared_build.mjs");
@@ -88,9 +89,9 @@ struct Pipes {
 
 /// Wait for a build slot (or the build's turn), have the process load Astro, and wait until it
 /// says so; the slot is let go then.
-async fn load(mut pipes: Pipes, slots: Arc<Semaphore>, go_now: oneshot::Receiver<()>) -> Pipes {
+async fn load(mut pipes: Pipes, slots: Arc<BuildSlots>, go_now: oneshot::Receiver<()>) -> Pipes {
     let slot = tokio::select! {
-        slot = slots.acquire_owned() => slot.ok(),
+        slot = slots.for_loading() => Some(slot),
         _ = go_now => None,
     };
     if pipes.stdin.write_all(b"load\n").await.is_ok() {
@@ -149,7 +150,7 @@ impl PreparedBuild {
         jail: Jail,
         dir: &Path,
         permit: OwnedSemaphorePermit,
-        build_slots: Arc<Semaphore>,
+        build_slots: Arc<BuildSlots>,
     ) -> Option<PreparedBuild> {
         let cli = astro_cli(store_modules, &plan)?;
         // What `node_modules/.bin/astro` would be in argv[1], had the build started it.
@@ -311,11 +312,13 @@ export async function cli(argv) {
     }
 
     fn start(site: &Path, plan: Plan) -> Option<PreparedBuild> {
-        start_with_slots(site, plan, Arc::new(Semaphore::new(2)))
+        start_with_slots(site, plan, BuildSlots::new(2))
     }
 
-    fn start_with_slots(site: &Path, plan: Plan, slots: Arc<Semaphore>) -> Option<PreparedBuild> {
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+    fn start_with_slots(site: &Path, plan: Plan, slots: Arc<BuildSlots>) -> Option<PreparedBuild> {
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
         PreparedBuild::start(
             plan,
             ("entry-1".into(), None),
@@ -394,14 +397,17 @@ export async function cli(argv) {
     async fn a_build_whose_turn_comes_before_a_free_slot_loads_astro_itself() {
         let site = fake_site(None);
         let plan = plan(&["astro", "build"]);
-        let slots = Arc::new(Semaphore::new(1));
-        let held = slots.clone().try_acquire_owned().unwrap();
+        let slots = BuildSlots::new(1);
+        let held = slots
+            .for_build(&crate::job::StopSignal::default())
+            .await
+            .unwrap();
         let prepared = start_with_slots(site.path(), plan.clone(), slots.clone()).unwrap();
         build_in_it(prepared, &plan, site.path()).await;
         // The loading never took the slot the test holds, and holds none now.
-        assert_eq!(slots.available_permits(), 0);
+        assert_eq!(slots.free(), 0);
         drop(held);
-        assert_eq!(slots.available_permits(), 1);
+        assert_eq!(slots.free(), 1);
     }
 
     #[tokio::test]
