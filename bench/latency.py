@@ -21,7 +21,8 @@ Settings: WORKER_BIN (default target/release/edit-worker), SAMPLES (default 5), 
 case 3 (e.g. 1,2,3: one run per BUILD_CONCURRENCY, side by side; default the worker's own),
 STORES for case 3 (cold,warm: the lock file installed inside the run, or once before it),
 AHEAD for case 3 (e.g. 0,16: one run per BUILD_AHEAD_MAX, side by side; default the worker's
-own), ROUNDS for case 3 (default 1: each combination once; more alternate them round by round).
+own), ROUNDS for case 3 (default 1: each combination once; more alternate them round by round),
+WORKER_RUST_LOG (the workers' RUST_LOG), KEEP=1 (keep the workers' folders: logs, reports).
 """
 
 import json
@@ -110,7 +111,8 @@ class Worker:
                "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "ASTRO_TELEMETRY_DISABLED": "1",
-               "RUST_LOG": "warn,edit_worker_actors::npm_store=info,edit_worker_actors::build=info",
+               "RUST_LOG": os.environ.get("WORKER_RUST_LOG", "warn,edit_worker_actors::npm_store=info,"
+                                                             "edit_worker_actors::build=info"),
                "PROGRESS_INTERVAL_SECONDS": "60", **extra}
         if "npm_config_cache" in os.environ:
             env["npm_config_cache"] = os.environ["npm_config_cache"]
@@ -287,7 +289,10 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
-    remove_all(BASE)
+    if os.environ.get("KEEP"):
+        log(f"kept the workers' folders (logs, reports) under {BASE}")
+    else:
+        remove_all(BASE)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ impl BuildSpec {
             settings: config.build.clone(),
             ahead: (config.build.ahead_max > 0)
                 .then(|| Arc::new(Semaphore::new(config.build.ahead_max))),
-            slots: BuildSlots::new(config.build.concurrency),
+            // An unloaded build waits for at most as many loaded ones as can wait at once.
+            slots: BuildSlots::new(config.build.concurrency, config.build.ahead_max),
             store: settings.shared.then(|| {
                 NpmStore::new(
                     settings.dir_under(&config.workspace_root),

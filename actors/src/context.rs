@@ -82,8 +82,14 @@ impl WorkerContext {
     }
 
     /// A slot for one build (`BUILD_CONCURRENCY`, shared with the builds started ahead,
-    /// which load Astro in one); `None` when the job is stopped while waiting.
-    pub(crate) async fn build_slot(&self, stop: &StopSignal) -> Option<Slot> {
-        self.build.slots.for_build(stop).await
+    /// which load Astro in one); `None` when the job is stopped while waiting. `prepared`:
+    /// its process started ahead, whose build goes first once Astro is loaded in it.
+    pub(crate) async fn build_slot(
+        &self,
+        stop: &StopSignal,
+        prepared: Option<&crate::prepared_build::PreparedBuild>,
+    ) -> Option<Slot> {
+        let loaded = prepared.map(|p| p.loaded());
+        self.build.slots.for_build(stop, loaded).await
     }
 }

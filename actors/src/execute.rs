@@ -189,7 +189,7 @@ pub(crate) async fn execute(
             .jail(&request.workspace(), &workspace_dir, None)
             .await?;
         let build_slot = ctx
-            .build_slot(stop)
+            .build_slot(stop, prepared.as_ref())
             .await
             .ok_or(JobError::Build(BuildError::Cancelled))?;
         journal.waited_for(&build_slot);

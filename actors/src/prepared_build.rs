@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -78,6 +79,8 @@ pub struct PreparedBuild {
     loading: Option<JoinHandle<Pipes>>,
     /// Tells `loading` to stop waiting for a slot: the build's turn has come.
     go_now: Option<oneshot::Sender<()>>,
+    /// Set once Astro is loaded: such a build goes before unloaded ones (`BuildSlots`).
+    loaded: Arc<AtomicBool>,
 }
 
 /// The prepared process's stdin and stdout, and whether it said Astro is loaded.
@@ -89,14 +92,29 @@ struct Pipes {
 
 /// Wait for a build slot (or the build's turn), have the process load Astro, and wait until it
 /// says so; the slot is let go then.
-async fn load(mut pipes: Pipes, slots: Arc<BuildSlots>, go_now: oneshot::Receiver<()>) -> Pipes {
+async fn load(
+    mut pipes: Pipes,
+    slots: Arc<BuildSlots>,
+    go_now: oneshot::Receiver<()>,
+    loaded: Arc<AtomicBool>,
+) -> Pipes {
+    let asked = std::time::Instant::now();
     let slot = tokio::select! {
         slot = slots.for_loading() => Some(slot),
         _ = go_now => None,
     };
+    let waited = asked.elapsed();
     if pipes.stdin.write_all(b"load\n").await.is_ok() {
         pipes.loaded = wait_until_loaded(&mut pipes.stdout).await;
+        loaded.store(pipes.loaded, Ordering::SeqCst);
     }
+    tracing::debug!(
+        ahead = slot.is_some(),
+        loaded = pipes.loaded,
+        waited_ms = waited.as_millis() as u64,
+        load_ms = (asked.elapsed() - waited).as_millis() as u64,
+        "Astro loaded for a build started ahead"
+    );
     drop(slot);
     pipes
 }
@@ -176,7 +194,8 @@ impl PreparedBuild {
             loaded: false,
         };
         let (go_now, go) = oneshot::channel();
-        let loading = tokio::spawn(load(pipes, build_slots, go));
+        let loaded = Arc::new(AtomicBool::new(false));
+        let loading = tokio::spawn(load(pipes, build_slots, go, loaded.clone()));
         tracing::info!(%store_key, "build started ahead: Astro loads while the agent works");
         Some(PreparedBuild {
             child: Some(child),
@@ -188,7 +207,13 @@ impl PreparedBuild {
             _permit: permit,
             loading: Some(loading),
             go_now: Some(go_now),
+            loaded,
         })
+    }
+
+    /// Whether Astro is loaded in it (read when a build slot is handed out).
+    pub(crate) fn loaded(&self) -> Arc<AtomicBool> {
+        self.loaded.clone()
     }
 
     /// Run the build in this process, when `plan` from `store_key` is what it was prepared
@@ -312,7 +337,7 @@ export async function cli(argv) {
     }
 
     fn start(site: &Path, plan: Plan) -> Option<PreparedBuild> {
-        start_with_slots(site, plan, BuildSlots::new(2))
+        start_with_slots(site, plan, BuildSlots::new(2, 16))
     }
 
     fn start_with_slots(site: &Path, plan: Plan, slots: Arc<BuildSlots>) -> Option<PreparedBuild> {
@@ -397,9 +422,9 @@ export async function cli(argv) {
     async fn a_build_whose_turn_comes_before_a_free_slot_loads_astro_itself() {
         let site = fake_site(None);
         let plan = plan(&["astro", "build"]);
-        let slots = BuildSlots::new(1);
+        let slots = BuildSlots::new(1, 16);
         let held = slots
-            .for_build(&crate::job::StopSignal::default())
+            .for_build(&crate::job::StopSignal::default(), None)
             .await
             .unwrap();
         let prepared = start_with_slots(site.path(), plan.clone(), slots.clone()).unwrap();

@@ -75,7 +75,7 @@ impl Harness {
             settings: config.build.clone(),
             store: None,
             ahead: None,
-            slots: crate::slots::BuildSlots::new(1),
+            slots: crate::slots::BuildSlots::new(1, 16),
         };
         let ctx = Arc::new(WorkerContext::new(config, delivery, None, build));
         let (step_factory, calls) = FakeSteps::new();
