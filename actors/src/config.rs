@@ -148,7 +148,7 @@ impl WorkerConfig {
         })
     }
 
-    pub fn workspace_dir(&self, key: &WorkspaceKey) -> PathBuf {
+    pub(crate) fn workspace_dir(&self, key: &WorkspaceKey) -> PathBuf {
         // Both ids are validated DNS labels: no separators, no dots, so this stays under the root.
         self.workspace_root
             .join(&key.client_id)
@@ -163,7 +163,7 @@ impl WorkerConfig {
         self.git_remote_template.as_deref().map(|t| fill(t, key))
     }
 
-    pub fn preview_url_for(&self, bucket: &str) -> String {
+    pub(crate) fn preview_url_for(&self, bucket: &str) -> String {
         self.preview_url_template
             .replace("{bucket}", bucket)
             .replace("{region}", &self.region)
@@ -216,10 +216,6 @@ impl OutputDir {
             return Err(OutputDirError::Empty(shown));
         }
         Ok(OutputDir(inside))
-    }
-
-    pub fn as_path(&self) -> &Path {
-        &self.0
     }
 }
 

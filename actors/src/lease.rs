@@ -46,7 +46,7 @@ struct LeaseRecord {
 
 /// What the leases of this worker need to know.
 #[derive(Debug, Clone)]
-pub struct LeaseConfig {
+pub(crate) struct LeaseConfig {
     /// How long a lease lasts without a heartbeat (`LEASE_SECONDS`).
     pub duration: Duration,
     /// This worker's name (`WORKER_ID`).
@@ -117,7 +117,7 @@ impl Leases {
     }
 
     /// Leases in the shared store.
-    pub fn shared(store: RecordStore, config: LeaseConfig) -> Leases {
+    pub(crate) fn shared(store: RecordStore, config: LeaseConfig) -> Leases {
         Leases {
             shared: Some(Arc::new(Shared {
                 store,
@@ -128,19 +128,15 @@ impl Leases {
         }
     }
 
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// Name this worker's notice queue in the leases it takes from now on.
-    pub fn set_notice_queue(&self, url: String) {
+    pub(crate) fn set_notice_queue(&self, url: String) {
         if let Some(shared) = &self.shared {
             *shared.notices.lock().expect("notices") = Some(url);
         }
     }
 
     /// Signalled when the holder of `key` says it released its lease.
-    pub fn released_signal(&self, key: &WorkspaceKey) -> Arc<Notify> {
+    pub(crate) fn released_signal(&self, key: &WorkspaceKey) -> Arc<Notify> {
         match &self.shared {
             Some(shared) => shared
                 .released
@@ -154,7 +150,7 @@ impl Leases {
     }
 
     /// The holder of `key` released it: wake whoever waits here.
-    pub fn on_released(&self, key: &WorkspaceKey) {
+    pub(crate) fn on_released(&self, key: &WorkspaceKey) {
         if let Some(shared) = &self.shared {
             let signal = shared.released.lock().expect("released").remove(key);
             if let Some(signal) = signal {
@@ -261,7 +257,7 @@ pub struct LeaseCheck {
 }
 
 impl LeaseCheck {
-    pub fn check(&self) -> Result<(), LeaseLost> {
+    pub(crate) fn check(&self) -> Result<(), LeaseLost> {
         let expired = self
             .valid_until
             .as_ref()
@@ -276,7 +272,7 @@ impl LeaseCheck {
     }
 
     /// Cancelled when the heartbeat finds the lease lost.
-    pub fn lost(&self) -> &CancellationToken {
+    pub(crate) fn lost(&self) -> &CancellationToken {
         &self.lost
     }
 }
@@ -340,29 +336,30 @@ impl Lease {
         }
     }
 
-    pub fn key(&self) -> &WorkspaceKey {
+    pub(crate) fn key(&self) -> &WorkspaceKey {
         &self.key
     }
 
     /// The fencing token: grows each time the workspace changes hands (0 when alone).
-    pub fn token(&self) -> u64 {
+    pub(crate) fn token(&self) -> u64 {
         self.token
     }
 
     /// Whether the workspace comes from another worker (or from nobody known): then this
     /// worker's checkout, conversation files and published marker may be stale.
-    pub fn handover(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn handover(&self) -> bool {
         self.handover
     }
 
     /// Whether the workspace came from another worker, once: the first batch under the lease
     /// catches up, the later ones of the same busy spell need not.
-    pub fn take_handover(&mut self) -> bool {
+    pub(crate) fn take_handover(&mut self) -> bool {
         std::mem::take(&mut self.handover)
     }
 
     /// Whether leases are shared at all (a fenced deployment).
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         self.held.is_some()
     }
 
@@ -372,7 +369,7 @@ impl Lease {
 
     /// Give the lease up: the next worker (or this one) may take it at once. The token and
     /// holder stay in the record, so the next holder knows whether the workspace changed hands.
-    pub async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         let Some(held) = self.held.take() else {
             return;
         };

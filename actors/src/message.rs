@@ -73,7 +73,7 @@ pub enum RequestError {
 
 impl RequestError {
     /// Stable machine-readable kind, part of the external contract.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             RequestError::MalformedJson(_) | RequestError::NotAnObject => "malformed_message",
             RequestError::MissingField(_) => "missing_field",
@@ -89,7 +89,7 @@ impl RequestError {
 /// The ids a message carries, as far as they could be read. A rejected message's status event
 /// carries whatever of these was readable (and valid), so the producer can match it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LooseIds {
+pub(crate) struct LooseIds {
     pub session_id: Option<String>,
     pub thread_id: Option<String>,
     pub client_id: Option<String>,
@@ -139,7 +139,7 @@ impl EditRequest {
         })
     }
 
-    pub fn workspace(&self) -> WorkspaceKey {
+    pub(crate) fn workspace(&self) -> WorkspaceKey {
         WorkspaceKey {
             client_id: self.client_id.clone(),
             project_id: self.project_id.clone(),
@@ -147,7 +147,7 @@ impl EditRequest {
     }
 
     /// The git branch of this request's thread.
-    pub fn branch(&self) -> String {
+    pub(crate) fn branch(&self) -> String {
         format!("thread-{}", self.thread_id)
     }
 }
@@ -155,7 +155,7 @@ impl EditRequest {
 impl LooseIds {
     /// Read whatever valid ids a (possibly invalid) body carries. Invalid ids are left out:
     /// they must not travel on as if they were trustworthy.
-    pub fn from_body(body: &str) -> LooseIds {
+    pub(crate) fn from_body(body: &str) -> LooseIds {
         let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(body)
         else {
             return LooseIds::default();
@@ -205,7 +205,7 @@ pub fn check_dns_label(field: &'static str, s: &str) -> Result<(), RequestError>
 }
 
 /// `threadId`/`sessionId`: safe as a git branch name component and as a file name.
-pub fn check_ref_safe_id(field: &'static str, s: &str) -> Result<(), RequestError> {
+pub(crate) fn check_ref_safe_id(field: &'static str, s: &str) -> Result<(), RequestError> {
     let invalid = |reason| Err(RequestError::InvalidField { field, reason });
     if s.is_empty() || s.len() > 128 {
         return invalid("must be 1 to 128 characters");
@@ -236,7 +236,7 @@ pub fn check_ref_safe_id(field: &'static str, s: &str) -> Result<(), RequestErro
 /// digits, `.` and `-`, starting and ending with a letter or digit, no `..`, `.-` or `-.`, not
 /// shaped like an IP address. A message whose ids make an invalid name is bad input, not a
 /// passing failure.
-pub fn check_bucket_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn check_bucket_name(name: &str) -> Result<(), &'static str> {
     if name.len() < 3 || name.len() > 63 {
         return Err("must be 3 to 63 characters");
     }

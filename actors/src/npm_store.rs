@@ -70,13 +70,13 @@ use crate::sandbox::Sandbox;
 /// Written last into an entry: its presence means the install finished.
 const MARKER: &str = ".complete";
 /// Folders the build writes into `node_modules`: per workspace, kept between builds.
-pub const CACHE_DIRS: &[&str] = &[".vite", ".astro", ".cache"];
+pub(crate) const CACHE_DIRS: &[&str] = &[".vite", ".astro", ".cache"];
 /// Names an install copies from the workspace.
 const LOCK: &str = "package-lock.json";
 const PACKAGE: &str = "package.json";
 const NPMRC: &str = ".npmrc";
 /// The workspace's record of the entry linked into its `node_modules` (in the state folder).
-pub const LINK_STAMP: &str = "npm-store.link";
+pub(crate) const LINK_STAMP: &str = "npm-store.link";
 
 /// How dependencies are installed (`INSTALL_MODE`, `NPM_STORE_*`).
 #[derive(Debug, Clone)]
@@ -147,7 +147,7 @@ fn store_key_for(
 
 /// Why a site's dependencies cannot come from the store (they depend on the workspace's own
 /// files or scripts), or `None` when they can.
-pub fn unshareable_reason(lock: &[u8], package_json: &[u8]) -> Option<&'static str> {
+pub(crate) fn unshareable_reason(lock: &[u8], package_json: &[u8]) -> Option<&'static str> {
     let has = |needle: &[u8]| lock.windows(needle.len()).any(|w| w == needle);
     if has(b"\"link\": true") {
         return Some("the lock file links local packages (workspaces or file: links)");
@@ -176,7 +176,7 @@ pub fn unshareable_reason(lock: &[u8], package_json: &[u8]) -> Option<&'static s
 
 /// The files of a site that an install needs.
 #[derive(Debug, Clone)]
-pub struct SiteFiles {
+pub(crate) struct SiteFiles {
     pub lock: Vec<u8>,
     pub package_json: Vec<u8>,
     pub npmrc: Option<Vec<u8>>,
@@ -184,7 +184,7 @@ pub struct SiteFiles {
 
 /// One entry as the eviction sees it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EntryInfo {
+pub(crate) struct EntryInfo {
     pub key: String,
     /// Disk use (allocated blocks).
     pub bytes: u64,
@@ -197,7 +197,7 @@ pub struct EntryInfo {
 /// Which entries to remove: the incomplete ones, those unused for longer than `max_age`, then
 /// the least recently used until the rest fit in `max_bytes`. Entries in `in_use` stay (their
 /// bytes still count).
-pub fn choose_evictions(
+pub(crate) fn choose_evictions(
     entries: &[EntryInfo],
     now: u64,
     max_age: Duration,
@@ -257,7 +257,7 @@ struct Known {
 
 /// A store entry in use by one build: it is not evicted while held, by this process (the
 /// lease) or any other sharing the folder (the shared lock).
-pub struct Acquired {
+pub(crate) struct Acquired {
     pub key: String,
     /// `npm ci` ran for this build, taking this long.
     pub installed_ms: Option<u64>,
@@ -289,7 +289,7 @@ impl Drop for Lease {
 
 /// The shared store. Cheap to clone: every build actor holds one, all share its locks.
 #[derive(Clone)]
-pub struct NpmStore {
+pub(crate) struct NpmStore {
     inner: Arc<Inner>,
 }
 
@@ -340,7 +340,7 @@ struct Found {
 
 impl NpmStore {
     /// A store in `dir` (made absolute). Nothing is read or written until the first build.
-    pub fn new(
+    pub(crate) fn new(
         dir: PathBuf,
         settings: StoreSettings,
         install_timeout: Duration,
@@ -376,16 +376,12 @@ impl NpmStore {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
-    }
-
     /// The entry for `files`, installed first when there is no valid one. Two builds that need
     /// the same new entry install it once, in this process or in another sharing the folder:
     /// the second waits for the first. The install itself is not cancelled with the message
     /// that started it (an interrupt's newer message needs the same dependencies); `cancel`
     /// only stops the waiting.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         files: SiteFiles,
         timeout: Duration,
@@ -496,13 +492,13 @@ impl NpmStore {
     }
 
     /// The `node_modules` folder of entry `key`.
-    pub fn modules_of(&self, key: &str) -> PathBuf {
+    pub(crate) fn modules_of(&self, key: &str) -> PathBuf {
         self.inner.dir.join(key).join("node_modules")
     }
 
     /// Point `{workspace}/node_modules` at the entry: one symlink per top-level name, the
     /// build's caches kept, anything else removed. Records the key in `state_dir`.
-    pub async fn link(
+    pub(crate) async fn link(
         &self,
         acquired: &Acquired,
         workspace: &Path,
@@ -520,7 +516,7 @@ impl NpmStore {
 
     /// After the build: the entry must be as it was. A build that changed it fails, and the
     /// entry is discarded so that no other build loads it.
-    pub async fn verify_unchanged(&self, acquired: &Acquired) -> Result<(), BuildError> {
+    pub(crate) async fn verify_unchanged(&self, acquired: &Acquired) -> Result<(), BuildError> {
         let inner = &self.inner;
         let entry = inner.dir.join(&acquired.key);
         let now = blocking(move || scan(&entry)).await;
@@ -1255,7 +1251,7 @@ fn remove_tree(root: &Path) -> std::io::Result<()> {
 /// of `store_modules`, plus the build's cache folders. Existing right links stay; anything else
 /// (an earlier entry's links, a whole per-workspace install, a package the agent added) goes.
 /// Removing a symlink never touches what it points to.
-pub fn link_overlay(store_modules: &Path, modules: &Path) -> std::io::Result<()> {
+pub(crate) fn link_overlay(store_modules: &Path, modules: &Path) -> std::io::Result<()> {
     let mut wanted: HashMap<std::ffi::OsString, PathBuf> = HashMap::new();
     // A lock file without dependencies installs no `node_modules` at all.
     let listed = match std::fs::read_dir(store_modules) {

@@ -91,7 +91,7 @@ impl CacheRule {
 
     /// Astro's hashed assets never change under the same name; everything else must be
     /// revalidated so that an edit shows at once.
-    pub fn defaults() -> Vec<CacheRule> {
+    pub(crate) fn defaults() -> Vec<CacheRule> {
         vec![
             CacheRule {
                 pattern: "_astro/".into(),
@@ -241,7 +241,7 @@ impl PublishError {
 
     /// The same build would fail the same way at every try: nothing passing (S3 away, a lost
     /// race) caused it, so retrying the message only delays its `failed` event.
-    pub fn would_repeat(&self) -> bool {
+    pub(crate) fn would_repeat(&self) -> bool {
         matches!(
             self,
             PublishError::EmptyBuild(_)
@@ -254,7 +254,7 @@ impl PublishError {
 
 /// Keys under this prefix are the worker's own (the lease fences, the owner record), never the
 /// site's: a publish neither lists nor deletes them.
-pub const RESERVED_PREFIX: &str = ".edit-worker/";
+pub(crate) const RESERVED_PREFIX: &str = ".edit-worker/";
 
 /// The bucket's owner record (under the reserved prefix, so no publish ever deletes it).
 pub const OWNER_KEY: &str = ".edit-worker/owner.json";
@@ -1240,7 +1240,7 @@ fn is_html(key: &str) -> bool {
 }
 
 /// `Content-Type` by extension, with a charset for text so that browsers do not guess.
-pub fn content_type(key: &str) -> String {
+pub(crate) fn content_type(key: &str) -> String {
     let mime = mime_guess::from_path(key).first_or_octet_stream();
     let textual = mime.type_() == mime_guess::mime::TEXT
         || matches!(

@@ -89,7 +89,7 @@ enum OutcomeRecord {
 
 /// What `begin` found.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Begin {
+pub(crate) enum Begin {
     /// Nothing recorded, or only a stale mark: the message is ours to run.
     Fresh,
     /// The message already ended; this is its terminal event, to be sent again as it was.
@@ -101,7 +101,7 @@ pub enum Begin {
 /// How far a thread has got: the newest send time among its messages that started to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ThreadMark {
+pub(crate) struct ThreadMark {
     pub newest_sent_ms: u64,
 }
 
@@ -118,7 +118,7 @@ pub struct RecordStore {
 
 /// Reads and writes made by a record store.
 #[derive(Debug, Default)]
-pub struct CallCounts {
+pub(crate) struct CallCounts {
     pub reads: std::sync::atomic::AtomicU64,
     pub writes: std::sync::atomic::AtomicU64,
 }
@@ -133,7 +133,7 @@ enum Engine {
     },
 }
 
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -165,6 +165,16 @@ fn thread_key(key: &WorkspaceKey, thread_id: &str) -> String {
 }
 
 impl RecordStore {
+    /// A store in a local folder (tests).
+    #[cfg(test)]
+    pub(crate) fn local(dir: &Path, worker: &str) -> RecordStore {
+        RecordStore {
+            engine: Engine::Local(dir.to_owned()),
+            worker: worker.to_owned(),
+            calls: Default::default(),
+        }
+    }
+
     pub fn new(location: &StoreLocation, s3: &aws_sdk_s3::Client, worker: &str) -> RecordStore {
         let engine = match location {
             StoreLocation::Local(dir) => Engine::Local(dir.clone()),
@@ -181,18 +191,13 @@ impl RecordStore {
         }
     }
 
-    /// A store in a local folder (tests, and a worker that is alone).
-    pub fn local(dir: &Path, worker: &str) -> RecordStore {
-        RecordStore {
-            engine: Engine::Local(dir.to_owned()),
-            worker: worker.to_owned(),
-            calls: Default::default(),
-        }
-    }
-
     /// Take a message in hand: mark it `started` (for `hold`) unless it already ended or another
     /// worker holds a live mark.
-    pub async fn begin(&self, message_id: &str, hold: Duration) -> Result<Begin, RecordError> {
+    pub(crate) async fn begin(
+        &self,
+        message_id: &str,
+        hold: Duration,
+    ) -> Result<Begin, RecordError> {
         let key = message_key(message_id);
         let mine = OutcomeRecord::Started {
             worker: self.worker.clone(),
@@ -225,7 +230,7 @@ impl RecordStore {
     /// Let go of a message given back to the queue (shutdown, a lost lease, a retry): our
     /// `started` mark expires now, so whichever worker receives it next starts it at once
     /// instead of leaving it for another visibility timeout. An ended record stays as it is.
-    pub async fn give_up(&self, message_id: &str) -> Result<(), RecordError> {
+    pub(crate) async fn give_up(&self, message_id: &str) -> Result<(), RecordError> {
         let key = message_key(message_id);
         let Some((text, version)) = self.read(&key).await? else {
             return Ok(());
@@ -248,7 +253,7 @@ impl RecordStore {
     /// ending wins: when the message already ended (another worker ran a copy of it that SQS
     /// handed out while this one held it, and ended first), nothing is written and that
     /// recorded event is returned, to be reported instead, so a message never ends two ways.
-    pub async fn end(
+    pub(crate) async fn end(
         &self,
         message_id: &str,
         event_json: &str,
@@ -278,7 +283,7 @@ impl RecordStore {
         })
     }
 
-    pub async fn thread_mark(
+    pub(crate) async fn thread_mark(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
@@ -298,7 +303,7 @@ impl RecordStore {
     }
 
     /// Raise the thread's mark to `sent_ms` (never lower it: a mark only moves forward).
-    pub async fn raise_thread_mark(
+    pub(crate) async fn raise_thread_mark(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
@@ -330,7 +335,7 @@ impl RecordStore {
     /// Forget local outcome records older than `age` (SQS keeps a message 14 days at most, so
     /// an older record can no longer meet a copy of its message). S3 prefixes are expired by a
     /// lifecycle rule instead (README).
-    pub async fn forget_older_than(&self, age: Duration) -> Result<usize, RecordError> {
+    pub(crate) async fn forget_older_than(&self, age: Duration) -> Result<usize, RecordError> {
         let Engine::Local(root) = &self.engine else {
             return Ok(0);
         };
@@ -360,7 +365,7 @@ impl RecordStore {
     }
 
     /// (reads, writes) made so far by this store and its clones.
-    pub fn calls(&self) -> (u64, u64) {
+    pub(crate) fn calls(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (
             self.calls.reads.load(Relaxed),
@@ -370,7 +375,7 @@ impl RecordStore {
 
     /// Whether every worker of the deployment reads these records (an S3 prefix), or only this
     /// one (a local folder).
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         matches!(self.engine, Engine::S3 { .. })
     }
 

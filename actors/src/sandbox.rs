@@ -85,7 +85,7 @@ pub struct Isolation {
 }
 
 impl Isolation {
-    pub const NONE: Isolation = Isolation {
+    pub(crate) const NONE: Isolation = Isolation {
         separate_users: false,
         namespaces: false,
     };
@@ -186,7 +186,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// No isolation: what tests of other parts and `ISOLATION=none` use.
-    pub fn off(root: &Path) -> Arc<Sandbox> {
+    pub(crate) fn off(root: &Path) -> Arc<Sandbox> {
         Arc::new(Sandbox::with(
             Isolation::NONE,
             Limits::default(),
@@ -209,7 +209,7 @@ impl Sandbox {
 
     /// Find out what this host allows and set up the root for it. `read_only`: folders every
     /// run must see but not change (the dependency store).
-    pub async fn detect(
+    pub(crate) async fn detect(
         setting: IsolationSetting,
         limits: Limits,
         root: &Path,
@@ -346,7 +346,7 @@ impl Sandbox {
 
     /// Where the agent of `key` keeps its conversations and settings (`CLAUDE_CONFIG_DIR`):
     /// `base` itself without isolation, a folder of the workspace's own under it with.
-    pub fn agent_config_dir(&self, base: &Path, key: &WorkspaceKey) -> PathBuf {
+    pub(crate) fn agent_config_dir(&self, base: &Path, key: &WorkspaceKey) -> PathBuf {
         if self.isolation.is_none() {
             return base.to_owned();
         }
@@ -358,7 +358,7 @@ impl Sandbox {
     /// The sandbox for a run in workspace `key` (checkout `workdir`; the agent's folder
     /// `agent_config_dir`, if it runs the agent): its uid allocated on first use, and the
     /// checkout, home and agent folder handed to that uid.
-    pub async fn jail(
+    pub(crate) async fn jail(
         self: &Arc<Self>,
         key: &WorkspaceKey,
         workdir: &Path,
@@ -371,7 +371,7 @@ impl Sandbox {
     /// checkout (the build started ahead, while the agent works): the folders as the last
     /// hand-over left them, so that two walks of the checkout do not race. A folder that does
     /// not exist yet is made and handed over all the same.
-    pub async fn jail_as_handed_over(
+    pub(crate) async fn jail_as_handed_over(
         self: &Arc<Self>,
         key: &WorkspaceKey,
         workdir: &Path,
@@ -424,7 +424,7 @@ impl Sandbox {
 
     /// The sandbox for a shared dependency install into `dir` (a fresh folder of the store):
     /// the store's own uid, `dir` its only writable folder besides its home.
-    pub async fn store_jail(self: &Arc<Self>, dir: &Path) -> Result<Jail, SandboxError> {
+    pub(crate) async fn store_jail(self: &Arc<Self>, dir: &Path) -> Result<Jail, SandboxError> {
         if self.isolation.is_none() {
             return Ok(Jail::open(dir));
         }
@@ -528,7 +528,7 @@ impl Sandbox {
 
 /// The files a program named `program` is (its path, resolved on `PATH` when it is a bare name,
 /// and where its links lead): what must stay visible to a sandboxed run of it.
-pub fn program_files(program: &Path) -> Vec<PathBuf> {
+pub(crate) fn program_files(program: &Path) -> Vec<PathBuf> {
     let found = if program.components().count() > 1 || program.is_absolute() {
         Some(std::path::absolute(program).unwrap_or_else(|_| program.to_owned()))
     } else {
@@ -598,7 +598,7 @@ async fn probe_namespaces(uid: Option<u32>) -> Result<(), String> {
 
 /// Where one run of a tenant's code happens. Cheap to clone; made per run.
 #[derive(Debug, Clone)]
-pub struct Jail {
+pub(crate) struct Jail {
     /// `None`: no isolation, the run is the worker's own child.
     sandbox: Option<Arc<Sandbox>>,
     /// The uid (and gid) it runs as; `None`: the worker's own.
@@ -614,7 +614,7 @@ pub struct Jail {
 
 impl Jail {
     /// No isolation: the worker's own user, its own environment rules.
-    pub fn open(workdir: &Path) -> Jail {
+    pub(crate) fn open(workdir: &Path) -> Jail {
         Jail {
             sandbox: None,
             uid: None,
@@ -626,7 +626,7 @@ impl Jail {
     }
 
     /// `SANDBOX_MAX_DISK_MB`, for messages.
-    pub fn disk_limit_mb(&self) -> u64 {
+    pub(crate) fn disk_limit_mb(&self) -> u64 {
         self.sandbox
             .as_ref()
             .map_or(0, |s| s.limits.disk_bytes >> 20)
@@ -635,7 +635,7 @@ impl Jail {
     /// A process of this jail lives on when another run of the same workspace ends. Not so
     /// with separate users but no namespaces: the end of every run ends all of its uid's
     /// processes (`sweep`, which does nothing exactly when this holds).
-    pub fn outlives_other_runs(&self) -> bool {
+    pub(crate) fn outlives_other_runs(&self) -> bool {
         match &self.sandbox {
             Some(sandbox) => sandbox.isolation.namespaces || self.uid.is_none(),
             None => true,
@@ -643,13 +643,14 @@ impl Jail {
     }
 
     /// The uid its processes run as, when it is not the worker's.
-    pub fn uid(&self) -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn uid(&self) -> Option<u32> {
         self.uid
     }
 
     /// A command for `program` that runs inside this jail, in `cwd`. The caller sets up the
     /// environment as for any child (`env_clear` and an allow-list), then adds `self.env()`.
-    pub fn command(&self, program: impl AsRef<OsStr>, cwd: &Path) -> Command {
+    pub(crate) fn command(&self, program: impl AsRef<OsStr>, cwd: &Path) -> Command {
         let Some(sandbox) = &self.sandbox else {
             let mut cmd = Command::new(program);
             cmd.current_dir(cwd);
@@ -729,7 +730,7 @@ impl Jail {
 
     /// What the run's environment must say about where it is: its own `HOME` and `TMPDIR`
     /// (and npm's cache in it), its own `CLAUDE_CONFIG_DIR`. Empty without isolation.
-    pub fn env(&self) -> Vec<(OsString, OsString)> {
+    pub(crate) fn env(&self) -> Vec<(OsString, OsString)> {
         let Some(sandbox) = &self.sandbox else {
             return Vec::new();
         };
@@ -754,7 +755,7 @@ impl Jail {
 
     /// Give the tenant what the worker changed in its folders since (new files of a merge,
     /// the links of an install): they become its uid's. Call before each run.
-    pub async fn hand_over(&self) -> Result<(), SandboxError> {
+    pub(crate) async fn hand_over(&self) -> Result<(), SandboxError> {
         if self.uid.is_none() {
             return Ok(());
         }
@@ -807,7 +808,7 @@ impl Jail {
     /// While the run in process group `pgid` lasts: add up what the workspace's uid has in its
     /// folders, and past `SANDBOX_MAX_DISK_MB` kill the group (a tenant filling the disk with
     /// many files, each under the file limit). `None` without a uid of its own.
-    pub fn watch_disk(&self, pgid: Option<i32>) -> Option<DiskWatch> {
+    pub(crate) fn watch_disk(&self, pgid: Option<i32>) -> Option<DiskWatch> {
         let (Some(sandbox), Some(uid), Some(pgid)) = (&self.sandbox, self.uid, pgid) else {
             return None;
         };
@@ -847,7 +848,7 @@ impl Jail {
 
     /// After a run without namespaces: nothing it started may live on (a daemon that left the
     /// process group). Every process of its uid is killed; with namespaces the kernel does it.
-    pub async fn sweep(&self) {
+    pub(crate) async fn sweep(&self) {
         if self.outlives_other_runs() {
             return;
         }
@@ -878,7 +879,7 @@ impl Jail {
     }
 
     /// Take back what the store's install wrote (the worker makes it read-only for everyone).
-    pub async fn take_back(&self) -> Result<(), SandboxError> {
+    pub(crate) async fn take_back(&self) -> Result<(), SandboxError> {
         if self.uid.is_none() {
             return Ok(());
         }
@@ -899,14 +900,14 @@ const DISK_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A run's disk watch: ends (is aborted) when dropped.
 #[derive(Debug)]
-pub struct DiskWatch {
+pub(crate) struct DiskWatch {
     task: tokio::task::JoinHandle<()>,
     exceeded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DiskWatch {
     /// The run wrote past the limit and its process group was killed.
-    pub fn exceeded(&self) -> bool {
+    pub(crate) fn exceeded(&self) -> bool {
         self.exceeded.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

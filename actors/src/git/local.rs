@@ -13,7 +13,7 @@ use gix::object::tree::EntryKind;
 /// with the name of what we were doing.
 #[derive(Debug, thiserror::Error)]
 #[error("git {op}: {message}")]
-pub struct LocalGitError {
+pub(crate) struct LocalGitError {
     pub op: &'static str,
     pub message: String,
 }
@@ -26,20 +26,20 @@ fn err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> LocalGitErro
 }
 
 /// Who the worker's commits are by.
-pub struct Identity<'a> {
+pub(crate) struct Identity<'a> {
     pub name: &'a str,
     pub email: &'a str,
 }
 
 /// The branch HEAD points at, if any (`None` when detached).
-pub fn current_branch(dir: &Path) -> Result<Option<String>, LocalGitError> {
+pub(crate) fn current_branch(dir: &Path) -> Result<Option<String>, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
     let head = repo.head_name().map_err(err("read HEAD"))?;
     Ok(head.map(|name| name.shorten().to_string()))
 }
 
 /// The commit a reference (`refs/heads/x`, `refs/remotes/origin/x`) points at, if it exists.
-pub fn resolve_ref(dir: &Path, full_name: &str) -> Result<Option<String>, LocalGitError> {
+pub(crate) fn resolve_ref(dir: &Path, full_name: &str) -> Result<Option<String>, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
     match repo
         .try_find_reference(full_name)
@@ -53,14 +53,14 @@ pub fn resolve_ref(dir: &Path, full_name: &str) -> Result<Option<String>, LocalG
 }
 
 /// The commit HEAD points at.
-pub fn head_commit(dir: &Path) -> Result<String, LocalGitError> {
+pub(crate) fn head_commit(dir: &Path) -> Result<String, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
     Ok(repo.head_id().map_err(err("read HEAD"))?.to_string())
 }
 
 /// The paths git would see as changed: tracked files modified or deleted, staged changes, and
 /// untracked files that are not ignored.
-pub fn changed_paths(dir: &Path) -> Result<BTreeSet<BString>, LocalGitError> {
+pub(crate) fn changed_paths(dir: &Path) -> Result<BTreeSet<BString>, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
     let status = repo
         .status(gix::progress::Discard)
@@ -84,7 +84,7 @@ pub fn changed_paths(dir: &Path) -> Result<BTreeSet<BString>, LocalGitError> {
 /// The new tree is HEAD's tree with every changed path set to what the worktree holds now
 /// (a missing file is removed). Afterwards the index is rewritten from the new tree, so that git
 /// and gix both see a clean worktree.
-pub fn commit_all(
+pub(crate) fn commit_all(
     dir: &Path,
     message: &str,
     who: &Identity<'_>,
@@ -182,7 +182,7 @@ fn refresh_index(repo: &gix::Repository, tree: &gix::oid) -> Result<(), LocalGit
 
 /// The fence commit of `token` for `label`: a parentless commit of the empty tree whose every
 /// byte (author, dates, message) follows from the two, so every worker computes the same id.
-pub fn fence_commit(dir: &Path, label: &str, token: u64) -> Result<String, LocalGitError> {
+pub(crate) fn fence_commit(dir: &Path, label: &str, token: u64) -> Result<String, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
     let tree = repo
         .write_object(gix::objs::Tree::empty())
@@ -209,7 +209,7 @@ pub fn fence_commit(dir: &Path, label: &str, token: u64) -> Result<String, Local
 }
 
 /// The token a fence commit carries (`None`: not a fence commit, or not here).
-pub fn fence_token(dir: &Path, commit: &str) -> Result<Option<u64>, LocalGitError> {
+pub(crate) fn fence_token(dir: &Path, commit: &str) -> Result<Option<u64>, LocalGitError> {
     let repo = gix::open(dir).map_err(err("open"))?;
     let Ok(id) = gix::ObjectId::from_hex(commit.as_bytes()) else {
         return Ok(None);
@@ -230,7 +230,7 @@ pub fn fence_token(dir: &Path, commit: &str) -> Result<Option<u64>, LocalGitErro
 
 /// Find the newest commit reachable from `start` (a ref or commit) whose message carries the
 /// trailer `{key}: {value}`, looking at most `limit` commits back.
-pub fn find_commit_with_trailer(
+pub(crate) fn find_commit_with_trailer(
     dir: &Path,
     start: &str,
     key: &str,

@@ -2,10 +2,12 @@
 //! `local` (gix) does status, staging, commits and refs and `subprocess` (the `git` program)
 //! does clone, fetch, switch and push.
 
-pub mod local;
+pub(crate) mod local;
 pub mod subprocess;
 #[cfg(test)]
 mod test_support;
 mod workspace;
 
-pub use workspace::{Fence, GitError, SAVE_MESSAGE, SavedWork, Workspace, agent_commit_subject};
+pub(crate) use workspace::{
+    Fence, GitError, SAVE_MESSAGE, SavedWork, Workspace, agent_commit_subject,
+};

@@ -137,7 +137,7 @@ fn refused_refs(porcelain: &str) -> Vec<RefusedRef> {
 /// What git may do for one workspace, from its configured remote: which transports are open,
 /// and what `origin` is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GitPolicy {
+pub(crate) struct GitPolicy {
     /// The upstream as configured; a checkout's `origin` is always this.
     remote: Option<String>,
     /// The remote is a local path or a `file://` URL, so the file transport stays open.
@@ -145,14 +145,15 @@ pub struct GitPolicy {
 }
 
 impl GitPolicy {
-    pub fn for_remote(remote: Option<&str>) -> GitPolicy {
+    pub(crate) fn for_remote(remote: Option<&str>) -> GitPolicy {
         GitPolicy {
             remote: remote.map(str::to_owned),
             file_transport: remote.is_some_and(uses_file_transport),
         }
     }
 
-    pub fn allows_file_transport(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn allows_file_transport(&self) -> bool {
         self.file_transport
     }
 
@@ -200,7 +201,7 @@ pub struct GitProgram {
 
 impl GitProgram {
     /// `git` in the checkout `dir` of a workspace whose remote gave `policy`.
-    pub fn new(dir: impl Into<PathBuf>, policy: &GitPolicy) -> GitProgram {
+    pub(crate) fn new(dir: impl Into<PathBuf>, policy: &GitPolicy) -> GitProgram {
         GitProgram {
             dir: dir.into(),
             policy: policy.clone(),
@@ -219,7 +220,7 @@ impl GitProgram {
 
     /// Clone `remote` into `target`. `target` must not exist; the caller clones into a
     /// temporary folder and renames it, so an interrupted clone never looks like a workspace.
-    pub async fn clone_into(remote: &str, target: &Path) -> Result<(), GitCommandError> {
+    pub(crate) async fn clone_into(remote: &str, target: &Path) -> Result<(), GitCommandError> {
         let parent = target.parent().unwrap_or(Path::new("."));
         let target = target.as_os_str().to_string_lossy().into_owned();
         // `--` ends the options: a remote that starts with `-` is still only a URL.
@@ -233,14 +234,14 @@ impl GitProgram {
     }
 
     /// Fetch every branch of `origin`, pruning deleted ones.
-    pub async fn fetch(&self) -> Result<(), GitCommandError> {
+    pub(crate) async fn fetch(&self) -> Result<(), GitCommandError> {
         self.run(&["fetch", "--quiet", "--prune", "origin"], NETWORK_TIMEOUT)
             .await
             .map(drop)
     }
 
     /// Switch the worktree to an existing local branch.
-    pub async fn switch(&self, branch: &str) -> Result<(), GitCommandError> {
+    pub(crate) async fn switch(&self, branch: &str) -> Result<(), GitCommandError> {
         self.run(&["switch", "--quiet", branch], LOCAL_TIMEOUT)
             .await
             .map(drop)
@@ -248,7 +249,7 @@ impl GitProgram {
 
     /// Create `branch` at `start_point` and switch to it. With `track`, it follows `start_point`
     /// (a remote branch) for later pulls.
-    pub async fn switch_create(
+    pub(crate) async fn switch_create(
         &self,
         branch: &str,
         start_point: &str,
@@ -265,14 +266,14 @@ impl GitProgram {
 
     /// Fast-forward the current branch to `upstream` when that is possible; a branch that has
     /// diverged is left as it is (the push will say so).
-    pub async fn fast_forward(&self, upstream: &str) -> Result<(), GitCommandError> {
+    pub(crate) async fn fast_forward(&self, upstream: &str) -> Result<(), GitCommandError> {
         self.run(&["merge", "--quiet", "--ff-only", upstream], LOCAL_TIMEOUT)
             .await
             .map(drop)
     }
 
     /// Merge `upstream` into the current branch (both sides have new commits), as `name`.
-    pub async fn merge(
+    pub(crate) async fn merge(
         &self,
         upstream: &str,
         name: &str,
@@ -286,14 +287,14 @@ impl GitProgram {
     }
 
     /// Abandon a merge that stopped on conflicts, leaving the branch as it was.
-    pub async fn abort_merge(&self) {
+    pub(crate) async fn abort_merge(&self) {
         if let Err(e) = self.run(&["merge", "--abort"], LOCAL_TIMEOUT).await {
             tracing::warn!(error = %e, "could not abort the merge");
         }
     }
 
     /// Push `branch` to the same name on `origin`.
-    pub async fn push(&self, branch: &str) -> Result<(), GitCommandError> {
+    pub(crate) async fn push(&self, branch: &str) -> Result<(), GitCommandError> {
         let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
         self.run_push(&["origin", &refspec]).await
     }
@@ -301,7 +302,7 @@ impl GitProgram {
     /// Push `branch` together with the lease's fence ref, atomically: the push goes through
     /// only while the upstream's fence is still `fence_commit` (this holder's token). A newer
     /// holder moves the fence first, so a holder that lost its lease pushes nothing.
-    pub async fn push_fenced(
+    pub(crate) async fn push_fenced(
         &self,
         branch: &str,
         fence_ref: &str,
@@ -316,7 +317,7 @@ impl GitProgram {
 
     /// Move the upstream's fence ref to `commit`, only if it is still `expected` (`None`: only
     /// if it does not exist yet).
-    pub async fn move_fence(
+    pub(crate) async fn move_fence(
         &self,
         fence_ref: &str,
         commit: &str,
@@ -328,7 +329,7 @@ impl GitProgram {
     }
 
     /// The commit a ref of `origin` points at, if it exists there.
-    pub async fn remote_ref(&self, name: &str) -> Result<Option<String>, GitCommandError> {
+    pub(crate) async fn remote_ref(&self, name: &str) -> Result<Option<String>, GitCommandError> {
         let out = self
             .run(&["ls-remote", "origin", name], NETWORK_TIMEOUT)
             .await?;
@@ -340,14 +341,14 @@ impl GitProgram {
     }
 
     /// Bring the objects of one ref of `origin` here (into `FETCH_HEAD`, no local ref).
-    pub async fn fetch_ref(&self, name: &str) -> Result<(), GitCommandError> {
+    pub(crate) async fn fetch_ref(&self, name: &str) -> Result<(), GitCommandError> {
         self.run(&["fetch", "--quiet", "origin", name], NETWORK_TIMEOUT)
             .await
             .map(drop)
     }
 
     /// Point a local ref at `commit` (creating it).
-    pub async fn update_ref(&self, name: &str, commit: &str) -> Result<(), GitCommandError> {
+    pub(crate) async fn update_ref(&self, name: &str, commit: &str) -> Result<(), GitCommandError> {
         self.run(&["update-ref", name, commit], LOCAL_TIMEOUT)
             .await
             .map(drop)
@@ -355,7 +356,7 @@ impl GitProgram {
 
     /// Put every change of the worktree (untracked files too) aside in a stash entry, leaving
     /// the worktree clean.
-    pub async fn stash_all(
+    pub(crate) async fn stash_all(
         &self,
         message: &str,
         name: &str,
@@ -376,7 +377,7 @@ impl GitProgram {
     }
 
     /// Make `branch` point at `start_point` (created or reset) and switch to it.
-    pub async fn switch_reset(
+    pub(crate) async fn switch_reset(
         &self,
         branch: &str,
         start_point: &str,
@@ -400,7 +401,7 @@ impl GitProgram {
     /// Make the checkout's `.git/config` the worker's again (see the module doc): only what the
     /// worker needs, `origin` the configured remote. Call before gix reads the worktree; every
     /// `git` call here does it itself.
-    pub async fn secure_checkout(&self) -> Result<(), GitCommandError> {
+    pub(crate) async fn secure_checkout(&self) -> Result<(), GitCommandError> {
         let dir = self.dir.clone();
         let remote = self.policy.remote.clone();
         match tokio::task::spawn_blocking(move || secure_config(&dir, remote.as_deref())).await {

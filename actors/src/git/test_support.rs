@@ -4,7 +4,7 @@
 use std::path::Path;
 
 /// Run `git args` in `dir` as a test would by hand; its trimmed stdout.
-pub fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args(args)
         .current_dir(dir)

@@ -12,13 +12,13 @@ use super::local::{self, Identity, LocalGitError};
 use super::subprocess::{GitCommandError, GitPolicy, GitProgram};
 
 /// The commit message of work saved because it was interrupted or left behind by a crash.
-pub const SAVE_MESSAGE: &str = "Interrupted - saving work";
+pub(crate) const SAVE_MESSAGE: &str = "Interrupted - saving work";
 /// The trailer that records which SQS message's finished agent run produced a commit: a
 /// redelivered message whose commit exists does not run the agent again.
-pub const MESSAGE_TRAILER: &str = "Edit-Worker-Message";
+pub(crate) const MESSAGE_TRAILER: &str = "Edit-Worker-Message";
 /// The trailer of saved, unfinished work. Distinct from `MESSAGE_TRAILER` so that a message
 /// whose work was only saved (interrupted, shut down) still runs when it comes back.
-pub const SAVED_TRAILER: &str = "Edit-Worker-Saved";
+pub(crate) const SAVED_TRAILER: &str = "Edit-Worker-Saved";
 /// Folders that must never be committed, whatever the site's own `.gitignore` says: installed
 /// packages and build output are thousands of files that the upstream does not want.
 const ALWAYS_EXCLUDED: &[&str] = &["node_modules/", ".astro/"];
@@ -29,7 +29,7 @@ const AUTHOR: Identity<'static> = Identity {
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum GitError {
+pub(crate) enum GitError {
     #[error("workspace {0} does not exist and no GIT_REMOTE_TEMPLATE is configured")]
     NoWorkspace(PathBuf),
     #[error(transparent)]
@@ -60,14 +60,14 @@ pub enum GitError {
 /// the holder's token. A push carries the fence atomically, and a new holder moves the fence
 /// before it works, so the pushes of a worker that lost its lease are refused by the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
+pub(crate) struct Fence {
     pub ref_name: String,
     pub token: u64,
 }
 
 impl Fence {
     /// The fence ref of a workspace: `refs/edit-worker/lease/{clientId}/{projectId}`.
-    pub fn for_workspace(key: &crate::message::WorkspaceKey, token: u64) -> Fence {
+    pub(crate) fn for_workspace(key: &crate::message::WorkspaceKey, token: u64) -> Fence {
         Fence {
             ref_name: format!(
                 "refs/edit-worker/lease/{}/{}",
@@ -80,13 +80,13 @@ impl Fence {
 
 /// Unfinished work found in the worktree and committed on its own branch before switching.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SavedWork {
+pub(crate) struct SavedWork {
     pub branch: String,
     pub commit: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct Workspace {
+pub(crate) struct Workspace {
     /// The checkout; its parent folders are created on first clone.
     dir: PathBuf,
     /// Upstream remote (`origin`), when the workspace is cloned and pushed.
@@ -98,7 +98,7 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    pub fn new(
+    pub(crate) fn new(
         dir: PathBuf,
         remote: Option<String>,
         build_output_dir: crate::config::OutputDir,
@@ -116,23 +116,20 @@ impl Workspace {
         GitProgram::new(&self.dir, &self.policy)
     }
 
-    pub fn dir(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    pub fn has_remote(&self) -> bool {
-        self.remote.is_some()
     }
 
     /// Worker state that belongs to this checkout but not to its history (install stamps,
     /// the last published commit). Inside `.git`, so it is never committed or published.
-    pub fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.join(".git").join("edit-worker")
     }
 
     /// Clone the workspace when it does not exist yet and make sure it is usable. True when it
     /// was cloned just now.
-    pub async fn ensure_ready(&self) -> Result<bool, GitError> {
+    pub(crate) async fn ensure_ready(&self) -> Result<bool, GitError> {
         let cloned = !self.dir.join(".git").exists();
         if cloned {
             let Some(remote) = &self.remote else {
@@ -164,7 +161,7 @@ impl Workspace {
     /// fence to this holder's token, so the previous holder can push nothing more, and set
     /// aside what a previous holder left in the worktree (a worker killed mid-run: its message
     /// comes back and runs again, so its half-done edit is kept in a stash entry, not applied).
-    pub async fn take_over(&self, fence: &Fence) -> Result<(), GitError> {
+    pub(crate) async fn take_over(&self, fence: &Fence) -> Result<(), GitError> {
         self.ensure_ready().await?;
         if !self.blocking(local::changed_paths).await?.is_empty() {
             let note = format!(
@@ -242,7 +239,7 @@ impl Workspace {
     /// With `trust_upstream` (the first work after a takeover), local commits that the upstream
     /// does not have are a previous holder's unpushed work, whose messages run again: they are
     /// kept under `refs/edit-worker/discarded/{branch}` and the branch starts from the upstream.
-    pub async fn prepare_thread(
+    pub(crate) async fn prepare_thread(
         &self,
         branch: &str,
         message_id: &str,
@@ -318,7 +315,7 @@ impl Workspace {
     /// Commit everything in the worktree on the current branch. `None`: nothing changed.
     /// `finished` says whether this is the message's finished work (trailer `MESSAGE_TRAILER`)
     /// or work saved half-way (`SAVED_TRAILER`).
-    pub async fn commit_all(
+    pub(crate) async fn commit_all(
         &self,
         subject: &str,
         body: &str,
@@ -342,7 +339,7 @@ impl Workspace {
     }
 
     /// The commit on `branch` that `message_id` produced, if any (redelivery check).
-    pub async fn commit_of_message(
+    pub(crate) async fn commit_of_message(
         &self,
         branch: &str,
         message_id: &str,
@@ -356,7 +353,7 @@ impl Workspace {
         .await??)
     }
 
-    pub async fn head_commit(&self) -> Result<String, GitError> {
+    pub(crate) async fn head_commit(&self) -> Result<String, GitError> {
         self.blocking(local::head_commit).await
     }
 
@@ -365,7 +362,7 @@ impl Workspace {
     ///
     /// With a `fence`, the push carries it (see `Fence`) and one the upstream refuses because
     /// the fence has moved on is not retried: the workspace has another holder.
-    pub async fn push(
+    pub(crate) async fn push(
         &self,
         branch: &str,
         attempts: u32,
@@ -542,7 +539,7 @@ fn commit_message(subject: &str, body: &str, trailer: &str, message_ids: &[Strin
 }
 
 /// `Claude: {first 50 characters of the command}...` (the ellipsis only when it was cut).
-pub fn agent_commit_subject(command: &str) -> String {
+pub(crate) fn agent_commit_subject(command: &str) -> String {
     let first_line = command.lines().next().unwrap_or("").trim();
     let mut chars = first_line.chars();
     let head: String = chars.by_ref().take(50).collect();
