@@ -71,6 +71,13 @@ async fn edit_once(env: &mut TestEnv, client: &str, extra: &[(&str, &str)]) -> (
         String::from_utf8_lossy(html).contains(&format!("<title>{client}</title>")),
         "the edit is not live"
     );
+    // Astro's and Vite's caches stay in the workspace for its next build (the dependencies
+    // are links into the shared store, which the build cannot write).
+    let modules = env.workspace_root().join(client).join("site/node_modules");
+    assert!(
+        modules.join(".vite").is_dir() || modules.join(".astro").is_dir(),
+        "the build's caches are not the workspace's own"
+    );
     let upstream = env.upstream(client, "site");
     let committed_s: u64 = git(&upstream, &["log", "-1", "--format=%ct", "thread-t"])
         .trim()

@@ -106,6 +106,10 @@ pub enum Site {
     Astro,
     /// Same pages, built by a dependency-free script.
     Tiny,
+    /// The tiny site with one small dependency from the npm registry (a lock file, an
+    /// install of a second or so): for the shared store's tests, which need a real install
+    /// and a build that loads what it installed, not Astro.
+    WithDependency,
 }
 
 /// One test's world: queues, folders, upstream repositories and the worker process.
@@ -207,11 +211,16 @@ impl TestEnv {
             &["init", "--quiet", "--bare", "--initial-branch=main"],
         );
         let seed = self.dir.path().join(format!("seed-{client}-{project}"));
-        let fixture = match site {
-            Site::Astro => "astro-site",
-            Site::Tiny => "tiny-site",
-        };
-        copy_dir(&repo_root().join("tests/fixtures").join(fixture), &seed);
+        let fixtures = repo_root().join("tests/fixtures");
+        match site {
+            Site::Astro => copy_dir(&fixtures.join("astro-site"), &seed),
+            Site::Tiny => copy_dir(&fixtures.join("tiny-site"), &seed),
+            Site::WithDependency => {
+                copy_dir(&fixtures.join("tiny-site"), &seed);
+                // Its package.json replaces the tiny site's.
+                copy_dir(&fixtures.join("dependency-site"), &seed);
+            }
+        }
         git(&seed, &["init", "--quiet", "--initial-branch=main"]);
         git(&seed, &["add", "-A"]);
         git(&seed, &["commit", "--quiet", "-m", "Initial site"]);
