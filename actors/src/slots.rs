@@ -115,14 +115,14 @@ impl BuildSlots {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.builds_waiting.load(Ordering::SeqCst) == 0 {
-                if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-                    return Slot {
-                        permit: Some(permit),
-                        freed: Some(self.changed.clone()),
-                        waited_ms: asked.elapsed().as_millis() as u64,
-                    };
-                }
+            if self.builds_waiting.load(Ordering::SeqCst) == 0
+                && let Ok(permit) = self.slots.clone().try_acquire_owned()
+            {
+                return Slot {
+                    permit: Some(permit),
+                    freed: Some(self.changed.clone()),
+                    waited_ms: asked.elapsed().as_millis() as u64,
+                };
             }
             changed.await;
         }
