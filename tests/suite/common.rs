@@ -287,44 +287,15 @@ impl TestEnv {
     }
 
     /// The worker's log lines, each a JSON object (`start_worker` sets `LOG_FORMAT=json`), in
-    /// order. Only for what the worker announces nowhere else (no status event, no file): read
-    /// a line's message and fields, never its layout.
+    /// order. Only for tests of the log itself (the contract's `ISOLATION=none` line, no secret
+    /// in it): what the worker does is waited on by its status events or its metrics (`Otlp`),
+    /// never by its log text. Read a line's message and fields, never its layout.
     pub fn log_lines(&self) -> Vec<Value> {
         self.worker_log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(Value::is_object)
             .collect()
-    }
-
-    /// The worker's log lines whose message is exactly `message`.
-    pub fn log_lines_saying(&self, message: &str) -> Vec<Value> {
-        self.log_lines()
-            .into_iter()
-            .filter(|l| log_message(l) == message)
-            .collect()
-    }
-
-    /// Wait until one of the worker's log lines satisfies `pred`; that line. For what the
-    /// worker announces only in its log.
-    pub async fn wait_for_log_line(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line {what} within {timeout:?}; the log:\n{}",
-                tail(&self.worker_log(), 60)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// Every run of the stand-in agent so far: the `start` records of its call log
