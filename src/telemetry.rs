@@ -5,8 +5,10 @@
 //!
 //! Traces and metrics go over OTLP only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or its
 //! `_TRACES_`/`_METRICS_` variant) is set; `OTEL_EXPORTER_OTLP_PROTOCOL` picks `grpc` or
-//! `http/protobuf` (the default), `OTEL_SERVICE_NAME` names the service. With no endpoint no
-//! OpenTelemetry layer is installed at all: nothing is exported and nothing is paid.
+//! `http/protobuf` (the default), `OTEL_SERVICE_NAME` names the service. Metrics are exported
+//! every `OTEL_METRIC_EXPORT_INTERVAL` ms (the SDK's periodic reader reads it; 60 s by default;
+//! the tests set 200). With no endpoint no OpenTelemetry layer is installed at all: nothing is
+//! exported and nothing is paid.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;

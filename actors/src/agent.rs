@@ -719,10 +719,16 @@ async fn run_once(
                             result_at = Some(Instant::now());
                             if let Stopping::Interrupted(at) | Stopping::Signalled(at) = stopping {
                                 // From the stop to the agent idle, its turn ended and reported.
+                                let idle_after_us = at.elapsed().as_micros() as u64;
+                                let in_band = matches!(stopping, Stopping::Interrupted(_));
                                 tracing::info!(
-                                    idle_after_us = at.elapsed().as_micros() as u64,
-                                    in_band = matches!(stopping, Stopping::Interrupted(_)),
+                                    idle_after_us,
+                                    in_band,
                                     "the agent ended its turn after the interrupt"
+                                );
+                                crate::metrics::metrics().agent_idle_after_stop_us.record(
+                                    idle_after_us,
+                                    &[opentelemetry::KeyValue::new("in_band", in_band)],
                                 );
                             }
                             // Its turn is over: end of input lets a stream-json CLI exit.

@@ -108,11 +108,16 @@ pub(crate) async fn run_batch(
     }
     if let (Ending::Stopped(reason), Some(asked)) = (&ending, stop.requested_at()) {
         // From the stop request to the agent's process group gone (or the build stopped).
+        let latency_us = asked.elapsed().as_micros() as u64;
         tracing::info!(
             ?reason,
-            interrupt_latency_us = asked.elapsed().as_micros() as u64,
+            interrupt_latency_us = latency_us,
             stopped_at_ms = crate::records::now_ms(),
             "work stopped"
+        );
+        crate::metrics::metrics().interrupt_latency_us.record(
+            latency_us,
+            &[opentelemetry::KeyValue::new("reason", reason.as_str())],
         );
     }
     if matches!(ending, Ending::Stopped(StopReason::LeaseLost)) {

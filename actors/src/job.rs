@@ -132,6 +132,17 @@ pub enum StopReason {
     LeaseLost,
 }
 
+impl StopReason {
+    /// Its name in metrics (`edit_worker.interrupt.latency`'s `reason`): stable, lower case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Interrupted => "interrupted",
+            StopReason::Shutdown => "shutdown",
+            StopReason::LeaseLost => "lease_lost",
+        }
+    }
+}
+
 /// Asks running work to stop, out of band: the job checks the token while it runs, so a stop
 /// never waits behind a mailbox. The first reason given wins.
 #[derive(Debug, Clone, Default)]

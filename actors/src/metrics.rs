@@ -1,11 +1,16 @@
 //! Metrics over OTLP: messages by outcome, phase durations, messages in flight, queue wait,
-//! interrupts, actor restarts. Instruments come from the global meter, which does nothing
-//! until `src/telemetry.rs` installs an exporting provider (only when an endpoint is set).
+//! interrupts and how long they take, actor failures and restarts, sessions stopped, the
+//! isolation level, disk-limit stops and shared-store installs. Instruments come from the
+//! global meter, which does nothing until `src/telemetry.rs` installs an exporting provider
+//! (only when an endpoint is set).
+//!
+//! Each instrument added for what the log used to be the only place to say is recorded next to
+//! that log line, with the same meaning; the line stays.
 
 use std::sync::OnceLock;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, UpDownCounter};
 
 pub struct Metrics {
     pub messages: Counter<u64>,
@@ -14,7 +19,51 @@ pub struct Metrics {
     pub queue_wait_ms: Histogram<f64>,
     pub interrupts: Counter<u64>,
     pub restarts: Counter<u64>,
+    /// Step actors that failed (panicked), by `step` and `escalated`: `true` when the failure
+    /// was past the restart limit and failed its session instead of being restarted.
+    pub step_failures: Counter<u64>,
+    /// Sets of a session's step actors stopped, by `reason`: `no_work` (the session's work ran
+    /// out; the next job starts new ones) or `session_ended` (they go with their session).
+    pub step_actors_stopped: Counter<u64>,
+    /// Sessions the supervisor stopped or lost, by `reason`: `idle` or `failed`.
+    pub sessions_stopped: Counter<u64>,
+    /// From a stop request to the running work stopped (the agent's process group gone, or the
+    /// build stopped), in microseconds as the log's `interrupt_latency_us`, by `reason`
+    /// (`interrupted`, `shutdown`, `lease_lost`).
+    pub interrupt_latency_us: Histogram<u64>,
+    /// From the stop to the agent's turn ended and reported (its result line), in microseconds
+    /// as the log's `idle_after_us`, by `in_band`: `true` when the CLI's in-band interrupt
+    /// ended it, `false` when SIGINT did.
+    pub agent_idle_after_stop_us: Histogram<u64>,
+    /// 1 for the isolation `level` tenants' code runs at (`users+namespaces`, `users`,
+    /// `namespaces`, `none`), set once at start.
+    pub isolation: Gauge<u64>,
+    /// Tenants' runs killed for writing past `SANDBOX_MAX_DISK_MB`.
+    pub disk_limit_stops: Counter<u64>,
+    /// Installs into the shared dependency store (one per distinct lock file while the entry
+    /// lasts; a workspace that finds its entry installs nothing).
+    pub store_installs: Counter<u64>,
 }
+
+/// Bucket bounds of the stop latencies, in microseconds: 0.5 ms to 10 s. The SDK's default
+/// bounds (0 to 10,000) are made for milliseconds and would put every stop of the real CLI (tens
+/// of milliseconds) past the last bucket.
+const STOP_LATENCY_BOUNDS_US: [f64; 14] = [
+    500.0,
+    1_000.0,
+    2_500.0,
+    5_000.0,
+    10_000.0,
+    25_000.0,
+    50_000.0,
+    100_000.0,
+    250_000.0,
+    500_000.0,
+    1_000_000.0,
+    2_500_000.0,
+    5_000_000.0,
+    10_000_000.0,
+];
 
 /// The process's instruments (made on first use, after telemetry is set up).
 pub fn metrics() -> &'static Metrics {
@@ -47,6 +96,48 @@ pub fn metrics() -> &'static Metrics {
             restarts: meter
                 .u64_counter("edit_worker.actor.restarts")
                 .with_description("Step actors restarted after a failure")
+                .build(),
+            step_failures: meter
+                .u64_counter("edit_worker.step.failures")
+                .with_description(
+                    "Step actors that failed; escalated: past the restart limit, the session failed",
+                )
+                .build(),
+            step_actors_stopped: meter
+                .u64_counter("edit_worker.step_actors.stopped")
+                .with_description(
+                    "Sets of a session's step actors stopped: its work ran out, or it ended",
+                )
+                .build(),
+            sessions_stopped: meter
+                .u64_counter("edit_worker.sessions.stopped")
+                .with_description("Sessions stopped for being idle, or failed")
+                .build(),
+            interrupt_latency_us: meter
+                .u64_histogram("edit_worker.interrupt.latency")
+                .with_unit("us")
+                .with_description("From a stop request to the running work stopped")
+                .with_boundaries(STOP_LATENCY_BOUNDS_US.to_vec())
+                .build(),
+            agent_idle_after_stop_us: meter
+                .u64_histogram("edit_worker.agent.idle_after_stop")
+                .with_unit("us")
+                .with_description(
+                    "From a stop to the agent's turn ended and reported; in_band: by the in-band interrupt",
+                )
+                .with_boundaries(STOP_LATENCY_BOUNDS_US.to_vec())
+                .build(),
+            isolation: meter
+                .u64_gauge("edit_worker.isolation")
+                .with_description("1 for the isolation level tenants' code runs at")
+                .build(),
+            disk_limit_stops: meter
+                .u64_counter("edit_worker.sandbox.disk_limit_stops")
+                .with_description("Tenants' runs killed for writing past their disk limit")
+                .build(),
+            store_installs: meter
+                .u64_counter("edit_worker.store.installs")
+                .with_description("Installs into the shared dependency store")
                 .build(),
         }
     })

@@ -840,6 +840,7 @@ impl Inner {
             bytes = scanned.bytes,
             "installed dependencies into the shared store"
         );
+        crate::metrics::metrics().store_installs.add(1, &[]);
         Ok(Found {
             fingerprint: scanned.fingerprint,
             install,

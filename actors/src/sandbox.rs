@@ -159,6 +159,15 @@ pub enum SandboxError {
     },
 }
 
+/// `edit_worker.isolation`: 1 for the level in force, said once, where the log says it at start
+/// (the gauge keeps its last value, so every export carries it).
+fn record_isolation(isolation: Isolation) {
+    crate::metrics::metrics().isolation.record(
+        1,
+        &[opentelemetry::KeyValue::new("level", isolation.to_string())],
+    );
+}
+
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
     move |source| SandboxError::Io {
         path: path.to_owned(),
@@ -220,6 +229,7 @@ impl Sandbox {
                 "ISOLATION=none: every tenant's agent, install and build runs as the worker's own \
                  user, and can read the worker's secrets and every other workspace"
             );
+            record_isolation(Isolation::NONE);
             return Ok(Sandbox::off(root));
         }
         tokio::fs::create_dir_all(root).await.map_err(io_at(root))?;
@@ -278,6 +288,7 @@ impl Sandbox {
             namespaces_probe = namespaces.as_ref().err().map(String::as_str).unwrap_or("ok"),
             "tenants' code runs isolated"
         );
+        record_isolation(isolation);
         Ok(sandbox)
     }
 
@@ -829,6 +840,9 @@ impl Jail {
                 .unwrap_or(0);
                 if used > max {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // Counted before the kill, so that the run's end (and its message's) comes
+                    // after it.
+                    crate::metrics::metrics().disk_limit_stops.add(1, &[]);
                     let _ = nix::sys::signal::killpg(
                         nix::unistd::Pid::from_raw(pgid),
                         nix::sys::signal::Signal::SIGKILL,

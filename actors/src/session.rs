@@ -109,6 +109,26 @@ pub fn tell_released(ctx: &Arc<WorkerContext>, key: &WorkspaceKey, waiters: Vec<
     });
 }
 
+/// Why a session's step actors are stopped: the `reason` of `edit_worker.step_actors.stopped`.
+/// Idle sessions are kept small by the first; the second means the actors lived until their
+/// session went (stopped idle, failed, or shut down).
+#[derive(Debug, Clone, Copy)]
+enum StepsStop {
+    /// No work running, queued or waiting for a restart.
+    NoWork,
+    /// The session itself stops.
+    SessionEnded,
+}
+
+impl StepsStop {
+    fn as_str(self) -> &'static str {
+        match self {
+            StepsStop::NoWork => "no_work",
+            StepsStop::SessionEnded => "session_ended",
+        }
+    }
+}
+
 /// The batch at work.
 struct Running {
     stop: StopSignal,
@@ -123,14 +143,17 @@ impl SessionActor {
     /// are not needed until the next job, which starts new ones.
     fn stop_steps_when_idle(state: &mut SessionState) {
         if state.running.is_none() && state.queue.is_empty() && state.pending_restarts == 0 {
-            Self::stop_steps(state);
+            Self::stop_steps(state, StepsStop::NoWork);
         }
     }
 
     /// Stop the step actors (the session is going idle or away); their next job starts new ones.
-    fn stop_steps(state: &mut SessionState) {
+    fn stop_steps(state: &mut SessionState, why: StepsStop) {
         if let Some(steps) = state.steps.take() {
-            tracing::debug!(workspace = %state.args.key, "no work left: step actors stopped");
+            tracing::debug!(workspace = %state.args.key, reason = why.as_str(), "no work left: step actors stopped");
+            crate::metrics::metrics()
+                .step_actors_stopped
+                .add(1, &[opentelemetry::KeyValue::new("reason", why.as_str())]);
             steps.stop();
         }
     }
@@ -386,7 +409,15 @@ impl Actor for SessionActor {
             };
             tracing::error!(workspace = %state.args.key, step = ?kind, %error, "step actor failed");
             // Past the limit the failure moves up: the session fails and its supervisor decides.
-            let backoff = state.restarts.record_failure().map_err(|e| {
+            let decision = state.restarts.record_failure();
+            crate::metrics::metrics().step_failures.add(
+                1,
+                &[
+                    opentelemetry::KeyValue::new("step", format!("{kind:?}")),
+                    opentelemetry::KeyValue::new("escalated", decision.is_err()),
+                ],
+            );
+            let backoff = decision.map_err(|e| {
                 ActorProcessingErr::from(format!("step {kind:?} of {}: {e}", state.args.key))
             })?;
             state.pending_restarts += 1;
@@ -414,7 +445,7 @@ impl Actor for SessionActor {
         )
         .await;
         // The step actors live and die with their session.
-        Self::stop_steps(state);
+        Self::stop_steps(state, StepsStop::SessionEnded);
         Ok(())
     }
 }

@@ -179,6 +179,9 @@ impl Actor for Supervisor {
                     state.routed.remove(&key);
                     state.by_id.remove(&session.get_id());
                     tracing::info!(workspace = %key, "stopping idle session");
+                    crate::metrics::metrics()
+                        .sessions_stopped
+                        .add(1, &[opentelemetry::KeyValue::new("reason", "idle")]);
                     session.stop(Some("idle".into()));
                 }
             }
@@ -204,6 +207,9 @@ impl Actor for Supervisor {
                     state.sessions.remove(&key);
                     state.routed.remove(&key);
                     tracing::error!(workspace = %key, %error, "session failed; the next message starts a new one");
+                    crate::metrics::metrics()
+                        .sessions_stopped
+                        .add(1, &[opentelemetry::KeyValue::new("reason", "failed")]);
                     // Its in-flight messages come back from SQS after their visibility timeout.
                     state.args.restarts.record_failure().map_err(|e| {
                         ActorProcessingErr::from(format!("sessions keep failing: {e}"))

@@ -4,11 +4,11 @@
 //! folders, so tests run in parallel.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -296,44 +296,15 @@ impl TestEnv {
     }
 
     /// The worker's log lines, each a JSON object (`start_worker` sets `LOG_FORMAT=json`), in
-    /// order. Only for what the worker announces nowhere else (no status event, no file): read
-    /// a line's message and fields, never its layout.
+    /// order. Only for tests of the log itself (the contract's `ISOLATION=none` line, no secret
+    /// in it): what the worker does is waited on by its status events or its metrics (`Otlp`),
+    /// never by its log text. Read a line's message and fields, never its layout.
     pub fn log_lines(&self) -> Vec<Value> {
         self.worker_log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(Value::is_object)
             .collect()
-    }
-
-    /// The worker's log lines whose message is exactly `message`.
-    pub fn log_lines_saying(&self, message: &str) -> Vec<Value> {
-        self.log_lines()
-            .into_iter()
-            .filter(|l| log_message(l) == message)
-            .collect()
-    }
-
-    /// Wait until one of the worker's log lines satisfies `pred`; that line. For what the
-    /// worker announces only in its log.
-    pub async fn wait_for_log_line(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line {what} within {timeout:?}; the log:\n{}",
-                tail(&self.worker_log(), 60)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// Every run of the stand-in agent so far: the `start` records of its call log
@@ -1455,4 +1426,426 @@ pub fn lease_overlaps(all: &[LeaseHeld]) -> Vec<String> {
         }
     }
     found
+}
+
+/// One span as the worker exported it (OTLP), with what the tracing tests look at.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub name: String,
+    pub kind: i32,
+    pub start: u64,
+    pub attributes: HashMap<String, String>,
+    pub events: Vec<(String, HashMap<String, String>)>,
+}
+
+/// One data point of a metric: a counter's, up-down counter's or gauge's number, or a
+/// histogram's summary.
+#[derive(Debug, Clone)]
+pub struct MetricPoint {
+    pub name: String,
+    pub attributes: HashMap<String, String>,
+    pub value: PointValue,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum PointValue {
+    Number(f64),
+    Histogram(HistogramSummary),
+}
+
+/// What an OTLP histogram data point says besides its buckets; of several points, merged.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HistogramSummary {
+    pub count: u64,
+    pub sum: f64,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// One collection of the worker's metrics: what one OTLP export carried. The worker's metrics
+/// are cumulative (the exporter's default), so the newest collection holds every total.
+#[derive(Debug, Clone)]
+pub struct MetricsSnapshot {
+    /// When the worker collected it (the earliest time of its data points). The SDK takes the
+    /// time before it reads an instrument, so everything recorded before this moment is in it.
+    pub collected_at: SystemTime,
+    pub points: Vec<MetricPoint>,
+}
+
+impl Default for MetricsSnapshot {
+    fn default() -> Self {
+        MetricsSnapshot {
+            collected_at: SystemTime::UNIX_EPOCH,
+            points: Vec::new(),
+        }
+    }
+}
+
+impl MetricsSnapshot {
+    /// The data points of metric `name` that carry every one of `attributes` (they may carry
+    /// others as well).
+    pub fn points<'a>(
+        &'a self,
+        name: &'a str,
+        attributes: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a MetricPoint> + 'a {
+        self.points.iter().filter(move |p| {
+            p.name == name
+                && attributes
+                    .iter()
+                    .all(|(k, v)| p.attributes.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The value of counter, up-down counter or gauge `name`, added up over its data points
+    /// that carry `attributes`: 0 when nothing matching was ever recorded (a counter that was
+    /// never added to has no data point).
+    pub fn value(&self, name: &str, attributes: &[(&str, &str)]) -> i64 {
+        self.points(name, attributes)
+            .map(|p| match p.value {
+                PointValue::Number(n) => n as i64,
+                PointValue::Histogram(_) => panic!("{name} is a histogram: {self}"),
+            })
+            .sum()
+    }
+
+    /// `name`'s values among its data points that carry `attributes`, by the value of their
+    /// attribute `key` (points without it are left out), added up over the other attributes;
+    /// only the non-zero ones.
+    pub fn values_by(
+        &self,
+        name: &str,
+        attributes: &[(&str, &str)],
+        key: &str,
+    ) -> BTreeMap<String, i64> {
+        let mut by = BTreeMap::new();
+        for p in self.points(name, attributes) {
+            if let (Some(k), PointValue::Number(n)) = (p.attributes.get(key), p.value) {
+                *by.entry(k.clone()).or_insert(0) += n as i64;
+            }
+        }
+        by.retain(|_, v| *v != 0);
+        by
+    }
+
+    /// Histogram `name` over its data points that carry `attributes`, merged: count 0 when
+    /// nothing matching was recorded.
+    pub fn histogram(&self, name: &str, attributes: &[(&str, &str)]) -> HistogramSummary {
+        let mut all = HistogramSummary::default();
+        for p in self.points(name, attributes) {
+            let PointValue::Histogram(h) = p.value else {
+                panic!("{name} is not a histogram: {self}");
+            };
+            all.count += h.count;
+            all.sum += h.sum;
+            all.min = [all.min, h.min].into_iter().flatten().reduce(f64::min);
+            all.max = [all.max, h.max].into_iter().flatten().reduce(f64::max);
+        }
+        all
+    }
+}
+
+/// One line per data point, sorted: for failure messages.
+impl std::fmt::Display for MetricsSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut lines: Vec<String> = self
+            .points
+            .iter()
+            .map(|p| {
+                let attributes: BTreeMap<&String, &String> = p.attributes.iter().collect();
+                format!("{}{attributes:?} = {:?}", p.name, p.value)
+            })
+            .collect();
+        lines.sort();
+        writeln!(f, "metrics collected at {:?}:", self.collected_at)?;
+        for line in lines {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What an `Otlp` receiver has been sent.
+#[derive(Default)]
+struct OtlpReceived {
+    spans: Vec<Span>,
+    /// Every metrics export, in the order received (not necessarily the order collected).
+    metrics: Vec<MetricsSnapshot>,
+    /// Requests it could not decode, for failure messages (a test waiting for data would
+    /// otherwise time out without saying why).
+    refused: Vec<String>,
+}
+
+/// A minimal OTLP/HTTP receiver on 127.0.0.1 (protobuf, decoded with the protocol's own
+/// message types): spans from `/v1/traces`, metrics from `/v1/metrics`; anything else (the
+/// agent's own logs, were they on) is answered and dropped. A test that wants the worker's
+/// metrics starts its worker with `worker_env()`, which also sends the worker's traces here:
+/// they are kept, and cost the test nothing.
+pub struct Otlp {
+    pub url: String,
+    received: std::sync::Arc<std::sync::Mutex<OtlpReceived>>,
+    /// Woken at every request decoded, so that waiting on the data needs no polling interval.
+    arrived: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// How often the worker exports its metrics to a test's receiver, in ms
+/// (`OTEL_METRIC_EXPORT_INTERVAL`, read by the SDK's periodic reader; 60 s by default).
+pub const METRIC_EXPORT_INTERVAL_MS: &str = "200";
+
+impl Otlp {
+    pub async fn start() -> Otlp {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let received = std::sync::Arc::new(std::sync::Mutex::new(OtlpReceived::default()));
+        let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (store, notify) = (received.clone(), arrived.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (store, notify) = (store.clone(), notify.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut reader = BufReader::new(read);
+                    // One request after another on a kept-alive connection.
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            head.push_str(&line);
+                        }
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let path = head.split_whitespace().nth(1).unwrap_or_default();
+                        let decoded = {
+                            let mut store = store.lock().unwrap();
+                            let decoded = store.take(path, &body);
+                            if let Err(why) = &decoded {
+                                store.refused.push(format!("{path}: {why}"));
+                            }
+                            decoded
+                        };
+                        notify.notify_waiters();
+                        let status = if decoded.is_ok() {
+                            "200 OK"
+                        } else {
+                            "400 Bad Request"
+                        };
+                        let reply = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
+                        );
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Otlp {
+            url,
+            received,
+            arrived,
+        }
+    }
+
+    /// The settings that make a worker export its traces and metrics here, metrics every
+    /// `METRIC_EXPORT_INTERVAL_MS`.
+    pub fn worker_env(&self) -> [(&'static str, &str); 3] {
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", self.url.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", METRIC_EXPORT_INTERVAL_MS),
+        ]
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.received.lock().unwrap().spans.clone()
+    }
+
+    /// The newest collection of metrics received (empty before the first).
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.received
+            .lock()
+            .unwrap()
+            .metrics
+            .iter()
+            .max_by_key(|m| m.collected_at)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Wait until the newest collection of metrics satisfies `done` (`what` names it in the
+    /// failure); that collection.
+    pub async fn wait_for_metrics(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&MetricsSnapshot) -> bool,
+    ) -> MetricsSnapshot {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the look, so that an export arriving in between still wakes us.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let newest = self.metrics();
+            if done(&newest) {
+                return newest;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let refused = self.received.lock().unwrap().refused.clone();
+                panic!("no {what} within {timeout:?}; the newest {newest}refused: {refused:#?}");
+            }
+        }
+    }
+
+    /// The first collection the worker made after `since`: everything it recorded before
+    /// `since` (before a status event the test has seen, say) is counted in it, so a total
+    /// read there is final for that work.
+    pub async fn metrics_since(&self, since: SystemTime, timeout: Duration) -> MetricsSnapshot {
+        self.wait_for_metrics("metrics collected after the moment asked", timeout, |m| {
+            m.collected_at >= since
+        })
+        .await
+    }
+}
+
+impl OtlpReceived {
+    /// Decode and keep one request's data (`path` says what it holds).
+    fn take(&mut self, path: &str, body: &[u8]) -> Result<(), String> {
+        use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        match path {
+            "/v1/traces" => {
+                let request = ExportTraceServiceRequest::decode(body).map_err(|e| e.to_string())?;
+                for s in request
+                    .resource_spans
+                    .into_iter()
+                    .flat_map(|rs| rs.scope_spans)
+                    .flat_map(|ss| ss.spans)
+                {
+                    self.spans.push(Span {
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_span_id: hex(&s.parent_span_id),
+                        name: s.name.clone(),
+                        kind: s.kind,
+                        start: s.start_time_unix_nano,
+                        attributes: otlp_attributes(&s.attributes),
+                        events: s
+                            .events
+                            .iter()
+                            .map(|e| (e.name.clone(), otlp_attributes(&e.attributes)))
+                            .collect(),
+                    });
+                }
+                Ok(())
+            }
+            "/v1/metrics" => {
+                let request =
+                    ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string())?;
+                self.metrics.push(snapshot_of(request));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The data points of one metrics export (sums, gauges and histograms: what the worker makes).
+fn snapshot_of(
+    request: opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+) -> MetricsSnapshot {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+    let mut points = Vec::new();
+    let mut times = Vec::new();
+    for metric in request
+        .resource_metrics
+        .into_iter()
+        .flat_map(|rm| rm.scope_metrics)
+        .flat_map(|sm| sm.metrics)
+    {
+        let numbers = match &metric.data {
+            Some(Data::Sum(sum)) => sum.data_points.as_slice(),
+            Some(Data::Gauge(gauge)) => gauge.data_points.as_slice(),
+            _ => &[],
+        };
+        for p in numbers {
+            times.push(p.time_unix_nano);
+            let value = match p.value {
+                Some(Number::AsInt(i)) => i as f64,
+                Some(Number::AsDouble(d)) => d,
+                None => 0.0,
+            };
+            points.push(MetricPoint {
+                name: metric.name.clone(),
+                attributes: otlp_attributes(&p.attributes),
+                value: PointValue::Number(value),
+            });
+        }
+        if let Some(Data::Histogram(histogram)) = &metric.data {
+            for p in &histogram.data_points {
+                times.push(p.time_unix_nano);
+                points.push(MetricPoint {
+                    name: metric.name.clone(),
+                    attributes: otlp_attributes(&p.attributes),
+                    value: PointValue::Histogram(HistogramSummary {
+                        count: p.count,
+                        sum: p.sum.unwrap_or(0.0),
+                        min: p.min,
+                        max: p.max,
+                    }),
+                });
+            }
+        }
+    }
+    let earliest = times.into_iter().min().unwrap_or(0);
+    MetricsSnapshot {
+        collected_at: SystemTime::UNIX_EPOCH + Duration::from_nanos(earliest),
+        points,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// OTLP attributes as text: strings as they are, numbers and booleans written out.
+fn otlp_attributes(
+    kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+) -> HashMap<String, String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+    kvs.iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(AnyValue::StringValue(s)) => s.clone(),
+                Some(AnyValue::IntValue(i)) => i.to_string(),
+                Some(AnyValue::BoolValue(b)) => b.to_string(),
+                Some(AnyValue::DoubleValue(d)) => d.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
 }

@@ -10,12 +10,15 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::common::{Site, TestEnv, is_terminal};
+use crate::common::{Otlp, Site, TestEnv, is_terminal};
 use serde_json::Value;
 
 const SECRET: &str = "hostile-test-secret-value";
+
+/// 1 for the isolation level the worker runs tenants' code at, by `level`.
+const ISOLATION_LEVEL: &str = "edit_worker.isolation";
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -137,14 +140,16 @@ const HEAVY: &[&str] = &["fork-bomb", "allocate-4-gib", "write-10-gib"];
 async fn hostile_tenant_is_contained(isolation: &str) {
     let mut env = TestEnv::new(&format!("iso-{}", isolation.replace('+', "-"))).await;
     two_tenants(&env).await;
-    env.start_worker(&[
+    let otlp = Otlp::start().await;
+    let settings = [
         ("ISOLATION", isolation),
         ("HOSTILE_TEST_SECRET", SECRET),
         // Small limits, so that the heavy attempts end in seconds.
         ("SANDBOX_MAX_PROCESSES", "128"),
         ("SANDBOX_MAX_MEMORY_MB", "512"),
         ("SANDBOX_MAX_FILE_MB", "64"),
-    ]);
+    ];
+    env.start_worker(&[otlp.worker_env().as_slice(), &settings].concat());
     neighbour_settles_in(&env).await;
 
     let evil = env
@@ -226,14 +231,17 @@ async fn hostile_tenant_is_contained(isolation: &str) {
     let site = env.bucket_contents(&env.bucket("good", "site")).await;
     let index = String::from_utf8_lossy(&site["index.html"].1).into_owned();
     assert!(index.contains("Good 2"), "{index}");
-    // The level the worker runs at: said at start, in its log only.
-    let level = env.log_lines_saying("tenants' code runs isolated");
-    assert!(
-        level
-            .iter()
-            .any(|l| common::log_text(l, "isolation").as_deref() == Some(isolation)),
-        "{}",
-        common::tail(&env.worker_log(), 20)
+    // The level the worker runs at: set at start, in its metrics (a gauge of 1 for the level
+    // in force, in every export), and no other level.
+    let metrics = otlp
+        .wait_for_metrics("the isolation level", Duration::from_secs(30), |m| {
+            m.points(ISOLATION_LEVEL, &[]).next().is_some()
+        })
+        .await;
+    assert_eq!(
+        metrics.values_by(ISOLATION_LEVEL, &[], "level"),
+        BTreeMap::from([(isolation.to_owned(), 1)]),
+        "{metrics}"
     );
     assert_eq!(env.stop_worker(), Some(0));
 }
@@ -255,13 +263,15 @@ async fn hostile_tenant_is_contained_by_users_alone() {
 async fn a_tenant_filling_the_disk_is_stopped_at_its_limit() {
     let mut env = TestEnv::new("iso-disk").await;
     two_tenants(&env).await;
-    env.start_worker(&[
+    let otlp = Otlp::start().await;
+    let settings = [
         ("ISOLATION", "users+namespaces"),
         ("SANDBOX_MAX_DISK_MB", "256"),
         ("SANDBOX_MAX_FILE_MB", "64"),
         // An agent that ends without a result is retried; once is enough here.
         ("MAX_RECEIVES", "1"),
-    ]);
+    ];
+    env.start_worker(&[otlp.worker_env().as_slice(), &settings].concat());
     let evil = env
         .send(
             "evil",
@@ -284,6 +294,7 @@ async fn a_tenant_filling_the_disk_is_stopped_at_its_limit() {
         Duration::from_secs(120),
     )
     .await;
+    let ends_seen = SystemTime::now();
     assert_eq!(ends[&good]["type"], "completed", "{:#?}", ends[&good]);
     assert_eq!(ends[&evil]["type"], "failed", "{:#?}", ends[&evil]);
     let home = env.workspace_root().join(".sandbox/home/evil/site");
@@ -299,15 +310,14 @@ async fn a_tenant_filling_the_disk_is_stopped_at_its_limit() {
         ((256 << 20)..(2 << 30)).contains(&written),
         "{written} bytes written"
     );
-    // What stopped it: its message fails like any agent that ends without a result, and only
-    // the log says why.
-    let stopped = env.log_lines_saying("a tenant's run wrote past its disk limit; stopped");
-    assert!(
-        stopped
-            .iter()
-            .any(|l| common::log_u64(l, "max_mb") == Some(256)),
-        "{}",
-        common::tail(&env.worker_log(), 20)
+    // What stopped it: its message fails like any agent that ends without a result; the
+    // worker counts the runs it killed at the disk limit (before their messages ended): this
+    // one, once.
+    let metrics = otlp.metrics_since(ends_seen, Duration::from_secs(30)).await;
+    assert_eq!(
+        metrics.value("edit_worker.sandbox.disk_limit_stops", &[]),
+        1,
+        "{metrics}"
     );
     assert!(env.worker_running());
     assert_eq!(env.stop_worker(), Some(0));

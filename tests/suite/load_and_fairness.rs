@@ -7,7 +7,13 @@ use crate::common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Site, TestEnv, is_terminal};
+use crate::common::{Otlp, Site, TestEnv, is_terminal};
+
+/// Sessions stopped, by `reason` (`idle`, `failed`).
+const SESSIONS_STOPPED: &str = "edit_worker.sessions.stopped";
+/// Sets of a session's step actors stopped, by `reason`: `no_work` (its work ran out) or
+/// `session_ended` (they went with the session).
+const STEP_ACTORS_STOPPED: &str = "edit_worker.step_actors.stopped";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_intake_holds_no_more_than_max_in_flight() {
@@ -156,40 +162,37 @@ async fn idle_sessions_are_stopped_and_come_back() {
     let mut env = TestEnv::new("idle").await;
     env.create_bucket(&env.bucket("rex", "site")).await;
     env.create_upstream("rex", "site", Site::Tiny);
-    env.start_worker(&[
-        ("SESSION_IDLE_SECONDS", "1"),
-        (
-            "RUST_LOG",
-            "info,edit_worker_actors::session=debug,aws=warn",
-        ),
-    ]);
+    let otlp = Otlp::start().await;
+    env.start_worker(
+        &[
+            otlp.worker_env().as_slice(),
+            &[("SESSION_IDLE_SECONDS", "1")],
+        ]
+        .concat(),
+    );
     let first = env
         .send("rex", "site", "t", "[standin:write a.txt 1]")
         .await;
     env.wait_for(&first, "completed", Duration::from_secs(60))
         .await;
-    // Only the log says that a session stopped (no status event is about sessions): its
-    // lines are read by message and field.
-    let of_rex = |line: &serde_json::Value, message: &str| {
-        common::log_message(line) == message
-            && common::log_text(line, "workspace").as_deref() == Some("rex/site")
-    };
-    env.wait_for_log_line("stopping the idle session", Duration::from_secs(30), |l| {
-        of_rex(l, "stopping idle session")
-    })
-    .await;
-    let lines = env.log_lines();
-    // First the step actors go with the work, then the idle session itself.
-    let steps_stopped = lines
-        .iter()
-        .position(|l| of_rex(l, "no work left: step actors stopped"));
-    let session_stopped = lines
-        .iter()
-        .position(|l| of_rex(l, "stopping idle session"));
-    assert!(
-        matches!((steps_stopped, session_stopped), (Some(a), Some(b)) if a < b),
-        "{:#?}",
-        lines
+    // No status event is about sessions: the worker counts stopped sessions and stopped sets
+    // of step actors in its metrics, each by why (one workspace here, so they are rex/site's).
+    // First the step actors go with the work (`no_work`), then the idle session itself;
+    // actors still there when their session stops would be counted as `session_ended`.
+    let stopped = otlp
+        .wait_for_metrics(
+            "idle session stopped, its step actors with the work before it",
+            Duration::from_secs(30),
+            |m| {
+                m.value(SESSIONS_STOPPED, &[("reason", "idle")]) >= 1
+                    && m.value(STEP_ACTORS_STOPPED, &[("reason", "no_work")]) >= 1
+            },
+        )
+        .await;
+    assert_eq!(
+        stopped.value(STEP_ACTORS_STOPPED, &[("reason", "session_ended")]),
+        0,
+        "{stopped}"
     );
     let second = env
         .send("rex", "site", "t", "[standin:write b.txt 2]")

@@ -12,7 +12,7 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::{
-    FakeApi, Site, TestEnv, conversation_text, env_pairs, git, is_terminal, of_type,
+    FakeApi, Otlp, Site, TestEnv, conversation_text, env_pairs, git, is_terminal, of_type,
     pids_working_in,
 };
 use serde_json::Value;
@@ -391,15 +391,6 @@ async fn interrupt_in_the_middle(
     (id1, id2)
 }
 
-/// The `interrupt_latency_us` figures the worker logged ("work stopped"); the worker reports
-/// them nowhere else.
-fn interrupt_latencies(env: &TestEnv) -> Vec<u64> {
-    env.log_lines_saying("work stopped")
-        .iter()
-        .filter_map(|l| common::log_u64(l, "interrupt_latency_us"))
-        .collect()
-}
-
 /// Uses the real CLI. A newer message of the thread interrupts the running one in-band
 /// (`control_request` `interrupt` on the CLI's stdin): the interrupted message ends
 /// `interrupted` with its partial work saved and pushed, well within the 3 s target, and the
@@ -423,10 +414,15 @@ async fn interrupt_and_resume(isolation: &str) {
     let api = FakeApi::start(env.dir.path(), None);
     env.create_bucket(&env.bucket("rt", "site")).await;
     let upstream = env.create_upstream("rt", "site", Site::Tiny);
-    env.start_worker(&env_pairs(&with(
-        &api,
+    // The worker's metrics come to this receiver; with OTLP on, the worker also turns the
+    // CLI's own trace export on, to the same receiver (kept, not looked at here).
+    let otlp = Otlp::start().await;
+    let settings = [
+        otlp.worker_env().as_slice(),
         &[("ISOLATION", isolation), ("PROGRESS_INTERVAL_SECONDS", "1")],
-    )));
+    ]
+    .concat();
+    env.start_worker(&env_pairs(&with(&api, &settings)));
     let hello = env.send("rt", "site", "t", "[api:say hello] opening").await;
     env.wait_for(&hello, "completed", WAIT).await;
 
@@ -439,6 +435,7 @@ async fn interrupt_and_resume(isolation: &str) {
     )
     .await;
     let events = env.wait_for(&id2, "completed", WAIT).await;
+    let completed_seen = std::time::SystemTime::now();
     let stopped = terminal(&events, &id1);
     assert_eq!(stopped["type"], "interrupted", "{stopped}");
     // The interrupted work is saved on the thread's branch; the follow-up builds on it.
@@ -452,18 +449,31 @@ async fn interrupt_and_resume(isolation: &str) {
     let text = conversation_text(&follow_up[0]);
     assert!(text.contains("make it red"), "{text}");
     assert!(text.contains("[Request interrupted by user]"), "{text}");
-    // From the newer message at its session to the CLI done with the interrupted turn.
-    let latencies = interrupt_latencies(&env);
-    assert_eq!(latencies.len(), 1, "{}", env.worker_log());
-    assert!(latencies[0] < 3_000_000, "{latencies:?}");
-    // The in-band interrupt ended the CLI's turn, not the signal fallback (the worker says
-    // which in its log, and only there).
-    let ended = env.log_lines_saying("the agent ended its turn after the interrupt");
-    assert_eq!(ended.len(), 1, "{}", env.worker_log());
+    // The worker's metrics, collected after everything above was recorded (before the
+    // interrupted message's event, which came before the follow-up's).
+    let metrics = otlp.metrics_since(completed_seen, WAIT).await;
+    // From the newer message at its session to the CLI done with the interrupted turn: one
+    // stop, its latency in microseconds.
+    let latency = metrics.histogram("edit_worker.interrupt.latency", &[]);
+    assert_eq!(latency.count, 1, "{metrics}");
     assert_eq!(
-        common::log_field(&ended[0], "in_band"),
-        Some(&Value::Bool(true)),
-        "{ended:#?}"
+        metrics
+            .histogram(
+                "edit_worker.interrupt.latency",
+                &[("reason", "interrupted")]
+            )
+            .count,
+        1,
+        "{metrics}"
+    );
+    assert!(latency.max.is_some_and(|us| us < 3_000_000.0), "{metrics}");
+    // The in-band interrupt ended the CLI's turn, not the signal fallback.
+    let idle = "edit_worker.agent.idle_after_stop";
+    assert_eq!(metrics.histogram(idle, &[]).count, 1, "{metrics}");
+    assert_eq!(
+        metrics.histogram(idle, &[("in_band", "true")]).count,
+        1,
+        "{metrics}"
     );
     assert_eq!(env.stop_worker(), Some(0));
 }

@@ -9,15 +9,15 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use crate::common::{Site, TestEnv, event_of, make_removable};
+use crate::common::{MetricsSnapshot, Otlp, Site, TestEnv, event_of, make_removable};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(360);
-/// The store's line for each install it makes (the events say which message's build installed;
-/// only the log counts the store's installs).
-const INSTALLED: &str = "installed dependencies into the shared store";
+/// The worker's count of installs into the shared store (the events say which message's build
+/// installed; the store's own count is in the worker's metrics).
+const INSTALLS: &str = "edit_worker.store.installs";
 
 fn store_dir(env: &TestEnv) -> PathBuf {
     env.workspace_root().join(".cache/npm-store")
@@ -70,6 +70,14 @@ async fn world(name: &str, clients: &[&str]) -> TestEnv {
     env
 }
 
+/// The store's installs up to now, and the metrics that say it. Asked after a message's end was
+/// seen: every install comes before its message's build and end, so a collection made after
+/// this call counts them all.
+async fn installs_so_far(otlp: &Otlp) -> (i64, MetricsSnapshot) {
+    let metrics = otlp.metrics_since(SystemTime::now(), WAIT).await;
+    (metrics.value(INSTALLS, &[]), metrics)
+}
+
 async fn completed(env: &TestEnv, id: &str) -> Value {
     let events = env.wait_for(id, "completed", WAIT).await;
     event_of(&events, id, "completed").clone()
@@ -78,7 +86,8 @@ async fn completed(env: &TestEnv, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn workspaces_of_one_lock_file_install_once_and_a_changed_lock_file_again() {
     let mut env = world("shared-install", &["alpha", "beta"]).await;
-    env.start_worker(&[("BUILD_CONCURRENCY", "2")]);
+    let otlp = Otlp::start().await;
+    env.start_worker(&[otlp.worker_env().as_slice(), &[("BUILD_CONCURRENCY", "2")]].concat());
 
     // Two fresh workspaces of one lock file at once: one install, the other waits for it.
     let a1 = env
@@ -110,12 +119,8 @@ async fn workspaces_of_one_lock_file_install_once_and_a_changed_lock_file_again(
         1,
         "exactly one of the two installs: {a1}\n{b1}"
     );
-    assert_eq!(
-        env.log_lines_saying(INSTALLED).len(),
-        1,
-        "{}",
-        env.worker_log()
-    );
+    let (installs, metrics) = installs_so_far(&otlp).await;
+    assert_eq!(installs, 1, "{metrics}");
     assert_eq!(live_title(&env, "alpha").await, "Alpha one");
     assert_eq!(live_title(&env, "beta").await, "Beta one");
     let store = store_dir(&env);
@@ -163,7 +168,8 @@ async fn workspaces_of_one_lock_file_install_once_and_a_changed_lock_file_again(
         .await;
     let b2 = completed(&env, &b2).await;
     assert!(installed(&b2), "{b2}");
-    assert_eq!(env.log_lines_saying(INSTALLED).len(), 2);
+    let (installs, metrics) = installs_so_far(&otlp).await;
+    assert_eq!(installs, 2, "{metrics}");
     assert_eq!(complete_entries(&store).len(), 2);
     assert_eq!(live_title(&env, "beta").await, "Beta two");
 
@@ -178,7 +184,8 @@ async fn workspaces_of_one_lock_file_install_once_and_a_changed_lock_file_again(
         .await;
     let a2 = completed(&env, &a2).await;
     assert!(!installed(&a2), "{a2}");
-    assert_eq!(env.log_lines_saying(INSTALLED).len(), 2);
+    let (installs, metrics) = installs_so_far(&otlp).await;
+    assert_eq!(installs, 2, "{metrics}");
     assert_eq!(live_title(&env, "alpha").await, "Alpha two");
     env.stop_worker();
     make_removable(env.dir.path());

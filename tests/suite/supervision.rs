@@ -4,25 +4,30 @@
 //! ends with exactly one terminal event. Needs the test-only cargo feature `fault-injection`
 //! (scripts/test enables it).
 //!
-//! Each fault fires once (its marker file appears). Restarts and failed sessions are announced
-//! only in the worker's log (no status event is about actors), so the tests read its JSON lines
-//! by message and field.
+//! Each fault fires once (its marker file appears). No status event is about actors: the
+//! worker counts step failures, restarts and failed sessions in its metrics, which it exports
+//! over OTLP to the test's receiver (`common::Otlp`). The worker serves one workspace here, so
+//! every count is that workspace's.
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
-use serde_json::Value;
-
-use crate::common::{Site, TestEnv, is_terminal, log_message, log_text};
+use crate::common::{MetricsSnapshot, Otlp, Site, TestEnv, is_terminal};
 
 /// Step restarts a session allows within a minute.
-const RESTART_LIMIT: usize = 5;
+const RESTART_LIMIT: i64 = 5;
 
-const WORKSPACE: &str = "lee/site";
+/// Step actors that failed, by `step` and `escalated` (past the limit: the session failed).
+const STEP_FAILURES: &str = "edit_worker.step.failures";
+/// Step actors restarted, by `step`.
+const RESTARTS: &str = "edit_worker.actor.restarts";
+/// Sessions stopped, by `reason` (`idle`, `failed`).
+const SESSIONS_STOPPED: &str = "edit_worker.sessions.stopped";
 
-/// A worker whose step actors panic once at each of `faults`, and one message for it: the
-/// world, the message id, its status events up to its completion, and the marker folder.
-async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, String, Vec<Value>, PathBuf) {
+/// A worker whose step actors panic once at each of `faults`, and one message for it, run to
+/// its completion: the world, and the worker's metrics collected after that completion (every
+/// failure and restart came before it: the message's last delivery needed every step).
+async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, MetricsSnapshot) {
     let mut env = TestEnv::new(name).await;
     let bucket = env.bucket("lee", "site");
     env.create_bucket(&bucket).await;
@@ -30,13 +35,15 @@ async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, String, Vec<V
     let markers = env.dir.path().join("fault-markers");
     std::fs::create_dir_all(&markers).unwrap();
     let spec = format!("{}@{}", faults.join(","), markers.display());
-    env.start_worker(&[
-        ("EDIT_WORKER_FAULT", &spec),
+    let otlp = Otlp::start().await;
+    let settings = [
+        ("EDIT_WORKER_FAULT", spec.as_str()),
         ("RETRY_BASE_SECONDS", "0"),
         // A delivery that finds a step still waiting out its restart's backoff fails again
         // at once: room for those on top of one delivery per fault.
         ("MAX_RECEIVES", "40"),
-    ]);
+    ];
+    env.start_worker(&[otlp.worker_env().as_slice(), &settings].concat());
     let id = env
         .send(
             "lee",
@@ -48,6 +55,7 @@ async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, String, Vec<V
     let events = env
         .wait_for(&id, "completed", Duration::from_secs(120))
         .await;
+    let completed_seen = SystemTime::now();
     let terminal: Vec<_> = events.iter().filter(|e| is_terminal(e)).collect();
     assert_eq!(terminal.len(), 1, "{events:#?}");
     for step in faults {
@@ -58,27 +66,14 @@ async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, String, Vec<V
     }
     let live = env.bucket_contents(&bucket).await;
     assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>Survived</title>"));
-    (env, id, events, markers)
+    let metrics = otlp
+        .metrics_since(completed_seen, Duration::from_secs(30))
+        .await;
+    (env, metrics)
 }
 
-/// The workspace's log lines saying `message`, in order.
-fn lines(env: &TestEnv, message: &str) -> Vec<Value> {
-    env.log_lines()
-        .into_iter()
-        .filter(|l| {
-            log_message(l) == message && log_text(l, "workspace").as_deref() == Some(WORKSPACE)
-        })
-        .collect()
-}
-
-/// The `step` field of each line, sorted.
-fn steps(lines: &[Value]) -> Vec<String> {
-    let mut steps: Vec<String> = lines
-        .iter()
-        .map(|l| log_text(l, "step").unwrap_or_default())
-        .collect();
-    steps.sort();
-    steps
+fn counts(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
 /// As many faults as the limit allows: each is answered by a restart of its actor, the session
@@ -92,17 +87,31 @@ async fn faults_within_the_restart_limit_are_each_answered_by_a_restart() {
         "build.run",
         "publish.run",
     ];
-    assert_eq!(faults.len(), RESTART_LIMIT);
-    let (mut env, _, _, _) = run_with_faults("faults", &faults).await;
+    assert_eq!(faults.len() as i64, RESTART_LIMIT);
+    let (mut env, metrics) = run_with_faults("faults", &faults).await;
 
-    let failed = lines(&env, "step actor failed");
-    let restarted = lines(&env, "restarting step actor");
-    let expected = ["Agent", "Build", "Git", "Git", "Publisher"];
-    assert_eq!(steps(&failed), expected, "{failed:#?}");
+    let expected = counts(&[("Agent", 1), ("Build", 1), ("Git", 2), ("Publisher", 1)]);
+    assert_eq!(
+        metrics.values_by(STEP_FAILURES, &[], "step"),
+        expected,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.value(STEP_FAILURES, &[("escalated", "true")]),
+        0,
+        "{metrics}"
+    );
     // The message's last delivery needed every step, so every crashed actor was back by then.
-    assert_eq!(steps(&restarted), expected, "{restarted:#?}");
-    let session_failed = lines(&env, "session failed; the next message starts a new one");
-    assert!(session_failed.is_empty(), "{session_failed:#?}");
+    assert_eq!(
+        metrics.values_by(RESTARTS, &[], "step"),
+        expected,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.value(SESSIONS_STOPPED, &[("reason", "failed")]),
+        0,
+        "{metrics}"
+    );
     assert_eq!(env.stop_worker(), Some(0));
 }
 
@@ -120,33 +129,36 @@ async fn a_fault_past_the_restart_limit_fails_the_session_and_a_fresh_one_comple
         "publish.run",
         "git.push",
     ];
-    assert_eq!(faults.len(), RESTART_LIMIT + 1);
-    let (mut env, _, _, _) = run_with_faults("faults-past", &faults).await;
+    assert_eq!(faults.len() as i64, RESTART_LIMIT + 1);
+    let (mut env, metrics) = run_with_faults("faults-past", &faults).await;
 
-    let failed = lines(&env, "step actor failed");
     assert_eq!(
-        steps(&failed),
-        ["Agent", "Build", "Git", "Git", "Git", "Publisher"],
-        "{failed:#?}"
+        metrics.values_by(STEP_FAILURES, &[], "step"),
+        counts(&[("Agent", 1), ("Build", 1), ("Git", 3), ("Publisher", 1)]),
+        "{metrics}"
     );
-    // The session failed exactly once, at its sixth step failure, not before.
-    let log = env.log_lines();
-    let ours = |l: &Value, message: &str| {
-        log_message(l) == message && log_text(l, "workspace").as_deref() == Some(WORKSPACE)
-    };
-    let session_failed: Vec<usize> = (0..log.len())
-        .filter(|&i| ours(&log[i], "session failed; the next message starts a new one"))
-        .collect();
-    assert_eq!(session_failed.len(), 1, "{log:#?}");
-    let failures_before = log[..session_failed[0]]
-        .iter()
-        .filter(|l| ours(l, "step actor failed"))
-        .count();
-    assert_eq!(failures_before, RESTART_LIMIT + 1, "{failed:#?}");
+    // The session failed exactly once, at its sixth step failure, not before. The counts say
+    // the order. Each fault fires once, and the deliveries meet them in a fixed order: Git
+    // (prepare), Agent, Git (commit), then Build and Git (push: a build that fails still
+    // pushes the agent's work) in one delivery, then Publisher. A session that fails at its
+    // e-th failure leaves the remaining 6 - e to a fresh session, which fails as well unless
+    // 6 - e < e; so one failed session means e is 4, 5 or 6, and the failure that failed it
+    // (`escalated`) being the Publisher's means the sixth (the fourth and fifth are Build's
+    // and Git's). (The test above shows the other side: five failures do not fail a session.)
+    assert_eq!(
+        metrics.value(SESSIONS_STOPPED, &[("reason", "failed")]),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        metrics.values_by(STEP_FAILURES, &[("escalated", "true")], "step"),
+        counts(&[("Publisher", 1)]),
+        "{metrics}"
+    );
     // No more restarts than the limit (one whose backoff had not run out when the session
     // failed is not made at all).
-    let restarted = lines(&env, "restarting step actor");
-    assert!(restarted.len() <= RESTART_LIMIT, "{restarted:#?}");
+    let restarts = metrics.value(RESTARTS, &[]);
+    assert!(restarts <= RESTART_LIMIT, "{restarts} restarts: {metrics}");
     assert!(
         env.worker_running(),
         "one failed session does not end the worker"

@@ -1,121 +1,12 @@
 //! Issue 5: one trace per message, continued from the producer, exported by the real OTLP
-//! exporter to a receiver this test runs on 127.0.0.1 (OTLP over HTTP/protobuf, decoded with
-//! the protocol's own message types).
+//! exporter to a receiver this test runs on 127.0.0.1 (`common::Otlp`: OTLP over
+//! HTTP/protobuf, decoded with the protocol's own message types).
 
 use crate::common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{Site, TestEnv};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
-use prost::Message as _;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-
-#[derive(Debug, Clone)]
-struct Span {
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    name: String,
-    kind: i32,
-    start: u64,
-    attributes: HashMap<String, String>,
-    events: Vec<(String, HashMap<String, String>)>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn attributes(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> HashMap<String, String> {
-    kvs.iter()
-        .map(|kv| {
-            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                Some(AnyValue::StringValue(s)) => s.clone(),
-                Some(AnyValue::IntValue(i)) => i.to_string(),
-                Some(AnyValue::BoolValue(b)) => b.to_string(),
-                Some(AnyValue::DoubleValue(d)) => d.to_string(),
-                other => format!("{other:?}"),
-            };
-            (kv.key.clone(), value)
-        })
-        .collect()
-}
-
-/// A minimal OTLP/HTTP receiver: every POST to /v1/traces is decoded and its spans kept.
-async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let spans = Arc::new(Mutex::new(Vec::new()));
-    let store = spans.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut reader = BufReader::new(read);
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    let length = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse::<usize>().ok())?
-                        })
-                        .unwrap_or(0);
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    if head.starts_with("POST /v1/traces") {
-                        let request = ExportTraceServiceRequest::decode(body.as_slice())
-                            .expect("OTLP protobuf");
-                        let mut store = store.lock().unwrap();
-                        for rs in request.resource_spans {
-                            for ss in rs.scope_spans {
-                                for s in ss.spans {
-                                    store.push(Span {
-                                        trace_id: hex(&s.trace_id),
-                                        span_id: hex(&s.span_id),
-                                        parent_span_id: hex(&s.parent_span_id),
-                                        name: s.name.clone(),
-                                        kind: s.kind,
-                                        start: s.start_time_unix_nano,
-                                        attributes: attributes(&s.attributes),
-                                        events: s
-                                            .events
-                                            .iter()
-                                            .map(|e| (e.name.clone(), attributes(&e.attributes)))
-                                            .collect(),
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    if write.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, spans)
-}
+use crate::common::{Otlp, Site, Span, TestEnv};
 
 /// A worker for client `tess` that exports to the receiver at `url`.
 async fn traced_worker(name: &str, url: &str) -> TestEnv {
@@ -186,8 +77,8 @@ fn root_of<'a>(spans: &'a [Span], message_id: &str) -> &'a Span {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_is_one_trace_from_the_producer_to_s3() {
-    let (url, spans) = otlp_receiver().await;
-    let mut env = traced_worker("trace", &url).await;
+    let otlp = Otlp::start().await;
+    let mut env = traced_worker("trace", &otlp.url).await;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let producer = "00f067aa0ba902b7";
@@ -217,7 +108,7 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
     // SIGTERM flushes the exporter before the worker exits.
     assert_eq!(env.stop_worker(), Some(0));
 
-    let spans = spans.lock().unwrap().clone();
+    let spans = otlp.spans();
     let root = root_of(&spans, &id);
     assert_eq!(root.trace_id, trace);
     assert_eq!(
@@ -308,8 +199,8 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn aws_trace_headers_are_continued_and_untraced_messages_start_a_trace() {
-    let (url, spans) = otlp_receiver().await;
-    let mut env = traced_worker("xray", &url).await;
+    let otlp = Otlp::start().await;
+    let mut env = traced_worker("xray", &otlp.url).await;
 
     let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
     let xray = send_with_attributes(&env, "x", "[standin:write x.txt 1]", None, Some(header)).await;
@@ -321,7 +212,7 @@ async fn aws_trace_headers_are_continued_and_untraced_messages_start_a_trace() {
         .wait_for(&plain, "completed", Duration::from_secs(60))
         .await;
     assert_eq!(env.stop_worker(), Some(0));
-    let spans = spans.lock().unwrap().clone();
+    let spans = otlp.spans();
 
     let root = root_of(&spans, &xray);
     assert_eq!(root.trace_id, "5759e988bd862e3fe1be46a994272793");
