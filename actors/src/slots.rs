@@ -33,7 +33,8 @@ pub(crate) struct Slot {
 
 /// What a slot holds, and so what dropping it frees.
 enum Held {
-    Permit(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// Held, never read: dropping it gives the semaphore its permit back.
+    Permit { _permit: OwnedSemaphorePermit },
     /// A build slot: dropping it hands it to the next waiter by `BuildSlots`' rule.
     Build(Arc<BuildSlots>),
 }
@@ -58,7 +59,7 @@ pub(crate) async fn wait_for_slot(slots: &Arc<Semaphore>, stop: &StopSignal) -> 
         },
     };
     Some(Slot {
-        held: Held::Permit(permit),
+        held: Held::Permit { _permit: permit },
         waited_ms: asked.elapsed().as_millis() as u64,
     })
 }
