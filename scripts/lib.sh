@@ -63,7 +63,8 @@ free_port() {
 start_moto() {
   local port
   port="$(free_port)"
-  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"${MOTO_LOG:-/dev/null}" 2>&1 &
+  # tools/moto-server: moto_server with conditional PUTs made atomic, as on S3 (see there).
+  "$VENV/bin/python" "$ROOT/tools/moto-server" -H 127.0.0.1 -p "$port" >"${MOTO_LOG:-/dev/null}" 2>&1 &
   MOTO_PID=$!
   MOTO_ENDPOINT="http://127.0.0.1:$port"
   for _ in $(seq 1 100); do

@@ -21,5 +21,6 @@ mod shared_installs;
 /// Needs the test-only feature `fault-injection` (scripts/test enables it).
 #[cfg(feature = "fault-injection")]
 mod supervision;
+mod test_store;
 mod tracing;
 mod walking_skeleton;
