@@ -1132,7 +1132,7 @@ pub fn git_ok(dir: &Path, args: &[&str]) -> Option<String> {
 }
 
 /// One of several worker processes of a test: its `WORKER_ID`, its log (JSON lines: it runs
-/// with `LOG_FORMAT=json`), the OTLP receiver of its
+/// with `LOG_FORMAT=json`; kept for failure messages, never checked), the OTLP receiver of its
 /// traces and metrics (what the tests check) and, once killed with SIGKILL, the wall-clock time
 /// of the kill. Killed when dropped.
 pub struct WorkerProcess {
@@ -1202,23 +1202,6 @@ impl WorkerProcess {
     /// Its log, for failure messages.
     pub fn text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Its log lines that are JSON objects, in order.
-    pub fn lines(&self) -> Vec<Value> {
-        self.text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(Value::is_object)
-            .collect()
-    }
-
-    /// Its log lines whose message is exactly `message`.
-    pub fn lines_saying(&self, message: &str) -> Vec<Value> {
-        self.lines()
-            .into_iter()
-            .filter(|l| log_message(l) == message)
-            .collect()
     }
 
     /// Whether it is still running (reaps it if it exited).
@@ -1304,43 +1287,6 @@ pub fn log_message(line: &Value) -> &str {
         .as_str()
         .or_else(|| line["message"].as_str())
         .unwrap_or_default()
-}
-
-/// A field of a JSON log line: its own (`fields`), the line's top level, or of the spans it is
-/// in (innermost first).
-pub fn log_field<'a>(line: &'a Value, key: &str) -> Option<&'a Value> {
-    if let Some(v) = line["fields"].get(key) {
-        return Some(v);
-    }
-    if let Some(v) = line.get(key) {
-        return Some(v);
-    }
-    if let Some(v) = line["span"].get(key) {
-        return Some(v);
-    }
-    line["spans"]
-        .as_array()?
-        .iter()
-        .rev()
-        .find_map(|span| span.get(key))
-}
-
-/// A field as text (strings as they are, numbers and booleans written out).
-pub fn log_text(line: &Value, key: &str) -> Option<String> {
-    match log_field(line, key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
-/// A field as a number (also when logged as text).
-pub fn log_u64(line: &Value, key: &str) -> Option<u64> {
-    match log_field(line, key)? {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
 }
 
 /// One lease a worker held: from its "lease acquired" span to the "lease released" or "lease

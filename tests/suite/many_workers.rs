@@ -3,7 +3,8 @@
 //! every message ends once, a workspace is held by one worker at a time (checked on the lease
 //! transitions each worker exports as spans to an OTLP receiver of its own), nothing is lost or
 //! applied twice when a worker dies or is replaced, conversations continue on another worker,
-//! and a newer message interrupts work running on another worker.
+//! and a newer message interrupts work running on another worker. The checks read the workers'
+//! spans and metrics, never their logs (kept for failure messages).
 //!
 //! Every request of these tests writes its number `n` into `public/threads/{thread}.txt` and
 //! `public/live.txt` (the build copies `public/` to `dist/`), so a branch and a bucket say which
@@ -18,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{
     LeaseHeld, Site, Span, TestEnv, WorkerProcess, git, git_ok, is_terminal, lease_intervals,
-    lease_intervals_in, lease_overlaps, log_message, log_text, log_u64, now_ms, tail,
-    with_releases_lost_in_kills,
+    lease_intervals_in, lease_overlaps, now_ms, tail, with_releases_lost_in_kills,
 };
 use serde_json::Value;
 
@@ -507,14 +507,16 @@ impl Cluster {
                 }
             }
         }
+        // Called once every worker has stopped (SIGTERM flushes its metrics) or was killed
+        // (its last export is at most METRIC_EXPORT_INTERVAL_MS old), so the newest
+        // collection holds its total.
         for w in &self.workers {
-            for line in w.lines() {
-                if log_message(&line).contains("push failed") {
-                    found
-                        .entry("push_failed_logged")
-                        .or_default()
-                        .push(format!("worker {}: {line}", w.name));
-                }
+            let retries = w.otlp.metrics().value("edit_worker.push.retries", &[]);
+            if retries > 0 {
+                found.entry("push_retried").or_default().push(format!(
+                    "worker {}: {retries} pushes failed and were retried",
+                    w.name
+                ));
             }
         }
         // A lease outlives the messages that use it: its spans are roots, in no message's trace.
@@ -1172,32 +1174,69 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
             end_of(&newer)
         ));
     }
-    let sent_notice = c
-        .worker("b")
-        .lines_saying("interrupt notice sent")
-        .into_iter()
-        .find(|l| log_text(l, "message_id").as_deref() == Some(newer.as_str()));
-    match &sent_notice {
-        Some(line) if log_text(line, "holder").as_deref() == Some("a") => {}
-        other => found
-            .entry("no_notice_sent")
-            .or_default()
-            .push(format!("b's notice for {newer}: {other:?}")),
+    // The notices, from the workers' counters (both stopped: their totals are final). One newer
+    // message, so one `newer` notice, b -> a; a answers with one `released`, a -> b, once it has
+    // stopped and released the workspace. (The message id is in the log lines beside them, not
+    // in the counters: with one newer message in this test, kind and worker say which.)
+    let a_metrics = c.worker("a").otlp.metrics();
+    let b_metrics = c.worker("b").otlp.metrics();
+    // (worker, its metrics, counter, kind, the attribute naming the other worker, who it is)
+    let notices = [
+        (
+            "b",
+            &b_metrics,
+            "edit_worker.notices.sent",
+            "newer",
+            "to",
+            "a",
+        ),
+        (
+            "a",
+            &a_metrics,
+            "edit_worker.notices.received",
+            "newer",
+            "from",
+            "b",
+        ),
+        (
+            "a",
+            &a_metrics,
+            "edit_worker.notices.sent",
+            "released",
+            "to",
+            "b",
+        ),
+        (
+            "b",
+            &b_metrics,
+            "edit_worker.notices.received",
+            "released",
+            "from",
+            "a",
+        ),
+    ];
+    for (worker, metrics, counter, kind, key, other) in notices {
+        let counted = metrics.values_by(counter, &[("kind", kind)], key);
+        if counted != BTreeMap::from([(other.to_owned(), 1)]) {
+            found.entry("notices").or_default().push(format!(
+                "worker {worker}: {counter} of kind {kind} by {key}: {counted:?}, expected one \
+                 with {key} {other}"
+            ));
+        }
     }
-    let received = c
-        .worker("a")
-        .lines_saying("interrupt notice received")
-        .into_iter()
-        .find(|l| log_text(l, "message_id").as_deref() == Some(newer.as_str()));
-    match &received {
-        Some(line) if log_text(line, "from").as_deref() == Some("b") => {}
-        other => found
-            .entry("no_notice_received")
-            .or_default()
-            .push(format!("a's notice for {newer}: {other:?}")),
-    }
-    let stopped = c.worker("a").lines_saying("work stopped");
-    match stopped.first().and_then(|l| log_u64(l, "stopped_at_ms")) {
+    // When a's agent stopped: the "work stopped" event on the slow message's span (a's
+    // trace), with the worker's wall clock at the stop (`stopped_at_ms`), so the latency
+    // counts from the test's send across the two processes.
+    let slow_span = c.worker("a").otlp.spans().into_iter().find(|s| {
+        s.name == "process edit message" && s.attributes.get("messaging.message.id") == Some(&slow)
+    });
+    let stopped_at = slow_span.as_ref().and_then(|span| {
+        span.events
+            .iter()
+            .find(|(name, _)| name == "work stopped")
+            .and_then(|(_, attributes)| attributes.get("stopped_at_ms")?.parse::<u64>().ok())
+    });
+    match stopped_at {
         Some(at) => {
             let latency = at.saturating_sub(sent_at);
             eprintln!("newer request sent -> holder's agent stopped: {latency} ms");
@@ -1209,7 +1248,8 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
             }
         }
         None => found.entry("work_not_stopped").or_default().push(format!(
-            "a logged no \"work stopped\" with stopped_at_ms: {stopped:?}"
+            "a's span of the slow message has no \"work stopped\" event with stopped_at_ms: \
+             {slow_span:?}"
         )),
     }
     // The slow request's partial work is saved on its own branch.
