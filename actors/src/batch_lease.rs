@@ -135,13 +135,16 @@ async fn notify_holder(
         reply_to: ctx.notice_url.clone(),
     };
     match sender.send(url, &notice).await {
-        Ok(()) => tracing::info!(
-            workspace = %key,
-            message_id = %newest.message_id,
-            %holder,
-            at_ms = crate::records::now_ms(),
-            "interrupt notice sent"
-        ),
+        Ok(()) => {
+            tracing::info!(
+                workspace = %key,
+                message_id = %newest.message_id,
+                %holder,
+                at_ms = crate::records::now_ms(),
+                "interrupt notice sent"
+            );
+            crate::metrics::notice_sent(notice.kind(), holder);
+        }
         Err(e) => {
             tracing::warn!(workspace = %key, %holder, error = %e, "notice not sent; waiting for the lease")
         }

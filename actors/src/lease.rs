@@ -26,6 +26,23 @@ use tokio_util::sync::CancellationToken;
 use crate::message::WorkspaceKey;
 use crate::records::{RecordError, RecordStore, Version, now_ms};
 
+/// Say a lease transition ("lease acquired", "lease released", "lease lost") twice, with the
+/// same fields: as the log line operators read, and as a span of its own named like it, its
+/// fields as attributes, ended at once. Ended, the span goes out with the exporter's next batch
+/// (within `OTEL_BSP_SCHEDULE_DELAY`), so a worker killed later has still told the collector
+/// which leases it held, and tests and dashboards rebuild who held what when from the spans
+/// rather than from the log's text. Each is a root (`parent: None`), a trace of its own: a lease
+/// outlives the messages whose batches take it (it is kept across batches), and it is released
+/// or lost outside any message (by the session, by the heartbeat), so under a message it would
+/// put one end of a holding into that message's trace and the other nowhere. Fields are
+/// evaluated once for each of the two: pass values (`at_ms`) that must agree as variables.
+macro_rules! lease_event {
+    ($level:expr, $name:literal, $($fields:tt)+) => {{
+        tracing::event!($level, $($fields)+, $name);
+        drop(tracing::span!(parent: None, $level, $name, $($fields)+));
+    }};
+}
+
 /// The lease document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -193,14 +210,19 @@ impl Leases {
             };
             let text = serde_json::to_string(&record).expect("leases serialize");
             if let Some(version) = shared.store.write_document(&doc, &text, version).await? {
-                tracing::info!(
+                let at_ms = now_ms();
+                lease_event!(
+                    tracing::Level::INFO,
+                    "lease acquired",
                     workspace = %key,
                     token,
                     worker = %me,
                     handover,
                     previous = current.as_ref().map(|r| r.holder.as_str()).unwrap_or(""),
-                    at_ms = now_ms(),
-                    "lease acquired"
+                    // Whether the previous holder gave the lease up (`true`) or let it expire
+                    // (as a worker that died does): which kind of handover this was.
+                    previous_released = current.as_ref().is_some_and(|r| r.expires_at_ms == 0),
+                    at_ms
                 );
                 return Ok(Acquired::Granted(Lease::start(
                     shared.clone(),
@@ -392,20 +414,25 @@ impl Lease {
             .write_document(&lease_key(&self.key), &text, version)
             .await
         {
-            Ok(Some(_)) => tracing::info!(
+            Ok(Some(_)) => lease_event!(
+                tracing::Level::INFO,
+                "lease released",
                 workspace = %self.key,
                 token = self.token,
                 worker = %held.shared.config.worker,
-                at_ms,
-                "lease released"
+                at_ms
             ),
-            Ok(None) => tracing::warn!(
-                workspace = %self.key,
-                token = self.token,
-                worker = %held.shared.config.worker,
-                at_ms = now_ms(),
-                "lease lost"
-            ),
+            Ok(None) => {
+                let at_ms = now_ms();
+                lease_event!(
+                    tracing::Level::WARN,
+                    "lease lost",
+                    workspace = %self.key,
+                    token = self.token,
+                    worker = %held.shared.config.worker,
+                    at_ms
+                );
+            }
             Err(e) => {
                 tracing::warn!(workspace = %self.key, error = %e, "could not release the lease; it expires by itself")
             }
@@ -460,25 +487,29 @@ async fn heartbeat(
                 next = asked + every;
             }
             Ok(None) => {
-                tracing::warn!(
+                let at_ms = now_ms();
+                lease_event!(
+                    tracing::Level::WARN,
+                    "lease lost",
                     workspace = %key,
                     token = record.token,
                     worker = %config.worker,
-                    at_ms = now_ms(),
-                    "lease lost"
+                    at_ms
                 );
                 check.lost.cancel();
                 return;
             }
             Err(e) => {
                 if Instant::now() >= *valid_until.lock().expect("valid_until") {
-                    tracing::warn!(
+                    let at_ms = now_ms();
+                    lease_event!(
+                        tracing::Level::WARN,
+                        "lease lost",
                         workspace = %key,
                         token = record.token,
                         worker = %config.worker,
-                        at_ms = now_ms(),
-                        error = %e,
-                        "lease lost"
+                        at_ms,
+                        error = %e
                     );
                     check.lost.cancel();
                     return;

@@ -1,8 +1,9 @@
 //! Metrics over OTLP: messages by outcome, phase durations, messages in flight, queue wait,
 //! interrupts and how long they take, actor failures and restarts, sessions stopped, the
-//! isolation level, disk-limit stops and shared-store installs. Instruments come from the
-//! global meter, which does nothing until `src/telemetry.rs` installs an exporting provider
-//! (only when an endpoint is set).
+//! isolation level, disk-limit stops, shared-store installs, notices between workers and push
+//! retries.
+//! Instruments come from the global meter, which does nothing until `src/telemetry.rs` installs
+//! an exporting provider (only when an endpoint is set).
 //!
 //! Each instrument added for what the log used to be the only place to say is recorded next to
 //! that log line, with the same meaning; the line stays.
@@ -43,6 +44,18 @@ pub struct Metrics {
     /// Installs into the shared dependency store (one per distinct lock file while the entry
     /// lasts; a workspace that finds its entry installs nothing).
     pub store_installs: Counter<u64>,
+    /// Notices this worker sent to another worker's notice queue (`notices.rs`), by `kind`
+    /// (`newer`: a newer message for a workspace the other holds; `released`: the workspace
+    /// this worker held is free) and `to`, the other worker's `WORKER_ID`. Worker ids are few
+    /// (one per process of a deployment), so they are fine as an attribute; message ids are
+    /// not, and stay in the log line.
+    pub notices_sent: Counter<u64>,
+    /// Notices this worker received, by `kind` and `from`, the sender's `WORKER_ID`.
+    pub notices_received: Counter<u64>,
+    /// Pushes that failed and are tried again (the log's "push failed; retrying"): the upstream
+    /// or the way to it failed for a while. A push that fails for good fails its message
+    /// (`push_failed`), counted with the messages.
+    pub push_retries: Counter<u64>,
 }
 
 /// Bucket bounds of the stop latencies, in microseconds: 0.5 ms to 10 s. The SDK's default
@@ -139,8 +152,42 @@ pub fn metrics() -> &'static Metrics {
                 .u64_counter("edit_worker.store.installs")
                 .with_description("Installs into the shared dependency store")
                 .build(),
+            notices_sent: meter
+                .u64_counter("edit_worker.notices.sent")
+                .with_description("Notices sent to another worker, by kind and the worker sent to")
+                .build(),
+            notices_received: meter
+                .u64_counter("edit_worker.notices.received")
+                .with_description("Notices received from another worker, by kind and sender")
+                .build(),
+            push_retries: meter
+                .u64_counter("edit_worker.push.retries")
+                .with_description("Pushes that failed and are tried again")
+                .build(),
         }
     })
+}
+
+/// Count a notice sent to worker `to` (beside its log line, where there is one).
+pub fn notice_sent(kind: &'static str, to: &str) {
+    metrics().notices_sent.add(
+        1,
+        &[
+            KeyValue::new("kind", kind),
+            KeyValue::new("to", to.to_owned()),
+        ],
+    );
+}
+
+/// Count a notice received from worker `from`.
+pub fn notice_received(kind: &'static str, from: &str) {
+    metrics().notices_received.add(
+        1,
+        &[
+            KeyValue::new("kind", kind),
+            KeyValue::new("from", from.to_owned()),
+        ],
+    );
 }
 
 pub fn outcome(kind: &str) {

@@ -49,6 +49,15 @@ pub(crate) enum Notice {
 }
 
 impl Notice {
+    /// Its `kind` as it is written on the queue (`newer`, `released`): the attribute of the
+    /// notice counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Notice::Newer { .. } => "newer",
+            Notice::Released { .. } => "released",
+        }
+    }
+
     pub fn workspace(&self) -> WorkspaceKey {
         let (client_id, project_id) = match self {
             Notice::Newer {
@@ -258,5 +267,31 @@ mod tests {
         let text = serde_json::to_string(&n).unwrap();
         assert!(text.contains("\"kind\":\"newer\""), "{text}");
         assert_eq!(serde_json::from_str::<Notice>(&text).unwrap(), n);
+    }
+
+    /// The counters' `kind` is what the queue carries, so the two never name one notice
+    /// differently.
+    #[test]
+    fn the_counted_kind_is_the_kind_on_the_queue() {
+        let released = Notice::Released {
+            client_id: "a".into(),
+            project_id: "b".into(),
+            from: "w".into(),
+        };
+        let newer = Notice::Newer {
+            client_id: "a".into(),
+            project_id: "b".into(),
+            message_id: "m".into(),
+            sent_at_ms: 5,
+            from: "v".into(),
+            reply_to: None,
+        };
+        for notice in [released, newer] {
+            let text = serde_json::to_string(&notice).unwrap();
+            assert!(
+                text.contains(&format!("\"kind\":\"{}\"", notice.kind())),
+                "{text}"
+            );
+        }
     }
 }

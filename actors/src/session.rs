@@ -88,6 +88,8 @@ pub struct Waiter {
     pub sent_at_ms: u64,
     /// Its notice queue, told when the lease is released.
     pub reply_to: Option<String>,
+    /// Its `WORKER_ID`: whom the `released` notice counter names.
+    pub worker: String,
 }
 
 /// Tell `waiters` that this worker released (or does not hold) `key`'s lease.
@@ -101,9 +103,13 @@ pub fn tell_released(ctx: &Arc<WorkerContext>, key: &WorkspaceKey, waiters: Vec<
         from: ctx.config.worker_id.clone(),
     };
     tokio::spawn(async move {
-        for url in waiters.into_iter().filter_map(|w| w.reply_to) {
-            if let Err(e) = sender.send(&url, &notice).await {
-                tracing::debug!(error = %e, "released notice not sent; the waiter polls the lease");
+        for waiter in waiters {
+            let Some(url) = waiter.reply_to else { continue };
+            match sender.send(&url, &notice).await {
+                Ok(()) => crate::metrics::notice_sent(notice.kind(), &waiter.worker),
+                Err(e) => {
+                    tracing::debug!(error = %e, "released notice not sent; the waiter polls the lease")
+                }
             }
         }
     });

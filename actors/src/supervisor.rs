@@ -130,8 +130,10 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::Notice(notice) => {
                 let key = notice.workspace();
+                let kind = notice.kind();
                 match notice {
-                    crate::notices::Notice::Released { .. } => {
+                    crate::notices::Notice::Released { from, .. } => {
+                        crate::metrics::notice_received(kind, &from);
                         state.args.ctx.leases.on_released(&key);
                     }
                     crate::notices::Notice::Newer {
@@ -149,9 +151,11 @@ impl Actor for Supervisor {
                             at_ms = crate::records::now_ms(),
                             "interrupt notice received"
                         );
+                        crate::metrics::notice_received(kind, &from);
                         let waiter = crate::session::Waiter {
                             sent_at_ms,
                             reply_to,
+                            worker: from,
                         };
                         match state.sessions.get(&key) {
                             Some(session) => {

@@ -1132,11 +1132,15 @@ pub fn git_ok(dir: &Path, args: &[&str]) -> Option<String> {
 }
 
 /// One of several worker processes of a test: its `WORKER_ID`, its log (JSON lines: it runs
-/// with `LOG_FORMAT=json`) and, once killed with SIGKILL, the wall-clock time of the kill.
-/// Killed when dropped.
+/// with `LOG_FORMAT=json`; kept for failure messages, never checked), the OTLP receiver of its
+/// traces and metrics (what the tests check) and, once killed with SIGKILL, the wall-clock time
+/// of the kill. Killed when dropped.
 pub struct WorkerProcess {
     pub name: String,
     pub log: PathBuf,
+    /// Its own receiver: every span and metric there is this worker's, so nothing needs to
+    /// tell the workers' exports apart.
+    pub otlp: Otlp,
     /// Its `HEALTH_FILE`, touched by its intake at every turn of the receive loop.
     pub health: PathBuf,
     pub killed_at_ms: Option<u64>,
@@ -1153,18 +1157,21 @@ impl TestEnv {
     }
 
     /// Start `edit-worker run` as worker `name` (`WORKER_ID`), with this test's environment,
-    /// `LOG_FORMAT=json`, plus `extra` (which wins: `WORKSPACE_ROOT`, `CLAUDE_CONFIG_DIR`,
-    /// `LEASE_STORE`, ...). Its log is `{dir}/worker-{name}.log`, its health file
-    /// `{dir}/health-{name}`. Independent of the test's single worker (`start_worker`).
-    pub fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
+    /// `LOG_FORMAT=json`, export to an OTLP receiver of its own, plus `extra` (which wins:
+    /// `WORKSPACE_ROOT`, `CLAUDE_CONFIG_DIR`, `LEASE_STORE`, ...). Its log is
+    /// `{dir}/worker-{name}.log`, its health file `{dir}/health-{name}`. Independent of the
+    /// test's single worker (`start_worker`).
+    pub async fn spawn_worker(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
         let log = self.dir.path().join(format!("worker-{name}.log"));
         let health = self.dir.path().join(format!("health-{name}"));
+        let otlp = Otlp::start().await;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edit-worker"));
         cmd.args(["run", "--exit-when-idle", "120"])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", std::env::var("HOME").unwrap_or_default())
             .envs(self.worker_env())
+            .envs(otlp.worker_env())
             .env("LOG_FORMAT", "json")
             .env("WORKER_ID", name)
             .env("HEALTH_FILE", &health)
@@ -1178,6 +1185,7 @@ impl TestEnv {
         WorkerProcess {
             name: name.to_owned(),
             log,
+            otlp,
             health,
             killed_at_ms: None,
             exit_code: None,
@@ -1191,25 +1199,9 @@ impl WorkerProcess {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Its log, for failure messages.
     pub fn text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Its log lines that are JSON objects, in order.
-    pub fn lines(&self) -> Vec<Value> {
-        self.text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(Value::is_object)
-            .collect()
-    }
-
-    /// Its log lines whose message is exactly `message`.
-    pub fn lines_saying(&self, message: &str) -> Vec<Value> {
-        self.lines()
-            .into_iter()
-            .filter(|l| log_message(l) == message)
-            .collect()
     }
 
     /// Whether it is still running (reaps it if it exited).
@@ -1297,46 +1289,11 @@ pub fn log_message(line: &Value) -> &str {
         .unwrap_or_default()
 }
 
-/// A field of a JSON log line: its own (`fields`), the line's top level, or of the spans it is
-/// in (innermost first).
-pub fn log_field<'a>(line: &'a Value, key: &str) -> Option<&'a Value> {
-    if let Some(v) = line["fields"].get(key) {
-        return Some(v);
-    }
-    if let Some(v) = line.get(key) {
-        return Some(v);
-    }
-    if let Some(v) = line["span"].get(key) {
-        return Some(v);
-    }
-    line["spans"]
-        .as_array()?
-        .iter()
-        .rev()
-        .find_map(|span| span.get(key))
-}
-
-/// A field as text (strings as they are, numbers and booleans written out).
-pub fn log_text(line: &Value, key: &str) -> Option<String> {
-    match log_field(line, key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
-/// A field as a number (also when logged as text).
-pub fn log_u64(line: &Value, key: &str) -> Option<u64> {
-    match log_field(line, key)? {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-/// One lease a worker held: from its "lease acquired" line to the "lease released" or "lease
-/// lost" line of the same workspace and token, or to the worker's kill (`ended_by`
-/// "killed"), or never ended (`until_ms` None, `ended_by` "open").
+/// One lease a worker held: from its "lease acquired" span to the "lease released" or "lease
+/// lost" span of the same workspace and token, or to the worker's kill (`ended_by` "killed"),
+/// or never ended (`until_ms` None, `ended_by` "open"). The worker makes each of these spans
+/// beside the log line of the same name, with the line's fields as attributes
+/// (`lease_event!` in actors/src/lease.rs), and ends it at once.
 #[derive(Debug, Clone)]
 pub struct LeaseHeld {
     pub workspace: String,
@@ -1345,43 +1302,60 @@ pub struct LeaseHeld {
     pub from_ms: u64,
     pub until_ms: Option<u64>,
     pub ended_by: String,
-    /// The line's `handover`: the previous holder was another worker, or unknown.
+    /// The span's `handover`: the previous holder was another worker, or unknown.
     pub handover: bool,
-    /// The line's `previous` holder, when it names one.
+    /// The span's `previous` holder, when it names one.
     pub previous: Option<String>,
+    /// The span's `previous_released`: the previous holder had released the lease (rather than
+    /// let it expire).
+    pub previous_released: bool,
 }
 
-/// The leases `worker` held, from its log.
+/// The names of the worker's lease spans.
+const LEASE_SPANS: [&str; 3] = ["lease acquired", "lease released", "lease lost"];
+
+/// The leases `worker` held, from the lease spans its receiver has been sent so far. A span is
+/// exported within `OTEL_BSP_SCHEDULE_DELAY` of its event (200 ms here), and at the latest when
+/// the worker stops (SIGTERM flushes); of a worker killed with SIGKILL, what it made in its last
+/// moments may be missing.
 pub fn lease_intervals(worker: &WorkerProcess) -> Vec<LeaseHeld> {
+    lease_intervals_in(&worker.otlp.spans(), &worker.name, worker.killed_at_ms)
+}
+
+/// The leases held by worker `name` (killed at `killed_at_ms`, if it was), from its spans.
+pub fn lease_intervals_in(spans: &[Span], name: &str, killed_at_ms: Option<u64>) -> Vec<LeaseHeld> {
+    let mut transitions: Vec<&Span> = spans
+        .iter()
+        .filter(|s| LEASE_SPANS.contains(&s.name.as_str()))
+        .collect();
+    // In the order the worker made them (its wall clock at each span's start), whatever order
+    // the batches came in: a workspace retaken by its last holder keeps its token, so its
+    // "released" must be read before the next "acquired" of the same token.
+    transitions.sort_by_key(|s| s.start);
     let mut held: Vec<LeaseHeld> = Vec::new();
-    for line in worker.lines() {
-        let message = log_message(&line);
-        if !matches!(message, "lease acquired" | "lease released" | "lease lost") {
-            continue;
-        }
+    for span in transitions {
+        let attribute = |key: &str| span.attributes.get(key).cloned();
         let (Some(workspace), Some(token), Some(at)) = (
-            log_text(&line, "workspace"),
-            log_text(&line, "token"),
-            log_u64(&line, "at_ms"),
+            attribute("workspace"),
+            attribute("token"),
+            attribute("at_ms").and_then(|at| at.parse::<u64>().ok()),
         ) else {
-            panic!(
-                "worker {}: a lease line without workspace, token or at_ms: {line}",
-                worker.name
-            );
+            panic!("worker {name}: a lease span without workspace, token or at_ms: {span:?}");
         };
         let open = held
             .iter_mut()
             .find(|h| h.workspace == workspace && h.token == token && h.until_ms.is_none());
-        match (message, open) {
+        match (span.name.as_str(), open) {
             ("lease acquired", None) => held.push(LeaseHeld {
                 workspace,
-                worker: log_text(&line, "worker").unwrap_or_else(|| worker.name.clone()),
+                worker: attribute("worker").unwrap_or_else(|| name.to_owned()),
                 token,
                 from_ms: at,
                 until_ms: None,
                 ended_by: "open".into(),
-                handover: log_field(&line, "handover").and_then(Value::as_bool) == Some(true),
-                previous: log_text(&line, "previous").filter(|p| !p.is_empty()),
+                handover: attribute("handover").as_deref() == Some("true"),
+                previous: attribute("previous").filter(|p| !p.is_empty()),
+                previous_released: attribute("previous_released").as_deref() == Some("true"),
             }),
             ("lease acquired", Some(_)) => {}
             (end, Some(h)) => {
@@ -1389,12 +1363,11 @@ pub fn lease_intervals(worker: &WorkerProcess) -> Vec<LeaseHeld> {
                 h.ended_by = end.trim_start_matches("lease ").to_owned();
             }
             (end, None) => panic!(
-                "worker {}: {end} of a lease it never acquired ({workspace} token {token}): {line}",
-                worker.name
+                "worker {name}: {end} of a lease it never acquired ({workspace} token {token}): {span:?}"
             ),
         }
     }
-    if let Some(killed) = worker.killed_at_ms {
+    if let Some(killed) = killed_at_ms {
         for h in held.iter_mut().filter(|h| h.until_ms.is_none()) {
             h.until_ms = Some(killed);
             h.ended_by = "killed".into();
@@ -1403,11 +1376,64 @@ pub fn lease_intervals(worker: &WorkerProcess) -> Vec<LeaseHeld> {
     held
 }
 
+impl WorkerProcess {
+    /// Wait until its lease spans say it holds no lease (a session gone idle releases its
+    /// own); what it held.
+    pub async fn wait_no_lease_held(&self, timeout: Duration) -> Vec<LeaseHeld> {
+        let what = format!("release of every lease worker {} took", self.name);
+        let spans = self
+            .otlp
+            .wait_for_spans(&what, timeout, |spans| {
+                lease_intervals_in(spans, &self.name, self.killed_at_ms)
+                    .iter()
+                    .all(|h| h.until_ms.is_some())
+            })
+            .await;
+        lease_intervals_in(&spans, &self.name, self.killed_at_ms)
+    }
+}
+
 impl LeaseHeld {
     /// Whether the workspace came from another worker (named as the previous holder).
     pub fn moved(&self) -> bool {
         self.previous.as_ref().is_some_and(|p| *p != self.worker)
     }
+}
+
+/// The leases of every worker, `all` of them, with the end of each lease of a killed worker
+/// that its spans could not say: a worker killed with SIGKILL may have released a lease in its
+/// last moments (up to SPAN_EXPORT_DELAY_MS before the kill) without the span getting out, and
+/// its holding would then seem to run on to the kill, over the next holder's. The next holder
+/// says whether it found the lease released: when a worker took it from the killed one with
+/// the next token and found it released, the killed one's holding ended by that acquire (a
+/// release is stamped before its write, an acquire after its own). A next holder that found it
+/// merely expired leaves the holding ending at the kill.
+pub fn with_releases_lost_in_kills(mut all: Vec<LeaseHeld>) -> Vec<LeaseHeld> {
+    let taken_released: Vec<(String, String, String, u64)> = all
+        .iter()
+        .filter(|h| h.previous_released)
+        .filter_map(|h| {
+            let previous_token = h.token.parse::<u64>().ok()?.checked_sub(1)?;
+            Some((
+                h.workspace.clone(),
+                h.previous.clone()?,
+                previous_token.to_string(),
+                h.from_ms,
+            ))
+        })
+        .collect();
+    for h in all.iter_mut().filter(|h| h.ended_by == "killed") {
+        let taken = taken_released.iter().find(|(workspace, from, token, _)| {
+            *workspace == h.workspace && *from == h.worker && *token == h.token
+        });
+        if let Some((.., at)) = taken
+            && h.until_ms.is_some_and(|until| *at < until)
+        {
+            h.until_ms = Some(*at);
+            h.ended_by = "released (said by the next holder)".into();
+        }
+    }
+    all
 }
 
 /// Pairs of leases of one workspace held by different workers at once.
@@ -1595,6 +1621,11 @@ pub struct Otlp {
 /// (`OTEL_METRIC_EXPORT_INTERVAL`, read by the SDK's periodic reader; 60 s by default).
 pub const METRIC_EXPORT_INTERVAL_MS: &str = "200";
 
+/// How long the worker's batch span exporter waits before it sends what has ended, in ms
+/// (`OTEL_BSP_SCHEDULE_DELAY`; 5 s by default): a test waiting on a span (a lease taken, say)
+/// sees it this soon.
+pub const SPAN_EXPORT_DELAY_MS: &str = "200";
+
 impl Otlp {
     pub async fn start() -> Otlp {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -1667,18 +1698,47 @@ impl Otlp {
     }
 
     /// The settings that make a worker export its traces and metrics here, metrics every
-    /// `METRIC_EXPORT_INTERVAL_MS`.
-    pub fn worker_env(&self) -> [(&'static str, &str); 3] {
+    /// `METRIC_EXPORT_INTERVAL_MS` and ended spans within `SPAN_EXPORT_DELAY_MS`.
+    pub fn worker_env(&self) -> [(&'static str, &str); 4] {
         [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", self.url.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_METRIC_EXPORT_INTERVAL", METRIC_EXPORT_INTERVAL_MS),
+            ("OTEL_BSP_SCHEDULE_DELAY", SPAN_EXPORT_DELAY_MS),
         ]
     }
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<Span> {
         self.received.lock().unwrap().spans.clone()
+    }
+
+    /// Wait until the spans received so far satisfy `done` (`what` names it in the failure);
+    /// those spans.
+    pub async fn wait_for_spans(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Span]) -> bool,
+    ) -> Vec<Span> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the look, so that an export arriving in between still wakes us.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let spans = self.spans();
+            if done(&spans) {
+                return spans;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let refused = self.received.lock().unwrap().refused.clone();
+                let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+                panic!(
+                    "no {what} within {timeout:?}; spans received: {names:?}; refused: {refused:#?}"
+                );
+            }
+        }
     }
 
     /// The newest collection of metrics received (empty before the first).

@@ -1,9 +1,10 @@
 //! Issue 12: many workers on one queue. Several `edit-worker` processes share one input queue and
 //! one lease store (`LEASE_STORE=s3://…` on moto), with their own or one shared workspace root:
 //! every message ends once, a workspace is held by one worker at a time (checked on the lease
-//! transitions the workers log as JSON), nothing is lost or applied twice when a worker dies or
-//! is replaced, conversations continue on another worker, and a newer message interrupts work
-//! running on another worker.
+//! transitions each worker exports as spans to an OTLP receiver of its own), nothing is lost or
+//! applied twice when a worker dies or is replaced, conversations continue on another worker,
+//! and a newer message interrupts work running on another worker. The checks read the workers'
+//! spans and metrics, never their logs (kept for failure messages).
 //!
 //! Every request of these tests writes its number `n` into `public/threads/{thread}.txt` and
 //! `public/live.txt` (the build copies `public/` to `dist/`), so a branch and a bucket say which
@@ -17,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    LeaseHeld, Site, TestEnv, WorkerProcess, git, git_ok, is_terminal, lease_intervals,
-    lease_overlaps, log_message, log_text, log_u64, now_ms, tail,
+    LeaseHeld, Site, Span, TestEnv, WorkerProcess, git, git_ok, is_terminal, lease_intervals,
+    lease_intervals_in, lease_overlaps, now_ms, tail, with_releases_lost_in_kills,
 };
 use serde_json::Value;
 
@@ -206,8 +207,8 @@ impl Cluster {
         settings
     }
 
-    /// Start worker `name`; its index in `workers`.
-    fn start(&mut self, name: &str, roots: Roots, extra: &[(&str, &str)]) -> usize {
+    /// Start worker `name`, exporting to a receiver of its own; its index in `workers`.
+    async fn start(&mut self, name: &str, roots: Roots, extra: &[(&str, &str)]) -> usize {
         let settings = self.settings(name, roots, extra);
         let claude = PathBuf::from(
             &settings
@@ -224,7 +225,7 @@ impl Cluster {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.workers.push(self.env.spawn_worker(name, &pairs));
+        self.workers.push(self.env.spawn_worker(name, &pairs).await);
         self.workers.len() - 1
     }
 
@@ -320,23 +321,14 @@ impl Cluster {
         }
     }
 
-    /// Wait until no worker holds a lease (sessions gone idle release theirs).
+    /// Wait until no worker holds a lease (sessions gone idle release theirs), as their lease
+    /// spans say. One worker after the other: after the work has ended, a worker that released
+    /// everything takes nothing again.
     async fn wait_leases_released(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let held: Vec<LeaseHeld> = self
-                .leases()
-                .into_iter()
-                .filter(|h| h.until_ms.is_none())
-                .collect();
-            if held.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "leases still held {timeout:?} after the work ended: {held:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        for w in &self.workers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            w.wait_no_lease_held(left).await;
         }
     }
 
@@ -349,8 +341,9 @@ impl Cluster {
             .collect()
     }
 
+    /// Every lease the workers held, from their lease spans.
     fn leases(&self) -> Vec<LeaseHeld> {
-        self.workers.iter().flat_map(lease_intervals).collect()
+        with_releases_lost_in_kills(self.workers.iter().flat_map(lease_intervals).collect())
     }
 
     fn logs_tail(&self, n: usize) -> String {
@@ -361,8 +354,9 @@ impl Cluster {
             .join("\n")
     }
 
-    /// Copy the workers' logs, the stand-in's call logs and the events to
-    /// `target/many-workers/{label}-{test}` for a look after the test is gone.
+    /// Copy the workers' logs, the stand-in's call logs, the events and the leases the workers'
+    /// spans say they held to `target/many-workers/{label}-{test}` for a look after the test is
+    /// gone.
     fn keep_logs(&self, label: &str) -> PathBuf {
         let to = common::repo_root()
             .join("target/many-workers")
@@ -379,6 +373,8 @@ impl Cluster {
         }
         let events: Vec<String> = self.events.iter().map(Value::to_string).collect();
         let _ = std::fs::write(to.join("events.jsonl"), events.join("\n"));
+        let leases: Vec<String> = self.leases().iter().map(|h| format!("{h:?}")).collect();
+        let _ = std::fs::write(to.join("leases.txt"), leases.join("\n"));
         let sent: Vec<String> = self
             .sent
             .iter()
@@ -511,13 +507,26 @@ impl Cluster {
                 }
             }
         }
+        // Called once every worker has stopped (SIGTERM flushes its metrics) or was killed
+        // (its last export is at most METRIC_EXPORT_INTERVAL_MS old), so the newest
+        // collection holds its total.
         for w in &self.workers {
-            for line in w.lines() {
-                if log_message(&line).contains("push failed") {
+            let retries = w.otlp.metrics().value("edit_worker.push.retries", &[]);
+            if retries > 0 {
+                found.entry("push_retried").or_default().push(format!(
+                    "worker {}: {retries} pushes failed and were retried",
+                    w.name
+                ));
+            }
+        }
+        // A lease outlives the messages that use it: its spans are roots, in no message's trace.
+        for w in &self.workers {
+            for span in w.otlp.spans() {
+                if span.name.starts_with("lease ") && !span.parent_span_id.is_empty() {
                     found
-                        .entry("push_failed_logged")
+                        .entry("lease_span_not_a_root")
                         .or_default()
-                        .push(format!("worker {}: {line}", w.name));
+                        .push(format!("worker {}: {span:?}", w.name));
                 }
             }
         }
@@ -740,7 +749,7 @@ async fn three_workers(name: &str, roots: Roots) {
     let mut c = Cluster::new(name, &clients("mw", 12)).await;
     let settings = [("SESSION_IDLE_SECONDS", "2"), ("MAX_IN_FLIGHT", "6")];
     for w in ["a", "b", "c"] {
-        c.start(w, roots, &settings);
+        c.start(w, roots, &settings).await;
     }
     let mut first = Vec::new();
     for client in c.clients.clone() {
@@ -814,7 +823,7 @@ async fn three_workers_on_one_shared_workspace_root() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_conversation_continues_on_another_worker() {
     let mut c = Cluster::new("mw-convo", &clients("cv", 1)).await;
-    c.start("a", Roots::Own, &[]);
+    c.start("a", Roots::Own, &[]).await;
     let first = c
         .env
         .send(
@@ -831,7 +840,7 @@ async fn a_conversation_continues_on_another_worker() {
     c.events.extend(events);
     assert_eq!(c.worker_mut("a").stop(), Some(0), "{}", c.logs_tail(40));
 
-    c.start("b", Roots::Own, &[]);
+    c.start("b", Roots::Own, &[]).await;
     let second = c
         .env
         .send(
@@ -912,7 +921,7 @@ async fn a_worker_killed_mid_run_loses_nothing() {
         ("MAX_IN_FLIGHT", "4"),
     ];
     for w in ["a", "b", "c"] {
-        c.start(w, Roots::Own, &settings);
+        c.start(w, Roots::Own, &settings).await;
     }
     for client in c.clients.clone() {
         c.send(&client, "t", 4).await;
@@ -931,6 +940,15 @@ async fn a_worker_killed_mid_run_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // What a held is known from its exported lease spans: wait until they are out (a span is
+    // sent within SPAN_EXPORT_DELAY_MS of its event), or the kill could leave "a held
+    // nothing" to check.
+    c.worker("a")
+        .otlp
+        .wait_for_spans("lease taken by a", Duration::from_secs(10), |spans| {
+            spans.iter().any(|s| s.name == "lease acquired")
+        })
+        .await;
     // A newer request for every workspace (some go to a, some wait on a's leases), then a
     // dies.
     for client in c.clients.clone() {
@@ -981,7 +999,9 @@ async fn a_worker_killed_mid_run_loses_nothing() {
         match next {
             Some(next) => {
                 takeovers.push(next.from_ms - killed_at);
-                if !next.handover || next.previous.as_deref() != Some("a") {
+                // Taken from a, once a's lease had expired: a killed worker releases nothing.
+                if !next.handover || next.previous.as_deref() != Some("a") || next.previous_released
+                {
                     found
                         .entry("takeover_not_handover")
                         .or_default()
@@ -1021,7 +1041,7 @@ async fn a_worker_killed_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_deploy_hands_running_work_to_the_new_worker() {
     let mut c = Cluster::new("mw-deploy", &clients("dp", 1)).await;
-    c.start("a", Roots::Own, &[]);
+    c.start("a", Roots::Own, &[]).await;
     let id = c.send("dp1", "t", 8).await;
     // A's agent has made its edit and works on.
     let a_file = c.env.dir.path().join("ws-a/dp1/site/public/threads/t.txt");
@@ -1030,7 +1050,7 @@ async fn a_rolling_deploy_hands_running_work_to_the_new_worker() {
         assert!(Instant::now() < deadline, "{}", c.logs_tail(40));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.start("b", Roots::Own, &[]);
+    c.start("b", Roots::Own, &[]).await;
     c.worker("b")
         .wait_until_receiving(Duration::from_secs(30))
         .await;
@@ -1113,7 +1133,7 @@ async fn a_rolling_deploy_hands_running_work_to_the_new_worker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_newer_message_on_another_worker_interrupts_the_holder() {
     let mut c = Cluster::new("mw-interrupt", &clients("ix", 1)).await;
-    c.start("a", Roots::Own, &[("MAX_IN_FLIGHT", "1")]);
+    c.start("a", Roots::Own, &[("MAX_IN_FLIGHT", "1")]).await;
     let slow = c.send("ix1", "t1", 30).await;
     let a_dir = c.env.dir.path().join("claude-a");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1121,7 +1141,7 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
         assert!(Instant::now() < deadline, "{}", c.logs_tail(40));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    c.start("b", Roots::Own, &[]);
+    c.start("b", Roots::Own, &[]).await;
     c.worker("b")
         .wait_until_receiving(Duration::from_secs(30))
         .await;
@@ -1154,32 +1174,69 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
             end_of(&newer)
         ));
     }
-    let sent_notice = c
-        .worker("b")
-        .lines_saying("interrupt notice sent")
-        .into_iter()
-        .find(|l| log_text(l, "message_id").as_deref() == Some(newer.as_str()));
-    match &sent_notice {
-        Some(line) if log_text(line, "holder").as_deref() == Some("a") => {}
-        other => found
-            .entry("no_notice_sent")
-            .or_default()
-            .push(format!("b's notice for {newer}: {other:?}")),
+    // The notices, from the workers' counters (both stopped: their totals are final). One newer
+    // message, so one `newer` notice, b -> a; a answers with one `released`, a -> b, once it has
+    // stopped and released the workspace. (The message id is in the log lines beside them, not
+    // in the counters: with one newer message in this test, kind and worker say which.)
+    let a_metrics = c.worker("a").otlp.metrics();
+    let b_metrics = c.worker("b").otlp.metrics();
+    // (worker, its metrics, counter, kind, the attribute naming the other worker, who it is)
+    let notices = [
+        (
+            "b",
+            &b_metrics,
+            "edit_worker.notices.sent",
+            "newer",
+            "to",
+            "a",
+        ),
+        (
+            "a",
+            &a_metrics,
+            "edit_worker.notices.received",
+            "newer",
+            "from",
+            "b",
+        ),
+        (
+            "a",
+            &a_metrics,
+            "edit_worker.notices.sent",
+            "released",
+            "to",
+            "b",
+        ),
+        (
+            "b",
+            &b_metrics,
+            "edit_worker.notices.received",
+            "released",
+            "from",
+            "a",
+        ),
+    ];
+    for (worker, metrics, counter, kind, key, other) in notices {
+        let counted = metrics.values_by(counter, &[("kind", kind)], key);
+        if counted != BTreeMap::from([(other.to_owned(), 1)]) {
+            found.entry("notices").or_default().push(format!(
+                "worker {worker}: {counter} of kind {kind} by {key}: {counted:?}, expected one \
+                 with {key} {other}"
+            ));
+        }
     }
-    let received = c
-        .worker("a")
-        .lines_saying("interrupt notice received")
-        .into_iter()
-        .find(|l| log_text(l, "message_id").as_deref() == Some(newer.as_str()));
-    match &received {
-        Some(line) if log_text(line, "from").as_deref() == Some("b") => {}
-        other => found
-            .entry("no_notice_received")
-            .or_default()
-            .push(format!("a's notice for {newer}: {other:?}")),
-    }
-    let stopped = c.worker("a").lines_saying("work stopped");
-    match stopped.first().and_then(|l| log_u64(l, "stopped_at_ms")) {
+    // When a's agent stopped: the "work stopped" event on the slow message's span (a's
+    // trace), with the worker's wall clock at the stop (`stopped_at_ms`), so the latency
+    // counts from the test's send across the two processes.
+    let slow_span = c.worker("a").otlp.spans().into_iter().find(|s| {
+        s.name == "process edit message" && s.attributes.get("messaging.message.id") == Some(&slow)
+    });
+    let stopped_at = slow_span.as_ref().and_then(|span| {
+        span.events
+            .iter()
+            .find(|(name, _)| name == "work stopped")
+            .and_then(|(_, attributes)| attributes.get("stopped_at_ms")?.parse::<u64>().ok())
+    });
+    match stopped_at {
         Some(at) => {
             let latency = at.saturating_sub(sent_at);
             eprintln!("newer request sent -> holder's agent stopped: {latency} ms");
@@ -1191,7 +1248,8 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
             }
         }
         None => found.entry("work_not_stopped").or_default().push(format!(
-            "a logged no \"work stopped\" with stopped_at_ms: {stopped:?}"
+            "a's span of the slow message has no \"work stopped\" event with stopped_at_ms: \
+             {slow_span:?}"
         )),
     }
     // The slow request's partial work is saved on its own branch.
@@ -1207,4 +1265,117 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
         ));
     }
     c.assert_none(&found);
+}
+
+/// A lease span as a worker makes it (`lease_event!` in actors/src/lease.rs), started at
+/// `start` ns, with `attributes`.
+fn lease_span(name: &str, start: u64, attributes: &[(&str, &str)]) -> Span {
+    Span {
+        trace_id: format!("{start:032x}"),
+        span_id: format!("{start:016x}"),
+        parent_span_id: String::new(),
+        name: name.to_owned(),
+        kind: 1,
+        start,
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        events: Vec::new(),
+    }
+}
+
+/// (from, until, ended_by) of each lease, to compare.
+fn spans_of(leases: &[LeaseHeld]) -> Vec<(u64, Option<u64>, &str)> {
+    leases
+        .iter()
+        .map(|h| (h.from_ms, h.until_ms, h.ended_by.as_str()))
+        .collect()
+}
+
+/// The spans come in export batches, in any order: they are read in the order the worker made
+/// them, so a workspace released and taken back with the same token (nobody held it between)
+/// is two holdings; one left open at a kill ends at the kill.
+#[test]
+fn lease_intervals_follow_the_spans_in_the_order_they_were_made() {
+    let held = |at: &'static str| {
+        [
+            ("workspace", "c/p"),
+            ("token", "1"),
+            ("worker", "a"),
+            ("at_ms", at),
+        ]
+    };
+    let spans = [
+        lease_span("lease acquired", 3, &held("150")),
+        lease_span("lease acquired", 1, &held("100")),
+        lease_span("lease released", 2, &held("150")),
+    ];
+    let leases = lease_intervals_in(&spans, "a", Some(400));
+    assert_eq!(
+        spans_of(&leases),
+        [(100, Some(150), "released"), (150, Some(400), "killed")],
+        "{leases:#?}"
+    );
+}
+
+/// A killed worker's release whose span never got out: the next holder, having found the lease
+/// released, ends the killed worker's holding at its own acquire; one that found it expired
+/// leaves it ending at the kill. Without that, the overlap check would see two holders.
+#[test]
+fn a_release_lost_with_a_kill_ends_where_the_next_holder_found_it_released() {
+    let a = [
+        lease_span(
+            "lease acquired",
+            1,
+            &[
+                ("workspace", "c/p"),
+                ("token", "3"),
+                ("worker", "a"),
+                ("at_ms", "100"),
+            ],
+        ),
+        lease_span(
+            "lease acquired",
+            2,
+            &[
+                ("workspace", "c/q"),
+                ("token", "1"),
+                ("worker", "a"),
+                ("at_ms", "110"),
+            ],
+        ),
+    ];
+    let taken = |workspace: &str, token: &str, at: &str, released: &str| {
+        let attributes = [
+            ("workspace", workspace),
+            ("token", token),
+            ("worker", "b"),
+            ("handover", "true"),
+            ("previous", "a"),
+            ("previous_released", released),
+            ("at_ms", at),
+        ];
+        lease_span("lease acquired", 10, &attributes)
+    };
+    let b = [
+        taken("c/p", "4", "320", "true"),
+        taken("c/q", "2", "6500", "false"),
+    ];
+    let mut all = lease_intervals_in(&a, "a", Some(500));
+    all.extend(lease_intervals_in(&b, "b", None));
+    assert!(
+        !lease_overlaps(&all).is_empty(),
+        "read alone, a's holding of c/p runs on to the kill, over b's"
+    );
+    let settled = with_releases_lost_in_kills(all);
+    assert_eq!(
+        spans_of(&settled[..2]),
+        [
+            (100, Some(320), "released (said by the next holder)"),
+            (110, Some(500), "killed")
+        ],
+        "{settled:#?}"
+    );
+    assert!(lease_overlaps(&settled).is_empty(), "{settled:#?}");
 }

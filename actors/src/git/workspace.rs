@@ -399,6 +399,7 @@ impl Workspace {
                 Err(e @ GitCommandError::PushRefused { .. }) => return Err(e.into()),
                 Err(e) if attempt < attempts.max(1) => {
                     tracing::warn!(branch, attempt, error = %e, "push failed; retrying");
+                    crate::metrics::metrics().push_retries.add(1, &[]);
                     tokio::time::sleep(delay.failed()).await;
                     attempt += 1;
                 }
