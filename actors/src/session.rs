@@ -156,7 +156,7 @@ impl SessionActor {
     /// Stop the step actors (the session is going idle or away); their next job starts new ones.
     fn stop_steps(state: &mut SessionState, why: StepsStop) {
         if let Some(steps) = state.steps.take() {
-            tracing::debug!(workspace = %state.args.key, reason = why.as_str(), "no work left: step actors stopped");
+            tracing::debug!(workspace = %state.args.key, reason = why.as_str(), "step actors stopped");
             crate::metrics::metrics()
                 .step_actors_stopped
                 .add(1, &[opentelemetry::KeyValue::new("reason", why.as_str())]);
