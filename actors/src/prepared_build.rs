@@ -83,11 +83,10 @@ pub struct PreparedBuild {
     loaded: Arc<AtomicBool>,
 }
 
-/// The prepared process's stdin and stdout, and whether it said Astro is loaded.
+/// The prepared process's stdin and stdout.
 struct Pipes {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
-    loaded: bool,
 }
 
 /// Wait for a build slot (or the build's turn), have the process load Astro, and wait until it
@@ -105,12 +104,11 @@ async fn load(
     };
     let waited = asked.elapsed();
     if pipes.stdin.write_all(b"load\n").await.is_ok() {
-        pipes.loaded = wait_until_loaded(&mut pipes.stdout).await;
-        loaded.store(pipes.loaded, Ordering::SeqCst);
+        loaded.store(wait_until_loaded(&mut pipes.stdout).await, Ordering::SeqCst);
     }
     tracing::debug!(
         ahead = slot.is_some(),
-        loaded = pipes.loaded,
+        loaded = loaded.load(Ordering::SeqCst),
         waited_ms = waited.as_millis() as u64,
         load_ms = (asked.elapsed() - waited).as_millis() as u64,
         "Astro loaded for a build started ahead"
@@ -191,7 +189,6 @@ impl PreparedBuild {
         let pipes = Pipes {
             stdin: child.stdin.take().expect("piped"),
             stdout: BufReader::new(child.stdout.take().expect("piped")),
-            loaded: false,
         };
         let (go_now, go) = oneshot::channel();
         let loaded = Arc::new(AtomicBool::new(false));
@@ -244,12 +241,9 @@ impl PreparedBuild {
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
         };
         self.loading = None;
-        let Pipes {
-            mut stdin,
-            stdout,
-            loaded,
-        } = pipes;
-        if !loaded {
+        let Pipes { mut stdin, stdout } = pipes;
+        // Set by the loading task, which has ended.
+        if !self.loaded.load(Ordering::SeqCst) {
             tracing::warn!(
                 "the build started ahead ended before loading Astro; building the usual way"
             );
