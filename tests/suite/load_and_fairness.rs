@@ -338,7 +338,10 @@ async fn time_waiting_for_a_slot_is_reported_as_queued() {
     }
     env.start_worker(&[("AGENT_CONCURRENCY", "1")]);
     let first = env.send("qa", "site", "t", "[standin:sleep 3]").await;
-    env.wait_for(&first, "started", Duration::from_secs(30))
+    // Its first progress event ("agent started") comes from its agent run, which holds the
+    // only agent slot. `started` came too early: it is sent before the checkout and the
+    // sandbox, and under load the second message once took the slot first.
+    env.wait_for(&first, "progress", Duration::from_secs(30))
         .await;
     let second = env.send("qb", "site", "t", "[standin:write q.txt q]").await;
     let events = env
