@@ -1350,11 +1350,21 @@ mod tests {
     }
 
     /// An executable shell script standing in for the CLI, in `dir`.
+    ///
+    /// The executable is written by `install`, not by this process: a file this process holds
+    /// open for writing is inherited by a child another test thread forks meanwhile, and until
+    /// that child execs, running the file fails with ETXTBSY ("Text file busy"; seen in CI).
     fn script(dir: &Path, body: &str) -> AgentSpec {
-        use std::os::unix::fs::PermissionsExt as _;
+        let source = dir.join("fake-cli.sh");
+        std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
         let path = dir.join("fake-cli");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let installed = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(installed.success(), "install {}", path.display());
         AgentSpec::new(path, Duration::from_secs(30))
     }
 
