@@ -151,8 +151,11 @@ async fn edit_goes_live(isolation: &str) {
 /// Uses the real CLI. Every way it fails has its own kind in the `failed` event:
 /// `--max-turns` (AGENT_MAX_TURNS), `--max-budget-usd` (AGENT_MAX_BUDGET_USD), an API error
 /// answer (400; and 529 retried as often as CLAUDE_CODE_MAX_RETRIES says, a variable that
-/// reaches the CLI only through AGENT_ENV_ALLOW), a CLI killed mid-turn (no result line), and a
-/// CLI that stops writing while its request hangs (the silence watchdog).
+/// reaches the CLI only through AGENT_ENV_ALLOW), and a CLI killed mid-turn (no result line).
+/// The silence watchdog has a test of its own (below): its limit must be short to show its
+/// point, and a short limit here would race the CLI's cold start (issue 30: on a fresh machine,
+/// with three other tests beside it, the CLI stayed silent past 6 s at start, and `turns` and
+/// `budget` ended `agent_silent`).
 #[tokio::test(flavor = "multi_thread")]
 async fn each_way_the_real_cli_fails_has_its_own_kind() {
     let mut env = TestEnv::new("realfail").await;
@@ -171,7 +174,6 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
         ("bad", "[api:error 400] bad request", "agent_api_error"),
         ("busy", "[api:error 529] overloaded", "agent_api_error"),
         ("killed", "[api:hang] killed mid-turn", "agent_no_result"),
-        ("hung", "[api:hang] hung", "agent_silent"),
     ];
     for (client, _, _) in &cases {
         let client = format!("rf-{client}");
@@ -184,7 +186,10 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
             ("MAX_RECEIVES", "1"),
             ("AGENT_MAX_TURNS", "3"),
             ("AGENT_MAX_BUDGET_USD", "0.5"),
-            ("AGENT_SILENCE_SECONDS", "6"),
+            // No case here is about silence: the watchdog must not end any of them, also not
+            // the `killed` one while the test finds and kills its CLI. A cold CLI start on a
+            // busy 2-core machine was seen silent for over 6 s; 300 s is far past any start.
+            ("AGENT_SILENCE_SECONDS", "300"),
             ("AGENT_ENV_ALLOW", "CLAUDE_CODE_MAX_RETRIES"),
             ("CLAUDE_CODE_MAX_RETRIES", "1"),
         ],
@@ -233,6 +238,44 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
     assert!(detail.contains("400"), "{detail}");
     // CLAUDE_CODE_MAX_RETRIES=1 reached the CLI through AGENT_ENV_ALLOW: one retry, not ten.
     assert_eq!(api.turns_for("overloaded").len(), 2);
+    assert_eq!(env.stop_worker(), Some(0));
+}
+
+/// Uses the real CLI. A CLI that stops writing while its request hangs is stopped by the
+/// silence watchdog (`agent_silent`). The test arranges the silence itself: the scripted API
+/// holds its answer (`[api:hang]`, pings only), and the test checks that the CLI was stopped
+/// *while that request hung*, not during its start-up, so a slow start cannot pass for a hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_cli_that_stops_writing_is_stopped_by_the_silence_watchdog() {
+    let mut env = TestEnv::new("realsilent").await;
+    let api = FakeApi::start(env.dir.path(), None);
+    env.create_bucket(&env.bucket("rs-hung", "site")).await;
+    env.create_upstream("rs-hung", "site", Site::Tiny);
+    // 20 s: longer than any cold start seen (a CLI silent for over 6 s before its first
+    // request, on a fresh and busy machine), short enough to keep the test quick. The hung
+    // request would ping forever.
+    let silence = 20;
+    env.start_worker(&env_pairs(&with(
+        &api,
+        &[
+            ("MAX_RECEIVES", "1"),
+            ("AGENT_SILENCE_SECONDS", &silence.to_string()),
+        ],
+    )));
+    let id = env.send("rs-hung", "site", "t", "[api:hang] hung").await;
+    let events = env.events_until_terminal(1, WAIT).await;
+    let end = terminal(&events, &id);
+    assert_eq!(end["type"], "failed", "{end}");
+    assert_eq!(end["error"]["kind"], "agent_silent", "{end}");
+    let message = end["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{silence}s")), "{message}");
+    // The CLI got as far as the request that hung: the silence was the hang's.
+    assert_eq!(api.turns_for("hung").len(), 1);
+    assert!(
+        env.bucket_contents(&env.bucket("rs-hung", "site"))
+            .await
+            .is_empty()
+    );
     assert_eq!(env.stop_worker(), Some(0));
 }
 
