@@ -2,9 +2,7 @@
 //! a failure kind per failure, a watchdog, throttled progress, build repair, a clean
 //! environment. Against the stand-in agent, moto and git.
 
-use std::time::Duration;
-
-use crate::common::{Site, TestEnv, git, is_terminal, of_type};
+use crate::common::{self, Site, TestEnv, git, is_terminal, of_type};
 
 fn terminal(events: &[serde_json::Value], id: &str) -> serde_json::Value {
     events
@@ -29,9 +27,7 @@ async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
             "Update the homepage title to \"Bigger\"",
         )
         .await;
-    let events = env
-        .wait_for(&first, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&first, "completed", common::ONE_MESSAGE).await;
     let one = terminal(&events, &first);
     // One tool use at 0.0125 a turn (the stand-in's price list).
     assert_eq!(one["costUsd"].as_f64(), Some(0.0125), "{one}");
@@ -45,7 +41,7 @@ async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
         )
         .await;
     let events = env
-        .wait_for(&second, "completed", Duration::from_secs(60))
+        .wait_for(&second, "completed", common::ONE_MESSAGE)
         .await;
     let two = terminal(&events, &second);
     // The agent saw the earlier conversation of this thread.
@@ -60,9 +56,7 @@ async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
 
     // Another thread starts another conversation.
     let other = env.send("mia", "site", "u", "[standin:recall]").await;
-    let events = env
-        .wait_for(&other, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&other, "completed", common::ONE_MESSAGE).await;
     let fresh = terminal(&events, &other);
     assert!(
         fresh["result"]
@@ -80,9 +74,7 @@ async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
     env.stop_worker();
     env.start_worker(&[]);
     let third = env.send("mia", "site", "t", "[standin:recall]").await;
-    let events = env
-        .wait_for(&third, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&third, "completed", common::ONE_MESSAGE).await;
     let after_restart = terminal(&events, &third);
     assert!(
         after_restart["result"]
@@ -93,47 +85,90 @@ async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
     assert_eq!(env.stop_worker(), Some(0));
 }
 
+/// Every way the agent fails has its own kind. The cases whose point is not a time limit run
+/// with the default limits; the two that are about a limit each get a worker of their own, with
+/// only that limit short, so that a stand-in slow to start on a busy machine cannot end a case
+/// by the other limit (issue 30).
 #[tokio::test(flavor = "multi_thread")]
 async fn each_way_an_agent_fails_has_its_own_kind() {
-    let mut env = TestEnv::new("agentfail").await;
-    let cases = [
-        ("turns", "[standin:fail error_max_turns]", "agent_max_turns"),
-        (
-            "budget",
-            "[standin:fail error_max_budget_usd]",
-            "agent_max_budget",
-        ),
-        (
-            "exec",
-            "[standin:fail error_during_execution]",
-            "agent_execution_error",
-        ),
-        (
-            "api",
-            "Update the homepage title to \"x\" [standin:fail api_error]",
-            "agent_api_error",
-        ),
-        ("noresult", "[standin:no-result]", "agent_no_result"),
-        ("slow", "[standin:sleep 30]", "agent_timeout"),
-        ("hung", "[standin:silent 60]", "agent_silent"),
-    ];
-    for (client, _, _) in &cases {
+    failures_end_with_their_kinds(
+        "agentfail",
+        &[
+            ("turns", "[standin:fail error_max_turns]", "agent_max_turns"),
+            (
+                "budget",
+                "[standin:fail error_max_budget_usd]",
+                "agent_max_budget",
+            ),
+            (
+                "exec",
+                "[standin:fail error_during_execution]",
+                "agent_execution_error",
+            ),
+            (
+                "api",
+                "Update the homepage title to \"x\" [standin:fail api_error]",
+                "agent_api_error",
+            ),
+            ("noresult", "[standin:no-result]", "agent_no_result"),
+        ],
+        &[],
+    )
+    .await;
+}
+
+/// An agent that works on past AGENT_TIMEOUT_SECONDS is stopped: `agent_timeout`. It reports a
+/// tool use every second, and the silence limit is far past any start-up, so only the
+/// wall-clock can end it; the 600 s it would work is far past the 5 s limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_past_its_time_limit_is_stopped() {
+    failures_end_with_their_kinds(
+        "agentslow",
+        &[("slow", "[standin:sleep 600]", "agent_timeout")],
+        &[
+            ("AGENT_TIMEOUT_SECONDS", "5"),
+            ("AGENT_SILENCE_SECONDS", "300"),
+        ],
+    )
+    .await;
+}
+
+/// An agent that stops writing is stopped by the silence watchdog: `agent_silent`. The
+/// stand-in goes silent for 600 s; the wall-clock limit is far past the test.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_stops_writing_is_stopped() {
+    failures_end_with_their_kinds(
+        "agenthung",
+        &[("hung", "[standin:silent 600]", "agent_silent")],
+        &[
+            ("AGENT_SILENCE_SECONDS", "3"),
+            ("AGENT_TIMEOUT_SECONDS", "900"),
+        ],
+    )
+    .await;
+}
+
+/// Sends each case's request to a workspace of its own and checks that each ends `failed` with
+/// its kind and publishes nothing.
+async fn failures_end_with_their_kinds(
+    name: &str,
+    cases: &[(&str, &str, &str)],
+    limits: &[(&str, &str)],
+) {
+    let mut env = TestEnv::new(name).await;
+    for (client, _, _) in cases {
         let client = format!("f-{client}");
         env.create_bucket(&env.bucket(&client, "site")).await;
         env.create_upstream(&client, "site", Site::Tiny);
     }
-    // One delivery each (no retries of passing failures), short limits for the slow cases.
-    env.start_worker(&[
-        ("MAX_RECEIVES", "1"),
-        ("AGENT_TIMEOUT_SECONDS", "5"),
-        ("AGENT_SILENCE_SECONDS", "2"),
-    ]);
+    // One delivery each: no retries of passing failures.
+    env.start_worker(&[&[("MAX_RECEIVES", "1")], limits].concat());
     let mut ids = Vec::new();
-    for (client, command, _) in &cases {
+    for (client, command, _) in cases {
         ids.push(env.send(&format!("f-{client}"), "site", "t", command).await);
     }
     let events = env
-        .events_until_terminal(cases.len(), Duration::from_secs(90))
+        .events_until_terminal(cases.len(), common::ONE_MESSAGE)
         .await;
     for ((client, _, kind), id) in cases.iter().zip(&ids) {
         let end = terminal(&events, id);
@@ -167,9 +202,7 @@ async fn progress_of_a_chatty_agent_is_throttled_and_numbered() {
             "[standin:chatter 300] [standin:sleep 3] [standin:write done.txt ok]",
         )
         .await;
-    let events = env
-        .wait_for(&id, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let progress = of_type(&events, "progress");
     // 300 tool uses and more in about 3 s, reported at most once a second (plus the last).
     assert!(
@@ -217,9 +250,7 @@ async fn a_build_broken_by_the_agent_is_repaired_by_the_resumed_agent() {
             "Update the homepage title to \"Mended\" [standin:break-build]",
         )
         .await;
-    let events = env
-        .wait_for(&id, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let done = terminal(&events, &id);
     assert_eq!(done["buildRepairs"].as_u64(), Some(1), "{done}");
     let log = git(&upstream, &["log", "--format=%s", "main..thread-t"]);
@@ -246,8 +277,7 @@ async fn the_agent_sees_no_worker_secrets_unless_bedrock_is_configured() {
     let upstream = env.create_upstream("pia", "site", Site::Tiny);
     env.start_worker(&[("ANTHROPIC_API_KEY", "sk-test-not-a-key")]);
     let id = env.send("pia", "site", "plain", "[standin:env]").await;
-    env.wait_for(&id, "completed", Duration::from_secs(60))
-        .await;
+    env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let seen = git(&upstream, &["show", "thread-plain:agent-env.txt"]);
     let names: Vec<&str> = seen.lines().collect();
     for secret in [
@@ -274,8 +304,7 @@ async fn the_agent_sees_no_worker_secrets_unless_bedrock_is_configured() {
 
     env.start_worker(&[("CLAUDE_CODE_USE_BEDROCK", "1")]);
     let id = env.send("pia", "site", "bedrock", "[standin:env]").await;
-    env.wait_for(&id, "completed", Duration::from_secs(60))
-        .await;
+    env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let seen = git(&upstream, &["show", "thread-bedrock:agent-env.txt"]);
     let names: Vec<&str> = seen.lines().collect();
     for needed in [
