@@ -138,22 +138,49 @@ fn healthcheck_passes_only_for_a_fresh_health_file() {
     assert_eq!(check("60"), Some(1), "stale file");
 }
 
+/// The intake touches the health file on every turn of its loop (at least once per long poll,
+/// 10 s), so a running worker's file keeps getting newer: the test waits for a second touch
+/// after the first, and `healthcheck` then passes on it (issue 28: only the first touch was
+/// checked, which a worker that touched once and then hung would pass).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_worker_keeps_its_health_file_fresh() {
     let mut env = common::TestEnv::new("health").await;
     let file = env.dir.path().join("health");
     env.start_worker(&[("HEALTH_FILE", file.to_str().unwrap())]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !file.exists() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let modified = |file: &std::path::Path| std::fs::metadata(file).and_then(|m| m.modified()).ok();
+    // Many long polls: a turn of the loop is a 10 s long poll at most, and the worker
+    // may start slowly on a busy machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut first = None;
+    let mut touched_again = false;
+    while std::time::Instant::now() < deadline {
+        match (first, modified(&file)) {
+            (None, Some(at)) => first = Some(at),
+            (Some(before), Some(at)) if at > before => {
+                touched_again = true;
+                break;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let age = std::fs::metadata(&file)
-        .unwrap()
-        .modified()
-        .unwrap()
-        .elapsed()
+    assert!(first.is_some(), "the health file was never written");
+    assert!(
+        touched_again,
+        "the health file was touched once and never again"
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_edit-worker"))
+        .args([
+            "healthcheck",
+            "--file",
+            file.to_str().unwrap(),
+            "--max-age",
+            "60",
+        ])
+        .env_remove("HEALTH_FILE")
+        .status()
         .unwrap();
-    assert!(age < Duration::from_secs(15), "{age:?}");
+    assert_eq!(check.code(), Some(0));
     assert_eq!(env.stop_worker(), Some(0));
 }
 
