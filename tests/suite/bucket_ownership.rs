@@ -3,9 +3,7 @@
 //! the first to publish owns it, the other's message fails at once with
 //! `bucket_owned_elsewhere`, and the owner's site stays exactly as it was.
 
-use std::time::Duration;
-
-use crate::common::{Site, TestEnv, deliveries_of, event_of};
+use crate::common::{self, Site, TestEnv, deliveries_of, event_of};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_project_cannot_publish_into_the_first_projects_bucket() {
@@ -21,8 +19,7 @@ async fn a_second_project_cannot_publish_into_the_first_projects_bucket() {
     let shop = env
         .send("olga", "shop", "t", "Update the homepage title to \"Shop\"")
         .await;
-    env.wait_for(&shop, "completed", Duration::from_secs(60))
-        .await;
+    env.wait_for(&shop, "completed", common::ONE_MESSAGE).await;
     let before = env.bucket_contents(&bucket).await;
     assert!(before.contains_key("index.html"), "{:?}", before.keys());
     let owner: serde_json::Value =
@@ -33,7 +30,7 @@ async fn a_second_project_cannot_publish_into_the_first_projects_bucket() {
         .send("olga", "blog", "t", "Update the homepage title to \"Blog\"")
         .await;
     // At once: a refusal that would repeat is not retried (retries wait for backoff first).
-    let events = env.wait_for(&blog, "failed", Duration::from_secs(40)).await;
+    let events = env.wait_for(&blog, "failed", common::ONE_MESSAGE).await;
     let failed = event_of(&events, &blog, "failed");
     assert_eq!(
         failed["error"]["kind"], "bucket_owned_elsewhere",

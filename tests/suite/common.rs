@@ -14,6 +14,33 @@ use serde_json::Value;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+// How long the tests wait (issue 30). Each limit is a deadline for an event that normally comes
+// in a small part of it: waiting costs nothing when the event comes, while a limit too short
+// fails a healthy run on a busy machine. Each is derived from the slowest legitimate path on this
+// kind of machine (2 cores): a first run on a fresh clone (cold caches), four tests at once (the
+// suite's own parallelism) and, with `STRESS=1 scripts/test`, a CPU hog on each core beside them.
+// A test whose point is a time limit (a watchdog, a lease) sets that limit on the worker and
+// arranges the wait itself, so that only the limit it tests can end it.
+
+/// One message of the tiny site with the stand-in, from its send to its terminal event
+/// (checkout, agent, commit, build, publish, push). About 2 s on a quiet machine; under
+/// `STRESS=1` with the suite beside it the slowest seen took tens of seconds, most of it
+/// waiting for a core. Also the limit for a few such messages run at once by one worker.
+pub const ONE_MESSAGE: Duration = Duration::from_secs(180);
+
+/// A message whose path includes a real dependency install (`npm ci` against the registry into
+/// the shared store) or a real Astro build: the install is network-bound and the build about
+/// 3.5 CPU-seconds, which take several times that with four tests and two hogs on two cores.
+pub const WITH_INSTALL: Duration = Duration::from_secs(420);
+
+/// A step inside a running message that the test waits for before acting (the agent's first
+/// edit, a progress event, a lease taken): the same path as ONE_MESSAGE up to that point.
+pub const STEP: Duration = ONE_MESSAGE;
+
+/// For something the test expects *not* to happen (no event, no file): how long it looks. A
+/// negative check cannot wait for an event, so it is kept short and is never the only proof.
+pub const QUIET_LOOK: Duration = Duration::from_secs(3);
+
 /// The moto endpoint. `scripts/test` starts one moto for the whole run and exports it.
 pub fn endpoint() -> String {
     set_by_scripts_test("EDIT_WORKER_TEST_ENDPOINT")
@@ -324,7 +351,9 @@ impl TestEnv {
     pub fn stop_worker(&mut self) -> Option<i32> {
         let mut child = self.worker.take()?;
         let _ = nix_kill(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(40);
+        // A graceful stop saves running work (commit, push) within SHUTDOWN_DEADLINE_SECONDS,
+        // which no test sets above 120 s; past that the worker is killed and None says so.
+        let deadline = Instant::now() + Duration::from_secs(150);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status.code();

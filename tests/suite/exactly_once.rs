@@ -121,7 +121,7 @@ async fn each_message_of_a_coalesced_batch_is_checked_for_an_earlier_run() {
         );
     }
     let slow = env.send("bea", "site", "x", "[standin:sleep 6]").await;
-    let events = env.events_until_terminal(5, Duration::from_secs(60)).await;
+    let events = env.events_until_terminal(5, common::ONE_MESSAGE).await;
     for id in [&slow, &t1, &t2, &u1, &u2] {
         let ends = terminal_for(&events, id);
         assert_eq!(ends.len(), 1, "{id}: {events:#?}\n{}", env.worker_log());
@@ -179,9 +179,7 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
             "Update the homepage title to \"First\" [standin:sleep 4]",
         )
         .await;
-    let mut events = env
-        .wait_for(&first, "started", Duration::from_secs(30))
-        .await;
+    let mut events = env.wait_for(&first, "started", common::ONE_MESSAGE).await;
     let second = env
         .send(
             "cid",
@@ -262,7 +260,7 @@ async fn an_older_message_never_interrupts_a_newer_one() {
             "[standin:write new.txt new] [standin:sleep 6]",
         )
         .await;
-    let events = env.events_until_terminal(3, Duration::from_secs(60)).await;
+    let events = env.events_until_terminal(3, common::ONE_MESSAGE).await;
     let end = |id: &str| terminal_for(&events, id)[0].clone();
     assert_eq!(
         end(&newer)["type"],
@@ -376,7 +374,7 @@ async fn work_interrupted_before_its_build_is_pushed() {
     env.send("fog", "site", "b", "[standin:write b.txt b]")
         .await;
     let events = env
-        .wait_for(&waiting, "interrupted", Duration::from_secs(60))
+        .wait_for(&waiting, "interrupted", common::ONE_MESSAGE)
         .await;
     assert_eq!(terminal_for(&events, &waiting).len(), 1, "{events:#?}");
     assert!(
@@ -397,8 +395,7 @@ async fn stale_git_locks_are_cleared() {
     let first = env
         .send("gil", "site", "t", "[standin:write one.txt 1]")
         .await;
-    env.wait_for(&first, "completed", Duration::from_secs(60))
-        .await;
+    env.wait_for(&first, "completed", common::ONE_MESSAGE).await;
     let git_dir = env.workspace_root().join("gil/site/.git");
     for lock in [
         "HEAD.lock",
@@ -411,7 +408,7 @@ async fn stale_git_locks_are_cleared() {
         .send("gil", "site", "t", "[standin:write two.txt 2]")
         .await;
     let events = env
-        .wait_for(&second, "completed", Duration::from_secs(60))
+        .wait_for(&second, "completed", common::ONE_MESSAGE)
         .await;
     assert_eq!(terminal_for(&events, &second).len(), 1);
     assert!(branch_has_file(&upstream, "thread-t", "two.txt"));
@@ -427,7 +424,7 @@ async fn ids_that_make_no_valid_ref_or_bucket_are_rejected() {
     let dotted = env.send("hal", "site", "ends-with-dot.", "x").await;
     let long_client = "c".repeat(60);
     let long = env.send(&long_client, "site", "t", "x").await;
-    let events = env.events_until_terminal(2, Duration::from_secs(30)).await;
+    let events = env.events_until_terminal(2, common::ONE_MESSAGE).await;
     for id in [&dotted, &long] {
         let ends = terminal_for(&events, id);
         assert_eq!(ends.len(), 1, "{events:#?}");
@@ -459,7 +456,7 @@ async fn a_thread_branch_that_diverged_upstream_is_merged_or_fails_clearly() {
         .await;
     env.send("ivo", "site", "c", "[standin:write clash.txt worker]")
         .await;
-    let first = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    let first = env.events_until_terminal(2, common::ONE_MESSAGE).await;
     assert_eq!(common::of_type(&first, "completed").len(), 2, "{first:#?}");
     // A person rewrites both thread branches upstream: one touching another file, one the
     // same file differently.
@@ -509,7 +506,7 @@ async fn a_thread_branch_that_diverged_upstream_is_merged_or_fails_clearly() {
     let clash = env
         .send("ivo", "site", "c", "[standin:write clash2.txt 2]")
         .await;
-    let events = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    let events = env.events_until_terminal(2, common::ONE_MESSAGE).await;
     let merged_end = terminal_for(&events, &merged);
     assert_eq!(
         merged_end[0]["type"],
@@ -536,8 +533,7 @@ async fn a_coalesced_batch_reports_its_cost_once() {
     env.create_upstream("jay", "site", Site::Tiny);
     env.start_worker(&[]);
     let busy = env.send("jay", "site", "x", "[standin:sleep 30]").await;
-    env.wait_for(&busy, "started", Duration::from_secs(30))
-        .await;
+    env.wait_for(&busy, "started", common::ONE_MESSAGE).await;
     // Three messages of one thread, arriving together behind the busy one: one batch.
     let bodies: Vec<Value> = (0..3)
         .map(|i| {
@@ -548,7 +544,7 @@ async fn a_coalesced_batch_reports_its_cost_once() {
         })
         .collect();
     let burst = env.send_batch(&bodies).await;
-    let events = env.events_until_terminal(4, Duration::from_secs(60)).await;
+    let events = env.events_until_terminal(4, common::ONE_MESSAGE).await;
     let ends: Vec<&Value> = burst
         .iter()
         .map(|id| terminal_for(&events, id)[0])
@@ -578,10 +574,9 @@ async fn hostile_build_output_neither_hangs_nor_kills_the_build() {
     let id = env
         .send("kim", "site", "t", "[standin:write weird-output yes]")
         .await;
-    // The detached process lives 120 s: waiting for its pipe to close would take that long.
-    let events = env
-        .wait_for(&id, "completed", Duration::from_secs(40))
-        .await;
+    // The detached process lives 900 s: waiting for its pipe to close would take that long,
+    // far past ONE_MESSAGE.
+    let events = env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     assert_eq!(terminal_for(&events, &id).len(), 1, "{events:#?}");
     assert_eq!(env.stop_worker(), Some(0));
 }

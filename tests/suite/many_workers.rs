@@ -835,7 +835,7 @@ async fn a_conversation_continues_on_another_worker() {
         .await;
     let events = c
         .env
-        .wait_for(&first, "completed", Duration::from_secs(60))
+        .wait_for(&first, "completed", common::ONE_MESSAGE)
         .await;
     c.events.extend(events);
     assert_eq!(c.worker_mut("a").stop(), Some(0), "{}", c.logs_tail(40));
@@ -852,7 +852,7 @@ async fn a_conversation_continues_on_another_worker() {
         .await;
     let events = c
         .env
-        .wait_for(&second, "completed", Duration::from_secs(60))
+        .wait_for(&second, "completed", common::ONE_MESSAGE)
         .await;
     c.events.extend(events);
     let done = c

@@ -411,9 +411,7 @@ async fn a_cloudfront_distribution_gets_the_changed_paths_invalidated() {
     let id = env
         .send("uma", "site", "t", "Update the homepage title to \"Fresh\"")
         .await;
-    let events = env
-        .wait_for(&id, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let done = common::event_of(&events, &id, "completed");
     let invalidation = done["invalidationId"]
         .as_str()

@@ -64,7 +64,7 @@ async fn a_token_in_the_remote_url_reaches_no_event_log_or_dead_letter() {
             "Update the homepage title to \"x\"",
         )
         .await;
-    let events = env.events_until_terminal(1, Duration::from_secs(120)).await;
+    let events = env.events_until_terminal(1, common::ONE_MESSAGE).await;
     let failed = of_type(&events, "failed");
     assert_eq!(
         failed.len(),

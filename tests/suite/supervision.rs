@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use crate::common::{MetricsSnapshot, Otlp, Site, TestEnv, is_terminal};
+use crate::common::{self, MetricsSnapshot, Otlp, Site, TestEnv, is_terminal};
 
 /// Step restarts a session allows within a minute.
 const RESTART_LIMIT: i64 = 5;
@@ -52,9 +52,7 @@ async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, MetricsSnapsh
             "Update the homepage title to \"Survived\"",
         )
         .await;
-    let events = env
-        .wait_for(&id, "completed", Duration::from_secs(120))
-        .await;
+    let events = env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let completed_seen = SystemTime::now();
     let terminal: Vec<_> = events.iter().filter(|e| is_terminal(e)).collect();
     assert_eq!(terminal.len(), 1, "{events:#?}");

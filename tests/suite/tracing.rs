@@ -4,8 +4,6 @@
 
 use crate::common;
 
-use std::time::Duration;
-
 use crate::common::{Otlp, Site, Span, TestEnv};
 
 /// A worker for client `tess` that exports to the receiver at `url`.
@@ -90,9 +88,7 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
         None,
     )
     .await;
-    let events = env
-        .wait_for(&id, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
     let done = common::event_of(&events, &id, "completed");
     assert_eq!(done["traceId"], trace, "{done}");
 
@@ -100,11 +96,9 @@ async fn a_message_is_one_trace_from_the_producer_to_s3() {
     let slow = send_with_attributes(&env, "u", "[standin:sleep 30]", None, None).await;
     // Its agent running (the first progress event, sent when the agent's process speaks),
     // not merely the job started.
-    env.wait_for(&slow, "progress", Duration::from_secs(30))
-        .await;
+    env.wait_for(&slow, "progress", common::ONE_MESSAGE).await;
     let newer = send_with_attributes(&env, "v", "[standin:write n.txt 1]", None, None).await;
-    env.wait_for(&newer, "completed", Duration::from_secs(60))
-        .await;
+    env.wait_for(&newer, "completed", common::ONE_MESSAGE).await;
     // SIGTERM flushes the exporter before the worker exits.
     assert_eq!(env.stop_worker(), Some(0));
 
@@ -204,13 +198,9 @@ async fn aws_trace_headers_are_continued_and_untraced_messages_start_a_trace() {
 
     let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
     let xray = send_with_attributes(&env, "x", "[standin:write x.txt 1]", None, Some(header)).await;
-    let events = env
-        .wait_for(&xray, "completed", Duration::from_secs(60))
-        .await;
+    let events = env.wait_for(&xray, "completed", common::ONE_MESSAGE).await;
     let plain = send_with_attributes(&env, "y", "[standin:write y.txt 1]", None, None).await;
-    let more = env
-        .wait_for(&plain, "completed", Duration::from_secs(60))
-        .await;
+    let more = env.wait_for(&plain, "completed", common::ONE_MESSAGE).await;
     assert_eq!(env.stop_worker(), Some(0));
     let spans = otlp.spans();
 

@@ -127,7 +127,7 @@ async fn threads_switch_cleanly_and_clients_run_concurrently() {
         "Update the homepage title to \"One\" [standin:write one.txt first thread]",
     )
     .await;
-    let first = env.events_until_terminal(1, Duration::from_secs(60)).await;
+    let first = env.events_until_terminal(1, common::ONE_MESSAGE).await;
     assert_eq!(
         of_type(&first, "completed").len(),
         1,
@@ -152,7 +152,7 @@ async fn threads_switch_cleanly_and_clients_run_concurrently() {
         "Update the homepage title to \"Carol\" [standin:sleep 2]",
     )
     .await;
-    let events = env.events_until_terminal(2, Duration::from_secs(60)).await;
+    let events = env.events_until_terminal(2, common::ONE_MESSAGE).await;
     let done = of_type(&events, "completed");
     assert_eq!(done.len(), 2, "{events:#?}\n{}", env.worker_log());
     let elapsed = started.elapsed();
@@ -239,7 +239,7 @@ async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
     let shelly_id = env.send("dora", "site", "t2", &shelly).await;
 
     let events = env
-        .events_until_terminal(bad.len() + 1, Duration::from_secs(90))
+        .events_until_terminal(bad.len() + 1, common::ONE_MESSAGE)
         .await;
     for ((_, kind), id) in bad.iter().zip(&ids) {
         let event = events
@@ -304,7 +304,7 @@ async fn failing_build_and_agent_error_fail_and_publish_nothing() {
     env.start_worker(&[("BUILD_REPAIR_ATTEMPTS", "0"), ("MAX_RECEIVES", "1")]);
 
     let broken = env.send("erin", "site", "b", "[standin:break-build]").await;
-    let first = env.events_until_terminal(1, Duration::from_secs(60)).await;
+    let first = env.events_until_terminal(1, common::ONE_MESSAGE).await;
     let api = env
         .send(
             "erin",
@@ -313,7 +313,7 @@ async fn failing_build_and_agent_error_fail_and_publish_nothing() {
             "Update the homepage title to \"x\" [standin:fail api_error]",
         )
         .await;
-    let second = env.events_until_terminal(1, Duration::from_secs(60)).await;
+    let second = env.events_until_terminal(1, common::ONE_MESSAGE).await;
     let events: Vec<_> = first.into_iter().chain(second).collect();
 
     let failed = |id: &str| {
@@ -357,8 +357,7 @@ async fn work_pushed_to_the_thread_elsewhere_is_built_on() {
     let first = env
         .send("dana", "site", "t", "[standin:write public/mine-1.txt one]")
         .await;
-    env.wait_for(&first, "completed", Duration::from_secs(60))
-        .await;
+    env.wait_for(&first, "completed", common::ONE_MESSAGE).await;
 
     // Someone else (another container, a person) pushes to the thread's branch meanwhile.
     let elsewhere = env.dir.path().join("elsewhere");
@@ -385,7 +384,7 @@ async fn work_pushed_to_the_thread_elsewhere_is_built_on() {
         .send("dana", "site", "t", "[standin:write public/mine-2.txt two]")
         .await;
     let events = env
-        .wait_for(&second, "completed", Duration::from_secs(60))
+        .wait_for(&second, "completed", common::ONE_MESSAGE)
         .await;
     // The second edit was made on top of the other one: the push was a fast-forward, and the
     // published site has both.
@@ -429,7 +428,7 @@ async fn a_plain_build_script_runs_without_npm_unless_told_to_use_npm() {
         env.create_upstream(client, "site", Site::Tiny);
         env.start_worker(&[("BUILD_SCRIPTS_WITHOUT_NPM", without_npm)]);
         env.send(client, "site", "t", edit).await;
-        let events = env.events_until_terminal(1, Duration::from_secs(60)).await;
+        let events = env.events_until_terminal(1, common::ONE_MESSAGE).await;
         assert_eq!(
             of_type(&events, "completed").len(),
             1,
