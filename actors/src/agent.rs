@@ -1454,20 +1454,52 @@ mod tests {
 
     #[tokio::test]
     async fn a_cli_that_ignores_the_interrupt_gets_sigint_then_sigkill() {
+        // A CLI that reads the in-band interrupt and does nothing, notes every SIGINT and goes
+        // on: only SIGKILL can end it. It is stopped once it is running (its pid written), so
+        // every stage of the stop is reached (issue 28: the stop was asked before the run,
+        // and nothing showed which signals arrived).
         let dir = tempfile::tempdir().unwrap();
         let spec = script(
             dir.path(),
-            &format!("trap '' INT; read line; echo '{INIT}'; exec sleep 60"),
+            &format!(
+                "trap 'echo INT >> signals.txt' INT\n\
+                 read line; echo '{INIT}'; echo $$ > pid.txt\n\
+                 read interrupt; echo \"$interrupt\" > interrupt.txt\n\
+                 while :; do sleep 1; done"
+            ),
         );
         let cancel = CancellationToken::new();
-        cancel.cancel();
-        let started = std::time::Instant::now();
+        let pid_file = dir.path().join("pid.txt");
+        let stopper = {
+            let cancel = cancel.clone();
+            let pid_file = pid_file.clone();
+            tokio::spawn(async move {
+                while !std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                cancel.cancel();
+            })
+        };
         let err = run(&spec, dir.path(), &cancel).await.unwrap_err();
+        stopper.await.unwrap();
         assert!(matches!(err, AgentError::Interrupted), "{err:?}");
-        let took = started.elapsed();
+        // First the in-band interrupt, then SIGINT (ignored), then SIGKILL: the CLI is gone.
+        let interrupt = std::fs::read_to_string(dir.path().join("interrupt.txt")).unwrap();
+        assert!(interrupt.contains("\"interrupt\""), "{interrupt}");
+        let signals = std::fs::read_to_string(dir.path().join("signals.txt")).unwrap_or_default();
         assert!(
-            took < INTERRUPT_GRACE + SIGNAL_GRACE + Duration::from_secs(2),
-            "{took:?}"
+            signals.contains("INT"),
+            "no SIGINT reached the CLI: {signals:?}"
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH),
+            "the CLI that ignored SIGINT is still there"
         );
     }
 
