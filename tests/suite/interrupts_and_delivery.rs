@@ -280,7 +280,22 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
         "Interrupted - saving work"
     );
     assert!(git(&upstream, &["show", "thread-t:src/pages/index.astro"]).contains("Half done"));
-    let events = env.drain(&env.output, 1).await;
+    // Every event the worker sent, drained until the queue is empty (the worker has exited, so
+    // no more come; issue 28: one receive of at most ten was read), and none of them terminal.
+    let mut events = Vec::new();
+    loop {
+        let more = env.drain(&env.output, 1).await;
+        if more.is_empty() {
+            break;
+        }
+        events.extend(more);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["messageId"] == id.as_str() && e["type"] == "started"),
+        "{events:#?}"
+    );
     assert!(terminal_for(&events, &id).is_empty(), "{events:#?}");
     // The message is visible again at once, for the next worker.
     let again = env
@@ -342,7 +357,14 @@ async fn a_push_to_a_remote_that_was_away_is_retried() {
     let mut env = TestEnv::new("gitdown").await;
     env.create_bucket(&env.bucket("kit", "site")).await;
     let upstream = env.create_upstream("kit", "site", Site::Tiny);
-    env.start_worker(&[("RETRY_BASE_SECONDS", "1")]);
+    let otlp = Otlp::start().await;
+    env.start_worker(
+        &[
+            otlp.worker_env().as_slice(),
+            &[("RETRY_BASE_SECONDS", "1"), ("PUSH_ATTEMPTS", "3")],
+        ]
+        .concat(),
+    );
     let first = env
         .send("kit", "site", "t", "[standin:write first.txt 1]")
         .await;
@@ -363,10 +385,16 @@ async fn a_push_to_a_remote_that_was_away_is_retried() {
     let mut events = env
         .wait_until_all(
             "a second delivery of the offline edit",
-            Duration::from_secs(60),
+            common::ONE_MESSAGE,
             |events| common::deliveries_of(events, &second) >= 2,
         )
         .await;
+    // The failed delivery tried its push PUSH_ATTEMPTS times: two retries were counted (issue
+    // 28: no test showed this counter above zero, so a wrongly named one would go unnoticed).
+    otlp.wait_for_metrics("two push retries counted", common::STEP, |m| {
+        m.value("edit_worker.push.retries", &[]) >= 2
+    })
+    .await;
     // That delivery made the edit and committed it in the checkout; only the push failed.
     let ws = env.workspace_root().join("kit/site");
     let trailer = format!("Edit-Worker-Message: {second}");
