@@ -29,8 +29,10 @@ fn instructions() -> Vec<String> {
     out
 }
 
+/// Reads the Dockerfile's text only: no Docker engine runs here, so nothing is built (issue 28:
+/// the old name said "builds").
 #[test]
-fn the_dockerfile_builds_a_slim_runtime_without_ports() {
+fn the_dockerfile_text_declares_two_stages_a_node_22_runtime_and_no_port() {
     let lines = instructions();
     let from: Vec<&String> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(from.len(), 2, "multi-stage: {from:?}");
