@@ -265,7 +265,7 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
         )
         .await;
     // Mid-run: the agent has made its edit and works on.
-    env.wait_for_step(&id, "Edit", common::STEP).await;
+    let mut events = env.wait_for_step(&id, "Edit", common::STEP).await;
     let asked = Instant::now();
     assert_eq!(env.stop_worker(), Some(0), "{}", env.worker_log());
     assert!(
@@ -282,7 +282,6 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
     assert!(git(&upstream, &["show", "thread-t:src/pages/index.astro"]).contains("Half done"));
     // Every event the worker sent, drained until the queue is empty (the worker has exited, so
     // no more come; issue 28: one receive of at most ten was read), and none of them terminal.
-    let mut events = Vec::new();
     loop {
         let more = env.drain(&env.output, 1).await;
         if more.is_empty() {
