@@ -575,7 +575,9 @@ pub const SETTINGS: &[Setting] = &[
             site's 3.5), then waits for the build's turn. Used when the build is a plain `npm run` \
             script starting with `astro`, Astro comes from the shared store, and neither changed \
             meanwhile; at most this many wait at once, about 150 MB each; `0` turns it off. A \
-            loaded build goes before an unloaded one, at most this many times over each. Not \
+            loaded build goes before an unloaded one, at most this many times over each. Needs \
+            `BUILD_SCRIPTS_WITHOUT_NPM` (on by default): with it off, nothing is started ahead \
+            (said at start). Not \
             with `ISOLATION=users` (the end of the agent's run ends the tenant's processes)",
         example: None,
     },

@@ -58,6 +58,14 @@ pub async fn run(
     } else {
         tracing::info!(records = %location, worker = %config.worker_id, "records shared through the lease store");
     }
+    if config.build.ahead_max > 0 && !config.build.scripts_without_npm {
+        // A build started ahead runs the script's words itself; with npm running scripts there
+        // are no words to run, so BUILD_AHEAD_MAX would do nothing without a word.
+        tracing::warn!(
+            build_ahead_max = config.build.ahead_max,
+            "BUILD_SCRIPTS_WITHOUT_NPM=false: no build is started ahead, whatever BUILD_AHEAD_MAX says"
+        );
+    }
     let records = RecordStore::new(&location, &s3, &config.worker_id);
     {
         // An outcome older than SQS's longest retention can no longer meet its message.
