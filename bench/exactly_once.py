@@ -6,7 +6,7 @@ Then, for every message:
 
   lost                    no terminal event at all
   conflicting_terminal    terminal events of more than one type (a repeat of the same type is fine)
-  differing_repeat        the same type twice, but with different commits
+  differing_repeat        a terminal event repeated with a different body (any field)
   agent_ran_twice         the agent ran more than once on its request (the stand-in's call log)
   completed_without_run   `completed`, but the agent never ran on its request
   older_after_newer       the agent ran a request of a thread after a newer one of that thread
@@ -30,6 +30,7 @@ test another build, KEEP=1 to keep the run's folder)
 """
 
 import collections
+import hashlib
 import json
 import os
 import re
@@ -238,9 +239,13 @@ def check(messages, runs, dlq_ids):
         elif len(set(types)) > 1:
             found["conflicting_terminal"].append({**who, "events": m["terminal"]})
         else:
-            commits = {t["commit"] for t in m["terminal"] if t.get("commit")}
-            if len(commits) > 1:
-                found["differing_repeat"].append({**who, "events": m["terminal"]})
+            # A repeat is the recorded event sent again byte for byte: compare whole bodies, by
+            # a hash of each body's canonical JSON, not only type and commit.
+            bodies = {hashlib.sha256(json.dumps(t, sort_keys=True).encode()).hexdigest()
+                      for t in m["terminal"]}
+            if len(bodies) > 1:
+                found["differing_repeat"].append({**who, "bodyHashes": sorted(bodies),
+                                                  "events": m["terminal"]})
         ran = runs_of.get(m["n"], [])
         if len(ran) > 1:
             found["agent_ran_twice"].append({**who, "runs": [{"pid": r["pid"], "start": r["start"],

@@ -132,15 +132,14 @@ async fn violations(
                 .or_default()
                 .push(format!("{who}: {types:?}"));
         } else {
-            let commits: BTreeSet<&str> = terminal
-                .iter()
-                .filter_map(|e| e["commit"].as_str())
-                .collect();
-            if commits.len() > 1 {
-                found
-                    .entry("differing_repeat")
-                    .or_default()
-                    .push(format!("{who}: commits {commits:?}"));
+            // A repeated terminal event is the recorded one sent again byte for byte: every
+            // field, not only type and commit (issue 28), so compare the whole bodies.
+            let bodies: BTreeSet<String> = terminal.iter().map(|e| e.to_string()).collect();
+            if bodies.len() > 1 {
+                found.entry("differing_repeat").or_default().push(format!(
+                    "{who}: {} different bodies {bodies:?}",
+                    bodies.len()
+                ));
             }
         }
         let ran: Vec<u64> = runs
@@ -433,8 +432,19 @@ async fn every_request_ends_once_and_applies_in_send_order_through_a_faulty_sqs(
     }
 
     let injected = &faults["faults"];
+    let repeated = sent
+        .iter()
+        .filter(|s| {
+            events
+                .iter()
+                .filter(|e| e["messageId"] == s.id.as_str() && is_terminal(e))
+                .count()
+                > 1
+        })
+        .count();
     eprintln!(
-        "{} requests, {} agent runs; injected faults: {injected}",
+        "{} requests, {} agent runs, {repeated} with a repeated terminal event (each compared \
+         whole); injected faults: {injected}",
         sent.len(),
         runs.len()
     );
