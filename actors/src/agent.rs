@@ -164,6 +164,11 @@ pub struct AgentSpec {
     pub append_system_prompt: Option<String>,
     /// `AGENT_ENV_ALLOW`: more environment variable names passed to the agent.
     pub env_allow: Vec<String>,
+    /// How long a stop waits after the in-band interrupt before SIGINT (`INTERRUPT_GRACE`).
+    pub interrupt_grace: Duration,
+    /// How long a stop waits after SIGINT before SIGKILL (`SIGNAL_GRACE`). A field, not only a
+    /// constant, so that a test can give a CLI's signal handler time to run on a busy machine.
+    pub signal_grace: Duration,
     /// Whether `CLAUDE_BIN` takes `--input-format stream-json`: found out by the first run and
     /// shared by every clone of the spec.
     input_mode: Arc<AtomicU8>,
@@ -180,6 +185,8 @@ impl AgentSpec {
             max_budget_usd: None,
             model: None,
             permission_mode: "acceptEdits".into(),
+            interrupt_grace: INTERRUPT_GRACE,
+            signal_grace: SIGNAL_GRACE,
             allowed_tools: Vec::new(),
             disallowed_tools: Vec::new(),
             append_system_prompt: None,
@@ -703,9 +710,9 @@ async fn run_once(
         }
         match stopping {
             Stopping::Interrupted(at) if result_at.is_none() => {
-                wake = wake.min(at + INTERRUPT_GRACE)
+                wake = wake.min(at + spec.interrupt_grace)
             }
-            Stopping::Signalled(at) => wake = wake.min(at + SIGNAL_GRACE),
+            Stopping::Signalled(at) => wake = wake.min(at + spec.signal_grace),
             _ => {}
         }
         tokio::select! {
@@ -775,13 +782,13 @@ async fn run_once(
                     }
                 }
                 match stopping {
-                    Stopping::Interrupted(at) if result_at.is_none() && now >= at + INTERRUPT_GRACE => {
+                    Stopping::Interrupted(at) if result_at.is_none() && now >= at + spec.interrupt_grace => {
                         tracing::info!("the agent did not end its turn after the interrupt; sending SIGINT");
                         process::signal_group(pgid, nix::sys::signal::Signal::SIGINT);
                         stopping = Stopping::Signalled(now);
                         continue;
                     }
-                    Stopping::Signalled(at) if now >= at + SIGNAL_GRACE => {
+                    Stopping::Signalled(at) if now >= at + spec.signal_grace => {
                         guard.kill();
                         break;
                     }
@@ -810,7 +817,7 @@ async fn run_once(
     let wait = if result_at.is_some() && !attempt.cancelled {
         EXIT_AFTER_RESULT
     } else {
-        SIGNAL_GRACE
+        spec.signal_grace
     };
     attempt.exit = match tokio::time::timeout(wait, child.wait()).await {
         Ok(Ok(status)) => status.to_string(),
@@ -1459,7 +1466,7 @@ mod tests {
         // every stage of the stop is reached (issue 28: the stop was asked before the run,
         // and nothing showed which signals arrived).
         let dir = tempfile::tempdir().unwrap();
-        let spec = script(
+        let mut spec = script(
             dir.path(),
             &format!(
                 "trap 'echo INT >> signals.txt' INT\n\
@@ -1468,6 +1475,9 @@ mod tests {
                  while :; do sleep 1; done"
             ),
         );
+        // The shell notes SIGINT when it next runs; on a busy machine that was seen to take
+        // longer than the 1 s before SIGKILL (a fresh-clone run at load 20 on 2 cores).
+        spec.signal_grace = Duration::from_secs(15);
         let cancel = CancellationToken::new();
         let pid_file = dir.path().join("pid.txt");
         let stopper = {
