@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
-use crate::common::{Site, TestEnv, git, of_type};
+use crate::common::{self, Site, TestEnv, git, of_type};
 
-const WAIT: Duration = Duration::from_secs(360);
+/// A real Astro install and build (issue 30: see common::WITH_INSTALL).
+const WAIT: Duration = common::WITH_INSTALL;
 /// How long the agent works: the process started ahead is at least about this much older
 /// than the agent's commit.
 const AGENT_SECONDS: u64 = 6;

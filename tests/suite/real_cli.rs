@@ -17,7 +17,10 @@ use crate::common::{
 };
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(120);
+/// One message through the real CLI: ONE_MESSAGE's path plus the CLI's own turns (each a start
+/// of its native binary and a streamed answer from the scripted API), which take several times
+/// the stand-in's on a busy machine (issue 30).
+const WAIT: Duration = Duration::from_secs(300);
 
 fn terminal(events: &[Value], id: &str) -> Value {
     events
