@@ -21,6 +21,9 @@ mod shared_installs;
 /// Needs the test-only feature `fault-injection` (scripts/test enables it).
 #[cfg(feature = "fault-injection")]
 mod supervision;
+mod test_store;
+mod tracing;
+mod walking_skeleton;
 
 /// Without the feature the supervision tests are not compiled; this test fails in their place,
 /// so that a run without it cannot pass by hiding them (issue 28).
@@ -32,6 +35,3 @@ fn the_supervision_tests_need_the_fault_injection_feature() {
          `--features edit-worker/fault-injection` (scripts/test does)"
     );
 }
-mod test_store;
-mod tracing;
-mod walking_skeleton;
