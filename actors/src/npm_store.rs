@@ -322,7 +322,8 @@ struct Inner {
     counter: AtomicU64,
     /// `npm ci`; tests install with a stand-in.
     install_argv: Vec<String>,
-    /// Installs run a dependency's install scripts: in the sandbox, as the store's own user.
+    /// Installs run a dependency's install scripts: in the sandbox, each as an install uid of
+    /// its own with a fresh `HOME` (`Sandbox::store_jail`).
     sandbox: Arc<Sandbox>,
 }
 
@@ -758,7 +759,7 @@ impl Inner {
         if let Some(rc) = &files.npmrc {
             tokio::fs::write(tmp.join(NPMRC), rc).await?;
         }
-        // As the store's own user, with only this folder (and its home) to write in.
+        // As an install uid of its own, with only this folder (and a fresh home) to write in.
         let jail = self.sandbox.store_jail(tmp).await?;
         // Not the message's token: see `acquire`.
         let out = build::run_logged(
