@@ -741,13 +741,24 @@ async fn a_conversation_file_replaced_by_a_link_is_neither_uploaded_nor_written_
         .filter(|k| k.contains("conversations/up/site/") && k.ends_with(".jsonl"))
         .collect();
     assert_eq!(conversations.len(), 1, "{:?}", shared.keys());
-    assert_eq!(
-        objects_holding(&env, &bucket, SECRET.as_bytes()).await,
-        Vec::<String>::new(),
-        "the worker's environment was uploaded as a conversation"
-    );
+    // Both directions are checked before either fails, so that a run of the old worker shows
+    // each.
+    let mut wrong = Vec::new();
+    let leaked = objects_holding(&env, &bucket, SECRET.as_bytes()).await;
+    if !leaked.is_empty() {
+        wrong.push(format!(
+            "the worker's environment was uploaded as a conversation: {leaked:?}"
+        ));
+    }
     // Restore: not written through the planted link.
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    let victim_now = std::fs::read_to_string(&victim).unwrap();
+    if victim_now != "untouched" {
+        wrong.push(format!(
+            "the restore wrote through the planted link into {}: {victim_now:.80}",
+            victim.display()
+        ));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     let agent = env.dir.path().join("claude/workspaces/down/site/projects");
     let restored: Vec<PathBuf> = files_in(&agent)
         .into_iter()
