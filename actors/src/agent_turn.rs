@@ -67,9 +67,8 @@ async fn agent_turn_inner(
     // The conversation may have gone on elsewhere: bring the shared copy of its file here.
     let agent_config_dir = ctx.agent_config_dir_for(&key);
     if let (Some(r), Some(config_dir)) = (&record, &agent_config_dir) {
-        let file = ThreadStore::conversation_file(config_dir, &cwd, &r.session_id);
         match threads
-            .restore_conversation(&key, &r.session_id, &file, scope.handover)
+            .restore_conversation(&key, &r.session_id, config_dir, &cwd, scope.handover)
             .await
         {
             Ok(true) => {
@@ -211,7 +210,10 @@ async fn agent_turn_inner(
                 tracing::warn!(error = %e, "could not record the thread's conversation");
             }
         }
-        if let Err(e) = threads.save_conversation(&key, &session_id, &file).await {
+        if let Err(e) = threads
+            .save_conversation(&key, &session_id, config_dir, &cwd)
+            .await
+        {
             tracing::warn!(error = %e, "could not share the thread's conversation file");
         }
     }

@@ -6,7 +6,7 @@
 //! and can be cancelled; a failure keeps the tail of the log for the status event.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use crate::prepared_build::{Plan, PreparedBuild};
 use crate::process;
 use crate::sandbox::{DiskWatch, Jail, Sandbox, SandboxError};
 use crate::slots::BuildSlots;
+use crate::tenant_fs;
 
 /// Lines of build output kept for the error message: enough to show the error, small enough
 /// for a status event.
@@ -110,6 +111,10 @@ pub enum BuildError {
     Cancelled,
     #[error("the build command is empty")]
     EmptyCommand,
+    /// A file of the site the worker reads for it (`package.json`, the lock file, `.npmrc`) is
+    /// a link, not a regular file, or too big: refused, never followed or read without a bound.
+    #[error("the site cannot be built as it is: {0}")]
+    UnsafeSiteFile(crate::tenant_fs::TenantFileError),
     #[error("build state: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -122,6 +127,7 @@ impl BuildError {
             BuildError::InstallFailed { .. } => "install_failed",
             BuildError::Cancelled => "interrupted",
             BuildError::Timeout { .. } => "build_timeout",
+            BuildError::UnsafeSiteFile(_) => "unsafe_site_file",
             _ => "build_failed",
         }
     }
@@ -276,10 +282,10 @@ async fn prepare(
 /// The files the shared store needs, or `None` when the site has no lock file or its install
 /// depends on its own files.
 async fn shareable_files(dir: &Path) -> Result<Option<SiteFiles>, BuildError> {
-    let Some(lock) = read_optional(&dir.join("package-lock.json")).await? else {
+    let Some(lock) = read_optional(dir, "package-lock.json").await? else {
         return Ok(None);
     };
-    let package_json = read_optional(&dir.join("package.json"))
+    let package_json = read_optional(dir, "package.json")
         .await?
         .unwrap_or_default();
     if let Some(reason) = npm_store::unshareable_reason(&lock, &package_json) {
@@ -292,15 +298,33 @@ async fn shareable_files(dir: &Path) -> Result<Option<SiteFiles>, BuildError> {
     Ok(Some(SiteFiles {
         lock,
         package_json,
-        npmrc: read_optional(&dir.join(".npmrc")).await?,
+        npmrc: read_optional(dir, ".npmrc").await?,
     }))
 }
 
-async fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, BuildError> {
-    match tokio::fs::read(path).await {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
+/// The site file `name` in the checkout `dir`, `None` when it does not exist. The worker reads
+/// it as root, so through `tenant_fs`: a link (to `.git/config`, `/proc/self/environ`,
+/// `/dev/zero`...), a file of another kind or one past `SITE_FILE_MAX_BYTES` is refused.
+pub(crate) async fn read_optional(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, BuildError> {
+    let (dir, name) = (dir.to_owned(), PathBuf::from(name));
+    tokio::task::spawn_blocking(move || {
+        tenant_fs::read_in(&dir, &name, tenant_fs::SITE_FILE_MAX_BYTES)
+    })
+    .await
+    .map_err(|e| BuildError::Io(std::io::Error::other(e)))?
+    .map_err(BuildError::from_site_file)
+}
+
+impl BuildError {
+    /// A refusal of what the tenant put there, or an I/O failure of the worker's own.
+    fn from_site_file(e: tenant_fs::TenantFileError) -> BuildError {
+        match e {
+            tenant_fs::TenantFileError::Io { path, source } => BuildError::Io(std::io::Error::new(
+                source.kind(),
+                format!("{}: {source}", path.display()),
+            )),
+            refused => BuildError::UnsafeSiteFile(refused),
+        }
     }
 }
 
@@ -420,10 +444,8 @@ async fn run_build(
 /// `Some(hash of package-lock.json)` when `npm ci` must run: a lock file exists and either
 /// `node_modules` is missing or the lock changed since the last install.
 async fn install_needed(dir: &Path, state_dir: &Path) -> Result<Option<String>, BuildError> {
-    let lock = match tokio::fs::read(dir.join("package-lock.json")).await {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some(lock) = read_optional(dir, "package-lock.json").await? else {
+        return Ok(None);
     };
     let hash = format!("{:x}", Md5::digest(&lock));
     let installed = tokio::fs::read_to_string(state_dir.join(INSTALL_STAMP))

@@ -37,6 +37,7 @@ pub(crate) mod slots;
 pub mod status;
 pub(crate) mod steps;
 pub(crate) mod supervisor;
+pub(crate) mod tenant_fs;
 pub mod threads;
 pub mod trace_context;
 pub mod worker;

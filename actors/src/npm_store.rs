@@ -66,6 +66,7 @@ use tracing::Instrument;
 
 use crate::build::{self, BuildError};
 use crate::sandbox::Sandbox;
+use crate::tenant_fs::{self, DirHandle, TenantFileError};
 
 /// Written last into an entry: its presence means the install finished.
 const MARKER: &str = ".complete";
@@ -321,7 +322,8 @@ struct Inner {
     counter: AtomicU64,
     /// `npm ci`; tests install with a stand-in.
     install_argv: Vec<String>,
-    /// Installs run a dependency's install scripts: in the sandbox, as the store's own user.
+    /// Installs run a dependency's install scripts: in the sandbox, each as an install uid of
+    /// its own with a fresh `HOME` (`Sandbox::store_jail`).
     sandbox: Arc<Sandbox>,
 }
 
@@ -757,7 +759,7 @@ impl Inner {
         if let Some(rc) = &files.npmrc {
             tokio::fs::write(tmp.join(NPMRC), rc).await?;
         }
-        // As the store's own user, with only this folder (and its home) to write in.
+        // As an install uid of its own, with only this folder (and a fresh home) to write in.
         let jail = self.sandbox.store_jail(tmp).await?;
         // Not the message's token: see `acquire`.
         let out = build::run_logged(
@@ -1267,37 +1269,47 @@ pub(crate) fn link_overlay(store_modules: &Path, modules: &Path) -> std::io::Res
         }
         wanted.insert(name, item.path());
     }
-    match std::fs::symlink_metadata(modules) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            std::fs::remove_file(modules)?;
-            std::fs::create_dir(modules)?;
+    // The workspace's `node_modules` is the tenant's (its build may run beside this, started
+    // ahead): every step is by handle, so a folder swapped for a link is never entered, and
+    // nothing outside `node_modules` is removed or linked.
+    let tenant = |e: TenantFileError| std::io::Error::other(e.to_string());
+    let parent = modules
+        .parent()
+        .ok_or_else(|| std::io::Error::other("node_modules has no folder"))?;
+    let name = modules
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("node_modules has no name"))?;
+    let workspace = DirHandle::open(parent).map_err(tenant)?;
+    match workspace.stat(name).map_err(tenant)? {
+        Some(stat) if tenant_fs::is_dir(&stat) => {}
+        Some(_) => {
+            workspace.remove_entry(name).map_err(tenant)?;
+            workspace
+                .create_dirs(Path::new(name), 0o755, None)
+                .map_err(tenant)?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(modules)?,
-        Err(e) => return Err(e),
+        None => {
+            workspace
+                .create_dirs(Path::new(name), 0o755, None)
+                .map_err(tenant)?;
+        }
     }
-    for item in std::fs::read_dir(modules)? {
-        let item = item?;
-        let name = item.file_name();
-        let kind = item.file_type()?;
-        if kind.is_dir() && CACHE_DIRS.iter().any(|c| OsStr::new(c) == name) {
+    let folder = workspace.open_dir(Path::new(name)).map_err(tenant)?;
+    for (name, stat) in folder.entries().map_err(tenant)? {
+        if tenant_fs::is_dir(&stat) && CACHE_DIRS.iter().any(|c| OsStr::new(c) == name) {
             continue;
         }
-        if kind.is_symlink() {
-            let points_to = std::fs::read_link(item.path())?;
-            if wanted.get(&name) == Some(&points_to) {
-                wanted.remove(&name);
-                continue;
-            }
+        if tenant_fs::is_link(&stat)
+            && let Some(points_to) = folder.link_target(&name)
+            && wanted.get(&name) == Some(&points_to)
+        {
+            wanted.remove(&name);
+            continue;
         }
-        if kind.is_dir() {
-            std::fs::remove_dir_all(item.path())?;
-        } else {
-            std::fs::remove_file(item.path())?;
-        }
+        folder.remove_entry(&name).map_err(tenant)?;
     }
     for (name, target) in wanted {
-        std::os::unix::fs::symlink(&target, modules.join(name))?;
+        folder.make_link(&target, &name).map_err(tenant)?;
     }
     Ok(())
 }

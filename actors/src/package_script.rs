@@ -27,10 +27,18 @@ pub fn direct(command: &[String], dir: &Path) -> Option<DirectScript> {
         [npm, run, name] if npm == "npm" && (run == "run" || run == "run-script") => name,
         _ => return None,
     };
-    if dir.join(".npmrc").exists() {
+    // Whatever `.npmrc` is (a link included, dangling or not), npm would read it.
+    if std::fs::symlink_metadata(dir.join(".npmrc")).is_ok() {
         return None;
     }
-    let manifest = std::fs::read(dir.join("package.json")).ok()?;
+    // Read as the worker: never through a link, never past the bound (anything refused here
+    // runs through npm, in the tenant's sandbox).
+    let manifest = crate::tenant_fs::read_in(
+        dir,
+        Path::new("package.json"),
+        crate::tenant_fs::SITE_FILE_MAX_BYTES,
+    )
+    .ok()??;
     let package: serde_json::Value = serde_json::from_slice(&manifest).ok()?;
     let scripts = package.get("scripts")?.as_object()?;
     if scripts.contains_key(&format!("pre{name}")) || scripts.contains_key(&format!("post{name}")) {
@@ -162,5 +170,17 @@ mod tests {
             assert_eq!(direct(&command, plain.path()), None, "{command:?}");
         }
         assert_eq!(direct(&npm_run("build"), site("not json").path()), None);
+        // A manifest that is a link is not read by the worker, and a dangling `.npmrc` link is
+        // still an `.npmrc` to npm.
+        let linked = tempfile::tempdir().unwrap();
+        let elsewhere = site(r#"{"scripts":{"build":"astro build"}}"#);
+        std::os::unix::fs::symlink(
+            elsewhere.path().join("package.json"),
+            linked.path().join("package.json"),
+        )
+        .unwrap();
+        assert_eq!(direct(&npm_run("build"), linked.path()), None);
+        std::os::unix::fs::symlink("/nowhere", plain.path().join(".npmrc")).unwrap();
+        assert_eq!(direct(&npm_run("build"), plain.path()), None);
     }
 }

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use tokio::process::Command;
 
 use crate::message::WorkspaceKey;
+use crate::tenant_fs;
 
 /// Each workspace root has a range of uids of its own, chosen at random once and kept in
 /// `.sandbox/uid-range`: two roots on one host (two workers with their own disks, tests side
@@ -41,8 +42,15 @@ use crate::message::WorkspaceKey;
 const RANGE_START: u32 = 1_000_000;
 const RANGE_SIZE: u32 = 100_000;
 const RANGES: u32 = 20_000;
-/// How many workspaces one root can have uids for: the range, less the store's uid.
-const MAX_TENANTS: u32 = RANGE_SIZE - 1;
+/// Shared dependency installs at once, each as a uid of its own from the top of the range: a
+/// dependency's install script is nobody's tenant, and one install must neither see what
+/// another left behind nor be ended by another's clean-up (with separate users but no
+/// namespaces, the end of a run kills every process of its uid). Installs run one per lock
+/// file, while agents work; past this many at once, an install waits for a uid.
+const INSTALL_UIDS: u32 = 64;
+/// How many workspaces one root can have uids for: the range, less the first uid (the store's
+/// before installs had uids of their own, kept unused) and the install uids.
+const MAX_TENANTS: u32 = RANGE_SIZE - 1 - INSTALL_UIDS;
 /// Who probes for namespaces at start: `nobody`, a uid every system has.
 const PROBE_UID: u32 = 65_534;
 
@@ -157,6 +165,9 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// Handing a tenant's folder over (or back) by handle met what the worker does not follow.
+    #[error("preparing the sandbox: {0}")]
+    Tree(#[from] crate::tenant_fs::TenantFileError),
 }
 
 /// `edit_worker.isolation`: 1 for the level in force, said once, where the log says it at start
@@ -191,6 +202,8 @@ pub struct Sandbox {
     uids: Mutex<BTreeMap<String, u32>>,
     /// The first uid of this root's range (`.sandbox/uid-range`), read at start.
     first_uid: std::sync::OnceLock<u32>,
+    /// Which install slot an install waits for when all are taken (round robin).
+    install_turn: std::sync::atomic::AtomicU64,
 }
 
 impl Sandbox {
@@ -213,6 +226,7 @@ impl Sandbox {
             read_only,
             uids: Mutex::new(BTreeMap::new()),
             first_uid: std::sync::OnceLock::new(),
+            install_turn: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -424,6 +438,7 @@ impl Sandbox {
                     .into_iter()
                     .flatten()
                     .collect(),
+                install_slot: None,
             };
             if hand_over || jail.private.iter().any(|dir| !dir.exists()) {
                 jail.hand_over_blocking()?;
@@ -434,25 +449,79 @@ impl Sandbox {
     }
 
     /// The sandbox for a shared dependency install into `dir` (a fresh folder of the store):
-    /// the store's own uid, `dir` its only writable folder besides its home.
+    /// nothing shared with any other install but its inputs (in `dir`) and its output (`dir`,
+    /// taken back by the worker after it). It holds one of the install slots of this root
+    /// (`.sandbox/installs/{n}`, claimed by `flock` so that workers sharing the root never hold
+    /// the same one): with separate users that slot's own uid (its process limit, its clean-up
+    /// and its disk count reach this install only), and always a fresh, empty `HOME` (npm's
+    /// config and cache, `TMPDIR` without namespaces), removed by `take_back`. So nothing one
+    /// install writes (a `$HOME/.npmrc` with `node-options`, a poisoned cache) is there for the
+    /// next.
     pub(crate) async fn store_jail(self: &Arc<Self>, dir: &Path) -> Result<Jail, SandboxError> {
         if self.isolation.is_none() {
             return Ok(Jail::open(dir));
         }
-        let home = self.state.join("home").join(".store");
-        let jail = Jail {
-            sandbox: Some(self.clone()),
-            // The first uid of the root's range runs every shared install: a dependency's
-            // install script is nobody's tenant, and must not run as the worker.
-            uid: self.isolation.separate_users.then_some(self.first_uid()),
-            workdir: dir.to_owned(),
-            home: home.clone(),
-            agent_config_dir: None,
-            private: vec![dir.to_owned(), home],
+        let me = self.clone();
+        let dir = dir.to_owned();
+        blocking(move || {
+            let (slot, claim) = me.claim_install_slot()?;
+            let folder = me.state.join("installs").join(slot.to_string());
+            let home = folder.join("home");
+            // Whatever an earlier holder of the slot left (it crashed before `take_back`).
+            remove_if_there(&home)?;
+            std::fs::create_dir_all(&home).map_err(io_at(&home))?;
+            let jail = Jail {
+                sandbox: Some(me.clone()),
+                uid: me
+                    .isolation
+                    .separate_users
+                    .then(|| me.first_uid() + RANGE_SIZE - 1 - slot),
+                workdir: dir.clone(),
+                home: home.clone(),
+                agent_config_dir: None,
+                private: vec![dir, home],
+                install_slot: Some(Arc::new(claim)),
+            };
+            jail.hand_over_blocking()?;
+            Ok(jail)
+        })
+        .await
+    }
+
+    /// One of the `INSTALL_UIDS` install slots, locked for as long as the returned file is
+    /// open: the first free one, or (all taken) the next in turn, waited for.
+    fn claim_install_slot(&self) -> Result<(u32, std::fs::File), SandboxError> {
+        let locks = self.state.join("installs");
+        std::fs::create_dir_all(&locks).map_err(io_at(&locks))?;
+        set_mode(&locks, 0o711)?;
+        let open = |slot: u32| {
+            let path = locks.join(format!("{slot}.lock"));
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_at(&path))
         };
-        let j = jail.clone();
-        blocking(move || j.hand_over_blocking()).await?;
-        Ok(jail)
+        for slot in 0..INSTALL_UIDS {
+            let file = open(slot)?;
+            match file.try_lock() {
+                Ok(()) => return Ok((slot, file)),
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(io_at(&locks)(e));
+                }
+            }
+        }
+        let slot = (self
+            .install_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % INSTALL_UIDS as u64) as u32;
+        let file = open(slot)?;
+        file.lock().map_err(io_at(&locks))?;
+        Ok((slot, file))
     }
 
     /// The uid of workspace `name` (`client/project`), allocated under a file lock so that
@@ -621,6 +690,9 @@ pub(crate) struct Jail {
     agent_config_dir: Option<PathBuf>,
     /// What the run may write: bound into the namespaces, owned by its uid.
     private: Vec<PathBuf>,
+    /// A shared install's slot (`Sandbox::store_jail`): its uid and home are this install's
+    /// alone while the lock is held, that is while any clone of the jail lives.
+    install_slot: Option<Arc<std::fs::File>>,
 }
 
 impl Jail {
@@ -633,6 +705,7 @@ impl Jail {
             home: PathBuf::new(),
             agent_config_dir: None,
             private: Vec::new(),
+            install_slot: None,
         }
     }
 
@@ -806,11 +879,11 @@ impl Jail {
                 let git = dir.join(".git");
                 std::os::unix::fs::chown(&git, Some(0), Some(0)).map_err(io_at(&git))?;
                 set_mode(&git, 0o700)?;
-                give_tree(dir, uid, &[git.as_path()])?;
+                tenant_fs::give_tree(dir, uid, &[OsStr::new(".git")])?;
             } else {
                 std::os::unix::fs::chown(dir, Some(uid), Some(uid)).map_err(io_at(dir))?;
                 set_mode(dir, 0o700)?;
-                give_tree(dir, uid, &[])?;
+                tenant_fs::give_tree(dir, uid, &[])?;
             }
         }
         Ok(())
@@ -833,7 +906,7 @@ impl Jail {
                 let dirs = dirs.clone();
                 let used = tokio::task::spawn_blocking(move || {
                     dirs.iter()
-                        .map(|d| bytes_of_uid(d, uid, &d.join(".git")))
+                        .map(|d| tenant_fs::bytes_of_uid(d, uid, &[OsStr::new(".git")]))
                         .sum::<u64>()
                 })
                 .await
@@ -892,17 +965,25 @@ impl Jail {
         }
     }
 
-    /// Take back what the store's install wrote (the worker makes it read-only for everyone).
+    /// Take back what the store's install wrote (the worker makes it read-only for everyone),
+    /// and remove the install's home: nothing of it is there for the next install.
     pub(crate) async fn take_back(&self) -> Result<(), SandboxError> {
-        if self.uid.is_none() {
+        if self.sandbox.is_none() {
             return Ok(());
         }
-        let dir = self.workdir.clone();
+        let (dir, home, uid) = (self.workdir.clone(), self.home.clone(), self.uid);
+        let fresh_home = self.install_slot.is_some();
         blocking(move || {
-            std::os::unix::fs::chown(&dir, Some(0), Some(0)).map_err(io_at(&dir))?;
-            // Every tenant's build reads it (the entry stays without write bits).
-            set_mode(&dir, 0o755)?;
-            give_tree(&dir, 0, &[])
+            if fresh_home {
+                remove_if_there(&home)?;
+            }
+            if uid.is_some() {
+                std::os::unix::fs::chown(&dir, Some(0), Some(0)).map_err(io_at(&dir))?;
+                // Every tenant's build reads it (the entry stays without write bits).
+                set_mode(&dir, 0o755)?;
+                tenant_fs::give_tree(&dir, 0, &[])?;
+            }
+            Ok(())
         })
         .await
     }
@@ -964,51 +1045,14 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_at(path))
 }
 
-/// Disk use (allocated blocks) of the files `uid` owns under `dir`, not following links, not
-/// entering `skip` (a checkout's `.git`: the worker's, which no tenant can write).
-fn bytes_of_uid(dir: &Path, uid: u32, skip: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut total = 0;
-    for entry in entries.flatten() {
-        let Ok(meta) = entry.metadata() else {
-            continue;
-        };
-        if meta.is_dir() {
-            let path = entry.path();
-            if path != skip {
-                total += bytes_of_uid(&path, uid, skip);
-            }
-        } else if meta.uid() == uid {
-            total += meta.blocks() * 512;
-        }
+/// Remove the folder at `path` (the worker's own path; links inside are removed, never
+/// followed), if there is one.
+fn remove_if_there(path: &Path) -> Result<(), SandboxError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_at(path)(e)),
     }
-    total
-}
-
-/// Everything under `dir` (not following links, not entering `skip`) becomes `uid`'s.
-fn give_tree(dir: &Path, uid: u32, skip: &[&Path]) -> Result<(), SandboxError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_at(dir)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(io_at(dir))?;
-        let path = entry.path();
-        if skip.contains(&path.as_path()) {
-            continue;
-        }
-        let meta = entry.metadata().map_err(io_at(&path))?;
-        if meta.uid() != uid || meta.gid() != uid {
-            std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).map_err(io_at(&path))?;
-        }
-        if meta.is_dir() {
-            give_tree(&path, uid, skip)?;
-        }
-    }
-    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(

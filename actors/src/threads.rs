@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::message::WorkspaceKey;
 use crate::records::{RecordStore, Version};
+use crate::tenant_fs;
+
+/// The largest conversation file the worker reads from a tenant's agent folder to share it: a
+/// long thread's transcript is a few MB; past this it stays on this worker only.
+const CONVERSATION_MAX_BYTES: u64 = 64 << 20;
 
 /// What we remember of a thread's conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,78 +73,141 @@ impl ThreadStore {
     /// `{CLAUDE_CONFIG_DIR}/projects/{cwd with every non-alphanumeric as -}/{id}.jsonl`, and
     /// resumes only from the same working directory.
     pub fn conversation_file(config_dir: &Path, cwd: &Path, session_id: &str) -> PathBuf {
+        config_dir
+            .join(Self::conversation_folder(cwd))
+            .join(format!("{session_id}.jsonl"))
+    }
+
+    /// `projects/{cwd with every non-alphanumeric as -}`, below the agent's folder.
+    fn conversation_folder(cwd: &Path) -> PathBuf {
         let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_owned());
         let folder: String = cwd
             .to_string_lossy()
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        config_dir
-            .join("projects")
-            .join(folder)
-            .join(format!("{session_id}.jsonl"))
+        Path::new("projects").join(folder)
+    }
+
+    /// The conversation file's name, when `session_id` is one the worker may use in a path and
+    /// a key: the agent reports it, and the agent is the tenant's.
+    fn conversation_name(session_id: &str) -> Result<String, String> {
+        let plain = !session_id.is_empty()
+            && session_id.len() <= 128
+            && session_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if plain {
+            Ok(format!("{session_id}.jsonl"))
+        } else {
+            Err(format!("not a session id the worker uses: {session_id:?}"))
+        }
     }
 
     /// Keep the agent's conversation file where the next worker finds it (shared store only).
+    /// The file is in the tenant's agent folder (`config_dir`), so it is read as every tenant's
+    /// file is (`tenant_fs`): never through a link, only a regular file, at most
+    /// `CONVERSATION_MAX_BYTES`.
     pub async fn save_conversation(
         &self,
         key: &WorkspaceKey,
         session_id: &str,
-        file: &Path,
+        config_dir: &Path,
+        cwd: &Path,
     ) -> Result<(), String> {
         let Some(shared) = &self.shared else {
             return Ok(());
         };
-        let text = match tokio::fs::read_to_string(file).await {
-            Ok(text) => text,
+        let name = Self::conversation_name(session_id)?;
+        let rel = Self::conversation_folder(cwd).join(&name);
+        let dir = config_dir.to_owned();
+        let read = tokio::task::spawn_blocking(move || {
+            tenant_fs::read_in(&dir, &rel, CONVERSATION_MAX_BYTES)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let bytes = match read {
+            Ok(Some(bytes)) => bytes,
             // The run ended before the agent wrote anything: nothing to keep.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("{}: {e}", file.display())),
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
         };
+        let text = String::from_utf8(bytes).map_err(|e| format!("{name}: {e}"))?;
         shared
-            .write_document(
-                &Self::shared_key(key, &format!("{session_id}.jsonl")),
-                &text,
-                Version::Any,
-            )
+            .write_document(&Self::shared_key(key, &name), &text, Version::Any)
             .await
             .map(drop)
             .map_err(|e| e.to_string())
     }
 
     /// Put the shared copy of the conversation in place before it is resumed, when this worker
-    /// has none or may have an older one (`stale`). True when a copy was restored.
+    /// has none or may have an older one (`stale`). True when a copy was restored. The tenant's
+    /// agent folder (`config_dir`) is written by handle (`tenant_fs`): folders made without
+    /// following links, the file under a fresh name made exclusively and renamed into place (a
+    /// link there is replaced, never written through), owned by whoever owns the agent folder
+    /// (the tenant, with separate users), mode 0600.
     pub async fn restore_conversation(
         &self,
         key: &WorkspaceKey,
         session_id: &str,
-        file: &Path,
+        config_dir: &Path,
+        cwd: &Path,
         stale: bool,
     ) -> Result<bool, String> {
         let Some(shared) = &self.shared else {
             return Ok(false);
         };
-        if !stale && tokio::fs::try_exists(file).await.unwrap_or(false) {
-            return Ok(false);
+        let name = Self::conversation_name(session_id)?;
+        let folder = Self::conversation_folder(cwd);
+        if !stale {
+            let (dir, folder, name) = (config_dir.to_owned(), folder.clone(), name.clone());
+            // Only a regular file counts as a copy: a link in its place is replaced.
+            let have = tokio::task::spawn_blocking(move || {
+                let handle = tenant_fs::DirHandle::open(&dir)
+                    .ok()?
+                    .open_dir(&folder)
+                    .ok()?;
+                let stat = handle.stat(std::ffi::OsStr::new(&name)).ok()??;
+                Some(tenant_fs::is_regular(&stat))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            if have == Some(true) {
+                return Ok(false);
+            }
         }
         let found = shared
-            .read_document(&Self::shared_key(key, &format!("{session_id}.jsonl")))
+            .read_document(&Self::shared_key(key, &name))
             .await
             .map_err(|e| e.to_string())?;
         let Some((text, _)) = found else {
             return Ok(false);
         };
-        let dir = file.parent().expect("conversation files live in a folder");
-        let write = async {
-            tokio::fs::create_dir_all(dir).await?;
-            let tmp = file.with_extension("jsonl.restoring");
-            tokio::fs::write(&tmp, text).await?;
-            tokio::fs::rename(&tmp, file).await
-        };
-        write
-            .await
-            .map(|()| true)
-            .map_err(|e| format!("{}: {e}", file.display()))
+        let dir = config_dir.to_owned();
+        tokio::task::spawn_blocking(move || {
+            // The worker's own path to the tenant's agent folder: made when missing (the jail
+            // hands it over before the agent runs).
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let base = tenant_fs::DirHandle::open(&dir).map_err(|e| e.to_string())?;
+            let owner = std::fs::metadata(&dir)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .filter(|uid| *uid != nix::unistd::geteuid().as_raw());
+            let folder = base
+                .create_dirs(&folder, 0o700, owner)
+                .map_err(|e| e.to_string())?;
+            folder
+                .replace_file(
+                    std::ffi::OsStr::new(&name),
+                    ".restoring",
+                    text.as_bytes(),
+                    owner,
+                )
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|()| true)
     }
 
     /// The default `CLAUDE_CONFIG_DIR`: the agent's own session files, on the same persistent

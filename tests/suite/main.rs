@@ -21,6 +21,7 @@ mod shared_installs;
 /// Needs the test-only feature `fault-injection` (scripts/test enables it).
 #[cfg(feature = "fault-injection")]
 mod supervision;
+mod tenant_trust;
 mod test_store;
 mod tracing;
 mod walking_skeleton;

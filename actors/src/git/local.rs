@@ -25,6 +25,10 @@ fn err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> LocalGitErro
     }
 }
 
+/// The largest worktree file the worker reads to commit it: the default `SANDBOX_MAX_FILE_MB`,
+/// the most a tenant's process may write to one file.
+const COMMIT_FILE_MAX_BYTES: u64 = 1 << 30;
+
 /// Who the worker's commits are by.
 pub(crate) struct Identity<'a> {
     pub name: &'a str,
@@ -121,7 +125,12 @@ pub(crate) fn commit_all(
                     .map_err(err("stage link"))?;
             }
             Ok(meta) if meta.is_file() => {
-                let bytes = std::fs::read(&on_disk).map_err(err("read worktree"))?;
+                // As root, in the tenant's checkout (its build started ahead may be changing
+                // it): by handle, no link followed on the way, a regular file only, bounded.
+                let bytes =
+                    crate::tenant_fs::read_in(&workdir, Path::new(rela_str), COMMIT_FILE_MAX_BYTES)
+                        .map_err(err("read worktree"))?
+                        .ok_or_else(|| err("read worktree")(format!("{rela_str} went away")))?;
                 let id = repo.write_blob(&bytes).map_err(err("write blob"))?;
                 let kind = if is_executable(&meta) {
                     EntryKind::BlobExecutable
