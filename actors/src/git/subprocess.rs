@@ -390,6 +390,18 @@ impl GitProgram {
         .map(drop)
     }
 
+    /// Make the index and the worktree hold exactly `commit`'s tree (tracked files it lacks are
+    /// removed; untracked and ignored ones stay), leaving HEAD where it is: a rollback's commit
+    /// of that tree follows.
+    pub(crate) async fn read_tree_into_worktree(
+        &self,
+        commit: &str,
+    ) -> Result<(), GitCommandError> {
+        self.run(&["read-tree", "-u", "--reset", commit], LOCAL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
     /// Whether `remote` answers (`git ls-remote`), for `edit-worker doctor`.
     pub async fn ls_remote(remote: &str) -> Result<(), GitCommandError> {
         GitProgram::outside(std::env::temp_dir(), remote)
