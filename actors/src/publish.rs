@@ -663,17 +663,20 @@ impl Publisher {
         if let Some(on) = known {
             return Ok(on);
         }
-        let out = self
-            .s3
-            .get_bucket_versioning()
-            .bucket(bucket)
-            .send()
-            .await
-            .map_err(|e| PublishError::List {
-                bucket: bucket.into(),
-                message: DisplayErrorContext(&e).to_string(),
-            })?;
-        let on = out.status() == Some(&aws_sdk_s3::types::BucketVersioningStatus::Enabled);
+        let asked = self.s3.get_bucket_versioning().bucket(bucket).send().await;
+        let on = match asked {
+            Ok(out) => out.status() == Some(&aws_sdk_s3::types::BucketVersioningStatus::Enabled),
+            // A bucket whose versioning was never set has no configuration to show; S3 answers
+            // an empty `VersioningConfiguration`, moto an empty element of another name, which
+            // the SDK cannot read. An answer of 200 is "never set" either way: off.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 200) => false,
+            Err(e) => {
+                return Err(PublishError::List {
+                    bucket: bucket.into(),
+                    message: DisplayErrorContext(&e).to_string(),
+                });
+            }
+        };
         self.versioning
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
