@@ -13,10 +13,11 @@
 //! - the bucket has versioning on: each file's `versionId` is recorded, and restoring copies
 //!   that version back;
 //! - otherwise, before a publish (or a rollback) replaces or deletes an object, a server-side
-//!   copy of it is made at `.edit-worker/objects/{md5}` (content-addressed: the same bytes are
-//!   kept once). Such a copy is made again each time its content is replaced, so its
-//!   `LastModified` is the last time the content stopped being live; no deploy newer than that
-//!   needs it (see [`Retention`]).
+//!   copy of it is made at `.edit-worker/objects/{md5}/{sequence}`: addressed by its content
+//!   (any copy of the same MD5 serves), and named by the deploy that replaced it. Bytes that
+//!   deploy N replaced are needed only by deploys before N, so once the oldest retained deploy
+//!   is N or newer, the copy goes (see [`Retention`]). Sequence numbers, not times: S3's
+//!   `LastModified` has whole seconds, and two deploys can fall in one.
 
 use serde::{Deserialize, Serialize};
 
@@ -75,9 +76,15 @@ pub fn record_key(workspace: &WorkspaceKey, id: &str) -> String {
     format!("{}{id}.json", records_prefix(workspace))
 }
 
-/// The key of the kept copy of the bytes with MD5 `md5`.
-pub fn stored_key(md5: &str) -> String {
-    format!("{OBJECTS_DIR}{md5}")
+/// The key of the copy of the bytes with MD5 `md5` that deploy `sequence` kept.
+pub fn stored_key(md5: &str, sequence: u64) -> String {
+    format!("{OBJECTS_DIR}{md5}/{sequence:06}")
+}
+
+/// The MD5 and deploy sequence of a kept copy's key (relative to [`OBJECTS_DIR`]).
+pub fn parse_stored(name: &str) -> Option<(&str, u64)> {
+    let (md5, sequence) = name.split_once('/')?;
+    Some((md5, sequence.parse().ok()?)).filter(|(m, _)| is_md5(m))
 }
 
 /// Whether an ETag (unquoted) is a plain MD5 (a single-part upload): then it names the bytes.

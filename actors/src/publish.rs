@@ -380,8 +380,9 @@ pub(crate) struct Listing {
     pub(crate) owner_etag: Option<String>,
     /// The workspace's deploy records, oldest first (when listed for a workspace).
     pub(crate) records: Vec<ListedRecord>,
-    /// Kept copies (`.edit-worker/objects/{md5}`): MD5 → `LastModified` (ms).
-    pub(crate) stored: HashMap<String, i64>,
+    /// Kept copies (`.edit-worker/objects/{md5}/{sequence}`): MD5 → the sequences of the
+    /// deploys that kept one.
+    pub(crate) stored: HashMap<String, Vec<u64>>,
     /// With versioning on: the objects' versions.
     pub(crate) versions: Option<Versions>,
 }
@@ -393,8 +394,11 @@ pub(crate) struct Versions {
     pub(crate) live: HashMap<String, String>,
     /// Every (key, version id) there is: whether a recorded version can still be restored.
     pub(crate) all: std::collections::HashSet<(String, String)>,
-    /// Versions that are no longer live: (key, version id, when the next one replaced it, ms).
-    pub(crate) noncurrent: Vec<(String, String, i64)>,
+    /// Each site key's versions in S3's order (newest first): (version id, `LastModified`,
+    /// latest).
+    pub(crate) history: HashMap<String, Vec<(String, i64, bool)>>,
+    /// Each site key's delete markers' `LastModified`.
+    pub(crate) markers: HashMap<String, Vec<i64>>,
 }
 
 /// One entry of a version listing, before the versions of a key are put in order.
@@ -457,8 +461,14 @@ impl Listing {
     fn sort(&mut self, key: &str, etag: String, modified: i64, workspace: Option<&WorkspaceKey>) {
         if key == OWNER_KEY {
             self.owner_etag = Some(etag);
-        } else if let Some(md5) = key.strip_prefix(crate::deploys::OBJECTS_DIR) {
-            self.stored.insert(md5.to_owned(), modified);
+        } else if let Some((md5, sequence)) = key
+            .strip_prefix(crate::deploys::OBJECTS_DIR)
+            .and_then(crate::deploys::parse_stored)
+        {
+            self.stored
+                .entry(md5.to_owned())
+                .or_default()
+                .push(sequence);
         } else if let Some(id) = workspace
             .and_then(|w| key.strip_prefix(&records_prefix(w)))
             .and_then(|name| name.strip_suffix(".json"))
@@ -592,7 +602,6 @@ impl Publisher {
         // The bytes of the live deploy that this publish replaces or deletes are kept first
         // (without versioning; with it, S3 keeps them): earlier deploys stay restorable. Not
         // before the first deploy: what the bucket held then is no deploy.
-        let mut kept = std::collections::HashSet::new();
         if owner.is_some() && !versioned && !listing.records.is_empty() {
             still_held()?;
             let replaced: Vec<&str> = plan
@@ -603,7 +612,8 @@ impl Publisher {
                 .filter(|key| remote.contains_key(*key))
                 .chain(plan.stale.iter().map(String::as_str))
                 .collect();
-            kept = self.keep_replaced(bucket, &replaced, remote).await?;
+            self.keep_replaced(bucket, &replaced, remote, next_sequence(&listing))
+                .await?;
         }
 
         let mut report = PublishReport {
@@ -645,7 +655,7 @@ impl Publisher {
                 })
                 .collect();
             let record = self
-                .record_deploy(bucket, workspace, meta, &listing, versioned, files, &kept)
+                .record_deploy(bucket, workspace, meta, &listing, versioned, files)
                 .await?;
             report.deploy_id = Some(record.deploy_id);
         }
@@ -663,20 +673,15 @@ impl Publisher {
         if let Some(on) = known {
             return Ok(on);
         }
-        let asked = self.s3.get_bucket_versioning().bucket(bucket).send().await;
-        let on = match asked {
-            Ok(out) => out.status() == Some(&aws_sdk_s3::types::BucketVersioningStatus::Enabled),
-            // A bucket whose versioning was never set has no configuration to show; S3 answers
-            // an empty `VersioningConfiguration`, moto an empty element of another name, which
-            // the SDK cannot read. An answer of 200 is "never set" either way: off.
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 200) => false,
-            Err(e) => {
-                return Err(PublishError::List {
-                    bucket: bucket.into(),
-                    message: DisplayErrorContext(&e).to_string(),
-                });
-            }
-        };
+        let out = self
+            .s3
+            .get_bucket_versioning()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| list_error(bucket, e))?;
+        // `Suspended` keeps the versions made so far but makes no new ones: not versioned.
+        let on = out.status() == Some(&aws_sdk_s3::types::BucketVersioningStatus::Enabled);
         self.versioning
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -685,7 +690,7 @@ impl Publisher {
     }
 
     /// Write the record of a deploy that has just been published, then let go of what is past
-    /// retention. `kept`: the MD5s this deploy copied (young, whatever the listing said).
+    /// retention.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn record_deploy(
         &self,
@@ -695,9 +700,8 @@ impl Publisher {
         listing: &Listing,
         versioned: bool,
         files: Vec<DeployedFile>,
-        kept: &std::collections::HashSet<String>,
     ) -> Result<DeployRecord, PublishError> {
-        let sequence = listing.records.last().map_or(1, |r| r.sequence + 1);
+        let sequence = next_sequence(listing);
         let id = deploy_id(sequence, &meta.commit);
         let record = meta.record(workspace, id.clone(), versioned, files);
         let fail = |message: String| PublishError::DeployRecord {
@@ -727,29 +731,34 @@ impl Publisher {
             version_ids: Vec::new(),
         });
         // Retention is housekeeping: the deploy is live and recorded either way.
-        if let Err(e) = self.prune(bucket, workspace, &records, listing, kept).await {
+        if let Err(e) = self
+            .prune(bucket, workspace, &records, listing, &record)
+            .await
+        {
             tracing::warn!(%bucket, error = %e, "old deploys could not be removed; the next deploy tries again");
         }
         Ok(record)
     }
 
-    /// Remove the records past retention (`records`: every record, the new one last) and the
-    /// kept bytes no retained deploy needs: copies, or object versions, that stopped being live
-    /// before the oldest retained deploy was made.
+    /// Remove the records past retention (`records`: every record, `newest` last) and the kept
+    /// bytes no retained deploy needs. Bytes deploy N replaced are needed only by deploys
+    /// before N: copies kept by deploys up to the oldest retained one go; with versioning, the
+    /// versions older than the one the oldest retained deploy holds go (and, for a key that
+    /// deploy does not hold, those replaced before its record was written).
     async fn prune(
         &self,
         bucket: &str,
         workspace: &WorkspaceKey,
         records: &[ListedRecord],
         listing: &Listing,
-        kept: &std::collections::HashSet<String>,
+        newest: &DeployRecord,
     ) -> Result<(), PublishError> {
         let now = crate::records::now_ms() as i64;
         let first = self.options.retention.first_kept(records, now);
         if first == 0 {
             return Ok(());
         }
-        let oldest_kept = records[first].modified_ms;
+        let oldest = &records[first];
         let mut gone: Vec<(String, Option<String>)> = Vec::new();
         for record in &records[..first] {
             let key = record_key(workspace, &record.deploy_id);
@@ -764,17 +773,19 @@ impl Publisher {
                 );
             }
         }
-        for (md5, modified) in &listing.stored {
-            if *modified < oldest_kept && !kept.contains(md5) {
-                gone.push((stored_key(md5), None));
+        for (md5, sequences) in &listing.stored {
+            for sequence in sequences.iter().filter(|s| **s <= oldest.sequence) {
+                gone.push((stored_key(md5, *sequence), None));
             }
         }
         if let Some(versions) = &listing.versions {
-            for (key, version, superseded) in &versions.noncurrent {
-                if *superseded < oldest_kept {
-                    gone.push((key.clone(), Some(version.clone())));
-                }
-            }
+            let held = if oldest.deploy_id == newest.deploy_id {
+                newest.clone()
+            } else {
+                self.read_deploy(workspace, bucket, &oldest.deploy_id)
+                    .await?
+            };
+            gone.extend(versions_past(versions, &held, oldest.modified_ms));
         }
         tracing::info!(%bucket, deploys = first, objects = gone.len(), "removing deploys past retention");
         self.delete_versions(bucket, &gone).await
@@ -1160,46 +1171,41 @@ impl Publisher {
         }
         let mut listing = Listing::default();
         let mut versions = Versions::default();
-        // Newest first within a key: each older version was replaced when the one before it
-        // in this order was made.
-        entries.sort_by(|a, b| a.key.cmp(&b.key).then(b.modified_ms.cmp(&a.modified_ms)));
         let mut record_versions: HashMap<String, Vec<String>> = HashMap::new();
-        let mut newer: Option<(&str, i64)> = None;
+        // `entries` holds each key's versions in S3's order (newest first), then its markers.
         for entry in &entries {
-            let superseded = match newer {
-                Some((key, at)) if key == entry.key => Some(at),
-                _ => None,
-            };
-            newer = Some((&entry.key, entry.modified_ms));
             let bookkeeping = entry.key.starts_with(RESERVED_PREFIX);
-            if bookkeeping && entry.key.starts_with(crate::deploys::DEPLOYS_DIR) {
-                record_versions
-                    .entry(entry.key.clone())
-                    .or_default()
-                    .push(entry.version_id.clone());
-            }
-            if !bookkeeping {
+            if bookkeeping {
+                if entry.key.starts_with(crate::deploys::DEPLOYS_DIR) {
+                    record_versions
+                        .entry(entry.key.clone())
+                        .or_default()
+                        .push(entry.version_id.clone());
+                }
+            } else {
                 versions
                     .all
                     .insert((entry.key.clone(), entry.version_id.clone()));
-            }
-            match (&entry.etag, entry.latest) {
-                (Some(etag), true) => {
-                    listing.sort(&entry.key, etag.clone(), entry.modified_ms, workspace);
-                    if !bookkeeping {
-                        versions
-                            .live
-                            .insert(entry.key.clone(), entry.version_id.clone());
-                    }
+                match &entry.etag {
+                    Some(_) => versions
+                        .history
+                        .entry(entry.key.clone())
+                        .or_default()
+                        .push((entry.version_id.clone(), entry.modified_ms, entry.latest)),
+                    None => versions
+                        .markers
+                        .entry(entry.key.clone())
+                        .or_default()
+                        .push(entry.modified_ms),
                 }
-                _ if bookkeeping => {}
-                (_, false) => versions.noncurrent.push((
-                    entry.key.clone(),
-                    entry.version_id.clone(),
-                    superseded.unwrap_or(entry.modified_ms),
-                )),
-                // A delete marker on top: the key is not live.
-                (None, true) => {}
+            }
+            if let (Some(etag), true) = (&entry.etag, entry.latest) {
+                listing.sort(&entry.key, etag.clone(), entry.modified_ms, workspace);
+                if !bookkeeping {
+                    versions
+                        .live
+                        .insert(entry.key.clone(), entry.version_id.clone());
+                }
             }
         }
         for record in &mut listing.records {
@@ -1391,16 +1397,18 @@ impl Publisher {
     }
 
     /// Keep a server-side copy of each of `keys` (live objects about to be replaced or
-    /// deleted) at `.edit-worker/objects/{md5}`, copied even when one is there already, so that
-    /// its `LastModified` says when its bytes last stopped being live (retention reads it).
-    /// Returns the MD5s kept. An object whose MD5 we cannot tell (uploaded by another tool,
-    /// without our metadata) belongs to no deploy and is not kept.
+    /// deleted by deploy `sequence`) at `.edit-worker/objects/{md5}/{sequence}`: the deploys
+    /// before this one need those bytes. Returns the MD5s kept. An object whose MD5 we cannot
+    /// tell (uploaded by another tool, without our metadata) belongs to no deploy and is not
+    /// kept.
     pub(crate) async fn keep_replaced(
         &self,
         bucket: &str,
         keys: &[&str],
         remote: &HashMap<String, String>,
+        sequence: u64,
     ) -> Result<std::collections::HashSet<String>, PublishError> {
+        let mut copied = std::collections::HashSet::new();
         // Owned keys: a stream of futures borrowing its items would not be `Send` for any
         // lifetime, which the step's future must be.
         let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
@@ -1417,7 +1425,8 @@ impl Publisher {
                     tracing::warn!(%bucket, %key, "object of unknown content not kept before it is replaced");
                     return Ok(None);
                 };
-                self.copy_object(bucket, &copy_source(bucket, key, None), &stored_key(&md5), None)
+                let target = stored_key(&md5, sequence);
+                self.copy_object(bucket, &copy_source(bucket, key, None), &target, None)
                     .await
                     .map_err(|message| PublishError::Keep {
                         bucket: bucket.into(),
@@ -1429,7 +1438,8 @@ impl Publisher {
             .buffer_unordered(self.options.concurrency)
             .try_collect()
             .await?;
-        Ok(kept.into_iter().flatten().collect())
+        copied.extend(kept.into_iter().flatten());
+        Ok(copied)
     }
 
     /// CopyObject, server-side: `source` (as [`copy_source`] makes it) to `key`. With
@@ -1525,6 +1535,58 @@ impl Publisher {
             keys.iter().map(|key| (key.clone(), None)).collect();
         self.delete_versions(bucket, &targets).await
     }
+}
+
+/// The sequence number of the next deploy: one past the newest record.
+pub(crate) fn next_sequence(listing: &Listing) -> u64 {
+    listing.records.last().map_or(1, |r| r.sequence + 1)
+}
+
+/// The versions no retained deploy needs, `held` being the oldest retained deploy's record
+/// (made at `held_at`, ms). For a key it holds, every version older than its one (S3 lists a
+/// key's versions newest first, so this needs no clock). For a key it does not hold, the
+/// versions replaced (by a newer version or a delete marker) before its record was written,
+/// by whole seconds as S3 keeps time: a tie is kept, to go at a later deploy.
+fn versions_past(
+    versions: &Versions,
+    held: &DeployRecord,
+    held_at: i64,
+) -> Vec<(String, Option<String>)> {
+    let holds: HashMap<&str, &str> = held
+        .files
+        .iter()
+        .filter_map(|f| Some((f.path.as_str(), f.version_id.as_deref()?)))
+        .collect();
+    let mut gone = Vec::new();
+    for (key, history) in &versions.history {
+        let old: Vec<&String> = match holds.get(key.as_str()) {
+            Some(version) => match history.iter().position(|(v, _, _)| v == version) {
+                Some(at) => history[at + 1..].iter().map(|(v, _, _)| v).collect(),
+                None => Vec::new(),
+            },
+            None => {
+                let markers = versions.markers.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                history
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, _, latest))| !latest)
+                    .filter(|(at, (_, made, _))| {
+                        // Replaced by the next newer version, or by a delete marker after it.
+                        let by_version = at.checked_sub(1).map(|newer| history[newer].1);
+                        let by_marker = markers.iter().filter(|m| *m >= made).min().copied();
+                        let replaced = match (by_version, by_marker) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        replaced.is_some_and(|t| t / 1000 < held_at / 1000)
+                    })
+                    .map(|(_, (v, _, _))| v)
+                    .collect()
+            }
+        };
+        gone.extend(old.into_iter().map(|v| (key.clone(), Some(v.clone()))));
+    }
+    gone
 }
 
 /// What the scan of a build needs from the options: where multipart starts, and the caps.

@@ -14,7 +14,7 @@ use crate::deploys::{
     copy_source, is_deploy_id, is_md5, record_key, records_prefix, sequence_of, stored_key,
 };
 use crate::message::{RollbackTarget, WorkspaceKey};
-use crate::publish::{BucketFence, Placed, PublishError, PublishReport, Publisher};
+use crate::publish::{BucketFence, Placed, PublishError, PublishReport, Publisher, next_sequence};
 
 /// A file to put back, and where its bytes come from (owned: the copies run as a stream of
 /// futures that must be `Send` whatever the borrows).
@@ -231,10 +231,17 @@ impl Publisher {
             });
             let source = if let Some(version) = version {
                 copy_source(bucket, &file.path, Some(version))
-            } else if listing.stored.contains_key(&file.md5)
-                || to_be_kept.contains(file.md5.as_str())
+            } else if let Some(sequence) =
+                listing.stored.get(&file.md5).and_then(|s| s.iter().max())
             {
-                copy_source(bucket, &stored_key(&file.md5), None)
+                copy_source(bucket, &stored_key(&file.md5, *sequence), None)
+            } else if to_be_kept.contains(file.md5.as_str()) {
+                // Kept by this very rollback, just below, before anything is replaced.
+                copy_source(
+                    bucket,
+                    &stored_key(&file.md5, next_sequence(&listing)),
+                    None,
+                )
             } else if let Some(key) = staying.get(file.md5.as_str()) {
                 copy_source(bucket, key, None)
             } else {
@@ -252,10 +259,10 @@ impl Publisher {
             });
         }
 
-        let mut kept = HashSet::new();
         if !versioned {
             still_held()?;
-            kept = self.keep_replaced(bucket, &replaced, live).await?;
+            self.keep_replaced(bucket, &replaced, live, next_sequence(&listing))
+                .await?;
         }
         let (pages, assets): (Vec<Restore>, Vec<Restore>) = restores
             .into_iter()
@@ -304,7 +311,7 @@ impl Publisher {
             })
             .collect();
         let record = self
-            .record_deploy(bucket, workspace, meta, &listing, versioned, files, &kept)
+            .record_deploy(bucket, workspace, meta, &listing, versioned, files)
             .await?;
         report.deploy_id = Some(record.deploy_id);
         Ok(report)

@@ -191,6 +191,11 @@ async fn rollbacks_restore_exactly_each_deploy(versioned: bool) {
         agent_runs,
         "a rollback must not run the agent"
     );
+    // Where the bytes were kept: S3's versions, or server-side copies.
+    let copies = env.keys_under(&bucket, ".edit-worker/objects/").await;
+    assert_eq!(copies.is_empty(), versioned, "{copies:?}");
+    let record = retained_md5s(&env, &bucket, &[]).await;
+    assert!(record.is_empty());
 
     // The next edit on the thread builds on the rollback.
     let four = edit(&env, &bucket, "Update the homepage title to \"Four\"").await;
@@ -409,28 +414,34 @@ async fn retention_removes_what_is_past_it(versioned: bool) {
             .send()
             .await
             .unwrap();
-        let noncurrent: Vec<String> = versions
+        let noncurrent: Vec<(String, String)> = versions
             .versions()
             .iter()
             .filter(|v| v.is_latest() == Some(false))
             .filter(|v| !v.key().unwrap_or_default().starts_with(".edit-worker/"))
-            .map(|v| unquote(v.e_tag().unwrap_or_default()))
+            .map(|v| {
+                (
+                    unquote(v.e_tag().unwrap_or_default()),
+                    v.key().unwrap_or_default().to_owned(),
+                )
+            })
             .collect();
         assert!(
             !noncurrent.is_empty(),
             "deploy 3's replaced page stays kept"
         );
-        for etag in &noncurrent {
+        for (etag, key) in &noncurrent {
             assert!(
                 needed.contains(etag),
-                "version {etag} outlived every deploy needing it"
+                "version {etag} of {key} outlived every deploy needing it: {versions:#?}"
             );
         }
     } else {
         let copies = env.keys_under(&bucket, ".edit-worker/objects/").await;
         assert!(!copies.is_empty(), "deploy 3's replaced bytes stay kept");
         for copy in &copies {
-            let md5 = copy.trim_start_matches(".edit-worker/objects/");
+            // `.edit-worker/objects/{md5}/{deploy sequence}`
+            let md5 = copy.split('/').nth(2).unwrap();
             assert!(
                 needed.contains(md5),
                 "{copy} outlived every deploy needing it"
