@@ -194,8 +194,24 @@ async fn rollbacks_restore_exactly_each_deploy(versioned: bool) {
     // Where the bytes were kept: S3's versions, or server-side copies.
     let copies = env.keys_under(&bucket, ".edit-worker/objects/").await;
     assert_eq!(copies.is_empty(), versioned, "{copies:?}");
-    let record = retained_md5s(&env, &bucket, &[]).await;
-    assert!(record.is_empty());
+    let live = format!(".edit-worker/deploys/{CLIENT}/{PROJECT}/{}.json", again.id);
+    let got = env
+        .s3
+        .get_object()
+        .bucket(&bucket)
+        .key(&live)
+        .send()
+        .await
+        .unwrap();
+    let record: Value =
+        serde_json::from_slice(&got.body.collect().await.unwrap().into_bytes()).unwrap();
+    assert_eq!(record["versioned"], versioned, "{record:#}");
+    let with_versions = record["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["versionId"].is_string());
+    assert_eq!(with_versions, versioned, "{record:#}");
 
     // The next edit on the thread builds on the rollback.
     let four = edit(&env, &bucket, "Update the homepage title to \"Four\"").await;

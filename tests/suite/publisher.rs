@@ -656,8 +656,17 @@ async fn the_owner_publishes_again_reading_its_record_once() {
     assert_eq!(second.uploaded, 1, "{second:?}");
     let live = env.bucket_contents(&bucket).await;
     assert_eq!(live["index.html"].1, b"<p>second</p>");
+    let deploys = |prefix: &str| live.keys().filter(|k| k.starts_with(prefix)).count();
+    // Each publish is a deploy (issue 26): a record each, and the replaced home page kept.
     assert_eq!(
-        live.len(),
+        deploys(".edit-worker/deploys/pub/one/"),
+        2,
+        "{:?}",
+        live.keys()
+    );
+    assert_eq!(deploys(".edit-worker/objects/"), 1, "{:?}", live.keys());
+    assert_eq!(
+        live.len() - 3,
         6,
         "the site and the owner record: {:?}",
         live.keys()
