@@ -210,6 +210,7 @@ def main():
     finally:
         worker.stop()
     pub = publisher_figures(base, s3)
+    shutil.rmtree(base, ignore_errors=True)
 
     med = {k: statistics.median(x[0] for x in v) for k, v in rows.items()}
     req = {k: statistics.median(x[1] for x in v) for k, v in rows.items()}

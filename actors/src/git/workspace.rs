@@ -378,7 +378,7 @@ impl Workspace {
         {
             return Err(GitError::UnknownCommit(target.to_owned()));
         }
-        self.git().read_tree_into_worktree(target).await?;
+        self.git().checkout_tree_changes(target).await?;
         let short: String = target.chars().take(7).collect();
         let message = commit_message(
             &format!("Rollback to {short}"),
