@@ -1,12 +1,13 @@
 //! A rollback message's work, after the workspace is prepared (`execute.rs`): its own short
 //! path, with no agent and no build. In order:
 //!
-//! 1. **resolve**: the deploy its `to` names, from the bucket's deploy records
-//!    (`unknown_deploy` when there is none);
+//! 1. **resolve** (timed as `prepare`): the deploy its `to` names, from the bucket's deploy
+//!    records (`unknown_deploy` when there is none);
 //! 2. **commit**: `Rollback to {short}` on the thread's branch, with that deploy's commit's tree
 //!    (history kept: the next edit on the thread builds on it);
-//! 3. **restore**: the bucket made to hold exactly that deploy's files again, by server-side
-//!    copies in the publisher's order (`restore.rs`), recorded as a new deploy;
+//! 3. **restore** (timed as `publish`): the bucket made to hold exactly that deploy's files
+//!    again, by server-side copies in the publisher's order (`restore.rs`), recorded as a new
+//!    deploy;
 //! 4. **push**, with the lease's fences, as every push.
 //!
 //! It runs under the workspace's lease like any job, and a newer message interrupts it as it
@@ -55,7 +56,9 @@ pub(crate) async fn rollback(
         })
         .instrument(span.clone())
         .await??;
-    journal.time("resolve", t);
+    // The contract's phases: finding the deploy is part of getting ready, the bucket's work
+    // is the publish (the spans say `resolve deploy` and `restore deploy`).
+    journal.time("prepare", t);
     let goal = resolved.record;
     span.record("deploy_id", goal.deploy_id.as_str());
     span.record("commit", goal.commit.as_str());
@@ -109,7 +112,7 @@ pub(crate) async fn rollback(
         })
         .instrument(span.clone())
         .await?;
-    journal.time("restore", t);
+    journal.time("publish", t);
     let report = match restored {
         Ok(report) => report,
         Err(e) => {

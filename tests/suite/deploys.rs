@@ -104,7 +104,9 @@ fn assert_rolled_back(done: &Deploy, to: &Deploy) {
             "a rollback ran `{phase}`: {event:#}"
         );
     }
-    assert!(event["durationsMs"]["restore"].is_u64(), "{event:#}");
+    for phase in ["prepare", "commit", "publish", "push", "total"] {
+        assert!(event["durationsMs"][phase].is_u64(), "{phase}: {event:#}");
+    }
     assert_eq!(
         done.files, to.files,
         "the bucket must hold exactly the target deploy's files (keys and bytes)"
