@@ -1413,33 +1413,42 @@ impl Publisher {
         // lifetime, which the step's future must be.
         let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         let kept: Vec<Option<String>> = futures::stream::iter(owned)
-            .map(|key: String| async move {
-                let key = key.as_str();
-                let etag = remote.get(key).map(String::as_str).unwrap_or_default();
-                let md5 = if is_md5(etag) {
-                    Some(etag.to_owned())
-                } else {
-                    self.stored_md5(bucket, key).await?
-                };
-                let Some(md5) = md5 else {
-                    tracing::warn!(%bucket, %key, "object of unknown content not kept before it is replaced");
-                    return Ok(None);
-                };
-                let target = stored_key(&md5, sequence);
-                self.copy_object(bucket, &copy_source(bucket, key, None), &target, None)
-                    .await
-                    .map_err(|message| PublishError::Keep {
-                        bucket: bucket.into(),
-                        key: key.into(),
-                        message,
-                    })?;
-                Ok::<_, PublishError>(Some(md5))
-            })
+            .map(|key: String| async move { self.keep_one(bucket, &key, remote, sequence).await })
             .buffer_unordered(self.options.concurrency)
             .try_collect()
             .await?;
         copied.extend(kept.into_iter().flatten());
         Ok(copied)
+    }
+
+    /// Keep one live object (`key`) before deploy `sequence` replaces it: see
+    /// [`Publisher::keep_replaced`]. Its MD5 when kept.
+    pub(crate) async fn keep_one(
+        &self,
+        bucket: &str,
+        key: &str,
+        remote: &HashMap<String, String>,
+        sequence: u64,
+    ) -> Result<Option<String>, PublishError> {
+        let etag = remote.get(key).map(String::as_str).unwrap_or_default();
+        let md5 = if is_md5(etag) {
+            Some(etag.to_owned())
+        } else {
+            self.stored_md5(bucket, key).await?
+        };
+        let Some(md5) = md5 else {
+            tracing::warn!(%bucket, %key, "object of unknown content not kept before it is replaced");
+            return Ok(None);
+        };
+        let target = stored_key(&md5, sequence);
+        self.copy_object(bucket, &copy_source(bucket, key, None), &target, None)
+            .await
+            .map_err(|message| PublishError::Keep {
+                bucket: bucket.into(),
+                key: key.into(),
+                message,
+            })?;
+        Ok(Some(md5))
     }
 
     /// CopyObject, server-side: `source` (as [`copy_source`] makes it) to `key`. With

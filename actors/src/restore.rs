@@ -222,6 +222,8 @@ impl Publisher {
             .map(|(key, etag)| (etag.as_str(), key.as_str()))
             .collect();
         let mut restores = Vec::with_capacity(changed.len());
+        // Whether a copy reads bytes this rollback keeps: then every keep comes first.
+        let mut keeps_first = false;
         for file in changed {
             let version = file.version_id.as_deref().filter(|v| {
                 listing
@@ -236,7 +238,8 @@ impl Publisher {
             {
                 copy_source(bucket, &stored_key(&file.md5, *sequence), None)
             } else if to_be_kept.contains(file.md5.as_str()) {
-                // Kept by this very rollback, just below, before anything is replaced.
+                // Kept by this very rollback, below, before anything is replaced.
+                keeps_first = true;
                 copy_source(
                     bucket,
                     &stored_key(&file.md5, next_sequence(&listing)),
@@ -259,11 +262,14 @@ impl Publisher {
             });
         }
 
-        if !versioned {
-            still_held()?;
-            self.keep_replaced(bucket, &replaced, live, next_sequence(&listing))
+        let sequence = next_sequence(&listing);
+        still_held()?;
+        if !versioned && keeps_first {
+            self.keep_replaced(bucket, &replaced, live, sequence)
                 .await?;
         }
+        // Keep a key's live bytes only where this rollback must (no versions) and has not yet.
+        let keep_here = !versioned && !keeps_first;
         let (pages, assets): (Vec<Restore>, Vec<Restore>) = restores
             .into_iter()
             .partition(|r| crate::publish::is_html(&r.file.path));
@@ -271,24 +277,56 @@ impl Publisher {
             skipped,
             ..PublishReport::default()
         };
-        let mut placed_versions = HashMap::new();
-        // Assets before the pages that point at them, as a publish does.
-        for batch in [assets, pages] {
-            still_held()?;
-            report
-                .changed
-                .extend(batch.iter().map(|r| r.file.path.clone()));
-            report.uploaded += batch.len();
-            let placed: Vec<Placed> = futures::stream::iter(batch)
-                .map(|r| self.put_back(bucket, r))
-                .buffer_unordered(self.concurrency())
-                .try_collect()
-                .await?;
-            for placed in placed {
-                report.bytes += placed.size;
-                if let Some(version) = placed.version_id {
-                    placed_versions.insert(placed.key, version);
+        report
+            .changed
+            .extend(assets.iter().chain(&pages).map(|r| r.file.path.clone()));
+        report.uploaded = assets.len() + pages.len();
+        // First the assets, each kept and then replaced in one go, beside the keeping of the
+        // pages and of what goes: one round of requests fewer than keeping everything first,
+        // and still every key kept before it is written. Then the pages, as a publish orders.
+        let asset_paths: HashSet<String> = assets.iter().map(|r| r.file.path.clone()).collect();
+        let mut first: Vec<(Option<String>, Option<Restore>)> = assets
+            .into_iter()
+            .map(|r| {
+                let keep =
+                    (keep_here && live.contains_key(&r.file.path)).then(|| r.file.path.clone());
+                (keep, Some(r))
+            })
+            .collect();
+        if keep_here {
+            first.extend(
+                replaced
+                    .iter()
+                    .filter(|key| !asset_paths.contains(**key))
+                    .map(|key| (Some((*key).to_owned()), None)),
+            );
+        }
+        let placed: Vec<Option<Placed>> = futures::stream::iter(first)
+            .map(|(keep, restore)| async move {
+                if let Some(key) = keep {
+                    self.keep_one(bucket, &key, live, sequence).await?;
                 }
+                match restore {
+                    Some(r) => self.put_back(bucket, r).await.map(Some),
+                    None => Ok(None),
+                }
+            })
+            .buffer_unordered(self.concurrency())
+            .try_collect()
+            .await?;
+        still_held()?;
+        let mut placed: Vec<Placed> = placed.into_iter().flatten().collect();
+        let pages: Vec<Placed> = futures::stream::iter(pages)
+            .map(|r| self.put_back(bucket, r))
+            .buffer_unordered(self.concurrency())
+            .try_collect()
+            .await?;
+        placed.extend(pages);
+        let mut placed_versions = HashMap::new();
+        for placed in placed {
+            report.bytes += placed.size;
+            if let Some(version) = placed.version_id {
+                placed_versions.insert(placed.key, version);
             }
         }
         still_held()?;
