@@ -11,6 +11,7 @@ use std::time::Duration;
 use edit_worker_actors::config::{
     AgentSpec, BuildSettings, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
 };
+use edit_worker_actors::deploys::Retention;
 use edit_worker_actors::message::check_dns_label;
 use edit_worker_actors::npm_store::StoreSettings;
 use edit_worker_actors::publish::{CacheRule, PublishOptions};
@@ -244,6 +245,11 @@ impl Settings {
     }
 
     /// How builds are published; also used by `edit-worker publish`.
+    /// `BUCKET_TEMPLATE`, for the commands that read a workspace's bucket without running.
+    pub fn bucket_template(&self) -> Result<String, ConfigError> {
+        self.text("BUCKET_TEMPLATE")
+    }
+
     pub fn publish_options(&self) -> Result<PublishOptions, ConfigError> {
         Ok(PublishOptions {
             concurrency: self.number("UPLOAD_CONCURRENCY")? as usize,
@@ -253,6 +259,10 @@ impl Settings {
             total_concurrency: self.number("S3_UPLOAD_CONCURRENCY")? as usize,
             max_file_bytes: self.number("PUBLISH_MAX_FILE_BYTES")?,
             max_total_bytes: self.number("PUBLISH_MAX_BYTES")?,
+            retention: Retention {
+                days: self.number("DEPLOY_RETENTION_DAYS")?,
+                keep: self.number("DEPLOY_KEEP")? as usize,
+            },
             // Not settings: how uploads are cut into parts and retried.
             ..PublishOptions::default()
         })

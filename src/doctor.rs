@@ -7,6 +7,7 @@ use std::time::Duration;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use clap::Args;
 use edit_worker_actors::config::WorkerConfig;
+use edit_worker_actors::deploys::Retention;
 use edit_worker_actors::git::subprocess::GitProgram;
 use edit_worker_actors::message::WorkspaceKey;
 
@@ -109,6 +110,10 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
         report.line(
             &format!("bucket {bucket}"),
             check_bucket(&sdk, &bucket).await,
+        );
+        report.line(
+            &format!("deploys in {bucket}"),
+            check_deploys(&sdk, &bucket, config.publish.retention).await,
         );
         match config.remote_for(&key) {
             Some(remote) => report.line(
@@ -233,6 +238,115 @@ async fn check_bucket(sdk: &aws_config::SdkConfig, bucket: &str) -> Result<Strin
     Ok("writable".into())
 }
 
+/// How the bucket keeps earlier deploys restorable: with versioning (object versions) or
+/// without (copies under `.edit-worker/objects/`), and whether a lifecycle rule the operator
+/// set would remove kept bytes sooner than `DEPLOY_RETENTION_DAYS` and `DEPLOY_KEEP` promise.
+async fn check_deploys(
+    sdk: &aws_config::SdkConfig,
+    bucket: &str,
+    retention: Retention,
+) -> Result<String, String> {
+    let s3 = crate::aws::s3(sdk);
+    let err = |e: String| format!("cannot read its settings: {e}");
+    let versioning = s3
+        .get_bucket_versioning()
+        .bucket(bucket)
+        .send()
+        .await
+        .map_err(|e| err(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+    let versioned =
+        versioning.status() == Some(&aws_sdk_s3::types::BucketVersioningStatus::Enabled);
+    let rules = match s3
+        .get_bucket_lifecycle_configuration()
+        .bucket(bucket)
+        .send()
+        .await
+    {
+        Ok(out) => out.rules().to_vec(),
+        Err(e)
+            if e.as_service_error().and_then(|s| s.meta().code())
+                == Some("NoSuchLifecycleConfiguration") =>
+        {
+            Vec::new()
+        }
+        Err(e) => return Err(err(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())),
+    };
+    let problems = lifecycle_problems(&rules, versioned, retention);
+    let how = if versioned {
+        "versioning on: earlier deploys are object versions"
+    } else {
+        "versioning off: earlier deploys' bytes are copies under .edit-worker/objects/"
+    };
+    if !problems.is_empty() {
+        return Err(format!("{how}; {}", problems.join("; ")));
+    }
+    let rule = if rules.is_empty() {
+        "no lifecycle rule (the worker removes what is past retention)"
+    } else {
+        "its lifecycle rules keep what retention promises"
+    };
+    Ok(format!(
+        "{how}; {rule}; DEPLOY_RETENTION_DAYS={} DEPLOY_KEEP={}",
+        retention.days, retention.keep
+    ))
+}
+
+/// What in `rules` would remove a deploy's bytes that retention keeps.
+fn lifecycle_problems(
+    rules: &[aws_sdk_s3::types::LifecycleRule],
+    versioned: bool,
+    retention: Retention,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for rule in rules {
+        if rule.status() != &aws_sdk_s3::types::ExpirationStatus::Enabled {
+            continue;
+        }
+        let id = rule.id().unwrap_or("(no id)");
+        let prefix = rule
+            .filter()
+            .and_then(|f| f.prefix().or_else(|| f.and().and_then(|a| a.prefix())))
+            .or({
+                // The old, top-level form of a rule's prefix: S3 still returns it for rules
+                // written that way.
+                #[allow(deprecated)]
+                rule.prefix()
+            })
+            .unwrap_or("");
+        // The rule reaches the site or the worker's bookkeeping.
+        let reaches = |of: &str| of.starts_with(prefix) || prefix.starts_with(of);
+        let bookkeeping = reaches(".edit-worker/deploys/") || reaches(".edit-worker/objects/");
+        if let Some(days) = rule.expiration().and_then(|e| e.days())
+            && bookkeeping
+        {
+            problems.push(format!(
+                "rule {id} expires objects under `{prefix}` after {days} days: it removes deploy \
+                 records or kept bytes (and the live site) whatever DEPLOY_KEEP says; let the \
+                 worker expire them"
+            ));
+        }
+        if let (true, Some(expire)) = (versioned, rule.noncurrent_version_expiration()) {
+            let days = expire.noncurrent_days().unwrap_or(0);
+            let newer = expire.newer_noncurrent_versions().unwrap_or(0);
+            if (days as u64) < retention.days {
+                problems.push(format!(
+                    "rule {id} removes old versions after {days} days, before \
+                     DEPLOY_RETENTION_DAYS={}",
+                    retention.days
+                ));
+            }
+            if (newer as usize) < retention.keep {
+                problems.push(format!(
+                    "rule {id} keeps {newer} newer old versions, fewer than DEPLOY_KEEP={} \
+                     (set NewerNoncurrentVersions)",
+                    retention.keep
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// Run `program args` (no shell) and return the first line it prints.
 async fn version(program: &str, args: &[&str]) -> Result<String, String> {
     let run = tokio::process::Command::new(program)
@@ -254,5 +368,70 @@ async fn version(program: &str, args: &[&str]) -> Result<String, String> {
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::types::{
+        ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
+        NoncurrentVersionExpiration,
+    };
+
+    fn rule(prefix: &str) -> aws_sdk_s3::types::builders::LifecycleRuleBuilder {
+        LifecycleRule::builder()
+            .id("r")
+            .status(ExpirationStatus::Enabled)
+            .filter(LifecycleRuleFilter::builder().prefix(prefix).build())
+    }
+
+    #[test]
+    fn lifecycle_rules_that_remove_what_retention_keeps_are_named() {
+        let retention = Retention { days: 30, keep: 20 };
+        let noncurrent = |days, newer| {
+            rule("")
+                .noncurrent_version_expiration(
+                    NoncurrentVersionExpiration::builder()
+                        .noncurrent_days(days)
+                        .newer_noncurrent_versions(newer)
+                        .build(),
+                )
+                .build()
+                .unwrap()
+        };
+        // As the README sets it: nothing to say.
+        assert!(lifecycle_problems(&[noncurrent(30, 20)], true, retention).is_empty());
+        // Sooner, or fewer versions, than retention.
+        assert_eq!(
+            lifecycle_problems(&[noncurrent(7, 20)], true, retention).len(),
+            1
+        );
+        assert_eq!(
+            lifecycle_problems(&[noncurrent(30, 3)], true, retention).len(),
+            1
+        );
+        // Without versioning, old versions are not how deploys are kept.
+        assert!(lifecycle_problems(&[noncurrent(1, 0)], false, retention).is_empty());
+        // Expiring the bookkeeping (or everything) removes deploys whatever DEPLOY_KEEP says.
+        let expire = |prefix| {
+            rule(prefix)
+                .expiration(LifecycleExpiration::builder().days(90).build())
+                .build()
+                .unwrap()
+        };
+        assert_eq!(lifecycle_problems(&[expire("")], false, retention).len(), 1);
+        assert_eq!(
+            lifecycle_problems(&[expire(".edit-worker/")], false, retention).len(),
+            1
+        );
+        assert!(lifecycle_problems(&[expire("logs/")], false, retention).is_empty());
+        // A disabled rule does nothing.
+        let off = rule("")
+            .status(ExpirationStatus::Disabled)
+            .expiration(LifecycleExpiration::builder().days(1).build())
+            .build()
+            .unwrap();
+        assert!(lifecycle_problems(&[off], false, retention).is_empty());
     }
 }

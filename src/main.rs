@@ -4,6 +4,7 @@
 mod aws;
 mod chart;
 mod config;
+mod deploys_cmd;
 mod doctor;
 mod loadgen;
 mod publish_cmd;
@@ -43,6 +44,10 @@ enum Command {
     },
     /// Put one edit request on the input queue (INPUT_QUEUE_URL).
     Send(send::SendArgs),
+    /// Put one rollback request on the input queue (INPUT_QUEUE_URL).
+    Rollback(send::RollbackArgs),
+    /// List a workspace's deploys, newest first, the live one marked.
+    Deploys(deploys_cmd::DeploysArgs),
     /// Send synthetic load and report what became of it (table, JSON, SVG chart).
     Loadgen(loadgen::LoadgenArgs),
     /// Make a bucket hold exactly a build folder, as the worker publishes (prints a JSON report).
@@ -155,6 +160,37 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::Rollback(args) => match send::rollback(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(send::SendError::Usage(e)) => {
+                eprintln!("edit-worker rollback: {e:#}");
+                ExitCode::from(EXIT_USAGE)
+            }
+            Err(send::SendError::Failed(e)) => {
+                eprintln!("edit-worker rollback: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Deploys(args) => {
+            let settings = match config::Settings::load(None) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("edit-worker: configuration: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match deploys_cmd::deploys(args, &settings).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(deploys_cmd::DeploysError::Usage(e)) => {
+                    eprintln!("edit-worker deploys: {e:#}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(deploys_cmd::DeploysError::Failed(e)) => {
+                    eprintln!("edit-worker deploys: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
     }
 }
 

@@ -655,6 +655,21 @@ pub const SETTINGS: &[Setting] = &[
         example: None,
     },
     Setting {
+        name: "DEPLOY_RETENTION_DAYS",
+        kind: WHOLE,
+        default: DefaultIs::Value("30"),
+        meaning: "earlier deploys stay restorable this many days (their records and kept bytes \
+            go after; the live deploy and the newest `DEPLOY_KEEP` always stay)",
+        example: None,
+    },
+    Setting {
+        name: "DEPLOY_KEEP",
+        kind: POSITIVE,
+        default: DefaultIs::Value("20"),
+        meaning: "the newest this many deploys stay restorable whatever their age",
+        example: None,
+    },
+    Setting {
         name: "CLOUDFRONT_DISTRIBUTIONS",
         kind: Kind::Text,
         default: DefaultIs::Nothing("none: no invalidation"),

@@ -109,6 +109,14 @@ pub(crate) async fn execute(
     }
     journal.time("prepare", t);
     started.sent().await;
+    if let Some(target) = request.rollback_target() {
+        // A rollback is its own short path, without the agent or a build (`rollback.rs`);
+        // one that came too late (superseded) is not applied.
+        if pending.is_empty() && applied == 0 {
+            return Ok(());
+        }
+        return crate::rollback::rollback(run, job, target, journal).await;
+    }
     if pending.is_empty() && applied == 0 {
         // Nothing of this batch is to be applied: nothing to build or publish.
         return Ok(());
@@ -268,6 +276,12 @@ pub(crate) async fn execute(
                 bucket: bucket.clone(),
                 build_dir: workspace_dir.join(&config.build.output_dir),
                 fence: scope.bucket_fence.clone(),
+                deploy: crate::deploys::DeployMeta {
+                    commit: head.clone(),
+                    thread_id: request.thread_id.clone(),
+                    message_id: job.message_id.clone(),
+                    rolled_back_to: None,
+                },
                 reply,
             })
             .instrument(span.clone())

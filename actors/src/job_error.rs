@@ -48,7 +48,9 @@ impl JobError {
     /// limits would fail the same way again.
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
-            JobError::Git(GitError::NoWorkspace(_) | GitError::Diverged { .. }) => false,
+            JobError::Git(
+                GitError::NoWorkspace(_) | GitError::Diverged { .. } | GitError::UnknownCommit(_),
+            ) => false,
             JobError::Git(_)
             | JobError::Push(_)
             | JobError::StepCrashed(_)
@@ -67,6 +69,8 @@ impl JobError {
         match self {
             JobError::Git(GitError::NoWorkspace(_)) => "workspace_missing",
             JobError::Git(GitError::Diverged { .. }) => "thread_diverged",
+            // A deploy whose commit the repository no longer has cannot be rolled back to.
+            JobError::Git(GitError::UnknownCommit(_)) => "unknown_deploy",
             JobError::Git(_) => "git_failed",
             JobError::Agent(e) => e.kind(),
             JobError::Build(e) => e.kind(),

@@ -34,6 +34,8 @@ pub(crate) struct Journal {
     /// The CDN invalidation made after the publish.
     pub(crate) invalidation_id: Option<String>,
     pub(crate) published: Option<PublishReport>,
+    /// What a rollback went back to.
+    pub(crate) rolled_back_to: Option<crate::deploys::RolledBackTo>,
 }
 
 impl Journal {

@@ -17,7 +17,75 @@ pub struct EditRequest {
     pub thread_id: String,
     pub client_id: String,
     pub project_id: String,
+    /// The request text for the agent; empty for a rollback, which needs none.
     pub command: String,
+    /// What the message asks for (`action`, and `to` for a rollback).
+    pub action: Action,
+}
+
+/// What a message asks for (`action`). A message whose `action` the worker does not know is
+/// rejected (`unknown_action`), never run as an edit: a producer newer than the worker must
+/// not have its request silently turned into something else.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Action {
+    /// Run the agent on `command`, build, publish, push (the default).
+    #[default]
+    Edit,
+    /// Make the bucket hold an earlier deploy again, without the agent or a build.
+    Rollback(RollbackTarget),
+}
+
+/// What a rollback goes back to (`to`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RollbackTarget {
+    /// The deploy that was live before the current one (the default).
+    #[default]
+    Previous,
+    /// A `deployId` from an earlier event.
+    Deploy(String),
+    /// A commit that was deployed before: 7 to 40 hex digits, lower-cased (a prefix matches).
+    Commit(String),
+}
+
+impl std::fmt::Display for RollbackTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RollbackTarget::Previous => f.write_str("previous"),
+            RollbackTarget::Deploy(id) => write!(f, "deploy {id}"),
+            RollbackTarget::Commit(commit) => write!(f, "commit {commit}"),
+        }
+    }
+}
+
+impl RollbackTarget {
+    /// Read `to`: `previous`, a deploy id (`crate::deploys::is_deploy_id`) or 7 to 40 hex
+    /// digits. Anything else is refused rather than guessed at.
+    pub fn parse(text: &str) -> Result<RollbackTarget, RequestError> {
+        let invalid = |reason| RequestError::InvalidField {
+            field: "to",
+            reason,
+        };
+        if text == "previous" {
+            Ok(RollbackTarget::Previous)
+        } else if crate::deploys::is_deploy_id(text) {
+            Ok(RollbackTarget::Deploy(text.to_owned()))
+        } else if (7..=40).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(RollbackTarget::Commit(text.to_ascii_lowercase()))
+        } else {
+            Err(invalid(
+                "must be \"previous\", a deployId or a commit id of 7 to 40 hex digits",
+            ))
+        }
+    }
+
+    /// As `to` is written in a message.
+    pub fn as_field(&self) -> &str {
+        match self {
+            RollbackTarget::Previous => "previous",
+            RollbackTarget::Deploy(id) => id,
+            RollbackTarget::Commit(commit) => commit,
+        }
+    }
 }
 
 /// The workspace a request belongs to: `{WORKSPACE_ROOT}/{clientId}/{projectId}`.
@@ -69,6 +137,11 @@ pub enum RequestError {
         bucket: String,
         reason: &'static str,
     },
+    #[error(
+        "field `action` is {0:?}, which this worker does not know (it knows \"edit\" and \"rollback\"); \
+         the message was not run"
+    )]
+    UnknownAction(String),
 }
 
 impl RequestError {
@@ -82,6 +155,7 @@ impl RequestError {
             | RequestError::InvalidBucket { .. } => "invalid_field",
             RequestError::CommandTooLarge { .. } => "command_too_large",
             RequestError::NotServedHere { .. } => "not_served_here",
+            RequestError::UnknownAction(_) => "unknown_action",
         }
     }
 }
@@ -105,6 +179,8 @@ struct RawMessage {
     client_id: Option<serde_json::Value>,
     project_id: Option<serde_json::Value>,
     command: Option<serde_json::Value>,
+    action: Option<serde_json::Value>,
+    to: Option<serde_json::Value>,
 }
 
 impl EditRequest {
@@ -122,13 +198,47 @@ impl EditRequest {
         let thread_id = required_string("threadId", raw.thread_id)?;
         let client_id = required_string("clientId", raw.client_id)?;
         let project_id = required_string("projectId", raw.project_id)?;
-        let command = required_string("command", raw.command)?;
+        let action = optional_string("action", raw.action)?;
+        let to = optional_string("to", raw.to)?;
+        // An action this worker does not know is refused before anything else of the message
+        // is looked at: it is never run as something else.
+        let rollback = match action.as_deref() {
+            None | Some("edit") => false,
+            Some("rollback") => true,
+            Some(other) => {
+                return Err(RequestError::UnknownAction(
+                    other.chars().take(64).collect(),
+                ));
+            }
+        };
+        // A rollback needs no request text; one it carries anyway is not used.
+        let command = if rollback {
+            optional_string("command", raw.command)?.unwrap_or_default()
+        } else {
+            required_string("command", raw.command)?
+        };
 
         check_dns_label("clientId", &client_id)?;
         check_dns_label("projectId", &project_id)?;
         check_ref_safe_id("threadId", &thread_id)?;
         check_ref_safe_id("sessionId", &session_id)?;
-        check_command(&command, max_command_bytes)?;
+        let action = if rollback {
+            Action::Rollback(match to {
+                Some(to) => RollbackTarget::parse(&to)?,
+                None => RollbackTarget::Previous,
+            })
+        } else {
+            check_command(&command, max_command_bytes)?;
+            if to.is_some() {
+                // `to` means something only to a rollback: an edit that carries one was most
+                // likely meant as a rollback, and running the agent on it would be a guess.
+                return Err(RequestError::InvalidField {
+                    field: "to",
+                    reason: "is only for \"action\": \"rollback\"",
+                });
+            }
+            Action::Edit
+        };
 
         Ok(EditRequest {
             session_id,
@@ -136,6 +246,7 @@ impl EditRequest {
             client_id,
             project_id,
             command,
+            action,
         })
     }
 
@@ -143,6 +254,14 @@ impl EditRequest {
         WorkspaceKey {
             client_id: self.client_id.clone(),
             project_id: self.project_id.clone(),
+        }
+    }
+
+    /// A rollback's target, `None` for an edit.
+    pub(crate) fn rollback_target(&self) -> Option<&RollbackTarget> {
+        match &self.action {
+            Action::Rollback(target) => Some(target),
+            Action::Edit => None,
         }
     }
 
@@ -183,6 +302,16 @@ fn required_string(
         None | Some(serde_json::Value::Null) => Err(RequestError::MissingField(field)),
         Some(serde_json::Value::String(s)) => Ok(s),
         Some(_) => Err(RequestError::NotAString { field }),
+    }
+}
+
+fn optional_string(
+    field: &'static str,
+    value: Option<serde_json::Value>,
+) -> Result<Option<String>, RequestError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        value => required_string(field, value).map(Some),
     }
 }
 
@@ -595,5 +724,100 @@ mod tests {
         for bad in ["a-.b", "a_b", "a b", "abc.", ".abc", "10.0.0.1"] {
             assert!(check_bucket_name(bad).is_err(), "{bad}");
         }
+    }
+
+    fn rollback(extra: serde_json::Value) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v.as_object_mut().unwrap().remove("command");
+        v["action"] = "rollback".into();
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn an_edit_is_the_default_action_and_edit_may_be_said() {
+        let r = EditRequest::parse(EXAMPLE, DEFAULT_MAX_COMMAND_BYTES).unwrap();
+        assert_eq!(r.action, Action::Edit);
+        let r = EditRequest::parse(&with("action", "edit".into()), 1024).unwrap();
+        assert_eq!(r.action, Action::Edit);
+        assert_eq!(r.rollback_target(), None);
+        // An explicit null is as if it were absent.
+        let r = EditRequest::parse(&with("action", serde_json::Value::Null), 1024).unwrap();
+        assert_eq!(r.action, Action::Edit);
+    }
+
+    #[test]
+    fn an_unknown_action_is_rejected_and_never_run_as_an_edit() {
+        for action in ["deploy", "ROLLBACK", "", "undo"] {
+            let err = EditRequest::parse(&with("action", action.into()), 1024).unwrap_err();
+            assert_eq!(err, RequestError::UnknownAction(action.into()));
+            assert_eq!(err.kind(), "unknown_action");
+            let text = err.to_string();
+            assert!(
+                text.contains("not run") && text.contains("rollback"),
+                "{text}"
+            );
+        }
+        assert_eq!(kind(&with("action", serde_json::json!(1))), "invalid_field");
+        // A long unknown action is named, but not whole.
+        let long = "x".repeat(10_000);
+        let err = EditRequest::parse(&with("action", long.as_str().into()), 1024).unwrap_err();
+        assert!(err.to_string().len() < 400);
+    }
+
+    #[test]
+    fn a_rollback_needs_no_command_and_goes_to_previous_by_default() {
+        let r = EditRequest::parse(&rollback(serde_json::json!({})), 1024).unwrap();
+        assert_eq!(r.action, Action::Rollback(RollbackTarget::Previous));
+        assert_eq!(r.command, "");
+        let r = EditRequest::parse(&rollback(serde_json::json!({"to": "previous"})), 1024).unwrap();
+        assert_eq!(r.rollback_target(), Some(&RollbackTarget::Previous));
+        // Its ids are checked as an edit's are.
+        let bad = rollback(serde_json::json!({"clientId": "../x"}));
+        assert_eq!(kind(&bad), "invalid_field");
+    }
+
+    #[test]
+    fn a_rollback_names_a_deploy_or_a_commit() {
+        let to = |t: &str| {
+            EditRequest::parse(&rollback(serde_json::json!({ "to": t })), 1024)
+                .map(|r| r.rollback_target().cloned().unwrap())
+        };
+        assert_eq!(
+            to("000012-0123456789ab").unwrap(),
+            RollbackTarget::Deploy("000012-0123456789ab".into())
+        );
+        assert_eq!(
+            to("ABCDEF1").unwrap(),
+            RollbackTarget::Commit("abcdef1".into())
+        );
+        let full = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(to(full).unwrap(), RollbackTarget::Commit(full.into()));
+        for bad in [
+            "abc123",
+            &format!("{full}8"),
+            "HEAD~1",
+            "latest",
+            "",
+            "../x",
+            "0000x",
+        ] {
+            let err = to(bad).unwrap_err();
+            assert!(
+                matches!(err, RequestError::InvalidField { field: "to", .. }),
+                "{bad}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn to_belongs_to_a_rollback_only() {
+        let err = EditRequest::parse(&with("to", "previous".into()), 1024).unwrap_err();
+        assert!(
+            matches!(err, RequestError::InvalidField { field: "to", .. }),
+            "{err:?}"
+        );
     }
 }

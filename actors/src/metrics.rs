@@ -56,6 +56,9 @@ pub struct Metrics {
     /// or the way to it failed for a while. A push that fails for good fails its message
     /// (`push_failed`), counted with the messages.
     pub push_retries: Counter<u64>,
+    /// Rollbacks that restored a deploy (beside the log line "rolling back"): with the
+    /// stand-in's log, what shows that a rollback ran no agent and no build.
+    pub rollbacks: Counter<u64>,
 }
 
 /// Bucket bounds of the stop latencies, in microseconds: 0.5 ms to 10 s. The SDK's default
@@ -163,6 +166,10 @@ pub fn metrics() -> &'static Metrics {
             push_retries: meter
                 .u64_counter("edit_worker.push.retries")
                 .with_description("Pushes that failed and are tried again")
+                .build(),
+            rollbacks: meter
+                .u64_counter("edit_worker.rollbacks")
+                .with_description("Rollbacks that restored a deploy")
                 .build(),
         }
     })

@@ -90,7 +90,9 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
         event.preview_url = Some(config.preview_url_for(&bucket));
         event.bucket = Some(bucket);
         event.publish = Some(report.clone());
+        event.deploy_id = report.deploy_id.clone();
     }
+    event.rolled_back_to = journal.rolled_back_to.clone();
     if let Ending::Failed(e) = ending {
         event.error = Some(EventError {
             kind: e.kind().into(),
@@ -140,6 +142,11 @@ struct RequestBody<'a> {
     client_id: &'a str,
     project_id: &'a str,
     command: &'a str,
+    /// A rollback's `action` and `to`, so that its dead-letter copy is still a rollback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
 }
 
 impl<'a> From<&'a crate::message::EditRequest> for RequestBody<'a> {
@@ -150,6 +157,8 @@ impl<'a> From<&'a crate::message::EditRequest> for RequestBody<'a> {
             client_id: &r.client_id,
             project_id: &r.project_id,
             command: &r.command,
+            action: r.rollback_target().map(|_| "rollback"),
+            to: r.rollback_target().map(|t| t.as_field()),
         }
     }
 }

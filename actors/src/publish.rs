@@ -18,6 +18,11 @@
 //! replace another's site (a `BUCKET_TEMPLATE` without `{projectId}` gives a client's projects
 //! one bucket; the second project's publishes then fail as `bucket_owned_elsewhere`).
 //!
+//! Every publish for a workspace is a deploy (`deploys.rs`): its record lists what the bucket
+//! holds afterwards, and the bytes it replaces stay reachable (object versions, or a
+//! server-side copy under `.edit-worker/objects/` made before they are overwritten), so that
+//! a rollback (`restore.rs`) needs no build.
+//!
 //! A build is never read whole into memory: files are hashed in chunks and uploaded from disk
 //! (a multipart upload holds one part at a time). A file over `max_file_bytes`, or a build over
 //! `max_total_bytes`, is refused before anything is written to the bucket.
@@ -33,6 +38,10 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
+use crate::deploys::{
+    DeployMeta, DeployRecord, DeployedFile, ListedRecord, Retention, copy_source, deploy_id,
+    is_md5, record_key, records_prefix, sequence_of, stored_key,
+};
 use crate::message::WorkspaceKey;
 
 /// DeleteObjects takes at most this many keys per request.
@@ -132,6 +141,8 @@ pub struct PublishOptions {
     /// The same for the whole build (every file, whether it needs uploading or not), so a build
     /// of many files each under `max_file_bytes` is bounded too.
     pub max_total_bytes: u64,
+    /// How long earlier deploys stay restorable (`DEPLOY_RETENTION_DAYS`, `DEPLOY_KEEP`).
+    pub retention: Retention,
 }
 
 impl Default for PublishOptions {
@@ -147,6 +158,7 @@ impl Default for PublishOptions {
             total_concurrency: 64,
             max_file_bytes: 100 * 1024 * 1024,
             max_total_bytes: 1024 * 1024 * 1024,
+            retention: Retention::default(),
         }
     }
 }
@@ -160,6 +172,9 @@ pub struct PublishReport {
     pub skipped: usize,
     pub deleted: usize,
     pub bytes: u64,
+    /// The deploy this publish recorded (a workspace's publish): the event carries it apart.
+    #[serde(skip)]
+    pub deploy_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +228,16 @@ pub enum PublishError {
     },
     #[error("the owner record .edit-worker/owner.json in {bucket}: {message}")]
     OwnerStore { bucket: String, message: String },
+    #[error("the deploy record in {bucket}: {message}")]
+    DeployRecord { bucket: String, message: String },
+    #[error("keeping a copy of {key} in {bucket} before it is replaced: {message}")]
+    Keep {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+    #[error("cannot roll back to {target}: {reason}")]
+    UnknownDeploy { target: String, reason: String },
     #[error(
         "the build file {key} is {size} bytes, more than the {max} bytes a published file may \
          have (PUBLISH_MAX_FILE_BYTES); nothing was published"
@@ -235,6 +260,7 @@ impl PublishError {
             PublishError::FileTooLarge { .. } | PublishError::BuildTooLarge { .. } => {
                 "build_too_large"
             }
+            PublishError::UnknownDeploy { .. } => "unknown_deploy",
             _ => "publish_failed",
         }
     }
@@ -248,6 +274,7 @@ impl PublishError {
                 | PublishError::OwnedElsewhere { .. }
                 | PublishError::FileTooLarge { .. }
                 | PublishError::BuildTooLarge { .. }
+                | PublishError::UnknownDeploy { .. }
         )
     }
 }
@@ -345,12 +372,55 @@ enum Written {
 
 /// What a listing of the bucket found.
 #[derive(Debug, Default)]
-struct Listing {
+pub(crate) struct Listing {
     /// Key → ETag (without quotes) of every object of the site (none under the reserved prefix).
-    objects: HashMap<String, String>,
+    pub(crate) objects: HashMap<String, String>,
     /// The owner record's ETag (without quotes), when there is one: tells whether the record
     /// this process knows is still the bucket's without reading it.
-    owner_etag: Option<String>,
+    pub(crate) owner_etag: Option<String>,
+    /// The workspace's deploy records, oldest first (when listed for a workspace).
+    pub(crate) records: Vec<ListedRecord>,
+    /// Kept copies (`.edit-worker/objects/{md5}/{sequence}`): MD5 → the sequences of the
+    /// deploys that kept one.
+    pub(crate) stored: HashMap<String, Vec<u64>>,
+    /// With versioning on: the objects' versions.
+    pub(crate) versions: Option<Versions>,
+}
+
+/// The versions of a versioned bucket's site objects, as one listing found them.
+#[derive(Debug, Default)]
+pub(crate) struct Versions {
+    /// Key → version id of the live object.
+    pub(crate) live: HashMap<String, String>,
+    /// Every (key, version id) there is: whether a recorded version can still be restored.
+    pub(crate) all: std::collections::HashSet<(String, String)>,
+    /// Each site key's versions in S3's order (newest first): (version id, `LastModified`,
+    /// latest).
+    pub(crate) history: HashMap<String, Vec<(String, i64, bool)>>,
+    /// Each site key's delete markers' `LastModified`.
+    pub(crate) markers: HashMap<String, Vec<i64>>,
+}
+
+/// One entry of a version listing, before the versions of a key are put in order.
+struct VersionEntry {
+    key: String,
+    version_id: String,
+    /// `None` for a delete marker.
+    etag: Option<String>,
+    modified_ms: i64,
+    latest: bool,
+}
+
+/// `LastModified` in ms since the epoch (0 when a server gives none: oldest of all).
+fn modified_ms(time: Option<&aws_sdk_s3::primitives::DateTime>) -> i64 {
+    time.and_then(|t| t.to_millis().ok()).unwrap_or(0)
+}
+
+/// An object uploaded (or copied) into place: its size and, with versioning on, its version.
+pub(crate) struct Placed {
+    pub(crate) key: String,
+    pub(crate) size: u64,
+    pub(crate) version_id: Option<String>,
 }
 
 /// A file of the build, ready to compare and upload.
@@ -385,6 +455,48 @@ impl Plan {
     }
 }
 
+impl Listing {
+    /// Put one live object where it belongs: the site, the owner record, this workspace's deploy
+    /// records, the kept copies; other bookkeeping is left out.
+    fn sort(&mut self, key: &str, etag: String, modified: i64, workspace: Option<&WorkspaceKey>) {
+        if key == OWNER_KEY {
+            self.owner_etag = Some(etag);
+        } else if let Some((md5, sequence)) = key
+            .strip_prefix(crate::deploys::OBJECTS_DIR)
+            .and_then(crate::deploys::parse_stored)
+        {
+            self.stored
+                .entry(md5.to_owned())
+                .or_default()
+                .push(sequence);
+        } else if let Some(id) = workspace
+            .and_then(|w| key.strip_prefix(&records_prefix(w)))
+            .and_then(|name| name.strip_suffix(".json"))
+            .filter(|id| crate::deploys::is_deploy_id(id))
+        {
+            self.records.push(ListedRecord {
+                deploy_id: id.to_owned(),
+                sequence: sequence_of(id).unwrap_or(0),
+                modified_ms: modified,
+                version_ids: Vec::new(),
+            });
+        } else if !key.starts_with(RESERVED_PREFIX) {
+            self.objects.insert(key.to_owned(), etag);
+        }
+    }
+}
+
+fn list_error<E, R>(bucket: &str, e: aws_sdk_s3::error::SdkError<E, R>) -> PublishError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    PublishError::List {
+        bucket: bucket.into(),
+        message: DisplayErrorContext(&e).to_string(),
+    }
+}
+
 /// Uploads builds to S3. Cheap to clone: the SDK client is shared.
 #[derive(Clone)]
 pub struct Publisher {
@@ -395,6 +507,9 @@ pub struct Publisher {
     /// Owner records by bucket, shared by every clone: a bucket's record is read once per
     /// process, then trusted while the listings every publish takes anyway show it unchanged.
     owners: Arc<Mutex<HashMap<String, KnownOwner>>>,
+    /// Whether each bucket has versioning on, asked once per process: an operator turns it on
+    /// (or off) rarely, and a worker restart picks the change up.
+    versioning: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 impl Publisher {
@@ -411,20 +526,34 @@ impl Publisher {
             options,
             uploads,
             owners: Arc::default(),
+            versioning: Arc::default(),
         }
     }
 
-    /// Make `bucket`, which belongs to `workspace`, hold exactly the files under `build_dir`.
-    /// A bucket nobody owns yet becomes the workspace's; one that another workspace owns is
-    /// refused (`bucket_owned_elsewhere`) before anything in it is written.
+    /// The S3 client (the rollback's reads and copies go through it too).
+    pub(crate) fn s3(&self) -> &aws_sdk_s3::Client {
+        &self.s3
+    }
+
+    /// Copies or uploads in flight per publish or rollback.
+    pub(crate) fn concurrency(&self) -> usize {
+        self.options.concurrency
+    }
+
+    /// Make `bucket`, which belongs to `workspace`, hold exactly the files under `build_dir`,
+    /// as a deploy described by `deploy` (its id comes back in the report). A bucket nobody
+    /// owns yet becomes the workspace's; one that another workspace owns is refused
+    /// (`bucket_owned_elsewhere`) before anything in it is written.
     pub async fn publish_for(
         &self,
         workspace: &WorkspaceKey,
         bucket: &str,
         build_dir: &Path,
         fence: Option<&BucketFence>,
+        deploy: &DeployMeta,
     ) -> Result<PublishReport, PublishError> {
-        self.run(bucket, build_dir, Some(workspace), fence).await
+        self.run(bucket, build_dir, Some((workspace, deploy)), fence)
+            .await
     }
 
     /// Make `bucket` hold exactly the files under `build_dir`, without reading or writing its
@@ -446,41 +575,220 @@ impl Publisher {
         &self,
         bucket: &str,
         build_dir: &Path,
-        owner: Option<&WorkspaceKey>,
+        owner: Option<(&WorkspaceKey, &DeployMeta)>,
         fence: Option<&BucketFence>,
     ) -> Result<PublishReport, PublishError> {
         let still_held = || fence.map_or(Ok(()), |f| f.lease.check());
         still_held()?;
-        let (local, listing) = self.survey(bucket, build_dir).await?;
-        if let Some(workspace) = owner {
+        // Only a workspace's publish is a deploy (`edit-worker publish` records none).
+        let versioned = match owner {
+            Some(_) => self.versioned(bucket).await?,
+            None => false,
+        };
+        let (local, listing) = self
+            .survey(bucket, build_dir, owner.map(|(w, _)| w), versioned)
+            .await?;
+        if let Some((workspace, _)) = owner {
             self.confirm_owner(bucket, workspace, listing.owner_etag.as_deref())
                 .await?;
         }
         if let Some(fence) = fence {
             self.raise_fence(bucket, fence).await?;
         }
-        let remote = listing.objects;
-        let plan = self.plan(bucket, &local, &remote).await?;
+        let remote = &listing.objects;
+        let plan = self.plan(bucket, &local, remote).await?;
         self.check_deletions(bucket, &plan, remote.len())?;
+
+        // The bytes of the live deploy that this publish replaces or deletes are kept first
+        // (without versioning; with it, S3 keeps them): earlier deploys stay restorable. Not
+        // before the first deploy: what the bucket held then is no deploy.
+        if owner.is_some() && !versioned && !listing.records.is_empty() {
+            still_held()?;
+            let replaced: Vec<&str> = plan
+                .assets
+                .iter()
+                .chain(&plan.pages)
+                .map(|f| f.key.as_str())
+                .filter(|key| remote.contains_key(*key))
+                .chain(plan.stale.iter().map(String::as_str))
+                .collect();
+            self.keep_replaced(bucket, &replaced, remote, next_sequence(&listing))
+                .await?;
+        }
 
         let mut report = PublishReport {
             skipped: plan.skipped,
             ..PublishReport::default()
         };
+        let mut placed_versions = HashMap::new();
         // Assets before the pages that reference them, so no visitor sees a page whose
         // stylesheet is not there yet; each batch ends before the next begins.
         for batch in [plan.assets, plan.pages] {
             still_held()?;
             let count = batch.len();
             report.changed.extend(batch.iter().map(|f| f.key.clone()));
-            report.bytes += self.upload_all(bucket, batch).await?;
+            for placed in self.upload_all(bucket, batch).await? {
+                report.bytes += placed.size;
+                if let Some(version) = placed.version_id {
+                    placed_versions.insert(placed.key, version);
+                }
+            }
             report.uploaded += count;
         }
         still_held()?;
         self.delete(bucket, &plan.stale).await?;
         report.deleted = plan.stale.len();
         report.changed.extend(plan.stale);
+
+        if let Some((workspace, meta)) = owner {
+            let live = listing.versions.as_ref().map(|v| &v.live);
+            let files = local
+                .iter()
+                .map(|f| DeployedFile {
+                    path: f.key.clone(),
+                    md5: f.md5_hex.clone(),
+                    size: f.size,
+                    version_id: placed_versions
+                        .get(&f.key)
+                        .or_else(|| live.and_then(|l| l.get(&f.key)))
+                        .cloned(),
+                })
+                .collect();
+            let record = self
+                .record_deploy(bucket, workspace, meta, &listing, versioned, files)
+                .await?;
+            report.deploy_id = Some(record.deploy_id);
+        }
         Ok(report)
+    }
+
+    /// Whether `bucket` has versioning on (asked once per process).
+    pub(crate) async fn versioned(&self, bucket: &str) -> Result<bool, PublishError> {
+        let known = self
+            .versioning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(bucket)
+            .copied();
+        if let Some(on) = known {
+            return Ok(on);
+        }
+        let out = self
+            .s3
+            .get_bucket_versioning()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| list_error(bucket, e))?;
+        // `Suspended` keeps the versions made so far but makes no new ones: not versioned.
+        let on = out.status() == Some(&aws_sdk_s3::types::BucketVersioningStatus::Enabled);
+        self.versioning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(bucket.to_owned(), on);
+        Ok(on)
+    }
+
+    /// Write the record of a deploy that has just been published, then let go of what is past
+    /// retention.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn record_deploy(
+        &self,
+        bucket: &str,
+        workspace: &WorkspaceKey,
+        meta: &DeployMeta,
+        listing: &Listing,
+        versioned: bool,
+        files: Vec<DeployedFile>,
+    ) -> Result<DeployRecord, PublishError> {
+        let sequence = next_sequence(listing);
+        let id = deploy_id(sequence, &meta.commit);
+        let record = meta.record(workspace, id.clone(), versioned, files);
+        let fail = |message: String| PublishError::DeployRecord {
+            bucket: bucket.into(),
+            message,
+        };
+        // Never over another record: the lease and the bucket's fence keep two publishes of a
+        // workspace apart, so a record already there means a listing we cannot trust.
+        match self
+            .write_record(bucket, &record_key(workspace, &id), &record, None)
+            .await
+            .map_err(fail)?
+        {
+            Written::Took(_) => {}
+            Written::LostRace => {
+                return Err(fail(format!(
+                    "deploy {id} was recorded by someone else meanwhile"
+                )));
+            }
+        }
+        tracing::info!(%bucket, deploy_id = %id, files = record.files.len(), "deploy recorded");
+        let mut records = listing.records.clone();
+        records.push(ListedRecord {
+            deploy_id: id,
+            sequence,
+            modified_ms: crate::records::now_ms() as i64,
+            version_ids: Vec::new(),
+        });
+        // Retention is housekeeping: the deploy is live and recorded either way.
+        if let Err(e) = self
+            .prune(bucket, workspace, &records, listing, &record)
+            .await
+        {
+            tracing::warn!(%bucket, error = %e, "old deploys could not be removed; the next deploy tries again");
+        }
+        Ok(record)
+    }
+
+    /// Remove the records past retention (`records`: every record, `newest` last) and the kept
+    /// bytes no retained deploy needs. Bytes deploy N replaced are needed only by deploys
+    /// before N: copies kept by deploys up to the oldest retained one go; with versioning, the
+    /// versions older than the one the oldest retained deploy holds go (and, for a key that
+    /// deploy does not hold, those replaced before its record was written).
+    async fn prune(
+        &self,
+        bucket: &str,
+        workspace: &WorkspaceKey,
+        records: &[ListedRecord],
+        listing: &Listing,
+        newest: &DeployRecord,
+    ) -> Result<(), PublishError> {
+        let now = crate::records::now_ms() as i64;
+        let first = self.options.retention.first_kept(records, now);
+        if first == 0 {
+            return Ok(());
+        }
+        let oldest = &records[first];
+        let mut gone: Vec<(String, Option<String>)> = Vec::new();
+        for record in &records[..first] {
+            let key = record_key(workspace, &record.deploy_id);
+            if record.version_ids.is_empty() {
+                gone.push((key, None));
+            } else {
+                gone.extend(
+                    record
+                        .version_ids
+                        .iter()
+                        .map(|v| (key.clone(), Some(v.clone()))),
+                );
+            }
+        }
+        for (md5, sequences) in &listing.stored {
+            for sequence in sequences.iter().filter(|s| **s <= oldest.sequence) {
+                gone.push((stored_key(md5, *sequence), None));
+            }
+        }
+        if let Some(versions) = &listing.versions {
+            let held = if oldest.deploy_id == newest.deploy_id {
+                newest.clone()
+            } else {
+                self.read_deploy(workspace, bucket, &oldest.deploy_id)
+                    .await?
+            };
+            gone.extend(versions_past(versions, &held, oldest.modified_ms));
+        }
+        tracing::info!(%bucket, deploys = first, objects = gone.len(), "removing deploys past retention");
+        self.delete_versions(bucket, &gone).await
     }
 
     /// Hash the build and list the bucket at the same time: neither needs the other, and
@@ -489,11 +797,13 @@ impl Publisher {
         &self,
         bucket: &str,
         build_dir: &Path,
+        workspace: Option<&WorkspaceKey>,
+        versioned: bool,
     ) -> Result<(Vec<LocalFile>, Listing), PublishError> {
         let root = build_dir.to_owned();
         let limits = ScanLimits::of(&self.options);
         let scan = tokio::task::spawn_blocking(move || scan_build(&root, &limits));
-        let (local, listing) = tokio::join!(scan, self.list(bucket));
+        let (local, listing) = tokio::join!(scan, self.list(bucket, workspace, versioned));
         let local = local.map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
         if local.is_empty() {
             return Err(PublishError::EmptyBuild(build_dir.to_owned()));
@@ -520,7 +830,7 @@ impl Publisher {
     /// Refuse to publish into a bucket that another workspace owns; claim it when nobody does.
     /// `listed` is the owner record's ETag in the listing this publish just took: when it is
     /// the record this process already knows, no request is needed.
-    async fn confirm_owner(
+    pub(crate) async fn confirm_owner(
         &self,
         bucket: &str,
         workspace: &WorkspaceKey,
@@ -606,7 +916,11 @@ impl Publisher {
     }
 
     /// Raise the bucket's fence to this holder's token; refuse when it is already past it.
-    async fn raise_fence(&self, bucket: &str, fence: &BucketFence) -> Result<(), PublishError> {
+    pub(crate) async fn raise_fence(
+        &self,
+        bucket: &str,
+        fence: &BucketFence,
+    ) -> Result<(), PublishError> {
         let store_err = |message: String| PublishError::FenceStore {
             bucket: bucket.into(),
             message,
@@ -758,7 +1072,11 @@ impl Publisher {
     }
 
     /// The MD5 we stored in an object's metadata when we uploaded it.
-    async fn stored_md5(&self, bucket: &str, key: &str) -> Result<Option<String>, PublishError> {
+    pub(crate) async fn stored_md5(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<String>, PublishError> {
         let head = self
             .s3
             .head_object()
@@ -773,8 +1091,18 @@ impl Publisher {
         Ok(head.metadata().and_then(|m| m.get("md5")).cloned())
     }
 
-    /// Every object of the site with its ETag, and the owner record's ETag.
-    async fn list(&self, bucket: &str) -> Result<Listing, PublishError> {
+    /// Every object of the site with its ETag, the owner record's ETag and, for a workspace,
+    /// its deploy records and the kept copies; with `versioned`, every version (one listing
+    /// either way: the bookkeeping costs no request of its own).
+    pub(crate) async fn list(
+        &self,
+        bucket: &str,
+        workspace: Option<&WorkspaceKey>,
+        versioned: bool,
+    ) -> Result<Listing, PublishError> {
+        if versioned {
+            return self.list_versions(bucket, workspace).await;
+        }
         let mut listing = Listing::default();
         let mut pages = self
             .s3
@@ -783,36 +1111,134 @@ impl Publisher {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| PublishError::List {
-                bucket: bucket.into(),
-                message: DisplayErrorContext(&e).to_string(),
-            })?;
+            let page = page.map_err(|e| list_error(bucket, e))?;
             for object in page.contents() {
                 let Some(key) = object.key() else { continue };
                 let etag = unquoted(object.e_tag().unwrap_or_default()).to_owned();
-                if key == OWNER_KEY {
-                    listing.owner_etag = Some(etag);
-                } else if !key.starts_with(RESERVED_PREFIX) {
-                    listing.objects.insert(key.to_owned(), etag);
+                let modified = modified_ms(object.last_modified());
+                listing.sort(key, etag, modified, workspace);
+            }
+        }
+        listing.records.sort_by_key(|r| r.sequence);
+        Ok(listing)
+    }
+
+    /// [`Publisher::list`] of a bucket with versioning on: ListObjectVersions, whose latest
+    /// versions are what ListObjectsV2 shows, and whose older ones a rollback restores.
+    async fn list_versions(
+        &self,
+        bucket: &str,
+        workspace: Option<&WorkspaceKey>,
+    ) -> Result<Listing, PublishError> {
+        let mut entries = Vec::new();
+        let (mut key_marker, mut version_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .s3
+                .list_object_versions()
+                .bucket(bucket)
+                .set_key_marker(key_marker.take())
+                .set_version_id_marker(version_marker.take())
+                .send()
+                .await
+                .map_err(|e| list_error(bucket, e))?;
+            for v in page.versions() {
+                entries.push(VersionEntry {
+                    key: v.key().unwrap_or_default().to_owned(),
+                    version_id: v.version_id().unwrap_or("null").to_owned(),
+                    etag: Some(unquoted(v.e_tag().unwrap_or_default()).to_owned()),
+                    modified_ms: modified_ms(v.last_modified()),
+                    latest: v.is_latest().unwrap_or(false),
+                });
+            }
+            for m in page.delete_markers() {
+                entries.push(VersionEntry {
+                    key: m.key().unwrap_or_default().to_owned(),
+                    version_id: m.version_id().unwrap_or("null").to_owned(),
+                    etag: None,
+                    modified_ms: modified_ms(m.last_modified()),
+                    latest: m.is_latest().unwrap_or(false),
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            version_marker = page.next_version_id_marker().map(str::to_owned);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        let mut listing = Listing::default();
+        let mut versions = Versions::default();
+        let mut record_versions: HashMap<String, Vec<String>> = HashMap::new();
+        // `entries` holds each key's versions in S3's order (newest first), then its markers.
+        for entry in &entries {
+            let bookkeeping = entry.key.starts_with(RESERVED_PREFIX);
+            if bookkeeping {
+                if entry.key.starts_with(crate::deploys::DEPLOYS_DIR) {
+                    record_versions
+                        .entry(entry.key.clone())
+                        .or_default()
+                        .push(entry.version_id.clone());
+                }
+            } else {
+                versions
+                    .all
+                    .insert((entry.key.clone(), entry.version_id.clone()));
+                match &entry.etag {
+                    Some(_) => versions
+                        .history
+                        .entry(entry.key.clone())
+                        .or_default()
+                        .push((entry.version_id.clone(), entry.modified_ms, entry.latest)),
+                    None => versions
+                        .markers
+                        .entry(entry.key.clone())
+                        .or_default()
+                        .push(entry.modified_ms),
+                }
+            }
+            if let (Some(etag), true) = (&entry.etag, entry.latest) {
+                listing.sort(&entry.key, etag.clone(), entry.modified_ms, workspace);
+                if !bookkeeping {
+                    versions
+                        .live
+                        .insert(entry.key.clone(), entry.version_id.clone());
                 }
             }
         }
+        for record in &mut listing.records {
+            if let Some(workspace) = workspace {
+                let key = record_key(workspace, &record.deploy_id);
+                record.version_ids = record_versions.remove(&key).unwrap_or_default();
+            }
+        }
+        listing.records.sort_by_key(|r| r.sequence);
+        listing.versions = Some(versions);
         Ok(listing)
     }
 
     /// Upload files with bounded concurrency; the first failure stops the batch.
-    async fn upload_all(&self, bucket: &str, files: Vec<LocalFile>) -> Result<u64, PublishError> {
-        let sizes: Vec<u64> = futures::stream::iter(files)
+    async fn upload_all(
+        &self,
+        bucket: &str,
+        files: Vec<LocalFile>,
+    ) -> Result<Vec<Placed>, PublishError> {
+        futures::stream::iter(files)
             .map(|file| self.upload_with_retry(bucket, file))
             .buffer_unordered(self.options.concurrency)
             .try_collect()
-            .await?;
-        Ok(sizes.iter().sum())
+            .await
     }
 
     /// The SDK retries each request; this retries the whole file (a multipart upload that lost
     /// a part starts over), with backoff.
-    async fn upload_with_retry(&self, bucket: &str, file: LocalFile) -> Result<u64, PublishError> {
+    async fn upload_with_retry(
+        &self,
+        bucket: &str,
+        file: LocalFile,
+    ) -> Result<Placed, PublishError> {
         let _slot = self
             .uploads
             .acquire()
@@ -827,7 +1253,13 @@ impl Publisher {
                 self.upload(bucket, &file).await
             };
             match result {
-                Ok(size) => return Ok(size),
+                Ok(version_id) => {
+                    return Ok(Placed {
+                        key: file.key,
+                        size: file.size,
+                        version_id,
+                    });
+                }
                 Err(e) if attempt < self.options.file_attempts => {
                     tracing::warn!(key = %file.key, attempt, error = %e, "upload failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -847,7 +1279,8 @@ impl Publisher {
         }
     }
 
-    async fn upload(&self, bucket: &str, file: &LocalFile) -> Result<u64, PublishError> {
+    /// Upload one file; its version id comes back (with versioning on).
+    async fn upload(&self, bucket: &str, file: &LocalFile) -> Result<Option<String>, PublishError> {
         let fail = |message: String| Self::upload_error(bucket, &file.key, message);
         // Streamed from disk, and never more than the size the caps were checked against
         // (a file that shrank since fails here).
@@ -857,7 +1290,8 @@ impl Publisher {
             .build()
             .await
             .map_err(|e| fail(e.to_string()))?;
-        self.s3
+        let put = self
+            .s3
             .put_object()
             .bucket(bucket)
             .key(&file.key)
@@ -868,10 +1302,14 @@ impl Publisher {
             .send()
             .await
             .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
-        Ok(file.size)
+        Ok(put.version_id().map(str::to_owned))
     }
 
-    async fn upload_multipart(&self, bucket: &str, file: &LocalFile) -> Result<u64, PublishError> {
+    async fn upload_multipart(
+        &self,
+        bucket: &str,
+        file: &LocalFile,
+    ) -> Result<Option<String>, PublishError> {
         let fail = |message: String| Self::upload_error(bucket, &file.key, message);
         let created = self
             .s3
@@ -899,7 +1337,7 @@ impl Publisher {
                     .multipart_upload(done)
                     .send()
                     .await
-                    .map(drop)
+                    .map(|out| out.version_id().map(str::to_owned))
                     .map_err(|e| fail(DisplayErrorContext(&e).to_string()))
             }
             Err(e) => Err(e),
@@ -915,7 +1353,7 @@ impl Publisher {
                 .send()
                 .await;
         }
-        completed.map(|()| file.size)
+        completed
     }
 
     /// Upload the parts one after the other, each streamed from its slice of the file: no
@@ -958,24 +1396,112 @@ impl Publisher {
         Ok(parts)
     }
 
-    fn cache_control(&self, key: &str) -> &str {
-        self.options
-            .cache_rules
-            .iter()
-            .find(|rule| rule.matches(key))
-            .map(|rule| rule.value.as_str())
-            .unwrap_or("no-cache")
+    /// Keep a server-side copy of each of `keys` (live objects about to be replaced or
+    /// deleted by deploy `sequence`) at `.edit-worker/objects/{md5}/{sequence}`: the deploys
+    /// before this one need those bytes. Returns the MD5s kept. An object whose MD5 we cannot
+    /// tell (uploaded by another tool, without our metadata) belongs to no deploy and is not
+    /// kept.
+    pub(crate) async fn keep_replaced(
+        &self,
+        bucket: &str,
+        keys: &[&str],
+        remote: &HashMap<String, String>,
+        sequence: u64,
+    ) -> Result<std::collections::HashSet<String>, PublishError> {
+        let mut copied = std::collections::HashSet::new();
+        // Owned keys: a stream of futures borrowing its items would not be `Send` for any
+        // lifetime, which the step's future must be.
+        let owned: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        let kept: Vec<Option<String>> = futures::stream::iter(owned)
+            .map(|key: String| async move { self.keep_one(bucket, &key, remote, sequence).await })
+            .buffer_unordered(self.options.concurrency)
+            .try_collect()
+            .await?;
+        copied.extend(kept.into_iter().flatten());
+        Ok(copied)
     }
 
-    async fn delete(&self, bucket: &str, keys: &[String]) -> Result<(), PublishError> {
+    /// Keep one live object (`key`) before deploy `sequence` replaces it: see
+    /// [`Publisher::keep_replaced`]. Its MD5 when kept.
+    pub(crate) async fn keep_one(
+        &self,
+        bucket: &str,
+        key: &str,
+        remote: &HashMap<String, String>,
+        sequence: u64,
+    ) -> Result<Option<String>, PublishError> {
+        let etag = remote.get(key).map(String::as_str).unwrap_or_default();
+        let md5 = if is_md5(etag) {
+            Some(etag.to_owned())
+        } else {
+            self.stored_md5(bucket, key).await?
+        };
+        let Some(md5) = md5 else {
+            tracing::warn!(%bucket, %key, "object of unknown content not kept before it is replaced");
+            return Ok(None);
+        };
+        let target = stored_key(&md5, sequence);
+        self.copy_object(bucket, &copy_source(bucket, key, None), &target, None)
+            .await
+            .map_err(|message| PublishError::Keep {
+                bucket: bucket.into(),
+                key: key.into(),
+                message,
+            })?;
+        Ok(Some(md5))
+    }
+
+    /// CopyObject, server-side: `source` (as [`copy_source`] makes it) to `key`. With
+    /// `serve_as` set, the copy gets the headers a publish would give the key (its type and
+    /// caching, our MD5) instead of the source's: a rollback puts bytes back under their key.
+    /// Returns the new version id (with versioning on).
+    pub(crate) async fn copy_object(
+        &self,
+        bucket: &str,
+        source: &str,
+        key: &str,
+        serve_as: Option<&str>,
+    ) -> Result<Option<String>, String> {
+        let copy = self
+            .s3
+            .copy_object()
+            .bucket(bucket)
+            .copy_source(source)
+            .key(key);
+        let copy = match serve_as {
+            Some(md5) => copy
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                .content_type(content_type(key))
+                .cache_control(self.cache_control(key))
+                .metadata("md5", md5),
+            None => copy,
+        };
+        let out = copy
+            .send()
+            .await
+            .map_err(|e| DisplayErrorContext(&e).to_string())?;
+        Ok(out.version_id().map(str::to_owned))
+    }
+
+    /// Delete objects, or single versions of them (permanently), 1000 per request.
+    pub(crate) async fn delete_versions(
+        &self,
+        bucket: &str,
+        targets: &[(String, Option<String>)],
+    ) -> Result<(), PublishError> {
         let fail = |message: String| PublishError::Delete {
             bucket: bucket.into(),
             message,
         };
-        for chunk in keys.chunks(DELETE_BATCH) {
+        for chunk in targets.chunks(DELETE_BATCH) {
             let objects = chunk
                 .iter()
-                .map(|k| ObjectIdentifier::builder().key(k).build())
+                .map(|(key, version)| {
+                    ObjectIdentifier::builder()
+                        .key(key)
+                        .set_version_id(version.clone())
+                        .build()
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| fail(e.to_string()))?;
             let delete = Delete::builder()
@@ -993,7 +1519,7 @@ impl Publisher {
                 .map_err(|e| fail(DisplayErrorContext(&e).to_string()))?;
             if let Some(first) = out.errors().first() {
                 return Err(fail(format!(
-                    "{} of {} keys not deleted, first {:?}: {:?}",
+                    "{} of {} not deleted, first {:?}: {:?}",
                     out.errors().len(),
                     chunk.len(),
                     first.key(),
@@ -1003,6 +1529,73 @@ impl Publisher {
         }
         Ok(())
     }
+
+    fn cache_control(&self, key: &str) -> &str {
+        self.options
+            .cache_rules
+            .iter()
+            .find(|rule| rule.matches(key))
+            .map(|rule| rule.value.as_str())
+            .unwrap_or("no-cache")
+    }
+
+    async fn delete(&self, bucket: &str, keys: &[String]) -> Result<(), PublishError> {
+        let targets: Vec<(String, Option<String>)> =
+            keys.iter().map(|key| (key.clone(), None)).collect();
+        self.delete_versions(bucket, &targets).await
+    }
+}
+
+/// The sequence number of the next deploy: one past the newest record.
+pub(crate) fn next_sequence(listing: &Listing) -> u64 {
+    listing.records.last().map_or(1, |r| r.sequence + 1)
+}
+
+/// The versions no retained deploy needs, `held` being the oldest retained deploy's record
+/// (made at `held_at`, ms). For a key it holds, every version older than its one (S3 lists a
+/// key's versions newest first, so this needs no clock). For a key it does not hold, the
+/// versions replaced (by a newer version or a delete marker) before its record was written,
+/// by whole seconds as S3 keeps time: a tie is kept, to go at a later deploy.
+fn versions_past(
+    versions: &Versions,
+    held: &DeployRecord,
+    held_at: i64,
+) -> Vec<(String, Option<String>)> {
+    let holds: HashMap<&str, &str> = held
+        .files
+        .iter()
+        .filter_map(|f| Some((f.path.as_str(), f.version_id.as_deref()?)))
+        .collect();
+    let mut gone = Vec::new();
+    for (key, history) in &versions.history {
+        let old: Vec<&String> = match holds.get(key.as_str()) {
+            Some(version) => match history.iter().position(|(v, _, _)| v == version) {
+                Some(at) => history[at + 1..].iter().map(|(v, _, _)| v).collect(),
+                None => Vec::new(),
+            },
+            None => {
+                let markers = versions.markers.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                history
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, _, latest))| !latest)
+                    .filter(|(at, (_, made, _))| {
+                        // Replaced by the next newer version, or by a delete marker after it.
+                        let by_version = at.checked_sub(1).map(|newer| history[newer].1);
+                        let by_marker = markers.iter().filter(|m| *m >= made).min().copied();
+                        let replaced = match (by_version, by_marker) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        replaced.is_some_and(|t| t / 1000 < held_at / 1000)
+                    })
+                    .map(|(_, (v, _, _))| v)
+                    .collect()
+            }
+        };
+        gone.extend(old.into_iter().map(|v| (key.clone(), Some(v.clone()))));
+    }
+    gone
 }
 
 /// What the scan of a build needs from the options: where multipart starts, and the caps.
@@ -1235,7 +1828,7 @@ fn unquoted(etag: &str) -> &str {
     etag.trim_matches('"')
 }
 
-fn is_html(key: &str) -> bool {
+pub(crate) fn is_html(key: &str) -> bool {
     key.ends_with(".html") || key.ends_with(".htm")
 }
 

@@ -204,11 +204,12 @@ impl SessionActor {
         // Directly following messages of the same thread join this run, so that no agent run
         // is started only to be interrupted by the next message of its own thread.
         let mut batch = vec![lead];
-        while state
-            .queue
-            .front()
-            .is_some_and(|next| next.request.thread_id == batch[0].request.thread_id)
-        {
+        while state.queue.front().is_some_and(|next| {
+            // A rollback runs alone: it is no request for the agent to join with others.
+            next.request.thread_id == batch[0].request.thread_id
+                && next.request.rollback_target().is_none()
+                && batch[0].request.rollback_target().is_none()
+        }) {
             batch.push(state.queue.pop_front().expect("front exists"));
         }
         let stop = StopSignal::default();

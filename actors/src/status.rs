@@ -86,6 +86,12 @@ pub(crate) struct StatusEvent {
     pub durations_ms: Option<BTreeMap<String, u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub publish: Option<PublishReport>,
+    /// The deploy a publish (or a rollback) recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deploy_id: Option<String>,
+    /// What a rollback went back to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<crate::deploys::RolledBackTo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
     /// What is happening, for `progress` events. Redacted when serialized.
@@ -164,6 +170,8 @@ impl StatusEvent {
             conversation_restarted: None,
             durations_ms: None,
             publish: None,
+            deploy_id: None,
+            rolled_back_to: None,
             error: None,
             detail: None,
             sequence: None,

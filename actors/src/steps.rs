@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentActivity, AgentError, AgentReport, AgentSpec, Conversation};
 use crate::build::{self, BuildError, BuildReport, BuildSpec};
 use crate::config::WorkerConfig;
+use crate::deploys::{DeployMeta, DeployRecord, ResolvedDeploy};
 use crate::git::{Fence, GitError, SavedWork, Workspace};
+use crate::message::RollbackTarget;
 use crate::message::WorkspaceKey;
 use crate::prepared_build::PreparedBuild;
 use crate::publish::{BucketFence, PublishError, PublishReport, Publisher};
@@ -330,6 +332,13 @@ pub enum GitMsg {
     HeadCommit {
         reply: RpcReplyPort<Result<String, GitError>>,
     },
+    /// Commit `Rollback to {short}` on the current branch whose tree is `target`'s, and make
+    /// the worktree hold that tree. Returns the new commit.
+    RollbackTo {
+        target: String,
+        message_id: String,
+        reply: RpcReplyPort<Result<String, GitError>>,
+    },
     Push {
         branch: String,
         attempts: u32,
@@ -381,6 +390,13 @@ impl StepHandler<GitMsg> for Workspace {
                 }
                 GitMsg::HeadCommit { reply } => {
                     let _ = reply.send(ws.head_commit().await);
+                }
+                GitMsg::RollbackTo {
+                    target,
+                    message_id,
+                    reply,
+                } => {
+                    let _ = reply.send(ws.rollback_to(&target, &message_id).await);
                 }
                 GitMsg::Push {
                     branch,
@@ -479,6 +495,24 @@ pub enum PublisherMsg {
         build_dir: PathBuf,
         /// The lease's fence in the bucket, when workers share the queue.
         fence: Option<BucketFence>,
+        /// What the deploy's record says besides its files.
+        deploy: DeployMeta,
+        reply: RpcReplyPort<Result<PublishReport, PublishError>>,
+    },
+    /// Find the deploy a rollback names.
+    Resolve {
+        workspace: WorkspaceKey,
+        bucket: String,
+        target: RollbackTarget,
+        reply: RpcReplyPort<Result<ResolvedDeploy, PublishError>>,
+    },
+    /// Make the bucket hold `target`'s files again (a rollback), recorded as `deploy`.
+    Restore {
+        workspace: WorkspaceKey,
+        bucket: String,
+        target: Box<DeployRecord>,
+        fence: Option<BucketFence>,
+        deploy: DeployMeta,
         reply: RpcReplyPort<Result<PublishReport, PublishError>>,
     },
 }
@@ -486,18 +520,44 @@ pub enum PublisherMsg {
 impl StepHandler<PublisherMsg> for Publisher {
     fn handle(&mut self, msg: PublisherMsg) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let PublisherMsg::Publish {
-                workspace,
-                bucket,
-                build_dir,
-                fence,
-                reply,
-            } = msg;
-            maybe_fault("publish.run");
-            let _ = reply.send(
-                self.publish_for(&workspace, &bucket, &build_dir, fence.as_ref())
-                    .await,
-            );
+            match msg {
+                PublisherMsg::Publish {
+                    workspace,
+                    bucket,
+                    build_dir,
+                    fence,
+                    deploy,
+                    reply,
+                } => {
+                    maybe_fault("publish.run");
+                    let _ = reply.send(
+                        self.publish_for(&workspace, &bucket, &build_dir, fence.as_ref(), &deploy)
+                            .await,
+                    );
+                }
+                PublisherMsg::Resolve {
+                    workspace,
+                    bucket,
+                    target,
+                    reply,
+                } => {
+                    let _ = reply.send(self.resolve_deploy(&workspace, &bucket, &target).await);
+                }
+                PublisherMsg::Restore {
+                    workspace,
+                    bucket,
+                    target,
+                    fence,
+                    deploy,
+                    reply,
+                } => {
+                    maybe_fault("publish.restore");
+                    let _ = reply.send(
+                        self.restore(&workspace, &bucket, &target, &deploy, fence.as_ref())
+                            .await,
+                    );
+                }
+            }
         })
     }
 }

@@ -1938,3 +1938,82 @@ fn otlp_attributes(
         })
         .collect()
 }
+
+// ---------------------------------------------------------------- deploys and rollback (issue 26)
+
+impl TestEnv {
+    /// Key -> bytes of every object of the site in `bucket`, every page of the listing, the
+    /// worker's own `.edit-worker/` left out: what a visitor can be served.
+    pub async fn site_files(&self, bucket: &str) -> BTreeMap<String, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        for key in self.keys_under(bucket, "").await {
+            if key.starts_with(".edit-worker/") {
+                continue;
+            }
+            let got = self
+                .s3
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .expect("get object");
+            files.insert(key, got.body.collect().await.unwrap().into_bytes().to_vec());
+        }
+        files
+    }
+
+    /// Every key under `prefix` in `bucket` (all pages of the listing), sorted.
+    pub async fn keys_under(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for object in page.expect("list bucket").contents() {
+                keys.push(object.key().unwrap_or_default().to_owned());
+            }
+        }
+        keys.sort();
+        keys
+    }
+
+    /// Turn versioning on for `bucket`.
+    pub async fn enable_versioning(&self, bucket: &str) {
+        let on = aws_sdk_s3::types::VersioningConfiguration::builder()
+            .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+            .build();
+        self.s3
+            .put_bucket_versioning()
+            .bucket(bucket)
+            .versioning_configuration(on)
+            .send()
+            .await
+            .expect("turn versioning on");
+    }
+
+    /// Put a rollback message on the input queue (`to`: `None` for the default, `previous`).
+    pub async fn send_rollback(
+        &self,
+        client: &str,
+        project: &str,
+        thread: &str,
+        to: Option<&str>,
+    ) -> String {
+        let mut body = serde_json::json!({
+            "sessionId": format!("s-{thread}"),
+            "threadId": thread,
+            "clientId": client,
+            "projectId": project,
+            "action": "rollback",
+        });
+        if let Some(to) = to {
+            body["to"] = to.into();
+        }
+        self.send_raw(&body.to_string()).await
+    }
+}

@@ -8,6 +8,7 @@ mod agent;
 mod bucket_ownership;
 mod build_ahead;
 mod container;
+mod deploys;
 mod exactly_once;
 mod exactly_once_faults;
 mod interrupts_and_delivery;

@@ -507,6 +507,16 @@ async fn a_publish_under_an_older_lease_token_is_refused() {
 
 // ---------------------------------------------------------------- issue 13: one bucket, one workspace
 
+/// What a test publish records as its deploy.
+fn deploy() -> edit_worker_actors::deploys::DeployMeta {
+    edit_worker_actors::deploys::DeployMeta {
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        thread_id: "t".into(),
+        message_id: "m".into(),
+        rolled_back_to: None,
+    }
+}
+
 fn workspace(client: &str, project: &str) -> WorkspaceKey {
     WorkspaceKey {
         client_id: client.into(),
@@ -553,7 +563,7 @@ async fn a_workspace_cannot_publish_into_a_bucket_another_workspace_owns() {
     site(dir.path(), 3);
     let p = publisher(env.s3.clone());
     let first = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!(first.uploaded, 7);
@@ -575,7 +585,7 @@ async fn a_workspace_cannot_publish_into_a_bucket_another_workspace_owns() {
     let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
     let elsewhere = publisher(common::s3_client(&proxy.url).await);
     let err = elsewhere
-        .publish_for(&two, &bucket, other.path(), Some(&fence))
+        .publish_for(&two, &bucket, other.path(), Some(&fence), &deploy())
         .await
         .unwrap_err();
     assert!(
@@ -601,7 +611,7 @@ async fn a_workspace_cannot_publish_into_a_bucket_another_workspace_owns() {
 
     // The publisher that serves project one (it knows the owner already) refuses too.
     let err = p
-        .publish_for(&two, &bucket, other.path(), None)
+        .publish_for(&two, &bucket, other.path(), None, &deploy())
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "bucket_owned_elsewhere", "{err}");
@@ -614,7 +624,7 @@ async fn a_workspace_cannot_publish_into_a_bucket_another_workspace_owns() {
     // And project one goes on publishing.
     std::fs::write(dir.path().join("index.html"), "<p>one, again</p>").unwrap();
     let again = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!((again.uploaded, again.deleted), (1, 0), "{again:?}");
@@ -633,19 +643,28 @@ async fn the_owner_publishes_again_reading_its_record_once() {
     site(dir.path(), 2);
     let proxy = common::recording_proxy(common::endpoint(), vec![]).await;
     let p = publisher(common::s3_client(&proxy.url).await);
-    p.publish_for(&one, &bucket, dir.path(), None)
+    p.publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     std::fs::write(dir.path().join("index.html"), "<p>second</p>").unwrap();
     let second = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!(second.uploaded, 1, "{second:?}");
     let live = env.bucket_contents(&bucket).await;
     assert_eq!(live["index.html"].1, b"<p>second</p>");
+    let deploys = |prefix: &str| live.keys().filter(|k| k.starts_with(prefix)).count();
+    // Each publish is a deploy (issue 26): a record each, and the replaced home page kept.
     assert_eq!(
-        live.len(),
+        deploys(".edit-worker/deploys/pub/one/"),
+        2,
+        "{:?}",
+        live.keys()
+    );
+    assert_eq!(deploys(".edit-worker/objects/"), 1, "{:?}", live.keys());
+    assert_eq!(
+        live.len() - 3,
         6,
         "the site and the owner record: {:?}",
         live.keys()
@@ -662,7 +681,7 @@ async fn the_owner_publishes_again_reading_its_record_once() {
         .await
         .unwrap();
     let third = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!(third.uploaded, 0, "{third:?}");
@@ -675,7 +694,7 @@ async fn the_owner_publishes_again_reading_its_record_once() {
     // Another process serving the same workspace reads the record and publishes too.
     let fresh = publisher(env.s3.clone());
     let same = fresh
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!((same.uploaded, same.skipped), (0, 5), "{same:?}");
@@ -689,7 +708,7 @@ async fn a_known_owner_is_not_trusted_once_the_record_changed() {
     let (one, two) = (workspace("pub", "one"), workspace("pub", "two"));
     site(dir.path(), 2);
     let p = publisher(env.s3.clone());
-    p.publish_for(&one, &bucket, dir.path(), None)
+    p.publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     env.s3
@@ -703,13 +722,13 @@ async fn a_known_owner_is_not_trusted_once_the_record_changed() {
     site(theirs.path(), 2);
     std::fs::write(theirs.path().join("index.html"), "<p>two's</p>").unwrap();
     publisher(env.s3.clone())
-        .publish_for(&two, &bucket, theirs.path(), None)
+        .publish_for(&two, &bucket, theirs.path(), None, &deploy())
         .await
         .unwrap();
     let before = env.bucket_contents(&bucket).await;
 
     let err = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap_err();
     assert!(
@@ -735,7 +754,7 @@ async fn a_file_over_the_size_cap_fails_before_anything_is_uploaded() {
             ..PublishOptions::default()
         },
     );
-    p.publish_for(&one, &bucket, dir.path(), None)
+    p.publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     let before = env.bucket_contents(&bucket).await;
@@ -745,7 +764,7 @@ async fn a_file_over_the_size_cap_fails_before_anything_is_uploaded() {
     let video = dir.path().join("video.mp4");
     std::fs::write(&video, vec![7u8; CAP as usize + 1]).unwrap();
     let err = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap_err();
     assert!(
@@ -767,7 +786,7 @@ async fn a_file_over_the_size_cap_fails_before_anything_is_uploaded() {
 
     std::fs::write(&video, vec![7u8; CAP as usize]).unwrap();
     let report = p
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!((report.uploaded, report.deleted), (2, 1), "{report:?}");
@@ -806,7 +825,7 @@ async fn a_build_over_the_total_cap_fails_before_anything_is_written() {
         },
     );
     let err = through_proxy
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap_err();
     assert!(
@@ -820,7 +839,7 @@ async fn a_build_over_the_total_cap_fails_before_anything_is_written() {
     assert!(env.bucket_contents(&bucket).await.is_empty());
 
     let report = capped(total)
-        .publish_for(&one, &bucket, dir.path(), None)
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
         .await
         .unwrap();
     assert_eq!((report.uploaded, report.bytes), (41, total), "{report:?}");

@@ -180,6 +180,61 @@ pub(crate) fn commit_all(
     Ok(Some(commit_id.to_string()))
 }
 
+/// Whether `commit` names a commit in this repository.
+pub(crate) fn has_commit(dir: &Path, commit: &str) -> Result<bool, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let Ok(id) = gix::ObjectId::from_hex(commit.as_bytes()) else {
+        return Ok(false);
+    };
+    Ok(repo
+        .find_object(id)
+        .ok()
+        .is_some_and(|o| o.try_into_commit().is_ok()))
+}
+
+/// Commit `target`'s tree on top of HEAD (history kept: the new commit's parent is HEAD), as
+/// `git commit` of a worktree holding exactly that tree would; the index is made equal to it.
+/// Returns the new commit id.
+pub(crate) fn commit_tree_of(
+    dir: &Path,
+    target: &str,
+    message: &str,
+    who: &Identity<'_>,
+) -> Result<String, LocalGitError> {
+    let repo = gix::open(dir).map_err(err("open"))?;
+    let head = repo.head_commit().map_err(err("read HEAD"))?;
+    let id = gix::ObjectId::from_hex(target.as_bytes()).map_err(err("read commit id"))?;
+    let tree = repo
+        .find_object(id)
+        .map_err(err("find commit"))?
+        .try_into_commit()
+        .map_err(err("find commit"))?
+        .tree_id()
+        .map_err(err("read tree"))?
+        .detach();
+    let time = gix::date::Time::now_utc();
+    let signature = gix::actor::Signature {
+        name: who.name.into(),
+        email: who.email.into(),
+        time,
+    };
+    let mut buf_committer = gix::date::parse::TimeBuf::default();
+    let mut buf_author = gix::date::parse::TimeBuf::default();
+    let commit_id = repo
+        .commit_as(
+            signature.to_ref(&mut buf_committer),
+            signature.to_ref(&mut buf_author),
+            "HEAD",
+            message,
+            tree,
+            [head.id],
+        )
+        .map_err(err("commit"))?
+        .detach();
+    refresh_index(&repo, &tree)?;
+    Ok(commit_id.to_string())
+}
+
 /// Make the index equal to `tree`, as `git reset --mixed` would after our commit.
 fn refresh_index(repo: &gix::Repository, tree: &gix::oid) -> Result<(), LocalGitError> {
     let mut index = repo.index_from_tree(tree).map_err(err("build index"))?;

@@ -50,6 +50,11 @@ pub(crate) enum GitError {
         detail: String,
     },
     #[error(
+        "commit {0} is not in the workspace's repository (nor on the upstream): there is nothing \
+         to roll back to"
+    )]
+    UnknownCommit(String),
+    #[error(
         "thread branch {branch} has diverged from the upstream and the two cannot be merged \
          without conflicts; resolve it on the upstream ({detail})"
     )]
@@ -351,6 +356,39 @@ impl Workspace {
             local::find_commit_with_trailer(&dir, &start, MESSAGE_TRAILER, &id, 200)
         })
         .await??)
+    }
+
+    /// Roll the current branch back to `target`'s tree: a commit `Rollback to {short}` on top
+    /// of the branch (its history kept), the worktree holding that tree. A message whose
+    /// rollback commit is there already (a redelivery) gets that commit back, not a second one.
+    pub(crate) async fn rollback_to(
+        &self,
+        target: &str,
+        message_id: &str,
+    ) -> Result<String, GitError> {
+        if let Some(branch) = self.blocking(local::current_branch).await?
+            && let Some(done) = self.commit_of_message(&branch, message_id).await?
+        {
+            return Ok(done);
+        }
+        let wanted = target.to_owned();
+        if !self
+            .blocking(move |dir| local::has_commit(dir, &wanted))
+            .await?
+        {
+            return Err(GitError::UnknownCommit(target.to_owned()));
+        }
+        self.git().checkout_tree_changes(target).await?;
+        let short: String = target.chars().take(7).collect();
+        let message = commit_message(
+            &format!("Rollback to {short}"),
+            &format!("The site is back at commit {target}, as it was deployed then."),
+            MESSAGE_TRAILER,
+            &[message_id.to_owned()],
+        );
+        let target = target.to_owned();
+        self.blocking(move |dir| local::commit_tree_of(dir, &target, &message, &AUTHOR))
+            .await
     }
 
     pub(crate) async fn head_commit(&self) -> Result<String, GitError> {

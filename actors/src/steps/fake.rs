@@ -145,6 +145,14 @@ impl StepHandler<GitMsg> for Fake {
                 GitMsg::HeadCommit { reply } => {
                     let _ = reply.send(Ok(self.head()));
                 }
+                GitMsg::RollbackTo { target, reply, .. } => {
+                    self.tell(Call::Commit {
+                        subject: format!("Rollback to {target}"),
+                        finished: true,
+                    });
+                    self.commits.fetch_add(1, Ordering::SeqCst);
+                    let _ = reply.send(Ok(self.head()));
+                }
                 GitMsg::Push { branch, reply, .. } => {
                     self.tell(Call::Push { branch });
                     let _ = reply.send(Ok(()));
@@ -199,9 +207,18 @@ impl StepHandler<BuildMsg> for Fake {
 impl StepHandler<PublisherMsg> for Fake {
     fn handle(&mut self, msg: PublisherMsg) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let PublisherMsg::Publish { reply, .. } = msg;
-            self.tell(Call::Publish);
-            let _ = reply.send(Ok(PublishReport::default()));
+            match msg {
+                PublisherMsg::Publish { reply, .. } | PublisherMsg::Restore { reply, .. } => {
+                    self.tell(Call::Publish);
+                    let _ = reply.send(Ok(PublishReport::default()));
+                }
+                PublisherMsg::Resolve { target, reply, .. } => {
+                    let _ = reply.send(Err(crate::publish::PublishError::UnknownDeploy {
+                        target: target.to_string(),
+                        reason: "the fake publisher keeps no deploys".into(),
+                    }));
+                }
+            }
         })
     }
 }
