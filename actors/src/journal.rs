@@ -34,6 +34,8 @@ pub(crate) struct Journal {
     /// The CDN invalidation made after the publish.
     pub(crate) invalidation_id: Option<String>,
     pub(crate) published: Option<PublishReport>,
+    /// The browser check of what was published last (after a repair, the check after it).
+    pub(crate) check: Option<crate::browser_check::CheckReport>,
 }
 
 impl Journal {

@@ -41,8 +41,9 @@ use crate::message::WorkspaceKey;
 const RANGE_START: u32 = 1_000_000;
 const RANGE_SIZE: u32 = 100_000;
 const RANGES: u32 = 20_000;
-/// How many workspaces one root can have uids for: the range, less the store's uid.
-const MAX_TENANTS: u32 = RANGE_SIZE - 1;
+/// How many workspaces one root can have uids for: the range, less the store's uid and the
+/// browser's (the range's last, `Sandbox::browser_jail`).
+const MAX_TENANTS: u32 = RANGE_SIZE - 2;
 /// Who probes for namespaces at start: `nobody`, a uid every system has.
 const PROBE_UID: u32 = 65_534;
 
@@ -1017,6 +1018,44 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(io_at(Path::new("."))(std::io::Error::other(e))))
+}
+
+impl Sandbox {
+    /// The sandbox of the worker's browser (the check after each publish, `browser.rs`): it
+    /// runs pages a tenant wrote, so it is a tenant as far as the host goes. With separate
+    /// users it runs as the last uid of the root's range (no workspace's: a page must not read
+    /// a checkout), with `profile` (its fresh `--user-data-dir`) and its home its only
+    /// writable folders; in namespaces it sees no workspace at all.
+    pub(crate) async fn browser_jail(
+        self: &Arc<Self>,
+        profile: &Path,
+    ) -> Result<Jail, SandboxError> {
+        if self.isolation.is_none() {
+            return Ok(Jail::open(profile));
+        }
+        let home = self.state.join("home").join(".browser");
+        let jail = Jail {
+            sandbox: Some(self.clone()),
+            uid: self
+                .isolation
+                .separate_users
+                .then(|| self.first_uid() + RANGE_SIZE - 1),
+            workdir: profile.to_owned(),
+            home: home.clone(),
+            agent_config_dir: None,
+            // Its `TMPDIR` outside namespaces is `home/tmp`: made and handed over too.
+            private: vec![profile.to_owned(), home.clone(), home.join("tmp")],
+        };
+        let j = jail.clone();
+        blocking(move || j.hand_over_blocking()).await?;
+        Ok(jail)
+    }
+
+    /// Where the browser's profiles go (`{WORKSPACE_ROOT}/.sandbox/browser`): the worker's
+    /// folder, hidden from tenants like the rest of `.sandbox`.
+    pub(crate) fn browser_dir(&self) -> PathBuf {
+        self.state.join("browser")
+    }
 }
 
 #[cfg(test)]
