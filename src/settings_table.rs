@@ -726,7 +726,7 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Path,
         default: DefaultIs::Derived("`chromium` on `PATH`"),
         meaning: "the Chromium the browser check runs (Debian's `chromium` package)",
-        example: None,
+        example: Some("/usr/bin/chromium"),
     },
 ];
 
