@@ -41,7 +41,7 @@ impl Rgba {
             0;
             reader
                 .output_buffer_size()
-                .ok_or_else(|| PixelsError::TooLarge(pixels))?
+                .ok_or(PixelsError::TooLarge(pixels))?
         ];
         let frame = reader.next_frame(&mut buf).map_err(bad)?;
         buf.truncate(frame.buffer_size());

@@ -373,3 +373,103 @@ async fn preview_serves_the_bucket_as_website_hosting_does() {
     assert_eq!((css.0, css.2.as_str()), (200, "h1 {}"));
     assert!(css.1.contains("Content-Type: text/css"), "{}", css.1);
 }
+
+/// The processes whose command line names a browser profile under `root` (not bubblewrap's,
+/// which names it too): pid and command line.
+fn browser_processes(root: &std::path::Path) -> Vec<(u32, String)> {
+    let profiles = format!(
+        "--user-data-dir={}",
+        root.join(".sandbox/browser").display()
+    );
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a.starts_with(&profiles)) && !args[0].ends_with("bwrap") {
+            found.push((pid, args.join(" ")));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_browser_runs_as_a_tenant_without_the_workers_secrets_and_dies_with_it() {
+    let mut env = TestEnv::new("check-sandbox").await;
+    let bucket = env.bucket("oli", "site");
+    env.create_bucket(&bucket).await;
+    env.create_upstream("oli", "site", Site::Tiny);
+    // The isolation the host allows (the tests run as root: a uid of its own at least).
+    env.start_worker(&[
+        ("ISOLATION", "auto"),
+        ("BROWSER_CHECK", "on"),
+        ("BROWSER_TEST_SECRET", "s3cr3t-of-the-worker"),
+    ]);
+    let id = env
+        .send("oli", "site", "t", "Update the homepage title to \"Oli\"")
+        .await;
+    let done = completed(&env, &id).await;
+    assert_eq!(done["check"]["ok"], true, "{done:#}\n{}", env.worker_log());
+    // The browser stays up between checks: its main process is there to look at.
+    let browsers = browser_processes(&env.workspace_root());
+    assert!(!browsers.is_empty(), "{}", env.worker_log());
+    for (pid, cmdline) in &browsers {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        assert_ne!(uid, 0, "the browser runs as the worker: {cmdline}");
+        let environ =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+                .into_owned();
+        for secret in [
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "s3cr3t-of-the-worker",
+            "INPUT_QUEUE_URL",
+        ] {
+            assert!(
+                !environ.contains(secret),
+                "{secret} reached the browser: {environ:?}"
+            );
+        }
+        for flag in [
+            "--headless",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-pipe",
+        ] {
+            assert!(cmdline.contains(flag), "{flag} missing: {cmdline}");
+        }
+        assert!(!cmdline.contains("--remote-debugging-port"), "{cmdline}");
+    }
+    assert_eq!(env.stop_worker(), Some(0), "{}", env.worker_log());
+    // It dies with the worker (PR_SET_PDEATHSIG, bubblewrap's --die-with-parent). A process
+    // that is being killed can linger for a moment: 30 s is far more than that under load.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !browser_processes(&env.workspace_root()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the browser outlived the worker: {:?}",
+            browser_processes(&env.workspace_root())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
