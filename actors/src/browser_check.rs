@@ -356,22 +356,23 @@ impl Checker {
         })
     }
 
-    /// `/` and the pages this publish changed that are still there, `max_pages` at most.
+    /// `/`, the pages asked for again (`also`, a repair's), and the pages this publish changed
+    /// that are still there: `max_pages` at most, though never fewer than `/` and `also`.
     async fn pages_to_check(&self, target: &CheckTarget<'_>) -> Result<Vec<String>, CheckError> {
         let mut paths = vec!["/".to_owned()];
-        let mut changed: Vec<String> = target
+        let changed: BTreeSet<String> = target
             .changed
             .iter()
             .filter_map(|key| page_path(key))
-            .chain(target.also.iter().cloned())
-            .filter(|p| p != "/")
-            .collect::<BTreeSet<_>>()
-            .into_iter()
             .collect();
-        changed.sort();
-        for path in changed {
-            if paths.len() >= self.max_pages {
+        let limit = self.max_pages.max(1 + target.also.len());
+        let candidates = target.also.iter().cloned().chain(changed);
+        for path in candidates {
+            if paths.len() >= limit {
                 break;
+            }
+            if paths.contains(&path) {
+                continue;
             }
             // A page this publish deleted is not checked: its 404 is what was asked for.
             let key = path_key(&path);

@@ -101,6 +101,14 @@ pub async fn run(
     if let Some(bin) = ctx.config.check.browser_bin()? {
         tracing::info!(chromium = %bin.display(), max_pages = ctx.config.check.max_pages, "publishes are checked in a browser");
         let browser = crate::browser::Browser::new(bin, ctx.sandbox.clone());
+        // Started now rather than at the first publish: the first check finds it warm. One that
+        // does not start is said here, and tried again at each check.
+        let warm = browser.clone();
+        tokio::spawn(async move {
+            if let Err(e) = warm.running().await {
+                tracing::warn!(error = %e, "the browser for the checks did not start; publishes go unchecked until it does");
+            }
+        });
         ctx.checker = Some(Arc::new(crate::browser_check::Checker::new(
             browser,
             check_s3,
