@@ -17,9 +17,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::browser::{
-    Browser, BrowserError, COMMAND_TIMEOUT, DESKTOP, PHONE, Page, Running, Viewport,
-};
+use crate::browser::{Browser, BrowserError, COMMAND_TIMEOUT, DESKTOP, PHONE, Page, Running};
 use crate::cdp::Event;
 use crate::pixels::{Rgba, changed_share};
 use crate::publish::RESERVED_PREFIX;
@@ -383,8 +381,8 @@ impl Checker {
         Ok(paths)
     }
 
-    /// Each path at both widths, all at once (bounded by the browser's open pages), in one
-    /// browser context of their own.
+    /// Each path, all at once (bounded by the browser's open pages), in one browser context
+    /// of their own: loaded at the desktop width, then shown at the phone's.
     async fn load_all(
         &self,
         origin: &str,
@@ -396,11 +394,8 @@ impl Checker {
             let (running, context) = (&running, &context);
             async move {
                 let url = format!("{origin}{path}");
-                let (desktop, phone) = tokio::join!(
-                    self.load_one(running, context, &url, origin, DESKTOP),
-                    self.load_one(running, context, &url, origin, PHONE)
-                );
-                Ok::<_, BrowserError>((path.clone(), (desktop?, phone?)))
+                let loads = self.load_one(running, context, &url, origin).await?;
+                Ok::<_, BrowserError>((path.clone(), loads))
             }
         });
         let results = futures::future::join_all(loads).await;
@@ -414,10 +409,24 @@ impl Checker {
         context: &str,
         url: &str,
         origin: &str,
-        viewport: Viewport,
-    ) -> Result<Load, BrowserError> {
-        let mut page = self.browser.open_page(running, context, viewport).await?;
-        let loaded = load(&mut page, url, origin).await;
+    ) -> Result<(Load, Load), BrowserError> {
+        let mut page = self.browser.open_page(running, context, DESKTOP).await?;
+        let loaded = match load(&mut page, url, origin).await {
+            // The same page at the phone's size: its layout (media queries, the viewport meta
+            // tag) follows the new size without a second load, which would cost the check
+            // another renderer's worth of CPU for what the first load already told.
+            Ok(desktop) if desktop.error.is_none() => as_phone(&page).await.map(|png| {
+                (
+                    desktop,
+                    Load {
+                        png,
+                        ..Load::default()
+                    },
+                )
+            }),
+            Ok(desktop) => Ok((desktop, Load::default())),
+            Err(e) => Err(e),
+        };
         #[cfg(feature = "fault-injection")]
         if fault_fires("browser.kill") {
             tracing::warn!("fault injected: killing the browser during the check");
@@ -575,6 +584,12 @@ async fn load(page: &mut Page, url: &str, origin: &str) -> Result<Load, BrowserE
         )
         .await?;
     seen.title = cut(title["result"]["value"].as_str().unwrap_or_default());
+    seen.png = screenshot(page).await?;
+    Ok(seen)
+}
+
+/// A PNG of what `page` shows now.
+async fn screenshot(page: &Page) -> Result<Option<Vec<u8>>, BrowserError> {
     let shot = page
         .call(
             "Page.captureScreenshot",
@@ -582,11 +597,22 @@ async fn load(page: &mut Page, url: &str, origin: &str) -> Result<Load, BrowserE
             COMMAND_TIMEOUT,
         )
         .await?;
-    if let Some(data) = shot["data"].as_str() {
-        use base64::Engine;
-        seen.png = base64::engine::general_purpose::STANDARD.decode(data).ok();
-    }
-    Ok(seen)
+    use base64::Engine;
+    Ok(shot["data"]
+        .as_str()
+        .and_then(|data| base64::engine::general_purpose::STANDARD.decode(data).ok()))
+}
+
+/// `page` at the phone's size, and its screenshot there.
+async fn as_phone(page: &Page) -> Result<Option<Vec<u8>>, BrowserError> {
+    page.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": PHONE.width, "height": PHONE.height, "deviceScaleFactor": 1,
+               "mobile": PHONE.mobile}),
+        COMMAND_TIMEOUT,
+    )
+    .await?;
+    screenshot(page).await
 }
 
 /// The events of one load, read into a `Load`.
