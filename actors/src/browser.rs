@@ -27,9 +27,6 @@ pub const MAX_OPEN_PAGES: usize = 4;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commands other than a page's load answer in milliseconds; this only catches a hung browser.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
-/// The browser's CPU priority (nice; its renderers inherit it): below the builds', so that on
-/// a busy worker a check takes what the builds leave rather than slowing every other edit.
-const BROWSER_NICE: i32 = 10;
 /// Lines of the browser's stderr kept for the error when it does not start.
 const STDERR_LINES: usize = 20;
 
@@ -448,7 +445,7 @@ fn spawn(bin: &Path, source: std::io::Error) -> BrowserError {
     }
 }
 
-/// In the child: a lower CPU priority (`BROWSER_NICE`), and the pipe ends become fds 3 and 4 (inherited across exec, unlike every fd
+/// In the child: the pipe ends become fds 3 and 4 (inherited across exec, unlike every fd
 /// Rust opens). Copied above 10 first, so that an end that already is fd 3 or 4 is not closed
 /// by placing the other.
 fn place_pipe_fds(into_fd3: i32, into_fd4: i32) -> std::io::Result<()> {
@@ -459,10 +456,8 @@ fn place_pipe_fds(into_fd3: i32, into_fd4: i32) -> std::io::Result<()> {
             Ok(r)
         }
     };
-    // SAFETY: plain syscalls on fds this child owns, and on its own priority.
+    // SAFETY: plain syscalls on fds this child owns.
     unsafe {
-        // Best effort: a host that forbids it only leaves the browser at the builds' priority.
-        libc::setpriority(libc::PRIO_PROCESS, 0, BROWSER_NICE);
         let a = check(libc::fcntl(into_fd3, libc::F_DUPFD, 10))?;
         let b = check(libc::fcntl(into_fd4, libc::F_DUPFD, 10))?;
         check(libc::dup2(a, 3))?;
