@@ -17,9 +17,13 @@ FROM node:22-bookworm-slim AS runtime
 # worker and reaps the processes the agent and the builds leave behind. bubblewrap gives each
 # tenant's run its own namespaces where the host allows user namespaces (ECS on EC2 with a
 # seccomp profile that allows them); elsewhere (Fargate) the worker detects that and isolates
-# by separate users alone.
+# by separate users alone. chromium (Debian's package: nothing is downloaded at run time) is
+# the browser that checks each publish (BROWSER_CHECK); fonts-liberation gives its
+# screenshots the common web fonts' metrics.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git ca-certificates tini openssh-client bubblewrap \
+      chromium fonts-liberation \
+ && chromium --version \
  && rm -rf /var/lib/apt/lists/*
 # The Claude Code CLI, pinned in tools/claude-code.version (the version the tests run, see
 # scripts/lib.sh); with its install script, which puts the native binary in place (without it

@@ -22,7 +22,9 @@ case 3 (e.g. 1,2,3: one run per BUILD_CONCURRENCY, side by side; default the wor
 STORES for case 3 (cold,warm: the lock file installed inside the run, or once before it),
 AHEAD for case 3 (e.g. 0,16: one run per BUILD_AHEAD_MAX, side by side; default the worker's
 own), ROUNDS for case 3 (default 1: each combination once; more alternate them round by round),
-WORKER_RUST_LOG (the workers' RUST_LOG), KEEP=1 (keep the workers' folders: logs, reports).
+WORKER_RUST_LOG (the workers' RUST_LOG), KEEP=1 (keep the workers' folders: logs, reports),
+CHECK (e.g. off,on: each install mode once per BROWSER_CHECK setting, side by side, with the
+check's own time and the browser's memory; default the worker's own, `auto`).
 """
 
 import json
@@ -54,6 +56,8 @@ STORES = os.environ.get("STORES", "cold").split(",")
 # Case 3 with each of these BUILD_AHEAD_MAX settings (0: Astro is not started ahead).
 AHEAD = [s for s in os.environ.get("AHEAD", "").split(",") if s]
 ROUNDS = int(os.environ.get("ROUNDS", "1"))
+# BROWSER_CHECK settings side by side (issue 27): each install mode once per setting.
+CHECKS = [s for s in os.environ.get("CHECK", "").split(",") if s]
 KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
           aws_secret_access_key="testing")
 sqs = boto3.client("sqs", **KW)
@@ -185,10 +189,36 @@ def phase_median(events, phase):
     return f"{pct(vals, 50) / 1000:.1f}"
 
 
+def variants():
+    """(label, settings) of each worker to compare: the install modes, each once per CHECK."""
+    if not CHECKS:
+        return [(m, {"INSTALL_MODE": m}) for m in MODES]
+    return [(f"{m}, check {c}", {"INSTALL_MODE": m, "BROWSER_CHECK": c}) for m in MODES for c in CHECKS]
+
+
+def browser_rss_mb(worker_dir):
+    """Resident memory (proportional share, MB) of the Chromium processes a worker started:
+    those whose command line names a profile under its workspace root."""
+    total_kb = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            if worker_dir not in cmd or "chrom" not in cmd or "bwrap" in cmd.split("\0")[0]:
+                continue
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
 def cases_1_and_2():
-    workers = {m: Worker(f"c12-{m}", {"INSTALL_MODE": m, "BUILD_CONCURRENCY": "2"}) for m in MODES}
-    first = {m: [] for m in MODES}
-    second = {m: [] for m in MODES}
+    workers = {m: Worker(f"c12-{i}", {**extra, "BUILD_CONCURRENCY": "2"})
+               for i, (m, extra) in enumerate(variants())}
+    first = {m: [] for m in workers}
+    second = {m: [] for m in workers}
+    memory = {m: 0.0 for m in workers}
     try:
         # Warm-up, both modes alike: one workspace each, so that the store holds the lock file's
         # entry (shared) and the npm cache and the disk cache are warm (both).
@@ -201,13 +231,18 @@ def cases_1_and_2():
                 client = f"lat{i}"
                 w.workspace(client)
                 first[m].append(w.edit(client, f"First {i}"))
+                memory[m] = max(memory[m], browser_rss_mb(w.dir))
                 if "2" in CASES:
                     second[m].append(w.edit(client, f"Second {i}"))
+                    memory[m] = max(memory[m], browser_rss_mb(w.dir))
                 log(f"  sample {i + 1}/{SAMPLES} {m}: first {first[m][-1][0]:.1f} s"
                     + (f", second {second[m][-1][0]:.1f} s" if "2" in CASES else ""))
     finally:
         for w in workers.values():
             w.stop()
+    if CHECKS:
+        print("browser memory (Chromium's processes, proportional set size), highest after a message: "
+              + ", ".join(f"{m} {mb:.0f} MB" for m, mb in memory.items()))
     links = workers["shared"].link_ms() if "shared" in workers else []
     if links:
         print(f"shared store: check before and after the build plus linking, per build: median "
@@ -217,27 +252,28 @@ def cases_1_and_2():
                               ("2", "2. second message, same workspace, agent 0 s", second)):
         if case not in CASES:
             continue
-        for m in MODES:
+        for m in workers:
             secs = [s for s, _ in data[m]]
             events = [e for _, e in data[m]]
             rows.append((label, m, len(secs), f"{pct(secs, 50):.1f} s", f"{pct(secs, 95):.1f} s",
                          phase_median(events, "install"), phase_median(events, "build"),
-                         phase_median(events, "publish"), phase_median(events, "total")))
+                         phase_median(events, "publish"), phase_median(events, "check"),
+                         phase_median(events, "total")))
     return rows
 
 
 def case_3():
     """The README's realistic run through loadgen: CLIENTS clients of one lock file at once."""
     rows = []
-    runs = [(rnd, m, slots, store, ahead) for rnd in range(ROUNDS) for m in MODES
+    runs = [(rnd, v, slots, store, ahead) for rnd in range(ROUNDS) for v in enumerate(variants())
             for slots in (BUILD_SLOTS or [None]) for store in STORES for ahead in (AHEAD or [None])]
-    for rnd, m, slots, store, ahead in runs:
-        settings = {"INSTALL_MODE": m}
+    for rnd, (vi, (m, extra)), slots, store, ahead in runs:
+        settings = dict(extra)
         if slots:
             settings["BUILD_CONCURRENCY"] = slots
         if ahead:
             settings["BUILD_AHEAD_MAX"] = ahead
-        w = Worker(f"c3{m[0]}{slots or 'd'}{store[0]}{ahead or 'd'}r{rnd}", settings)
+        w = Worker(f"c3v{vi}{slots or 'd'}{store[0]}{ahead or 'd'}r{rnd}", settings)
         if store == "warm":
             w.workspace("warm")
             w.edit("warm", "Warm-up")
@@ -247,17 +283,26 @@ def case_3():
         env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "INPUT_QUEUE_URL": w.q["in"], "OUTPUT_QUEUE_URL": w.q["out"], "RUST_LOG": "warn"}
-        out = subprocess.run([WORKER, "loadgen", "--clients", str(CLIENTS), "--projects", "1",
-                              "--threads", "1", "--messages", str(CLIENTS), "--wait", "900",
-                              "--command", "[standin:sleep 10] Update the homepage title to \"Load {n}\"",
-                              "--report", report], env=env, capture_output=True, text=True)
+        gen = subprocess.Popen([WORKER, "loadgen", "--clients", str(CLIENTS), "--projects", "1",
+                                "--threads", "1", "--messages", str(CLIENTS), "--wait", "900",
+                                "--command", "[standin:sleep 10] Update the homepage title to \"Load {n}\"",
+                                "--report", report], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        # The browser's memory, sampled while the checks run.
+        peak_mb = 0.0
+        while gen.poll() is None:
+            if CHECKS:
+                peak_mb = max(peak_mb, browser_rss_mb(w.dir))
+            time.sleep(0.5)
+        out = subprocess.CompletedProcess(gen.args, gen.returncode, gen.stdout.read(), gen.stderr.read())
         w.stop()
         if out.returncode != 0:
             raise SystemExit(out.stderr)
         r = json.load(open(report))
         lat = r["latencyMs"]
         log(f"  case 3 {m}, build slots {slots or 'default'}, store {store}, ahead {ahead or 'default'}: "
-            f"p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}")
+            f"p50 {lat['p50']} ms, max {lat['max']} ms, lost {r['lost']}"
+            + (f", browser memory peak {peak_mb:.0f} MB" if CHECKS else ""))
         phases = r.get("phasesMs", {})
         done = r["terminal"].get("completed", 0) if isinstance(r["terminal"], dict) else r["terminal"]
         label = f"3. {CLIENTS} clients at once, one lock file, agent 10 s, store {store}"
@@ -269,7 +314,8 @@ def case_3():
                      f"{lat['p50'] / 1000:.1f} s", f"{lat['p95'] / 1000:.1f} s / max {lat['max'] / 1000:.1f} s",
                      f"{phases['install']['p50'] / 1000:.1f}" if "install" in phases else "-",
                      f"{phases['build']['p50'] / 1000:.1f}" if "build" in phases else "-",
-                     f"{phases['publish']['p50'] / 1000:.1f}" if "publish" in phases else "-", "-"))
+                     f"{phases['publish']['p50'] / 1000:.1f}" if "publish" in phases else "-",
+                     f"{phases['check']['p50'] / 1000:.1f}" if "check" in phases else "-", "-"))
     return rows
 
 
@@ -285,8 +331,8 @@ def main():
         rows += case_3()
     print()
     print("send to live (the `completed` event); phase columns: median of durationsMs, seconds")
-    print("| case | install mode | samples | median | p95 | install | build | publish | worker total |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| case | install mode | samples | median | p95 | install | build | publish | check | worker total |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
     if os.environ.get("KEEP"):

@@ -102,6 +102,25 @@ ensure_bubblewrap() {
   fi
 }
 
+# Chromium (Debian's package) for the browser check after each publish, and its tests. Installed
+# when missing and the scripts run as root on Debian; elsewhere the worker's BROWSER_CHECK=auto
+# says it found none, and `doctor` too. Never downloaded by the worker at run time. With
+# fonts-liberation (only recommended by the package): without a font, pages render no text.
+ensure_chromium() {
+  if [ -n "${CHROME_BIN:-}" ] || command -v chromium >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium (Debian package) for the browser check"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
+    fi
+  else
+    log "chromium is missing and cannot be installed here (not root, or no apt-get); publishes go unchecked"
+  fi
+}
+
 require() {
   for tool in "$@"; do
     command -v "$tool" >/dev/null 2>&1 || { log "missing required tool: $tool"; exit 2; }

@@ -1,5 +1,6 @@
 """Small helpers over boto3 (installed with moto in .venv) for the demo and benchmark scripts:
-create the local queues and bucket, wait for a terminal status event, read the live page."""
+create the local queues and bucket, wait for a terminal status event, read the live page, fetch
+the browser check's screenshots."""
 
 import json
 import re
@@ -44,6 +45,30 @@ def title(bucket):
     print(found.group(1) if found else "(no title)")
 
 
+def screenshots(bucket, event_file, folder):
+    """Download the screenshots the event's browser check links to (its `check`) into `folder`;
+    print each file, the desktop one of `/` (the page the demo edits) first."""
+    event = json.load(open(event_file))
+    check = event.get("check")
+    if not check:
+        print("no browser check in the event (no Chromium found, or BROWSER_CHECK=off)", file=sys.stderr)
+        return 1
+    preview = event["previewUrl"]
+    s3 = boto3.client("s3", **KW)
+    pages = sorted(check["pages"], key=lambda p: p["path"] != "/")
+    for page in pages:
+        for field, suffix in (("screenshot", ""), ("screenshotMobile", ".mobile")):
+            url = page.get(field)
+            if not url or not url.startswith(preview):
+                continue
+            name = (page["path"].strip("/").replace("/", "-") or "index") + suffix + ".png"
+            path = f"{folder}/{name}"
+            s3.download_file(bucket, url[len(preview):], path)
+            print(path)
+    return 0
+
+
 if __name__ == "__main__":
     verb, args = sys.argv[2], sys.argv[3:]
-    sys.exit({"setup": setup, "wait": wait, "title": title}[verb](*args) or 0)
+    sys.exit({"setup": setup, "wait": wait, "title": title,
+              "screenshots": screenshots}[verb](*args) or 0)

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edit_worker_actors::browser_check::CheckSettings;
 use edit_worker_actors::config::{
     AgentSpec, BuildSettings, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
 };
@@ -280,6 +281,27 @@ impl Settings {
         })
     }
 
+    /// The edit bucket of `key` (`BUCKET_TEMPLATE`), for `edit-worker preview`.
+    pub fn bucket_for(
+        &self,
+        key: &edit_worker_actors::message::WorkspaceKey,
+    ) -> Result<String, ConfigError> {
+        Ok(self
+            .text("BUCKET_TEMPLATE")?
+            .replace("{clientId}", &key.client_id)
+            .replace("{projectId}", &key.project_id))
+    }
+
+    /// `BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`, `CHROME_BIN`: the browser check.
+    pub fn check_settings(&self) -> Result<CheckSettings, ConfigError> {
+        Ok(CheckSettings {
+            mode: self.parsed("BROWSER_CHECK", |s| s.parse())?,
+            max_pages: self.number("CHECK_MAX_PAGES")? as usize,
+            repair: self.text("CHECK_REPAIR")? == "on",
+            chrome_bin: self.optional_path("CHROME_BIN")?,
+        })
+    }
+
     /// `CLOUDFRONT_DISTRIBUTIONS`: client id -> distribution id.
     fn cloudfront_distributions(&self) -> Result<BTreeMap<String, String>, ConfigError> {
         let map = self.parsed_optional("CLOUDFRONT_DISTRIBUTIONS", |map| {
@@ -342,6 +364,7 @@ impl Settings {
             max_receives: self.number("MAX_RECEIVES")? as u32,
             retry_base_delay: self.seconds("RETRY_BASE_SECONDS")?,
             npm_store: self.npm_store()?,
+            check: self.check_settings()?,
             lease_store: self.parsed_optional("LEASE_STORE", StoreLocation::parse)?,
             worker_id: self
                 .optional_text("WORKER_ID")?

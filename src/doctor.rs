@@ -91,6 +91,7 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
     report.line("workspace root", check_workspace_root(&config).await);
     report.line("lease store", check_lease_store(&sdk, &config).await);
     report.line("isolation", check_isolation(&config).await);
+    report.line("browser check", check_browser(&config).await);
     report.line("git", version("git", &["--version"]).await);
     report.line("npm", version("npm", &["--version"]).await);
     let agent = config.agent.bin.display().to_string();
@@ -132,6 +133,27 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
         println!("SKIP  bucket and git remote: name a client with --client (or CLIENT_ID)");
     }
     if report.failed == 0 { 0 } else { 1 }
+}
+
+/// What `run` would use for the browser check (`BROWSER_CHECK`): the Chromium found and its
+/// version, or why publishes are not checked (a failure only when `on` asks for it).
+async fn check_browser(config: &WorkerConfig) -> Result<String, String> {
+    use edit_worker_actors::browser_check::CheckMode;
+    if config.check.mode == CheckMode::Off {
+        return Ok("off (BROWSER_CHECK=off)".into());
+    }
+    match edit_worker_actors::browser::find_chromium(config.check.chrome_bin.as_deref()) {
+        Ok(bin) => {
+            let shown = bin.display().to_string();
+            version(&shown, &["--version"])
+                .await
+                .map(|v| format!("{v} at {shown}"))
+        }
+        Err(e) if config.check.mode == CheckMode::Auto => Ok(format!(
+            "BROWSER_CHECK=auto and {e}: publishes are not checked in a browser"
+        )),
+        Err(e) => Err(format!("BROWSER_CHECK=on and {e}")),
+    }
 }
 
 /// What `run` would detect: the isolation in force, or why there is none.

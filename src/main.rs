@@ -7,6 +7,7 @@ mod config;
 mod deploys_cmd;
 mod doctor;
 mod loadgen;
+mod preview_cmd;
 mod publish_cmd;
 mod send;
 mod settings_table;
@@ -54,6 +55,9 @@ enum Command {
     Publish(publish_cmd::PublishArgs),
     /// Check the configuration and the environment before going live (a PASS/FAIL line each).
     Doctor(doctor::DoctorArgs),
+    /// Serve a workspace's edit site on 127.0.0.1 as S3 website hosting serves it (prints the
+    /// URL; Ctrl-C stops).
+    Preview(preview_cmd::PreviewArgs),
     /// For the container's HEALTHCHECK: exit 0 if the worker's HEALTH_FILE is fresh.
     Healthcheck {
         /// The file `run` touches (HEALTH_FILE).
@@ -113,6 +117,21 @@ async fn dispatch(cli: Cli) -> ExitCode {
             },
         },
         Command::Doctor(args) => ExitCode::from(doctor::doctor(args).await),
+        Command::Preview(args) => {
+            let stop = CancellationToken::new();
+            tokio::spawn(wait_for_signal(stop.clone()));
+            match preview_cmd::preview(args, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ preview_cmd::PreviewError::Usage(_)) => {
+                    eprintln!("edit-worker preview: {e}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(e) => {
+                    eprintln!("edit-worker preview: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Healthcheck { file, max_age } => {
             let age = std::fs::metadata(&file)
                 .and_then(|m| m.modified())
@@ -237,6 +256,13 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // BROWSER_CHECK=on without a Chromium is a configuration error, said before any work.
+    if config.check.mode == edit_worker_actors::browser_check::CheckMode::On
+        && let Err(e) = config.check.browser_bin()
+    {
+        eprintln!("edit-worker: configuration: BROWSER_CHECK=on: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     let options = RunOptions {

@@ -713,6 +713,38 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "touched by the intake every turn; `edit-worker healthcheck` reads its age",
         example: Some("/tmp/edit-worker.health"),
     },
+    Setting {
+        name: "BROWSER_CHECK",
+        kind: Kind::Choice(&["auto", "on", "off"]),
+        default: DefaultIs::Value("auto"),
+        meaning: "after each publish, headless Chromium loads `/` and the changed pages as the \
+            bucket serves them and `completed` carries `check`: `auto` (when Chromium is found; \
+            the log and `doctor` say when it is not), `on` (the worker does not start without \
+            it), `off`. See \"The browser check\"",
+        example: None,
+    },
+    Setting {
+        name: "CHECK_MAX_PAGES",
+        kind: Kind::Number { min: 1, max: 50 },
+        default: DefaultIs::Value("5"),
+        meaning: "pages one check loads at most, `/` included, each at a desktop and a phone width",
+        example: None,
+    },
+    Setting {
+        name: "CHECK_REPAIR",
+        kind: Kind::Choice(&["on", "off"]),
+        default: DefaultIs::Value("on"),
+        meaning: "resume the agent once when the check finds a console error or failed request \
+            the previous deploy did not have, then build, publish and check again",
+        example: None,
+    },
+    Setting {
+        name: "CHROME_BIN",
+        kind: Kind::Path,
+        default: DefaultIs::Derived("`chromium` on `PATH`"),
+        meaning: "the Chromium the browser check runs (Debian's `chromium` package)",
+        example: Some("/usr/bin/chromium"),
+    },
 ];
 
 /// Variables others read (the AWS SDK, OpenTelemetry, logging): documented with the settings,

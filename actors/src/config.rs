@@ -96,6 +96,9 @@ pub struct WorkerConfig {
     /// and give its messages back before the worker exits anyway (ECS gives 30 s between
     /// SIGTERM and SIGKILL).
     pub shutdown_deadline: Duration,
+    /// `BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`, `CHROME_BIN`: the browser check
+    /// after each publish (`browser_check.rs`).
+    pub check: crate::browser_check::CheckSettings,
 }
 
 impl WorkerConfig {
@@ -137,6 +140,7 @@ impl WorkerConfig {
             isolation: crate::sandbox::IsolationSetting::Auto,
             sandbox_limits: Default::default(),
             shutdown_deadline: Duration::from_secs(25),
+            check: Default::default(),
         }
     }
 

@@ -40,6 +40,9 @@ pub struct WorkerContext {
     agent_config_dir: Option<std::path::PathBuf>,
     /// Where tenants' code runs (`ISOLATION`); off until the worker sets what it detected.
     pub(crate) sandbox: Arc<crate::sandbox::Sandbox>,
+    /// The browser check after each publish (`BROWSER_CHECK`); `None`: publishes are not
+    /// checked (off, or no Chromium found).
+    pub(crate) checker: Option<Arc<crate::browser_check::Checker>>,
 }
 
 impl WorkerContext {
@@ -70,6 +73,7 @@ impl WorkerContext {
             threads,
             sandbox: crate::sandbox::Sandbox::off(&config.workspace_root),
             agent_config_dir,
+            checker: None,
             agent_slots: Arc::new(Semaphore::new(config.agent_concurrency.max(1))),
             config,
             delivery,

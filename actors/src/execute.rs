@@ -31,7 +31,7 @@ pub(crate) async fn execute(
     let BatchRun {
         ctx,
         steps,
-        stop,
+        stop: _,
         scope,
     } = *run;
     let job = &batch[0];
@@ -154,11 +154,121 @@ pub(crate) async fn execute(
         .await?;
     }
 
-    // 4. Build; when the agent's edit broke it, resume the agent with the error and try again.
+    // 4 and 5. Build (asking the agent to repair a build its edit broke), publish; then the
+    // push, and the browser check of what is live now, side by side. When the check finds
+    // problems this publish brought, the agent is resumed once with them and its repair goes
+    // the same way (build, publish, push, check).
+    let mut repairs = 0;
+    let mut check_repair: Option<(Vec<String>, crate::browser_check::CheckReport)> = None;
+    // Pages the check looks at again after a repair, changed by it or not.
+    let mut recheck: Vec<String> = Vec::new();
+    loop {
+        let built = build_and_publish(
+            run,
+            job,
+            ran_agent,
+            &pending,
+            &mut prefetch,
+            &mut prepared,
+            &mut repairs,
+            journal,
+        )
+        .await?;
+        let Some(changed) = built else {
+            // Nothing new to publish (a repair that changed nothing): the check before it
+            // stands, unrepaired.
+            if let Some((found, mut report)) = check_repair {
+                report.repair = Some(crate::browser_check::RepairReport {
+                    found,
+                    fixed: false,
+                });
+                journal.check = Some(report);
+            }
+            // Nothing to build or publish: straight to the push.
+            return push(ctx, steps, &branch, scope, journal).await;
+        };
+        let head = journal.commit.clone().unwrap_or_default();
+        let deploy_id = journal
+            .published
+            .as_ref()
+            .and_then(|published| published.deploy_id.clone());
+        let (pushed, checked) = tokio::join!(
+            push(ctx, steps, &branch, scope, journal),
+            crate::check_step::check(
+                ctx,
+                &bucket,
+                &head,
+                deploy_id.as_deref(),
+                &changed,
+                &recheck
+            )
+        );
+        pushed?;
+        let Some(outcome) = checked else {
+            return Ok(());
+        };
+        journal.add("check", outcome.report.ms);
+        let mut report = outcome.report;
+        if let Some((found, _)) = check_repair.take() {
+            // The check after the repair: fixed when none of what it was asked to fix is left.
+            let left = crate::check_step::still_there(&found, &report);
+            report.repair = Some(crate::browser_check::RepairReport {
+                found,
+                fixed: !left,
+            });
+            journal.check = Some(report);
+            return Ok(());
+        }
+        if outcome.new_problems.is_empty() || !ran_agent || !config.check.repair {
+            journal.check = Some(report);
+            return Ok(());
+        }
+        tracing::warn!(
+            problems = ?outcome.new_problems,
+            "the browser check found problems this publish brought; asking the agent to repair them"
+        );
+        let prompt = crate::browser_check::repair_prompt(&outcome.new_problems);
+        agent_turn(run, &pending, prompt, journal, "check repair").await?;
+        commit_turn(
+            steps,
+            &pending,
+            "Claude: Fix what the browser check found".into(),
+            journal,
+        )
+        .await?;
+        recheck = crate::check_step::paths_of(&outcome.new_problems);
+        check_repair = Some((outcome.new_problems, report));
+    }
+}
+
+/// Build the checkout's head (resuming the agent when its edit broke the build, up to
+/// `BUILD_REPAIR_ATTEMPTS` over the batch: `repairs`) and publish it. `Ok(Some(changed))`: the
+/// keys the publish changed; `Ok(None)`: this commit is live already, nothing was done.
+#[allow(clippy::too_many_arguments)]
+async fn build_and_publish(
+    run: &BatchRun<'_>,
+    job: &Job,
+    ran_agent: bool,
+    pending: &[&Job],
+    prefetch: &mut Option<tokio::task::JoinHandle<Result<crate::build::Prefetched, BuildError>>>,
+    prepared: &mut Option<crate::prepared_build::PreparedBuild>,
+    repairs: &mut u32,
+    journal: &mut Journal,
+) -> Result<Option<Vec<String>>, JobError> {
+    let BatchRun {
+        ctx,
+        steps,
+        stop,
+        scope,
+    } = *run;
+    let request = &job.request;
+    let branch = request.branch();
+    let config = &ctx.config;
+    let workspace_dir = config.workspace_dir(&request.workspace());
+    let bucket = config.bucket_for(&request.workspace());
     // Worker state of the checkout (install stamp, last published commit) lives in .git.
     let state_dir = workspace_dir.join(".git/edit-worker");
     let marker_path = state_dir.join("published");
-    let mut repairs = 0;
     let (head, marker) = loop {
         let head = steps
             .git
@@ -171,8 +281,7 @@ pub(crate) async fn execute(
             .unwrap_or_default();
         if live.trim() == marker {
             tracing::info!(commit = %head, %bucket, "this commit is already published; skipping build");
-            // Nothing to build or publish: straight to the push.
-            return push(ctx, steps, &branch, scope, journal).await;
+            return Ok(None);
         }
         // Phases count from the slot on: time spent waiting for one is not the build's.
         if let Some(prefetch) = prefetch.take() {
@@ -182,7 +291,7 @@ pub(crate) async fn execute(
                     if let Some(ms) = done.installed_ms {
                         journal.add("install", ms);
                     }
-                    prepared = done.prepared;
+                    *prepared = done.prepared;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "installing ahead of the build failed; the build installs")
@@ -230,13 +339,13 @@ pub(crate) async fn execute(
                 break (head, marker);
             }
             Err(BuildError::BuildFailed { log_tail, status })
-                if ran_agent && repairs < config.build.repair_attempts =>
+                if ran_agent && *repairs < config.build.repair_attempts =>
             {
                 journal.time("build", t);
-                repairs += 1;
-                journal.build_repairs = repairs;
+                *repairs += 1;
+                journal.build_repairs = *repairs;
                 tracing::warn!(
-                    attempt = repairs,
+                    attempt = *repairs,
                     %status,
                     log_tail = %crate::redact::redact(&log_tail),
                     "the build failed after the agent's edit; asking the agent to repair it"
@@ -246,8 +355,8 @@ pub(crate) async fn execute(
                      keeping the requested change. The end of the build log:\n\n{log_tail}",
                     config.build.command.join(" ")
                 );
-                agent_turn(run, &pending, prompt, journal, "build repair").await?;
-                commit_turn(steps, &pending, "Claude: Fix the build".into(), journal).await?;
+                agent_turn(run, pending, prompt, journal, "build repair").await?;
+                commit_turn(steps, pending, "Claude: Fix the build".into(), journal).await?;
             }
             Err(e) => {
                 journal.time("build", t);
@@ -331,6 +440,5 @@ pub(crate) async fn execute(
         }
     }
 
-    // 6. Push.
-    push(ctx, steps, &branch, scope, journal).await
+    Ok(journal.published.as_ref().map(|r| r.changed.clone()))
 }

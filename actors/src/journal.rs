@@ -36,6 +36,8 @@ pub(crate) struct Journal {
     pub(crate) published: Option<PublishReport>,
     /// What a rollback went back to.
     pub(crate) rolled_back_to: Option<crate::deploys::RolledBackTo>,
+    /// The browser check of what was published last (after a repair, the check after it).
+    pub(crate) check: Option<crate::browser_check::CheckReport>,
 }
 
 impl Journal {

@@ -85,6 +85,7 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
         event.build_repairs = Some(journal.build_repairs);
     }
     event.invalidation_id = journal.invalidation_id.clone();
+    event.check = journal.check.clone();
     if let Some(report) = &journal.published {
         let bucket = config.bucket_for(&request.workspace());
         event.preview_url = Some(config.preview_url_for(&bucket));

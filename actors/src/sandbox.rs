@@ -48,9 +48,11 @@ const RANGES: u32 = 20_000;
 /// namespaces, the end of a run kills every process of its uid). Installs run one per lock
 /// file, while agents work; past this many at once, an install waits for a uid.
 const INSTALL_UIDS: u32 = 64;
+/// The browser's uid (`Sandbox::browser_jail`): just below the install uids, no workspace's.
+const BROWSER_UID_OFFSET: u32 = RANGE_SIZE - 1 - INSTALL_UIDS;
 /// How many workspaces one root can have uids for: the range, less the first uid (the store's
-/// before installs had uids of their own, kept unused) and the install uids.
-const MAX_TENANTS: u32 = RANGE_SIZE - 1 - INSTALL_UIDS;
+/// before installs had uids of their own, kept unused), the browser's and the install uids.
+const MAX_TENANTS: u32 = RANGE_SIZE - 2 - INSTALL_UIDS;
 /// Who probes for namespaces at start: `nobody`, a uid every system has.
 const PROBE_UID: u32 = 65_534;
 
@@ -1061,6 +1063,45 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(io_at(Path::new("."))(std::io::Error::other(e))))
+}
+
+impl Sandbox {
+    /// The sandbox of the worker's browser (the check after each publish, `browser.rs`): it
+    /// runs pages a tenant wrote, so it is a tenant as far as the host goes. With separate
+    /// users it runs as a uid of the root's range below the install uids (no workspace's: a page must not read
+    /// a checkout), with `profile` (its fresh `--user-data-dir`) and its home its only
+    /// writable folders; in namespaces it sees no workspace at all.
+    pub(crate) async fn browser_jail(
+        self: &Arc<Self>,
+        profile: &Path,
+    ) -> Result<Jail, SandboxError> {
+        if self.isolation.is_none() {
+            return Ok(Jail::open(profile));
+        }
+        let home = self.state.join("home").join(".browser");
+        let jail = Jail {
+            sandbox: Some(self.clone()),
+            uid: self
+                .isolation
+                .separate_users
+                .then(|| self.first_uid() + BROWSER_UID_OFFSET),
+            workdir: profile.to_owned(),
+            home: home.clone(),
+            agent_config_dir: None,
+            // Its `TMPDIR` outside namespaces is `home/tmp`: made and handed over too.
+            private: vec![profile.to_owned(), home.clone(), home.join("tmp")],
+            install_slot: None,
+        };
+        let j = jail.clone();
+        blocking(move || j.hand_over_blocking()).await?;
+        Ok(jail)
+    }
+
+    /// Where the browser's profiles go (`{WORKSPACE_ROOT}/.sandbox/browser`): the worker's
+    /// folder, hidden from tenants like the rest of `.sandbox`.
+    pub(crate) fn browser_dir(&self) -> PathBuf {
+        self.state.join("browser")
+    }
 }
 
 #[cfg(test)]

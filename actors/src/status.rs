@@ -112,6 +112,9 @@ pub(crate) struct StatusEvent {
     /// The CloudFront invalidation made after the publish, when the bucket has a distribution.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalidation_id: Option<String>,
+    /// The browser check of the published site (`completed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::browser_check::CheckReport>,
 }
 
 fn redacted<S: Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
@@ -178,6 +181,7 @@ impl StatusEvent {
             agent_turns: None,
             build_repairs: None,
             invalidation_id: None,
+            check: None,
         }
     }
 }

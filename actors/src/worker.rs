@@ -38,6 +38,9 @@ pub enum WorkerError {
     Spawn(#[from] ractor::SpawnErr),
     #[error(transparent)]
     Intake(#[from] IntakeError),
+    /// `BROWSER_CHECK=on` and no Chromium.
+    #[error("BROWSER_CHECK=on: {0}")]
+    Browser(#[from] crate::browser::BrowserError),
 }
 
 /// Run until `shutdown` is cancelled or the worker has been idle for the configured time.
@@ -88,6 +91,7 @@ pub async fn run(
     );
     let agent = config.agent.clone();
     let build = BuildSpec::from_config(&config, sandbox.clone());
+    let check_s3 = s3.clone();
     let publisher = Publisher::new(s3, config.publish.clone());
     let registry = InFlightRegistry::new(
         config.max_in_flight,
@@ -101,6 +105,24 @@ pub async fn run(
         build.clone(),
     );
     ctx.sandbox = sandbox;
+    // The browser check: one browser for the worker, started at the first check.
+    if let Some(bin) = ctx.config.check.browser_bin()? {
+        tracing::info!(chromium = %bin.display(), max_pages = ctx.config.check.max_pages, "publishes are checked in a browser");
+        let browser = crate::browser::Browser::new(bin, ctx.sandbox.clone());
+        // Started now rather than at the first publish: the first check finds it warm. One that
+        // does not start is said here, and tried again at each check.
+        let warm = browser.clone();
+        tokio::spawn(async move {
+            if let Err(e) = warm.running().await {
+                tracing::warn!(error = %e, "the browser for the checks did not start; publishes go unchecked until it does");
+            }
+        });
+        ctx.checker = Some(Arc::new(crate::browser_check::Checker::new(
+            browser,
+            check_s3,
+            ctx.config.check.max_pages,
+        )));
+    }
     // With a lease store, workspaces are leased and other workers reach this one through its
     // notice queue.
     let mut notice_queue = None;

@@ -286,6 +286,8 @@ impl TestEnv {
         // The parts these tests are about run the same with or without the tenant sandbox;
         // tests/isolation.rs runs the worker with the isolation the host allows.
         set("ISOLATION", "none".into());
+        // A browser per worker would slow every test; tests/suite/browser_check.rs turns it on.
+        set("BROWSER_CHECK", "off".into());
         set("AWS_ENDPOINT_URL", endpoint());
         set("AWS_REGION", "us-east-1".into());
         set("AWS_ACCESS_KEY_ID", "testing".into());

@@ -5,6 +5,7 @@
 mod common;
 
 mod agent;
+mod browser_check;
 mod bucket_ownership;
 mod build_ahead;
 mod container;
