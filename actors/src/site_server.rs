@@ -351,7 +351,9 @@ mod tests {
     #[test]
     fn the_bookkeeping_is_private_but_the_screenshots() {
         assert!(is_private(".edit-worker/owner.json"));
-        assert!(is_private(".edit-worker/deploys/a/b/000001-0123456789ab.json"));
+        assert!(is_private(
+            ".edit-worker/deploys/a/b/000001-0123456789ab.json"
+        ));
         assert!(is_private(".edit-worker/objects/0123/1"));
         assert!(is_private(".edit-worker/lease/a/b.json"));
         assert!(!is_private(".edit-worker/checks/x/index.png"));
