@@ -39,8 +39,8 @@ use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 
 use crate::deploys::{
-    DeployMeta, DeployRecord, DeployedFile, ListedRecord, Retention, copy_source, deploy_id,
-    is_md5, record_key, records_prefix, sequence_of, stored_key,
+    DeployMeta, DeployRecord, DeployedFile, ListedRecord, OBJECTS_DIR, Retention, copy_source,
+    deploy_id, is_md5, record_key, records_prefix, sequence_of, stored_key,
 };
 use crate::message::WorkspaceKey;
 
@@ -370,6 +370,15 @@ enum Written {
     LostRace,
 }
 
+/// Whether a listing names the kept copies one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeptCopies {
+    /// A rollback's: the copies are where restored bytes come from.
+    Listed,
+    /// A publish's: it needs them only to remove those past retention, which lists them then.
+    Skipped,
+}
+
 /// What a listing of the bucket found.
 #[derive(Debug, Default)]
 pub(crate) struct Listing {
@@ -381,8 +390,12 @@ pub(crate) struct Listing {
     /// The workspace's deploy records, oldest first (when listed for a workspace).
     pub(crate) records: Vec<ListedRecord>,
     /// Kept copies (`.edit-worker/objects/{md5}/{sequence}`): MD5 → the sequences of the
-    /// deploys that kept one.
+    /// deploys that kept one. Empty when `stored_listed` is false.
     pub(crate) stored: HashMap<String, Vec<u64>>,
+    /// Whether the kept copies were listed: a publish's listing leaves them out (one entry for
+    /// all of them), so that they never add listing pages to every publish; only retention,
+    /// when it has a deploy to remove, and a rollback list them.
+    pub(crate) stored_listed: bool,
     /// With versioning on: the objects' versions.
     pub(crate) versions: Option<Versions>,
 }
@@ -773,7 +786,14 @@ impl Publisher {
                 );
             }
         }
-        for (md5, sequences) in &listing.stored {
+        let listed_now;
+        let stored = if listing.stored_listed {
+            &listing.stored
+        } else {
+            listed_now = self.list_stored(bucket).await?;
+            &listed_now
+        };
+        for (md5, sequences) in stored {
             for sequence in sequences.iter().filter(|s| **s <= oldest.sequence) {
                 gone.push((stored_key(md5, *sequence), None));
             }
@@ -803,7 +823,8 @@ impl Publisher {
         let root = build_dir.to_owned();
         let limits = ScanLimits::of(&self.options);
         let scan = tokio::task::spawn_blocking(move || scan_build(&root, &limits));
-        let (local, listing) = tokio::join!(scan, self.list(bucket, workspace, versioned));
+        let listed = self.list(bucket, workspace, versioned, KeptCopies::Skipped);
+        let (local, listing) = tokio::join!(scan, listed);
         let local = local.map_err(|e| PublishError::Walk(std::io::Error::other(e)))??;
         if local.is_empty() {
             return Err(PublishError::EmptyBuild(build_dir.to_owned()));
@@ -1092,35 +1113,101 @@ impl Publisher {
     }
 
     /// Every object of the site with its ETag, the owner record's ETag and, for a workspace,
-    /// its deploy records and the kept copies; with `versioned`, every version (one listing
-    /// either way: the bookkeeping costs no request of its own).
+    /// its deploy records and, with `kept_copies`, the kept copies; with `versioned`, every
+    /// version (one listing either way: the records cost no request of their own).
     pub(crate) async fn list(
         &self,
         bucket: &str,
         workspace: Option<&WorkspaceKey>,
         versioned: bool,
+        kept_copies: KeptCopies,
     ) -> Result<Listing, PublishError> {
         if versioned {
-            return self.list_versions(bucket, workspace).await;
+            let mut listing = self.list_versions(bucket, workspace).await?;
+            listing.stored_listed = true;
+            return Ok(listing);
         }
+        let mut listing = Listing {
+            stored_listed: kept_copies == KeptCopies::Listed,
+            ..Listing::default()
+        };
+        // Without the copies, every key holding `.edit-worker/objects/` is rolled up at it by
+        // S3 into one common prefix: the copies (thousands, on a busy site) count as one key
+        // against the 1,000 of a listing page. A site key that holds that text further in
+        // (`x/.edit-worker/objects/y`) is rolled up too, and listed on its own below.
+        let delimiter = (kept_copies == KeptCopies::Skipped).then_some(OBJECTS_DIR);
+        let mut rolled_up = Vec::new();
+        self.list_range(
+            bucket,
+            None,
+            delimiter,
+            &mut rolled_up,
+            &mut |key, etag, modified| listing.sort(key, etag, modified, workspace),
+        )
+        .await?;
+        for prefix in rolled_up.into_iter().filter(|p| p != OBJECTS_DIR) {
+            self.list_range(
+                bucket,
+                Some(&prefix),
+                None,
+                &mut Vec::new(),
+                &mut |key, etag, modified| listing.sort(key, etag, modified, workspace),
+            )
+            .await?;
+        }
+        listing.records.sort_by_key(|r| r.sequence);
+        Ok(listing)
+    }
+
+    /// The kept copies alone (`.edit-worker/objects/`): MD5 → the sequences that kept one.
+    pub(crate) async fn list_stored(
+        &self,
+        bucket: &str,
+    ) -> Result<HashMap<String, Vec<u64>>, PublishError> {
         let mut listing = Listing::default();
+        self.list_range(
+            bucket,
+            Some(OBJECTS_DIR),
+            None,
+            &mut Vec::new(),
+            &mut |key, etag, modified| listing.sort(key, etag, modified, None),
+        )
+        .await?;
+        Ok(listing.stored)
+    }
+
+    /// One ListObjectsV2, all its pages: each object to `object` (key, unquoted ETag,
+    /// `LastModified`), the common prefixes a `delimiter` rolled up to `rolled_up`.
+    async fn list_range(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+        delimiter: Option<&str>,
+        rolled_up: &mut Vec<String>,
+        object: &mut (dyn FnMut(&str, String, i64) + Send),
+    ) -> Result<(), PublishError> {
         let mut pages = self
             .s3
             .list_objects_v2()
             .bucket(bucket)
+            .set_prefix(prefix.map(str::to_owned))
+            .set_delimiter(delimiter.map(str::to_owned))
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| list_error(bucket, e))?;
-            for object in page.contents() {
-                let Some(key) = object.key() else { continue };
-                let etag = unquoted(object.e_tag().unwrap_or_default()).to_owned();
-                let modified = modified_ms(object.last_modified());
-                listing.sort(key, etag, modified, workspace);
+            for entry in page.contents() {
+                let Some(key) = entry.key() else { continue };
+                let etag = unquoted(entry.e_tag().unwrap_or_default()).to_owned();
+                object(key, etag, modified_ms(entry.last_modified()));
             }
+            rolled_up.extend(
+                page.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix().map(str::to_owned)),
+            );
         }
-        listing.records.sort_by_key(|r| r.sequence);
-        Ok(listing)
+        Ok(())
     }
 
     /// [`Publisher::list`] of a bucket with versioning on: ListObjectVersions, whose latest

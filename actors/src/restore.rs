@@ -14,7 +14,9 @@ use crate::deploys::{
     copy_source, is_deploy_id, is_md5, record_key, records_prefix, sequence_of, stored_key,
 };
 use crate::message::{RollbackTarget, WorkspaceKey};
-use crate::publish::{BucketFence, Placed, PublishError, PublishReport, Publisher, next_sequence};
+use crate::publish::{
+    BucketFence, KeptCopies, Placed, PublishError, PublishReport, Publisher, next_sequence,
+};
 
 /// A file to put back, and where its bytes come from (owned: the copies run as a stream of
 /// futures that must be `Send` whatever the borrows).
@@ -170,7 +172,9 @@ impl Publisher {
         let still_held = || fence.map_or(Ok(()), |f| f.lease.check());
         still_held()?;
         let versioned = self.versioned(bucket).await?;
-        let listing = self.list(bucket, Some(workspace), versioned).await?;
+        let listing = self
+            .list(bucket, Some(workspace), versioned, KeptCopies::Listed)
+            .await?;
         self.confirm_owner(bucket, workspace, listing.owner_etag.as_deref())
             .await?;
         if let Some(fence) = fence {

@@ -844,3 +844,46 @@ async fn a_build_over_the_total_cap_fails_before_anything_is_written() {
         .unwrap();
     assert_eq!((report.uploaded, report.bytes), (41, total), "{report:?}");
 }
+
+/// A publish's listing rolls the kept copies (`.edit-worker/objects/…`) up into one entry
+/// (issue 26), with `.edit-worker/objects/` as S3's delimiter: a site file whose key holds that
+/// text further in is rolled up too, and must still be seen (skipped when unchanged, deleted
+/// when gone), or every publish would upload it again and none would ever delete it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_key_holding_the_kept_copies_folder_is_still_listed() {
+    let (env, bucket, dir) = setup("pub-rollup").await;
+    let one = workspace("pub", "one");
+    site(dir.path(), 2);
+    let nested = "docs/.edit-worker/objects/note.txt";
+    std::fs::create_dir_all(dir.path().join("docs/.edit-worker/objects")).unwrap();
+    std::fs::write(dir.path().join(nested), "a note").unwrap();
+    let p = publisher(env.s3.clone());
+    p.publish_for(&one, &bucket, dir.path(), None, &deploy())
+        .await
+        .unwrap();
+    // The second deploy keeps the replaced home page: the bucket now has a kept copy too.
+    std::fs::write(dir.path().join("index.html"), "<p>second</p>").unwrap();
+    let second = p
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.uploaded, second.changed.clone()),
+        (1, vec!["index.html".to_owned()]),
+        "{second:?}"
+    );
+    std::fs::write(dir.path().join("index.html"), "<p>third</p>").unwrap();
+    std::fs::remove_file(dir.path().join(nested)).unwrap();
+    let third = p
+        .publish_for(&one, &bucket, dir.path(), None, &deploy())
+        .await
+        .unwrap();
+    assert_eq!((third.uploaded, third.deleted), (1, 1), "{third:?}");
+    let live = env.bucket_contents(&bucket).await;
+    assert!(!live.contains_key(nested), "{:?}", live.keys());
+    let kept = live
+        .keys()
+        .filter(|k| k.starts_with(".edit-worker/objects/"))
+        .count();
+    assert_eq!(kept, 3, "home page twice and the note: {:?}", live.keys());
+}
