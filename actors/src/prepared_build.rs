@@ -145,14 +145,28 @@ fn astro_cli(store_modules: &Path, plan: &Plan) -> Option<PathBuf> {
         return None;
     }
     let package = store_modules.join("astro");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(package.join("package.json")).ok()?).ok()?;
+    // The store entry's files were written by its install's processes (dependencies' install
+    // scripts): read by handle, no link followed, bounded.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &crate::tenant_fs::read_in(
+            &package,
+            Path::new("package.json"),
+            crate::tenant_fs::SITE_FILE_MAX_BYTES,
+        )
+        .ok()??,
+    )
+    .ok()?;
     let bin = manifest.get("bin")?.get("astro")?.as_str()?;
     if bin.trim_start_matches("./") != "astro.js" {
         return None;
     }
     let cli = package.join("dist/cli/index.js");
-    cli.is_file().then_some(cli)
+    // A regular file reached without a link (`is_file` follows every one on the path).
+    crate::tenant_fs::stat_in(&package, Path::new("dist/cli/index.js"))
+        .ok()
+        .flatten()
+        .is_some_and(|stat| crate::tenant_fs::is_regular(&stat))
+        .then_some(cli)
 }
 
 impl PreparedBuild {
