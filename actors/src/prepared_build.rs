@@ -307,6 +307,44 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A dependency's install script made the store's `astro/package.json` and CLI links to
+    /// files elsewhere: the worker reads neither through them, so starts no build ahead.
+    #[test]
+    fn a_store_astro_made_of_links_is_not_started_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (modules, elsewhere) = (
+            dir.path().join("node_modules"),
+            dir.path().join("elsewhere"),
+        );
+        std::fs::create_dir_all(modules.join("astro/dist/cli")).unwrap();
+        std::fs::create_dir_all(elsewhere.join("cli")).unwrap();
+        std::fs::write(
+            elsewhere.join("package.json"),
+            r#"{"bin": {"astro": "astro.js"}}"#,
+        )
+        .unwrap();
+        std::fs::write(elsewhere.join("cli/index.js"), "").unwrap();
+        let plan = Plan {
+            argv: vec!["astro".into(), "build".into()],
+            env: Vec::new(),
+        };
+        let astro = modules.join("astro");
+        std::fs::write(astro.join("dist/cli/index.js"), "").unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("package.json"), astro.join("package.json"))
+            .unwrap();
+        assert_eq!(
+            astro_cli(&modules, &plan),
+            None,
+            "manifest read through a link"
+        );
+        std::fs::remove_file(astro.join("package.json")).unwrap();
+        std::fs::copy(elsewhere.join("package.json"), astro.join("package.json")).unwrap();
+        assert!(astro_cli(&modules, &plan).is_some());
+        std::fs::remove_dir_all(astro.join("dist/cli")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("cli"), astro.join("dist/cli")).unwrap();
+        assert_eq!(astro_cli(&modules, &plan), None, "CLI found through a link");
+    }
+
     /// A site whose `node_modules/astro` is a fake Astro: its CLI writes what it saw to
     /// `dist/index.html`. `cli_body` replaces the CLI module's text when given.
     fn fake_site(cli_body: Option<&str>) -> tempfile::TempDir {
