@@ -1252,29 +1252,41 @@ fn make_read_only(root: &Path, include_root: bool) -> std::io::Result<()> {
 }
 
 /// Remove a tree that may be read-only (a non-root owner needs write permission on folders).
+/// An install's folder was written by its install's processes, which may still be running
+/// after a failure: every folder is opened by handle before its mode changes, so a folder
+/// swapped for a link is never entered, chmodded or emptied through.
 fn remove_tree(root: &Path) -> std::io::Result<()> {
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(m) = std::fs::symlink_metadata(&dir) else {
-            continue;
-        };
-        if !m.is_dir() {
-            continue;
+    let tenant = |e: TenantFileError| std::io::Error::other(e.to_string());
+    let (Some(parent), Some(name)) = (root.parent(), root.file_name()) else {
+        return Err(std::io::Error::other("no folder to remove"));
+    };
+    let parent = match DirHandle::open(parent) {
+        Ok(parent) => parent,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(tenant(e)),
+    };
+    match parent.open_dir(Path::new(name)) {
+        Ok(top) => {
+            top.add_mode(0o700).map_err(tenant)?;
+            top.walk(&[], &mut |folder, name, stat| {
+                if tenant_fs::is_dir(stat) && stat.st_mode & 0o700 != 0o700 {
+                    match folder.open_dir(Path::new(name)) {
+                        Ok(inner) => inner.add_mode(0o700)?,
+                        // Swapped for a link or gone: removed as what it is now.
+                        Err(e) if e.is_not_found() || e.is_refusal() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })
+            .map_err(tenant)?;
         }
-        if m.mode() & 0o700 != 0o700 {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m.mode() | 0o700))?;
-        }
-        for item in std::fs::read_dir(&dir)? {
-            let item = item?;
-            if item.file_type()?.is_dir() {
-                stack.push(item.path());
-            }
-        }
+        Err(e) if e.is_not_found() => return Ok(()),
+        // A link or a file at the top: removed itself below.
+        Err(e) if e.is_refusal() => {}
+        Err(e) => return Err(tenant(e)),
     }
-    match std::fs::remove_dir_all(root) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    parent.remove_entry(name).map_err(tenant)
 }
 
 /// Make `modules` (the workspace's `node_modules`) hold exactly one symlink per top-level entry
@@ -1862,5 +1874,29 @@ mod tests {
         std::fs::remove_file(tmp.join(LOCK)).unwrap();
         std::os::unix::fs::symlink("/dev/zero", tmp.join(LOCK)).unwrap();
         assert_eq!(read_entry_file(&tmp, LOCK), None);
+    }
+
+    /// A failed install's folder: read-only folders go, a folder link inside goes as the link,
+    /// and the read-only folder it points to keeps its mode and its files. (The old path-based
+    /// walk also skipped a link that was already there; what it could follow was a folder
+    /// swapped for a link between its stat and its chmod, which a test cannot time.)
+    #[test]
+    fn removing_an_install_folder_changes_nothing_behind_its_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, outside) = (dir.path().join("install"), dir.path().join("outside"));
+        std::fs::create_dir_all(tmp.join("node_modules/a")).unwrap();
+        std::fs::write(tmp.join("node_modules/a/f"), "x").unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, tmp.join("node_modules/out")).unwrap();
+        make_read_only(&tmp, true).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o500)).unwrap();
+        remove_tree(&tmp).unwrap();
+        assert!(std::fs::symlink_metadata(&tmp).is_err());
+        assert!(outside.join("keep").is_file());
+        let mode = std::fs::metadata(&outside).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o500);
+        remove_tree(&tmp).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
 }

@@ -219,6 +219,17 @@ impl DirHandle {
             .map_err(|e| TenantFileError::at(self.path.clone(), e))
     }
 
+    /// The folder itself gets the mode bits `bits` added (by handle: whatever its path now
+    /// leads to is not touched).
+    pub(crate) fn add_mode(&self, bits: u32) -> Result<(), TenantFileError> {
+        let io = |e| TenantFileError::at(self.path.clone(), e);
+        let mode = fstat(&self.fd).map_err(io)?.st_mode & 0o7777;
+        if mode & bits != bits {
+            nix::sys::stat::fchmod(&self.fd, Mode::from_bits_truncate(mode | bits)).map_err(io)?;
+        }
+        Ok(())
+    }
+
     /// What `name` is (not following a link there); `None` when nothing is.
     pub(crate) fn stat(&self, name: &OsStr) -> Result<Option<FileStat>, TenantFileError> {
         match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
