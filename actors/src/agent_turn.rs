@@ -197,8 +197,7 @@ async fn agent_turn_inner(
             .unwrap_or_else(|| match &conversation {
                 Conversation::New(id) | Conversation::Resume(id) => id.clone(),
             });
-        let file = ThreadStore::conversation_file(config_dir, &cwd, &session_id);
-        let left_a_file = tokio::fs::try_exists(&file).await.unwrap_or(false);
+        let left_a_file = ThreadStore::has_conversation(config_dir, &cwd, &session_id).await;
         if report.is_none() && left_a_file {
             // A run stopped before it reported still wrote its conversation.
             let written = ThreadRecord {

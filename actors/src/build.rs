@@ -342,11 +342,8 @@ async fn install_in_workspace(
         .await
         .is_ok()
     {
-        match tokio::fs::remove_dir_all(dir.join("node_modules")).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
+        // The tenant's folder, removed by handle like every one of its paths.
+        remove_site_path(dir, Path::new("node_modules")).await?;
         let _ = tokio::fs::remove_file(state_dir.join(INSTALL_STAMP)).await;
     }
     if let Some(lock_hash) = install_needed(dir, state_dir).await? {
@@ -382,12 +379,7 @@ async fn run_build(
     }
     let started = Instant::now();
     // A stale output folder could hide a build that wrote nothing: start from empty.
-    let output = dir.join(&spec.settings.output_dir);
-    match tokio::fs::remove_dir_all(&output).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
-    }
+    clear_output(dir, &spec.settings.output_dir).await?;
     // npm's start-up is half a second of every build; skipped where it would add nothing.
     let direct = spec
         .settings
@@ -451,8 +443,37 @@ async fn install_needed(dir: &Path, state_dir: &Path) -> Result<Option<String>, 
     let installed = tokio::fs::read_to_string(state_dir.join(INSTALL_STAMP))
         .await
         .unwrap_or_default();
-    let has_modules = tokio::fs::metadata(dir.join("node_modules")).await.is_ok();
-    Ok((!has_modules || installed.trim() != hash).then_some(hash))
+    Ok((!has_modules(dir).await? || installed.trim() != hash).then_some(hash))
+}
+
+/// The checkout `dir` has a `node_modules` folder of its own: a link there (to a folder
+/// elsewhere, which the tenant may have made) is no install, and is not followed to find out.
+async fn has_modules(dir: &Path) -> Result<bool, BuildError> {
+    let dir = dir.to_owned();
+    let stat =
+        tokio::task::spawn_blocking(move || tenant_fs::stat_in(&dir, Path::new("node_modules")))
+            .await
+            .map_err(|e| BuildError::Io(std::io::Error::other(e)))?
+            .map_err(BuildError::from_site_file)?;
+    Ok(stat.is_some_and(|stat| tenant_fs::is_dir(&stat)))
+}
+
+/// Empty the build's output folder `output_dir` (relative, inside the checkout `dir`) before
+/// the build. The checkout is the tenant's: a folder on the way (`site` of `site/dist`) made a
+/// link is refused (`unsafe_site_file`) and nothing behind it removed; a link at the end is
+/// removed itself.
+async fn clear_output(dir: &Path, output_dir: &Path) -> Result<(), BuildError> {
+    remove_site_path(dir, output_dir).await
+}
+
+/// Remove `rel` from the checkout `dir` through `tenant_fs::remove_in` (by handle, no link
+/// followed on the way).
+async fn remove_site_path(dir: &Path, rel: &Path) -> Result<(), BuildError> {
+    let (dir, rel) = (dir.to_owned(), rel.to_owned());
+    tokio::task::spawn_blocking(move || tenant_fs::remove_in(&dir, &rel))
+        .await
+        .map_err(|e| BuildError::Io(std::io::Error::other(e)))?
+        .map_err(BuildError::from_site_file)
 }
 
 pub(crate) struct Logged {
@@ -602,5 +623,64 @@ async fn keep_tail(stream: impl tokio::io::AsyncRead + Unpin, tail: Arc<Mutex<Ve
         if tail.len() > LOG_TAIL_LINES {
             tail.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A checkout with a lock file, its install stamp current, and an `outside` folder beside it.
+    fn checkout_with_stamp() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (checkout, state, outside) = (
+            dir.path().join("checkout"),
+            dir.path().join("state"),
+            dir.path().join("outside"),
+        );
+        for d in [&checkout, &state, &outside] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(checkout.join("package-lock.json"), b"{}").unwrap();
+        let hash = format!("{:x}", Md5::digest(b"{}"));
+        std::fs::write(state.join(INSTALL_STAMP), hash).unwrap();
+        (dir, checkout, state, outside)
+    }
+
+    #[tokio::test]
+    async fn node_modules_linked_elsewhere_is_no_install() {
+        let (_dir, checkout, state, outside) = checkout_with_stamp();
+        std::fs::create_dir(checkout.join("node_modules")).unwrap();
+        assert_eq!(install_needed(&checkout, &state).await.unwrap(), None);
+        std::fs::remove_dir(checkout.join("node_modules")).unwrap();
+        // The tenant's link to a folder outside: not followed, so not taken for an install.
+        std::fs::create_dir(outside.join("node_modules")).unwrap();
+        symlink(outside.join("node_modules"), checkout.join("node_modules")).unwrap();
+        assert!(install_needed(&checkout, &state).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn clearing_a_nested_output_never_removes_behind_a_linked_parent() {
+        let (_dir, checkout, _state, outside) = checkout_with_stamp();
+        std::fs::create_dir_all(outside.join("out")).unwrap();
+        std::fs::write(outside.join("out/keep"), "not the tenant's").unwrap();
+        symlink(&outside, checkout.join("site")).unwrap();
+        let err = clear_output(&checkout, Path::new("site/out"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "unsafe_site_file", "{err}");
+        assert!(
+            outside.join("out/keep").is_file(),
+            "removed through the link"
+        );
+        // A real output folder is emptied, a link in its place removed as the link only.
+        std::fs::create_dir_all(checkout.join("dist/x")).unwrap();
+        clear_output(&checkout, Path::new("dist")).await.unwrap();
+        assert!(!checkout.join("dist").exists());
+        symlink(&outside, checkout.join("dist")).unwrap();
+        clear_output(&checkout, Path::new("dist")).await.unwrap();
+        assert!(outside.join("out/keep").is_file() && !checkout.join("dist").exists());
+        clear_output(&checkout, Path::new("dist")).await.unwrap();
     }
 }

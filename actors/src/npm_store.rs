@@ -631,7 +631,14 @@ impl Inner {
             ));
         };
         // The key is a digest; the lock file itself is compared too.
-        if tokio::fs::read(entry.join(LOCK)).await.ok().as_deref() != Some(lock) {
+        let held = {
+            let entry = entry.clone();
+            tokio::task::spawn_blocking(move || read_entry_file(&entry, LOCK))
+                .await
+                .ok()
+                .flatten()
+        };
+        if held.as_deref() != Some(lock) {
             return Ok(Entry::Invalid("it holds another lock file".into()));
         }
         let install = InstallId::of(&meta, &marker);
@@ -796,13 +803,7 @@ impl Inner {
                 created: unix_now(),
                 install: id,
             };
-            let path = tmp_owned.join(MARKER);
-            std::fs::write(
-                &path,
-                serde_json::to_vec(&marker).map_err(std::io::Error::other)?,
-            )?;
-            std::fs::File::open(&path)?.sync_all()?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
+            write_marker(&tmp_owned, &marker)?;
             // The rename below keeps the folder's inode.
             let install = InstallId::of(&std::fs::metadata(&tmp_owned)?, &marker);
             Ok((scanned, install))
@@ -1070,9 +1071,36 @@ fn lock_file(path: &Path, take: Take) -> std::io::Result<File> {
     )))
 }
 
+/// Put the completion marker in the finished install folder `tmp`, read-only. The install's
+/// own processes (a dependency's install script) wrote in that folder: a `.complete` they left,
+/// a link to a file of the worker's above all, is replaced, never written through.
+fn write_marker(tmp: &Path, marker: &Marker) -> std::io::Result<()> {
+    let tenant = |e: TenantFileError| std::io::Error::other(e.to_string());
+    let bytes = serde_json::to_vec(marker).map_err(std::io::Error::other)?;
+    let folder = DirHandle::open(tmp).map_err(tenant)?;
+    folder
+        .replace_file(OsStr::new(MARKER), ".writing", &bytes, None)
+        .map_err(tenant)?;
+    // A regular file of the worker's now (made exclusively above), in a folder only the worker
+    // writes in since the install was taken back: its path is safe to chmod.
+    std::fs::set_permissions(tmp.join(MARKER), std::fs::Permissions::from_mode(0o444))
+}
+
+/// The file `name` of a store entry (or of an install's folder), read as a tenant's file is:
+/// the install's processes wrote there, so a link (to `/dev/zero`, to a secret) is not
+/// followed, and at most `SITE_FILE_MAX_BYTES` is read. `None` when missing or refused.
+fn read_entry_file(entry: &Path, name: &str) -> Option<Vec<u8>> {
+    tenant_fs::read_in(entry, Path::new(name), tenant_fs::SITE_FILE_MAX_BYTES)
+        .ok()
+        .flatten()
+}
+
 /// An entry's marker, when it has one for `key`.
 async fn read_marker(entry: &Path, key: &str) -> Option<Marker> {
-    let bytes = tokio::fs::read(entry.join(MARKER)).await.ok()?;
+    let entry = entry.to_owned();
+    let bytes = tokio::task::spawn_blocking(move || read_entry_file(&entry, MARKER))
+        .await
+        .ok()??;
     serde_json::from_slice::<Marker>(&bytes)
         .ok()
         .filter(|m| m.key == key)
@@ -1135,8 +1163,7 @@ fn list_store(dir: &Path) -> std::io::Result<Listing> {
         if name.starts_with('.') {
             continue;
         }
-        let marker = std::fs::read(item.path().join(MARKER))
-            .ok()
+        let marker = read_entry_file(&item.path(), MARKER)
             .and_then(|b| serde_json::from_slice::<Marker>(&b).ok());
         let used = std::fs::read_to_string(dir.join(format!("{name}.used")))
             .ok()
@@ -1225,29 +1252,41 @@ fn make_read_only(root: &Path, include_root: bool) -> std::io::Result<()> {
 }
 
 /// Remove a tree that may be read-only (a non-root owner needs write permission on folders).
+/// An install's folder was written by its install's processes, which may still be running
+/// after a failure: every folder is opened by handle before its mode changes, so a folder
+/// swapped for a link is never entered, chmodded or emptied through.
 fn remove_tree(root: &Path) -> std::io::Result<()> {
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(m) = std::fs::symlink_metadata(&dir) else {
-            continue;
-        };
-        if !m.is_dir() {
-            continue;
+    let tenant = |e: TenantFileError| std::io::Error::other(e.to_string());
+    let (Some(parent), Some(name)) = (root.parent(), root.file_name()) else {
+        return Err(std::io::Error::other("no folder to remove"));
+    };
+    let parent = match DirHandle::open(parent) {
+        Ok(parent) => parent,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(tenant(e)),
+    };
+    match parent.open_dir(Path::new(name)) {
+        Ok(top) => {
+            top.add_mode(0o700).map_err(tenant)?;
+            top.walk(&[], &mut |folder, name, stat| {
+                if tenant_fs::is_dir(stat) && stat.st_mode & 0o700 != 0o700 {
+                    match folder.open_dir(Path::new(name)) {
+                        Ok(inner) => inner.add_mode(0o700)?,
+                        // Swapped for a link or gone: removed as what it is now.
+                        Err(e) if e.is_not_found() || e.is_refusal() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })
+            .map_err(tenant)?;
         }
-        if m.mode() & 0o700 != 0o700 {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m.mode() | 0o700))?;
-        }
-        for item in std::fs::read_dir(&dir)? {
-            let item = item?;
-            if item.file_type()?.is_dir() {
-                stack.push(item.path());
-            }
-        }
+        Err(e) if e.is_not_found() => return Ok(()),
+        // A link or a file at the top: removed itself below.
+        Err(e) if e.is_refusal() => {}
+        Err(e) => return Err(tenant(e)),
     }
-    match std::fs::remove_dir_all(root) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    parent.remove_entry(name).map_err(tenant)
 }
 
 /// Make `modules` (the workspace's `node_modules`) hold exactly one symlink per top-level entry
@@ -1803,5 +1842,61 @@ mod tests {
         let changed = b.verify_unchanged(&b_got).await;
         assert!(matches!(changed, Err(BuildError::StoreChanged { .. })));
         assert!(!dir.join(&key).exists());
+    }
+
+    /// An install's script plants `.complete` (and `package-lock.json`) in its folder as links
+    /// to files of the worker's: the marker replaces the link, nothing is written through it,
+    /// and the entry's files are not read through links.
+    #[test]
+    fn a_planted_marker_link_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, victim) = (dir.path().join("install"), dir.path().join("victim"));
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(&victim, "the worker's").unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.join(MARKER)).unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.join(LOCK)).unwrap();
+        let marker = Marker {
+            key: "k".into(),
+            fingerprint: "f".into(),
+            bytes: 1,
+            created: 2,
+            install: "i".into(),
+        };
+        write_marker(&tmp, &marker).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "the worker's");
+        let meta = std::fs::symlink_metadata(tmp.join(MARKER)).unwrap();
+        assert!(meta.is_file() && meta.mode() & 0o777 == 0o444);
+        assert_eq!(
+            read_entry_file(&tmp, MARKER).unwrap(),
+            serde_json::to_vec(&marker).unwrap()
+        );
+        assert_eq!(read_entry_file(&tmp, LOCK), None);
+        std::fs::remove_file(tmp.join(LOCK)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", tmp.join(LOCK)).unwrap();
+        assert_eq!(read_entry_file(&tmp, LOCK), None);
+    }
+
+    /// A failed install's folder: read-only folders go, a folder link inside goes as the link,
+    /// and the read-only folder it points to keeps its mode and its files. (The old path-based
+    /// walk also skipped a link that was already there; what it could follow was a folder
+    /// swapped for a link between its stat and its chmod, which a test cannot time.)
+    #[test]
+    fn removing_an_install_folder_changes_nothing_behind_its_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, outside) = (dir.path().join("install"), dir.path().join("outside"));
+        std::fs::create_dir_all(tmp.join("node_modules/a")).unwrap();
+        std::fs::write(tmp.join("node_modules/a/f"), "x").unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, tmp.join("node_modules/out")).unwrap();
+        make_read_only(&tmp, true).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o500)).unwrap();
+        remove_tree(&tmp).unwrap();
+        assert!(std::fs::symlink_metadata(&tmp).is_err());
+        assert!(outside.join("keep").is_file());
+        let mode = std::fs::metadata(&outside).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o500);
+        remove_tree(&tmp).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
 }

@@ -145,14 +145,28 @@ fn astro_cli(store_modules: &Path, plan: &Plan) -> Option<PathBuf> {
         return None;
     }
     let package = store_modules.join("astro");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(package.join("package.json")).ok()?).ok()?;
+    // The store entry's files were written by its install's processes (dependencies' install
+    // scripts): read by handle, no link followed, bounded.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &crate::tenant_fs::read_in(
+            &package,
+            Path::new("package.json"),
+            crate::tenant_fs::SITE_FILE_MAX_BYTES,
+        )
+        .ok()??,
+    )
+    .ok()?;
     let bin = manifest.get("bin")?.get("astro")?.as_str()?;
     if bin.trim_start_matches("./") != "astro.js" {
         return None;
     }
     let cli = package.join("dist/cli/index.js");
-    cli.is_file().then_some(cli)
+    // A regular file reached without a link (`is_file` follows every one on the path).
+    crate::tenant_fs::stat_in(&package, Path::new("dist/cli/index.js"))
+        .ok()
+        .flatten()
+        .is_some_and(|stat| crate::tenant_fs::is_regular(&stat))
+        .then_some(cli)
 }
 
 impl PreparedBuild {
@@ -292,6 +306,44 @@ async fn wait_until_loaded(stdout: &mut BufReader<ChildStdout>) -> bool {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A dependency's install script made the store's `astro/package.json` and CLI links to
+    /// files elsewhere: the worker reads neither through them, so starts no build ahead.
+    #[test]
+    fn a_store_astro_made_of_links_is_not_started_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (modules, elsewhere) = (
+            dir.path().join("node_modules"),
+            dir.path().join("elsewhere"),
+        );
+        std::fs::create_dir_all(modules.join("astro/dist/cli")).unwrap();
+        std::fs::create_dir_all(elsewhere.join("cli")).unwrap();
+        std::fs::write(
+            elsewhere.join("package.json"),
+            r#"{"bin": {"astro": "astro.js"}}"#,
+        )
+        .unwrap();
+        std::fs::write(elsewhere.join("cli/index.js"), "").unwrap();
+        let plan = Plan {
+            argv: vec!["astro".into(), "build".into()],
+            env: Vec::new(),
+        };
+        let astro = modules.join("astro");
+        std::fs::write(astro.join("dist/cli/index.js"), "").unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("package.json"), astro.join("package.json"))
+            .unwrap();
+        assert_eq!(
+            astro_cli(&modules, &plan),
+            None,
+            "manifest read through a link"
+        );
+        std::fs::remove_file(astro.join("package.json")).unwrap();
+        std::fs::copy(elsewhere.join("package.json"), astro.join("package.json")).unwrap();
+        assert!(astro_cli(&modules, &plan).is_some());
+        std::fs::remove_dir_all(astro.join("dist/cli")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("cli"), astro.join("dist/cli")).unwrap();
+        assert_eq!(astro_cli(&modules, &plan), None, "CLI found through a link");
+    }
 
     /// A site whose `node_modules/astro` is a fake Astro: its CLI writes what it saw to
     /// `dist/index.html`. `cli_body` replaces the CLI module's text when given.

@@ -219,6 +219,17 @@ impl DirHandle {
             .map_err(|e| TenantFileError::at(self.path.clone(), e))
     }
 
+    /// The folder itself gets the mode bits `bits` added (by handle: whatever its path now
+    /// leads to is not touched).
+    pub(crate) fn add_mode(&self, bits: u32) -> Result<(), TenantFileError> {
+        let io = |e| TenantFileError::at(self.path.clone(), e);
+        let mode = fstat(&self.fd).map_err(io)?.st_mode & 0o7777;
+        if mode & bits != bits {
+            nix::sys::stat::fchmod(&self.fd, Mode::from_bits_truncate(mode | bits)).map_err(io)?;
+        }
+        Ok(())
+    }
+
     /// What `name` is (not following a link there); `None` when nothing is.
     pub(crate) fn stat(&self, name: &OsStr) -> Result<Option<FileStat>, TenantFileError> {
         match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -500,6 +511,55 @@ pub(crate) fn read_in(
     }
 }
 
+/// The folder holding `rel`'s last component below `dir` (the worker's own path), opened by
+/// handle with no link followed on the way, and that last name; `Ok(None)` when `dir` or a
+/// folder on the way does not exist.
+fn parent_of<'a>(
+    dir: &Path,
+    rel: &'a Path,
+) -> Result<Option<(DirHandle, &'a OsStr)>, TenantFileError> {
+    let names = components(rel)?;
+    let Some((last, folders)) = names.split_last() else {
+        return Err(TenantFileError::Io {
+            path: rel.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "an empty path"),
+        });
+    };
+    let base = match DirHandle::open(dir) {
+        Ok(handle) => handle,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let folder: PathBuf = folders.iter().collect();
+    match base.open_dir(&folder) {
+        Ok(parent) => Ok(Some((parent, last))),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What `rel` below `dir` (the worker's own path) is, never following a link, neither on the
+/// way (refused: `TenantFileError::Link`) nor at the end (a link there is reported as the
+/// link); `Ok(None)` when nothing is there. The stat `std::fs::metadata` or `try_exists` would
+/// do follows every link on the path.
+pub(crate) fn stat_in(dir: &Path, rel: &Path) -> Result<Option<FileStat>, TenantFileError> {
+    match parent_of(dir, rel)? {
+        Some((parent, name)) => parent.stat(name),
+        None => Ok(None),
+    }
+}
+
+/// Remove `rel` below `dir` (the worker's own path), a folder with all it holds, by handle:
+/// a link at the end is removed itself, a link on the way is refused (`TenantFileError::Link`)
+/// and nothing behind it is touched. Nothing there is fine. `std::fs::remove_dir_all` would
+/// follow every link on the way to the last component.
+pub(crate) fn remove_in(dir: &Path, rel: &Path) -> Result<(), TenantFileError> {
+    match parent_of(dir, rel)? {
+        Some((parent, name)) => parent.remove_entry(name),
+        None => Ok(()),
+    }
+}
+
 /// Everything under `dir` (the worker's own path; not entering the top-level names in `skip`)
 /// becomes `uid`'s, user and group, by handle: no link is followed, no folder swapped for a link
 /// is entered.
@@ -712,5 +772,65 @@ mod tests {
         assert_eq!(meta(&tree.join("a/f")).uid(), 4_000_123);
         assert_eq!(meta(&tree.join("a/link")).uid(), 4_000_123);
         assert_eq!(meta(&outside).uid(), 0);
+    }
+
+    /// A checkout whose `site` is a link to a folder outside (the tenant's doing), and that
+    /// outside folder, holding `out/keep` and `node_modules/`.
+    fn linked_parent() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = folder();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("out")).unwrap();
+        std::fs::create_dir_all(outside.join("node_modules")).unwrap();
+        std::fs::write(outside.join("out/keep"), "not the tenant's").unwrap();
+        let checkout = dir.path().join("checkout");
+        std::fs::create_dir(&checkout).unwrap();
+        symlink(&outside, checkout.join("site")).unwrap();
+        symlink(outside.join("node_modules"), checkout.join("node_modules")).unwrap();
+        (dir, checkout, outside)
+    }
+
+    #[test]
+    fn stat_in_follows_no_link_on_the_way_or_at_the_end() {
+        let (_dir, checkout, _outside) = linked_parent();
+        // The old `metadata`/`try_exists` by path said: a folder, and it exists.
+        assert!(
+            std::fs::metadata(checkout.join("node_modules"))
+                .unwrap()
+                .is_dir()
+        );
+        let at_end = stat_in(&checkout, Path::new("node_modules"))
+            .unwrap()
+            .unwrap();
+        assert!(is_link(&at_end), "a link at the end is the link itself");
+        let err = stat_in(&checkout, Path::new("site/out/keep")).unwrap_err();
+        assert!(matches!(err, TenantFileError::Link { .. }), "{err}");
+        assert!(stat_in(&checkout, Path::new("gone/x")).unwrap().is_none());
+        assert!(
+            stat_in(&checkout.join("gone"), Path::new("x"))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn remove_in_never_removes_behind_a_link() {
+        let (_dir, checkout, outside) = linked_parent();
+        let err = remove_in(&checkout, Path::new("site/out")).unwrap_err();
+        assert!(matches!(err, TenantFileError::Link { .. }), "{err}");
+        assert!(
+            outside.join("out/keep").is_file(),
+            "removed through the link"
+        );
+        // A link at the end goes, what it points to stays.
+        remove_in(&checkout, Path::new("node_modules")).unwrap();
+        assert!(std::fs::symlink_metadata(checkout.join("node_modules")).is_err());
+        assert!(outside.join("node_modules").is_dir());
+        // A real nested folder goes with all it holds; nothing there is fine.
+        std::fs::create_dir_all(checkout.join("a/out/x")).unwrap();
+        std::fs::write(checkout.join("a/out/x/f"), "x").unwrap();
+        remove_in(&checkout, Path::new("a/out")).unwrap();
+        assert!(!checkout.join("a/out").exists() && checkout.join("a").is_dir());
+        remove_in(&checkout, Path::new("a/out")).unwrap();
+        remove_in(&checkout, Path::new("none/out")).unwrap();
     }
 }

@@ -69,16 +69,10 @@ impl ThreadStore {
         format!("conversations/{}/{}/{name}", key.client_id, key.project_id)
     }
 
-    /// Where the agent keeps a conversation started in `cwd`: Claude Code files sessions under
-    /// `{CLAUDE_CONFIG_DIR}/projects/{cwd with every non-alphanumeric as -}/{id}.jsonl`, and
-    /// resumes only from the same working directory.
-    pub fn conversation_file(config_dir: &Path, cwd: &Path, session_id: &str) -> PathBuf {
-        config_dir
-            .join(Self::conversation_folder(cwd))
-            .join(format!("{session_id}.jsonl"))
-    }
-
-    /// `projects/{cwd with every non-alphanumeric as -}`, below the agent's folder.
+    /// `projects/{cwd with every non-alphanumeric as -}`, below the agent's folder: Claude Code
+    /// files sessions under `{CLAUDE_CONFIG_DIR}/projects/{that}/{id}.jsonl`, and resumes only
+    /// from the same working directory. (Only ever a path relative to the agent folder handle:
+    /// the worker reaches the file through `tenant_fs`, never by a joined path.)
     fn conversation_folder(cwd: &Path) -> PathBuf {
         let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_owned());
         let folder: String = cwd
@@ -102,6 +96,23 @@ impl ThreadStore {
         } else {
             Err(format!("not a session id the worker uses: {session_id:?}"))
         }
+    }
+
+    /// The agent left its conversation file in the tenant's agent folder: a regular file, found
+    /// by handle without following a link on the way or at the end (a `try_exists` by path
+    /// follows them, so a planted link to any file of the worker's would count).
+    pub async fn has_conversation(config_dir: &Path, cwd: &Path, session_id: &str) -> bool {
+        let Ok(name) = Self::conversation_name(session_id) else {
+            return false;
+        };
+        let rel = Self::conversation_folder(cwd).join(name);
+        let dir = config_dir.to_owned();
+        tokio::task::spawn_blocking(move || tenant_fs::stat_in(&dir, &rel))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .is_some_and(|stat| tenant_fs::is_regular(&stat))
     }
 
     /// Keep the agent's conversation file where the next worker finds it (shared store only).
@@ -301,5 +312,33 @@ mod tests {
         assert_eq!(store.load(&key, "t").await, Some(record));
         std::fs::write(dir.path().join(".agent/threads/a/b/t.json"), "{broken").unwrap();
         assert_eq!(store.load(&key, "t").await, None);
+    }
+
+    #[tokio::test]
+    async fn a_conversation_file_counts_only_as_a_regular_file_reached_without_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, cwd, outside) = (
+            dir.path().join("agent"),
+            dir.path().join("site"),
+            dir.path().join("outside"),
+        );
+        for d in [&agent, &cwd, &outside] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(outside.join("s-1.jsonl"), "the worker's").unwrap();
+        let folder = agent.join(ThreadStore::conversation_folder(&cwd));
+        std::fs::create_dir_all(folder.parent().unwrap()).unwrap();
+        // The tenant's agent made its project folder a link to a folder of the worker's.
+        std::os::unix::fs::symlink(&outside, &folder).unwrap();
+        assert!(!ThreadStore::has_conversation(&agent, &cwd, "s-1").await);
+        std::fs::remove_file(&folder).unwrap();
+        std::fs::create_dir(&folder).unwrap();
+        // The file itself a link.
+        std::os::unix::fs::symlink(outside.join("s-1.jsonl"), folder.join("s-1.jsonl")).unwrap();
+        assert!(!ThreadStore::has_conversation(&agent, &cwd, "s-1").await);
+        std::fs::remove_file(folder.join("s-1.jsonl")).unwrap();
+        std::fs::write(folder.join("s-1.jsonl"), "{}").unwrap();
+        assert!(ThreadStore::has_conversation(&agent, &cwd, "s-1").await);
+        assert!(!ThreadStore::has_conversation(&agent, &cwd, "../s-1").await);
     }
 }

@@ -4,10 +4,13 @@
 //! gix is blocking; every function here is called from `spawn_blocking` by `Workspace`.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::Path;
 
 use gix::bstr::{BString, ByteSlice};
 use gix::object::tree::EntryKind;
+
+use crate::tenant_fs::{self, DirHandle};
 
 /// A gix operation failed. gix's errors differ per operation, so they are kept as their text
 /// with the name of what we were doing.
@@ -108,15 +111,33 @@ pub(crate) fn commit_all(
 
     for rela in &paths {
         let rela_str = rela.to_str().map_err(err("path"))?;
-        let on_disk = workdir.join(rela_str);
-        // symlink_metadata: a symlink is committed as a link, never followed.
-        match std::fs::symlink_metadata(&on_disk) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // The worktree is the tenant's: what is at the path is looked at by folder handle,
+        // never following a link on the way. A folder on the way that is a link (or a file)
+        // means the path is not in the worktree any more, as git itself sees it.
+        let (folder, name) = match rela_str.rsplit_once('/') {
+            Some((folder, name)) => (Path::new(folder), name),
+            None => (Path::new(""), rela_str),
+        };
+        let parent = match DirHandle::open(&workdir).and_then(|w| w.open_dir(folder)) {
+            Ok(parent) => Some(parent),
+            Err(e) if e.is_not_found() || e.is_refusal() => None,
+            Err(e) => return Err(err("read worktree")(e)),
+        };
+        let stat = match &parent {
+            Some(parent) => parent
+                .stat(OsStr::new(name))
+                .map_err(err("read worktree"))?,
+            None => None,
+        };
+        match (&parent, stat) {
+            (_, None) | (None, _) => {
                 editor.remove(rela_str).map_err(err("stage removal"))?;
             }
-            Err(e) => return Err(err("read worktree")(e)),
-            Ok(meta) if meta.file_type().is_symlink() => {
-                let target = std::fs::read_link(&on_disk).map_err(err("read link"))?;
+            // A link is committed as a link, never followed.
+            (Some(parent), Some(stat)) if tenant_fs::is_link(&stat) => {
+                let target = parent
+                    .link_target(OsStr::new(name))
+                    .ok_or_else(|| err("read link")(format!("{rela_str} went away")))?;
                 let id = repo
                     .write_blob(target.as_os_str().as_encoded_bytes())
                     .map_err(err("write blob"))?;
@@ -124,15 +145,15 @@ pub(crate) fn commit_all(
                     .upsert(rela_str, EntryKind::Link, id)
                     .map_err(err("stage link"))?;
             }
-            Ok(meta) if meta.is_file() => {
+            (Some(parent), Some(stat)) if tenant_fs::is_regular(&stat) => {
                 // As root, in the tenant's checkout (its build started ahead may be changing
                 // it): by handle, no link followed on the way, a regular file only, bounded.
-                let bytes =
-                    crate::tenant_fs::read_in(&workdir, Path::new(rela_str), COMMIT_FILE_MAX_BYTES)
-                        .map_err(err("read worktree"))?
-                        .ok_or_else(|| err("read worktree")(format!("{rela_str} went away")))?;
+                let bytes = parent
+                    .read(Path::new(name), COMMIT_FILE_MAX_BYTES)
+                    .map_err(err("read worktree"))?
+                    .ok_or_else(|| err("read worktree")(format!("{rela_str} went away")))?;
                 let id = repo.write_blob(&bytes).map_err(err("write blob"))?;
-                let kind = if is_executable(&meta) {
+                let kind = if stat.st_mode & 0o111 != 0 {
                     EntryKind::BlobExecutable
                 } else {
                     EntryKind::Blob
@@ -143,7 +164,7 @@ pub(crate) fn commit_all(
             }
             // A directory where a file was (or a nested repository): the files inside are
             // listed on their own; the old file entry goes.
-            Ok(_) => {
+            _ => {
                 if editor.get(rela_str).is_some() {
                     editor.remove(rela_str).map_err(err("stage removal"))?;
                 }
@@ -321,15 +342,4 @@ pub(crate) fn find_commit_with_trailer(
         }
     }
     Ok(None)
-}
-
-#[cfg(unix)]
-fn is_executable(meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    meta.permissions().mode() & 0o111 != 0
-}
-
-#[cfg(not(unix))]
-fn is_executable(_meta: &std::fs::Metadata) -> bool {
-    false
 }

@@ -697,6 +697,44 @@ mod fence_tests {
         }
     }
 
+    /// The tenant makes a committed folder a link to a folder outside its checkout (which holds
+    /// a file and a link of the same names): the commit stages the link as a link and the files
+    /// that were under the folder as removed, reading nothing behind the link.
+    #[tokio::test]
+    async fn a_folder_made_a_link_is_committed_as_the_link_not_followed() {
+        let (dir, a, _b) = world();
+        a.prepare_thread("thread-t", "m1", true).await.unwrap();
+        std::fs::create_dir(a.dir().join("sub")).unwrap();
+        std::fs::write(a.dir().join("sub/x.txt"), "mine").unwrap();
+        std::os::unix::fs::symlink("x.txt", a.dir().join("sub/l")).unwrap();
+        a.commit_all("sub", "sub", &["m1".into()], true)
+            .await
+            .unwrap()
+            .expect("a commit");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("x.txt"), "SECRET-outside").unwrap();
+        std::os::unix::fs::symlink("/etc/SECRET-target", outside.join("l")).unwrap();
+        std::fs::remove_dir_all(a.dir().join("sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, a.dir().join("sub")).unwrap();
+        a.commit_all("link", "link", &["m1".into()], true)
+            .await
+            .unwrap()
+            .expect("a commit");
+        let tree = git(a.dir(), &["ls-tree", "-r", "HEAD"]);
+        assert!(
+            tree.lines()
+                .any(|l| l.starts_with("120000") && l.ends_with("\tsub")),
+            "{tree}"
+        );
+        assert!(!tree.contains("sub/"), "{tree}");
+        let objects = git(a.dir(), &["log", "-p", "--format=", "HEAD"]);
+        assert!(
+            !objects.contains("SECRET"),
+            "read behind the link: {objects}"
+        );
+    }
+
     #[tokio::test]
     async fn a_holder_whose_fence_was_moved_on_pushes_nothing() {
         let (_dir, a, b) = world();
