@@ -366,6 +366,15 @@ async fn build_and_publish(
             }
         }
     };
+    // The build ran the tenant's code, which may have turned a folder on the way to the output
+    // into a link since the build's own check. The publisher reads the output by path, so
+    // nothing on that path may be a link; no process of the tenant runs from here on (its
+    // build's group was ended), so the path stays as checked.
+    if let Err(refused) =
+        crate::tenant_fs::stat_in(&workspace_dir, config.build.output_dir.as_ref())
+    {
+        return Err(crate::build::BuildError::UnsafeSiteFile(refused).into());
+    }
     {
         // Publishing is not cancelled: it is short, and a half-published site is worse.
         let t = Instant::now();

@@ -1794,7 +1794,15 @@ fn check_limits(found: &[FoundFile], limits: &ScanLimits) -> Result<(), PublishE
 fn hash_file(file: FoundFile, limits: &ScanLimits) -> std::io::Result<LocalFile> {
     let multipart = file.size >= limits.multipart_threshold;
     let mut digests = Digests::new(multipart.then_some(limits.part_size));
-    let mut reader = std::fs::File::open(&file.path)?.take(file.size);
+    // O_NOFOLLOW: the walk saw a regular file here; a link put in its place since is refused.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&file.path)?
+    };
+    let mut reader = opened.take(file.size);
     let read = std::io::copy(&mut reader, &mut digests)?;
     let grew = reader.into_inner().read(&mut [0u8; 1])? > 0;
     if read != file.size || grew {

@@ -774,3 +774,48 @@ async fn a_conversation_file_replaced_by_a_link_is_neither_uploaded_nor_written_
     env.stop_worker();
     make_removable(env.dir.path());
 }
+
+/// A build that turns a folder on the way to a nested `BUILD_OUTPUT_DIR` into a link after the
+/// build's own check (here: `site` of `site/dist`, made a link to a folder of the worker's)
+/// publishes nothing from behind the link: the message fails `unsafe_site_file` and no byte of
+/// the folder reaches the bucket. The publisher reads the output by path, so the path is
+/// checked again, by handle, after the build.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_links_away_its_output_folder_publishes_nothing_from_behind_it() {
+    let mut env = TestEnv::new("trust-outlink").await;
+    let bucket = env.bucket("olga", "site");
+    env.create_bucket(&bucket).await;
+    env.create_upstream("olga", "site", Site::Tiny);
+    // A folder of the worker's that looks like a build output.
+    let outside = env.dir.path().join("worker-private");
+    std::fs::create_dir_all(outside.join("dist")).unwrap();
+    let secret = b"worker-private-bytes-7f3a";
+    std::fs::write(outside.join("dist/index.html"), secret).unwrap();
+    let build = format!(
+        "import fs from 'node:fs';\n\
+         fs.rmSync('site', {{ recursive: true, force: true }});\n\
+         fs.symlinkSync({:?}, 'site');\n",
+        outside.to_str().unwrap()
+    );
+    env.push_branch_with(
+        "olga",
+        "site",
+        "thread-t",
+        &[("build.mjs", build.as_bytes())],
+    );
+    env.start_worker(&[("ISOLATION", "none"), ("BUILD_OUTPUT_DIR", "site/dist")]);
+    let id = env
+        .send("olga", "site", "t", "[standin:write note.txt linked]")
+        .await;
+    let events = env.events_until_terminal(1, common::ONE_MESSAGE).await;
+    let end = events
+        .iter()
+        .find(|e| e["messageId"] == id.as_str() && is_terminal(e))
+        .unwrap_or_else(|| panic!("no end: {events:#?}\n{}", env.worker_log()));
+    assert_eq!(end["type"], "failed", "{end}");
+    assert_eq!(end["error"]["kind"], "unsafe_site_file", "{end}");
+    assert!(objects_holding(&env, &bucket, secret).await.is_empty());
+    assert!(env.bucket_contents(&bucket).await.is_empty());
+    env.stop_worker();
+    make_removable(env.dir.path());
+}
