@@ -1257,7 +1257,8 @@ impl WorkerProcess {
             return self.exit_code;
         };
         let _ = nix_kill(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(40);
+        // As TestEnv::stop_worker: a graceful stop saves running work first.
+        let deadline = Instant::now() + Duration::from_secs(150);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 self.exit_code = status.code();

@@ -189,7 +189,7 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
         )
         .await;
     // Each message ends, its first delete is dropped, it comes back and is finished again.
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + common::ONE_MESSAGE;
     while [&first, &second]
         .iter()
         .any(|id| terminal_for(&events, id).len() < 2)

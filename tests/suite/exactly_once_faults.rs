@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{FaultProxy, Site, TestEnv, is_terminal};
+use crate::common::{self, FaultProxy, Site, TestEnv, is_terminal};
 use serde_json::Value;
 
 const CLIENTS: [&str; 3] = ["eoa", "eob", "eoc"];
@@ -383,7 +383,7 @@ async fn every_request_ends_once_and_applies_in_send_order_through_a_faulty_sqs(
         for client in CLIENTS {
             leads.push(send(&env, &mut sent, client, here).await);
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + common::STEP;
         while Instant::now() < deadline
             && !events
                 .iter()

@@ -928,7 +928,7 @@ async fn a_worker_killed_mid_run_loses_nothing() {
     }
     // Worker a holds a workspace and its agent is at work.
     let a_dir = c.env.dir.path().join("claude-a");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + common::STEP;
     while standin_runs(std::slice::from_ref(&a_dir))
         .iter()
         .all(|r| r.end.is_some())
@@ -1045,7 +1045,7 @@ async fn a_rolling_deploy_hands_running_work_to_the_new_worker() {
     let id = c.send("dp1", "t", 8).await;
     // A's agent has made its edit and works on.
     let a_file = c.env.dir.path().join("ws-a/dp1/site/public/threads/t.txt");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + common::STEP;
     while !a_file.exists() {
         assert!(Instant::now() < deadline, "{}", c.logs_tail(40));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1136,7 +1136,7 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
     c.start("a", Roots::Own, &[("MAX_IN_FLIGHT", "1")]).await;
     let slow = c.send("ix1", "t1", 30).await;
     let a_dir = c.env.dir.path().join("claude-a");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + common::STEP;
     while standin_runs(std::slice::from_ref(&a_dir)).is_empty() {
         assert!(Instant::now() < deadline, "{}", c.logs_tail(40));
         tokio::time::sleep(Duration::from_millis(100)).await;

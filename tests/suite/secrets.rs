@@ -13,7 +13,8 @@ const TOKEN: &str = "ghp_SECRETSECRETSECRETSECRETSECRETSECRET12";
 /// Every message in `queue` (body and message attributes, as text), received and deleted.
 async fn dead_letters(env: &TestEnv, queue: &str, at_least: usize) -> Vec<String> {
     let mut found = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // The dead letters follow the message's end, which took ONE_MESSAGE at most.
+    let deadline = Instant::now() + common::ONE_MESSAGE;
     while found.len() < at_least && Instant::now() < deadline {
         let out = env
             .sqs
