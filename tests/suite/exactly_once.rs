@@ -145,8 +145,13 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
     let upstream = env.create_upstream("cid", "site", Site::Tiny);
     let queue = env.input.rsplit('/').next().unwrap().to_owned();
     // Every first delete is dropped (answered as a success); every message is handed out a
-    // second time within a second of its first receive.
-    // Only these faults: the proxy's other rates are set to nothing.
+    // second time within 4 s of its first receive (a random delay). Only these faults: the
+    // proxy's other rates are set to nothing. A copy handed out while a delete with the older
+    // handle is on its way makes that delete stale whatever the worker does, so each copy is
+    // kept away from its message's end (issue 30: with a 1 s delay and a 1 s job that race was
+    // lost under load): the second message is sent only once the first's copy was handed out
+    // (the first works 30 s until the second interrupts it), and the second works 8 s, past
+    // its copy's 4 s at most.
     let proxy = FaultProxy::start(
         env.dir.path(),
         &queue,
@@ -164,7 +169,7 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
             "--early-rate",
             "1",
             "--early-delay",
-            "1",
+            "4",
         ],
     );
     env.start_worker(&[
@@ -176,16 +181,24 @@ async fn ended_messages_never_run_again_and_copies_lend_their_handle() {
             "cid",
             "site",
             "t",
-            "Update the homepage title to \"First\" [standin:sleep 4]",
+            "Update the homepage title to \"First\" [standin:sleep 30]",
         )
         .await;
     let mut events = env.wait_for(&first, "started", common::ONE_MESSAGE).await;
+    let deadline = Instant::now() + common::STEP;
+    while count(&proxy.stats(), "redelivered_early") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first message's copy never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let second = env
         .send(
             "cid",
             "site",
             "t",
-            "Update the homepage title to \"Second\" [standin:write second.txt 2]",
+            "Update the homepage title to \"Second\" [standin:write second.txt 2] [standin:sleep 8]",
         )
         .await;
     // Each message ends, its first delete is dropped, it comes back and is finished again.
