@@ -8,12 +8,14 @@ use tracing::Instrument;
 
 use edit_worker_actors::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
 
+/// Which thread a message is for, and the queue it goes on: what `send` and `rollback` share.
 #[derive(Args)]
-pub struct SendArgs {
+pub struct ThreadTarget {
     #[arg(long)]
     client: String,
     #[arg(long)]
     project: String,
+    /// The thread (its branch is `thread-{thread}`).
     #[arg(long)]
     thread: String,
     /// Defaults to `session-{thread}`.
@@ -22,6 +24,28 @@ pub struct SendArgs {
     /// The queue; defaults to INPUT_QUEUE_URL.
     #[arg(long, env = "INPUT_QUEUE_URL", hide_env_values = true)]
     queue_url: String,
+}
+
+impl ThreadTarget {
+    /// The message fields that name the thread.
+    fn body(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut body = serde_json::Map::new();
+        let session = self
+            .session
+            .clone()
+            .unwrap_or_else(|| format!("session-{}", self.thread));
+        body.insert("sessionId".into(), session.into());
+        body.insert("threadId".into(), self.thread.clone().into());
+        body.insert("clientId".into(), self.client.clone().into());
+        body.insert("projectId".into(), self.project.clone().into());
+        body
+    }
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    target: ThreadTarget,
     /// The request text.
     command: String,
 }
@@ -34,48 +58,28 @@ pub enum SendError {
 }
 
 pub async fn send(args: SendArgs) -> Result<(), SendError> {
-    let body = serde_json::json!({
-        "sessionId": args.session.clone().unwrap_or_else(|| format!("session-{}", args.thread)),
-        "threadId": args.thread,
-        "clientId": args.client,
-        "projectId": args.project,
-        "command": args.command,
-    });
-    put_on_queue(&args.queue_url, body, "edit request").await
+    let mut body = args.target.body();
+    body.insert("command".into(), args.command.into());
+    put_on_queue(&args.target.queue_url, body.into(), "edit request").await
 }
 
 #[derive(Args)]
 pub struct RollbackArgs {
-    #[arg(long)]
-    client: String,
-    #[arg(long)]
-    project: String,
     /// The thread whose branch gets the `Rollback to` commit.
-    #[arg(long)]
-    thread: String,
-    /// Defaults to `session-{thread}`.
-    #[arg(long)]
-    session: Option<String>,
+    #[command(flatten)]
+    target: ThreadTarget,
     /// What to go back to: `previous` (the deploy before the live one), a deployId, or a
     /// commit (7 to 40 hex digits) that was deployed.
     #[arg(long, default_value = "previous")]
     to: String,
-    /// The queue; defaults to INPUT_QUEUE_URL.
-    #[arg(long, env = "INPUT_QUEUE_URL", hide_env_values = true)]
-    queue_url: String,
 }
 
 /// `edit-worker rollback`: put one rollback message on the input queue.
 pub async fn rollback(args: RollbackArgs) -> Result<(), SendError> {
-    let body = serde_json::json!({
-        "sessionId": args.session.clone().unwrap_or_else(|| format!("session-{}", args.thread)),
-        "threadId": args.thread,
-        "clientId": args.client,
-        "projectId": args.project,
-        "action": "rollback",
-        "to": args.to,
-    });
-    put_on_queue(&args.queue_url, body, "rollback request").await
+    let mut body = args.target.body();
+    body.insert("action".into(), "rollback".into());
+    body.insert("to".into(), args.to.into());
+    put_on_queue(&args.target.queue_url, body.into(), "rollback request").await
 }
 
 /// Check `body` as the worker would, then send it with a trace context; prints the message id.

@@ -178,11 +178,22 @@ pub(crate) fn commit_all(
         refresh_index(&repo, &tree_id)?;
         return Ok(None);
     }
-    let time = gix::date::Time::now_utc();
+    commit_on_head(&repo, head.id, tree_id, message, who).map(Some)
+}
+
+/// Commit `tree` on HEAD (whose commit is `parent`) as `who`, now, and make the index equal
+/// to the tree; the new commit's id.
+fn commit_on_head(
+    repo: &gix::Repository,
+    parent: gix::ObjectId,
+    tree: gix::ObjectId,
+    message: &str,
+    who: &Identity<'_>,
+) -> Result<String, LocalGitError> {
     let signature = gix::actor::Signature {
         name: who.name.into(),
         email: who.email.into(),
-        time,
+        time: gix::date::Time::now_utc(),
     };
     let mut buf_committer = gix::date::parse::TimeBuf::default();
     let mut buf_author = gix::date::parse::TimeBuf::default();
@@ -192,13 +203,13 @@ pub(crate) fn commit_all(
             signature.to_ref(&mut buf_author),
             "HEAD",
             message,
-            tree_id,
-            [head.id],
+            tree,
+            [parent],
         )
         .map_err(err("commit"))?
         .detach();
-    refresh_index(&repo, &tree_id)?;
-    Ok(Some(commit_id.to_string()))
+    refresh_index(repo, &tree)?;
+    Ok(commit_id.to_string())
 }
 
 /// Whether `commit` names a commit in this repository.
@@ -233,27 +244,7 @@ pub(crate) fn commit_tree_of(
         .tree_id()
         .map_err(err("read tree"))?
         .detach();
-    let time = gix::date::Time::now_utc();
-    let signature = gix::actor::Signature {
-        name: who.name.into(),
-        email: who.email.into(),
-        time,
-    };
-    let mut buf_committer = gix::date::parse::TimeBuf::default();
-    let mut buf_author = gix::date::parse::TimeBuf::default();
-    let commit_id = repo
-        .commit_as(
-            signature.to_ref(&mut buf_committer),
-            signature.to_ref(&mut buf_author),
-            "HEAD",
-            message,
-            tree,
-            [head.id],
-        )
-        .map_err(err("commit"))?
-        .detach();
-    refresh_index(&repo, &tree)?;
-    Ok(commit_id.to_string())
+    commit_on_head(&repo, head.id, tree, message, who)
 }
 
 /// Make the index equal to `tree`, as `git reset --mixed` would after our commit.
