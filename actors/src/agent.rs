@@ -643,7 +643,7 @@ async fn run_once(
     ));
     // Its own HOME, TMPDIR and CLAUDE_CONFIG_DIR in the sandbox, over the worker's.
     cmd.envs(jail.env());
-    die_with_parent(&mut cmd);
+    default_signals_and_die_with_parent(&mut cmd);
 
     let mut child = match cmd.spawn() {
         Ok(child) => child,
@@ -839,21 +839,34 @@ async fn run_once(
 }
 
 /// Linux: the agent gets SIGKILL when the worker dies, even by `kill -9`, so a crashed worker
-/// leaves no agent editing the workspace behind the next worker's back.
+/// leaves no agent editing the workspace behind the next worker's back. And it starts with the
+/// stop signals at their defaults, whatever the worker inherited: a worker started in the
+/// background of a non-interactive shell ignores SIGINT, an ignored signal stays ignored across
+/// exec, and a shell may not trap a signal ignored on entry (POSIX), so the stop's SIGINT stage
+/// would reach nothing (a fresh-clone CI run, started that way, showed it).
 #[cfg(target_os = "linux")]
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe; it allocates nothing and takes no locks.
+fn default_signals_and_die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
+    // sigaction(2) (through `signal`), which are async-signal-safe; it allocates nothing and
+    // takes no locks.
     unsafe {
         cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
+            use nix::sys::signal::{SigHandler, Signal, signal};
+            for stop in [
+                Signal::SIGINT,
+                Signal::SIGQUIT,
+                Signal::SIGTERM,
+                Signal::SIGHUP,
+            ] {
+                signal(stop, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            }
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_cmd: &mut Command) {}
+fn default_signals_and_die_with_parent(_cmd: &mut Command) {}
 
 /// The `traceparent` of the current span (the job's `agent run` span, carried into the agent
 /// actor's handler with the message), when it belongs to a trace.
