@@ -174,6 +174,21 @@ fn site_files(site: &str, deps: &[(&str, &(String, String))]) -> (Vec<u8>, Vec<u
     )
 }
 
+/// Tenants `aaa` and `bbb`, each with an upstream, a bucket and a `thread-t` whose site installs
+/// its own dependencies (`package.json`, lock file) and builds with `BUILD_JS`.
+async fn two_install_sites(env: &TestEnv, a: (&[u8], &[u8]), b: (&[u8], &[u8])) {
+    for (client, (package, lock)) in [("aaa", a), ("bbb", b)] {
+        env.create_upstream(client, "site", Site::Tiny);
+        env.create_bucket(&env.bucket(client, "site")).await;
+        let files: [(&str, &[u8]); 3] = [
+            ("package.json", package),
+            ("package-lock.json", lock),
+            ("build-trust.mjs", BUILD_JS.as_bytes()),
+        ];
+        push_thread(env, client, "t", &files, &[]);
+    }
+}
+
 /// Push `thread-{thread}` to `client/site`: `main` with `files` written and `links` (path,
 /// target) made as symbolic links, committed as git commits links (a tenant's own commit).
 fn push_thread(
@@ -495,16 +510,7 @@ async fn a_hook_one_install_plants_in_its_home_does_not_run_in_the_next() {
     let plain = server.publish("plain-install", PLAIN_INSTALL);
     let (a_package, a_lock) = site_files("site-a", &[("hook-planter", &planter)]);
     let (b_package, b_lock) = site_files("site-b", &[("plain-install", &plain)]);
-    for (client, package, lock) in [("aaa", &a_package, &a_lock), ("bbb", &b_package, &b_lock)] {
-        env.create_upstream(client, "site", Site::Tiny);
-        env.create_bucket(&env.bucket(client, "site")).await;
-        let files: [(&str, &[u8]); 3] = [
-            ("package.json", package),
-            ("package-lock.json", lock),
-            ("build-trust.mjs", BUILD_JS.as_bytes()),
-        ];
-        push_thread(&env, client, "t", &files, &[]);
-    }
+    two_install_sites(&env, (&a_package, &a_lock), (&b_package, &b_lock)).await;
     env.start_worker(&[("ISOLATION", "auto")]);
     let a = env
         .send("aaa", "site", "t", "Update the homepage title to \"A\"")
@@ -590,16 +596,7 @@ async fn with_users_alone_one_install_neither_kills_nor_counts_another() {
     let quick = server.publish("quick-install", QUICK_INSTALL);
     let (a_package, a_lock) = site_files("site-a", &[("slow-install", &slow)]);
     let (b_package, b_lock) = site_files("site-b", &[("quick-install", &quick)]);
-    for (client, package, lock) in [("aaa", &a_package, &a_lock), ("bbb", &b_package, &b_lock)] {
-        env.create_upstream(client, "site", Site::Tiny);
-        env.create_bucket(&env.bucket(client, "site")).await;
-        let files: [(&str, &[u8]); 3] = [
-            ("package.json", package),
-            ("package-lock.json", lock),
-            ("build-trust.mjs", BUILD_JS.as_bytes()),
-        ];
-        push_thread(&env, client, "t", &files, &[]);
-    }
+    two_install_sites(&env, (&a_package, &a_lock), (&b_package, &b_lock)).await;
     env.start_worker(&[
         ("ISOLATION", "users"),
         ("SANDBOX_MAX_DISK_MB", "64"),
