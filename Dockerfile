@@ -19,12 +19,16 @@ FROM node:22-bookworm-slim AS runtime
 # seccomp profile that allows them); elsewhere (Fargate) the worker detects that and isolates
 # by separate users alone. chromium (Debian's package: nothing is downloaded at run time) is
 # the browser that checks each publish (BROWSER_CHECK); fonts-liberation gives its
-# screenshots the common web fonts' metrics.
+# screenshots the common web fonts' metrics. Its major version is at least the one the tests
+# run against (tools/chromium.version: Debian's security updates replace the package, so it
+# is a floor, not one build).
+COPY tools/chromium.version /tmp/chromium.version
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git ca-certificates tini openssh-client bubblewrap \
       chromium fonts-liberation \
  && chromium --version \
- && rm -rf /var/lib/apt/lists/*
+ && [ "$(chromium --version | sed -E 's/^[^0-9]*([0-9]+).*/\1/')" -ge "$(tr -d '[:space:]' </tmp/chromium.version)" ] \
+ && rm -rf /var/lib/apt/lists/* /tmp/chromium.version
 # The Claude Code CLI, pinned in tools/claude-code.version (the version the tests run, see
 # scripts/lib.sh); with its install script, which puts the native binary in place (without it
 # the CLI is a stub that exits 1).

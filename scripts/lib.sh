@@ -108,6 +108,7 @@ ensure_bubblewrap() {
 # fonts-liberation (only recommended by the package): without a font, pages render no text.
 ensure_chromium() {
   if [ -n "${CHROME_BIN:-}" ] || command -v chromium >/dev/null 2>&1; then
+    report_chromium_version
     return 0
   fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -116,8 +117,25 @@ ensure_chromium() {
       apt-get update -qq >/dev/null 2>&1 || true
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
     fi
+    report_chromium_version
   else
     log "chromium is missing and cannot be installed here (not root, or no apt-get); publishes go unchecked"
+  fi
+}
+
+# Which Chromium runs, beside the major version the tests are pinned to (tools/chromium.version,
+# a floor: Debian's security updates replace the package). An older one is only a warning here;
+# the browser test fails on it.
+report_chromium_version() {
+  local bin version major tested
+  bin="${CHROME_BIN:-chromium}"
+  version="$("$bin" --version 2>/dev/null | head -1)" || true
+  major="$(sed -E 's/^[^0-9]*([0-9]+).*/\1/' <<<"$version")"
+  tested="$(tr -d '[:space:]' <"$ROOT/tools/chromium.version")"
+  if [ -n "$major" ] && [ "$major" -ge "$tested" ] 2>/dev/null; then
+    log "browser: $version (the tests are pinned to $tested or newer)"
+  else
+    log "browser: '$version' is older than the Chromium $tested the tests are pinned to; the browser tests will fail"
   fi
 }
 

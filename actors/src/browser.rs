@@ -80,6 +80,34 @@ impl BrowserError {
     }
 }
 
+/// The major version of Chromium the tests run against (`tools/chromium.version`, which
+/// `scripts/lib.sh` and the Dockerfile read too). Debian's package cannot be pinned to one
+/// build (its security updates replace it), so this is a floor: an older browser may lack the
+/// DevTools commands the check sends, and the worker says so when it starts one.
+pub const TESTED_CHROMIUM_MAJOR: u32 = tested_major(include_str!("../../tools/chromium.version"));
+
+const fn tested_major(text: &str) -> u32 {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut major = 0;
+    while i < bytes.len() && bytes[i].is_ascii_digit() {
+        major = major * 10 + (bytes[i] - b'0') as u32;
+        i += 1;
+    }
+    assert!(
+        major > 0,
+        "tools/chromium.version starts with the major version"
+    );
+    major
+}
+
+/// The major version in the DevTools `product` string (`Chrome/148.0.7778.167`,
+/// `HeadlessChrome/148...`).
+pub(crate) fn product_major(product: &str) -> Option<u32> {
+    let (_, version) = product.split_once('/')?;
+    version.split('.').next()?.parse().ok()
+}
+
 /// Where Chromium is: `CHROME_BIN` when set (it must be an executable file), else `chromium` on
 /// `PATH`. The error says where it looked.
 pub fn find_chromium(chrome_bin: Option<&Path>) -> Result<PathBuf, BrowserError> {
@@ -149,6 +177,13 @@ impl Browser {
         let started = Arc::new(self.start(n).await?);
         browser_starts().add(1, &[opentelemetry::KeyValue::new("restart", n > 0)]);
         tracing::info!(version = %started.version, pid = ?started.pid, restart = n > 0, "browser started");
+        if product_major(&started.version).is_none_or(|major| major < TESTED_CHROMIUM_MAJOR) {
+            tracing::warn!(
+                version = %started.version,
+                tested = TESTED_CHROMIUM_MAJOR,
+                "this Chromium is older than the one the tests run against; checks may fail"
+            );
+        }
         *running = Some(started.clone());
         Ok(started)
     }
@@ -555,6 +590,14 @@ fn browser_starts() -> &'static opentelemetry::metrics::Counter<u64> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_major_version_is_read_from_the_product_and_the_pin() {
+        assert_eq!(product_major("Chrome/148.0.7778.167"), Some(148));
+        assert_eq!(product_major("HeadlessChrome/99.1"), Some(99));
+        assert_eq!(product_major("Chrome"), None);
+        assert_eq!(tested_major("148\n"), 148);
+    }
+
     /// Against the installed Chromium (scripts/test installs Debian's package): the start, one
     /// page, and a start again after the browser was killed. A cold start on a busy machine
     /// takes seconds; `START_TIMEOUT` bounds each.
@@ -565,6 +608,13 @@ mod tests {
         let browser = Browser::new(bin, Sandbox::off(dir.path()));
         let first = browser.running().await.expect("starts");
         assert!(first.version.contains("Chrome/"), "{}", first.version);
+        // The pin: the tests run against the Chromium `tools/chromium.version` names, or newer.
+        let major = product_major(&first.version).expect("a major version");
+        assert!(
+            major >= TESTED_CHROMIUM_MAJOR,
+            "Chromium {} is older than the {TESTED_CHROMIUM_MAJOR} the tests are pinned to",
+            first.version
+        );
         let context = first.new_context().await.unwrap();
         let mut page = browser.open_page(&first, &context, PHONE).await.unwrap();
         page.call(
