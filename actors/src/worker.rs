@@ -88,7 +88,33 @@ pub async fn run(
         status,
         config.visibility_timeout,
         records,
-    );
+    )
+    .with_hold_undecided(config.hold_undecided);
+    // The queue's redrive: a message on its last delivery is never given back (it would reach
+    // the dead-letter queue with no event), and a passing failure is final by then.
+    let mut config = config;
+    let redrive_limit = match delivery.read_redrive_limit().await {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the input queue's redrive policy; assuming it has none");
+            None
+        }
+    };
+    if let Some(limit) = redrive_limit {
+        if config.max_receives > limit {
+            tracing::warn!(
+                max_receives = config.max_receives,
+                redrive_max_receive_count = limit,
+                "MAX_RECEIVES is above the input queue's maxReceiveCount; a passing failure is final at the queue's count"
+            );
+            config.max_receives = limit;
+        }
+        tracing::info!(
+            redrive_max_receive_count = limit,
+            "the input queue's redrive policy"
+        );
+    }
+    let delivery = delivery.with_redrive_limit(redrive_limit);
     let agent = config.agent.clone();
     let build = BuildSpec::from_config(&config, sandbox.clone());
     let check_s3 = s3.clone();
