@@ -475,7 +475,10 @@ mod tests {
             let visibility = Duration::from_secs(seconds);
             let refresh = (visibility / 3).max(Duration::from_secs(1)) * MARK_EVERY;
             let hold = mark_hold(visibility);
-            assert!(hold > refresh, "{seconds} s: hold {hold:?}, refresh {refresh:?}");
+            assert!(
+                hold > refresh,
+                "{seconds} s: hold {hold:?}, refresh {refresh:?}"
+            );
             assert!(hold < visibility, "{seconds} s");
         }
     }
