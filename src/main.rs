@@ -288,7 +288,11 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         Err(e) => {
             tracing::error!(error = %e, "edit-worker stopped");
             eprintln!("edit-worker: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            if e.is_configuration() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
         }
     }
 }
