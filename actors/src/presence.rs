@@ -130,6 +130,19 @@ impl Presence {
         self.record.notices = Some(url);
     }
 
+    /// Whether the record holds this process's nonce (then its version is taken as ours).
+    async fn still_ours(&mut self, key: &str) -> bool {
+        match self.store.read_typed::<PresenceRecord>(key).await {
+            Ok((Some(found), version)) if found.nonce == self.record.nonce => {
+                self.version = version;
+                true
+            }
+            Ok(_) => false,
+            // Undecided: the next renewal looks again.
+            Err(_) => true,
+        }
+    }
+
     /// Renew the presence every `RENEW_EVERY` until `stop`; then mark it left. A renewal that
     /// finds the record changed has met a second live process with this id: `duplicate` is
     /// cancelled (the worker shuts down) and the record is left to that process.
@@ -148,6 +161,9 @@ impl Presence {
                 .await
             {
                 Ok(Some(version)) => self.version = version,
+                // Our own write after all (an attempt that landed, retried by the SDK after
+                // its timeout, finds its own version gone): the nonce says whose it is.
+                Ok(None) if self.still_ours(&key).await => {}
                 Ok(None) => {
                     tracing::error!(worker = %self.worker, "another live process has this WORKER_ID (it rewrote this worker's presence in the lease store); shutting down: give each process its own WORKER_ID");
                     duplicate.cancel();
@@ -297,6 +313,41 @@ mod tests {
             .await
             .expect("the duplicate is found at the next renewal");
         kept.await.unwrap();
+    }
+
+    /// A renewal that lands but whose answer is lost is retried by the SDK, and the retry finds
+    /// its own version gone: not a second process (the nonce is still ours).
+    #[tokio::test]
+    async fn our_own_write_found_by_a_retry_is_not_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w");
+        let mut first = Presence::claim(store.clone(), "w", None).await.unwrap();
+        first.every = Duration::from_millis(20);
+        let mut landed = first.record.clone();
+        landed.renewed_at_ms += 1;
+        store
+            .write_document(
+                &presence_key("w"),
+                &serde_json::to_string(&landed).unwrap(),
+                Version::Any,
+            )
+            .await
+            .unwrap();
+        let (stop, duplicate) = (CancellationToken::new(), CancellationToken::new());
+        let kept = tokio::spawn(first.keep(stop.clone(), duplicate.clone()));
+        // Several renewals (20 ms each) past the one that meets the changed version.
+        let _ = tokio::time::timeout(Duration::from_millis(300), duplicate.cancelled()).await;
+        stop.cancel();
+        kept.await.unwrap();
+        assert!(
+            !duplicate.is_cancelled(),
+            "its own write taken for another process"
+        );
+        let (left, _) = store
+            .read_typed::<PresenceRecord>(&presence_key("w"))
+            .await
+            .unwrap();
+        assert_eq!(left.unwrap().renewed_at_ms, 0, "marked left at the stop");
     }
 
     #[test]
