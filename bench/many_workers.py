@@ -17,6 +17,10 @@ cannot run).
      for more messages, so B receives the newer ones and sends A a notice; from the newer
      message's send to A's "work stopped" (stopped_at_ms): median and p99 (target p99 < 2 s);
      the notice lines found in runs a and b are reported too;
+  g. takeover at the default visibility and lease (issue 25): the holder of a workspace is
+     killed with SIGKILL or frozen with SIGSTOP while its agent runs, a newer request for the
+     thread is sent at once, another worker starts: time to that request's `completed` event
+     (G_ROUNDS rounds of each, 3);
   f. throughput with 1, 2 and 3 workers on the same load, side by side (and first one worker
      without a lease store, as before issue 12), and the lease store's cost per message: S3
      requests to the lease bucket, counted in moto's request log (MOTO_LOG, which `scripts/bench
@@ -71,7 +75,7 @@ VISIBILITY = env_num("VISIBILITY", 6, int)
 INTERRUPTS = env_num("INTERRUPTS", max(5, int(20 * min(1, SCALE * 2))), int)
 F_WORKSPACES = env_num("F_WORKSPACES", max(4, int(100 * SCALE)), int)
 F_PER_WORKSPACE = env_num("F_MESSAGES_PER_WORKSPACE", 4, int)
-CASES = os.environ.get("CASES", "a,b,c,d,e,f").split(",")
+CASES = os.environ.get("CASES", "a,b,c,d,e,f,g").split(",")
 KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
           aws_secret_access_key="testing")
 sqs = boto3.client("sqs", **KW)
@@ -781,6 +785,62 @@ def case_f():
     RESULTS["f"] = {"label": label, "runs": out}
 
 
+def case_g():
+    """Takeover at the default settings (issue 25): A holds one workspace, its agent at work;
+    A is killed with SIGKILL or frozen with SIGSTOP, a newer request for the same thread is sent
+    at once (into A's open long poll, when A was frozen), then B starts. From the kill or the
+    freeze to the newer request's `completed` event (run by B)."""
+    rounds = int(os.environ.get("G_ROUNDS", 3))
+    label = f"g. takeover at the default visibility and lease, after kill -9 and after SIGSTOP ({rounds} rounds each)"
+    log(f"== {label}")
+    took = {"kill -9": [], "SIGSTOP": []}
+    for mode in took:
+        for i in range(rounds):
+            run = Run(f"g{'k' if mode == 'kill -9' else 's'}{i}", 1)
+            a = run.start("a")
+
+            def send(command):
+                body = {"sessionId": "s", "threadId": "t", "clientId": "load-c1", "projectId": "p1",
+                        "command": command}
+                return sqs.send_message(QueueUrl=run.q["in"], MessageBody=json.dumps(body))["MessageId"]
+            slow = send("[standin:write public/live.txt 1] [standin:sleep 120]")
+
+            def agent_started():
+                # Its "agent started" progress event: the agent's pid file may be out of reach
+                # of a sandboxed agent.
+                for m in sqs.receive_message(QueueUrl=run.q["out"], MaxNumberOfMessages=10,
+                                             WaitTimeSeconds=1).get("Messages", []):
+                    sqs.delete_message(QueueUrl=run.q["out"], ReceiptHandle=m["ReceiptHandle"])
+                    e = json.loads(m["Body"])
+                    if e.get("messageId") == slow and e.get("detail") == "agent started":
+                        return True
+                return False
+            wait_until("a's agent at work", 300, agent_started, every=0)
+            t0 = time.time()
+            if mode == "kill -9":
+                a.kill9()
+            else:
+                a.proc.send_signal(signal.SIGSTOP)
+            newer = send("[standin:write public/live.txt 2]")
+            b = run.start("b")
+
+            def completed():
+                for m in sqs.receive_message(QueueUrl=run.q["out"], MaxNumberOfMessages=10,
+                                             WaitTimeSeconds=1).get("Messages", []):
+                    sqs.delete_message(QueueUrl=run.q["out"], ReceiptHandle=m["ReceiptHandle"])
+                    e = json.loads(m["Body"])
+                    if e.get("messageId") == newer and e.get("type") == "completed":
+                        return time.time()
+                return None
+            done = wait_until("the newer request completed", 600, completed, every=0)
+            took[mode].append((done - t0) * 1000)
+            log(f"   {mode} round {i + 1}: the newer request completed {done - t0:.1f} s after")
+            if mode == "SIGSTOP":
+                a.proc.send_signal(signal.SIGCONT)
+            run.stop_all()
+    RESULTS["g"] = {"label": label, "took": took}
+
+
 # ---------------------------------------------------------------------------------------- report
 
 def print_report(started):
@@ -829,6 +889,13 @@ def print_report(started):
         if "e" in RESULTS:
             print(f"\ncase e outcomes: slow messages {RESULTS['e']['slow']}, newer messages {RESULTS['e']['new']}; "
                   f"target p99 < 2 s")
+    if "g" in RESULTS:
+        res = RESULTS["g"]
+        print(f"\n### {res['label']}\n")
+        print("| holder | newer request completed on the other worker after: median / max | rounds |")
+        print("| --- | --- | --- |")
+        for mode, t in res["took"].items():
+            row(mode, f"{fmt_ms(percentile(t, 50))} / {fmt_ms(max(t) if t else None)}", len(t))
     if "f" in RESULTS:
         res = RESULTS["f"]
         print(f"\n### {res['label']}\n")
@@ -893,8 +960,10 @@ def main():
                 case_e()
             elif name == "f":
                 case_f()
+            elif name == "g":
+                case_g()
             elif name:
-                raise SystemExit(f"unknown case {name!r} (CASES=a,b,c,d,e,f)")
+                raise SystemExit(f"unknown case {name!r} (CASES=a,b,c,d,e,f,g)")
         print_report(started)
     finally:
         for w in ALL_WORKERS:

@@ -356,6 +356,9 @@ impl Settings {
             visibility_timeout: self
                 .seconds("VISIBILITY_TIMEOUT_SECONDS")?
                 .min(Duration::from_secs(43_200)),
+            hold_undecided: self.seconds("HOLD_UNDECIDED_SECONDS")?,
+            aws_attempt_timeout: self.seconds("AWS_ATTEMPT_TIMEOUT_SECONDS")?,
+            aws_operation_timeout: self.seconds("AWS_OPERATION_TIMEOUT_SECONDS")?,
             publish: self.publish_options()?,
             push_attempts: self.number("PUSH_ATTEMPTS")? as u32,
             cloudfront_distributions: self.cloudfront_distributions()?,

@@ -268,6 +268,11 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
     let options = RunOptions {
         exit_when_idle: exit_when_idle.map(Duration::from_secs),
     };
+    let sdk = aws::with_timeouts(
+        &sdk,
+        config.aws_attempt_timeout,
+        config.aws_operation_timeout,
+    );
     let (sqs, s3) = (aws::sqs(&sdk), aws::s3(&sdk));
     // CloudFront only when some client's bucket has a distribution.
     let cloudfront = (!config.cloudfront_distributions.is_empty()).then(|| aws::cloudfront(&sdk));
@@ -283,7 +288,11 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         Err(e) => {
             tracing::error!(error = %e, "edit-worker stopped");
             eprintln!("edit-worker: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            if e.is_configuration() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
         }
     }
 }

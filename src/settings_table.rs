@@ -606,8 +606,36 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "VISIBILITY_TIMEOUT_SECONDS",
         kind: POSITIVE,
-        default: DefaultIs::Value("120"),
-        meaning: "visibility kept (and renewed at a third) while a message runs",
+        default: DefaultIs::Value("30"),
+        meaning: "a received message is invisible this long (`ReceiveMessage`'s \
+            `VisibilityTimeout`), renewed every third while it is held: a frozen or killed \
+            worker's messages are back within it",
+        example: None,
+    },
+    Setting {
+        name: "HOLD_UNDECIDED_SECONDS",
+        kind: POSITIVE,
+        default: DefaultIs::Value("300"),
+        meaning: "a message the worker cannot decide (the lease or record store not answering) \
+            is kept invisible and asked about again this long before it is given back; on its \
+            last delivery before the queue's redrive it then ends `failed` \
+            (`out_of_deliveries`)",
+        example: None,
+    },
+    Setting {
+        name: "AWS_ATTEMPT_TIMEOUT_SECONDS",
+        kind: Kind::Number { min: 15, max: 3600 },
+        default: DefaultIs::Value("30"),
+        meaning: "one attempt of any AWS call (SQS, S3, CloudFront) ends after this long and is \
+            retried by the SDK; above the 10 s long polls",
+        example: None,
+    },
+    Setting {
+        name: "AWS_OPERATION_TIMEOUT_SECONDS",
+        kind: Kind::Number { min: 15, max: 3600 },
+        default: DefaultIs::Value("90"),
+        meaning: "any AWS call, all its attempts, ends after this long: no hung call holds \
+            a release, a renewal or the intake",
         example: None,
     },
     Setting {
@@ -689,7 +717,8 @@ pub const SETTINGS: &[Setting] = &[
         kind: COUNT,
         default: DefaultIs::Value("5"),
         meaning: "deliveries before a passing failure (S3 or git remote away, crashed step) is \
-            final and dead-lettered",
+            final and dead-lettered (at most the input queue's redrive `maxReceiveCount`, read \
+            at start)",
         example: None,
     },
     Setting {

@@ -98,11 +98,14 @@ pub(crate) async fn take_lease(
                 until_expiry.clamp(Duration::from_millis(100), LEASE_POLL)
             }
             Err(e) => {
+                // Undecided, not failed: the message is kept (renewed) and the lease asked for
+                // again, for `HOLD_UNDECIDED_SECONDS`; a failure given back at once burns a
+                // delivery per try (issue 25).
                 failures += 1;
-                if failures >= 5 {
+                if asked.elapsed() >= ctx.delivery.hold_undecided() {
                     return Err(e.into());
                 }
-                tracing::warn!(workspace = %key, error = %e, "the lease store did not answer; trying again");
+                tracing::warn!(workspace = %key, error = %e, failures, "the lease store did not answer; trying again");
                 Duration::from_secs(1)
             }
         };

@@ -56,8 +56,17 @@ pub struct WorkerConfig {
     /// A session with nothing to do for this long is stopped; the next message starts it
     /// again. Memory follows the active workspaces, not every workspace ever seen.
     pub session_idle: Duration,
-    /// Visibility timeout we keep extending while a message is being worked on.
+    /// Visibility timeout we keep extending while a message is being worked on, and the one
+    /// each receive asks for: short, so that a frozen or killed worker's messages come back
+    /// within it (issue 25).
     pub visibility_timeout: Duration,
+    /// `HOLD_UNDECIDED_SECONDS`: how long a message the worker cannot decide (lease or record
+    /// store away) is kept invisible and asked about again before it is given back.
+    pub hold_undecided: Duration,
+    /// `AWS_ATTEMPT_TIMEOUT_SECONDS` / `AWS_OPERATION_TIMEOUT_SECONDS`: every AWS call's
+    /// bounds, so that no hung request holds a release, a renewal or the intake.
+    pub aws_attempt_timeout: Duration,
+    pub aws_operation_timeout: Duration,
     /// How builds are published (concurrency, Cache-Control rules, deletion cap).
     pub publish: PublishOptions,
     /// How often a failed push is retried before the message fails.
@@ -125,7 +134,10 @@ impl WorkerConfig {
             max_held_per_client: 16,
             agent_concurrency: 16,
             session_idle: Duration::from_secs(300),
-            visibility_timeout: Duration::from_secs(120),
+            visibility_timeout: Duration::from_secs(30),
+            hold_undecided: Duration::from_secs(300),
+            aws_attempt_timeout: Duration::from_secs(30),
+            aws_operation_timeout: Duration::from_secs(90),
             publish: PublishOptions::default(),
             push_attempts: 4,
             health_file: None,

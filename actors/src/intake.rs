@@ -17,6 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::backoff::Backoff;
 use crate::context::WorkerContext;
+use crate::delivery::HeldMessage;
 use crate::job::{InFlight, Job, Receipt, Renewal};
 use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::metrics::metrics;
@@ -135,12 +136,12 @@ impl InFlightRegistry {
         }
     }
 
-    /// A copy of a message we hold? Then take its newer handle.
-    fn take_copy(&self, message_id: &str, receipt_handle: &str) -> bool {
+    /// A copy of a message we hold? Then take its newer handle and receive count.
+    fn take_copy(&self, message_id: &str, receipt_handle: &str, receive_count: u32) -> bool {
         let held = self.state.lock().expect("held");
         match held.receipts.get(message_id) {
             Some(receipt) => {
-                receipt.replace(receipt_handle.to_owned());
+                receipt.replace_delivered(receipt_handle.to_owned(), receive_count);
                 true
             }
             None => false,
@@ -156,7 +157,7 @@ impl InFlightRegistry {
     ) -> Claim {
         let mut held = self.state.lock().expect("held");
         if let Some(known) = held.receipts.get(message_id) {
-            known.replace(receipt.current());
+            known.replace_delivered(receipt.current(), receipt.receive_count());
             return Claim::Copy;
         }
         held.receipts.insert(message_id.to_owned(), receipt.clone());
@@ -305,9 +306,23 @@ pub(crate) async fn run_intake(
     let sqs = ctx.delivery.sqs().clone();
     let mut last_activity = Instant::now();
     let mut error_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(20));
+    // Messages on their last delivery watched while another worker held them, decided now.
+    let (watched_tx, mut watched_rx) = tokio::sync::mpsc::unbounded_channel::<Decided>();
     loop {
         if shutdown.is_cancelled() {
             return Ok(IntakeEnd::Shutdown(None));
+        }
+        while let Ok((message, receipt, begin)) = watched_rx.try_recv() {
+            accept(
+                &ctx,
+                &supervisor,
+                &registry,
+                &watched_tx,
+                message,
+                receipt,
+                begin,
+            )
+            .await?;
         }
         if matches!(
             supervisor.get_status(),
@@ -360,15 +375,17 @@ pub(crate) async fn run_intake(
                 r = &mut receive => break r.expect("receive task does not panic"),
                 // A message at work ended during the poll: a parked one may go now.
                 _ = registry.freed.notified() => route_unparked(&registry, &supervisor)?,
+                Some((message, receipt, begin)) = watched_rx.recv() => {
+                    accept(&ctx, &supervisor, &registry, &watched_tx, message, receipt, begin).await?
+                }
                 _ = shutdown.cancelled() => {
                     let delivery = ctx.delivery.clone();
                     let give_back = tokio::spawn(async move {
                         if let Ok(Ok(out)) = receive.await {
                             for m in out.messages.unwrap_or_default() {
-                                let receipt = m.receipt_handle.unwrap_or_default();
-                                if let Err(e) = delivery.release(&receipt, Duration::ZERO).await {
-                                    tracing::warn!(error = %e, "could not give back a message received during shutdown");
-                                }
+                                delivery
+                                    .give_back(unopened(&m), Duration::ZERO, "the worker is shutting down")
+                                    .await;
                             }
                         }
                     });
@@ -393,10 +410,134 @@ pub(crate) async fn run_intake(
         if !messages.is_empty() {
             last_activity = Instant::now();
         }
-        for message in messages {
-            accept(&ctx, &supervisor, &registry, message).await?;
+        // Each message's record, consulted for all of them at once: while the record store
+        // does not answer, each is held (renewed) rather than left to time out behind the
+        // others.
+        let decided = futures::future::join_all(
+            messages
+                .into_iter()
+                .map(|m| decide(&ctx, &registry, m, &shutdown)),
+        )
+        .await;
+        for (message, receipt, begin) in decided.into_iter().flatten() {
+            accept(
+                &ctx,
+                &supervisor,
+                &registry,
+                &watched_tx,
+                message,
+                receipt,
+                begin,
+            )
+            .await?;
         }
     }
+}
+
+/// A received message whose record was consulted: the message, its receipt, what the record
+/// said.
+type Decided = (Message, Receipt, Begin);
+
+/// A received message not yet looked into, as `Delivery::give_back` needs it: ids from its
+/// body as far as they parse, its body as it came.
+fn unopened(message: &Message) -> HeldMessage {
+    let message_id = message.message_id.clone().unwrap_or_default();
+    let body = message.body.clone().unwrap_or_default();
+    let receive_count =
+        system_attribute(message, MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1);
+    let mut event =
+        StatusEvent::rejected(LooseIds::from_body(&body), &message_id, "", String::new());
+    event.error = None;
+    HeldMessage {
+        receipt: Receipt::delivered(
+            message.receipt_handle.clone().unwrap_or_default(),
+            receive_count,
+        ),
+        message_id,
+        event,
+        body,
+    }
+}
+
+/// How long this worker's `started` mark of a message holds (`delivery::mark_hold`).
+fn mark_hold(ctx: &WorkerContext) -> Duration {
+    crate::delivery::mark_hold(ctx.config.visibility_timeout)
+}
+
+/// What the record says of a received message, asked again while the record store does not
+/// answer, the message kept invisible meanwhile (issue 25: a message given back for every
+/// failed look burns its deliveries and ends in the dead-letter queue with no event). `None`
+/// for a copy of a message held here (it lends the held one its handle) and for a message
+/// given back because the store stayed away past `HOLD_UNDECIDED_SECONDS` or the worker is
+/// shutting down. `Some((message, receipt, None))`: the record says nothing yet.
+async fn decide(
+    ctx: &Arc<WorkerContext>,
+    registry: &InFlightRegistry,
+    message: Message,
+    shutdown: &CancellationToken,
+) -> Option<(Message, Receipt, Begin)> {
+    let message_id = message.message_id.clone().unwrap_or_default();
+    let receipt_handle = message.receipt_handle.clone().unwrap_or_default();
+    let receive_count: u32 = system_attribute(
+        &message,
+        MessageSystemAttributeName::ApproximateReceiveCount,
+    )
+    .unwrap_or(1);
+    if registry.take_copy(&message_id, &receipt_handle, receive_count) {
+        tracing::info!(%message_id, "a copy of a message we hold; its newer receipt handle now serves the held one");
+        return None;
+    }
+    let receipt = Receipt::delivered(receipt_handle, receive_count);
+    let since = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let mut held: Option<Renewal> = None;
+    let why = loop {
+        let error = match ctx
+            .delivery
+            .records
+            .begin(&message_id, mark_hold(ctx))
+            .await
+        {
+            Ok(begin) => {
+                if let Some(mut renewal) = held {
+                    renewal.stop().await;
+                    tracing::info!(%message_id, held_ms = since.elapsed().as_millis() as u64, "the record store answers again; the held message goes on");
+                }
+                return Some((message, receipt, begin));
+            }
+            Err(e) => e,
+        };
+        if held.is_none() {
+            // Without the record we cannot tell whether it already ran: not now, and not
+            // given back either.
+            tracing::error!(%message_id, receive_count, error = %error, "the record store is not answering; the message is kept invisible and asked about again");
+            let stop = CancellationToken::new();
+            held = Some(Renewal::new(
+                stop.clone(),
+                ctx.delivery
+                    .keep_invisible(receipt.clone(), message_id.clone(), None, stop),
+            ));
+        }
+        if since.elapsed() >= ctx.delivery.hold_undecided() {
+            break format!(
+                "the record store did not answer for {} s: {error}",
+                since.elapsed().as_secs()
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.failed()) => {}
+            _ = shutdown.cancelled() => break "the worker is shutting down".to_owned(),
+        }
+    };
+    if let Some(mut renewal) = held {
+        renewal.stop().await;
+    }
+    let mut given = unopened(&message);
+    given.receipt = receipt;
+    ctx.delivery
+        .give_back(given, RECORD_RETRY_DELAY, &why)
+        .await;
+    None
 }
 
 /// Route the parked messages whose share has room now.
@@ -424,26 +565,22 @@ fn system_attribute<T: std::str::FromStr>(
         .and_then(|v| v.parse().ok())
 }
 
-/// Validate one message; route it, park it, or reject it. A message whose outcome is already
-/// recorded is finished again (its recorded event, then the delete) and never runs twice.
+/// Validate one message whose record was consulted (`begin`); route it, park it, or reject
+/// it. A message whose outcome is already recorded is finished again (its recorded event, then
+/// the delete) and never runs twice.
 async fn accept(
     ctx: &Arc<WorkerContext>,
     supervisor: &ActorRef<SupervisorMsg>,
     registry: &InFlightRegistry,
+    watched: &tokio::sync::mpsc::UnboundedSender<Decided>,
     message: Message,
+    receipt: Receipt,
+    begin: Begin,
 ) -> Result<(), IntakeError> {
     let message_id = message.message_id.clone().unwrap_or_default();
-    let receipt_handle = message.receipt_handle.clone().unwrap_or_default();
-    if registry.take_copy(&message_id, &receipt_handle) {
-        tracing::info!(%message_id, "a copy of a message we hold; its newer receipt handle now serves the held one");
-        return Ok(());
-    }
+    let receipt_handle = receipt.current();
     let body = message.body.clone().unwrap_or_default();
-    let receive_count: u32 = system_attribute(
-        &message,
-        MessageSystemAttributeName::ApproximateReceiveCount,
-    )
-    .unwrap_or(1);
+    let receive_count = receipt.receive_count();
     let now = crate::records::now_ms();
     let sent_at_ms: u64 =
         system_attribute(&message, MessageSystemAttributeName::SentTimestamp).unwrap_or(now);
@@ -452,13 +589,10 @@ async fn accept(
         .record(now.saturating_sub(sent_at_ms) as f64, &[]);
     let (span, trace_id) = root_span(ctx, &message, &message_id);
 
-    // Two thirds of the visibility timeout, refreshed with every renewal (a third): a live
-    // worker's mark never lapses, and a dead worker's mark is gone before its message is
-    // visible again.
-    let hold = ctx.config.visibility_timeout * 2 / 3;
-    match ctx.delivery.records.begin(&message_id, hold).await {
-        Ok(Begin::Fresh) => {}
-        Ok(Begin::Ended(event)) => {
+    let hold = mark_hold(ctx);
+    match begin {
+        Begin::Fresh => {}
+        Begin::Ended(event) => {
             tracing::info!(%message_id, receive_count, "this message already ended; repeating its terminal event and deleting it");
             crate::metrics::outcome("repeated");
             let delivery = ctx.delivery.clone();
@@ -472,19 +606,24 @@ async fn accept(
             );
             return Ok(());
         }
-        Ok(Begin::HeldElsewhere { worker }) => {
+        Begin::HeldElsewhere { worker } if ctx.delivery.on_last_delivery(receive_count) => {
+            // Left alone it would be visible again after our receive's timeout, and that next
+            // receive moves it to the dead-letter queue: watch it instead, ours to delete once
+            // the other worker has ended it (our handle is the newest, the one a delete needs)
+            // or ours to run once its mark lapses.
+            tracing::warn!(%message_id, %worker, receive_count, "another worker has this message in hand and this is its last delivery; holding this copy until it ends there");
+            tokio::spawn(watch_held_elsewhere(
+                ctx.clone(),
+                watched.clone(),
+                message,
+                receipt,
+            ));
+            return Ok(());
+        }
+        Begin::HeldElsewhere { worker } => {
             // Left as it is: it is visible again after its timeout, by when the other worker
             // has ended it (and the record says so) or has died (and its mark has lapsed).
             tracing::warn!(%message_id, %worker, "another worker has this message in hand; leaving this copy");
-            return Ok(());
-        }
-        Err(e) => {
-            // Without the record we cannot tell whether it already ran: do not run it now.
-            tracing::error!(%message_id, error = %e, "the record store is not answering; the message is given back");
-            let delivery = ctx.delivery.clone();
-            tokio::spawn(async move {
-                let _ = delivery.release(&receipt_handle, RECORD_RETRY_DELAY).await;
-            });
             return Ok(());
         }
     }
@@ -512,7 +651,6 @@ async fn accept(
         // A key pasted into a request must not reach every log line and trace.
         span.record("edit.command", crate::redact::redact(&shown).as_ref());
     }
-    let receipt = Receipt::new(receipt_handle);
     let workspace = request.workspace();
     let claim = registry.claim(&message_id, &receipt, Some(&workspace));
     let slot = match claim {
@@ -527,7 +665,7 @@ async fn accept(
     let renewal = Renewal::new(
         stop.clone(),
         ctx.delivery
-            .keep_invisible(receipt.clone(), message_id.clone(), hold, stop),
+            .keep_invisible(receipt.clone(), message_id.clone(), Some(hold), stop),
     );
     let job = Job {
         request,
@@ -548,6 +686,62 @@ async fn accept(
     supervisor
         .cast(SupervisorMsg::Route(Box::new(job)))
         .map_err(|_| IntakeError::SupervisorGone)
+}
+
+/// A message on its last delivery that another worker holds: kept invisible here (our handle
+/// is the newest) and its record looked at again every few seconds, until it ended there
+/// (deleted here with its recorded event repeated) or the other worker's mark lapsed (it
+/// died: the message runs here). The store not answering is undecided, bounded by
+/// `HOLD_UNDECIDED_SECONDS`; a live mark is not.
+async fn watch_held_elsewhere(
+    ctx: Arc<WorkerContext>,
+    decided: tokio::sync::mpsc::UnboundedSender<Decided>,
+    message: Message,
+    receipt: Receipt,
+) {
+    let message_id = message.message_id.clone().unwrap_or_default();
+    let stop = CancellationToken::new();
+    let mut renewal = Renewal::new(
+        stop.clone(),
+        ctx.delivery
+            .keep_invisible(receipt.clone(), message_id.clone(), None, stop),
+    );
+    let mut store_away_since: Option<Instant> = None;
+    let begin = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        match ctx
+            .delivery
+            .records
+            .begin(&message_id, mark_hold(&ctx))
+            .await
+        {
+            Ok(Begin::HeldElsewhere { .. }) => store_away_since = None,
+            Ok(begin) => break Some(begin),
+            Err(e) => {
+                let since = *store_away_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= ctx.delivery.hold_undecided() {
+                    tracing::error!(%message_id, error = %e, "the record store stayed away while another worker held this message");
+                    break None;
+                }
+            }
+        }
+    };
+    renewal.stop().await;
+    match begin {
+        // Back to the intake, which accepts it as any other.
+        Some(begin) => {
+            if decided.send((message, receipt, begin)).is_err() {
+                tracing::warn!(%message_id, "the intake has ended; the watched message comes back later");
+            }
+        }
+        None => {
+            let mut given = unopened(&message);
+            given.receipt = receipt;
+            ctx.delivery
+                .give_back(given, RECORD_RETRY_DELAY, "the record store did not answer")
+                .await;
+        }
+    }
 }
 
 fn served_here(
@@ -709,14 +903,15 @@ mod tests {
             Claim::Copy
         ));
         assert_eq!(held.receipt.current(), "newer");
-        assert!(registry.take_copy("m1", "newest"));
+        assert!(registry.take_copy("m1", "newest", 2));
         assert_eq!(held.receipt.current(), "newest");
-        assert!(!registry.take_copy("m2", "other"), "not held");
+        assert_eq!(held.receipt.receive_count(), 2, "the copy's count counts");
+        assert!(!registry.take_copy("m2", "other", 1), "not held");
         assert_eq!(registry.in_flight(), 1, "a copy takes no place");
 
         // A parked message's copy is a copy too.
         assert!(take(&registry, "m2", "a", "site").is_none());
-        assert!(registry.take_copy("m2", "newer-2"));
+        assert!(registry.take_copy("m2", "newer-2", 3));
         drop(held);
         let ready = registry.unpark_ready();
         assert_eq!(ready[0].receipt.current(), "newer-2");
@@ -759,7 +954,7 @@ mod tests {
         assert!(take(&registry, "m3", "b", "site").is_none());
         assert_eq!(ids(&registry.take_parked()), ["m2", "m3"]);
         assert_eq!(registry.in_flight(), 1);
-        assert!(!registry.take_copy("m2", "h"), "no longer held");
+        assert!(!registry.take_copy("m2", "h", 1), "no longer held");
     }
 
     #[test]

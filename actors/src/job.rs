@@ -55,7 +55,10 @@ impl Job {
     }
 
     /// Give the message back to the queue, visible again after `delay`: stop the renewal
-    /// first (and wait for one in flight, which would otherwise hide it again), then release.
+    /// first (and wait for one in flight, which would otherwise hide it again), then go by the
+    /// one rule of `Delivery::give_back`: released, or, on its last delivery before the
+    /// queue's redrive, ended `failed` (`out_of_deliveries`) so that it never reaches the
+    /// dead-letter queue without its terminal event.
     pub async fn release(
         mut self,
         delivery: &crate::delivery::Delivery,
@@ -63,33 +66,65 @@ impl Job {
         why: &str,
     ) {
         self.renewal.stop().await;
-        if let Err(e) = delivery.records.give_up(&self.message_id).await {
-            tracing::warn!(error = %e, message_id = %self.message_id, "could not let go of the message's record; the next worker waits for its mark to expire");
-        }
-        if let Err(e) = delivery.release(&self.receipt.current(), delay).await {
-            tracing::warn!(error = %e, why, message_id = %self.message_id, "could not release the message; it returns after its visibility timeout");
-        }
+        let mut event = crate::status::StatusEvent::for_request(
+            crate::status::EventType::Failed,
+            &self.request,
+            &self.message_id,
+        );
+        event.trace_id = self.trace_id.clone();
+        event.branch = Some(self.request.branch());
+        let held = crate::delivery::HeldMessage {
+            message_id: self.message_id.clone(),
+            receipt: self.receipt.clone(),
+            event,
+            body: crate::outcome::request_body(&self.request),
+        };
+        delivery.give_back(held, delay, why).await;
     }
 }
 
-/// A held message's receipt handle. SQS gives out a new handle with every delivery, and only
-/// the newest one surely deletes or extends the message (an older one can "succeed" without
-/// effect), so when a copy of a held message arrives, its handle replaces the one we hold: the
-/// renewal and the final delete or release always use the newest.
+/// A held message's receipt handle, and how often SQS has delivered it. SQS gives out a new
+/// handle with every delivery, and only the newest one surely deletes or extends the message
+/// (an older one can "succeed" without effect), so when a copy of a held message arrives, its
+/// handle replaces the one we hold: the renewal and the final delete or release always use the
+/// newest. The copy's receive count comes with it: it is what the queue's redrive policy
+/// counts, so whether giving the message back would send it to the dead-letter queue
+/// (`Delivery::give_back`) is judged by the newest delivery, not the first.
 #[derive(Debug, Clone)]
-pub struct Receipt(Arc<Mutex<String>>);
+pub struct Receipt(Arc<Mutex<(String, u32)>>);
 
 impl Receipt {
+    /// The handle of a first delivery (tests).
+    #[cfg(test)]
     pub fn new(handle: String) -> Receipt {
-        Receipt(Arc::new(Mutex::new(handle)))
+        Receipt::delivered(handle, 1)
+    }
+
+    /// The handle of the `receive_count`th delivery (`ApproximateReceiveCount`).
+    pub fn delivered(handle: String, receive_count: u32) -> Receipt {
+        Receipt(Arc::new(Mutex::new((handle, receive_count))))
     }
 
     pub fn current(&self) -> String {
-        self.0.lock().expect("receipt").clone()
+        self.0.lock().expect("receipt").0.clone()
     }
 
+    /// Deliveries so far, as SQS counted them at the newest one.
+    pub fn receive_count(&self) -> u32 {
+        self.0.lock().expect("receipt").1
+    }
+
+    #[cfg(test)]
     pub fn replace(&self, newer: String) {
-        *self.0.lock().expect("receipt") = newer;
+        self.0.lock().expect("receipt").0 = newer;
+    }
+
+    /// A copy was delivered: its handle and count serve from now on (a count never goes back:
+    /// SQS's is approximate).
+    pub fn replace_delivered(&self, newer: String, receive_count: u32) {
+        let mut held = self.0.lock().expect("receipt");
+        held.0 = newer;
+        held.1 = held.1.max(receive_count);
     }
 }
 

@@ -30,6 +30,7 @@ pub(crate) mod outcome;
 mod package_script;
 pub mod pixels;
 mod prepared_build;
+pub(crate) mod presence;
 pub(crate) mod process;
 pub(crate) mod progress;
 pub mod publish;

@@ -89,14 +89,38 @@ pub struct NoticeError {
 #[derive(Clone)]
 pub(crate) struct NoticeSender {
     sqs: aws_sdk_sqs::Client,
+    /// Tests: every notice goes here (queue, notice) instead of to SQS.
+    #[cfg(test)]
+    tap: Option<tokio::sync::mpsc::UnboundedSender<(String, Notice)>>,
 }
 
 impl NoticeSender {
     pub fn new(sqs: aws_sdk_sqs::Client) -> NoticeSender {
-        NoticeSender { sqs }
+        NoticeSender {
+            sqs,
+            #[cfg(test)]
+            tap: None,
+        }
+    }
+
+    /// A sender whose notices a test reads from the returned channel.
+    #[cfg(test)]
+    pub fn tapped(
+        sqs: aws_sdk_sqs::Client,
+    ) -> (
+        NoticeSender,
+        tokio::sync::mpsc::UnboundedReceiver<(String, Notice)>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (NoticeSender { sqs, tap: Some(tx) }, rx)
     }
 
     pub async fn send(&self, queue_url: &str, notice: &Notice) -> Result<(), NoticeError> {
+        #[cfg(test)]
+        if let Some(tap) = &self.tap {
+            let _ = tap.send((queue_url.to_owned(), notice.clone()));
+            return Ok(());
+        }
         let body = serde_json::to_string(notice).expect("notices serialize");
         self.sqs
             .send_message()
@@ -144,6 +168,14 @@ pub(crate) fn queue_name(input_queue_url: &str, worker: &str) -> String {
     name
 }
 
+/// What every notice queue beside `input_queue_url` starts with (`queue_name`), for listing
+/// them by SQS's `QueueNamePrefix`.
+pub(crate) fn queue_prefix(input_queue_url: &str) -> String {
+    let full = queue_name(input_queue_url, "");
+    // `queue_name` of an empty id: the prefix, then the hash part (`-` + 8 hex digits).
+    full[..full.len() - 9].to_owned()
+}
+
 impl NoticeQueue {
     /// Create (or find) this worker's queue.
     pub async fn create(
@@ -176,8 +208,14 @@ impl NoticeQueue {
         &self.url
     }
 
-    /// Hand every notice to `on_notice` until `shutdown`; then delete the queue.
-    pub(crate) async fn serve(self, on_notice: impl Fn(Notice), shutdown: CancellationToken) {
+    /// Hand every notice to `on_notice` until `shutdown`; then give the queue back, for the
+    /// worker to delete (`delete`), unless another live process with this `WORKER_ID` owns
+    /// it now (`presence.rs`).
+    pub(crate) async fn serve(
+        self,
+        on_notice: impl Fn(Notice),
+        shutdown: CancellationToken,
+    ) -> NoticeQueue {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         loop {
             let receive = self
@@ -223,6 +261,10 @@ impl NoticeQueue {
                 }
             }
         }
+        self
+    }
+
+    pub(crate) async fn delete(self) {
         if let Err(e) = self.sqs.delete_queue().queue_url(&self.url).send().await {
             tracing::warn!(error = %DisplayErrorContext(&e), "could not delete this worker's notice queue");
         }
@@ -252,6 +294,22 @@ mod tests {
             b, c,
             "ids that share their first 80 characters still differ"
         );
+    }
+
+    #[test]
+    fn every_notice_queue_of_an_input_queue_starts_with_its_prefix() {
+        for url in [
+            "http://localhost/123/edit-requests",
+            &format!("http://localhost/123/{}", "q".repeat(79)),
+        ] {
+            let prefix = queue_prefix(url);
+            for worker in ["a", "host-1:42", &"w".repeat(200)] {
+                assert!(
+                    queue_name(url, worker).starts_with(&prefix),
+                    "{url} {worker}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -102,8 +102,7 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
         if e.is_retryable() {
             // Out of retries: keep the message, with its last error, where a person can look.
             let reason = format!("failed after {} deliveries: {e}", job.receive_count);
-            let body = serde_json::to_string(&RequestBody::from(request))
-                .expect("plain strings serialize");
+            let body = request_body(request);
             if let Err(err) = ctx.delivery.dead_letter(&body, &reason).await {
                 tracing::error!(error = %err, "could not keep the failed message in the dead-letter queue");
             }
@@ -129,9 +128,16 @@ async fn report(ctx: &WorkerContext, job: Job, event: StatusEvent) {
         EventType::Interrupted => "interrupted",
         _ => "failed",
     });
-    if let Err(e) = ctx.delivery.finish(&job.receipt.current(), &event).await {
-        tracing::error!(error = %e, message_id = %job.message_id, "message not finished; it will be delivered again");
-    }
+    // The record store or the status queue away: the message is kept (invisible) and its
+    // ending tried again, rather than given back to burn a delivery (issue 25).
+    ctx.delivery
+        .finish_holding(&job.receipt, &event, false, ctx.delivery.hold_undecided())
+        .await;
+}
+
+/// The request as the producer sent it, for a dead-letter copy.
+pub(crate) fn request_body(request: &crate::message::EditRequest) -> String {
+    serde_json::to_string(&RequestBody::from(request)).expect("plain strings serialize")
 }
 
 /// The request as the producer sent it, for the dead-letter copy.

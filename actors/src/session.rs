@@ -35,6 +35,9 @@ pub enum SessionMsg {
     Shutdown(RpcReplyPort<()>),
     /// Idle for the idle time since `epoch`? Then offer to be stopped.
     IdleCheck(u64),
+    /// Tests: (a batch is running, the lease is kept between batches).
+    #[cfg(test)]
+    Probe(RpcReplyPort<(bool, bool)>),
 }
 
 pub struct SessionArgs {
@@ -329,8 +332,17 @@ impl Actor for SessionActor {
                         }
                         state.waiters.push(waiter);
                     }
-                    // Between batches the lease is not kept: nothing here holds it.
-                    None => tell_released(&state.args.ctx, &state.args.key, vec![waiter]),
+                    // Between batches the lease may still be kept for queued work (the next
+                    // job waits for a step's restart): `Released` is said only once it is
+                    // released, never while it is kept (issue 25). The next batch then lets
+                    // the waiter go first.
+                    None => {
+                        let lease = state.lease.take();
+                        if lease.is_some() && !state.queue.is_empty() {
+                            state.yielded = true;
+                        }
+                        Self::release_lease(&state.args, lease, vec![waiter]).await;
+                    }
                 }
             }
             SessionMsg::JobEnded(lease) => {
@@ -348,6 +360,10 @@ impl Actor for SessionActor {
                     Self::release_lease(&state.args, lease, waiters).await;
                 }
                 Self::start_next(&myself, state).await?;
+            }
+            #[cfg(test)]
+            SessionMsg::Probe(reply) => {
+                let _ = reply.send((state.running.is_some(), state.lease.is_some()));
             }
             SessionMsg::IdleCheck(epoch) => {
                 if epoch == state.epoch && state.running.is_none() && state.queue.is_empty() {

@@ -24,6 +24,9 @@ pub enum SupervisorMsg {
     /// How many sessions are alive (the session tests' idle-stop check).
     #[cfg(test)]
     SessionCount(RpcReplyPort<usize>),
+    /// The session of a workspace, if one lives (session tests).
+    #[cfg(test)]
+    SessionOf(WorkspaceKey, RpcReplyPort<Option<ActorRef<SessionMsg>>>),
     /// A session has been idle for the idle time, having received `received` jobs.
     SessionIdle { key: WorkspaceKey, received: u64 },
     /// A notice from another worker (`notices.rs`).
@@ -174,6 +177,10 @@ impl Actor for Supervisor {
             #[cfg(test)]
             SupervisorMsg::SessionCount(reply) => {
                 let _ = reply.send(state.sessions.len());
+            }
+            #[cfg(test)]
+            SupervisorMsg::SessionOf(key, reply) => {
+                let _ = reply.send(state.sessions.get(&key).cloned());
             }
             SupervisorMsg::SessionIdle { key, received } => {
                 let routed = state.routed.get(&key).copied().unwrap_or(0);

@@ -41,6 +41,20 @@ pub enum WorkerError {
     /// `BROWSER_CHECK=on` and no Chromium.
     #[error("BROWSER_CHECK=on: {0}")]
     Browser(#[from] crate::browser::BrowserError),
+    /// Another live process has this `WORKER_ID` (`presence.rs`): refused at start, or found
+    /// later (then this worker shut down first).
+    #[error(transparent)]
+    WorkerIdInUse(#[from] crate::presence::PresenceError),
+}
+
+impl WorkerError {
+    /// A configuration error (exit code 2), not a failure of the worker.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            WorkerError::WorkerIdInUse(crate::presence::PresenceError::InUse { .. })
+        )
+    }
 }
 
 /// Run until `shutdown` is cancelled or the worker has been idle for the configured time.
@@ -88,7 +102,33 @@ pub async fn run(
         status,
         config.visibility_timeout,
         records,
-    );
+    )
+    .with_hold_undecided(config.hold_undecided);
+    // The queue's redrive: a message on its last delivery is never given back (it would reach
+    // the dead-letter queue with no event), and a passing failure is final by then.
+    let mut config = config;
+    let redrive_limit = match delivery.read_redrive_limit().await {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the input queue's redrive policy; assuming it has none");
+            None
+        }
+    };
+    if let Some(limit) = redrive_limit {
+        if config.max_receives > limit {
+            tracing::warn!(
+                max_receives = config.max_receives,
+                redrive_max_receive_count = limit,
+                "MAX_RECEIVES is above the input queue's maxReceiveCount; a passing failure is final at the queue's count"
+            );
+            config.max_receives = limit;
+        }
+        tracing::info!(
+            redrive_max_receive_count = limit,
+            "the input queue's redrive policy"
+        );
+    }
+    let delivery = delivery.with_redrive_limit(redrive_limit);
     let agent = config.agent.clone();
     let build = BuildSpec::from_config(&config, sandbox.clone());
     let check_s3 = s3.clone();
@@ -126,7 +166,28 @@ pub async fn run(
     // With a lease store, workspaces are leased and other workers reach this one through its
     // notice queue.
     let mut notice_queue = None;
+    let mut presence = None;
     if ctx.delivery.records.is_shared() {
+        // One live process per WORKER_ID: records, marks and leases know a worker by it.
+        presence = Some(
+            crate::presence::Presence::claim(
+                ctx.delivery.records.clone(),
+                &ctx.config.worker_id,
+                None,
+            )
+            .await
+            .map_err(|e| match e {
+                crate::presence::PresenceError::Store(e) => {
+                    // The store away at start: the worker runs (its leases retry), unchecked.
+                    tracing::error!(error = %e, "could not claim this worker's presence in the lease store; a second process with this WORKER_ID goes unnoticed");
+                    None
+                }
+                in_use => Some(in_use),
+            }),
+        );
+        if let Some(Err(Some(e))) = presence {
+            return Err(e.into());
+        }
         let leases = Leases::shared(
             ctx.delivery.records.clone(),
             LeaseConfig {
@@ -143,6 +204,9 @@ pub async fn run(
         {
             Ok(queue) => {
                 leases.set_notice_queue(queue.url().to_owned());
+                if let Some(Ok(presence)) = &mut presence {
+                    presence.set_notices(queue.url().to_owned());
+                }
                 ctx.notice_url = Some(queue.url().to_owned());
                 notice_queue = Some(queue);
             }
@@ -168,6 +232,51 @@ pub async fn run(
     )
     .await?;
 
+    // The presence renewed while the worker runs; a second live process with this WORKER_ID
+    // found at a renewal stops this one, as a signal would.
+    let presence_stop = CancellationToken::new();
+    let duplicate = CancellationToken::new();
+    let presence_kept = match presence {
+        Some(Ok(presence)) => Some(tokio::spawn(
+            presence.keep(presence_stop.clone(), duplicate.clone()),
+        )),
+        _ => None,
+    };
+    let intake_stop = CancellationToken::new();
+    {
+        let (shutdown, duplicate, intake_stop) =
+            (shutdown.clone(), duplicate.clone(), intake_stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = duplicate.cancelled() => {}
+            }
+            intake_stop.cancel();
+        });
+    }
+    // Notice queues of workers killed before they could delete theirs.
+    if ctx.delivery.records.is_shared() {
+        let (sqs, records, input, own) = (
+            sqs_client.clone(),
+            ctx.delivery.records.clone(),
+            ctx.config.input_queue_url.clone(),
+            ctx.notice_url.clone(),
+        );
+        tokio::spawn(async move {
+            match crate::presence::sweep_notice_queues(&sqs, &records, &input, own.as_deref()).await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    removed = n,
+                    "deleted notice queues of workers that are gone"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for dead workers' notice queues")
+                }
+            }
+        });
+    }
+
     let notices_stop = CancellationToken::new();
     let notices_served = notice_queue.map(|queue| {
         let supervisor = supervisor.clone();
@@ -185,7 +294,7 @@ pub async fn run(
         supervisor.clone(),
         registry.clone(),
         options.exit_when_idle,
-        shutdown,
+        intake_stop,
     )
     .await;
 
@@ -232,8 +341,23 @@ pub async fn run(
     );
     // Sessions have released their leases; the notice queue goes with the worker.
     notices_stop.cancel();
-    if let Some(served) = notices_served {
-        let _ = served.await;
+    if let Some(served) = notices_served
+        && let Ok(queue) = served.await
+        && !duplicate.is_cancelled()
+    {
+        // Not when another process with this id owns the queue (and the presence) now.
+        queue.delete().await;
+    }
+    presence_stop.cancel();
+    if let Some(kept) = presence_kept {
+        let _ = kept.await;
+    }
+    if duplicate.is_cancelled() {
+        return Err(WorkerError::WorkerIdInUse(
+            crate::presence::PresenceError::InUse {
+                worker: ctx.config.worker_id.clone(),
+            },
+        ));
     }
     Ok(end?)
 }

@@ -569,28 +569,68 @@ pub fn files_under(dir: &Path) -> Vec<String> {
 /// until `blocked_for` has passed, then forwards. Cuts the path to a server without touching
 /// the server (moto keeps its state in memory, so it cannot be restarted).
 pub async fn flaky_proxy(target: String, blocked_for: Duration) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let target = target.trim_start_matches("http://").to_owned();
-    let open_at = tokio::time::Instant::now() + blocked_for;
+    let proxy = CutProxy::start(target).await;
+    proxy.cut();
+    let url = proxy.url.clone();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                return;
-            };
-            if tokio::time::Instant::now() < open_at {
-                drop(inbound);
-                continue;
-            }
-            let target = target.clone();
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
+        tokio::time::sleep(blocked_for).await;
+        proxy.restore();
+        // Kept alive for the rest of the test.
+        std::future::pending::<()>().await;
     });
-    format!("http://{addr}")
+    url
+}
+
+/// A TCP proxy in front of `target` whose path a test cuts and restores: while cut, it accepts
+/// and drops every new connection, and cutting also drops the connections already open (an
+/// SDK keeps its connections and would otherwise go on through them). An outage of one
+/// service (`AWS_ENDPOINT_URL_S3` pointed here: S3 only) without touching moto.
+pub struct CutProxy {
+    pub url: String,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl CutProxy {
+    pub async fn start(target: String) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = target.trim_start_matches("http://").to_owned();
+        let (cut, watching) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if *watching.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut watching = watching.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = watching.wait_for(|cut| *cut) => {}
+                        }
+                    }
+                });
+            }
+        });
+        CutProxy {
+            url,
+            cut: std::sync::Arc::new(cut),
+        }
+    }
+
+    /// From now on nothing gets through, and what was open is dropped.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
 }
 
 impl TestEnv {

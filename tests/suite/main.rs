@@ -9,6 +9,7 @@ mod browser_check;
 mod bucket_ownership;
 mod build_ahead;
 mod container;
+mod delivery_limits;
 mod deploys;
 mod exactly_once;
 mod exactly_once_faults;

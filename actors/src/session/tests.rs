@@ -36,6 +36,9 @@ struct Harness {
     /// Terminal events received so far, by message id.
     ended: HashMap<String, StatusEvent>,
     calls: UnboundedReceiver<Call>,
+    /// With shared leases (`start_shared`): the notices sent to other workers, and the store.
+    notices: Option<UnboundedReceiver<(String, crate::notices::Notice)>>,
+    records: RecordStore,
     _root: tempfile::TempDir,
 }
 
@@ -54,6 +57,23 @@ impl Harness {
     async fn start(
         configure: impl FnOnce(&mut WorkerConfig),
         step_restarts: RestartPolicy,
+    ) -> Harness {
+        Harness::start_with(configure, step_restarts, false).await
+    }
+
+    /// As `start`, with leases in the (local) record store as several workers share them, and
+    /// the notices to other workers tapped.
+    async fn start_shared(
+        configure: impl FnOnce(&mut WorkerConfig),
+        step_restarts: RestartPolicy,
+    ) -> Harness {
+        Harness::start_with(configure, step_restarts, true).await
+    }
+
+    async fn start_with(
+        configure: impl FnOnce(&mut WorkerConfig),
+        step_restarts: RestartPolicy,
+        shared: bool,
     ) -> Harness {
         let root = tempfile::tempdir().expect("temp dir");
         let mut config = WorkerConfig::with_defaults("https://sqs.invalid/123456789012/input");
@@ -77,7 +97,22 @@ impl Harness {
             ahead: None,
             slots: crate::slots::BuildSlots::new(1, 16),
         };
-        let ctx = Arc::new(WorkerContext::new(config, delivery, None, build));
+        let mut ctx = WorkerContext::new(config, delivery, None, build);
+        let mut notices = None;
+        if shared {
+            ctx.leases = crate::lease::Leases::shared(
+                ctx.delivery.records.clone(),
+                crate::lease::LeaseConfig {
+                    duration: Duration::from_secs(30),
+                    worker: ctx.config.worker_id.clone(),
+                },
+            );
+            let (sender, tap) = crate::notices::NoticeSender::tapped(offline_sqs());
+            ctx.notices = Some(sender);
+            notices = Some(tap);
+        }
+        let records = ctx.delivery.records.clone();
+        let ctx = Arc::new(ctx);
         let (step_factory, calls) = FakeSteps::new();
         let (supervisor, _) = Actor::spawn(
             None,
@@ -96,6 +131,8 @@ impl Harness {
             events,
             ended: HashMap::new(),
             calls,
+            notices,
+            records,
             _root: root,
         }
     }
@@ -309,4 +346,84 @@ async fn a_session_with_nothing_to_do_stops_its_steps_and_then_itself_after_its_
         .await
         .expect("supervisor answers");
     assert!(matches!(count, ractor::rpc::CallResult::Success(0)));
+}
+
+/// Issue 25: a `Newer` notice is answered `Released` only once the lease is released. Here the
+/// session keeps the lease between batches for queued work that waits for a step's restart;
+/// the old session answered at once ("between batches the lease is not kept") while its lease
+/// record still named it the holder, so the waiter found the lease held and waited on.
+#[tokio::test]
+async fn released_is_said_only_after_the_lease_is_released() {
+    let mut restarts = RestartPolicy::default();
+    // Long enough that the notice surely comes while the restart is pending.
+    restarts.base_backoff = Duration::from_secs(3);
+    let mut h = Harness::start_shared(|c| c.max_receives = 1, restarts).await;
+    // m1 runs until stopped; m2 (older: it waits) crashes the agent; m3 (newer) stops m1.
+    h.send("m1", "t1", 1_000, "First [wait]");
+    h.call(|c| matches!(c, Call::Agent { prompt } if prompt.contains("[wait]")))
+        .await;
+    h.send("m2", "t2", 500, "Second [panic]");
+    h.send("m3", "t3", 2_000, "Third");
+    assert_eq!(h.ended("m1").await.event_type, EventType::Interrupted);
+    let crashed = h.ended("m2").await;
+    assert_eq!(
+        crashed.error.as_ref().map(|e| e.kind.as_str()),
+        Some("step_crashed")
+    );
+    // Now the session keeps the lease for m3, which waits for the agent's restart.
+    let key = crate::message::WorkspaceKey::of("amelia", "stamps");
+    let session = h
+        .supervisor
+        .call(|r| SupervisorMsg::SessionOf(key.clone(), r), None)
+        .await
+        .expect("supervisor answers")
+        .expect("answered")
+        .expect("the session lives");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (running, kept) = session
+            .call(crate::session::SessionMsg::Probe, None)
+            .await
+            .expect("session answers")
+            .expect("answered");
+        if !running && kept {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never kept between batches");
+        tokio::task::yield_now().await;
+    }
+    // Another worker's message waits for the workspace.
+    h.supervisor
+        .cast(SupervisorMsg::Notice(crate::notices::Notice::Newer {
+            client_id: "amelia".into(),
+            project_id: "stamps".into(),
+            message_id: "elsewhere".into(),
+            sent_at_ms: 3_000,
+            from: "other-worker".into(),
+            reply_to: Some("other-queue".into()),
+        }))
+        .unwrap();
+    let notices = h.notices.as_mut().expect("tapped");
+    let (to, notice) = tokio::time::timeout(PATIENCE, notices.recv())
+        .await
+        .expect("an answer")
+        .expect("the tap lives");
+    assert_eq!(to, "other-queue");
+    assert!(
+        matches!(notice, crate::notices::Notice::Released { .. }),
+        "{notice:?}"
+    );
+    // Said: then the lease must be free for the waiter.
+    let (lease, _) = h
+        .records
+        .read_typed::<serde_json::Value>("leases/amelia/stamps.json")
+        .await
+        .expect("the store answers");
+    let lease = lease.expect("a lease record");
+    assert_eq!(
+        lease["expiresAtMs"], 0,
+        "Released was said while the lease was held: {lease}"
+    );
+    // And the queued work still runs, after the waiter's turn.
+    assert_eq!(h.ended("m3").await.event_type, EventType::Completed);
 }
