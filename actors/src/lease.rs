@@ -53,7 +53,7 @@ struct LeaseRecord {
     token: u64,
     /// Wall-clock expiry (ms since the epoch); 0 once released. A waiting worker takes an
     /// expired lease, so the holder's clock and the waiter's must agree within the safety
-    /// margin (`LeaseConfig::margin`), as EC2's time sync keeps them.
+    /// allowance (`LeaseConfig::skew_allowance`), as EC2's time sync keeps them.
     expires_at_ms: u64,
     /// The holder's notice queue: where a worker with a newer message for the workspace tells
     /// the holder to stop (`notices.rs`).
@@ -71,10 +71,21 @@ pub(crate) struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// The holder stops pushing and publishing this long before the lease would expire by its
-    /// own monotonic clock: room for a clock skew between workers and for the write in flight.
-    fn margin(&self) -> Duration {
+    /// The clock-skew allowance: the holder's lease ends this long before the record's expiry
+    /// by its own monotonic clock (measured from the moment it *asked* for the write that set
+    /// that expiry), so a waiter whose wall clock runs ahead of the holder's by less than this
+    /// never takes a lease its holder still works under. A fifth of `LEASE_SECONDS` (6 s of
+    /// the default 30): EC2's time sync keeps hosts within milliseconds, and the rest is room
+    /// for the renewal's own round trip.
+    pub(crate) fn skew_allowance(&self) -> Duration {
         self.duration / 5
+    }
+
+    /// How long a release waits for a renewal in flight, and then for its own write, before it
+    /// leaves the lease to expire by itself: a release runs inside the session's handler and
+    /// must never hang with a hung store. A healthy store answers in milliseconds.
+    fn release_wait(&self) -> Duration {
+        (self.duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2))
     }
 }
 
@@ -268,7 +279,8 @@ struct HeldState {
 
 /// Whether a lease still holds, cheap to clone into whatever must check it before an effect
 /// (a push, a publish). It fails once the heartbeat found the lease gone, or once the lease's
-/// time (by this worker's monotonic clock, less the safety margin) ran out without a renewal.
+/// time (by this worker's monotonic clock, less the clock-skew allowance) ran out without a
+/// renewal. The heartbeat also cancels `lost` at that moment, whatever its own write is doing.
 #[derive(Clone)]
 pub struct LeaseCheck {
     workspace: String,
@@ -297,6 +309,33 @@ impl LeaseCheck {
     pub(crate) fn lost(&self) -> &CancellationToken {
         &self.lost
     }
+
+    /// The token of the lease this checks (0 when alone): what fenced writes carry.
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The check of a worker that is alone (no lease store): always holds, token 0. For
+    /// writes made outside a batch's lease (and tests).
+    pub(crate) fn unfenced(workspace: &str) -> LeaseCheck {
+        LeaseCheck {
+            workspace: workspace.to_owned(),
+            token: 0,
+            lost: CancellationToken::new(),
+            valid_until: None,
+        }
+    }
+
+    /// A check that holds with `token` until `lost` is cancelled (tests).
+    #[cfg(test)]
+    pub(crate) fn with_token(token: u64, lost: CancellationToken) -> LeaseCheck {
+        LeaseCheck {
+            workspace: "test".into(),
+            token,
+            lost,
+            valid_until: None,
+        }
+    }
 }
 
 impl Lease {
@@ -305,12 +344,7 @@ impl Lease {
             key: key.clone(),
             token: 0,
             handover: false,
-            check: LeaseCheck {
-                workspace: key.to_string(),
-                token: 0,
-                lost: CancellationToken::new(),
-                valid_until: None,
-            },
+            check: LeaseCheck::unfenced(&key.to_string()),
             held: None,
         }
     }
@@ -324,7 +358,9 @@ impl Lease {
         handover: bool,
     ) -> Lease {
         let config = &shared.config;
-        let valid_until = Arc::new(Mutex::new(asked + config.duration - config.margin()));
+        let valid_until = Arc::new(Mutex::new(
+            asked + config.duration - config.skew_allowance(),
+        ));
         let check = LeaseCheck {
             workspace: key.to_string(),
             token: record.token,
@@ -392,12 +428,20 @@ impl Lease {
     /// Give the lease up: the next worker (or this one) may take it at once. The token and
     /// holder stay in the record, so the next holder knows whether the workspace changed hands.
     pub(crate) async fn release(mut self) {
-        let Some(held) = self.held.take() else {
+        let Some(mut held) = self.held.take() else {
             return;
         };
         held.stop_heartbeat.cancel();
-        let _ = held.heartbeat.await;
-        if self.check.lost.is_cancelled() {
+        let wait = held.shared.config.release_wait();
+        // A renewal in flight finishes first (its version is the one to release), but a hung
+        // one is not waited for: the lease then simply expires (issue 25).
+        let mut heartbeat = std::mem::replace(&mut held.heartbeat, tokio::spawn(async {}));
+        if tokio::time::timeout(wait, &mut heartbeat).await.is_err() {
+            heartbeat.abort();
+            tracing::warn!(workspace = %self.key, "a lease renewal hangs; not releasing, the lease expires by itself");
+            return;
+        }
+        if self.check.check().is_err() {
             return;
         }
         let (mut record, version) = {
@@ -408,12 +452,20 @@ impl Lease {
         let text = serde_json::to_string(&record).expect("leases serialize");
         // Stamped before the write: the next holder's "acquired" never precedes our "released".
         let at_ms = now_ms();
-        match held
-            .shared
-            .store
-            .write_document(&lease_key(&self.key), &text, version)
-            .await
-        {
+        let written = tokio::time::timeout(
+            wait,
+            held.shared
+                .store
+                .write_document(&lease_key(&self.key), &text, version),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::records::RecordError::Store {
+                op: "release lease",
+                message: format!("no answer within {wait:?}"),
+            })
+        });
+        match written {
             Ok(Some(_)) => lease_event!(
                 tracing::Level::INFO,
                 "lease released",
@@ -451,7 +503,11 @@ impl Drop for Lease {
 
 /// Renew the lease every third of its duration until it is released or lost. A renewal that
 /// finds the lease changed means another worker took it: the lease is lost. A store that does
-/// not answer is tried again until the lease's own time runs out: then it is lost too.
+/// not answer is tried again until the lease's own time runs out: then it is lost too. That
+/// time is this worker's monotonic clock, and it ends the lease whatever the renewal is doing:
+/// a renewal that hangs (a hung S3 request) is abandoned at the deadline, and a process that
+/// was paused (SIGSTOP, a starved VM) finds its lease over the moment it runs again, before it
+/// asks the store anything.
 async fn heartbeat(
     shared: Arc<Shared>,
     key: WorkspaceKey,
@@ -464,10 +520,39 @@ async fn heartbeat(
     let doc = lease_key(&key);
     let every = config.duration / 3;
     let mut next = Instant::now() + every;
+    let deadline = || *valid_until.lock().expect("valid_until");
+    let lose = |token: u64, why: &str| {
+        let at_ms = now_ms();
+        lease_event!(
+            tracing::Level::WARN,
+            "lease lost",
+            workspace = %key,
+            token,
+            worker = %config.worker,
+            at_ms,
+            error = %why
+        );
+        check.lost.cancel();
+    };
+    let token = check.token;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep_until(next.into()) => {}
+            biased;
             _ = stop.cancelled() => return,
+            // Renewals that keep failing end here too, at the deadline, not at their next try.
+            _ = tokio::time::sleep_until(deadline().into()) => {
+                lose(token, "its time ran out by this worker's clock before a renewal succeeded");
+                return;
+            }
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+        if Instant::now() >= deadline() {
+            // Woken after a pause longer than the lease: never renew what may be another's.
+            lose(
+                token,
+                "its time ran out by this worker's clock (was the process paused?)",
+            );
+            return;
         }
         let asked = Instant::now();
         let (mut record, version) = {
@@ -476,10 +561,17 @@ async fn heartbeat(
         };
         record.expires_at_ms = now_ms() + config.duration.as_millis() as u64;
         let text = serde_json::to_string(&record).expect("leases serialize");
-        match shared.store.write_document(&doc, &text, version).await {
+        let renewed = tokio::select! {
+            renewed = shared.store.write_document(&doc, &text, version) => renewed,
+            _ = tokio::time::sleep_until(deadline().into()) => {
+                lose(token, "a renewal did not answer before the lease's time ran out by this worker's clock");
+                return;
+            }
+        };
+        match renewed {
             Ok(Some(version)) => {
                 *valid_until.lock().expect("valid_until") =
-                    asked + config.duration - config.margin();
+                    asked + config.duration - config.skew_allowance();
                 let mut s = state.lock().expect("lease state");
                 s.record = record;
                 s.version = version;
@@ -487,33 +579,10 @@ async fn heartbeat(
                 next = asked + every;
             }
             Ok(None) => {
-                let at_ms = now_ms();
-                lease_event!(
-                    tracing::Level::WARN,
-                    "lease lost",
-                    workspace = %key,
-                    token = record.token,
-                    worker = %config.worker,
-                    at_ms
-                );
-                check.lost.cancel();
+                lose(token, "another worker changed the lease");
                 return;
             }
             Err(e) => {
-                if Instant::now() >= *valid_until.lock().expect("valid_until") {
-                    let at_ms = now_ms();
-                    lease_event!(
-                        tracing::Level::WARN,
-                        "lease lost",
-                        workspace = %key,
-                        token = record.token,
-                        worker = %config.worker,
-                        at_ms,
-                        error = %e
-                    );
-                    check.lost.cancel();
-                    return;
-                }
                 tracing::warn!(workspace = %key, error = %e, "could not renew the lease; trying again");
                 next = Instant::now() + Duration::from_millis(500);
             }
