@@ -98,11 +98,48 @@ pub(crate) enum Begin {
     HeldElsewhere { worker: String },
 }
 
-/// How far a thread has got: the newest send time among its messages that started to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A thread's one document in the records (`threads/{client}/{project}/{thread}.json`): how far
+/// the thread has got (its mark), the agent's conversation, and the lease token of the holder
+/// that wrote it. One document, so that a batch reads it once and writes it once (issue 25: the
+/// mark and the conversation were two documents, read and written apart), and every write is
+/// fenced: it is conditional on the version read, and refused when the document carries a
+/// higher token than the writer's lease, so a holder that lost its lease never overwrites the
+/// next holder's record. A mark written before this document existed (`{newestSentMs}`) reads
+/// as a document without a conversation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct ThreadMark {
+pub(crate) struct ThreadDoc {
+    /// The newest send time among the thread's messages that started to run: a message sent
+    /// before it comes too late (superseded).
+    #[serde(default)]
     pub newest_sent_ms: u64,
+    /// The lease token of the holder that wrote the document (0: a worker alone).
+    #[serde(default)]
+    pub lease_token: u64,
+    /// The agent's conversation for `--resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<crate::threads::ThreadRecord>,
+}
+
+/// A thread's document as a batch read it, with the version its next write expects.
+pub(crate) struct ThreadState {
+    pub doc: ThreadDoc,
+    /// Whether the document existed when read (or was written since).
+    pub existed: bool,
+    version: Version,
+    record_key: String,
+}
+
+/// Why a fenced write was not made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FencedWriteError {
+    #[error(transparent)]
+    LeaseLost(#[from] crate::lease::LeaseLost),
+    /// The document was written under a newer lease: another worker holds the workspace now.
+    #[error("{key} was written under lease token {found}, newer than ours ({ours})")]
+    Fenced { key: String, found: u64, ours: u64 },
+    #[error(transparent)]
+    Store(#[from] RecordError),
 }
 
 /// The records, on one engine.
@@ -283,53 +320,88 @@ impl RecordStore {
         })
     }
 
-    pub(crate) async fn thread_mark(
+    /// The thread's document (an empty one when there is none yet).
+    pub(crate) async fn read_thread(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
-    ) -> Result<Option<ThreadMark>, RecordError> {
+    ) -> Result<ThreadState, RecordError> {
         let record_key = thread_key(key, thread_id);
-        match self.read(&record_key).await? {
-            None => Ok(None),
-            Some((text, _)) => {
-                serde_json::from_str(&text)
-                    .map(Some)
-                    .map_err(|e| RecordError::Corrupt {
-                        key: record_key,
-                        message: e.to_string(),
-                    })
-            }
-        }
+        let (doc, version) = self.read_typed::<ThreadDoc>(&record_key).await?;
+        Ok(ThreadState {
+            existed: doc.is_some(),
+            doc: doc.unwrap_or_default(),
+            version,
+            record_key,
+        })
     }
 
-    /// Raise the thread's mark to `sent_ms` (never lower it: a mark only moves forward).
+    /// Change the thread's document by `update`, fenced by `fence`: only while the lease holds
+    /// (by this worker's clock), only over a document of this lease's token or an older one,
+    /// and conditional on the version read (one request when nobody else wrote meanwhile; a
+    /// lost race reads again and decides again). Nothing is written when `update` changes
+    /// nothing.
+    pub(crate) async fn write_thread(
+        &self,
+        state: &mut ThreadState,
+        fence: &crate::lease::LeaseCheck,
+        update: impl Fn(&mut ThreadDoc),
+    ) -> Result<(), FencedWriteError> {
+        let ours = fence.token();
+        for _ in 0..4 {
+            fence.check()?;
+            if state.doc.lease_token > ours {
+                return Err(FencedWriteError::Fenced {
+                    key: state.record_key.clone(),
+                    found: state.doc.lease_token,
+                    ours,
+                });
+            }
+            let mut next = state.doc.clone();
+            update(&mut next);
+            next.lease_token = ours;
+            if state.existed && next == state.doc {
+                return Ok(());
+            }
+            let text = serde_json::to_string(&next).expect("records serialize");
+            match self
+                .write_versioned(&state.record_key, &text, state.version.clone())
+                .await?
+            {
+                Some(version) => {
+                    state.doc = next;
+                    state.version = version;
+                    state.existed = true;
+                    return Ok(());
+                }
+                None => {
+                    let (doc, version) = self.read_typed::<ThreadDoc>(&state.record_key).await?;
+                    state.existed = doc.is_some();
+                    state.doc = doc.unwrap_or_default();
+                    state.version = version;
+                }
+            }
+        }
+        Err(FencedWriteError::Store(RecordError::Store {
+            op: "write thread",
+            message: format!("{} kept changing under us", state.record_key),
+        }))
+    }
+
+    /// Raise the thread's mark to `sent_ms` (never lower it: a mark only moves forward),
+    /// fenced as every write of a thread's document is.
     pub(crate) async fn raise_thread_mark(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
         sent_ms: u64,
-    ) -> Result<(), RecordError> {
-        let record_key = thread_key(key, thread_id);
-        for _ in 0..4 {
-            let (current, version) = match self.read(&record_key).await? {
-                None => (None, Version::Absent),
-                Some((text, version)) => (serde_json::from_str::<ThreadMark>(&text).ok(), version),
-            };
-            if current.is_some_and(|m| m.newest_sent_ms >= sent_ms) {
-                return Ok(());
-            }
-            let text = serde_json::to_string(&ThreadMark {
-                newest_sent_ms: sent_ms,
-            })
-            .expect("records serialize");
-            if self.write(&record_key, &text, version).await? {
-                return Ok(());
-            }
-        }
-        Err(RecordError::Store {
-            op: "raise thread mark",
-            message: format!("{record_key} kept changing under us"),
+        fence: &crate::lease::LeaseCheck,
+    ) -> Result<(), FencedWriteError> {
+        let mut state = self.read_thread(key, thread_id).await?;
+        self.write_thread(&mut state, fence, |doc| {
+            doc.newest_sent_ms = doc.newest_sent_ms.max(sent_ms)
         })
+        .await
     }
 
     /// Forget local outcome records older than `age` (SQS keeps a message 14 days at most, so
@@ -740,12 +812,85 @@ mod tests {
     async fn thread_marks_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::local(dir.path(), "w");
-        assert_eq!(store.thread_mark(&key(), "t").await.unwrap(), None);
-        store.raise_thread_mark(&key(), "t", 20).await.unwrap();
-        store.raise_thread_mark(&key(), "t", 10).await.unwrap();
+        let alone = crate::lease::LeaseCheck::unfenced("a/b");
         assert_eq!(
-            store.thread_mark(&key(), "t").await.unwrap(),
-            Some(ThreadMark { newest_sent_ms: 20 })
+            store
+                .read_thread(&key(), "t")
+                .await
+                .unwrap()
+                .doc
+                .newest_sent_ms,
+            0
         );
+        store
+            .raise_thread_mark(&key(), "t", 20, &alone)
+            .await
+            .unwrap();
+        store
+            .raise_thread_mark(&key(), "t", 10, &alone)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .read_thread(&key(), "t")
+                .await
+                .unwrap()
+                .doc
+                .newest_sent_ms,
+            20
+        );
+        // A mark of the old shape reads as a document without a conversation.
+        std::fs::write(
+            dir.path().join("threads/a/b/u.json"),
+            r#"{"newestSentMs":7}"#,
+        )
+        .unwrap();
+        let old = store.read_thread(&key(), "u").await.unwrap();
+        assert!(old.existed);
+        assert_eq!((old.doc.newest_sent_ms, old.doc.lease_token), (7, 0));
+    }
+
+    #[tokio::test]
+    async fn a_stale_holder_never_overwrites_the_next_holders_thread_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w");
+        let (old_lost, new_lost) = (Default::default(), Default::default());
+        let old = crate::lease::LeaseCheck::with_token(1, old_lost);
+        let new = crate::lease::LeaseCheck::with_token(2, new_lost);
+        // The old holder read the document before it was paused.
+        let mut stale = store.read_thread(&key(), "t").await.unwrap();
+        let mut fresh = store.read_thread(&key(), "t").await.unwrap();
+        store
+            .write_thread(&mut fresh, &new, |d| d.newest_sent_ms = 5)
+            .await
+            .unwrap();
+        // Resumed, its write meets the newer document: refused, whatever its version said.
+        let refused = store
+            .write_thread(&mut stale, &old, |d| d.newest_sent_ms = 9)
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(FencedWriteError::Fenced {
+                    found: 2,
+                    ours: 1,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        let doc = store.read_thread(&key(), "t").await.unwrap().doc;
+        assert_eq!((doc.newest_sent_ms, doc.lease_token), (5, 2));
+        // And a lost lease writes nothing at all.
+        let lost = tokio_util::sync::CancellationToken::new();
+        lost.cancel();
+        let gone = crate::lease::LeaseCheck::with_token(3, lost);
+        let mut state = store.read_thread(&key(), "t").await.unwrap();
+        assert!(matches!(
+            store
+                .write_thread(&mut state, &gone, |d| d.newest_sent_ms = 11)
+                .await,
+            Err(FencedWriteError::LeaseLost(_))
+        ));
     }
 }
