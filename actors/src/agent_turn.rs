@@ -66,7 +66,12 @@ async fn agent_turn_inner(
     let thread_id = &job.request.thread_id;
     // The thread's document, read once per batch (`execute` reads it for the mark).
     if journal.thread.is_none() {
-        journal.thread = Some(ctx.delivery.records.read_thread(&key, thread_id).await?);
+        journal.thread = Some(
+            ctx.delivery
+                .records
+                .read_thread(&key, thread_id, scope.check.token())
+                .await?,
+        );
     }
     let existed = journal.thread.as_ref().is_some_and(|t| t.existed);
     // This batch's own newer record first (a repair resumes the request's conversation).

@@ -87,7 +87,11 @@ pub(crate) async fn execute(
     let thread = ctx
         .delivery
         .records
-        .read_thread(&request.workspace(), &request.thread_id)
+        .read_thread(
+            &request.workspace(),
+            &request.thread_id,
+            scope.check.token(),
+        )
         .await?;
     let mark = thread.existed.then_some(thread.doc.newest_sent_ms);
     journal.thread = Some(thread);

@@ -131,6 +131,10 @@ struct Shared {
     notices: Mutex<Option<String>>,
     /// Waiters per workspace, woken when its holder says it released the lease.
     released: Mutex<HashMap<WorkspaceKey, Arc<Notify>>>,
+    /// The lease records this worker last wrote (released or set aside) and their versions:
+    /// taking one back is then one conditional write, without reading it first (issue 25). A
+    /// stale entry costs a refused write and a read, never a lease: S3 checks the version.
+    mine: Mutex<HashMap<WorkspaceKey, (LeaseRecord, Version)>>,
 }
 
 fn lease_key(key: &WorkspaceKey) -> String {
@@ -152,6 +156,7 @@ impl Leases {
                 config,
                 notices: Mutex::new(None),
                 released: Mutex::default(),
+                mine: Mutex::default(),
             })),
         }
     }
@@ -187,6 +192,44 @@ impl Leases {
         }
     }
 
+    /// Release the lease of `key` this worker set aside (`Lease::park`), if it did and it has
+    /// not expired: a waiter takes it at once instead of at its expiry. Bounded as a release.
+    pub(crate) async fn release_parked(&self, key: &WorkspaceKey) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let parked = {
+            let mut mine = shared.mine.lock().expect("mine");
+            match mine.get(key) {
+                Some((record, _)) if record.expires_at_ms > now_ms() => mine.remove(key),
+                _ => None,
+            }
+        };
+        let Some((mut record, version)) = parked else {
+            return;
+        };
+        record.expires_at_ms = 0;
+        let text = serde_json::to_string(&record).expect("leases serialize");
+        let written = tokio::time::timeout(
+            shared.config.release_wait(),
+            shared.store.write_document(&lease_key(key), &text, version),
+        )
+        .await;
+        match written {
+            Ok(Ok(Some(version))) => {
+                shared
+                    .mine
+                    .lock()
+                    .expect("mine")
+                    .insert(key.clone(), (record, version));
+            }
+            // Taken meanwhile (it had expired), or the store did not answer: it expires anyway.
+            _ => {
+                tracing::debug!(workspace = %key, "a set-aside lease was not released; it expires by itself")
+            }
+        }
+    }
+
     /// Take the workspace's lease if it is free (never held, released, expired, or last held
     /// by this worker).
     pub async fn try_acquire(&self, key: &WorkspaceKey) -> Result<Acquired, LeaseError> {
@@ -195,6 +238,37 @@ impl Leases {
         };
         let doc = lease_key(key);
         let me = &shared.config.worker;
+        // Ours when we last wrote it (released, or set aside while nothing waited): take it
+        // back with the version we wrote. Nobody else held it since, or the write is refused.
+        let last = shared.mine.lock().expect("mine").remove(key);
+        if let Some((mut record, version)) = last {
+            let asked = Instant::now();
+            record.expires_at_ms = now_ms() + shared.config.duration.as_millis() as u64;
+            record.notices = shared.notices.lock().expect("notices").clone();
+            let text = serde_json::to_string(&record).expect("leases serialize");
+            if let Ok(Some(version)) = shared.store.write_document(&doc, &text, version).await {
+                let at_ms = now_ms();
+                lease_event!(
+                    tracing::Level::INFO,
+                    "lease acquired",
+                    workspace = %key,
+                    token = record.token,
+                    worker = %me,
+                    handover = false,
+                    previous = me.as_str(),
+                    previous_released = true,
+                    at_ms
+                );
+                return Ok(Acquired::Granted(Lease::start(
+                    shared.clone(),
+                    key.clone(),
+                    record,
+                    version,
+                    asked,
+                    false,
+                )));
+            }
+        }
         // A conditional write per attempt; a lost race reads again and decides again.
         for _ in 0..4 {
             let (current, version) = shared.store.read_typed::<LeaseRecord>(&doc).await?;
@@ -425,6 +499,50 @@ impl Lease {
         &self.check
     }
 
+    /// Set the lease aside while nothing waits for it (issue 25: a release and a new acquire
+    /// per busy spell were two of a message's S3 requests): no write; the heartbeat stops, so
+    /// the record expires by itself within `LEASE_SECONDS`, and this worker stops working
+    /// under it as after a release ("lease released", `parked`). Taking it back is one
+    /// conditional write with the version kept here (`try_acquire`); a waiter that says so
+    /// (`Newer`) has it released at once (`Leases::release_parked`).
+    pub(crate) async fn park(mut self) {
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        held.stop_heartbeat.cancel();
+        let mut heartbeat = std::mem::replace(&mut held.heartbeat, tokio::spawn(async {}));
+        if tokio::time::timeout(held.shared.config.release_wait(), &mut heartbeat)
+            .await
+            .is_err()
+        {
+            heartbeat.abort();
+            return;
+        }
+        if self.check.check().is_err() {
+            return;
+        }
+        let (record, version) = {
+            let state = held.state.lock().expect("lease state");
+            (state.record.clone(), state.version.clone())
+        };
+        let at_ms = now_ms();
+        lease_event!(
+            tracing::Level::INFO,
+            "lease released",
+            workspace = %self.key,
+            token = self.token,
+            worker = %held.shared.config.worker,
+            parked = true,
+            expires_at_ms = record.expires_at_ms,
+            at_ms
+        );
+        held.shared
+            .mine
+            .lock()
+            .expect("mine")
+            .insert(self.key.clone(), (record, version));
+    }
+
     /// Give the lease up: the next worker (or this one) may take it at once. The token and
     /// holder stay in the record, so the next holder knows whether the workspace changed hands.
     pub(crate) async fn release(mut self) {
@@ -465,6 +583,13 @@ impl Lease {
                 message: format!("no answer within {wait:?}"),
             })
         });
+        if let Ok(Some(version)) = &written {
+            held.shared
+                .mine
+                .lock()
+                .expect("mine")
+                .insert(self.key.clone(), (record.clone(), version.clone()));
+        }
         match written {
             Ok(Some(_)) => lease_event!(
                 tracing::Level::INFO,

@@ -151,6 +151,56 @@ pub struct RecordStore {
     /// Requests made, shared by every clone: what the records cost per message (logged when
     /// the worker stops, read by the benchmarks).
     calls: std::sync::Arc<CallCounts>,
+    /// What this worker last wrote or read of each record it is working with: the version a
+    /// conditional write can expect without reading first (issue 25: a message's `begin` and
+    /// `end` each read before they wrote). A stale entry costs one refused write and a read;
+    /// it never lets a write through, since S3 checks the version.
+    known: std::sync::Arc<Known>,
+}
+
+/// Versions (and thread documents) this worker knows, shared by every clone of the store.
+#[derive(Default)]
+struct Known {
+    versions: std::sync::Mutex<std::collections::HashMap<String, Version>>,
+    /// Thread documents as this worker last wrote or read them, by record key.
+    threads: std::sync::Mutex<std::collections::HashMap<String, (ThreadDoc, Version)>>,
+}
+
+/// Past this many remembered records the memory is cleared (it only saves requests).
+const KNOWN_MAX: usize = 20_000;
+
+impl Known {
+    fn version(&self, key: &str) -> Option<Version> {
+        self.versions.lock().expect("known").get(key).cloned()
+    }
+
+    fn remember(&self, key: &str, version: Version) {
+        let mut versions = self.versions.lock().expect("known");
+        if versions.len() >= KNOWN_MAX {
+            versions.clear();
+        }
+        versions.insert(key.to_owned(), version);
+    }
+
+    fn forget(&self, key: &str) {
+        self.versions.lock().expect("known").remove(key);
+    }
+
+    fn thread(&self, key: &str) -> Option<(ThreadDoc, Version)> {
+        self.threads.lock().expect("known").get(key).cloned()
+    }
+
+    fn remember_thread(&self, key: &str, doc: &ThreadDoc, version: &Version) {
+        let mut threads = self.threads.lock().expect("known");
+        if threads.len() >= KNOWN_MAX {
+            threads.clear();
+        }
+        threads.insert(key.to_owned(), (doc.clone(), version.clone()));
+    }
+
+    fn forget_thread(&self, key: &str) {
+        self.threads.lock().expect("known").remove(key);
+    }
 }
 
 /// Reads and writes made by a record store.
@@ -209,6 +259,7 @@ impl RecordStore {
             engine: Engine::Local(dir.to_owned()),
             worker: worker.to_owned(),
             calls: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -225,6 +276,7 @@ impl RecordStore {
             engine,
             worker: worker.to_owned(),
             calls: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -240,6 +292,14 @@ impl RecordStore {
             worker: self.worker.clone(),
             expires_at_ms: now_ms() + hold.as_millis() as u64,
         };
+        let text = serde_json::to_string(&mine).expect("records serialize");
+        // First without reading: a new message has no record (create it), and one this worker
+        // marked has the version it wrote (refresh it). Refused: read, and decide as below.
+        let expected = self.known.version(&key).unwrap_or(Version::Absent);
+        if let Some(version) = self.write_versioned(&key, &text, expected).await? {
+            self.known.remember(&key, version);
+            return Ok(Begin::Fresh);
+        }
         // A conditional write per attempt; a lost race reads again and decides again.
         for _ in 0..4 {
             let (found, version) = self.read_typed::<OutcomeRecord>(&key).await?;
@@ -253,8 +313,8 @@ impl RecordStore {
                 }
                 _ => {}
             }
-            let text = serde_json::to_string(&mine).expect("records serialize");
-            if self.write(&key, &text, version).await? {
+            if let Some(version) = self.write_versioned(&key, &text, version).await? {
+                self.known.remember(&key, version);
                 return Ok(Begin::Fresh);
             }
         }
@@ -269,6 +329,19 @@ impl RecordStore {
     /// instead of leaving it for another visibility timeout. An ended record stays as it is.
     pub(crate) async fn give_up(&self, message_id: &str) -> Result<(), RecordError> {
         let key = message_key(message_id);
+        let expired = OutcomeRecord::Started {
+            worker: self.worker.clone(),
+            expires_at_ms: 0,
+        };
+        if let Some(version) = self.known.version(&key) {
+            // Still the mark this worker wrote: let go of it without reading it first.
+            let text = serde_json::to_string(&expired).expect("records serialize");
+            if self.write_versioned(&key, &text, version).await?.is_some() {
+                self.known.forget(&key);
+                return Ok(());
+            }
+        }
+        self.known.forget(&key);
         let Some((text, version)) = self.read(&key).await? else {
             return Ok(());
         };
@@ -300,6 +373,13 @@ impl RecordStore {
             event: event_json.to_owned(),
         };
         let text = serde_json::to_string(&record).expect("records serialize");
+        // Still the `started` mark this worker wrote: end it without reading it first.
+        if let Some(version) = self.known.version(&key) {
+            self.known.forget(&key);
+            if self.write_versioned(&key, &text, version).await?.is_some() {
+                return Ok(None);
+            }
+        }
         for _ in 0..4 {
             let version = match self.read(&key).await? {
                 None => Version::Absent,
@@ -321,13 +401,33 @@ impl RecordStore {
     }
 
     /// The thread's document (an empty one when there is none yet).
+    ///
+    /// Under a shared lease with `token`, a document this worker last wrote or read with that
+    /// same token is taken from memory: only the holder of a token writes under it, and the
+    /// token changes whenever the workspace changes hands, so nobody else can have changed it
+    /// since (a stale entry would still only cost a refused conditional write).
     pub(crate) async fn read_thread(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
+        token: u64,
     ) -> Result<ThreadState, RecordError> {
         let record_key = thread_key(key, thread_id);
+        if token > 0
+            && let Some((doc, version)) = self.known.thread(&record_key)
+            && doc.lease_token == token
+        {
+            return Ok(ThreadState {
+                doc,
+                existed: true,
+                version,
+                record_key,
+            });
+        }
         let (doc, version) = self.read_typed::<ThreadDoc>(&record_key).await?;
+        if let Some(doc) = &doc {
+            self.known.remember_thread(&record_key, doc, &version);
+        }
         Ok(ThreadState {
             existed: doc.is_some(),
             doc: doc.unwrap_or_default(),
@@ -364,17 +464,24 @@ impl RecordStore {
                 return Ok(());
             }
             let text = serde_json::to_string(&next).expect("records serialize");
-            match self
+            let written = self
                 .write_versioned(&state.record_key, &text, state.version.clone())
-                .await?
-            {
+                .await;
+            if written.is_err() {
+                // Whether it landed is unknown: read it next time.
+                self.known.forget_thread(&state.record_key);
+            }
+            match written? {
                 Some(version) => {
+                    self.known
+                        .remember_thread(&state.record_key, &next, &version);
                     state.doc = next;
                     state.version = version;
                     state.existed = true;
                     return Ok(());
                 }
                 None => {
+                    self.known.forget_thread(&state.record_key);
                     let (doc, version) = self.read_typed::<ThreadDoc>(&state.record_key).await?;
                     state.existed = doc.is_some();
                     state.doc = doc.unwrap_or_default();
@@ -397,7 +504,7 @@ impl RecordStore {
         sent_ms: u64,
         fence: &crate::lease::LeaseCheck,
     ) -> Result<(), FencedWriteError> {
-        let mut state = self.read_thread(key, thread_id).await?;
+        let mut state = self.read_thread(key, thread_id, fence.token()).await?;
         self.write_thread(&mut state, fence, |doc| {
             doc.newest_sent_ms = doc.newest_sent_ms.max(sent_ms)
         })
@@ -815,7 +922,7 @@ mod tests {
         let alone = crate::lease::LeaseCheck::unfenced("a/b");
         assert_eq!(
             store
-                .read_thread(&key(), "t")
+                .read_thread(&key(), "t", 0)
                 .await
                 .unwrap()
                 .doc
@@ -832,7 +939,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             store
-                .read_thread(&key(), "t")
+                .read_thread(&key(), "t", 0)
                 .await
                 .unwrap()
                 .doc
@@ -845,7 +952,7 @@ mod tests {
             r#"{"newestSentMs":7}"#,
         )
         .unwrap();
-        let old = store.read_thread(&key(), "u").await.unwrap();
+        let old = store.read_thread(&key(), "u", 0).await.unwrap();
         assert!(old.existed);
         assert_eq!((old.doc.newest_sent_ms, old.doc.lease_token), (7, 0));
     }
@@ -858,8 +965,8 @@ mod tests {
         let old = crate::lease::LeaseCheck::with_token(1, old_lost);
         let new = crate::lease::LeaseCheck::with_token(2, new_lost);
         // The old holder read the document before it was paused.
-        let mut stale = store.read_thread(&key(), "t").await.unwrap();
-        let mut fresh = store.read_thread(&key(), "t").await.unwrap();
+        let mut stale = store.read_thread(&key(), "t", 0).await.unwrap();
+        let mut fresh = store.read_thread(&key(), "t", 0).await.unwrap();
         store
             .write_thread(&mut fresh, &new, |d| d.newest_sent_ms = 5)
             .await
@@ -879,13 +986,13 @@ mod tests {
             ),
             "{refused:?}"
         );
-        let doc = store.read_thread(&key(), "t").await.unwrap().doc;
+        let doc = store.read_thread(&key(), "t", 0).await.unwrap().doc;
         assert_eq!((doc.newest_sent_ms, doc.lease_token), (5, 2));
         // And a lost lease writes nothing at all.
         let lost = tokio_util::sync::CancellationToken::new();
         lost.cancel();
         let gone = crate::lease::LeaseCheck::with_token(3, lost);
-        let mut state = store.read_thread(&key(), "t").await.unwrap();
+        let mut state = store.read_thread(&key(), "t", 0).await.unwrap();
         assert!(matches!(
             store
                 .write_thread(&mut state, &gone, |d| d.newest_sent_ms = 11)

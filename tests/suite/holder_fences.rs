@@ -360,3 +360,72 @@ async fn a_failed_save_keeps_the_message_until_the_work_is_durable() {
         "the failed job's work is on its branch"
     );
 }
+
+/// Item 5: what the lease store costs a lone worker per message, counted by a proxy in front
+/// of S3: at most 5 requests per message of a thread that has run before (its `started` mark,
+/// the lease taken back, the conversation's copy, the thread's one document, the outcome).
+/// On the old code each such message cost about 12 (every record read before it was written,
+/// the thread record written before and after the run and the mark apart, the lease released
+/// and taken anew).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_costs_at_most_five_lease_store_requests() {
+    let env = TestEnv::new("hold-cost").await;
+    env.create_bucket(&env.bucket("cst", "site")).await;
+    env.create_upstream("cst", "site", Site::Tiny);
+    let store = env.create_lease_store().await;
+    let store_bucket = store
+        .trim_start_matches("s3://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let s3 = recording_proxy(common::endpoint(), Vec::new()).await;
+    let worker = env
+        .spawn_worker(
+            "a",
+            &[
+                ("LEASE_STORE", store.as_str()),
+                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+                BUILD,
+            ],
+        )
+        .await;
+    worker.wait_until_receiving(common::STEP).await;
+    let store_requests = || -> Vec<String> {
+        s3.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r.split(' ')
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with(&format!("/{store_bucket}/")))
+            })
+            .cloned()
+            .collect()
+    };
+    // The thread's first message (its document and conversation are new), then the ones counted.
+    const COUNTED: usize = 4;
+    let mut before = 0;
+    for n in 0..=COUNTED {
+        if n == 1 {
+            before = store_requests().len();
+        }
+        let id = env
+            .send(
+                "cst",
+                "site",
+                "t",
+                &format!("[standin:write public/live.txt {n}]"),
+            )
+            .await;
+        env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
+    }
+    let counted = store_requests()[before..].to_vec();
+    let per_message = counted.len() as f64 / COUNTED as f64;
+    eprintln!("{per_message} lease-store requests per message: {counted:#?}");
+    assert!(
+        per_message <= 5.0,
+        "{per_message} lease-store requests per message (at most 5): {counted:#?}"
+    );
+}
