@@ -294,6 +294,7 @@ pub(crate) async fn record_thread(
     let Some(state) = journal.thread.as_mut() else {
         return;
     };
+    let previous_copy = state.doc.conversation.as_ref().and_then(|c| c.file.clone());
     let written = ctx
         .delivery
         .records
@@ -308,6 +309,20 @@ pub(crate) async fn record_thread(
         .await;
     if let Err(e) = written {
         tracing::warn!(error = %e, "could not record the thread's conversation and mark");
+        return;
+    }
+    // The copy an earlier holder (another token) made is named by nothing now: remove it, so
+    // copies do not pile up with every change of hands.
+    let now_named = state
+        .doc
+        .conversation
+        .as_ref()
+        .and_then(|c| c.file.as_deref());
+    if let Some(previous) = previous_copy
+        && now_named.is_some_and(|now| now != previous)
+        && let Err(e) = ctx.delivery.records.delete_document(&previous).await
+    {
+        tracing::debug!(error = %e, "an earlier conversation copy was not removed");
     }
 }
 

@@ -595,6 +595,36 @@ impl RecordStore {
         self.write_versioned(key, text, version).await
     }
 
+    /// Remove a document nothing names any more (a conversation copy replaced by a newer
+    /// holder's). Best effort: a copy left behind costs storage, nothing else.
+    pub(crate) async fn delete_document(&self, key: &str) -> Result<(), RecordError> {
+        self.calls
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let failed = |message: String| RecordError::Store {
+            op: "delete",
+            message: format!("{key}: {message}"),
+        };
+        match &self.engine {
+            Engine::Local(root) => match tokio::fs::remove_file(root.join(key)).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(failed(e.to_string())),
+                _ => Ok(()),
+            },
+            Engine::S3 {
+                client,
+                bucket,
+                prefix,
+            } => client
+                .delete_object()
+                .bucket(bucket)
+                .key(format!("{prefix}{key}"))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| failed(DisplayErrorContext(&e).to_string())),
+        }
+    }
+
     /// Prove the store enforces conditional writes (`edit-worker doctor`): create a probe
     /// record, change it by its version, see a stale create and a stale change refused, and
     /// remove it. A store that ignores the conditions cannot keep leases.
