@@ -21,6 +21,17 @@ const LEASE: u64 = 6;
 /// The tiny site's build, the same for every worker of these tests.
 const BUILD: (&str, &str) = ("BUILD_COMMAND", "cp -R public dist");
 
+/// How many processes of the agent (the stand-in) work in `checkout`: not git or a build.
+fn agent_pids_in(checkout: &std::path::Path) -> usize {
+    pids_working_in(checkout)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|argv| String::from_utf8_lossy(&argv).contains("claude-standin"))
+        })
+        .count()
+}
+
 /// When the first "lease lost" span of `worker` says it lost its lease (its `at_ms`).
 async fn lease_lost_at(worker: &WorkerProcess, timeout: Duration) -> u64 {
     let spans = worker
@@ -67,7 +78,7 @@ async fn a_hung_lease_store_ends_the_lease_on_time_and_stops_the_agent() {
     env.send("hang", "site", "t", "[standin:sleep 120]").await;
     let checkout = env.workspace_root().join("hang/site");
     until("the agent at work", common::STEP, || {
-        !pids_working_in(&checkout).is_empty()
+        agent_pids_in(&checkout) > 0
     })
     .await;
     let stalled_at = now_ms();
@@ -152,8 +163,9 @@ async fn a_frozen_holder_resumed_writes_nothing() {
     )
     .await;
     let a_checkout = env.dir.path().join("ws-a/frz/site");
+    // The agent itself, not a git process of the prepare: a holds the lease from then on.
     until("a's agent at work", common::STEP, || {
-        !pids_working_in(&a_checkout).is_empty()
+        agent_pids_in(&a_checkout) > 0
     })
     .await;
     let b_pairs = pairs(&settings("ws-b", "claude-b"));
@@ -174,13 +186,16 @@ async fn a_frozen_holder_resumed_writes_nothing() {
     let seen_before_resume = a_s3.requests.lock().unwrap().len();
     common::nix_kill(a.pid().unwrap(), "CONT").unwrap();
     // The resumed worker finds its lease over at once (its own clock) and its batch ends: its
-    // messages are given back (they ended on b already).
+    // messages are given back (they ended on b already), and then it holds none.
     lease_lost_at(&a, common::STEP).await;
-    a.otlp
+    let given_back = a
+        .otlp
         .wait_for_metrics("a's batch given back", common::STEP, |m| {
             m.value("edit_worker.messages", &[("outcome", "released")]) >= 1
+                && m.value("edit_worker.messages.in_flight", &[]) == 0
         })
         .await;
+    eprintln!("the resumed worker's metrics: {given_back}");
     for what in ["/conversations/", "/threads/", &format!("/{bucket}/")] {
         let written = writes_after(&a_s3, seen_before_resume, what);
         assert!(
