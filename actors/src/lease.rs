@@ -85,7 +85,9 @@ impl LeaseConfig {
     /// leaves the lease to expire by itself: a release runs inside the session's handler and
     /// must never hang with a hung store. A healthy store answers in milliseconds.
     fn release_wait(&self) -> Duration {
-        (self.duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(2))
+        // Generous for a store slowed by a busy machine (a timed-out release only makes the
+        // next holder wait for the expiry), short beside the lease itself.
+        (self.duration / 5).clamp(Duration::from_millis(500), Duration::from_secs(6))
     }
 }
 
@@ -102,6 +104,58 @@ pub enum LeaseError {
 pub struct LeaseLost {
     pub workspace: String,
     pub token: u64,
+}
+
+/// Says how this worker's holding of a lease ended, exactly once, as the "lease released" or
+/// "lease lost" log line and span (`lease_event!`): whichever of the heartbeat, a release, a
+/// set-aside or a drop comes first. A holding whose end went unsaid would look held for ever
+/// to whoever rebuilds the holdings from the spans (tests, dashboards).
+struct HoldingEnd {
+    said: std::sync::atomic::AtomicBool,
+    workspace: String,
+    token: u64,
+    worker: String,
+}
+
+impl HoldingEnd {
+    fn first(&self) -> bool {
+        !self.said.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// This worker stopped working under the lease at `at_ms`. `how`: `written` (released in
+    /// the store), `parked` (set aside, no write) or `expires` (the release could not be
+    /// written); then the record expires by itself at `expires_at_ms`.
+    fn released(&self, at_ms: u64, how: &'static str, expires_at_ms: u64) {
+        if self.first() {
+            lease_event!(
+                tracing::Level::INFO,
+                "lease released",
+                workspace = %self.workspace,
+                token = self.token,
+                worker = %self.worker,
+                how,
+                expires_at_ms,
+                at_ms
+            );
+        }
+    }
+
+    /// The lease was lost (another worker changed it, or its time ran out by this worker's
+    /// clock).
+    fn lost(&self, why: &str) {
+        if self.first() {
+            let at_ms = now_ms();
+            lease_event!(
+                tracing::Level::WARN,
+                "lease lost",
+                workspace = %self.workspace,
+                token = self.token,
+                worker = %self.worker,
+                at_ms,
+                error = %why
+            );
+        }
+    }
 }
 
 /// What `Leases::try_acquire` found.
@@ -339,6 +393,8 @@ pub struct Lease {
 
 struct Held {
     shared: Arc<Shared>,
+    /// Says once how the holding ended.
+    end: Arc<HoldingEnd>,
     state: Arc<Mutex<HeldState>>,
     heartbeat: tokio::task::JoinHandle<()>,
     /// Stops the heartbeat between two renewals, never in the middle of one: a renewal cut
@@ -446,6 +502,12 @@ impl Lease {
             version,
         }));
         let stop_heartbeat = CancellationToken::new();
+        let end = Arc::new(HoldingEnd {
+            said: Default::default(),
+            workspace: key.to_string(),
+            token: record.token,
+            worker: shared.config.worker.clone(),
+        });
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
             key.clone(),
@@ -453,6 +515,7 @@ impl Lease {
             check.clone(),
             valid_until,
             stop_heartbeat.clone(),
+            end.clone(),
         ));
         Lease {
             key,
@@ -461,6 +524,7 @@ impl Lease {
             check,
             held: Some(Held {
                 shared,
+                end,
                 state,
                 heartbeat,
                 stop_heartbeat,
@@ -511,31 +575,21 @@ impl Lease {
         };
         held.stop_heartbeat.cancel();
         let mut heartbeat = std::mem::replace(&mut held.heartbeat, tokio::spawn(async {}));
-        if tokio::time::timeout(held.shared.config.release_wait(), &mut heartbeat)
-            .await
-            .is_err()
-        {
-            heartbeat.abort();
-            return;
-        }
-        if self.check.check().is_err() {
-            return;
-        }
+        let stopped = tokio::time::timeout(held.shared.config.release_wait(), &mut heartbeat).await;
         let (record, version) = {
             let state = held.state.lock().expect("lease state");
             (state.record.clone(), state.version.clone())
         };
-        let at_ms = now_ms();
-        lease_event!(
-            tracing::Level::INFO,
-            "lease released",
-            workspace = %self.key,
-            token = self.token,
-            worker = %held.shared.config.worker,
-            parked = true,
-            expires_at_ms = record.expires_at_ms,
-            at_ms
-        );
+        if stopped.is_err() {
+            heartbeat.abort();
+            held.end.released(now_ms(), "expires", record.expires_at_ms);
+            return;
+        }
+        if self.check.check().is_err() {
+            held.end.lost("its time ran out by this worker's clock");
+            return;
+        }
+        held.end.released(now_ms(), "parked", record.expires_at_ms);
         held.shared
             .mine
             .lock()
@@ -554,18 +608,22 @@ impl Lease {
         // A renewal in flight finishes first (its version is the one to release), but a hung
         // one is not waited for: the lease then simply expires (issue 25).
         let mut heartbeat = std::mem::replace(&mut held.heartbeat, tokio::spawn(async {}));
-        if tokio::time::timeout(wait, &mut heartbeat).await.is_err() {
-            heartbeat.abort();
-            tracing::warn!(workspace = %self.key, "a lease renewal hangs; not releasing, the lease expires by itself");
-            return;
-        }
-        if self.check.check().is_err() {
-            return;
-        }
+        let stopped = tokio::time::timeout(wait, &mut heartbeat).await;
         let (mut record, version) = {
             let state = held.state.lock().expect("lease state");
             (state.record.clone(), state.version.clone())
         };
+        if stopped.is_err() {
+            heartbeat.abort();
+            tracing::warn!(workspace = %self.key, "a lease renewal hangs; not releasing, the lease expires by itself");
+            held.end.released(now_ms(), "expires", record.expires_at_ms);
+            return;
+        }
+        if self.check.check().is_err() {
+            held.end.lost("its time ran out by this worker's clock");
+            return;
+        }
+        let expires_at_ms = record.expires_at_ms;
         record.expires_at_ms = 0;
         let text = serde_json::to_string(&record).expect("leases serialize");
         // Stamped before the write: the next holder's "acquired" never precedes our "released".
@@ -583,35 +641,19 @@ impl Lease {
                 message: format!("no answer within {wait:?}"),
             })
         });
-        if let Ok(Some(version)) = &written {
-            held.shared
-                .mine
-                .lock()
-                .expect("mine")
-                .insert(self.key.clone(), (record.clone(), version.clone()));
-        }
         match written {
-            Ok(Some(_)) => lease_event!(
-                tracing::Level::INFO,
-                "lease released",
-                workspace = %self.key,
-                token = self.token,
-                worker = %held.shared.config.worker,
-                at_ms
-            ),
-            Ok(None) => {
-                let at_ms = now_ms();
-                lease_event!(
-                    tracing::Level::WARN,
-                    "lease lost",
-                    workspace = %self.key,
-                    token = self.token,
-                    worker = %held.shared.config.worker,
-                    at_ms
-                );
+            Ok(Some(version)) => {
+                held.shared
+                    .mine
+                    .lock()
+                    .expect("mine")
+                    .insert(self.key.clone(), (record, version));
+                held.end.released(at_ms, "written", 0);
             }
+            Ok(None) => held.end.lost("another worker changed the lease"),
             Err(e) => {
-                tracing::warn!(workspace = %self.key, error = %e, "could not release the lease; it expires by itself")
+                tracing::warn!(workspace = %self.key, error = %e, "could not release the lease; it expires by itself");
+                held.end.released(at_ms, "expires", expires_at_ms);
             }
         }
     }
@@ -622,6 +664,12 @@ impl Drop for Lease {
         // Not released (the task holding it ended early): stop renewing; it expires.
         if let Some(held) = &self.held {
             held.heartbeat.abort();
+            if self.check.check().is_ok() {
+                let expires_at_ms = held.state.lock().expect("lease state").record.expires_at_ms;
+                held.end.released(now_ms(), "expires", expires_at_ms);
+            } else {
+                held.end.lost("its time ran out by this worker's clock");
+            }
         }
     }
 }
@@ -640,43 +688,31 @@ async fn heartbeat(
     check: LeaseCheck,
     valid_until: Arc<Mutex<Instant>>,
     stop: CancellationToken,
+    end: Arc<HoldingEnd>,
 ) {
     let config = &shared.config;
     let doc = lease_key(&key);
     let every = config.duration / 3;
     let mut next = Instant::now() + every;
     let deadline = || *valid_until.lock().expect("valid_until");
-    let lose = |token: u64, why: &str| {
-        let at_ms = now_ms();
-        lease_event!(
-            tracing::Level::WARN,
-            "lease lost",
-            workspace = %key,
-            token,
-            worker = %config.worker,
-            at_ms,
-            error = %why
-        );
+    let lose = |why: &str| {
+        end.lost(why);
         check.lost.cancel();
     };
-    let token = check.token;
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
             // Renewals that keep failing end here too, at the deadline, not at their next try.
             _ = tokio::time::sleep_until(deadline().into()) => {
-                lose(token, "its time ran out by this worker's clock before a renewal succeeded");
+                lose("its time ran out by this worker's clock before a renewal succeeded");
                 return;
             }
             _ = tokio::time::sleep_until(next.into()) => {}
         }
         if Instant::now() >= deadline() {
             // Woken after a pause longer than the lease: never renew what may be another's.
-            lose(
-                token,
-                "its time ran out by this worker's clock (was the process paused?)",
-            );
+            lose("its time ran out by this worker's clock (was the process paused?)");
             return;
         }
         let asked = Instant::now();
@@ -689,7 +725,7 @@ async fn heartbeat(
         let renewed = tokio::select! {
             renewed = shared.store.write_document(&doc, &text, version) => renewed,
             _ = tokio::time::sleep_until(deadline().into()) => {
-                lose(token, "a renewal did not answer before the lease's time ran out by this worker's clock");
+                lose("a renewal did not answer before the lease's time ran out by this worker's clock");
                 return;
             }
         };
@@ -704,7 +740,7 @@ async fn heartbeat(
                 next = asked + every;
             }
             Ok(None) => {
-                lose(token, "another worker changed the lease");
+                lose("another worker changed the lease");
                 return;
             }
             Err(e) => {
