@@ -25,6 +25,8 @@ kind). Exits 1 when there is a violation.
 
 Run with: scripts/bench exactly-once   (knobs: MESSAGES=500 or SCALE=0.1, CLIENTS=25 PROJECTS=2
 THREADS=2, SHARE=0.3, SEED=1, AGENT_SLEEP=1, VISIBILITY=10, MAX_RECEIVE_COUNT=5 (0: no redrive),
+LEASE_STORE=1 to run the worker with a lease store on moto and print its record store calls
+per message (issue 25: what the lease store costs, from the worker's own count at exit),
 fault rates THROTTLE=0.05 DROP_DELETE=0.1 EARLY=0.1 REORDER=0.5 LOST_REPLY=0.02; WORKER_BIN to
 test another build, KEEP=1 to keep the run's folder)
 """
@@ -63,6 +65,7 @@ SEED = env_num("SEED", 1, int)
 AGENT_SLEEP = env_num("AGENT_SLEEP", 1)
 VISIBILITY = env_num("VISIBILITY", 10, int)
 MAX_RECEIVE_COUNT = env_num("MAX_RECEIVE_COUNT", 5, int)
+LEASE_STORE = os.environ.get("LEASE_STORE", "0") == "1"
 RATES = {
     "--throttle-rate": os.environ.get("THROTTLE", "0.05"),
     "--drop-delete-rate": os.environ.get("DROP_DELETE", "0.1"),
@@ -157,11 +160,27 @@ def start_worker(q, proxy):
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY), "PROGRESS_INTERVAL_SECONDS": "60",
            "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn,hyper=warn"}
+    if LEASE_STORE:
+        lease_bucket = f"leases.{TAG}.bench"
+        s3.create_bucket(Bucket=lease_bucket)
+        env.update({"LEASE_STORE": f"s3://{lease_bucket}/p", "WORKER_ID": "bench"})
     for passthrough in ("npm_config_cache",):
         if passthrough in os.environ:
             env[passthrough] = os.environ[passthrough]
     proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     return proc, log
+
+
+def record_store_calls(worker_log):
+    """(reads, writes) from the worker's "record store calls" line, logged when it stops."""
+    pattern = re.compile(r"record store calls.*reads=(\d+).*writes=(\d+)")
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    with open(worker_log, errors="replace") as f:
+        for line in f:
+            m = pattern.search(ansi.sub("", line))
+            if m:
+                return int(m.group(1)), int(m.group(2))
+    return None
 
 
 def run_loadgen(q):
@@ -390,6 +409,11 @@ def main():
     for kind in VIOLATIONS:
         print(f"| {kind} | {counts[kind]} |")
     print(f"| **violations in all** | {total} |")
+    store_calls = record_store_calls(worker_log)
+    if store_calls is not None:
+        reads, writes = store_calls
+        print(f"\nrecord store calls ({'lease store on S3' if LEASE_STORE else 'local folder'}): "
+              f"{reads} reads + {writes} writes = {(reads + writes) / max(1, len(messages)):.2f} per message")
     print(f"\noutcomes (first terminal event): {dict(terminal)}; agent runs {len(runs)}; "
           f"status events seen twice (the same event again) {report.get('redeliveries')}; "
           f"dead-lettered {len(dlq_ids)}")

@@ -63,12 +63,33 @@ async fn agent_turn_inner(
     let key = job.request.workspace();
     let threads = &ctx.threads;
     let cwd = ctx.config.workspace_dir(&key);
-    let record = threads.load(&key, &job.request.thread_id).await;
+    let thread_id = &job.request.thread_id;
+    // The thread's document, read once per batch (`execute` reads it for the mark).
+    if journal.thread.is_none() {
+        journal.thread = Some(
+            ctx.delivery
+                .records
+                .read_thread(&key, thread_id, scope.check.token())
+                .await?,
+        );
+    }
+    let existed = journal.thread.as_ref().is_some_and(|t| t.existed);
+    // This batch's own newer record first (a repair resumes the request's conversation).
+    let mut record = journal.conversation.clone().or_else(|| {
+        journal
+            .thread
+            .as_ref()
+            .and_then(|t| t.doc.conversation.clone())
+    });
+    if record.is_none() && threads.may_have_legacy(existed) {
+        record = threads.load_legacy(&key, thread_id).await;
+    }
+    let record = record;
     // The conversation may have gone on elsewhere: bring the shared copy of its file here.
     let agent_config_dir = ctx.agent_config_dir_for(&key);
     if let (Some(r), Some(config_dir)) = (&record, &agent_config_dir) {
         match threads
-            .restore_conversation(&key, &r.session_id, config_dir, &cwd, scope.handover)
+            .restore_conversation(&key, r, config_dir, &cwd, scope.handover)
             .await
         {
             Ok(true) => {
@@ -85,8 +106,10 @@ async fn agent_turn_inner(
     // The thread's conversation is known before the run starts, so that an interrupted,
     // crashed or failed run stays in it (the follow-up resumes it).
     if let Conversation::New(id) = &conversation {
-        record_new_conversation(threads, &key, &job.request.thread_id, id).await;
+        record_new_conversation(run, journal, id).await;
     }
+    // No agent starts under a lease that is over by this worker's clock (issue 25).
+    scope.check.check()?;
     // After the restore: the conversation file is the tenant's too.
     let jail = ctx
         .sandbox
@@ -134,7 +157,7 @@ async fn agent_turn_inner(
                 journal.conversation_restarted |= record.as_ref().is_some_and(|r| r.written);
                 conversation = Conversation::New(uuid::Uuid::new_v4().to_string());
                 if let Conversation::New(id) = &conversation {
-                    record_new_conversation(threads, &key, &job.request.thread_id, id).await;
+                    record_new_conversation(run, journal, id).await;
                 }
             }
             other => break other,
@@ -179,41 +202,21 @@ async fn agent_turn_inner(
             journal.cost_usd = Some(journal.cost_usd.unwrap_or(0.0) + cost);
         }
         journal.turns += report.num_turns.unwrap_or(0);
-        let saved = ThreadRecord {
-            session_id,
-            total_cost_usd: report.total_cost_usd.unwrap_or(previous),
-            written: true,
+        // Recorded with the batch's end (`record_thread`), with the shared copy of its file.
+        journal.conversation = Some(ThreadRecord::continued(
+            record.as_ref(),
+            &session_id,
+            report.total_cost_usd.unwrap_or(previous),
+        ));
+    } else if let Some(config_dir) = &agent_config_dir {
+        // A run stopped before it reported still wrote its conversation.
+        let session_id = match &conversation {
+            Conversation::New(id) | Conversation::Resume(id) => id.clone(),
         };
-        if let Err(e) = threads.save(&key, &job.request.thread_id, &saved).await {
-            tracing::warn!(error = %e, "could not record the thread's conversation");
-        }
-    }
-    // Whatever the run's end (an interrupted run stays in the conversation too), its file
-    // goes where the thread's next message finds it, on whichever worker.
-    if let Some(config_dir) = &agent_config_dir {
-        let session_id = report
-            .as_ref()
-            .and_then(|r| r.session_id.clone())
-            .unwrap_or_else(|| match &conversation {
-                Conversation::New(id) | Conversation::Resume(id) => id.clone(),
-            });
-        let left_a_file = ThreadStore::has_conversation(config_dir, &cwd, &session_id).await;
-        if report.is_none() && left_a_file {
-            // A run stopped before it reported still wrote its conversation.
-            let written = ThreadRecord {
-                session_id: session_id.clone(),
-                total_cost_usd: record.as_ref().map_or(0.0, |r| r.total_cost_usd),
-                written: true,
-            };
-            if let Err(e) = threads.save(&key, &job.request.thread_id, &written).await {
-                tracing::warn!(error = %e, "could not record the thread's conversation");
-            }
-        }
-        if let Err(e) = threads
-            .save_conversation(&key, &session_id, config_dir, &cwd)
-            .await
-        {
-            tracing::warn!(error = %e, "could not share the thread's conversation file");
+        if ThreadStore::has_conversation(config_dir, &cwd, &session_id).await {
+            let cost = record.as_ref().map_or(0.0, |r| r.total_cost_usd);
+            journal.conversation =
+                Some(ThreadRecord::continued(record.as_ref(), &session_id, cost));
         }
     }
     let report = outcome?;
@@ -221,20 +224,105 @@ async fn agent_turn_inner(
     Ok(())
 }
 
-/// Record a new conversation as the thread's, with nothing spent yet.
-async fn record_new_conversation(
-    threads: &ThreadStore,
-    key: &crate::message::WorkspaceKey,
-    thread_id: &str,
-    session_id: &str,
-) {
-    let record = ThreadRecord {
-        session_id: session_id.to_owned(),
-        total_cost_usd: 0.0,
-        written: false,
+/// Record a new conversation as the thread's, with nothing spent yet, before the run: an
+/// interrupted, crashed or failed run stays in it. Fenced, as every write of the thread's
+/// document.
+async fn record_new_conversation(run: &BatchRun<'_>, journal: &mut Journal, session_id: &str) {
+    let record = ThreadRecord::new(session_id, 0.0, false);
+    let Some(state) = journal.thread.as_mut() else {
+        return;
     };
-    if let Err(e) = threads.save(key, thread_id, &record).await {
+    let written = run
+        .ctx
+        .delivery
+        .records
+        .write_thread(state, &run.scope.check, |doc| {
+            doc.conversation = Some(record.clone())
+        })
+        .await;
+    if let Err(e) = written {
         tracing::warn!(error = %e, "could not record the thread's conversation");
+    }
+    journal.conversation = None;
+}
+
+/// At the end of a batch, under its lease: share the conversation file when it changed, then
+/// write the thread's document once, with the conversation this batch's agent runs left and
+/// the thread's mark raised to `newest_ended` (the newest send time among the batch's
+/// messages that end here). One write for the batch (issue 25: the record was written before
+/// and after each run and the mark apart, each unfenced); nothing when nothing changed.
+pub(crate) async fn record_thread(
+    ctx: &crate::context::WorkerContext,
+    fence: &crate::lease::LeaseCheck,
+    key: &crate::message::WorkspaceKey,
+    journal: &mut Journal,
+    newest_ended: Option<u64>,
+) {
+    if fence.check().is_err() {
+        // The workspace is another worker's now: its record is not ours to write.
+        return;
+    }
+    let mut conversation = journal.conversation.take();
+    if let (Some(record), Some(config_dir)) = (&mut conversation, ctx.agent_config_dir_for(key)) {
+        let known = journal
+            .thread
+            .as_ref()
+            .and_then(|t| t.doc.conversation.as_ref());
+        match ctx
+            .threads
+            .save_conversation(
+                key,
+                &record.session_id,
+                known,
+                &config_dir,
+                &ctx.config.workspace_dir(key),
+                fence,
+            )
+            .await
+        {
+            Ok(Some(copy)) => {
+                record.file = Some(copy.key);
+                record.file_md5 = Some(copy.md5);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not share the thread's conversation file"),
+        }
+    }
+    if conversation.is_none() && newest_ended.is_none() {
+        return;
+    }
+    let Some(state) = journal.thread.as_mut() else {
+        return;
+    };
+    let previous_copy = state.doc.conversation.as_ref().and_then(|c| c.file.clone());
+    let written = ctx
+        .delivery
+        .records
+        .write_thread(state, fence, |doc| {
+            if let Some(record) = &conversation {
+                doc.conversation = Some(record.clone());
+            }
+            if let Some(sent) = newest_ended {
+                doc.newest_sent_ms = doc.newest_sent_ms.max(sent);
+            }
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "could not record the thread's conversation and mark");
+        return;
+    }
+    // The copy an earlier holder (another token) made is named by nothing now: remove it, so
+    // copies do not pile up with every change of hands.
+    let now_named = state
+        .doc
+        .conversation
+        .as_ref()
+        .and_then(|c| c.file.as_deref());
+    if let Some(previous) = previous_copy
+        && now_named.is_some_and(|now| now != previous)
+        && let Err(e) = ctx.delivery.records.delete_document(&previous).await
+    {
+        tracing::debug!(error = %e, "an earlier conversation copy was not removed");
     }
 }
 

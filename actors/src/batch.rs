@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use crate::agent_turn::record_thread;
 use crate::batch_lease::{LeaseScope, take_lease};
 use crate::build::BuildError;
 use crate::context::WorkerContext;
@@ -15,7 +16,7 @@ use crate::job::{Job, StopReason, StopSignal};
 use crate::job_error::JobError;
 use crate::journal::Journal;
 use crate::lease::Lease;
-use crate::outcome::finish;
+use crate::outcome::{ends_here, finish};
 use crate::push::save_work;
 use crate::status::{EventType, StatusEvent};
 use crate::steps::Steps;
@@ -64,6 +65,7 @@ pub(crate) async fn run_batch(
     };
     let (outcome, mut lease) = match lease {
         Ok(mut lease) => {
+            journal.fence = Some(lease.check().clone());
             // A lease found lost stops the work at once, as an interrupt would.
             let lost = lease.check().lost().clone();
             let stopper = stop.clone();
@@ -89,7 +91,7 @@ pub(crate) async fn run_batch(
         Err(_) => lease.as_mut().map(LeaseScope::of),
     };
     let outcome = outcome.map(drop);
-    let ending = match outcome {
+    let mut ending = match outcome {
         Ok(()) => Ending::Completed,
         Err(JobError::StoppedWaiting) => {
             Ending::Stopped(stop.reason().unwrap_or(StopReason::Interrupted))
@@ -124,15 +126,41 @@ pub(crate) async fn run_batch(
         tracing::warn!(workspace = %key, "the workspace's lease was lost: nothing more is pushed or published here; the messages go back to the queue");
     }
     // Work the agent left in the worktree is never thrown away: commit and push it on the
-    // thread's own branch before reporting. Only under a lease that still holds: without it,
-    // the checkout (on a shared volume) and the upstream belong to another worker now.
+    // thread's own branch (or keep it upstream under a saved ref) before reporting. Only under
+    // a lease that still holds: without it, the checkout (on a shared volume) and the upstream
+    // belong to another worker now. A message is deleted as interrupted or failed only once its
+    // work is durable: otherwise it goes back to the queue (issue 25).
     let held = lease.as_ref().is_some_and(|l| l.check().check().is_ok());
-    if let (false, true, Some(scope)) = (matches!(ending, Ending::Completed), held, &scope) {
-        let working: Vec<&Job> = batch
+    let superseded = journal.superseded.clone();
+    let durable = match (&ending, &scope) {
+        (Ending::Completed, _) => Ok(()),
+        // No lease was ever taken: nothing was done in the checkout.
+        (_, None) => Ok(()),
+        (_, Some(scope)) if held => {
+            save(&ctx, &steps, &batch, &superseded, scope, &mut journal).await
+        }
+        // Shutdown and a lost lease give the messages back whatever was saved.
+        (Ending::Stopped(StopReason::Shutdown | StopReason::LeaseLost), _) => Ok(()),
+        _ => Err("the lease was lost before the work was saved".to_owned()),
+    };
+    if let Err(detail) = durable {
+        tracing::error!(%detail, "unfinished work is not durable; its messages are not deleted");
+        if let Ending::Stopped(StopReason::Interrupted) | Ending::Failed(_) = &ending {
+            let ended_as = match &ending {
+                Ending::Failed(_) => "failed",
+                _ => "interrupted",
+            };
+            ending = Ending::Failed(JobError::WorkNotSaved { ended_as, detail });
+        }
+    }
+    // The thread's document once for the batch (conversation, mark), under its lease.
+    if let Some(fence) = journal.fence.clone() {
+        let newest_ended = batch
             .iter()
-            .filter(|j| !journal.superseded.contains(&j.message_id))
-            .collect();
-        save_work(&ctx, &steps, &working, scope, &mut journal).await;
+            .filter(|job| ends_here(&ctx, job, &ending, &journal))
+            .map(|job| job.sent_at_ms)
+            .max();
+        record_thread(&ctx, &fence, &key, &mut journal, newest_ended).await;
     }
     let lead_received = batch[0].received_at;
     journal
@@ -146,6 +174,22 @@ pub(crate) async fn run_batch(
         finish(&ctx, job, &ending, &journal).await;
     }
     lease.filter(|l| l.check().check().is_ok())
+}
+
+/// Save what the batch's working messages (not the superseded ones) left.
+async fn save(
+    ctx: &WorkerContext,
+    steps: &Steps,
+    batch: &[Job],
+    superseded: &std::collections::BTreeSet<String>,
+    scope: &LeaseScope,
+    journal: &mut Journal,
+) -> Result<(), String> {
+    let working: Vec<&Job> = batch
+        .iter()
+        .filter(|j| !superseded.contains(&j.message_id))
+        .collect();
+    save_work(ctx, steps, &working, scope, journal).await
 }
 
 /// What the work of a batch runs with.

@@ -44,6 +44,9 @@ pub(crate) async fn execute(
     // 1. The thread's branch, with unfinished work of another thread saved first; after a
     // takeover, the fence moved to this holder first and the upstream's state trusted.
     let t = Instant::now();
+    // Before each step that touches the checkout: no git, agent or build under a lease this
+    // worker's own clock says is over (issue 25).
+    scope.check.check()?;
     if let (true, Some(fence)) = (scope.handover, &scope.fence) {
         steps
             .git
@@ -54,6 +57,7 @@ pub(crate) async fn execute(
             .instrument(info_span!("take over workspace", token = fence.token))
             .await??;
     }
+    scope.check.check()?;
     let span = info_span!("prepare workspace", branch = %branch, saved_work = Empty);
     let saved = steps
         .git
@@ -80,11 +84,17 @@ pub(crate) async fn execute(
     // Each message of the batch, one by one: already applied by an earlier delivery (its
     // commit carries its trailer), superseded (sent before a newer message of the thread that
     // has ended), or to be run now.
-    let mark = ctx
+    let thread = ctx
         .delivery
         .records
-        .thread_mark(&request.workspace(), &request.thread_id)
+        .read_thread(
+            &request.workspace(),
+            &request.thread_id,
+            scope.check.token(),
+        )
         .await?;
+    let mark = thread.existed.then_some(thread.doc.newest_sent_ms);
+    journal.thread = Some(thread);
     let mut pending: Vec<&Job> = Vec::new();
     let mut applied = 0;
     for job in batch {
@@ -100,7 +110,7 @@ pub(crate) async fn execute(
             tracing::info!(message_id = %job.message_id, %commit, "message was already applied by an earlier delivery; not running the agent again");
             journal.commit = Some(commit);
             applied += 1;
-        } else if mark.is_some_and(|m| job.sent_at_ms < m.newest_sent_ms) {
+        } else if mark.is_some_and(|m| job.sent_at_ms < m) {
             tracing::warn!(message_id = %job.message_id, "a newer message of this thread has already ended; this older one is superseded and not applied");
             journal.superseded.insert(job.message_id.clone());
         } else {
@@ -145,6 +155,7 @@ pub(crate) async fn execute(
         journal.cost_payer = Some(pending[0].message_id.clone());
         // 2 and 3. The agent, then a commit of what it changed.
         agent_turn(run, &pending, batch_prompt(&pending), journal, "request").await?;
+        scope.check.check()?;
         commit_turn(
             steps,
             &pending,
@@ -270,6 +281,7 @@ async fn build_and_publish(
     let state_dir = workspace_dir.join(".git/edit-worker");
     let marker_path = state_dir.join("published");
     let (head, marker) = loop {
+        scope.check.check()?;
         let head = steps
             .git
             .ask(|reply| GitMsg::HeadCommit { reply })

@@ -40,6 +40,14 @@ pub(crate) enum JobError {
     /// The workspace's sandbox could not be set up (its uid, folders or permissions).
     #[error("{0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The work of an interrupted or failed job could not be made durable (pushed on its
+    /// branch or kept under a saved ref upstream): its message is not deleted but tried again
+    /// (issue 25). `ended_as`: how it would have ended.
+    #[error("the {ended_as} job's work could not be saved upstream: {detail}")]
+    WorkNotSaved {
+        ended_as: &'static str,
+        detail: String,
+    },
 }
 
 impl JobError {
@@ -58,7 +66,8 @@ impl JobError {
             | JobError::Lease(_)
             | JobError::LeaseLost(_)
             | JobError::StoppedWaiting
-            | JobError::Sandbox(_) => true,
+            | JobError::Sandbox(_)
+            | JobError::WorkNotSaved { .. } => true,
             JobError::Publish(e) => !e.would_repeat(),
             JobError::Build(e) => matches!(e, BuildError::InstallFailed { .. }),
             JobError::Agent(e) => matches!(e.kind(), "agent_api_error" | "agent_no_result"),
@@ -85,6 +94,7 @@ impl JobError {
             JobError::LeaseLost(_) => "lease_lost",
             JobError::StoppedWaiting => "interrupted",
             JobError::Sandbox(_) => "sandbox_failed",
+            JobError::WorkNotSaved { .. } => "work_not_saved",
         }
     }
 

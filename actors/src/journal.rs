@@ -38,6 +38,26 @@ pub(crate) struct Journal {
     pub(crate) rolled_back_to: Option<crate::deploys::RolledBackTo>,
     /// The browser check of what was published last (after a repair, the check after it).
     pub(crate) check: Option<crate::browser_check::CheckReport>,
+    /// The thread's document (mark, conversation) as read at the batch's start and written
+    /// since; written once more at its end (`agent_turn::record_thread`).
+    pub(crate) thread: Option<crate::records::ThreadState>,
+    /// The conversation this batch's agent runs left, written with the batch's end.
+    pub(crate) conversation: Option<crate::threads::ThreadRecord>,
+    /// Where saved work was kept upstream when its branch could not be pushed
+    /// (`refs/edit-worker/saved/…`): the events' `savedRef`.
+    pub(crate) saved_ref: Option<String>,
+    /// The batch's lease check, which every write of its records carries (fences).
+    pub(crate) fence: Option<crate::lease::LeaseCheck>,
+}
+
+impl Journal {
+    /// Whether the thread's mark, as this batch wrote it, already covers a message sent at
+    /// `sent_ms`: then its ending needs no mark write of its own.
+    pub(crate) fn mark_covers(&self, sent_ms: u64) -> bool {
+        self.thread
+            .as_ref()
+            .is_some_and(|t| t.existed && t.doc.newest_sent_ms >= sent_ms)
+    }
 }
 
 impl Journal {

@@ -53,7 +53,7 @@ struct LeaseRecord {
     token: u64,
     /// Wall-clock expiry (ms since the epoch); 0 once released. A waiting worker takes an
     /// expired lease, so the holder's clock and the waiter's must agree within the safety
-    /// margin (`LeaseConfig::margin`), as EC2's time sync keeps them.
+    /// allowance (`LeaseConfig::skew_allowance`), as EC2's time sync keeps them.
     expires_at_ms: u64,
     /// The holder's notice queue: where a worker with a newer message for the workspace tells
     /// the holder to stop (`notices.rs`).
@@ -71,10 +71,23 @@ pub(crate) struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// The holder stops pushing and publishing this long before the lease would expire by its
-    /// own monotonic clock: room for a clock skew between workers and for the write in flight.
-    fn margin(&self) -> Duration {
+    /// The clock-skew allowance: the holder's lease ends this long before the record's expiry
+    /// by its own monotonic clock (measured from the moment it *asked* for the write that set
+    /// that expiry), so a waiter whose wall clock runs ahead of the holder's by less than this
+    /// never takes a lease its holder still works under. A fifth of `LEASE_SECONDS` (6 s of
+    /// the default 30): EC2's time sync keeps hosts within milliseconds, and the rest is room
+    /// for the renewal's own round trip.
+    pub(crate) fn skew_allowance(&self) -> Duration {
         self.duration / 5
+    }
+
+    /// How long a release waits for a renewal in flight, and then for its own write, before it
+    /// leaves the lease to expire by itself: a release runs inside the session's handler and
+    /// must never hang with a hung store. A healthy store answers in milliseconds.
+    fn release_wait(&self) -> Duration {
+        // Generous for a store slowed by a busy machine (a timed-out release only makes the
+        // next holder wait for the expiry), short beside the lease itself.
+        (self.duration / 5).clamp(Duration::from_millis(500), Duration::from_secs(6))
     }
 }
 
@@ -91,6 +104,58 @@ pub enum LeaseError {
 pub struct LeaseLost {
     pub workspace: String,
     pub token: u64,
+}
+
+/// Says how this worker's holding of a lease ended, exactly once, as the "lease released" or
+/// "lease lost" log line and span (`lease_event!`): whichever of the heartbeat, a release, a
+/// set-aside or a drop comes first. A holding whose end went unsaid would look held for ever
+/// to whoever rebuilds the holdings from the spans (tests, dashboards).
+struct HoldingEnd {
+    said: std::sync::atomic::AtomicBool,
+    workspace: String,
+    token: u64,
+    worker: String,
+}
+
+impl HoldingEnd {
+    fn first(&self) -> bool {
+        !self.said.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// This worker stopped working under the lease at `at_ms`. `how`: `written` (released in
+    /// the store), `parked` (set aside, no write) or `expires` (the release could not be
+    /// written); then the record expires by itself at `expires_at_ms`.
+    fn released(&self, at_ms: u64, how: &'static str, expires_at_ms: u64) {
+        if self.first() {
+            lease_event!(
+                tracing::Level::INFO,
+                "lease released",
+                workspace = %self.workspace,
+                token = self.token,
+                worker = %self.worker,
+                how,
+                expires_at_ms,
+                at_ms
+            );
+        }
+    }
+
+    /// The lease was lost (another worker changed it, or its time ran out by this worker's
+    /// clock).
+    fn lost(&self, why: &str) {
+        if self.first() {
+            let at_ms = now_ms();
+            lease_event!(
+                tracing::Level::WARN,
+                "lease lost",
+                workspace = %self.workspace,
+                token = self.token,
+                worker = %self.worker,
+                at_ms,
+                error = %why
+            );
+        }
+    }
 }
 
 /// What `Leases::try_acquire` found.
@@ -120,6 +185,10 @@ struct Shared {
     notices: Mutex<Option<String>>,
     /// Waiters per workspace, woken when its holder says it released the lease.
     released: Mutex<HashMap<WorkspaceKey, Arc<Notify>>>,
+    /// The lease records this worker last wrote (released or set aside) and their versions:
+    /// taking one back is then one conditional write, without reading it first (issue 25). A
+    /// stale entry costs a refused write and a read, never a lease: S3 checks the version.
+    mine: Mutex<HashMap<WorkspaceKey, (LeaseRecord, Version)>>,
 }
 
 fn lease_key(key: &WorkspaceKey) -> String {
@@ -141,6 +210,7 @@ impl Leases {
                 config,
                 notices: Mutex::new(None),
                 released: Mutex::default(),
+                mine: Mutex::default(),
             })),
         }
     }
@@ -176,6 +246,44 @@ impl Leases {
         }
     }
 
+    /// Release the lease of `key` this worker set aside (`Lease::park`), if it did and it has
+    /// not expired: a waiter takes it at once instead of at its expiry. Bounded as a release.
+    pub(crate) async fn release_parked(&self, key: &WorkspaceKey) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let parked = {
+            let mut mine = shared.mine.lock().expect("mine");
+            match mine.get(key) {
+                Some((record, _)) if record.expires_at_ms > now_ms() => mine.remove(key),
+                _ => None,
+            }
+        };
+        let Some((mut record, version)) = parked else {
+            return;
+        };
+        record.expires_at_ms = 0;
+        let text = serde_json::to_string(&record).expect("leases serialize");
+        let written = tokio::time::timeout(
+            shared.config.release_wait(),
+            shared.store.write_document(&lease_key(key), &text, version),
+        )
+        .await;
+        match written {
+            Ok(Ok(Some(version))) => {
+                shared
+                    .mine
+                    .lock()
+                    .expect("mine")
+                    .insert(key.clone(), (record, version));
+            }
+            // Taken meanwhile (it had expired), or the store did not answer: it expires anyway.
+            _ => {
+                tracing::debug!(workspace = %key, "a set-aside lease was not released; it expires by itself")
+            }
+        }
+    }
+
     /// Take the workspace's lease if it is free (never held, released, expired, or last held
     /// by this worker).
     pub async fn try_acquire(&self, key: &WorkspaceKey) -> Result<Acquired, LeaseError> {
@@ -184,6 +292,37 @@ impl Leases {
         };
         let doc = lease_key(key);
         let me = &shared.config.worker;
+        // Ours when we last wrote it (released, or set aside while nothing waited): take it
+        // back with the version we wrote. Nobody else held it since, or the write is refused.
+        let last = shared.mine.lock().expect("mine").remove(key);
+        if let Some((mut record, version)) = last {
+            let asked = Instant::now();
+            record.expires_at_ms = now_ms() + shared.config.duration.as_millis() as u64;
+            record.notices = shared.notices.lock().expect("notices").clone();
+            let text = serde_json::to_string(&record).expect("leases serialize");
+            if let Ok(Some(version)) = shared.store.write_document(&doc, &text, version).await {
+                let at_ms = now_ms();
+                lease_event!(
+                    tracing::Level::INFO,
+                    "lease acquired",
+                    workspace = %key,
+                    token = record.token,
+                    worker = %me,
+                    handover = false,
+                    previous = me.as_str(),
+                    previous_released = true,
+                    at_ms
+                );
+                return Ok(Acquired::Granted(Lease::start(
+                    shared.clone(),
+                    key.clone(),
+                    record,
+                    version,
+                    asked,
+                    false,
+                )));
+            }
+        }
         // A conditional write per attempt; a lost race reads again and decides again.
         for _ in 0..4 {
             let (current, version) = shared.store.read_typed::<LeaseRecord>(&doc).await?;
@@ -254,6 +393,8 @@ pub struct Lease {
 
 struct Held {
     shared: Arc<Shared>,
+    /// Says once how the holding ended.
+    end: Arc<HoldingEnd>,
     state: Arc<Mutex<HeldState>>,
     heartbeat: tokio::task::JoinHandle<()>,
     /// Stops the heartbeat between two renewals, never in the middle of one: a renewal cut
@@ -268,7 +409,8 @@ struct HeldState {
 
 /// Whether a lease still holds, cheap to clone into whatever must check it before an effect
 /// (a push, a publish). It fails once the heartbeat found the lease gone, or once the lease's
-/// time (by this worker's monotonic clock, less the safety margin) ran out without a renewal.
+/// time (by this worker's monotonic clock, less the clock-skew allowance) ran out without a
+/// renewal. The heartbeat also cancels `lost` at that moment, whatever its own write is doing.
 #[derive(Clone)]
 pub struct LeaseCheck {
     workspace: String,
@@ -297,6 +439,33 @@ impl LeaseCheck {
     pub(crate) fn lost(&self) -> &CancellationToken {
         &self.lost
     }
+
+    /// The token of the lease this checks (0 when alone): what fenced writes carry.
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The check of a worker that is alone (no lease store): always holds, token 0. For
+    /// writes made outside a batch's lease (and tests).
+    pub(crate) fn unfenced(workspace: &str) -> LeaseCheck {
+        LeaseCheck {
+            workspace: workspace.to_owned(),
+            token: 0,
+            lost: CancellationToken::new(),
+            valid_until: None,
+        }
+    }
+
+    /// A check that holds with `token` until `lost` is cancelled (tests).
+    #[cfg(test)]
+    pub(crate) fn with_token(token: u64, lost: CancellationToken) -> LeaseCheck {
+        LeaseCheck {
+            workspace: "test".into(),
+            token,
+            lost,
+            valid_until: None,
+        }
+    }
 }
 
 impl Lease {
@@ -305,12 +474,7 @@ impl Lease {
             key: key.clone(),
             token: 0,
             handover: false,
-            check: LeaseCheck {
-                workspace: key.to_string(),
-                token: 0,
-                lost: CancellationToken::new(),
-                valid_until: None,
-            },
+            check: LeaseCheck::unfenced(&key.to_string()),
             held: None,
         }
     }
@@ -324,7 +488,9 @@ impl Lease {
         handover: bool,
     ) -> Lease {
         let config = &shared.config;
-        let valid_until = Arc::new(Mutex::new(asked + config.duration - config.margin()));
+        let valid_until = Arc::new(Mutex::new(
+            asked + config.duration - config.skew_allowance(),
+        ));
         let check = LeaseCheck {
             workspace: key.to_string(),
             token: record.token,
@@ -336,6 +502,12 @@ impl Lease {
             version,
         }));
         let stop_heartbeat = CancellationToken::new();
+        let end = Arc::new(HoldingEnd {
+            said: Default::default(),
+            workspace: key.to_string(),
+            token: record.token,
+            worker: shared.config.worker.clone(),
+        });
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
             key.clone(),
@@ -343,6 +515,7 @@ impl Lease {
             check.clone(),
             valid_until,
             stop_heartbeat.clone(),
+            end.clone(),
         ));
         Lease {
             key,
@@ -351,6 +524,7 @@ impl Lease {
             check,
             held: Some(Held {
                 shared,
+                end,
                 state,
                 heartbeat,
                 stop_heartbeat,
@@ -389,52 +563,97 @@ impl Lease {
         &self.check
     }
 
-    /// Give the lease up: the next worker (or this one) may take it at once. The token and
-    /// holder stay in the record, so the next holder knows whether the workspace changed hands.
-    pub(crate) async fn release(mut self) {
-        let Some(held) = self.held.take() else {
+    /// Set the lease aside while nothing waits for it (issue 25: a release and a new acquire
+    /// per busy spell were two of a message's S3 requests): no write; the heartbeat stops, so
+    /// the record expires by itself within `LEASE_SECONDS`, and this worker stops working
+    /// under it as after a release ("lease released", `parked`). Taking it back is one
+    /// conditional write with the version kept here (`try_acquire`); a waiter that says so
+    /// (`Newer`) has it released at once (`Leases::release_parked`).
+    pub(crate) async fn park(mut self) {
+        let Some(mut held) = self.held.take() else {
             return;
         };
         held.stop_heartbeat.cancel();
-        let _ = held.heartbeat.await;
-        if self.check.lost.is_cancelled() {
+        let mut heartbeat = std::mem::replace(&mut held.heartbeat, tokio::spawn(async {}));
+        let stopped = tokio::time::timeout(held.shared.config.release_wait(), &mut heartbeat).await;
+        let (record, version) = {
+            let state = held.state.lock().expect("lease state");
+            (state.record.clone(), state.version.clone())
+        };
+        if stopped.is_err() {
+            heartbeat.abort();
+            held.end.released(now_ms(), "expires", record.expires_at_ms);
             return;
         }
+        if self.check.check().is_err() {
+            held.end.lost("its time ran out by this worker's clock");
+            return;
+        }
+        held.end.released(now_ms(), "parked", record.expires_at_ms);
+        held.shared
+            .mine
+            .lock()
+            .expect("mine")
+            .insert(self.key.clone(), (record, version));
+    }
+
+    /// Give the lease up: the next worker (or this one) may take it at once. The token and
+    /// holder stay in the record, so the next holder knows whether the workspace changed hands.
+    pub(crate) async fn release(mut self) {
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        held.stop_heartbeat.cancel();
+        let wait = held.shared.config.release_wait();
+        // A renewal in flight finishes first (its version is the one to release), but a hung
+        // one is not waited for: the lease then simply expires (issue 25).
+        let mut heartbeat = std::mem::replace(&mut held.heartbeat, tokio::spawn(async {}));
+        let stopped = tokio::time::timeout(wait, &mut heartbeat).await;
         let (mut record, version) = {
             let state = held.state.lock().expect("lease state");
             (state.record.clone(), state.version.clone())
         };
+        if stopped.is_err() {
+            heartbeat.abort();
+            tracing::warn!(workspace = %self.key, "a lease renewal hangs; not releasing, the lease expires by itself");
+            held.end.released(now_ms(), "expires", record.expires_at_ms);
+            return;
+        }
+        if self.check.check().is_err() {
+            held.end.lost("its time ran out by this worker's clock");
+            return;
+        }
+        let expires_at_ms = record.expires_at_ms;
         record.expires_at_ms = 0;
         let text = serde_json::to_string(&record).expect("leases serialize");
         // Stamped before the write: the next holder's "acquired" never precedes our "released".
         let at_ms = now_ms();
-        match held
-            .shared
-            .store
-            .write_document(&lease_key(&self.key), &text, version)
-            .await
-        {
-            Ok(Some(_)) => lease_event!(
-                tracing::Level::INFO,
-                "lease released",
-                workspace = %self.key,
-                token = self.token,
-                worker = %held.shared.config.worker,
-                at_ms
-            ),
-            Ok(None) => {
-                let at_ms = now_ms();
-                lease_event!(
-                    tracing::Level::WARN,
-                    "lease lost",
-                    workspace = %self.key,
-                    token = self.token,
-                    worker = %held.shared.config.worker,
-                    at_ms
-                );
+        let written = tokio::time::timeout(
+            wait,
+            held.shared
+                .store
+                .write_document(&lease_key(&self.key), &text, version),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::records::RecordError::Store {
+                op: "release lease",
+                message: format!("no answer within {wait:?}"),
+            })
+        });
+        match written {
+            Ok(Some(version)) => {
+                held.shared
+                    .mine
+                    .lock()
+                    .expect("mine")
+                    .insert(self.key.clone(), (record, version));
+                held.end.released(at_ms, "written", 0);
             }
+            Ok(None) => held.end.lost("another worker changed the lease"),
             Err(e) => {
-                tracing::warn!(workspace = %self.key, error = %e, "could not release the lease; it expires by itself")
+                tracing::warn!(workspace = %self.key, error = %e, "could not release the lease; it expires by itself");
+                held.end.released(at_ms, "expires", expires_at_ms);
             }
         }
     }
@@ -445,13 +664,23 @@ impl Drop for Lease {
         // Not released (the task holding it ended early): stop renewing; it expires.
         if let Some(held) = &self.held {
             held.heartbeat.abort();
+            if self.check.check().is_ok() {
+                let expires_at_ms = held.state.lock().expect("lease state").record.expires_at_ms;
+                held.end.released(now_ms(), "expires", expires_at_ms);
+            } else {
+                held.end.lost("its time ran out by this worker's clock");
+            }
         }
     }
 }
 
 /// Renew the lease every third of its duration until it is released or lost. A renewal that
 /// finds the lease changed means another worker took it: the lease is lost. A store that does
-/// not answer is tried again until the lease's own time runs out: then it is lost too.
+/// not answer is tried again until the lease's own time runs out: then it is lost too. That
+/// time is this worker's monotonic clock, and it ends the lease whatever the renewal is doing:
+/// a renewal that hangs (a hung S3 request) is abandoned at the deadline, and a process that
+/// was paused (SIGSTOP, a starved VM) finds its lease over the moment it runs again, before it
+/// asks the store anything.
 async fn heartbeat(
     shared: Arc<Shared>,
     key: WorkspaceKey,
@@ -459,15 +688,32 @@ async fn heartbeat(
     check: LeaseCheck,
     valid_until: Arc<Mutex<Instant>>,
     stop: CancellationToken,
+    end: Arc<HoldingEnd>,
 ) {
     let config = &shared.config;
     let doc = lease_key(&key);
     let every = config.duration / 3;
     let mut next = Instant::now() + every;
+    let deadline = || *valid_until.lock().expect("valid_until");
+    let lose = |why: &str| {
+        end.lost(why);
+        check.lost.cancel();
+    };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep_until(next.into()) => {}
+            biased;
             _ = stop.cancelled() => return,
+            // Renewals that keep failing end here too, at the deadline, not at their next try.
+            _ = tokio::time::sleep_until(deadline().into()) => {
+                lose("its time ran out by this worker's clock before a renewal succeeded");
+                return;
+            }
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+        if Instant::now() >= deadline() {
+            // Woken after a pause longer than the lease: never renew what may be another's.
+            lose("its time ran out by this worker's clock (was the process paused?)");
+            return;
         }
         let asked = Instant::now();
         let (mut record, version) = {
@@ -476,10 +722,17 @@ async fn heartbeat(
         };
         record.expires_at_ms = now_ms() + config.duration.as_millis() as u64;
         let text = serde_json::to_string(&record).expect("leases serialize");
-        match shared.store.write_document(&doc, &text, version).await {
+        let renewed = tokio::select! {
+            renewed = shared.store.write_document(&doc, &text, version) => renewed,
+            _ = tokio::time::sleep_until(deadline().into()) => {
+                lose("a renewal did not answer before the lease's time ran out by this worker's clock");
+                return;
+            }
+        };
+        match renewed {
             Ok(Some(version)) => {
                 *valid_until.lock().expect("valid_until") =
-                    asked + config.duration - config.margin();
+                    asked + config.duration - config.skew_allowance();
                 let mut s = state.lock().expect("lease state");
                 s.record = record;
                 s.version = version;
@@ -487,33 +740,10 @@ async fn heartbeat(
                 next = asked + every;
             }
             Ok(None) => {
-                let at_ms = now_ms();
-                lease_event!(
-                    tracing::Level::WARN,
-                    "lease lost",
-                    workspace = %key,
-                    token = record.token,
-                    worker = %config.worker,
-                    at_ms
-                );
-                check.lost.cancel();
+                lose("another worker changed the lease");
                 return;
             }
             Err(e) => {
-                if Instant::now() >= *valid_until.lock().expect("valid_until") {
-                    let at_ms = now_ms();
-                    lease_event!(
-                        tracing::Level::WARN,
-                        "lease lost",
-                        workspace = %key,
-                        token = record.token,
-                        worker = %config.worker,
-                        at_ms,
-                        error = %e
-                    );
-                    check.lost.cancel();
-                    return;
-                }
                 tracing::warn!(workspace = %key, error = %e, "could not renew the lease; trying again");
                 next = Instant::now() + Duration::from_millis(500);
             }

@@ -94,6 +94,7 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
         event.deploy_id = report.deploy_id.clone();
     }
     event.rolled_back_to = journal.rolled_back_to.clone();
+    event.saved_ref = journal.saved_ref.clone();
     if let Ending::Failed(e) = ending {
         event.error = Some(EventError {
             kind: e.kind().into(),
@@ -110,15 +111,43 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
     }
     // The thread has got this far: a message of it sent earlier that comes later is
     // superseded, never applied on top of this one.
-    if let Err(e) = ctx
-        .delivery
-        .records
-        .raise_thread_mark(&request.workspace(), &request.thread_id, job.sent_at_ms)
-        .await
-    {
-        tracing::warn!(error = %e, "could not record how far the thread has got");
+    // Usually the batch's one write of the thread's document raised it already.
+    if !journal.mark_covers(job.sent_at_ms) {
+        let fence = journal.fence.clone().unwrap_or_else(|| {
+            crate::lease::LeaseCheck::unfenced(&request.workspace().to_string())
+        });
+        if let Err(e) = ctx
+            .delivery
+            .records
+            .raise_thread_mark(
+                &request.workspace(),
+                &request.thread_id,
+                job.sent_at_ms,
+                &fence,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not record how far the thread has got");
+        }
     }
     report(ctx, job, event).await;
+}
+
+/// Whether `finish` ends the message here with a terminal event (rather than giving it back):
+/// the batch raises the thread's mark for those in its one write of the thread's document.
+/// Only a saving: `finish` raises the mark itself for a message that document did not cover.
+pub(crate) fn ends_here(
+    ctx: &WorkerContext,
+    job: &Job,
+    ending: &Ending,
+    journal: &Journal,
+) -> bool {
+    match ending {
+        _ if journal.superseded.contains(&job.message_id) => true,
+        Ending::Completed | Ending::Stopped(StopReason::Interrupted) => true,
+        Ending::Stopped(StopReason::Shutdown | StopReason::LeaseLost) => false,
+        Ending::Failed(e) => e.retry_delay(job.receive_count, &ctx.config).is_none(),
+    }
 }
 
 /// Record, report and delete: the message has ended.

@@ -41,17 +41,19 @@ pub(crate) async fn push(
 
 /// Commit whatever the worktree holds as saved work and push it. The push runs even when
 /// there was nothing new to commit: work stopped during the build was committed already, and
-/// must still reach the upstream. Failures here are logged: the work then stays committed (or
-/// in the worktree) locally and is saved by the next job.
+/// must still reach the upstream. When the branch cannot be pushed, the saved commit is kept on
+/// the upstream under a ref of its own (`refs/edit-worker/saved/{branch}/{messageId}`, named in
+/// the terminal events as `savedRef`). `Ok`: the work is durable (or there was none);
+/// `Err(why)`: it is only in this checkout, and its messages must not be deleted (issue 25).
 pub(crate) async fn save_work(
     ctx: &WorkerContext,
     steps: &Steps,
     working: &[&Job],
     scope: &LeaseScope,
     journal: &mut Journal,
-) {
+) -> Result<(), String> {
     let Some(lead) = working.first() else {
-        return;
+        return Ok(());
     };
     let body = format!("Saved while working on:\n\n{}", batch_prompt(working));
     let t = Instant::now();
@@ -66,16 +68,38 @@ pub(crate) async fn save_work(
         })
         .await;
     journal.time("commit", t);
-    match saved {
-        Ok(Ok(commit)) => {
-            if commit.is_some() {
-                journal.commit = commit;
-            }
-            if let Err(e) = push(ctx, steps, &lead.request.branch(), scope, journal).await {
-                tracing::warn!(error = %e, "saved work not pushed");
-            }
+    let commit = match saved {
+        Ok(Ok(commit)) => commit,
+        Ok(Err(e)) => return Err(format!("could not commit the unfinished work: {e}")),
+        Err(e) => return Err(format!("could not commit the unfinished work: {e}")),
+    };
+    if commit.is_some() {
+        journal.commit = commit;
+    }
+    let branch = lead.request.branch();
+    let pushed = match push(ctx, steps, &branch, scope, journal).await {
+        Ok(()) => return Ok(()),
+        // Not under a lease that is over: the upstream is the next holder's now.
+        Err(e) if e.is_lost_lease() => return Err(e.to_string()),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %pushed, "saved work not pushed on its branch; keeping it under a saved ref");
+    scope.check.check().map_err(|e| e.to_string())?;
+    let kept = steps
+        .git
+        .ask(|reply| GitMsg::PushSaved {
+            branch: branch.clone(),
+            message_id: lead.message_id.clone(),
+            reply,
+        })
+        .await;
+    match kept {
+        Ok(Ok(saved_ref)) => {
+            tracing::info!(%saved_ref, "saved work kept upstream under a ref of its own");
+            journal.saved_ref = Some(saved_ref);
+            Ok(())
         }
-        Ok(Err(e)) => tracing::error!(error = %e, "could not save unfinished work"),
-        Err(e) => tracing::error!(error = %e, "could not save unfinished work"),
+        Ok(Err(e)) => Err(format!("{pushed}; and under a saved ref: {e}")),
+        Err(e) => Err(format!("{pushed}; and under a saved ref: {e}")),
     }
 }

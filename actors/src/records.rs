@@ -98,11 +98,48 @@ pub(crate) enum Begin {
     HeldElsewhere { worker: String },
 }
 
-/// How far a thread has got: the newest send time among its messages that started to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A thread's one document in the records (`threads/{client}/{project}/{thread}.json`): how far
+/// the thread has got (its mark), the agent's conversation, and the lease token of the holder
+/// that wrote it. One document, so that a batch reads it once and writes it once (issue 25: the
+/// mark and the conversation were two documents, read and written apart), and every write is
+/// fenced: it is conditional on the version read, and refused when the document carries a
+/// higher token than the writer's lease, so a holder that lost its lease never overwrites the
+/// next holder's record. A mark written before this document existed (`{newestSentMs}`) reads
+/// as a document without a conversation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct ThreadMark {
+pub(crate) struct ThreadDoc {
+    /// The newest send time among the thread's messages that started to run: a message sent
+    /// before it comes too late (superseded).
+    #[serde(default)]
     pub newest_sent_ms: u64,
+    /// The lease token of the holder that wrote the document (0: a worker alone).
+    #[serde(default)]
+    pub lease_token: u64,
+    /// The agent's conversation for `--resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<crate::threads::ThreadRecord>,
+}
+
+/// A thread's document as a batch read it, with the version its next write expects.
+pub(crate) struct ThreadState {
+    pub doc: ThreadDoc,
+    /// Whether the document existed when read (or was written since).
+    pub existed: bool,
+    version: Version,
+    record_key: String,
+}
+
+/// Why a fenced write was not made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FencedWriteError {
+    #[error(transparent)]
+    LeaseLost(#[from] crate::lease::LeaseLost),
+    /// The document was written under a newer lease: another worker holds the workspace now.
+    #[error("{key} was written under lease token {found}, newer than ours ({ours})")]
+    Fenced { key: String, found: u64, ours: u64 },
+    #[error(transparent)]
+    Store(#[from] RecordError),
 }
 
 /// The records, on one engine.
@@ -114,6 +151,56 @@ pub struct RecordStore {
     /// Requests made, shared by every clone: what the records cost per message (logged when
     /// the worker stops, read by the benchmarks).
     calls: std::sync::Arc<CallCounts>,
+    /// What this worker last wrote or read of each record it is working with: the version a
+    /// conditional write can expect without reading first (issue 25: a message's `begin` and
+    /// `end` each read before they wrote). A stale entry costs one refused write and a read;
+    /// it never lets a write through, since S3 checks the version.
+    known: std::sync::Arc<Known>,
+}
+
+/// Versions (and thread documents) this worker knows, shared by every clone of the store.
+#[derive(Default)]
+struct Known {
+    versions: std::sync::Mutex<std::collections::HashMap<String, Version>>,
+    /// Thread documents as this worker last wrote or read them, by record key.
+    threads: std::sync::Mutex<std::collections::HashMap<String, (ThreadDoc, Version)>>,
+}
+
+/// Past this many remembered records the memory is cleared (it only saves requests).
+const KNOWN_MAX: usize = 20_000;
+
+impl Known {
+    fn version(&self, key: &str) -> Option<Version> {
+        self.versions.lock().expect("known").get(key).cloned()
+    }
+
+    fn remember(&self, key: &str, version: Version) {
+        let mut versions = self.versions.lock().expect("known");
+        if versions.len() >= KNOWN_MAX {
+            versions.clear();
+        }
+        versions.insert(key.to_owned(), version);
+    }
+
+    fn forget(&self, key: &str) {
+        self.versions.lock().expect("known").remove(key);
+    }
+
+    fn thread(&self, key: &str) -> Option<(ThreadDoc, Version)> {
+        self.threads.lock().expect("known").get(key).cloned()
+    }
+
+    fn remember_thread(&self, key: &str, doc: &ThreadDoc, version: &Version) {
+        let mut threads = self.threads.lock().expect("known");
+        if threads.len() >= KNOWN_MAX {
+            threads.clear();
+        }
+        threads.insert(key.to_owned(), (doc.clone(), version.clone()));
+    }
+
+    fn forget_thread(&self, key: &str) {
+        self.threads.lock().expect("known").remove(key);
+    }
 }
 
 /// Reads and writes made by a record store.
@@ -172,6 +259,7 @@ impl RecordStore {
             engine: Engine::Local(dir.to_owned()),
             worker: worker.to_owned(),
             calls: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -188,6 +276,7 @@ impl RecordStore {
             engine,
             worker: worker.to_owned(),
             calls: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -203,6 +292,14 @@ impl RecordStore {
             worker: self.worker.clone(),
             expires_at_ms: now_ms() + hold.as_millis() as u64,
         };
+        let text = serde_json::to_string(&mine).expect("records serialize");
+        // First without reading: a new message has no record (create it), and one this worker
+        // marked has the version it wrote (refresh it). Refused: read, and decide as below.
+        let expected = self.known.version(&key).unwrap_or(Version::Absent);
+        if let Some(version) = self.write_versioned(&key, &text, expected).await? {
+            self.known.remember(&key, version);
+            return Ok(Begin::Fresh);
+        }
         // A conditional write per attempt; a lost race reads again and decides again.
         for _ in 0..4 {
             let (found, version) = self.read_typed::<OutcomeRecord>(&key).await?;
@@ -216,8 +313,8 @@ impl RecordStore {
                 }
                 _ => {}
             }
-            let text = serde_json::to_string(&mine).expect("records serialize");
-            if self.write(&key, &text, version).await? {
+            if let Some(version) = self.write_versioned(&key, &text, version).await? {
+                self.known.remember(&key, version);
                 return Ok(Begin::Fresh);
             }
         }
@@ -232,6 +329,19 @@ impl RecordStore {
     /// instead of leaving it for another visibility timeout. An ended record stays as it is.
     pub(crate) async fn give_up(&self, message_id: &str) -> Result<(), RecordError> {
         let key = message_key(message_id);
+        let expired = OutcomeRecord::Started {
+            worker: self.worker.clone(),
+            expires_at_ms: 0,
+        };
+        if let Some(version) = self.known.version(&key) {
+            // Still the mark this worker wrote: let go of it without reading it first.
+            let text = serde_json::to_string(&expired).expect("records serialize");
+            if self.write_versioned(&key, &text, version).await?.is_some() {
+                self.known.forget(&key);
+                return Ok(());
+            }
+        }
+        self.known.forget(&key);
         let Some((text, version)) = self.read(&key).await? else {
             return Ok(());
         };
@@ -263,6 +373,13 @@ impl RecordStore {
             event: event_json.to_owned(),
         };
         let text = serde_json::to_string(&record).expect("records serialize");
+        // Still the `started` mark this worker wrote: end it without reading it first.
+        if let Some(version) = self.known.version(&key) {
+            self.known.forget(&key);
+            if self.write_versioned(&key, &text, version).await?.is_some() {
+                return Ok(None);
+            }
+        }
         for _ in 0..4 {
             let version = match self.read(&key).await? {
                 None => Version::Absent,
@@ -283,53 +400,115 @@ impl RecordStore {
         })
     }
 
-    pub(crate) async fn thread_mark(
+    /// The thread's document (an empty one when there is none yet).
+    ///
+    /// Under a shared lease with `token`, a document this worker last wrote or read with that
+    /// same token is taken from memory: only the holder of a token writes under it, and the
+    /// token changes whenever the workspace changes hands, so nobody else can have changed it
+    /// since (a stale entry would still only cost a refused conditional write).
+    pub(crate) async fn read_thread(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
-    ) -> Result<Option<ThreadMark>, RecordError> {
+        token: u64,
+    ) -> Result<ThreadState, RecordError> {
         let record_key = thread_key(key, thread_id);
-        match self.read(&record_key).await? {
-            None => Ok(None),
-            Some((text, _)) => {
-                serde_json::from_str(&text)
-                    .map(Some)
-                    .map_err(|e| RecordError::Corrupt {
-                        key: record_key,
-                        message: e.to_string(),
-                    })
-            }
+        if token > 0
+            && let Some((doc, version)) = self.known.thread(&record_key)
+            && doc.lease_token == token
+        {
+            return Ok(ThreadState {
+                doc,
+                existed: true,
+                version,
+                record_key,
+            });
         }
+        let (doc, version) = self.read_typed::<ThreadDoc>(&record_key).await?;
+        if let Some(doc) = &doc {
+            self.known.remember_thread(&record_key, doc, &version);
+        }
+        Ok(ThreadState {
+            existed: doc.is_some(),
+            doc: doc.unwrap_or_default(),
+            version,
+            record_key,
+        })
     }
 
-    /// Raise the thread's mark to `sent_ms` (never lower it: a mark only moves forward).
+    /// Change the thread's document by `update`, fenced by `fence`: only while the lease holds
+    /// (by this worker's clock), only over a document of this lease's token or an older one,
+    /// and conditional on the version read (one request when nobody else wrote meanwhile; a
+    /// lost race reads again and decides again). Nothing is written when `update` changes
+    /// nothing.
+    pub(crate) async fn write_thread(
+        &self,
+        state: &mut ThreadState,
+        fence: &crate::lease::LeaseCheck,
+        update: impl Fn(&mut ThreadDoc),
+    ) -> Result<(), FencedWriteError> {
+        let ours = fence.token();
+        for _ in 0..4 {
+            fence.check()?;
+            if state.doc.lease_token > ours {
+                return Err(FencedWriteError::Fenced {
+                    key: state.record_key.clone(),
+                    found: state.doc.lease_token,
+                    ours,
+                });
+            }
+            let mut next = state.doc.clone();
+            update(&mut next);
+            next.lease_token = ours;
+            if state.existed && next == state.doc {
+                return Ok(());
+            }
+            let text = serde_json::to_string(&next).expect("records serialize");
+            let written = self
+                .write_versioned(&state.record_key, &text, state.version.clone())
+                .await;
+            if written.is_err() {
+                // Whether it landed is unknown: read it next time.
+                self.known.forget_thread(&state.record_key);
+            }
+            match written? {
+                Some(version) => {
+                    self.known
+                        .remember_thread(&state.record_key, &next, &version);
+                    state.doc = next;
+                    state.version = version;
+                    state.existed = true;
+                    return Ok(());
+                }
+                None => {
+                    self.known.forget_thread(&state.record_key);
+                    let (doc, version) = self.read_typed::<ThreadDoc>(&state.record_key).await?;
+                    state.existed = doc.is_some();
+                    state.doc = doc.unwrap_or_default();
+                    state.version = version;
+                }
+            }
+        }
+        Err(FencedWriteError::Store(RecordError::Store {
+            op: "write thread",
+            message: format!("{} kept changing under us", state.record_key),
+        }))
+    }
+
+    /// Raise the thread's mark to `sent_ms` (never lower it: a mark only moves forward),
+    /// fenced as every write of a thread's document is.
     pub(crate) async fn raise_thread_mark(
         &self,
         key: &WorkspaceKey,
         thread_id: &str,
         sent_ms: u64,
-    ) -> Result<(), RecordError> {
-        let record_key = thread_key(key, thread_id);
-        for _ in 0..4 {
-            let (current, version) = match self.read(&record_key).await? {
-                None => (None, Version::Absent),
-                Some((text, version)) => (serde_json::from_str::<ThreadMark>(&text).ok(), version),
-            };
-            if current.is_some_and(|m| m.newest_sent_ms >= sent_ms) {
-                return Ok(());
-            }
-            let text = serde_json::to_string(&ThreadMark {
-                newest_sent_ms: sent_ms,
-            })
-            .expect("records serialize");
-            if self.write(&record_key, &text, version).await? {
-                return Ok(());
-            }
-        }
-        Err(RecordError::Store {
-            op: "raise thread mark",
-            message: format!("{record_key} kept changing under us"),
+        fence: &crate::lease::LeaseCheck,
+    ) -> Result<(), FencedWriteError> {
+        let mut state = self.read_thread(key, thread_id, fence.token()).await?;
+        self.write_thread(&mut state, fence, |doc| {
+            doc.newest_sent_ms = doc.newest_sent_ms.max(sent_ms)
         })
+        .await
     }
 
     /// Forget local outcome records older than `age` (SQS keeps a message 14 days at most, so
@@ -414,6 +593,36 @@ impl RecordStore {
         version: Version,
     ) -> Result<Option<Version>, RecordError> {
         self.write_versioned(key, text, version).await
+    }
+
+    /// Remove a document nothing names any more (a conversation copy replaced by a newer
+    /// holder's). Best effort: a copy left behind costs storage, nothing else.
+    pub(crate) async fn delete_document(&self, key: &str) -> Result<(), RecordError> {
+        self.calls
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let failed = |message: String| RecordError::Store {
+            op: "delete",
+            message: format!("{key}: {message}"),
+        };
+        match &self.engine {
+            Engine::Local(root) => match tokio::fs::remove_file(root.join(key)).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(failed(e.to_string())),
+                _ => Ok(()),
+            },
+            Engine::S3 {
+                client,
+                bucket,
+                prefix,
+            } => client
+                .delete_object()
+                .bucket(bucket)
+                .key(format!("{prefix}{key}"))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| failed(DisplayErrorContext(&e).to_string())),
+        }
     }
 
     /// Prove the store enforces conditional writes (`edit-worker doctor`): create a probe
@@ -740,12 +949,85 @@ mod tests {
     async fn thread_marks_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::local(dir.path(), "w");
-        assert_eq!(store.thread_mark(&key(), "t").await.unwrap(), None);
-        store.raise_thread_mark(&key(), "t", 20).await.unwrap();
-        store.raise_thread_mark(&key(), "t", 10).await.unwrap();
+        let alone = crate::lease::LeaseCheck::unfenced("a/b");
         assert_eq!(
-            store.thread_mark(&key(), "t").await.unwrap(),
-            Some(ThreadMark { newest_sent_ms: 20 })
+            store
+                .read_thread(&key(), "t", 0)
+                .await
+                .unwrap()
+                .doc
+                .newest_sent_ms,
+            0
         );
+        store
+            .raise_thread_mark(&key(), "t", 20, &alone)
+            .await
+            .unwrap();
+        store
+            .raise_thread_mark(&key(), "t", 10, &alone)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .read_thread(&key(), "t", 0)
+                .await
+                .unwrap()
+                .doc
+                .newest_sent_ms,
+            20
+        );
+        // A mark of the old shape reads as a document without a conversation.
+        std::fs::write(
+            dir.path().join("threads/a/b/u.json"),
+            r#"{"newestSentMs":7}"#,
+        )
+        .unwrap();
+        let old = store.read_thread(&key(), "u", 0).await.unwrap();
+        assert!(old.existed);
+        assert_eq!((old.doc.newest_sent_ms, old.doc.lease_token), (7, 0));
+    }
+
+    #[tokio::test]
+    async fn a_stale_holder_never_overwrites_the_next_holders_thread_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w");
+        let (old_lost, new_lost) = (Default::default(), Default::default());
+        let old = crate::lease::LeaseCheck::with_token(1, old_lost);
+        let new = crate::lease::LeaseCheck::with_token(2, new_lost);
+        // The old holder read the document before it was paused.
+        let mut stale = store.read_thread(&key(), "t", 0).await.unwrap();
+        let mut fresh = store.read_thread(&key(), "t", 0).await.unwrap();
+        store
+            .write_thread(&mut fresh, &new, |d| d.newest_sent_ms = 5)
+            .await
+            .unwrap();
+        // Resumed, its write meets the newer document: refused, whatever its version said.
+        let refused = store
+            .write_thread(&mut stale, &old, |d| d.newest_sent_ms = 9)
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(FencedWriteError::Fenced {
+                    found: 2,
+                    ours: 1,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        let doc = store.read_thread(&key(), "t", 0).await.unwrap().doc;
+        assert_eq!((doc.newest_sent_ms, doc.lease_token), (5, 2));
+        // And a lost lease writes nothing at all.
+        let lost = tokio_util::sync::CancellationToken::new();
+        lost.cancel();
+        let gone = crate::lease::LeaseCheck::with_token(3, lost);
+        let mut state = store.read_thread(&key(), "t", 0).await.unwrap();
+        assert!(matches!(
+            store
+                .write_thread(&mut state, &gone, |d| d.newest_sent_ms = 11)
+                .await,
+            Err(FencedWriteError::LeaseLost(_))
+        ));
     }
 }

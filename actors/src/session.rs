@@ -247,6 +247,7 @@ impl SessionActor {
         if let Some(lease) = lease {
             lease.release().await;
         }
+        args.ctx.leases.release_parked(&args.key).await;
         tell_released(&args.ctx, &args.key, waiters);
     }
 
@@ -353,6 +354,16 @@ impl Actor for SessionActor {
                     && lease.as_ref().is_some_and(|l| l.check().check().is_ok());
                 if keep {
                     state.lease = lease;
+                } else if state.queue.is_empty()
+                    && state.waiters.is_empty()
+                    && !state.shutting_down
+                    && lease.as_ref().is_some_and(|l| l.check().check().is_ok())
+                {
+                    // Nobody waits: set it aside without a write; the next batch takes it back
+                    // with one, and a waiter's notice has it released (issue 25).
+                    if let Some(lease) = lease {
+                        lease.park().await;
+                    }
                 } else {
                     let waiters = std::mem::take(&mut state.waiters);
                     // Only the batch that follows at once yields; a later one finds the lease free.

@@ -92,6 +92,11 @@ pub(crate) struct StatusEvent {
     /// What a rollback went back to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rolled_back_to: Option<crate::deploys::RolledBackTo>,
+    /// An extension of the contract's events (issue 25): the upstream ref under which an
+    /// interrupted or failed job's saved work was kept because its branch could not be pushed
+    /// (`refs/edit-worker/saved/{branch}/{messageId}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved_ref: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<EventError>,
     /// What is happening, for `progress` events. Redacted when serialized.
@@ -175,6 +180,7 @@ impl StatusEvent {
             publish: None,
             deploy_id: None,
             rolled_back_to: None,
+            saved_ref: None,
             error: None,
             detail: None,
             sequence: None,

@@ -346,6 +346,13 @@ pub enum GitMsg {
         fence: Option<Fence>,
         reply: RpcReplyPort<Result<(), GitError>>,
     },
+    /// Keep `branch`'s tip on the upstream under `refs/edit-worker/saved/{branch}/{message_id}`
+    /// (saved work whose branch push failed). Returns the ref.
+    PushSaved {
+        branch: String,
+        message_id: String,
+        reply: RpcReplyPort<Result<String, GitError>>,
+    },
 }
 
 /// Owns the workspace's git. One per session, so two git operations on one checkout never
@@ -406,6 +413,13 @@ impl StepHandler<GitMsg> for Workspace {
                 } => {
                     maybe_fault("git.push");
                     let _ = reply.send(ws.push(&branch, attempts, fence.as_ref()).await);
+                }
+                GitMsg::PushSaved {
+                    branch,
+                    message_id,
+                    reply,
+                } => {
+                    let _ = reply.send(ws.push_saved(&branch, &message_id).await);
                 }
             }
         })

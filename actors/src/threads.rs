@@ -34,6 +34,51 @@ pub(crate) struct ThreadRecord {
     /// written after runs, hence the default.
     #[serde(default = "written_by_default")]
     pub written: bool,
+    /// Where the shared copy of the conversation file is (shared store only): a key of the
+    /// lease token that wrote it (`conversations/{client}/{project}/{session}.{token}.jsonl`),
+    /// so a holder that lost its lease never overwrites the next holder's copy. Absent: the
+    /// key of the records before issue 25 (`{session}.jsonl`), or no copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The MD5 of that copy: an unchanged file is not uploaded again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_md5: Option<String>,
+}
+
+impl ThreadRecord {
+    /// A conversation of `session_id` with nothing shared yet.
+    pub(crate) fn new(session_id: &str, total_cost_usd: f64, written: bool) -> ThreadRecord {
+        ThreadRecord {
+            session_id: session_id.to_owned(),
+            total_cost_usd,
+            written,
+            file: None,
+            file_md5: None,
+        }
+    }
+}
+
+impl ThreadRecord {
+    /// The record after a run of `session_id` that the agent wrote: the shared copy of the
+    /// file `previous` names is kept only for the same conversation (a new one has none yet).
+    pub(crate) fn continued(
+        previous: Option<&ThreadRecord>,
+        session_id: &str,
+        total_cost_usd: f64,
+    ) -> ThreadRecord {
+        let mut record = ThreadRecord::new(session_id, total_cost_usd, true);
+        if let Some(previous) = previous.filter(|p| p.session_id == session_id) {
+            record.file = previous.file.clone();
+            record.file_md5 = previous.file_md5.clone();
+        }
+        record
+    }
+}
+
+/// The shared copy of a conversation file that `save_conversation` made or found current.
+pub(crate) struct SharedCopy {
+    pub key: String,
+    pub md5: String,
 }
 
 fn written_by_default() -> bool {
@@ -115,19 +160,23 @@ impl ThreadStore {
             .is_some_and(|stat| tenant_fs::is_regular(&stat))
     }
 
-    /// Keep the agent's conversation file where the next worker finds it (shared store only).
-    /// The file is in the tenant's agent folder (`config_dir`), so it is read as every tenant's
-    /// file is (`tenant_fs`): never through a link, only a regular file, at most
-    /// `CONVERSATION_MAX_BYTES`.
-    pub async fn save_conversation(
+    /// Keep the agent's conversation file where the next worker finds it (shared store only),
+    /// under a key of this lease's token, and only when it changed since `known` was shared
+    /// (issue 25: every run uploaded it). Fenced: nothing is uploaded under a lease that no
+    /// longer holds. The file is in the tenant's agent folder (`config_dir`), so it is read as
+    /// every tenant's file is (`tenant_fs`): never through a link, only a regular file, at most
+    /// `CONVERSATION_MAX_BYTES`. `None`: nothing to share (alone, or the run wrote no file).
+    pub(crate) async fn save_conversation(
         &self,
         key: &WorkspaceKey,
         session_id: &str,
+        known: Option<&ThreadRecord>,
         config_dir: &Path,
         cwd: &Path,
-    ) -> Result<(), String> {
+        fence: &crate::lease::LeaseCheck,
+    ) -> Result<Option<SharedCopy>, String> {
         let Some(shared) = &self.shared else {
-            return Ok(());
+            return Ok(None);
         };
         let name = Self::conversation_name(session_id)?;
         let rel = Self::conversation_folder(cwd).join(&name);
@@ -140,15 +189,28 @@ impl ThreadStore {
         let bytes = match read {
             Ok(Some(bytes)) => bytes,
             // The run ended before the agent wrote anything: nothing to keep.
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
+        let md5 = {
+            use md5::{Digest, Md5};
+            format!("{:x}", Md5::digest(&bytes))
+        };
+        let copy_key = Self::shared_key(key, &format!("{session_id}.{}.jsonl", fence.token()));
+        if let Some(known) = known
+            && known.session_id == session_id
+            && known.file.as_deref() == Some(copy_key.as_str())
+            && known.file_md5.as_deref() == Some(md5.as_str())
+        {
+            return Ok(Some(SharedCopy { key: copy_key, md5 }));
+        }
+        fence.check().map_err(|e| e.to_string())?;
         let text = String::from_utf8(bytes).map_err(|e| format!("{name}: {e}"))?;
         shared
-            .write_document(&Self::shared_key(key, &name), &text, Version::Any)
+            .write_document(&copy_key, &text, Version::Any)
             .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(Some(SharedCopy { key: copy_key, md5 }))
     }
 
     /// Put the shared copy of the conversation in place before it is resumed, when this worker
@@ -157,10 +219,10 @@ impl ThreadStore {
     /// following links, the file under a fresh name made exclusively and renamed into place (a
     /// link there is replaced, never written through), owned by whoever owns the agent folder
     /// (the tenant, with separate users), mode 0600.
-    pub async fn restore_conversation(
+    pub(crate) async fn restore_conversation(
         &self,
         key: &WorkspaceKey,
-        session_id: &str,
+        record: &ThreadRecord,
         config_dir: &Path,
         cwd: &Path,
         stale: bool,
@@ -168,7 +230,12 @@ impl ThreadStore {
         let Some(shared) = &self.shared else {
             return Ok(false);
         };
-        let name = Self::conversation_name(session_id)?;
+        let name = Self::conversation_name(&record.session_id)?;
+        // The copy the record names; records from before issue 25 kept it under its name.
+        let copy_key = record
+            .file
+            .clone()
+            .unwrap_or_else(|| Self::shared_key(key, &name));
         let folder = Self::conversation_folder(cwd);
         if !stale {
             let (dir, folder, name) = (config_dir.to_owned(), folder.clone(), name.clone());
@@ -188,7 +255,7 @@ impl ThreadStore {
             }
         }
         let found = shared
-            .read_document(&Self::shared_key(key, &name))
+            .read_document(&copy_key)
             .await
             .map_err(|e| e.to_string())?;
         let Some((text, _)) = found else {
@@ -235,7 +302,15 @@ impl ThreadStore {
             .join(format!("{thread_id}.json"))
     }
 
-    pub(crate) async fn load(&self, key: &WorkspaceKey, thread_id: &str) -> Option<ThreadRecord> {
+    /// The thread's conversation as recorded before issue 25, apart from its mark: on this
+    /// worker's disk (alone) or in the shared store (`conversations/…/{thread}.json`). Read
+    /// only for a thread whose document has no conversation yet; the next write moves it into
+    /// the document.
+    pub(crate) async fn load_legacy(
+        &self,
+        key: &WorkspaceKey,
+        thread_id: &str,
+    ) -> Option<ThreadRecord> {
         let text = match &self.shared {
             Some(shared) => {
                 match shared
@@ -262,31 +337,11 @@ impl ThreadStore {
         }
     }
 
-    /// Write atomically (temp file + rename), so a crash never leaves half a record.
-    pub(crate) async fn save(
-        &self,
-        key: &WorkspaceKey,
-        thread_id: &str,
-        record: &ThreadRecord,
-    ) -> std::io::Result<()> {
-        if let Some(shared) = &self.shared {
-            let text = serde_json::to_string(record).expect("record serializes");
-            return shared
-                .write_document(
-                    &Self::shared_key(key, &format!("{thread_id}.json")),
-                    &text,
-                    Version::Any,
-                )
-                .await
-                .map(drop)
-                .map_err(std::io::Error::other);
-        }
-        let path = self.path(key, thread_id);
-        let dir = path.parent().expect("record has a folder");
-        tokio::fs::create_dir_all(dir).await?;
-        let tmp = path.with_extension("json.tmp");
-        tokio::fs::write(&tmp, serde_json::to_vec(record).expect("record serializes")).await?;
-        tokio::fs::rename(&tmp, &path).await
+    /// Whether a thread without a conversation in its document may have one recorded the old
+    /// way: always worth a look on this worker's disk; in the shared store (a request) only
+    /// for a thread that has a document already (a mark from before), never for a new thread.
+    pub(crate) fn may_have_legacy(&self, document_existed: bool) -> bool {
+        self.shared.is_none() || document_existed
     }
 }
 
@@ -295,23 +350,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn records_round_trip_and_bad_ones_are_ignored() {
+    async fn legacy_records_are_read_and_bad_ones_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let store = ThreadStore::new(dir.path());
         let key = WorkspaceKey {
             client_id: "a".into(),
             project_id: "b".into(),
         };
-        assert_eq!(store.load(&key, "t").await, None);
-        let record = ThreadRecord {
-            session_id: "s-1".into(),
-            total_cost_usd: 0.5,
-            written: true,
-        };
-        store.save(&key, "t", &record).await.unwrap();
-        assert_eq!(store.load(&key, "t").await, Some(record));
-        std::fs::write(dir.path().join(".agent/threads/a/b/t.json"), "{broken").unwrap();
-        assert_eq!(store.load(&key, "t").await, None);
+        assert_eq!(store.load_legacy(&key, "t").await, None);
+        let folder = dir.path().join(".agent/threads/a/b");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join("t.json"),
+            r#"{"sessionId":"s-1","totalCostUsd":0.5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            store.load_legacy(&key, "t").await,
+            Some(ThreadRecord::new("s-1", 0.5, true))
+        );
+        std::fs::write(folder.join("t.json"), "{broken").unwrap();
+        assert_eq!(store.load_legacy(&key, "t").await, None);
     }
 
     #[tokio::test]

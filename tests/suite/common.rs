@@ -633,6 +633,81 @@ impl CutProxy {
     }
 }
 
+/// Wait until `check` holds, looking every 100 ms (for state that no event announces, such
+/// as a commit the worker made in its checkout).
+pub async fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A TCP proxy in front of `target` (an S3 endpoint for `AWS_ENDPOINT_URL_S3`) that forwards
+/// until `stall` is called and then stops answering: nothing more goes either way on any
+/// connection, open or new, while every connection is held open, so a client waits for an
+/// answer that never comes (a hung request, not a refused one: `flaky_proxy` refuses). Bytes
+/// in flight at the stall wait with the rest; `resume` lets everything through again.
+pub struct StallingProxy {
+    pub url: String,
+    stalled: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl StallingProxy {
+    pub async fn start(target: String) -> StallingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stalled = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let target = target.trim_start_matches("http://").to_owned();
+        let gate = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (target, gate) = (target.clone(), gate.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::join!(
+                        relay_unless_stalled(in_read, out_write, gate.subscribe()),
+                        relay_unless_stalled(out_read, in_write, gate.subscribe()),
+                    );
+                });
+            }
+        });
+        StallingProxy { url, stalled }
+    }
+
+    /// From now on nothing is answered.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+}
+
+/// Copy `from` to `to`, holding every chunk while the gate says stalled.
+async fn relay_unless_stalled(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl TestEnv {
     /// Wait until an event of `kind` for `message_id` arrives; returns every event seen.
     pub async fn wait_for(&self, message_id: &str, kind: &str, timeout: Duration) -> Vec<Value> {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{FaultProxy, Site, TestEnv, git, is_terminal};
+use crate::common::{FaultProxy, Site, TestEnv, git, is_terminal, until};
 use serde_json::Value;
 
 fn terminal_for<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
@@ -43,16 +43,6 @@ async fn send_delayed(
         .unwrap()
         .message_id
         .unwrap()
-}
-
-/// Wait until `check` holds, looking every 100 ms (for state that no event announces, such
-/// as a commit the worker made in its checkout).
-async fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn count(stats: &Value, kind: &str) -> u64 {

@@ -13,6 +13,7 @@ mod delivery_limits;
 mod deploys;
 mod exactly_once;
 mod exactly_once_faults;
+mod holder_fences;
 mod interrupts_and_delivery;
 mod isolation;
 mod load_and_fairness;

@@ -299,6 +299,19 @@ impl GitProgram {
         self.run_push(&["origin", &refspec]).await
     }
 
+    /// Push the tip of `branch` to `saved_ref` on `origin` (a ref of its own under
+    /// `refs/edit-worker/saved/`, which nothing else writes): where work that could not be
+    /// pushed on its branch is kept (issue 25). Forced: the ref is this message's alone, and a
+    /// later save of the same message carries everything the earlier one had.
+    pub(crate) async fn push_saved(
+        &self,
+        branch: &str,
+        saved_ref: &str,
+    ) -> Result<(), GitCommandError> {
+        let refspec = format!("+refs/heads/{branch}:{saved_ref}");
+        self.run_push(&["origin", &refspec]).await
+    }
+
     /// Push `branch` together with the lease's fence ref, atomically: the push goes through
     /// only while the upstream's fence is still `fence_commit` (this holder's token). A newer
     /// holder moves the fence first, so a holder that lost its lease pushes nothing.

@@ -446,6 +446,34 @@ impl Workspace {
         }
     }
 
+    /// Keep `branch`'s tip on the upstream under a ref of its own, `refs/edit-worker/saved/
+    /// {branch}/{message_id}`, when the branch itself could not be pushed: the saved work is
+    /// then somewhere durable before its message is deleted. Returns the ref's name.
+    pub(crate) async fn push_saved(
+        &self,
+        branch: &str,
+        message_id: &str,
+    ) -> Result<String, GitError> {
+        // The branch is a valid ref component already; the message id is made one (SQS ids are
+        // UUIDs, anything else is hex-encoded).
+        let plain = !message_id.is_empty()
+            && message_id.len() <= 128
+            && message_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let id = if plain {
+            message_id.to_owned()
+        } else {
+            message_id.bytes().map(|b| format!("{b:02x}")).collect()
+        };
+        let saved_ref = format!("refs/edit-worker/saved/{branch}/{id}");
+        if self.remote.is_none() {
+            return Ok(saved_ref);
+        }
+        self.git().push_saved(branch, &saved_ref).await?;
+        Ok(saved_ref)
+    }
+
     /// Commit whatever the worktree holds on the branch it is on, before anything switches away.
     async fn save_unfinished_work(&self, message_id: &str) -> Result<Option<SavedWork>, GitError> {
         let Some(branch) = self.blocking(local::current_branch).await? else {

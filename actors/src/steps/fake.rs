@@ -157,6 +157,13 @@ impl StepHandler<GitMsg> for Fake {
                     self.tell(Call::Push { branch });
                     let _ = reply.send(Ok(()));
                 }
+                GitMsg::PushSaved {
+                    branch,
+                    message_id,
+                    reply,
+                } => {
+                    let _ = reply.send(Ok(format!("refs/edit-worker/saved/{branch}/{message_id}")));
+                }
             }
         })
     }
