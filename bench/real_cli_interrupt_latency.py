@@ -192,7 +192,7 @@ def main():
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"real Claude Code CLI {subprocess.run([CLAUDE, '--version'], capture_output=True, text=True).stdout.strip()}, "
           f"{INTERRUPTS} interrupts, {in_band} ended by the in-band interrupt")
-    print(f"| | samples | median | max (of {INTERRUPTS}, which is also their p95 and p99) |")
+    print(f"| | samples | median | max (of {INTERRUPTS}; with fewer than 100 samples the p99 is the max) |")
     print("| --- | --- | --- | --- |")
     summary("newer message at its session -> CLI gone", gone)
     summary("interrupt sent -> CLI idle (result line)", idle)
