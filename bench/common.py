@@ -69,7 +69,9 @@ def commit_of_tree():
     try:
         head = subprocess.run(["git", "rev-parse", "--short=9", "HEAD"], cwd=ROOT, check=True,
                               capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # The results file `scripts/bench all` is writing does not count.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench/results"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
