@@ -187,7 +187,9 @@ impl InFlightRegistry {
         held.at_work += 1;
         if held.at_work > held.peak_at_work {
             held.peak_at_work = held.at_work;
-            metrics().in_flight_peak.record(held.peak_at_work as u64, &[]);
+            metrics()
+                .in_flight_peak
+                .record(held.peak_at_work as u64, &[]);
         }
         if let Some(key) = workspace {
             *held.per_workspace.entry(key.clone()).or_default() += 1;
