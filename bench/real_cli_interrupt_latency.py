@@ -73,6 +73,10 @@ def turns_for(log_path, marker):
     try:
         with open(log_path) as f:
             for line in f:
+                # The API server may be writing the last line as we read it: a line without
+                # its newline is not complete yet, and is read on the next look.
+                if not line.endswith("\n"):
+                    break
                 r = json.loads(line)
                 if r.get("path", "").startswith("/v1/messages") and marker in (r.get("prompt") or ""):
                     found.append(r)
