@@ -1,35 +1,33 @@
-"""Interrupt latency benchmark (issue 3).
+"""Interrupt latency benchmark (issues 3, 28).
 
-Measures, inside the real worker, the time from a newer message reaching its session to the
-running agent's whole process group being gone (the worker logs it as interrupt_latency_us),
-while 100 messages of other workspaces are held by the same worker with their agents running.
-Prints median, p99 and max. Run it with: scripts/bench interrupt-latency
+The condition measured: a newer message of the same workspace reaches its session while that
+workspace's agent is at work (its first tool use reported), and agent slots are to spare
+(AGENT_CONCURRENCY is above the number of agents running), so the stop is the agent's own and
+not the cancel of a wait for a slot. Timed inside the real worker from the stop request to the
+agent's whole process group gone, while OTHER_MESSAGES agents of other workspaces keep running
+in the same worker.
+
+Figures come from the worker's OTLP telemetry, never its log: the per-interrupt samples are the
+`interrupt_latency_us` attribute of its "work stopped" span events with reason Interrupted; the
+metric `edit_worker.interrupt.latency{reason=interrupted}` must count as many (and its min/max
+agree), and `edit_worker.agent.runs{ok=false}` must count one ended agent run per interrupt
+(a message stopped while waiting for a slot runs no agent and would not be counted).
+
+Prints median, p99 and max. Run: scripts/bench interrupt-latency (INTERRUPTS, OTHER_MESSAGES).
 """
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-import boto3
+from common import AWS_ENV, ROOT, Otlp, aws_clients, commit_of_tree, git, pct
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENDPOINT = os.environ["MOTO_ENDPOINT"]
 WORKER = os.environ["WORKER_BIN"]
 INTERRUPTS = int(os.environ.get("INTERRUPTS", "200"))
 OTHERS = int(os.environ.get("OTHER_MESSAGES", "100"))
-KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1",
-          aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
-def git(cwd, *args):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
 
 
 def upstream(base, client):
@@ -45,15 +43,9 @@ def upstream(base, client):
     shutil.rmtree(seed)
 
 
-def percentile(values, p):
-    values = sorted(values)
-    k = max(0, min(len(values) - 1, int(round(p / 100 * len(values) + 0.5)) - 1))
-    return values[k]
-
-
 def main():
-    sqs = boto3.client("sqs", **KW)
-    s3 = boto3.client("s3", **KW)
+    import subprocess
+    sqs, s3 = aws_clients()
     base = tempfile.mkdtemp(prefix="bench-int-")
     # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
     os.chmod(base, 0o711)
@@ -62,6 +54,9 @@ def main():
     for c in clients:
         upstream(base, c)
         s3.create_bucket(Bucket=f"edit.{c}.bench-int.test")
+    otlp = Otlp()
+    # Agents at once: the OTHERS plus the target's one; slots to spare beyond that.
+    agent_slots = OTHERS + 10
     env = {
         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
         "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
@@ -71,60 +66,80 @@ def main():
         "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
         "CLAUDE_CONFIG_DIR": os.path.join(base, "claude"),
         "MAX_IN_FLIGHT": str(OTHERS + 50),
-        "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "RUST_LOG": "warn,edit_worker_actors::pipeline=info",
+        "AGENT_CONCURRENCY": str(agent_slots),
+        **AWS_ENV, **otlp.env(),
+        "RUST_LOG": "warn",
     }
     log_path = os.path.join(base, "worker.log")
-    worker = subprocess.Popen([WORKER, "run"], env=env, stderr=open(log_path, "w"), stdout=subprocess.DEVNULL)
+    worker = subprocess.Popen([WORKER, "run"], env=env, stderr=open(log_path, "w"),
+                              stdout=subprocess.DEVNULL)
 
     def send(client, thread, command):
         body = json.dumps({"sessionId": "s", "threadId": thread, "clientId": client,
                            "projectId": "site", "command": command})
         return sqs.send_message(QueueUrl=q["in"], MessageBody=body)["MessageId"]
 
-    started = set()
+    # Status events seen, by message: the types it has had.
+    seen = {}
 
-    def wait_started(message_id, timeout=60):
+    def wait_at_work(message_ids, timeout=300):
+        """Until each message's agent is at work: its first `progress` event (the worker sends
+        the first tool use at once, later ones at most every PROGRESS_INTERVAL_SECONDS)."""
         deadline = time.time() + timeout
-        while message_id not in started and time.time() < deadline:
+        waiting = set(message_ids)
+        while waiting and time.time() < deadline:
             out = sqs.receive_message(QueueUrl=q["out"], MaxNumberOfMessages=10, WaitTimeSeconds=1)
             for m in out.get("Messages", []):
                 sqs.delete_message(QueueUrl=q["out"], ReceiptHandle=m["ReceiptHandle"])
                 event = json.loads(m["Body"])
-                if event["type"] == "started":
-                    started.add(event["messageId"])
-        if message_id not in started:
-            raise SystemExit(f"message {message_id} never started; see {log_path}")
+                seen.setdefault(event.get("messageId"), set()).add(event["type"])
+            waiting = {mid for mid in waiting if "progress" not in seen.get(mid, ())}
+            for mid in waiting:
+                if seen.get(mid, set()) & {"failed", "rejected", "completed"}:
+                    raise SystemExit(f"message {mid} ended {seen[mid]}; see {log_path}")
+        if waiting:
+            raise SystemExit(f"{len(waiting)} messages never had their agent at work; see {log_path}")
 
-    # Other work held by the same worker: every one of these agents keeps running.
-    others = [send(c, "busy", "[standin:sleep 3600]") for c in clients[1:]]
-    for m in others:
-        wait_started(m, timeout=300)
-    print(f"{len(others)} messages of other workspaces are in flight", file=sys.stderr)
-
-    previous = send("target", "t", "[standin:write a.txt a] [standin:sleep 3600]")
-    wait_started(previous)
-    for i in range(INTERRUPTS):
-        time.sleep(0.3)  # let the agent get going
-        previous = send("target", "t" if i % 2 else "u", f"[standin:write n{i}.txt {i}] [standin:sleep 3600]")
-        wait_started(previous)
-    time.sleep(1)
-    worker.terminate()
-    worker.wait(timeout=60)
-
-    latencies = [int(m) / 1000.0 for m in re.findall(r"reason=Interrupted interrupt_latency_us=(\d+)",
-                                                     open(log_path).read())]
-    if len(latencies) < INTERRUPTS:
-        raise SystemExit(f"only {len(latencies)} interrupts measured; see {log_path}")
-    median = percentile(latencies, 50)
-    print("interrupt latency (newer message at its session -> agent process group gone)")
-    print(f"  interrupts measured  {len(latencies)}")
-    print(f"  other messages held  {len(others)}")
-    print(f"  median               {median:.1f} ms")
-    print(f"  p99                  {percentile(latencies, 99):.1f} ms")
-    print(f"  max                  {max(latencies):.1f} ms")
-    print(f"  target p99 < 50 ms   {'met' if percentile(latencies, 99) < 50 else 'NOT met'}")
+    try:
+        # Other work held by the same worker: every one of these agents keeps running.
+        others = [send(c, "busy", "[standin:sleep 3600]") for c in clients[1:]]
+        wait_at_work(others)
+        print(f"{len(others)} agents of other workspaces at work", file=sys.stderr)
+        previous = send("target", "t", "[standin:write a.txt a] [standin:sleep 3600]")
+        wait_at_work([previous])
+        for i in range(INTERRUPTS):
+            previous = send("target", "t" if i % 2 else "u", f"[standin:write n{i}.txt {i}] [standin:sleep 3600]")
+            wait_at_work([previous])
+        # Every interrupt counted by the worker's metrics: the stops, and one agent run ended
+        # (not ok) per stop: each stopped an agent at work, not a wait for a slot.
+        otlp.wait("all interrupts in the metrics", lambda o: (
+            o.histogram("edit_worker.interrupt.latency", reason="interrupted")["count"] >= INTERRUPTS
+            and o.value("edit_worker.agent.runs", ok="false") >= INTERRUPTS), timeout=120)
+        hist = otlp.histogram("edit_worker.interrupt.latency", reason="interrupted")
+        runs_stopped = otlp.value("edit_worker.agent.runs", ok="false")
+        otlp.wait("a span event per interrupt", lambda o: len(
+            o.event_values("interrupt_latency_us", reason="Interrupted")) >= INTERRUPTS, timeout=60)
+        samples = [int(v) / 1000.0 for v in otlp.event_values("interrupt_latency_us", reason="Interrupted")]
+    finally:
+        worker.terminate()
+        worker.wait(timeout=120)
+        otlp.stop()
+    if hist["count"] != INTERRUPTS or runs_stopped != INTERRUPTS or len(samples) != INTERRUPTS:
+        raise SystemExit(f"expected {INTERRUPTS} interrupts: metric {hist['count']}, agent runs "
+                         f"stopped {runs_stopped}, span events {len(samples)}; see {log_path}")
+    if abs(min(samples) * 1000 - hist["min"]) > 1 or abs(max(samples) * 1000 - hist["max"]) > 1:
+        raise SystemExit(f"span events and metric disagree: {min(samples)}..{max(samples)} ms "
+                         f"against {hist['min']}..{hist['max']} us")
+    print(f"interrupt latency, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print("condition: newer message of the same workspace at its session while the agent is at work, "
+          f"{OTHERS} other agents at work, AGENT_CONCURRENCY={agent_slots} (slots to spare) -> "
+          "the agent's process group gone")
+    print(f"  interrupts measured  {len(samples)} (metric count {hist['count']}, agent runs stopped {runs_stopped})")
+    print(f"  median               {pct(samples, 50):.1f} ms")
+    print(f"  p99                  {pct(samples, 99):.1f} ms")
+    print(f"  max                  {max(samples):.1f} ms")
+    print(f"  target p99 < 50 ms   {'met' if pct(samples, 99) < 50 else 'NOT met'}")
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -39,6 +39,8 @@ import time
 
 import boto3
 
+from common import Otlp, commit_of_tree
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENDPOINT = os.environ["MOTO_ENDPOINT"]
 WORKER = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target/release/edit-worker"))
@@ -106,7 +108,10 @@ class Worker:
         os.makedirs(self.upstream)
         self.q = {n: sqs.create_queue(QueueName=f"lat-{self.tag}-{n}")["QueueUrl"] for n in ("in", "out")}
         self.log = os.path.join(self.dir, "worker.log")
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+        # The worker's own telemetry: the store's check-and-link times are read from its span
+        # events' `link_ms` fields, never from its log (issue 28). Both modes export alike.
+        self.otlp = Otlp()
+        env = {**self.otlp.env(),"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
                "INPUT_QUEUE_URL": self.q["in"], "OUTPUT_QUEUE_URL": self.q["out"],
                "WORKSPACE_ROOT": os.path.join(self.dir, "ws"),
                "GIT_REMOTE_TEMPLATE": os.path.join(self.upstream, "{clientId}/{projectId}.git"),
@@ -115,8 +120,7 @@ class Worker:
                "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "ASTRO_TELEMETRY_DISABLED": "1",
-               "RUST_LOG": os.environ.get("WORKER_RUST_LOG", "warn,edit_worker_actors::npm_store=info,"
-                                                             "edit_worker_actors::build=info"),
+               "RUST_LOG": os.environ.get("WORKER_RUST_LOG", "warn"),
                "PROGRESS_INTERVAL_SECONDS": "60", **extra}
         if "npm_config_cache" in os.environ:
             env["npm_config_cache"] = os.environ["npm_config_cache"]
@@ -159,10 +163,12 @@ class Worker:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        self.otlp.stop()
 
     def link_ms(self):
-        """Each build's store check (before and after) plus linking, from the worker's log."""
-        return [int(v) for v in re.findall(r"link_ms=(\d+)", open(self.log).read())]
+        """Each build's store check (before and after) plus linking: the `link_ms` field of
+        the worker's span events (one per build that used the store), after `stop`."""
+        return [int(v) for v in self.otlp.event_values("link_ms")]
 
 
 def remove_all(path):
@@ -330,6 +336,8 @@ def main():
         log(f"case 3: {CLIENTS} clients per mode")
         rows += case_3()
     print()
+    print(f"edit to live, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{os.cpu_count()} cores, worker {WORKER}")
     print("send to live (the `completed` event); phase columns: median of durationsMs, seconds")
     print("| case | install mode | samples | median | p95 | install | build | publish | check | worker total |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

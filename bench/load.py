@@ -4,7 +4,9 @@ fixed think time, driven by `edit-worker loadgen`. Figures are printed, not asse
   1. throughput: 200 workspaces x 5 messages, agent 2 s, tiny build, at AGENT_CONCURRENCY 16
      (the default) and 32; makespan against the ideal bound (the larger of agent runs x think
      time / slots and the CPU time of everything but the worker / cores) and against one
-     message at a time (the seed's design: measured on a sample, extrapolated);
+     message at a time (the seed's design: MAX_IN_FLIGHT=1, AGENT_CONCURRENCY=1), which gets
+     the very same loadgen arguments and seed, bursts included. ROUNDS1 rounds (default 1),
+     each running the three settings one after another; ratios per round and their median;
   2. orchestration overhead per message at light load, three rounds: end-to-end latency minus
      agent, build, publish and push;
   3. memory: resident size idle, with 1,000 idle sessions, and at the peak of run 1;
@@ -12,11 +14,16 @@ fixed think time, driven by `edit-worker loadgen`. Figures are printed, not asse
   5. a realistic run: real Astro build of the sample site, agent 10 s.
 Run with: scripts/bench load   (SCALE=0.2 for a quick look; RUNS=1,3 for some of the runs;
 AGENTS=32 for run 1 at other agent limits than 16 and 32)
+
+Figures about the worker come from its own OTLP telemetry (bench/common.py), never its log:
+agent runs from `edit_worker.agent.runs`, the most messages at work at once from
+`edit_worker.messages.in_flight.peak` (exact, not sampled).
 """
 
 import json
 import os
 import re
+import statistics
 import shutil
 import subprocess
 import sys
@@ -25,6 +32,8 @@ import threading
 import time
 
 import boto3
+
+from common import Otlp, commit_of_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENDPOINT = os.environ["MOTO_ENDPOINT"]
@@ -87,8 +96,11 @@ def rss_kib(pid):
 
 
 class Worker:
-    def __init__(self, tag, upstream, q, extra):
+    def __init__(self, tag, upstream, q, extra, telemetry=True):
+        """`telemetry`: export to an OTLP receiver of our own (what the figures read); off
+        where the benchmark compares export on and off, or must not pay for it."""
         self.log = os.path.join(BASE, tag, "worker.log")
+        self.otlp = Otlp() if telemetry else None
         env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
                "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
                "WORKSPACE_ROOT": os.path.join(BASE, tag, "ws"),
@@ -97,8 +109,10 @@ class Worker:
                "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
                "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "ASTRO_TELEMETRY_DISABLED": "1", "RUST_LOG": "warn,edit_worker_actors::pipeline=info",
-               "MAX_IN_FLIGHT": "64", "PROGRESS_INTERVAL_SECONDS": "60", **extra}
+               "ASTRO_TELEMETRY_DISABLED": "1", "RUST_LOG": "warn",
+               "MAX_IN_FLIGHT": "64", "PROGRESS_INTERVAL_SECONDS": "60",
+               # Metrics only: the figures need no spans, and a span queue would weigh on memory.
+               **(self.otlp.env(traces=False) if self.otlp else {}), **extra}
         self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "w"))
         self.peak = 0
@@ -116,15 +130,23 @@ class Worker:
         return rss_kib(self.proc.pid)
 
     def agent_runs(self):
-        return len(re.findall(r"agent run finished", open(self.log).read()))
+        """Agent runs ended (ok or not), from the worker's metrics: read after `stop`, which
+        flushes a last collection."""
+        return self.otlp.value("edit_worker.agent.runs")
+
+    def in_flight_peak(self):
+        """The most messages the worker had at work at once (its own high-water mark)."""
+        return self.otlp.value("edit_worker.messages.in_flight.peak")
 
     def stop(self):
         self.running = False
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        if self.otlp:
+            self.otlp.stop()
 
 
-def loadgen(tag, q, clients, projects, threads, messages, command, share=0.0, rate=0.0, wait=900):
+def loadgen(tag, q, clients, projects, threads, messages, command, share=0.0, rate=0.0, wait=900, seed=1):
     report = os.path.join(BASE, tag, "report.json")
     chart = os.path.join(ROOT, ".bench", f"{tag}.svg")
     env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
@@ -133,6 +155,7 @@ def loadgen(tag, q, clients, projects, threads, messages, command, share=0.0, ra
     out = subprocess.run([WORKER, "loadgen", "--clients", str(clients), "--projects", str(projects),
                           "--threads", str(threads), "--messages", str(messages), "--rate", str(rate),
                           "--interrupt-share", str(share), "--command", command, "--wait", str(wait),
+                          "--seed", str(seed),
                           "--report", report, "--chart", chart], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr)
@@ -207,20 +230,26 @@ def trace_overhead():
             extra = {"BUILD_COMMAND": "node build.mjs"}
             if mode == "on":
                 extra.update({"OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
-            w = Worker(tag, upstream, q, extra)
+            w = Worker(tag, upstream, q, extra, telemetry=False)
             report, _ = loadgen(tag, q, 10, 1, 1, messages, "[standin:write load/{n}.txt {n}]")
             w.stop()
             assert report["lost"] == 0, report
             results[mode].append(report["throughputPerSec"])
             print(f"  round {r + 1} export {mode}: {report['throughputPerSec']:.2f} msg/s", file=sys.stderr)
-    off = sorted(results["off"])[len(results["off"]) // 2]
-    on = sorted(results["on"])[len(results["on"]) // 2]
-    print(f"\ntrace export overhead: {messages} messages x {rounds} rounds each, alternating, median")
+    off = statistics.median(results["off"])
+    on = statistics.median(results["on"])
+    print(f"\ntrace export overhead, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+          f"{messages} messages x {rounds} rounds each, alternating, median")
     print("| export | throughput (msg/s) |")
     print("| --- | --- |")
     print(f"| off | {off:.2f} |")
     print(f"| on (OTLP/HTTP to a local sink) | {on:.2f} |")
-    print(f"\ncost of export: {(1 - on / off) * 100:.1f}% of throughput (target: at most 5%)")
+    ratios = [b / a for a, b in zip(results["off"], results["on"])]
+    print(f"\nper round, off / on (msg/s): " + ", ".join(
+        f"{a:.2f} / {b:.2f}" for a, b in zip(results["off"], results["on"])))
+    print(f"on / off per round: {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f})")
+    print(f"\ncost of export: {(1 - on / off) * 100:.1f}% of throughput from the medians, "
+          f"{(1 - statistics.median(ratios)) * 100:.1f}% from the rounds (target: at most 5%)")
 
 
 def isolation_cost():
@@ -253,7 +282,7 @@ def isolation_cost():
             env = {"ISOLATION": level, "PATH": SYSTEM_PATH}
             tag = f"isl{r}{name}"
             upstream, q = prepare(tag, load_clients, 5, "tiny-site")
-            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": TINY_BUILD})
+            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": TINY_BUILD}, telemetry=False)
             report, _ = loadgen(tag, q, load_clients, 5, 1, load_messages,
                                 "[standin:sleep 2] [standin:write public/load/{n}.txt {n}]", share=0.1)
             w.stop()
@@ -263,7 +292,7 @@ def isolation_cost():
             # One message per workspace: none interrupts another, each is a whole run.
             clients = messages // 5
             upstream, q = prepare(tag, clients, 5, "tiny-site")
-            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": "node build.mjs"})
+            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": "node build.mjs"}, telemetry=False)
             cpu0 = cpu_snapshot(moto_pid, w.proc.pid)
             report, _ = loadgen(tag, q, clients, 5, 1, messages, "[standin:write public/load/{n}.txt {n}]")
             cpu1 = cpu_snapshot(moto_pid, w.proc.pid)
@@ -275,7 +304,7 @@ def isolation_cost():
             thr[level].append(report["throughputPerSec"])
             tag = f"isol{r}{name}"
             upstream, q = prepare(tag, 10, 1, "tiny-site")
-            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": "node build.mjs"})
+            w = Worker(tag, upstream, q, {**env, "BUILD_COMMAND": "node build.mjs"}, telemetry=False)
             report, _ = loadgen(tag, q, 10, 1, 1, light, "[standin:write public/load/{n}.txt {n}]", rate=4)
             w.stop()
             assert report["lost"] == 0, report
@@ -285,7 +314,8 @@ def isolation_cost():
                   f"p50 {lat[level][-1]} ms at 4 msg/s", file=sys.stderr)
 
     def median(xs):
-        return sorted(xs)[len(xs) // 2]
+        # The mean of the two middle values for an even count (ROUNDS=2 gives two samples).
+        return statistics.median(xs)
 
     # The sandbox's own price per process start, alone: `true` as a tenant's uid in
     # bubblewrap with the worker's arguments, against `true` as the worker.
@@ -315,7 +345,8 @@ def isolation_cost():
     def paired(xs, level):
         return median([a / b for a, b in zip(xs[level], xs[first])])
 
-    print(f"\ntenant sandbox cost, {rounds} rounds, levels alternating, medians")
+    print(f"\ntenant sandbox cost, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{rounds} rounds, levels alternating, medians")
     print(f"- load: the load benchmark's run 1 shape, {load_clients * 5} workspaces x 5 messages, agent 2 s, tiny build")
     print(f"- no think: {messages} messages, one per fresh workspace, agent 0 s, `node build.mjs`")
     print(f"- light: {light} messages at 4 msg/s into 10 workspaces")
@@ -325,7 +356,7 @@ def isolation_cost():
     for level in levels:
         lo, t, l, st = median(load[level]), median(thr[level]), median(lat[level]), median(steps[level])
         print(f"| {level} | {lo:.2f} | {lo / base_load:.3f}x / {paired(load, level):.3f}x | {t:.2f} | "
-              f"{t / base_thr:.3f}x / {paired(thr, level):.3f}x | {l} ms | {l - base_lat:+d} ms | {st} ms | {st - base_steps:+d} ms |")
+              f"{t / base_thr:.3f}x / {paired(thr, level):.3f}x | {l:.0f} ms | {l - base_lat:+.0f} ms | {st:.0f} ms | {st - base_steps:+.0f} ms |")
     print("\nper round (msg/s), load / no think: " + "; ".join(
         f"{level} " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(load[level], thr[level])) for level in levels))
     print("\n| ISOLATION | CPU per message, saturated: machine / worker / its children / moto (ms) |")
@@ -354,64 +385,70 @@ def main():
     if "1" in runs_wanted:
         # Run 1 at the default limits and with twice the agent slots (agent runs are I/O bound),
         # both with bursts on: run 4 reads their lost/duplicate counts.
+        idle_rss = None
         clients, projects = max(1, int(40 * SCALE)), 5
         n = clients * projects * 5
         command = f"[standin:sleep {think}] [standin:write public/load/{{n}}.txt {{n}}]"
+        settings = [(f"AGENT_CONCURRENCY={a}", {"AGENT_CONCURRENCY": a})
+                    for a in os.environ.get("AGENTS", "16,32").split(",")]
+        # The seed's design, one message at a time, on the very same workload: the same loadgen
+        # arguments and seed (bursts included), not a sample extrapolated.
+        settings.append(("one at a time", {"MAX_IN_FLIGHT": "1", "AGENT_CONCURRENCY": "1"}))
+        rounds1 = int(os.environ.get("ROUNDS1", "1"))
+        makespans = {label: [] for label, _ in settings}
         first = None
-        for agents in (int(a) for a in os.environ.get("AGENTS", "16,32").split(",")):
-            tag = f"run1-{agents}"
-            upstream, q = prepare(tag, clients, projects, "tiny-site")
-            w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD, "AGENT_CONCURRENCY": str(agents)})
-            idle_rss = w.idle_rss
-            moto_pid = int(os.environ.get("MOTO_PID", "0"))
-            cpu0 = cpu_snapshot(moto_pid, w.proc.pid)
-            report, chart = loadgen(tag, q, clients, projects, 1, n, command, share=0.1)
-            cpu1 = cpu_snapshot(moto_pid, w.proc.pid)
-            runs = w.agent_runs()
-            peak = w.peak
-            w.stop()
-            reports.append((f"1 at {agents}", report))
-            busy, moto_cpu, worker_cpu, children_cpu = (b - a for a, b in zip(cpu0, cpu1))
-            makespan = report["makespanMs"] / 1000
-            # No schedule beats either bound: the agent slots (runs x think time / slots), or
-            # the CPU work of everything but the worker (moto, the stand-in agents, builds and
-            # git) spread over every core.
-            agent_bound = runs * think / agents
-            cpu_bound = (moto_cpu + children_cpu) / os.cpu_count()
-            ideal = max(agent_bound, cpu_bound)
-            print(f"run 1 ({agents} agents): {n} messages, {runs} agent runs, makespan {makespan:.1f} s",
-                  file=sys.stderr)
-            table += [
-                (f"1. {n} messages ({clients * projects} workspaces x 5), agent {think} s, tiny build, "
-                 f"AGENT_CONCURRENCY={agents}",
-                 "makespan / ideal bound (max of agent slots, CPU)",
-                 f"{makespan:.1f} s / {ideal:.1f} s = {makespan / ideal:.2f}x "
-                 f"(agent slots {agent_bound:.1f} s, CPU {cpu_bound:.1f} s)", "<= 1.25x"),
-                ("", "outcomes", f"{report['terminal']} in {runs} agent runs", ""),
-                ("", f"CPU busy per second ({os.cpu_count()} cores): all / moto / worker / its children",
-                 f"{busy / makespan:.2f} / {moto_cpu / makespan:.2f} / {worker_cpu / makespan:.2f} / "
-                 f"{children_cpu / makespan:.2f} s", ""),
-                ("", "worker's own CPU per message", f"{worker_cpu / n * 1000:.1f} ms", ""),
-            ]
-            first = first or (makespan, peak, chart)
-            last_makespan = makespan
-
-        # The seed's design: one message at a time, measured on a sample of the same shape
-        # (workspaces of 5 messages each), extrapolated to run 1's messages.
-        sample_workspaces = max(1, int(4 * SCALE))
-        sample = sample_workspaces * 5
-        upstream, q = prepare("serial", 1, sample_workspaces, "tiny-site")
-        w = Worker("serial", upstream, q, {"BUILD_COMMAND": TINY_BUILD, "MAX_IN_FLIGHT": "1",
-                                           "AGENT_CONCURRENCY": "1"})
-        rs, _ = loadgen("serial", q, 1, sample_workspaces, 1, sample, command)
-        w.stop()
-        per_message = rs["makespanMs"] / 1000 / sample
-        serial = per_message * n
-        table += [
-            ("", f"one at a time (measured on {sample}, {per_message:.2f} s each, extrapolated to {n}): "
-                 "slower than the first / the last AGENT_CONCURRENCY run",
-             f"{serial:.0f} s: {serial / first[0]:.1f}x / {serial / last_makespan:.1f}x", ">= 20x"),
-        ]
+        moto_pid = int(os.environ.get("MOTO_PID", "0"))
+        for r in range(rounds1):
+            for label, limits in settings:
+                tag = f"run1-{r}-{label.split('=')[-1].replace(' ', '')}"
+                upstream, q = prepare(tag, clients, projects, "tiny-site")
+                w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD, **limits})
+                cpu0 = cpu_snapshot(moto_pid, w.proc.pid)
+                report, chart = loadgen(tag, q, clients, projects, 1, n, command, share=0.1, seed=1)
+                cpu1 = cpu_snapshot(moto_pid, w.proc.pid)
+                peak = w.peak
+                w.stop()
+                # Read after the stop, which flushed the worker's last collection.
+                runs = w.agent_runs()
+                in_flight_peak = w.in_flight_peak()
+                reports.append((f"1.{r + 1} {label}", report))
+                busy, moto_cpu, worker_cpu, children_cpu = (b - a for a, b in zip(cpu0, cpu1))
+                makespan = report["makespanMs"] / 1000
+                makespans[label].append(makespan)
+                print(f"run 1 round {r + 1} ({label}): {n} messages, {runs} agent runs, "
+                      f"makespan {makespan:.1f} s, at most {in_flight_peak} at work", file=sys.stderr, flush=True)
+                if label == "one at a time" or r != rounds1 - 1:
+                    continue
+                agents = int(limits["AGENT_CONCURRENCY"])
+                # No schedule beats either bound: the agent slots (runs x think time / slots), or
+                # the CPU work of everything but the worker (moto, the stand-in agents, builds and
+                # git) spread over every core.
+                agent_bound = runs * think / agents
+                cpu_bound = (moto_cpu + children_cpu) / os.cpu_count()
+                ideal = max(agent_bound, cpu_bound)
+                table += [
+                    (f"1. {n} messages ({clients * projects} workspaces x 5, bursts on), agent {think} s, "
+                     f"tiny build, {label} (round {r + 1})",
+                     "makespan / ideal bound (max of agent slots, CPU)",
+                     f"{makespan:.1f} s / {ideal:.1f} s = {makespan / ideal:.2f}x "
+                     f"(agent slots {agent_bound:.1f} s, CPU {cpu_bound:.1f} s)", "<= 1.25x"),
+                    ("", "outcomes; most messages at work at once (worker's own high-water mark)",
+                     f"{report['terminal']} in {runs} agent runs; {in_flight_peak} of MAX_IN_FLIGHT 64", ""),
+                    ("", f"CPU busy per second ({os.cpu_count()} cores): all / moto / worker / its children",
+                     f"{busy / makespan:.2f} / {moto_cpu / makespan:.2f} / {worker_cpu / makespan:.2f} / "
+                     f"{children_cpu / makespan:.2f} s", ""),
+                    ("", "worker's own CPU per message", f"{worker_cpu / n * 1000:.1f} ms", ""),
+                ]
+                first = first or (makespan, peak, chart)
+        serial = makespans["one at a time"]
+        for label, _ in settings[:-1]:
+            ratios = [s_ / m for s_, m in zip(serial, makespans[label])]
+            table.append((
+                "", f"one at a time (same loadgen arguments and seed, {rounds1} round(s), interleaved) "
+                    f"against {label}: makespans, ratio per round (median)",
+                f"{', '.join(f'{x:.0f}' for x in serial)} s against "
+                f"{', '.join(f'{x:.1f}' for x in makespans[label])} s: "
+                f"{', '.join(f'{x:.1f}x' for x in ratios)} ({statistics.median(ratios):.1f}x)", ">= 20x"))
         chart1 = first[2]
         mem_peak = mib(first[1])
     else:
@@ -424,7 +461,7 @@ def main():
         for r in range(3):
             tag = f"run2-{r}"
             upstream, q = prepare(tag, 10, 1, "tiny-site")
-            w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD})
+            w = Worker(tag, upstream, q, {"BUILD_COMMAND": TINY_BUILD}, telemetry=False)
             idle_rss = idle_rss or w.idle_rss
             r2, _ = loadgen(tag, q, 10, 1, 1, max(20, int(100 * SCALE)), "[standin:write public/load/{n}.txt {n}]", rate=4)
             w.stop()
@@ -441,7 +478,7 @@ def main():
         sessions = max(50, int(1000 * SCALE))
         upstream, q = prepare("run3", sessions // 10, 10, "tiny-site")
         w = Worker("run3", upstream, q, {"BUILD_COMMAND": TINY_BUILD, "SESSION_IDLE_SECONDS": "3600",
-                                         "AGENT_CONCURRENCY": "32"})
+                                         "AGENT_CONCURRENCY": "32"}, telemetry=False)
         idle_rss = idle_rss or w.idle_rss
         r3, _ = loadgen("run3", q, sessions // 10, 10, 1, sessions, "[standin:write public/load/{n}.txt {n}]")
         time.sleep(2)
@@ -451,7 +488,7 @@ def main():
     else:
         sessions, rss_sessions = 1000, None
 
-    table.append(("3. memory", f"idle / {sessions} idle sessions / peak of run 1",
+    table.append(("3. memory", f"idle / {sessions} idle sessions (no telemetry export) / peak of run 1 (metrics export on)",
                   f"{mib(idle_rss) if idle_rss else 'not run'} / {mib(rss_sessions) if rss_sessions else 'not run'} / {mem_peak}",
                   "< 30 MiB idle, < 100 MiB with 1,000"))
 
@@ -459,7 +496,7 @@ def main():
         # Run 5: the real Astro build.
         astro_clients = max(2, int(20 * SCALE))
         upstream, q = prepare("run5", astro_clients, 1, "astro-site")
-        w = Worker("run5", upstream, q, {})
+        w = Worker("run5", upstream, q, {}, telemetry=False)
         r5, chart5 = loadgen("run5", q, astro_clients, 1, 1, astro_clients,
                              "[standin:sleep 10] Update the homepage title to \"Load {n}\"")
         w.stop()
@@ -473,6 +510,8 @@ def main():
         table.append(("", "time per phase, p50 (ms; orchestration includes waiting for a build slot)", ", ".join(f"{k} {v['p50']}" for k, v in r5["phasesMs"].items()), ""))
 
     print()
+    print(f"load, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"SCALE={SCALE}, {os.cpu_count()} cores")
     print("| run | figure | result | target |")
     print("| --- | --- | --- | --- |")
     for cells in table:

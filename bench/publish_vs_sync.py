@@ -1,12 +1,17 @@
-"""Publisher benchmark (issue 4): edit-worker's content-compared publish against
-`aws s3 sync --delete`, on the same local S3 server in the same run.
+"""Publisher benchmark (issues 4, 28): edit-worker's content-compared publish against
+`aws s3 sync --delete`, on the same local S3 server, in one run.
 
-A generated static site of 1,000 pages plus assets (2,003 files). Three cases, each timed five
-times (median reported) for both tools:
+Fair by construction (issue 28): the two tools take turns round by round (which goes first
+alternates), each round on fresh buckets of its own, and both get the same number of requests at
+once: UPLOAD_CONCURRENCY for edit-worker and the CLI's `s3.max_concurrent_requests` are both
+CONCURRENCY (default 16, edit-worker's default). Each round's ratio (aws / edit-worker) is
+printed with the median of the rounds' ratios.
+
+A generated static site of 1,000 pages plus assets (2,003 files). Three cases per round:
   1. cold: empty bucket to full site;
   2. rebuild, one page changed: every file rewritten with a new timestamp, one page different;
   3. nothing changed: every file rewritten with identical content.
-Run it with: scripts/bench publish
+Run it with: scripts/bench publish (REPS rounds, default 5; PAGES; CONCURRENCY; BACKENDS=moto)
 """
 
 import json
@@ -20,10 +25,14 @@ import time
 
 import boto3
 
+from common import commit_of_tree
+
 PAGES = int(os.environ.get("PAGES", "1000"))
 REPS = int(os.environ.get("REPS", "5"))
+CONCURRENCY = int(os.environ.get("CONCURRENCY", "16"))
 WORKER = os.environ["WORKER_BIN"]
 AWS = os.environ["AWS_CLI"]
+TOOLS = ("edit-worker", "aws s3 sync")
 
 
 def write_site(root, variant, changed_page):
@@ -66,52 +75,57 @@ def run_aws_sync(env, endpoint, bucket, root):
 
 
 def bench_backend(label, endpoint, credentials):
+    work = tempfile.mkdtemp(prefix="bench-pub-")
+    # The CLI's own configuration file: the same requests at once as edit-worker's.
+    config = os.path.join(work, "aws-config")
+    with open(config, "w") as f:
+        f.write(f"[default]\ns3 =\n    max_concurrent_requests = {CONCURRENCY}\n")
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": credentials[0], "AWS_SECRET_ACCESS_KEY": credentials[1],
-           "AWS_EC2_METADATA_DISABLED": "true", "RUST_LOG": "error"}
+           "AWS_EC2_METADATA_DISABLED": "true", "RUST_LOG": "error", "AWS_CONFIG_FILE": config,
+           "UPLOAD_CONCURRENCY": str(CONCURRENCY), "S3_UPLOAD_CONCURRENCY": str(CONCURRENCY)}
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                       aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
-    work = tempfile.mkdtemp(prefix="bench-pub-")
-    results = {}
-    for tool in ("edit-worker", "aws s3 sync"):
-        times = {1: [], 2: [], 3: []}
-        uploads = {1: [], 2: [], 3: []}
-        for rep in range(REPS):
+    # results[tool][case] = [(seconds, uploaded) per round]
+    results = {tool: {1: [], 2: [], 3: []} for tool in TOOLS}
+    for rep in range(REPS):
+        # Which tool goes first alternates, so that neither always meets a bigger server.
+        for tool in (TOOLS if rep % 2 == 0 else TOOLS[::-1]):
             bucket = f"bench-{tool.split()[0].replace('-', '')}-{rep}-{os.getpid()}"
             s3.create_bucket(Bucket=bucket)
             root = os.path.join(work, f"{bucket}-site")
             write_site(root, variant=0, changed_page=-1)
             for case in (1, 2, 3):
-                if case == 2:
-                    write_site(root, variant=rep + 1, changed_page=PAGES // 2)
-                elif case == 3:
+                if case in (2, 3):
                     write_site(root, variant=rep + 1, changed_page=PAGES // 2)
                 # aws s3 sync compares modification times at one-second resolution.
                 time.sleep(1.05)
                 if tool == "edit-worker":
-                    elapsed, uploaded = run_worker_publish(env, bucket, root)
+                    results[tool][case].append(run_worker_publish(env, bucket, root))
                 else:
-                    elapsed, uploaded = run_aws_sync(env, endpoint, bucket, root)
-                times[case].append(elapsed)
-                uploads[case].append(uploaded)
+                    results[tool][case].append(run_aws_sync(env, endpoint, bucket, root))
             shutil.rmtree(root)
-        results[tool] = (times, uploads)
-        print(f"  {label}: {tool} done", file=sys.stderr)
+        print(f"  {label}: round {rep + 1}/{REPS}: " + ", ".join(
+            f"case {c} {results['edit-worker'][c][-1][0]:.2f} s / {results['aws s3 sync'][c][-1][0]:.2f} s"
+            for c in (1, 2, 3)), file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 def report(label, results, files):
     names = {1: "1. cold (empty bucket)", 2: "2. rebuild, one page changed", 3: "3. nothing changed"}
-    print(f"\n{label}: {files} files, median of {REPS} runs")
-    print(f"| case | edit-worker | aws s3 sync --delete | speed-up | objects uploaded (edit-worker / aws) |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print(f"\n{label}: {files} files, {REPS} rounds, tools alternating, fresh buckets each round, "
+          f"{CONCURRENCY} requests at once for both")
+    print("| case | edit-worker, median | aws s3 sync --delete, median | speed-up per round (median) | objects uploaded (edit-worker / aws) |")
+    print("| --- | --- | --- | --- | --- |")
     for case in (1, 2, 3):
-        ew = statistics.median(results["edit-worker"][0][case])
-        aws = statistics.median(results["aws s3 sync"][0][case])
-        up_ew = statistics.median(results["edit-worker"][1][case])
-        up_aws = statistics.median(results["aws s3 sync"][1][case])
-        print(f"| {names[case]} | {ew:.2f} s | {aws:.2f} s | {aws / ew:.1f}x | {up_ew:.0f} / {up_aws:.0f} |")
+        ew = [t for t, _ in results["edit-worker"][case]]
+        aws = [t for t, _ in results["aws s3 sync"][case]]
+        ratios = [a / e for a, e in zip(aws, ew)]
+        up_ew = statistics.median(u for _, u in results["edit-worker"][case])
+        up_aws = statistics.median(u for _, u in results["aws s3 sync"][case])
+        print(f"| {names[case]} | {statistics.median(ew):.2f} s | {statistics.median(aws):.2f} s | "
+              f"{', '.join(f'{r:.1f}' for r in ratios)} ({statistics.median(ratios):.1f}x) | {up_ew:.0f} / {up_aws:.0f} |")
 
 
 def main():
@@ -125,6 +139,8 @@ def main():
     only = os.environ.get("BACKENDS")
     if only:
         backends = [b for b in backends if b[0] in only.split(",")]
+    print(f"publish against aws s3 sync, commit {commit_of_tree()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores")
     for label, endpoint, creds in backends:
         print(f"benchmarking against {label} ...", file=sys.stderr)
         report(label, bench_backend(label, endpoint, creds), files)

@@ -4,12 +4,15 @@ One worker, one workspace, one thread; the pinned CLI (.tools/claude-code, insta
 scripts/test) talks to tools/fake-anthropic-api. Each round sends a message whose second model
 request takes a minute, waits until the CLI is in the middle of that request, and sends the next
 message of the same thread, which interrupts it (and is itself interrupted by the round after).
-The worker logs, per interrupt:
+The worker exports over OTLP (bench/common.py receives it), per interrupt:
   interrupt_latency_us   newer message at its session -> the agent run over (CLI exited, its
-                         process group gone): "work stopped"
+                         process group gone): an attribute of its "work stopped" span event,
+                         counted by the metric edit_worker.interrupt.latency{reason=interrupted}
   idle_after_us          the interrupt sent to the CLI -> the CLI's result line (its turn ended,
-                         cost known): "the agent ended its turn after the interrupt"
-Prints median, p99 and max of both over INTERRUPTS rounds (default 20).
+                         cost known), with in_band; counted by edit_worker.agent.idle_after_stop
+Read from that telemetry, never from the worker's log (issue 28); the sample counts must equal
+the metrics' counts. Prints median and max of both over INTERRUPTS rounds (default 20): with 20
+samples a p99 is the max, so no p99 is printed.
 
 Run from the repository root, after scripts/test (which installs moto and the CLI and builds the
 worker):
@@ -20,7 +23,6 @@ pinned CLI), MOTO_ENDPOINT (default: a moto started here).
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +31,8 @@ import tempfile
 import time
 
 import boto3
+
+from common import Otlp, commit_of_tree, pct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERRUPTS = int(os.environ.get("INTERRUPTS", "20"))
@@ -64,17 +68,15 @@ def git(cwd, *args):
                         "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
 
 
-def percentile(values, p):
-    values = sorted(values)
-    k = max(0, min(len(values) - 1, int(round(p / 100 * len(values) + 0.5)) - 1))
-    return values[k]
-
-
 def turns_for(log_path, marker):
     found = []
     try:
         with open(log_path) as f:
             for line in f:
+                # The API server may be writing the last line as we read it: a line without
+                # its newline is not complete yet, and is read on the next look.
+                if not line.endswith("\n"):
+                    break
                 r = json.loads(line)
                 if r.get("path", "").startswith("/v1/messages") and marker in (r.get("prompt") or ""):
                     found.append(r)
@@ -83,16 +85,14 @@ def turns_for(log_path, marker):
     return found
 
 
-def stopped_by_interrupt(log):
+def stopped_by_interrupt(otlp):
     """interrupt_latency_us of the runs stopped by a newer message (not by the shutdown)."""
-    return [int(m) for line in log.splitlines() if "work stopped" in line and "Interrupted" in line
-            for m in re.findall(r"interrupt_latency_us=(\d+)", line)]
+    return [int(v) for v in otlp.event_values("interrupt_latency_us", reason="Interrupted")]
 
 
 def summary(name, micros):
     ms = [m / 1000 for m in micros]
-    print(f"{name:<48} n={len(ms):>3}  median {percentile(ms, 50):8.1f} ms  "
-          f"p99 {percentile(ms, 99):8.1f} ms  max {max(ms):8.1f} ms")
+    print(f"| {name} | {len(ms)} | {pct(ms, 50):.1f} ms | {max(ms):.1f} ms |")
 
 
 def main():
@@ -127,7 +127,8 @@ def main():
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     api_url = api.stdout.readline().strip()
     worker_log = os.path.join(base, "worker.log")
-    env = {
+    otlp = Otlp()
+    env = {**otlp.env(),
         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", base),
         "INPUT_QUEUE_URL": queues["in"], "OUTPUT_QUEUE_URL": queues["out"],
         "WORKSPACE_ROOT": os.path.join(base, "workspaces"),
@@ -138,7 +139,7 @@ def main():
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn",
+        "RUST_LOG": "warn",
         "ASTRO_TELEMETRY_DISABLED": "1",
     }
     worker = subprocess.Popen([WORKER, "run", "--exit-when-idle", "60"], env=env,
@@ -168,9 +169,7 @@ def main():
         # The last message completes; then read the figures.
         deadline = time.time() + 120
         while time.time() < deadline:
-            with open(worker_log) as f:
-                text = f.read()
-            if len(stopped_by_interrupt(text)) >= INTERRUPTS and len(turns_for(api_log, "last")) >= 1:
+            if len(stopped_by_interrupt(otlp)) >= INTERRUPTS and len(turns_for(api_log, "last")) >= 1:
                 break
             time.sleep(0.2)
     finally:
@@ -182,17 +181,25 @@ def main():
         api.kill()
         if moto:
             moto.kill()
-    with open(worker_log) as f:
-        text = f.read()
-    gone = stopped_by_interrupt(text)
-    idle = [int(x) for x in re.findall(r"idle_after_us=(\d+)", text)]
-    in_band = len(re.findall(r"in_band=true", text))
+    # The worker flushed a last collection when it stopped.
+    otlp.stop()
+    gone = stopped_by_interrupt(otlp)
+    idle = [int(x) for x in otlp.event_values("idle_after_us")]
+    in_band = sum(1 for v in otlp.event_values("in_band") if Otlp._text(v) == "true")
+    gone_metric = otlp.histogram("edit_worker.interrupt.latency", reason="interrupted")["count"]
+    idle_metric = otlp.histogram("edit_worker.agent.idle_after_stop")["count"]
+    if len(gone) != gone_metric or len(idle) != idle_metric or len(gone) < INTERRUPTS:
+        sys.exit(f"samples and metrics disagree: {len(gone)} stops against {gone_metric}, "
+                 f"{len(idle)} idle against {idle_metric} (wanted {INTERRUPTS}); see {worker_log}")
+    print(f"real CLI interrupt latency, commit {commit_of_tree()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"real Claude Code CLI {subprocess.run([CLAUDE, '--version'], capture_output=True, text=True).stdout.strip()}, "
           f"{INTERRUPTS} interrupts, {in_band} ended by the in-band interrupt")
-    if gone:
-        summary("newer message at its session -> CLI gone", gone)
-    if idle:
-        summary("interrupt sent -> CLI idle (result line)", idle)
+    print(f"| | samples | median | max (of {INTERRUPTS}; with fewer than 100 samples the p99 is the max) |")
+    print("| --- | --- | --- | --- |")
+    summary("newer message at its session -> CLI gone", gone)
+    summary("interrupt sent -> CLI idle (result line)", idle)
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -34,6 +34,8 @@ import time
 
 import boto3
 
+from common import commit_of_tree
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENDPOINT = os.environ["MOTO_ENDPOINT"]
 WORKER = os.environ["WORKER_BIN"]
@@ -319,6 +321,7 @@ def main():
     changed = {k: statistics.median(x[2]["uploaded"] + x[2]["deleted"] for x in v)
                for k, v in rows.items()}
     print()
+    print(f"rollback, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, worker {WORKER}")
     print(f"site: Astro, {PAGES} generated pages + 3 files; each deploy changes {CHANGED} pages + "
           f"the home page; median of {ROUNDS} rounds; load average at the end "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

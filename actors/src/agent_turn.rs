@@ -169,6 +169,9 @@ async fn agent_turn_inner(
         ok = outcome.is_ok(),
         "agent run finished"
     );
+    crate::metrics::metrics()
+        .agent_runs
+        .add(1, &[opentelemetry::KeyValue::new("ok", outcome.is_ok())]);
     let report = match &outcome {
         Ok(report) => Some(report.clone()),
         // An interrupted or failed run that reported still spent its tokens.

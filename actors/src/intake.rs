@@ -82,6 +82,10 @@ struct Held {
     receipts: HashMap<String, Receipt>,
     /// Messages at work.
     at_work: usize,
+    /// The most messages ever at work at once since the worker started: exported as a gauge
+    /// (`in_flight_peak`) so that a test or benchmark reads the exact high-water mark of the
+    /// `MAX_IN_FLIGHT` cap instead of sampling the queue now and then (issue 28).
+    peak_at_work: usize,
     per_workspace: HashMap<WorkspaceKey, usize>,
     per_client: HashMap<String, usize>,
     /// Valid messages over their workspace's or client's share, oldest first. They are held
@@ -182,6 +186,12 @@ impl InFlightRegistry {
         workspace: Option<&WorkspaceKey>,
     ) -> InFlight {
         held.at_work += 1;
+        if held.at_work > held.peak_at_work {
+            held.peak_at_work = held.at_work;
+            metrics()
+                .in_flight_peak
+                .record(held.peak_at_work as u64, &[]);
+        }
         if let Some(key) = workspace {
             *held.per_workspace.entry(key.clone()).or_default() += 1;
             *held.per_client.entry(key.client_id.clone()).or_default() += 1;

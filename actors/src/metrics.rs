@@ -17,6 +17,10 @@ pub struct Metrics {
     pub messages: Counter<u64>,
     pub phase_ms: Histogram<f64>,
     pub in_flight: UpDownCounter<i64>,
+    /// The most messages at work at once since the worker started (the high-water mark of
+    /// `in_flight`, which `MAX_IN_FLIGHT` caps), recorded when it rises: exact, where reading
+    /// `in_flight` at each export only samples it (issue 28).
+    pub in_flight_peak: Gauge<u64>,
     pub queue_wait_ms: Histogram<f64>,
     pub interrupts: Counter<u64>,
     pub restarts: Counter<u64>,
@@ -56,6 +60,10 @@ pub struct Metrics {
     /// or the way to it failed for a while. A push that fails for good fails its message
     /// (`push_failed`), counted with the messages.
     pub push_retries: Counter<u64>,
+    /// Agent runs ended (beside the log line "agent run finished"), by `ok`: what a benchmark
+    /// needs to bound a run's makespan by agent slots x think time (issue 28). A message
+    /// stopped while it waited for an agent slot ran no agent and is not counted.
+    pub agent_runs: Counter<u64>,
     /// Rollbacks that restored a deploy (beside the log line "rolling back"): with the
     /// stand-in's log, what shows that a rollback ran no agent and no build.
     pub rollbacks: Counter<u64>,
@@ -99,6 +107,10 @@ pub fn metrics() -> &'static Metrics {
             in_flight: meter
                 .i64_up_down_counter("edit_worker.messages.in_flight")
                 .with_description("Messages received and not yet finished")
+                .build(),
+            in_flight_peak: meter
+                .u64_gauge("edit_worker.messages.in_flight.peak")
+                .with_description("The most messages at work at once since the worker started")
                 .build(),
             queue_wait_ms: meter
                 .f64_histogram("edit_worker.queue.wait")
@@ -166,6 +178,10 @@ pub fn metrics() -> &'static Metrics {
             push_retries: meter
                 .u64_counter("edit_worker.push.retries")
                 .with_description("Pushes that failed and are tried again")
+                .build(),
+            agent_runs: meter
+                .u64_counter("edit_worker.agent.runs")
+                .with_description("Agent runs ended, by ok")
                 .build(),
             rollbacks: meter
                 .u64_counter("edit_worker.rollbacks")
