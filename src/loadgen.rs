@@ -165,6 +165,10 @@ impl Sent {
                     "published": event.get("publish").is_some_and(|p| !p.is_null()),
                     "errorKind": event["error"]["kind"],
                     "statusMessageId": status_id,
+                    // The whole event as it came, so that a checker can tell a repeat sent
+                    // byte for byte from a second, different event (the fields above are a
+                    // summary; the status message id differs for every send).
+                    "event": event,
                 })
             })
             .collect();

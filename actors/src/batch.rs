@@ -134,8 +134,10 @@ pub(crate) async fn run_batch(
     let superseded = journal.superseded.clone();
     let durable = match (&ending, &scope) {
         (Ending::Completed, _) => Ok(()),
-        // No lease was ever taken: nothing was done in the checkout.
+        // No lease was ever taken, or the branch was never checked out: nothing was done in
+        // the checkout, and there is no work to save.
         (_, None) => Ok(()),
+        _ if !journal.checked_out => Ok(()),
         (_, Some(scope)) if held => {
             save(&ctx, &steps, &batch, &superseded, scope, &mut journal).await
         }

@@ -69,6 +69,7 @@ pub(crate) async fn execute(
         })
         .instrument(span.clone())
         .await??;
+    journal.checked_out = true;
     if let Some(saved) = &saved {
         span.record("saved_work", saved.commit.as_str());
     }

@@ -14,6 +14,10 @@ use crate::slots::Slot;
 pub(crate) struct Journal {
     pub(crate) durations: BTreeMap<String, u64>,
     pub(crate) commit: Option<String>,
+    /// The thread's branch was checked out. Only from then on can the worktree hold work to
+    /// save: a batch that failed before (a clone that could not reach the upstream) leaves no
+    /// checkout and no work, and its messages end as they would without a save.
+    pub(crate) checked_out: bool,
     /// The last agent run's report.
     pub(crate) agent: Option<AgentReport>,
     /// What this batch's agent runs cost (the difference of the conversation's totals).

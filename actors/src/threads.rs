@@ -1,8 +1,8 @@
 //! Which Claude Code conversation belongs to which thread, kept where it survives a restart and
-//! where every worker serving the workspace sees it: under the workspace root, beside the
-//! workspaces (`{WORKSPACE_ROOT}/.agent/threads/{clientId}/{projectId}/{threadId}.json`) for a
-//! worker that is alone, or in the shared lease store (`conversations/…`) when workers share a
-//! queue. With a shared store the agent's own conversation files travel too: saved after each
+//! where every worker serving the workspace sees it: in the thread's one document of the records
+//! (`records::ThreadDoc`; under `{WORKSPACE_ROOT}/.records` for a worker that is alone, in the
+//! shared lease store when workers share a queue). A map of the older layout
+//! (`{WORKSPACE_ROOT}/.agent/threads/{clientId}/{projectId}/{threadId}.json`) is still read. With a shared store the agent's own conversation files travel too: saved after each
 //! run and restored before a `--resume` on a worker that does not have them (or whose copy may
 //! be older: the workspace came from another worker), so a thread's next message continues its
 //! conversation wherever it runs. `.agent` cannot clash with a client: client ids never start

@@ -66,10 +66,8 @@ async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
         "{fresh}"
     );
 
-    // The thread map lives under the workspace root, where a restarted worker finds it.
-    let record = env.workspace_root().join(".agent/threads/mia/site/t.json");
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    // The thread's record lives under the workspace root, where a restarted worker finds it.
+    let record = common::thread_conversation(&env.workspace_root(), "mia", "site", "t");
     assert_eq!(record["totalCostUsd"].as_f64(), Some(0.0375));
     env.stop_worker();
     env.start_worker(&[]);

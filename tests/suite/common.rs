@@ -2135,3 +2135,13 @@ impl TestEnv {
         self.send_raw(&body.to_string()).await
     }
 }
+
+/// A thread's conversation as a worker alone records it: the `conversation` of the thread's one
+/// document in its records folder (`{WORKSPACE_ROOT}/.records/threads/{client}/{project}/{thread}.json`,
+/// issue 25), with the agent's `sessionId` and `totalCostUsd`.
+pub fn thread_conversation(root: &Path, client: &str, project: &str, thread: &str) -> Value {
+    let path = root.join(format!(".records/threads/{client}/{project}/{thread}.json"));
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: Value = serde_json::from_slice(&text).unwrap();
+    doc["conversation"].clone()
+}

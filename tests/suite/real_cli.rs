@@ -110,10 +110,7 @@ async fn edit_goes_live(isolation: &str) {
     assert!(conversation_text(&turns[1]).contains("tool_result"));
     assert!(conversation_text(&turns[1]).contains("<title>Amelia Stamps</title>"));
     // One conversation, the one the worker chose and recorded for the thread.
-    let record: Value = serde_json::from_slice(
-        &std::fs::read(env.workspace_root().join(".agent/threads/rae/site/t.json")).unwrap(),
-    )
-    .unwrap();
+    let record = common::thread_conversation(&env.workspace_root(), "rae", "site", "t");
     for turn in &turns {
         assert_eq!(
             turn["headers"]["x-claude-code-session-id"], record["sessionId"],
@@ -328,10 +325,7 @@ async fn conversation_across_restart(isolation: &str) {
     assert!(conversation_text(&resumed[0]).contains("first words"));
     let session = api.turns_for("first words")[0]["headers"]["x-claude-code-session-id"].clone();
     assert_eq!(resumed[0]["headers"]["x-claude-code-session-id"], session);
-    let record: Value = serde_json::from_slice(
-        &std::fs::read(env.workspace_root().join(".agent/threads/rr/site/t.json")).unwrap(),
-    )
-    .unwrap();
+    let record = common::thread_conversation(&env.workspace_root(), "rr", "site", "t");
     assert!(close(record["totalCostUsd"].as_f64().unwrap(), 3.0 * one));
 
     // Another thread: another conversation.
@@ -349,7 +343,9 @@ async fn conversation_across_restart(isolation: &str) {
 
     // A thread whose conversation's files are gone (new storage) starts a new one.
     let gone = "0b5e55ed-0000-4000-8000-000000000000";
+    // Written as a record of the format before issue 25, which the worker still reads.
     let record_dir = env.workspace_root().join(".agent/threads/rr/site");
+    std::fs::create_dir_all(&record_dir).unwrap();
     std::fs::write(
         record_dir.join("v.json"),
         serde_json::json!({"sessionId": gone, "totalCostUsd": 1.0}).to_string(),

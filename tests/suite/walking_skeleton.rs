@@ -282,13 +282,13 @@ async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
     assert_eq!(kept.len(), bad.len(), "{kept:?}");
     assert_eq!(env.queue_depth(&env.input).await, 0);
     // Nothing was written outside the workspace root: only dora's workspace exists, beside the
-    // worker's own `.agent` folder (thread conversations) and `.records` (message outcomes).
+    // worker's own `.records` (message outcomes and threads' documents, conversations included).
     let mut roots: Vec<_> = std::fs::read_dir(env.workspace_root())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     roots.sort();
-    assert_eq!(roots, vec![".agent", ".records", "dora"]);
+    assert_eq!(roots, vec![".records", "dora"]);
     assert!(!env.dir.path().join("bob").exists());
     assert_eq!(env.stop_worker(), Some(0));
 }
