@@ -214,7 +214,7 @@ def run_loadgen(q):
 def read_calls():
     """The stand-in's runs: start lines, each with its end line (by pid) when there is one."""
     path = os.path.join(BASE, "claude", "standin-calls.jsonl")
-    starts, ends = [], {}
+    starts, ends = [], collections.defaultdict(list)
     if os.path.exists(path):
         for line in open(path):
             try:
@@ -224,11 +224,19 @@ def read_calls():
             if r.get("event") == "start":
                 starts.append(r)
             elif r.get("event") == "end":
-                ends[r["pid"]] = r
+                ends[(r["pid"], r.get("sessionId"))].append(r)
+    # A run's end line is the first one after its start with its pid and session: pids are
+    # reused over a long run (hundreds of agents), so the pid alone can pair a start with
+    # another process's end.
+    starts.sort(key=lambda r: r["start"])
     for r in starts:
-        r["endRecord"] = ends.get(r["pid"])
+        candidates = ends.get((r["pid"], r.get("sessionId")), [])
+        later = [e for e in candidates if e["end"] >= r["start"]]
+        r["endRecord"] = min(later, key=lambda e: e["end"]) if later else None
+        if r["endRecord"] is not None:
+            candidates.remove(r["endRecord"])
         r["markers"] = [int(n) for n in MARKER.findall(r.get("prompt", ""))]
-    return sorted(starts, key=lambda r: r["start"])
+    return starts
 
 
 def dead_lettered(q):

@@ -33,7 +33,7 @@ import time
 
 import boto3
 
-from common import Otlp, commit_of_tree
+from common import Otlp, commit_of_tree, seed_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENDPOINT = os.environ["MOTO_ENDPOINT"]
@@ -64,16 +64,7 @@ def git(cwd, *args):
 def seed(site):
     """One bare repository per fixture; workspaces' upstreams are copies of it."""
     if site not in SEEDS:
-        bare = os.path.join(BASE, f"seed-{site}.git")
-        work = os.path.join(BASE, f"seed-{site}")
-        shutil.copytree(os.path.join(ROOT, "tests/fixtures", site), work,
-                        ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
-        git(work, "init", "--quiet", "--initial-branch=main")
-        git(work, "add", "-A")
-        git(work, "commit", "--quiet", "-m", "init")
-        git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", bare)
-        git(work, "push", "--quiet", bare, "main")
-        SEEDS[site] = bare
+        SEEDS[site] = seed_repo(BASE, site)
     return SEEDS[site]
 
 
