@@ -5,7 +5,6 @@
 
 use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Instrument, info_span};
 
@@ -47,6 +46,12 @@ pub(crate) async fn execute(
     // Before each step that touches the checkout: no git, agent or build under a lease this
     // worker's own clock says is over (issue 25).
     scope.check.check()?;
+    // Every git call of this batch stops when the lease ends, even one already running.
+    let lost = scope.check.lost().clone();
+    steps
+        .git
+        .ask(|reply| GitMsg::WorkUnder { lost, reply })
+        .await?;
     if let (true, Some(fence)) = (scope.handover, &scope.fence) {
         steps
             .git
@@ -135,7 +140,8 @@ pub(crate) async fn execute(
 
     let ran_agent = !pending.is_empty();
     // The dependencies install while the agent works, outside the build slots: the build then
-    // only checks and links them. Not stopped by an interrupt: the newer work needs them too.
+    // only checks and links them. Not stopped by an interrupt: the newer work needs them too;
+    // stopped when the lease ends: the checkout is another worker's then.
     // Then the build's own Node process starts loading Astro (`prepared_build`); dropping the
     // task's result (this job ended early) ends it.
     let mut prefetch = ran_agent.then(|| {
@@ -143,10 +149,10 @@ pub(crate) async fn execute(
         let dir = workspace_dir.clone();
         let sandbox = ctx.sandbox.clone();
         let workspace = request.workspace();
+        let lost = scope.check.lost().clone();
         tokio::spawn(
             async move {
-                let never = CancellationToken::new();
-                crate::build::prefetch_dependencies(&spec, &sandbox, &workspace, &dir, &never).await
+                crate::build::prefetch_dependencies(&spec, &sandbox, &workspace, &dir, &lost).await
             }
             .in_current_span(),
         )

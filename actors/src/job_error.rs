@@ -106,6 +106,8 @@ impl JobError {
             JobError::LeaseLost(_)
                 | JobError::Git(GitError::Fenced { .. })
                 | JobError::Push(GitError::Fenced { .. })
+                | JobError::Git(GitError::Command(GitCommandError::Stopped { .. }))
+                | JobError::Push(GitError::Command(GitCommandError::Stopped { .. }))
                 | JobError::Publish(PublishError::LeaseLost(_) | PublishError::Fenced { .. })
         )
     }
@@ -209,6 +211,13 @@ mod tests {
         };
         assert!(JobError::Git(fenced()).is_lost_lease());
         assert!(JobError::Push(fenced()).is_lost_lease());
+        let stopped = || {
+            GitError::Command(GitCommandError::Stopped {
+                args: "fetch".into(),
+            })
+        };
+        assert!(JobError::Git(stopped()).is_lost_lease());
+        assert!(JobError::Push(stopped()).is_lost_lease());
         assert!(!JobError::StoppedWaiting.is_lost_lease());
         assert!(!JobError::Push(GitError::NoWorkspace(PathBuf::new())).is_lost_lease());
     }

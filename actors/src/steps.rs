@@ -300,12 +300,18 @@ fn maybe_fault(_step: &str) {}
 // ---------------------------------------------------------------- git
 
 pub enum GitMsg {
-    /// Check out the thread's branch, saving unfinished work of what was checked out.
+    /// The batch that starts now works under the lease whose end cancels `lost`: a `git` call
+    /// still running then is killed, and none starts after (issue 25).
+    WorkUnder {
+        lost: CancellationToken,
+        reply: RpcReplyPort<()>,
+    },
     /// Take the workspace over from another worker: move the fence, set leftovers aside.
     TakeOver {
         fence: Fence,
         reply: RpcReplyPort<Result<(), GitError>>,
     },
+    /// Check out the thread's branch, saving unfinished work of what was checked out.
     PrepareThread {
         branch: String,
         message_id: String,
@@ -362,6 +368,10 @@ impl StepHandler<GitMsg> for Workspace {
         Box::pin(async move {
             let ws = self;
             match msg {
+                GitMsg::WorkUnder { lost, reply } => {
+                    ws.work_under(lost);
+                    let _ = reply.send(());
+                }
                 GitMsg::TakeOver { fence, reply } => {
                     let _ = reply.send(ws.take_over(&fence).await);
                 }

@@ -101,6 +101,89 @@ async fn a_hung_lease_store_ends_the_lease_on_time_and_stops_the_agent() {
     s3.resume();
 }
 
+/// Item 1, for git: the lease ends while a `git push` waits on an upstream that never
+/// answers. The push is killed at once with everything it started, as the agent would be; on
+/// the old code it waited out its 5-minute network limit in a checkout that was no longer this
+/// worker's. The hang is a `git` first on the worker's PATH whose push sleeps (a child in the
+/// checkout, as a remote helper would be); every other call is the real git.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_that_ends_during_a_hung_push_stops_git_at_once() {
+    let env = TestEnv::new("hold-git").await;
+    env.create_bucket(&env.bucket("hgit", "site")).await;
+    env.create_upstream("hgit", "site", Site::Tiny);
+    let store = env.create_lease_store().await;
+    let s3 = StallingProxy::start(common::endpoint()).await;
+    let bin = env.dir.path().join("hung-push-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real_git = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::fs::write(
+        bin.join("git"),
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = push ] && {{ sleep 600; exit 1; }}; done\nexec {} \"$@\"\n",
+            real_git.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("git"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let lease = LEASE.to_string();
+    let worker = env
+        .spawn_worker(
+            "a",
+            &[
+                ("LEASE_STORE", store.as_str()),
+                ("LEASE_SECONDS", lease.as_str()),
+                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+                ("PATH", path.as_str()),
+                BUILD,
+            ],
+        )
+        .await;
+    worker.wait_until_receiving(common::STEP).await;
+    env.send("hgit", "site", "t", "make the title say Hung")
+        .await;
+    let checkout = env.workspace_root().join("hgit/site");
+    let sleeping_push = || {
+        pids_working_in(&checkout).into_iter().any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|argv| argv == b"sleep\x00600\x00")
+        })
+    };
+    until("a push that hangs", common::STEP, sleeping_push).await;
+    let stalled_at = now_ms();
+    s3.stall();
+    let lost_at = lease_lost_at(&worker, Duration::from_secs(LEASE + 20)).await;
+    assert!(
+        lost_at <= stalled_at + LEASE * 1000,
+        "the lease ended {} ms after the store stopped answering",
+        lost_at - stalled_at
+    );
+    // The stop kills git's process group at once; 10 s is room for a starved machine, far
+    // below the push's own 5-minute limit.
+    until(
+        "the hung push and its child gone",
+        Duration::from_secs(10),
+        || pids_working_in(&checkout).is_empty(),
+    )
+    .await;
+    s3.resume();
+}
+
 /// S3 requests of `proxy` from index `from` on that write (PUT, POST, DELETE) under `needle`.
 fn writes_after(proxy: &RecordingProxy, from: usize, needle: &str) -> Vec<String> {
     proxy.requests.lock().unwrap()[from..]

@@ -62,6 +62,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 use crate::redact::redact_string;
 
@@ -90,6 +91,10 @@ pub enum GitCommandError {
     },
     #[error("`git {args}` did not finish within {timeout:?}")]
     TimedOut { args: String, timeout: Duration },
+    /// The lease this git worked under ended (issue 25): it was killed, or never started, so
+    /// that a worker that lost its workspace does nothing more there.
+    #[error("`git {args}` was stopped: this worker's lease on the workspace ended")]
+    Stopped { args: String },
     #[error("refusing to run git in {dir}: {reason}")]
     Unsafe { dir: PathBuf, reason: String },
     #[error("could not rewrite {path}: {source}")]
@@ -197,6 +202,11 @@ pub struct GitProgram {
     /// `dir` is a checkout whose `.git/config` is made safe before each call (false for clone
     /// and `ls-remote`, which run outside any repository).
     checkout: bool,
+    /// Cancelled when the lease of the work this git does ends: a call still running then is
+    /// killed with everything it started, and no new one starts. A lost lease stops git at
+    /// once, as it stops the agent and the build, not only the next push (issue 25). Never
+    /// cancelled for calls outside a lease (clone into a fresh folder, `ls-remote`).
+    stop: CancellationToken,
 }
 
 impl GitProgram {
@@ -206,7 +216,14 @@ impl GitProgram {
             dir: dir.into(),
             policy: policy.clone(),
             checkout: true,
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// The same, stopped by `stop` (the holder's lease ended).
+    pub(crate) fn stopped_by(mut self, stop: &CancellationToken) -> GitProgram {
+        self.stop = stop.clone();
+        self
     }
 
     /// `git` outside any repository (clone, `ls-remote`), for `remote`.
@@ -215,6 +232,7 @@ impl GitProgram {
             dir: dir.into(),
             policy: GitPolicy::for_remote(Some(remote)),
             checkout: false,
+            stop: CancellationToken::new(),
         }
     }
 
@@ -518,6 +536,11 @@ impl GitProgram {
         args: &[&str],
         timeout: Duration,
     ) -> Result<(std::process::Output, String), GitCommandError> {
+        // The remote URL (with a token in it) is in clone's argv.
+        let joined = redact_string(args.join(" "));
+        if self.stop.is_cancelled() {
+            return Err(GitCommandError::Stopped { args: joined });
+        }
         if self.checkout {
             self.secure_checkout().await?;
         }
@@ -537,17 +560,36 @@ impl GitProgram {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // A git that outlives its time limit is killed, not left behind.
+            // Its own process group: git starts helpers (index-pack, upload-pack, ssh, a remote
+            // helper), and a git that is stopped or timed out ends with all of them.
+            .process_group(0)
             .kill_on_drop(true);
-        // The remote URL (with a token in it) is in clone's argv.
-        let joined = redact_string(args.join(" "));
-        match tokio::time::timeout(timeout, cmd.output()).await {
-            Ok(result) => Ok((result.map_err(GitCommandError::Spawn)?, joined)),
-            Err(_) => Err(GitCommandError::TimedOut {
+        let child = cmd.spawn().map_err(GitCommandError::Spawn)?;
+        // Whatever happens below, nothing this call started outlives it.
+        let _group = GroupKill(child.id().map(|id| id as i32));
+        tokio::select! {
+            // A stop that comes together with the end still counts: the holder's lease is gone.
+            biased;
+            _ = self.stop.cancelled() => Err(GitCommandError::Stopped { args: joined }),
+            _ = tokio::time::sleep(timeout) => Err(GitCommandError::TimedOut {
                 args: joined,
                 timeout,
             }),
+            output = child.wait_with_output() => {
+                Ok((output.map_err(GitCommandError::Spawn)?, joined))
+            }
         }
+    }
+}
+
+/// Kills the process group of a `git` call when the call is over, however it ended (done,
+/// timed out, stopped, or its future dropped). After a normal end the group is usually empty
+/// already; ESRCH is then the expected answer.
+struct GroupKill(Option<i32>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        crate::process::signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -825,6 +867,66 @@ mod tests {
         assert!(
             refused_refs("To /srv/up.git\n*\tHEAD:refs/heads/n\t[new branch]\nDone\n").is_empty()
         );
+    }
+
+    /// A lease that ends while git waits on an upstream that never answers stops git at once,
+    /// with the helper it started (here `git-remote-http`, which holds the connection), and
+    /// no git starts after it (issue 25). Before, the fetch waited out NETWORK_TIMEOUT
+    /// (5 minutes) on a workspace that was another worker's by then.
+    #[tokio::test]
+    async fn a_stopped_git_ends_at_once_with_everything_it_started() {
+        use tokio::io::AsyncReadExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let up = bare(dir.path());
+        let ours = dir.path().join("ours");
+        GitProgram::clone_into(up.to_str().unwrap(), &ours)
+            .await
+            .unwrap();
+        // An upstream that accepts the connection and never says a word.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let remote = format!("http://{}/up.git", silent.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let git = GitProgram::new(&ours, &GitPolicy::for_remote(Some(&remote))).stopped_by(&stop);
+        let fetch = tokio::spawn(async move { git.fetch().await });
+        let (mut connection, _) = silent.accept().await.unwrap();
+
+        stop.cancel();
+        // Generous for a starved machine; the fetch itself would wait 5 minutes.
+        let ended = tokio::time::timeout(Duration::from_secs(20), fetch)
+            .await
+            .expect("the stopped fetch returns at once")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(GitCommandError::Stopped { .. })),
+            "{ended:?}"
+        );
+        // The helper that held the connection is gone too: it closes (EOF or a reset).
+        let mut buf = vec![0; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match connection.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "git's http helper still holds the connection"
+        );
+
+        // A stopped lease starts nothing: not even a local command in a good checkout.
+        let after = GitProgram::new(&ours, &GitPolicy::for_remote(up.to_str()))
+            .stopped_by(&stop)
+            .update_ref("refs/heads/after", "HEAD")
+            .await;
+        assert!(
+            matches!(after, Err(GitCommandError::Stopped { .. })),
+            "{after:?}"
+        );
+        assert!(!ours.join(".git/refs/heads/after").exists());
     }
 
     /// A push the upstream refuses and one that never reaches it are different errors: the

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::backoff::Backoff;
 
 use super::local::{self, Identity, LocalGitError};
@@ -100,6 +102,10 @@ pub(crate) struct Workspace {
     build_output_dir: crate::config::OutputDir,
     /// What git may do here (transports, `origin`), from `remote`.
     policy: GitPolicy,
+    /// The lease the current batch works under ends when this is cancelled: every `git` call
+    /// of this workspace then stops (`GitCommandError::Stopped`). Set by [`Workspace::work_under`]
+    /// at the start of each batch.
+    lease_lost: CancellationToken,
 }
 
 impl Workspace {
@@ -113,12 +119,18 @@ impl Workspace {
             dir,
             remote,
             build_output_dir,
+            lease_lost: CancellationToken::new(),
         }
     }
 
-    /// The `git` program in this checkout, under this workspace's policy.
+    /// From now on, git here works under the lease whose end cancels `lost`.
+    pub(crate) fn work_under(&mut self, lost: CancellationToken) {
+        self.lease_lost = lost;
+    }
+
+    /// The `git` program in this checkout, under this workspace's policy and lease.
     fn git(&self) -> GitProgram {
-        GitProgram::new(&self.dir, &self.policy)
+        GitProgram::new(&self.dir, &self.policy).stopped_by(&self.lease_lost)
     }
 
     #[cfg(test)]
@@ -421,6 +433,10 @@ impl Workspace {
                 (Some(f), Some(commit)) => git.push_fenced(branch, &f.ref_name, commit).await,
                 _ => git.push(branch).await,
             };
+            // The lease ended: no look at the fence (that git would stop too), no retry.
+            if let Err(e @ GitCommandError::Stopped { .. }) = pushed {
+                return Err(e.into());
+            }
             if let (Err(e), Some(f), Some(commit)) = (&pushed, fence, &fence_commit)
                 && git.remote_ref(&f.ref_name).await.ok().flatten().as_deref()
                     != Some(commit.as_str())

@@ -123,6 +123,9 @@ impl StepHandler<GitMsg> for Fake {
     fn handle(&mut self, msg: GitMsg) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             match msg {
+                GitMsg::WorkUnder { reply, .. } => {
+                    let _ = reply.send(());
+                }
                 GitMsg::TakeOver { reply, .. } => {
                     let _ = reply.send(Ok(()));
                 }
