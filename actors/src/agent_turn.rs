@@ -9,7 +9,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, info_span};
 
 use crate::agent::{AgentError, Conversation};
-use crate::batch::{BatchRun, batch_ids, batch_prompt};
+use crate::batch_run::{BatchRun, batch_ids, batch_prompt};
 use crate::job::Job;
 use crate::job_error::JobError;
 use crate::journal::Journal;
@@ -256,7 +256,7 @@ async fn record_new_conversation(run: &BatchRun<'_>, journal: &mut Journal, sess
 /// and after each run and the mark apart, each unfenced); nothing when nothing changed.
 pub(crate) async fn record_thread(
     ctx: &crate::context::WorkerContext,
-    fence: &crate::lease::LeaseCheck,
+    fence: &crate::lease_check::LeaseCheck,
     key: &crate::message::WorkspaceKey,
     journal: &mut Journal,
     newest_ended: Option<u64>,

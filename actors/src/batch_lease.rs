@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use crate::context::WorkerContext;
 use crate::git::Fence;
-use crate::job::{Job, StopSignal};
+use crate::job::Job;
 use crate::job_error::JobError;
 use crate::lease::{Acquired, Lease, LeaseCheck};
 use crate::message::WorkspaceKey;
 use crate::notices::Notice;
 use crate::publish::BucketFence;
+use crate::stop::StopSignal;
 
 /// What the batch's lease gives its effects: the check before each of them, the fences they
 /// carry, and whether the workspace has just come from another worker.

@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 
 use crate::browser::{Browser, BrowserError, COMMAND_TIMEOUT, DESKTOP, PHONE, Page, Running};
 use crate::cdp::Event;
+pub use crate::check_report::{CheckReport, FailedRequest, PageReport, RepairReport};
+pub use crate::check_settings::{CheckMode, CheckSettings};
 use crate::pixels::{Rgba, changed_share};
 use crate::publish::RESERVED_PREFIX;
 use crate::site_server::SiteServer;
@@ -50,97 +52,6 @@ pub(crate) fn check_id(commit: &str, at: SystemTime) -> String {
     format!("{short}-{ms}")
 }
 
-/// `check` of a `completed` event.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct CheckReport {
-    pub ok: bool,
-    pub ms: u64,
-    pub pages: Vec<PageReport>,
-    /// Set when the check found problems the previous deploy did not have and the agent was
-    /// asked to repair them: what was found, and whether the check after the repair was clean.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repair: Option<RepairReport>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PageReport {
-    pub path: String,
-    /// The HTTP status of the page itself; absent when it did not load at all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    pub title: String,
-    pub console_errors: Vec<String>,
-    pub failed_requests: Vec<FailedRequest>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub screenshot: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub screenshot_mobile: Option<String>,
-    /// 0 to 1, against the previous check's desktop screenshot of the same path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changed_pixels: Option<f64>,
-    /// Why the page did not load (navigation error, timeout).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "camelCase")]
-pub struct FailedRequest {
-    /// Path and query on the site (same-site requests only).
-    pub url: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// The network error when there was no response (`net::ERR_...`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct RepairReport {
-    /// The problems the repair was asked to fix, `path: problem`.
-    pub found: Vec<String>,
-    /// The check after the repair had none of them.
-    pub fixed: bool,
-}
-
-impl PageReport {
-    fn is_ok(&self) -> bool {
-        self.status.is_some_and(|s| (200..400).contains(&s))
-            && self.error.is_none()
-            && self.console_errors.is_empty()
-            && self.failed_requests.is_empty()
-    }
-
-    /// What is wrong with it, one line each: compared with the previous check's to tell new
-    /// problems from old ones.
-    pub(crate) fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(e) = &self.error {
-            out.push(format!("did not load: {e}"));
-        } else if let Some(s) = self.status.filter(|s| !(200..400).contains(s)) {
-            out.push(format!("answered HTTP {s}"));
-        }
-        out.extend(
-            self.console_errors
-                .iter()
-                .map(|e| format!("console error: {e}")),
-        );
-        out.extend(
-            self.failed_requests
-                .iter()
-                .map(|r| match (r.status, &r.error) {
-                    (Some(s), _) => format!("failed request: {} (HTTP {s})", r.url),
-                    (None, Some(e)) => format!("failed request: {} ({e})", r.url),
-                    (None, None) => format!("failed request: {}", r.url),
-                }),
-        );
-        out
-    }
-}
-
 /// What a check found, for the event and for the repair.
 pub(crate) struct CheckOutcome {
     pub report: CheckReport,
@@ -164,54 +75,6 @@ struct RememberedPage {
     problems: Vec<String>,
     /// Milliseconds since the epoch: which pages to forget first.
     at_ms: u64,
-}
-
-/// `BROWSER_CHECK`: whether publishes are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckMode {
-    /// When Chromium is found; said in the log (and `doctor`) when it is not.
-    Auto,
-    /// Always: the worker does not start without Chromium.
-    On,
-    Off,
-}
-
-impl std::str::FromStr for CheckMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "auto" => Ok(CheckMode::Auto),
-            "on" => Ok(CheckMode::On),
-            "off" => Ok(CheckMode::Off),
-            other => Err(format!(
-                "BROWSER_CHECK must be auto, on or off, not {other:?}"
-            )),
-        }
-    }
-}
-
-/// The check's settings (`BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`, `CHROME_BIN`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckSettings {
-    pub mode: CheckMode,
-    /// Pages a check loads at most, `/` included (each at two widths).
-    pub max_pages: usize,
-    /// Resume the agent once when the check finds problems the previous deploy did not have.
-    pub repair: bool,
-    /// `CHROME_BIN`: the browser; unset: `chromium` on `PATH`.
-    pub chrome_bin: Option<std::path::PathBuf>,
-}
-
-impl Default for CheckSettings {
-    fn default() -> Self {
-        CheckSettings {
-            mode: CheckMode::Auto,
-            max_pages: 5,
-            repair: true,
-            chrome_bin: None,
-        }
-    }
 }
 
 impl CheckSettings {

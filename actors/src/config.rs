@@ -107,7 +107,7 @@ pub struct WorkerConfig {
     pub shutdown_deadline: Duration,
     /// `BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`, `CHROME_BIN`: the browser check
     /// after each publish (`browser_check.rs`).
-    pub check: crate::browser_check::CheckSettings,
+    pub check: crate::check_settings::CheckSettings,
 }
 
 impl WorkerConfig {

@@ -7,11 +7,11 @@ use tokio::sync::Semaphore;
 
 use crate::config::WorkerConfig;
 use crate::delivery::Delivery;
-use crate::job::StopSignal;
 use crate::lease::Leases;
 use crate::message::WorkspaceKey;
 use crate::notices::NoticeSender;
 use crate::slots::{Slot, wait_for_slot};
+use crate::stop::StopSignal;
 use crate::threads::ThreadStore;
 
 /// What every job of the process shares.

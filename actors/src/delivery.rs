@@ -12,13 +12,13 @@
 //! message at all (the lease or record store not answering) it does not give it back: it keeps
 //! it invisible and asks again (`hold_undecided`), for at most `HOLD_UNDECIDED_SECONDS`.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_sqs::error::DisplayErrorContext;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::job::Receipt;
 use crate::records::RecordStore;
 use crate::status::{EventError, EventType, StatusEvent, StatusSink};
 
@@ -368,7 +368,7 @@ impl Delivery {
     /// `hold` `None`: the visibility only, for a message not yet decided (no mark of ours).
     pub fn keep_invisible(
         &self,
-        receipt: crate::job::Receipt,
+        receipt: Receipt,
         message_id: String,
         hold: Option<Duration>,
         stop: CancellationToken,
@@ -463,12 +463,65 @@ fn redrive_limit_of(policy: &str) -> Option<u32> {
     }
 }
 
+/// A held message's receipt handle, and how often SQS has delivered it. SQS gives out a new
+/// handle with every delivery, and only the newest one surely deletes or extends the message
+/// (an older one can "succeed" without effect), so when a copy of a held message arrives, its
+/// handle replaces the one we hold: the renewal and the final delete or release always use the
+/// newest. The copy's receive count comes with it: it is what the queue's redrive policy
+/// counts, so whether giving the message back would send it to the dead-letter queue
+/// (`Delivery::give_back`) is judged by the newest delivery, not the first.
+#[derive(Debug, Clone)]
+pub struct Receipt(Arc<Mutex<(String, u32)>>);
+
+impl Receipt {
+    /// The handle of a first delivery (tests).
+    #[cfg(test)]
+    pub fn new(handle: String) -> Receipt {
+        Receipt::delivered(handle, 1)
+    }
+
+    /// The handle of the `receive_count`th delivery (`ApproximateReceiveCount`).
+    pub fn delivered(handle: String, receive_count: u32) -> Receipt {
+        Receipt(Arc::new(Mutex::new((handle, receive_count))))
+    }
+
+    pub fn current(&self) -> String {
+        self.0.lock().expect("receipt").0.clone()
+    }
+
+    /// Deliveries so far, as SQS counted them at the newest one.
+    pub fn receive_count(&self) -> u32 {
+        self.0.lock().expect("receipt").1
+    }
+
+    #[cfg(test)]
+    pub fn replace(&self, newer: String) {
+        self.0.lock().expect("receipt").0 = newer;
+    }
+
+    /// A copy was delivered: its handle and count serve from now on (a count never goes back:
+    /// SQS's is approximate).
+    pub fn replace_delivered(&self, newer: String, receive_count: u32) {
+        let mut held = self.0.lock().expect("receipt");
+        held.0 = newer;
+        held.1 = held.1.max(receive_count);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The mark outlives the time between two refreshes (a live worker's never lapses) and
     /// ends before the visibility does (a dead worker's message is never left as held).
+    #[test]
+    fn a_newer_handle_serves_every_holder_of_the_receipt() {
+        let receipt = Receipt::new("first".into());
+        let held_by_renewal = receipt.clone();
+        receipt.replace("newer".into());
+        assert_eq!(held_by_renewal.current(), "newer");
+    }
+
     #[test]
     fn a_mark_outlives_its_refresh_and_ends_before_the_message_is_visible() {
         for seconds in [3u64, 6, 30, 120, 43_200] {

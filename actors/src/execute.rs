@@ -9,7 +9,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, info_span};
 
 use crate::agent_turn::{agent_turn, commit_turn};
-use crate::batch::{BatchRun, StartedEvents, batch_prompt};
+use crate::batch_run::{BatchRun, StartedEvents, batch_prompt};
 use crate::build::BuildError;
 use crate::git::agent_commit_subject;
 use crate::job::Job;

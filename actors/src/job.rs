@@ -1,10 +1,10 @@
 //! A message that has been received and validated, on its way through a session.
 
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::Receipt;
 use crate::message::EditRequest;
 
 /// One valid input message and what we need to finish it.
@@ -77,54 +77,9 @@ impl Job {
             message_id: self.message_id.clone(),
             receipt: self.receipt.clone(),
             event,
-            body: crate::outcome::request_body(&self.request),
+            body: crate::message::request_body(&self.request),
         };
         delivery.give_back(held, delay, why).await;
-    }
-}
-
-/// A held message's receipt handle, and how often SQS has delivered it. SQS gives out a new
-/// handle with every delivery, and only the newest one surely deletes or extends the message
-/// (an older one can "succeed" without effect), so when a copy of a held message arrives, its
-/// handle replaces the one we hold: the renewal and the final delete or release always use the
-/// newest. The copy's receive count comes with it: it is what the queue's redrive policy
-/// counts, so whether giving the message back would send it to the dead-letter queue
-/// (`Delivery::give_back`) is judged by the newest delivery, not the first.
-#[derive(Debug, Clone)]
-pub struct Receipt(Arc<Mutex<(String, u32)>>);
-
-impl Receipt {
-    /// The handle of a first delivery (tests).
-    #[cfg(test)]
-    pub fn new(handle: String) -> Receipt {
-        Receipt::delivered(handle, 1)
-    }
-
-    /// The handle of the `receive_count`th delivery (`ApproximateReceiveCount`).
-    pub fn delivered(handle: String, receive_count: u32) -> Receipt {
-        Receipt(Arc::new(Mutex::new((handle, receive_count))))
-    }
-
-    pub fn current(&self) -> String {
-        self.0.lock().expect("receipt").0.clone()
-    }
-
-    /// Deliveries so far, as SQS counted them at the newest one.
-    pub fn receive_count(&self) -> u32 {
-        self.0.lock().expect("receipt").1
-    }
-
-    #[cfg(test)]
-    pub fn replace(&self, newer: String) {
-        self.0.lock().expect("receipt").0 = newer;
-    }
-
-    /// A copy was delivered: its handle and count serve from now on (a count never goes back:
-    /// SQS's is approximate).
-    pub fn replace_delivered(&self, newer: String, receive_count: u32) {
-        let mut held = self.0.lock().expect("receipt");
-        held.0 = newer;
-        held.1 = held.1.max(receive_count);
     }
 }
 
@@ -152,59 +107,6 @@ impl Drop for InFlight {
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("InFlight")
-    }
-}
-
-/// Why running work was asked to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// A newer message arrived for the same workspace.
-    Interrupted,
-    /// The worker is shutting down: save the work and release the message.
-    Shutdown,
-    /// The workspace's lease was lost (another worker may hold it): stop, touch nothing the
-    /// next holder owns (no push, no publish), release the message for the next holder.
-    LeaseLost,
-}
-
-impl StopReason {
-    /// Its name in metrics (`edit_worker.interrupt.latency`'s `reason`): stable, lower case.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StopReason::Interrupted => "interrupted",
-            StopReason::Shutdown => "shutdown",
-            StopReason::LeaseLost => "lease_lost",
-        }
-    }
-}
-
-/// Asks running work to stop, out of band: the job checks the token while it runs, so a stop
-/// never waits behind a mailbox. The first reason given wins.
-#[derive(Debug, Clone, Default)]
-pub struct StopSignal {
-    token: CancellationToken,
-    reason: Arc<OnceLock<StopReason>>,
-    /// When the first stop was asked for (interrupt latency is measured from here).
-    requested_at: Arc<OnceLock<Instant>>,
-}
-
-impl StopSignal {
-    pub fn request(&self, reason: StopReason) {
-        let _ = self.requested_at.set(Instant::now());
-        let _ = self.reason.set(reason);
-        self.token.cancel();
-    }
-
-    pub fn requested_at(&self) -> Option<Instant> {
-        self.requested_at.get().copied()
-    }
-
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-
-    pub fn reason(&self) -> Option<StopReason> {
-        self.reason.get().copied()
     }
 }
 
@@ -251,15 +153,8 @@ impl Drop for Renewal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[test]
-    fn a_newer_handle_serves_every_holder_of_the_receipt() {
-        let receipt = Receipt::new("first".into());
-        let held_by_renewal = receipt.clone();
-        receipt.replace("newer".into());
-        assert_eq!(held_by_renewal.current(), "newer");
-    }
 
     #[test]
     fn a_place_is_freed_once_when_dropped() {
@@ -273,21 +168,6 @@ mod tests {
         assert_eq!(freed.load(Ordering::SeqCst), 0);
         drop(place);
         assert_eq!(freed.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn the_first_stop_reason_wins_and_its_time_is_kept() {
-        let stop = StopSignal::default();
-        assert!(!stop.token().is_cancelled());
-        assert_eq!((stop.reason(), stop.requested_at()), (None, None));
-        // The session holds one clone, the running job another.
-        let running = stop.clone();
-        stop.request(StopReason::Interrupted);
-        let first = running.requested_at().expect("when it was asked");
-        stop.request(StopReason::Shutdown);
-        assert!(running.token().is_cancelled());
-        assert_eq!(running.reason(), Some(StopReason::Interrupted));
-        assert_eq!(running.requested_at(), Some(first));
     }
 
     #[tokio::test]

@@ -41,7 +41,7 @@ pub(crate) struct Journal {
     /// What a rollback went back to.
     pub(crate) rolled_back_to: Option<crate::deploys::RolledBackTo>,
     /// The browser check of what was published last (after a repair, the check after it).
-    pub(crate) check: Option<crate::browser_check::CheckReport>,
+    pub(crate) check: Option<crate::check_report::CheckReport>,
     /// The thread's document (mark, conversation) as read at the batch's start and written
     /// since; written once more at its end (`agent_turn::record_thread`).
     pub(crate) thread: Option<crate::records::ThreadState>,
@@ -51,7 +51,7 @@ pub(crate) struct Journal {
     /// (`refs/edit-worker/saved/…`): the events' `savedRef`.
     pub(crate) saved_ref: Option<String>,
     /// The batch's lease check, which every write of its records carries (fences).
-    pub(crate) fence: Option<crate::lease::LeaseCheck>,
+    pub(crate) fence: Option<crate::lease_check::LeaseCheck>,
 }
 
 impl Journal {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::lease_check::{LeaseCheck, LeaseLost};
 use crate::message::WorkspaceKey;
 use crate::records::{RecordError, RecordStore, Version, now_ms};
 
@@ -96,14 +97,6 @@ pub enum LeaseError {
     /// The store did not answer, or a lease record does not parse (`RecordError::Corrupt`).
     #[error("lease store: {0}")]
     Store(#[from] RecordError),
-}
-
-/// This worker lost the workspace's lease: another worker may hold it now.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("the lease of workspace {workspace} (token {token}) was lost; another worker may hold it")]
-pub struct LeaseLost {
-    pub workspace: String,
-    pub token: u64,
 }
 
 /// Says how this worker's holding of a lease ended, exactly once, as the "lease released" or
@@ -407,67 +400,6 @@ struct HeldState {
     version: Version,
 }
 
-/// Whether a lease still holds, cheap to clone into whatever must check it before an effect
-/// (a push, a publish). It fails once the heartbeat found the lease gone, or once the lease's
-/// time (by this worker's monotonic clock, less the clock-skew allowance) ran out without a
-/// renewal. The heartbeat also cancels `lost` at that moment, whatever its own write is doing.
-#[derive(Clone)]
-pub struct LeaseCheck {
-    workspace: String,
-    token: u64,
-    lost: CancellationToken,
-    /// Until when the lease surely holds; `None` when alone (always).
-    valid_until: Option<Arc<Mutex<Instant>>>,
-}
-
-impl LeaseCheck {
-    pub(crate) fn check(&self) -> Result<(), LeaseLost> {
-        let expired = self
-            .valid_until
-            .as_ref()
-            .is_some_and(|until| Instant::now() >= *until.lock().expect("valid_until"));
-        if self.lost.is_cancelled() || expired {
-            return Err(LeaseLost {
-                workspace: self.workspace.clone(),
-                token: self.token,
-            });
-        }
-        Ok(())
-    }
-
-    /// Cancelled when the heartbeat finds the lease lost.
-    pub(crate) fn lost(&self) -> &CancellationToken {
-        &self.lost
-    }
-
-    /// The token of the lease this checks (0 when alone): what fenced writes carry.
-    pub(crate) fn token(&self) -> u64 {
-        self.token
-    }
-
-    /// The check of a worker that is alone (no lease store): always holds, token 0. For
-    /// writes made outside a batch's lease (and tests).
-    pub(crate) fn unfenced(workspace: &str) -> LeaseCheck {
-        LeaseCheck {
-            workspace: workspace.to_owned(),
-            token: 0,
-            lost: CancellationToken::new(),
-            valid_until: None,
-        }
-    }
-
-    /// A check that holds with `token` until `lost` is cancelled (tests).
-    #[cfg(test)]
-    pub(crate) fn with_token(token: u64, lost: CancellationToken) -> LeaseCheck {
-        LeaseCheck {
-            workspace: "test".into(),
-            token,
-            lost,
-            valid_until: None,
-        }
-    }
-}
-
 impl Lease {
     fn alone(key: &WorkspaceKey) -> Lease {
         Lease {
@@ -491,12 +423,7 @@ impl Lease {
         let valid_until = Arc::new(Mutex::new(
             asked + config.duration - config.skew_allowance(),
         ));
-        let check = LeaseCheck {
-            workspace: key.to_string(),
-            token: record.token,
-            lost: CancellationToken::new(),
-            valid_until: Some(valid_until.clone()),
-        };
+        let check = LeaseCheck::held(key.to_string(), record.token, valid_until.clone());
         let state = Arc::new(Mutex::new(HeldState {
             record: record.clone(),
             version,
@@ -697,7 +624,7 @@ async fn heartbeat(
     let deadline = || *valid_until.lock().expect("valid_until");
     let lose = |why: &str| {
         end.lost(why);
-        check.lost.cancel();
+        check.lost().cancel();
     };
     loop {
         tokio::select! {

@@ -58,7 +58,7 @@ impl std::fmt::Display for RollbackTarget {
 }
 
 impl RollbackTarget {
-    /// Read `to`: `previous`, a deploy id (`crate::deploys::is_deploy_id`) or 7 to 40 hex
+    /// Read `to`: `previous`, a deploy id (`crate::deploy_id::is_deploy_id`) or 7 to 40 hex
     /// digits. Anything else is refused rather than guessed at.
     pub fn parse(text: &str) -> Result<RollbackTarget, RequestError> {
         let invalid = |reason| RequestError::InvalidField {
@@ -67,7 +67,7 @@ impl RollbackTarget {
         };
         if text == "previous" {
             Ok(RollbackTarget::Previous)
-        } else if crate::deploys::is_deploy_id(text) {
+        } else if crate::deploy_id::is_deploy_id(text) {
             Ok(RollbackTarget::Deploy(text.to_owned()))
         } else if (7..=40).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
             Ok(RollbackTarget::Commit(text.to_ascii_lowercase()))
@@ -408,6 +408,41 @@ fn check_command(command: &str, max_bytes: usize) -> Result<(), RequestError> {
         });
     }
     Ok(())
+}
+
+/// The request as the producer sent it, for a dead-letter copy.
+pub(crate) fn request_body(request: &EditRequest) -> String {
+    serde_json::to_string(&RequestBody::from(request)).expect("plain strings serialize")
+}
+
+/// The request as the producer sent it, for the dead-letter copy.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestBody<'a> {
+    session_id: &'a str,
+    thread_id: &'a str,
+    client_id: &'a str,
+    project_id: &'a str,
+    command: &'a str,
+    /// A rollback's `action` and `to`, so that its dead-letter copy is still a rollback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+}
+
+impl<'a> From<&'a EditRequest> for RequestBody<'a> {
+    fn from(r: &'a EditRequest) -> Self {
+        RequestBody {
+            session_id: &r.session_id,
+            thread_id: &r.thread_id,
+            client_id: &r.client_id,
+            project_id: &r.project_id,
+            command: &r.command,
+            action: r.rollback_target().map(|_| "rollback"),
+            to: r.rollback_target().map(|t| t.as_field()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,11 +6,20 @@
 
 use std::time::Duration;
 
-use crate::batch::Ending;
 use crate::context::WorkerContext;
-use crate::job::{Job, StopReason};
+use crate::job::Job;
+use crate::job_error::JobError;
 use crate::journal::Journal;
 use crate::status::{EventError, EventType, StatusEvent};
+use crate::stop::StopReason;
+
+/// How the job ended, before it is reported.
+pub(crate) enum Ending {
+    Completed,
+    /// Stopped by a newer message or by shutdown; its work was saved in `commit`.
+    Stopped(StopReason),
+    Failed(JobError),
+}
 
 /// Report one message's ending and delete it, or release it for another try.
 pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journal: &Journal) {
@@ -103,7 +112,7 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
         if e.is_retryable() {
             // Out of retries: keep the message, with its last error, where a person can look.
             let reason = format!("failed after {} deliveries: {e}", job.receive_count);
-            let body = request_body(request);
+            let body = crate::message::request_body(request);
             if let Err(err) = ctx.delivery.dead_letter(&body, &reason).await {
                 tracing::error!(error = %err, "could not keep the failed message in the dead-letter queue");
             }
@@ -114,7 +123,7 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
     // Usually the batch's one write of the thread's document raised it already.
     if !journal.mark_covers(job.sent_at_ms) {
         let fence = journal.fence.clone().unwrap_or_else(|| {
-            crate::lease::LeaseCheck::unfenced(&request.workspace().to_string())
+            crate::lease_check::LeaseCheck::unfenced(&request.workspace().to_string())
         });
         if let Err(e) = ctx
             .delivery
@@ -162,39 +171,4 @@ async fn report(ctx: &WorkerContext, job: Job, event: StatusEvent) {
     ctx.delivery
         .finish_holding(&job.receipt, &event, false, ctx.delivery.hold_undecided())
         .await;
-}
-
-/// The request as the producer sent it, for a dead-letter copy.
-pub(crate) fn request_body(request: &crate::message::EditRequest) -> String {
-    serde_json::to_string(&RequestBody::from(request)).expect("plain strings serialize")
-}
-
-/// The request as the producer sent it, for the dead-letter copy.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RequestBody<'a> {
-    session_id: &'a str,
-    thread_id: &'a str,
-    client_id: &'a str,
-    project_id: &'a str,
-    command: &'a str,
-    /// A rollback's `action` and `to`, so that its dead-letter copy is still a rollback.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    action: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    to: Option<&'a str>,
-}
-
-impl<'a> From<&'a crate::message::EditRequest> for RequestBody<'a> {
-    fn from(r: &'a crate::message::EditRequest) -> Self {
-        RequestBody {
-            session_id: &r.session_id,
-            thread_id: &r.thread_id,
-            client_id: &r.client_id,
-            project_id: &r.project_id,
-            command: &r.command,
-            action: r.rollback_target().map(|_| "rollback"),
-            to: r.rollback_target().map(|t| t.as_field()),
-        }
-    }
 }

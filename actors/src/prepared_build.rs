@@ -470,7 +470,7 @@ export async function cli(argv) {
         let plan = plan(&["astro", "build"]);
         let slots = BuildSlots::new(1, 16);
         let held = slots
-            .for_build(&crate::job::StopSignal::default(), None)
+            .for_build(&crate::stop::StopSignal::default(), None)
             .await
             .unwrap();
         let prepared = start_with_slots(site.path(), plan.clone(), slots.clone()).unwrap();

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use tracing::{Instrument, info_span};
 
-use crate::batch::{batch_ids, batch_prompt};
 use crate::batch_lease::LeaseScope;
+use crate::batch_run::{batch_ids, batch_prompt};
 use crate::context::WorkerContext;
 use crate::git::SAVE_MESSAGE;
 use crate::job::Job;

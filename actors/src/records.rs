@@ -118,7 +118,50 @@ pub(crate) struct ThreadDoc {
     pub lease_token: u64,
     /// The agent's conversation for `--resume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation: Option<crate::threads::ThreadRecord>,
+    pub conversation: Option<ThreadRecord>,
+}
+
+/// What we remember of a thread's conversation (its part of the thread's document; what a
+/// run makes of it is `threads.rs`'s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ThreadRecord {
+    /// The agent's session id, for `--resume`.
+    pub session_id: String,
+    /// The session's cumulative cost after the last run (the agent reports a running total).
+    pub total_cost_usd: f64,
+    /// The agent has written this conversation (a run reported, or left its file). A
+    /// conversation recorded at a run's start but stopped before the agent wrote anything was
+    /// never there to lose: not finding it is no restart. Records from before this field were
+    /// written after runs, hence the default.
+    #[serde(default = "written_by_default")]
+    pub written: bool,
+    /// Where the shared copy of the conversation file is (shared store only): a key of the
+    /// lease token that wrote it (`conversations/{client}/{project}/{session}.{token}.jsonl`),
+    /// so a holder that lost its lease never overwrites the next holder's copy. Absent: the
+    /// key of the records before issue 25 (`{session}.jsonl`), or no copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The MD5 of that copy: an unchanged file is not uploaded again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_md5: Option<String>,
+}
+
+impl ThreadRecord {
+    /// A conversation of `session_id` with nothing shared yet.
+    pub(crate) fn new(session_id: &str, total_cost_usd: f64, written: bool) -> ThreadRecord {
+        ThreadRecord {
+            session_id: session_id.to_owned(),
+            total_cost_usd,
+            written,
+            file: None,
+            file_md5: None,
+        }
+    }
+}
+
+fn written_by_default() -> bool {
+    true
 }
 
 /// A thread's document as a batch read it, with the version its next write expects.
@@ -134,7 +177,7 @@ pub(crate) struct ThreadState {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FencedWriteError {
     #[error(transparent)]
-    LeaseLost(#[from] crate::lease::LeaseLost),
+    LeaseLost(#[from] crate::lease_check::LeaseLost),
     /// The document was written under a newer lease: another worker holds the workspace now.
     #[error("{key} was written under lease token {found}, newer than ours ({ours})")]
     Fenced { key: String, found: u64, ours: u64 },
@@ -444,7 +487,7 @@ impl RecordStore {
     pub(crate) async fn write_thread(
         &self,
         state: &mut ThreadState,
-        fence: &crate::lease::LeaseCheck,
+        fence: &crate::lease_check::LeaseCheck,
         update: impl Fn(&mut ThreadDoc),
     ) -> Result<(), FencedWriteError> {
         let ours = fence.token();
@@ -502,7 +545,7 @@ impl RecordStore {
         key: &WorkspaceKey,
         thread_id: &str,
         sent_ms: u64,
-        fence: &crate::lease::LeaseCheck,
+        fence: &crate::lease_check::LeaseCheck,
     ) -> Result<(), FencedWriteError> {
         let mut state = self.read_thread(key, thread_id, fence.token()).await?;
         self.write_thread(&mut state, fence, |doc| {
@@ -949,7 +992,7 @@ mod tests {
     async fn thread_marks_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::local(dir.path(), "w");
-        let alone = crate::lease::LeaseCheck::unfenced("a/b");
+        let alone = crate::lease_check::LeaseCheck::unfenced("a/b");
         assert_eq!(
             store
                 .read_thread(&key(), "t", 0)
@@ -992,8 +1035,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::local(dir.path(), "w");
         let (old_lost, new_lost) = (Default::default(), Default::default());
-        let old = crate::lease::LeaseCheck::with_token(1, old_lost);
-        let new = crate::lease::LeaseCheck::with_token(2, new_lost);
+        let old = crate::lease_check::LeaseCheck::with_token(1, old_lost);
+        let new = crate::lease_check::LeaseCheck::with_token(2, new_lost);
         // The old holder read the document before it was paused.
         let mut stale = store.read_thread(&key(), "t", 0).await.unwrap();
         let mut fresh = store.read_thread(&key(), "t", 0).await.unwrap();
@@ -1021,7 +1064,7 @@ mod tests {
         // And a lost lease writes nothing at all.
         let lost = tokio_util::sync::CancellationToken::new();
         lost.cancel();
-        let gone = crate::lease::LeaseCheck::with_token(3, lost);
+        let gone = crate::lease_check::LeaseCheck::with_token(3, lost);
         let mut state = store.read_thread(&key(), "t", 0).await.unwrap();
         assert!(matches!(
             store

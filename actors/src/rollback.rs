@@ -18,7 +18,7 @@ use std::time::Instant;
 use tracing::field::Empty;
 use tracing::{Instrument, info_span};
 
-use crate::batch::BatchRun;
+use crate::batch_run::BatchRun;
 use crate::deploys::{DeployMeta, RolledBackTo};
 use crate::job::Job;
 use crate::job_error::JobError;

@@ -14,11 +14,12 @@ use tracing::Instrument;
 
 use crate::batch::run_batch;
 use crate::context::WorkerContext;
-use crate::job::{Job, StopReason, StopSignal};
+use crate::job::Job;
 use crate::lease::Lease;
 use crate::message::WorkspaceKey;
 use crate::restart::RestartPolicy;
 use crate::steps::{StepFactory, StepKind, Steps};
+use crate::stop::{StopReason, StopSignal};
 
 pub enum SessionMsg {
     /// A new message for this workspace.
@@ -40,10 +41,16 @@ pub enum SessionMsg {
     Probe(RpcReplyPort<(bool, bool)>),
 }
 
+/// How a session says it has been idle long enough to be stopped, with the number of jobs it
+/// has received: to its supervisor, which decides (it knows whether a job is on its way). A
+/// callback rather than the supervisor's address, so that a session knows nothing of who
+/// spawned it.
+pub type IdleReport = Arc<dyn Fn(WorkspaceKey, u64) + Send + Sync>;
+
 pub struct SessionArgs {
     pub key: WorkspaceKey,
     /// Told when the session has been idle long enough to be stopped.
-    pub supervisor: ActorRef<crate::supervisor::SupervisorMsg>,
+    pub idle: IdleReport,
     pub ctx: Arc<WorkerContext>,
     /// Makes the handlers of the session's steps (the real ones, or a test's fakes).
     pub step_factory: Arc<dyn StepFactory>,
@@ -379,14 +386,7 @@ impl Actor for SessionActor {
             SessionMsg::IdleCheck(epoch) => {
                 if epoch == state.epoch && state.running.is_none() && state.queue.is_empty() {
                     // The supervisor decides: it knows whether a job is on its way to us.
-                    let _ =
-                        state
-                            .args
-                            .supervisor
-                            .cast(crate::supervisor::SupervisorMsg::SessionIdle {
-                                key: state.args.key.clone(),
-                                received: state.received,
-                            });
+                    (state.args.idle)(state.args.key.clone(), state.received);
                 }
             }
             SessionMsg::RestartStep(kind) => {

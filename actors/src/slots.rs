@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::job::StopSignal;
+use crate::stop::StopSignal;
 
 /// A place under one of the process's limits, held while the work runs; dropping it frees
 /// the place.

@@ -119,7 +119,7 @@ pub(crate) struct StatusEvent {
     pub invalidation_id: Option<String>,
     /// The browser check of the published site (`completed`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub check: Option<crate::browser_check::CheckReport>,
+    pub check: Option<crate::check_report::CheckReport>,
 }
 
 fn redacted<S: Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {

@@ -64,9 +64,12 @@ impl Supervisor {
         if let Some(session) = state.sessions.get(key) {
             return Ok(session.clone());
         }
+        let supervisor = myself.clone();
         let args = SessionArgs {
             key: key.clone(),
-            supervisor: myself.clone(),
+            idle: Arc::new(move |key, received| {
+                let _ = supervisor.cast(SupervisorMsg::SessionIdle { key, received });
+            }),
             ctx: state.args.ctx.clone(),
             step_factory: state.args.step_factory.clone(),
             step_restarts: state.args.step_restarts.clone(),

@@ -10,53 +10,14 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::message::WorkspaceKey;
+pub(crate) use crate::records::ThreadRecord;
 use crate::records::{RecordStore, Version};
 use crate::tenant_fs;
 
 /// The largest conversation file the worker reads from a tenant's agent folder to share it: a
 /// long thread's transcript is a few MB; past this it stays on this worker only.
 const CONVERSATION_MAX_BYTES: u64 = 64 << 20;
-
-/// What we remember of a thread's conversation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ThreadRecord {
-    /// The agent's session id, for `--resume`.
-    pub session_id: String,
-    /// The session's cumulative cost after the last run (the agent reports a running total).
-    pub total_cost_usd: f64,
-    /// The agent has written this conversation (a run reported, or left its file). A
-    /// conversation recorded at a run's start but stopped before the agent wrote anything was
-    /// never there to lose: not finding it is no restart. Records from before this field were
-    /// written after runs, hence the default.
-    #[serde(default = "written_by_default")]
-    pub written: bool,
-    /// Where the shared copy of the conversation file is (shared store only): a key of the
-    /// lease token that wrote it (`conversations/{client}/{project}/{session}.{token}.jsonl`),
-    /// so a holder that lost its lease never overwrites the next holder's copy. Absent: the
-    /// key of the records before issue 25 (`{session}.jsonl`), or no copy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
-    /// The MD5 of that copy: an unchanged file is not uploaded again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file_md5: Option<String>,
-}
-
-impl ThreadRecord {
-    /// A conversation of `session_id` with nothing shared yet.
-    pub(crate) fn new(session_id: &str, total_cost_usd: f64, written: bool) -> ThreadRecord {
-        ThreadRecord {
-            session_id: session_id.to_owned(),
-            total_cost_usd,
-            written,
-            file: None,
-            file_md5: None,
-        }
-    }
-}
 
 impl ThreadRecord {
     /// The record after a run of `session_id` that the agent wrote: the shared copy of the
@@ -79,10 +40,6 @@ impl ThreadRecord {
 pub(crate) struct SharedCopy {
     pub key: String,
     pub md5: String,
-}
-
-fn written_by_default() -> bool {
-    true
 }
 
 #[derive(Clone)]
@@ -173,7 +130,7 @@ impl ThreadStore {
         known: Option<&ThreadRecord>,
         config_dir: &Path,
         cwd: &Path,
-        fence: &crate::lease::LeaseCheck,
+        fence: &crate::lease_check::LeaseCheck,
     ) -> Result<Option<SharedCopy>, String> {
         let Some(shared) = &self.shared else {
             return Ok(None);
