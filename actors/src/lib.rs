@@ -22,6 +22,7 @@ pub(crate) mod job;
 pub(crate) mod job_error;
 pub(crate) mod journal;
 pub mod lease;
+mod logged_run;
 pub mod message;
 pub(crate) mod metrics;
 pub mod notices;

@@ -64,7 +64,8 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::build::{self, BuildError};
+pub use crate::config::StoreSettings;
+use crate::logged_run::{self, BuildError};
 use crate::sandbox::Sandbox;
 use crate::tenant_fs::{self, DirHandle, TenantFileError};
 
@@ -78,39 +79,9 @@ const PACKAGE: &str = "package.json";
 const NPMRC: &str = ".npmrc";
 /// The workspace's record of the entry linked into its `node_modules` (in the state folder).
 pub(crate) const LINK_STAMP: &str = "npm-store.link";
-
-/// How dependencies are installed (`INSTALL_MODE`, `NPM_STORE_*`).
-#[derive(Debug, Clone)]
-pub struct StoreSettings {
-    /// `true` (`INSTALL_MODE=shared`, the default): one install per lock file in the store.
-    /// `false` (`per-workspace`): every workspace runs its own `npm ci`, as before.
-    pub shared: bool,
-    /// The store folder; `None`: `{WORKSPACE_ROOT}/.cache/npm-store`.
-    pub dir: Option<PathBuf>,
-    /// Disk use above which the least recently used entries are removed.
-    pub max_bytes: u64,
-    /// Entries unused for this long are removed.
-    pub max_age: Duration,
-}
-
-impl Default for StoreSettings {
-    fn default() -> Self {
-        StoreSettings {
-            shared: true,
-            dir: None,
-            max_bytes: 10 * 1024 * 1024 * 1024,
-            max_age: Duration::from_secs(30 * 24 * 3600),
-        }
-    }
-}
-
-impl StoreSettings {
-    pub fn dir_under(&self, workspace_root: &Path) -> PathBuf {
-        self.dir
-            .clone()
-            .unwrap_or_else(|| workspace_root.join(".cache").join("npm-store"))
-    }
-}
+/// The per-workspace install's record of the lock file it installed (in the state folder);
+/// linking a store entry into the workspace removes it.
+pub(crate) const INSTALL_STAMP: &str = "npm-ci.stamp";
 
 /// The store key of a lock file: everything that decides what `npm ci` puts on disk.
 pub fn store_key(lock: &[u8], npmrc: Option<&[u8]>, node_major: &str) -> String {
@@ -512,7 +483,7 @@ impl NpmStore {
         tokio::fs::create_dir_all(state_dir).await?;
         tokio::fs::write(state_dir.join(LINK_STAMP), &acquired.key).await?;
         // A later per-workspace install must start from scratch.
-        let _ = tokio::fs::remove_file(state_dir.join(build::INSTALL_STAMP)).await;
+        let _ = tokio::fs::remove_file(state_dir.join(INSTALL_STAMP)).await;
         Ok(())
     }
 
@@ -769,7 +740,7 @@ impl Inner {
         // As an install uid of its own, with only this folder (and a fresh home) to write in.
         let jail = self.sandbox.store_jail(tmp).await?;
         // Not the message's token: see `acquire`.
-        let out = build::run_logged(
+        let out = logged_run::run_logged(
             &self.install_argv,
             &[],
             &jail,
