@@ -110,3 +110,32 @@ impl Default for PublishOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_rules_match_in_order() {
+        let rules = CacheRule::parse_list(
+            "_astro/=public, max-age=31536000, immutable; *.png = max-age=600; robots.txt=max-age=60",
+        )
+        .unwrap();
+        let first = |key: &str| {
+            rules
+                .iter()
+                .find(|r| r.matches(key))
+                .map(|r| r.value.clone())
+        };
+        assert_eq!(
+            first("_astro/a.1x2.css").unwrap(),
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(first("img/logo.png").unwrap(), "max-age=600");
+        assert_eq!(first("robots.txt").unwrap(), "max-age=60");
+        assert_eq!(first("index.html"), None);
+        assert!(CacheRule::parse_list("nonsense").is_err());
+        let defaults = CacheRule::defaults();
+        assert!(defaults[0].matches("_astro/x.css") && defaults[1].matches("index.html"));
+    }
+}
