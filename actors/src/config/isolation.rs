@@ -63,3 +63,21 @@ impl Default for Limits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolation_settings_are_read_by_name() {
+        assert_eq!("".parse(), Ok(IsolationSetting::Auto));
+        assert_eq!("auto".parse(), Ok(IsolationSetting::Auto));
+        assert_eq!("none".parse(), Ok(IsolationSetting::None));
+        assert_eq!(
+            "users+namespaces".parse(),
+            Ok(IsolationSetting::UsersAndNamespaces)
+        );
+        let err = "chroot".parse::<IsolationSetting>().unwrap_err();
+        assert!(err.contains("auto, users, namespaces"), "{err}");
+    }
+}
