@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::browser::{Browser, BrowserError, COMMAND_TIMEOUT, DESKTOP, PHONE, Page, Running};
 use crate::cdp::Event;
 pub use crate::check_report::{CheckReport, FailedRequest, PageReport, RepairReport};
-pub use crate::check_settings::{CheckMode, CheckSettings};
+pub use crate::config::{CheckMode, CheckSettings};
 use crate::pixels::{Rgba, changed_share};
 use crate::publish::RESERVED_PREFIX;
 use crate::site_server::SiteServer;

@@ -82,7 +82,7 @@ impl WorkerContext {
 
     /// A slot for one agent run; `None` when the job is stopped while waiting.
     pub(crate) async fn agent_slot(&self, stop: &StopSignal) -> Option<Slot> {
-        wait_for_slot(&self.agent_slots, stop).await
+        wait_for_slot(&self.agent_slots, stop.token()).await
     }
 
     /// A slot for one build (`BUILD_CONCURRENCY`, shared with the builds started ahead,
@@ -94,6 +94,6 @@ impl WorkerContext {
         prepared: Option<&crate::prepared_build::PreparedBuild>,
     ) -> Option<Slot> {
         let loaded = prepared.map(|p| p.loaded());
-        self.build.slots.for_build(stop, loaded).await
+        self.build.slots.for_build(stop.token(), loaded).await
     }
 }

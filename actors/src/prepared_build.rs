@@ -31,7 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::build::{self, BuildError, Logged};
+use crate::logged_run::{self, BuildError, Logged};
 use crate::npm_store::Acquired;
 use crate::package_script::DirectScript;
 use crate::process;
@@ -190,7 +190,7 @@ impl PreparedBuild {
             .into();
         argv.extend([cli.into_os_string(), bin.into_os_string()]);
         argv.extend(plan.argv[1..].iter().map(OsString::from));
-        let mut cmd = build::command_for(&argv, &plan.env, &jail, dir);
+        let mut cmd = logged_run::command_for(&argv, &plan.env, &jail, dir);
         cmd.stdin(Stdio::piped());
         let mut child = match cmd.spawn() {
             Ok(child) => child,
@@ -274,7 +274,7 @@ impl PreparedBuild {
         // The process is the build's now: its end follows the build's rules.
         let child = self.child.take().expect("taken once");
         let remaining = timeout.saturating_sub(started.elapsed());
-        build::finish_logged(
+        logged_run::finish_logged(
             child,
             self.pgid,
             [Box::new(stdout), Box::new(stderr)],
@@ -470,7 +470,7 @@ export async function cli(argv) {
         let plan = plan(&["astro", "build"]);
         let slots = BuildSlots::new(1, 16);
         let held = slots
-            .for_build(&crate::stop::StopSignal::default(), None)
+            .for_build(&tokio_util::sync::CancellationToken::new(), None)
             .await
             .unwrap();
         let prepared = start_with_slots(site.path(), plan.clone(), slots.clone()).unwrap();

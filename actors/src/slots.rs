@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::stop::StopSignal;
+use tokio_util::sync::CancellationToken;
 
 /// A place under one of the process's limits, held while the work runs; dropping it frees
 /// the place.
@@ -49,13 +49,16 @@ impl Drop for Slot {
 
 /// Wait for a slot of `slots`, unless the job is stopped first (an interrupt must not wait
 /// for another client's work to end).
-pub(crate) async fn wait_for_slot(slots: &Arc<Semaphore>, stop: &StopSignal) -> Option<Slot> {
+pub(crate) async fn wait_for_slot(
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<Slot> {
     let asked = Instant::now();
     let permit = match slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-            _ = stop.token().cancelled() => return None,
+            _ = stop.cancelled() => return None,
         },
     };
     Some(Slot {
@@ -165,12 +168,12 @@ impl BuildSlots {
     /// its process started ahead has Astro loaded (read when a slot is handed out).
     pub(crate) async fn for_build(
         self: &Arc<Self>,
-        stop: &StopSignal,
+        stop: &CancellationToken,
         loaded: Option<Arc<AtomicBool>>,
     ) -> Option<Slot> {
         tokio::select! {
             slot = self.wait(Wants::Build { loaded }) => Some(slot),
-            _ = stop.token().cancelled() => None,
+            _ = stop.cancelled() => None,
         }
     }
 
@@ -284,7 +287,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let slot = match build {
                 Some(loaded) => slots
-                    .for_build(&StopSignal::default(), loaded)
+                    .for_build(&CancellationToken::new(), loaded)
                     .await
                     .unwrap(),
                 None => slots.for_loading().await,
@@ -329,7 +332,10 @@ mod tests {
     async fn a_waiting_build_gets_a_freed_slot_before_a_load_that_waited_longer() {
         let slots = BuildSlots::new(1, 16);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let held = slots.for_build(&StopSignal::default(), None).await.unwrap();
+        let held = slots
+            .for_build(&CancellationToken::new(), None)
+            .await
+            .unwrap();
         let mut waiters = std::collections::HashMap::new();
         waiters.insert("load", queue(&slots, None, &order, "load"));
         settle().await;
@@ -343,7 +349,10 @@ mod tests {
     async fn a_loaded_build_goes_before_an_older_one_that_must_still_load() {
         let slots = BuildSlots::new(1, 16);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let held = slots.for_build(&StopSignal::default(), None).await.unwrap();
+        let held = slots
+            .for_build(&CancellationToken::new(), None)
+            .await
+            .unwrap();
         let later = Arc::new(AtomicBool::new(false));
         let mut waiters = std::collections::HashMap::new();
         for (name, state) in [
@@ -365,7 +374,10 @@ mod tests {
     async fn an_unloaded_build_is_overtaken_at_most_the_limit() {
         let slots = BuildSlots::new(1, 2);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let held = slots.for_build(&StopSignal::default(), None).await.unwrap();
+        let held = slots
+            .for_build(&CancellationToken::new(), None)
+            .await
+            .unwrap();
         let mut waiters = std::collections::HashMap::new();
         for (i, name) in ["unloaded", "loaded-1", "loaded-2", "loaded-3"]
             .into_iter()
@@ -381,7 +393,10 @@ mod tests {
     #[tokio::test]
     async fn a_load_takes_a_free_slot_at_once_when_no_build_waits() {
         let slots = BuildSlots::new(2, 16);
-        let _build = slots.for_build(&StopSignal::default(), None).await.unwrap();
+        let _build = slots
+            .for_build(&CancellationToken::new(), None)
+            .await
+            .unwrap();
         let load = tokio::time::timeout(Duration::from_secs(5), slots.for_loading())
             .await
             .expect("a free slot");
@@ -393,8 +408,11 @@ mod tests {
     #[tokio::test]
     async fn a_build_that_stops_waiting_leaves_the_line_and_the_load_goes() {
         let slots = BuildSlots::new(1, 16);
-        let running = slots.for_build(&StopSignal::default(), None).await.unwrap();
-        let stop = StopSignal::default();
+        let running = slots
+            .for_build(&CancellationToken::new(), None)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
         let build = tokio::spawn({
             let (slots, stop) = (slots.clone(), stop.clone());
             async move { slots.for_build(&stop, None).await.is_none() }
@@ -404,7 +422,7 @@ mod tests {
             async move { slots.for_loading().await }
         });
         settle().await;
-        stop.token().cancel();
+        stop.cancel();
         assert!(build.await.unwrap(), "the stopped build got no slot");
         drop(running);
         let load = tokio::time::timeout(Duration::from_secs(5), load)

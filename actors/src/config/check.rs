@@ -1,6 +1,6 @@
 //! The browser check's settings (`BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`,
-//! `CHROME_BIN`), as the configuration holds them. A leaf: which browser they find is the
-//! check's business (`browser_check.rs`, `CheckSettings::browser_bin`).
+//! `CHROME_BIN`), which the check (`crate::browser_check`) reads; kept here so that the
+//! configuration never imports the check and its browser.
 
 /// `BROWSER_CHECK`: whether publishes are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

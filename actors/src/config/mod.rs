@@ -5,9 +5,19 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::message::WorkspaceKey;
-// The agent's spec is part of the configuration's shape (its module is the crate's own).
-pub use crate::agent::AgentSpec;
-use crate::publish::PublishOptions;
+
+// The settings types of the steps and the sandbox live here, below the modules that read them,
+// so that the configuration imports none of them (each step module re-exports its own).
+mod agent;
+mod check;
+mod isolation;
+mod publish;
+mod store;
+pub use agent::{AgentSpec, INTERRUPT_GRACE, InputMode, SIGNAL_GRACE};
+pub use check::{CheckMode, CheckSettings};
+pub use isolation::{IsolationSetting, Limits};
+pub use publish::{CacheRule, PublishOptions};
+pub use store::StoreSettings;
 
 /// Not `Clone`: it holds the one [`OutputDir`], and the process keeps one configuration (in
 /// `WorkerContext`), which the actors share by reference.
@@ -87,7 +97,7 @@ pub struct WorkerConfig {
     /// Delay before the first retry of a passing failure; doubled on each further delivery.
     pub retry_base_delay: Duration,
     /// Dependencies: one install per lock file in a shared store, or `npm ci` per workspace.
-    pub npm_store: crate::npm_store::StoreSettings,
+    pub npm_store: StoreSettings,
     /// `LEASE_STORE`: where the shared records (message outcomes, thread marks) live. `None`:
     /// the worker assumes it is alone and keeps them in `{WORKSPACE_ROOT}/.records`.
     pub lease_store: Option<crate::records::StoreLocation>,
@@ -98,16 +108,16 @@ pub struct WorkerConfig {
     pub lease_duration: Duration,
     /// `ISOLATION`: how tenants' code (agent, installs, builds) is kept from the worker and
     /// from each other (`sandbox`). Detected at start; `none` only when asked for.
-    pub isolation: crate::sandbox::IsolationSetting,
+    pub isolation: IsolationSetting,
     /// `SANDBOX_MAX_*`: the limits on every process of a tenant's run.
-    pub sandbox_limits: crate::sandbox::Limits,
+    pub sandbox_limits: Limits,
     /// `SHUTDOWN_DEADLINE_SECONDS`: on SIGTERM, how long running work may take to save itself
     /// and give its messages back before the worker exits anyway (ECS gives 30 s between
     /// SIGTERM and SIGKILL).
     pub shutdown_deadline: Duration,
     /// `BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`, `CHROME_BIN`: the browser check
     /// after each publish (`browser_check.rs`).
-    pub check: crate::check_settings::CheckSettings,
+    pub check: CheckSettings,
 }
 
 impl WorkerConfig {
@@ -149,7 +159,7 @@ impl WorkerConfig {
             lease_store: None,
             worker_id: default_worker_id(),
             lease_duration: Duration::from_secs(30),
-            isolation: crate::sandbox::IsolationSetting::Auto,
+            isolation: IsolationSetting::Auto,
             sandbox_limits: Default::default(),
             shutdown_deadline: Duration::from_secs(25),
             check: Default::default(),
