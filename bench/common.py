@@ -4,7 +4,7 @@ OTLP/HTTP receiver for what the worker itself exports.
 Benchmarks read the worker's figures from its telemetry (metrics, and the structured attributes
 of its spans' events), never from its log text: a log line that moves or changes its wording
 cannot break them, and a figure a benchmark needs that the worker does not export yet is added
-as a metric in `actors/src/metrics.rs`.
+as a metric in `actors/src/telemetry/metrics.rs`.
 """
 
 import gzip

@@ -8,17 +8,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edit_worker_actors::browser_check::CheckSettings;
 use edit_worker_actors::config::{
     AgentSpec, BuildSettings, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
 };
-use edit_worker_actors::deploys::Retention;
-use edit_worker_actors::message::check_dns_label;
-use edit_worker_actors::npm_store::StoreSettings;
-use edit_worker_actors::publish::{CacheRule, PublishOptions};
-use edit_worker_actors::records::StoreLocation;
-use edit_worker_actors::sandbox::Limits;
-use edit_worker_actors::threads::ThreadStore;
+use edit_worker_actors::contract::message::check_dns_label;
+use edit_worker_actors::delivery::records::StoreLocation;
+use edit_worker_actors::delivery::threads::ThreadStore;
+use edit_worker_actors::steps::build::npm_store::StoreSettings;
+use edit_worker_actors::steps::check::CheckSettings;
+use edit_worker_actors::steps::publish::deploys::Retention;
+use edit_worker_actors::steps::publish::{CacheRule, PublishOptions};
+use edit_worker_actors::tenant::sandbox::Limits;
 
 use crate::settings_table::{self as table, DefaultIs, Kind, Value};
 
@@ -284,7 +284,7 @@ impl Settings {
     /// The edit bucket of `key` (`BUCKET_TEMPLATE`), for `edit-worker preview`.
     pub fn bucket_for(
         &self,
-        key: &edit_worker_actors::message::WorkspaceKey,
+        key: &edit_worker_actors::contract::message::WorkspaceKey,
     ) -> Result<String, ConfigError> {
         Ok(self
             .text("BUCKET_TEMPLATE")?
@@ -650,7 +650,7 @@ mod tests {
         assert_eq!(c.worker_id, "w-1");
         assert_eq!(
             c.isolation,
-            edit_worker_actors::sandbox::IsolationSetting::UsersAndNamespaces
+            edit_worker_actors::tenant::sandbox::IsolationSetting::UsersAndNamespaces
         );
         assert_eq!(
             c.cloudfront_distributions,

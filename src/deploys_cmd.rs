@@ -3,9 +3,9 @@
 //! the live one.
 
 use clap::Args;
-use edit_worker_actors::deploys::DeployRecord;
-use edit_worker_actors::message::{WorkspaceKey, check_dns_label};
-use edit_worker_actors::publish::Publisher;
+use edit_worker_actors::contract::message::{WorkspaceKey, check_dns_label};
+use edit_worker_actors::steps::publish::Publisher;
+use edit_worker_actors::steps::publish::deploys::DeployRecord;
 
 #[derive(Args)]
 pub struct DeploysArgs {
@@ -80,7 +80,8 @@ pub async fn deploys(
     let options = settings.publish_options().map_err(|e| usage(e.into()))?;
     let sdk = crate::aws::load().await;
     let publisher = Publisher::new(crate::aws::s3(&sdk), options);
-    let failed = |e: edit_worker_actors::publish::PublishError| DeploysError::Failed(e.into());
+    let failed =
+        |e: edit_worker_actors::steps::publish::PublishError| DeploysError::Failed(e.into());
     let ids = publisher
         .deploy_ids(&workspace, &bucket)
         .await

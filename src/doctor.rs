@@ -7,9 +7,9 @@ use std::time::Duration;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use clap::Args;
 use edit_worker_actors::config::WorkerConfig;
-use edit_worker_actors::deploys::Retention;
-use edit_worker_actors::git::subprocess::GitProgram;
-use edit_worker_actors::message::WorkspaceKey;
+use edit_worker_actors::contract::message::WorkspaceKey;
+use edit_worker_actors::steps::git::subprocess::GitProgram;
+use edit_worker_actors::steps::publish::deploys::Retention;
 
 #[derive(Args)]
 pub struct DoctorArgs {
@@ -138,11 +138,13 @@ pub async fn doctor(args: DoctorArgs) -> u8 {
 /// What `run` would use for the browser check (`BROWSER_CHECK`): the Chromium found and its
 /// version, or why publishes are not checked (a failure only when `on` asks for it).
 async fn check_browser(config: &WorkerConfig) -> Result<String, String> {
-    use edit_worker_actors::browser_check::CheckMode;
+    use edit_worker_actors::steps::check::CheckMode;
     if config.check.mode == CheckMode::Off {
         return Ok("off (BROWSER_CHECK=off)".into());
     }
-    match edit_worker_actors::browser::find_chromium(config.check.chrome_bin.as_deref()) {
+    match edit_worker_actors::steps::check::browser::find_chromium(
+        config.check.chrome_bin.as_deref(),
+    ) {
         Ok(bin) => {
             let shown = bin.display().to_string();
             version(&shown, &["--version"])
@@ -158,7 +160,7 @@ async fn check_browser(config: &WorkerConfig) -> Result<String, String> {
 
 /// What `run` would detect: the isolation in force, or why there is none.
 async fn check_isolation(config: &WorkerConfig) -> Result<String, String> {
-    let sandbox = edit_worker_actors::sandbox::Sandbox::for_config(config)
+    let sandbox = edit_worker_actors::tenant::sandbox::Sandbox::for_config(config)
         .await
         .map_err(|e| e.to_string())?;
     let isolation = sandbox.isolation();
@@ -203,7 +205,7 @@ async fn check_lease_store(
             config.record_location()
         ));
     };
-    let records = edit_worker_actors::records::RecordStore::new(
+    let records = edit_worker_actors::delivery::records::RecordStore::new(
         location,
         &crate::aws::s3(sdk),
         &config.worker_id,
@@ -216,7 +218,7 @@ async fn check_lease_store(
     // the worker's own notice queue must be creatable right after this check.
     let sqs = crate::aws::sqs(sdk);
     let probe_worker = format!("doctor-{}", config.worker_id);
-    let queue = edit_worker_actors::notices::NoticeQueue::create(
+    let queue = edit_worker_actors::delivery::notices::NoticeQueue::create(
         sqs.clone(),
         &config.input_queue_url,
         &probe_worker,

@@ -17,7 +17,7 @@ use anyhow::Context;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use clap::Args;
-use edit_worker_actors::status::EventType;
+use edit_worker_actors::contract::status::EventType;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 

@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use edit_worker_actors::intake::IntakeEnd;
-use edit_worker_actors::sandbox::Sandbox;
+use edit_worker_actors::tenant::sandbox::Sandbox;
 use edit_worker_actors::worker::{self, RunOptions};
 
 /// Turns edit requests on an SQS queue into committed, built and published sites.
@@ -257,7 +257,7 @@ async fn run(config_file: Option<PathBuf>, exit_when_idle: Option<u64>) -> ExitC
         }
     };
     // BROWSER_CHECK=on without a Chromium is a configuration error, said before any work.
-    if config.check.mode == edit_worker_actors::browser_check::CheckMode::On
+    if config.check.mode == edit_worker_actors::steps::check::CheckMode::On
         && let Err(e) = config.check.browser_bin()
     {
         eprintln!("edit-worker: configuration: BROWSER_CHECK=on: {e}");

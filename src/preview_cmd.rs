@@ -4,8 +4,8 @@
 //! running locally against moto, LocalStack or AWS, whose bucket has no website endpoint.
 
 use clap::Args;
-use edit_worker_actors::message::{WorkspaceKey, check_dns_label};
-use edit_worker_actors::site_server::SiteServer;
+use edit_worker_actors::contract::message::{WorkspaceKey, check_dns_label};
+use edit_worker_actors::steps::check::site_server::SiteServer;
 
 #[derive(Args)]
 pub struct PreviewArgs {

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use edit_worker_actors::deploys::DeployMeta;
-use edit_worker_actors::message::{WorkspaceKey, check_dns_label};
-use edit_worker_actors::publish::Publisher;
+use edit_worker_actors::contract::message::{WorkspaceKey, check_dns_label};
+use edit_worker_actors::steps::publish::Publisher;
+use edit_worker_actors::steps::publish::deploys::DeployMeta;
 
 #[derive(Args)]
 pub struct PublishArgs {

@@ -6,7 +6,7 @@ use aws_sdk_sqs::error::DisplayErrorContext;
 use clap::Args;
 use tracing::Instrument;
 
-use edit_worker_actors::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
+use edit_worker_actors::contract::message::{DEFAULT_MAX_COMMAND_BYTES, EditRequest};
 
 /// Which thread a message is for, and the queue it goes on: what `send` and `rollback` share.
 #[derive(Args)]

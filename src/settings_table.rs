@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use edit_worker_actors::config::OutputDir;
-use edit_worker_actors::message::check_dns_label;
+use edit_worker_actors::contract::message::check_dns_label;
 
 /// One setting: an environment variable, or the same key in the TOML file.
 #[derive(Debug)]

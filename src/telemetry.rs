@@ -177,7 +177,7 @@ pub fn producer_span(message: &str) -> (tracing::Span, String) {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     let header = if sc.is_valid() {
-        edit_worker_actors::trace_context::traceparent(&sc)
+        edit_worker_actors::telemetry::trace_context::traceparent(&sc)
     } else {
         let trace = uuid::Uuid::new_v4().simple().to_string();
         let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];

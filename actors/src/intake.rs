@@ -16,16 +16,16 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::backoff::Backoff;
-use crate::context::WorkerContext;
+use crate::batch::context::WorkerContext;
+use crate::contract::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
+use crate::contract::status::StatusEvent;
 use crate::delivery::HeldMessage;
 use crate::delivery::Receipt;
-use crate::job::{InFlight, Job, Renewal};
-use crate::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
-use crate::metrics::metrics;
-use crate::records::Begin;
-use crate::status::StatusEvent;
-use crate::supervisor::SupervisorMsg;
-use crate::trace_context;
+use crate::delivery::job::{InFlight, Job, Renewal};
+use crate::delivery::records::Begin;
+use crate::sessions::supervisor::SupervisorMsg;
+use crate::telemetry::metrics::metrics;
+use crate::telemetry::trace_context;
 
 /// How long a message waits before it is tried again when the record store did not answer.
 const RECORD_RETRY_DELAY: Duration = Duration::from_secs(10);
@@ -592,7 +592,7 @@ async fn accept(
     let receipt_handle = receipt.current();
     let body = message.body.clone().unwrap_or_default();
     let receive_count = receipt.receive_count();
-    let now = crate::records::now_ms();
+    let now = crate::delivery::records::now_ms();
     let sent_at_ms: u64 =
         system_attribute(&message, MessageSystemAttributeName::SentTimestamp).unwrap_or(now);
     metrics()
@@ -605,7 +605,7 @@ async fn accept(
         Begin::Fresh => {}
         Begin::Ended(event) => {
             tracing::info!(%message_id, receive_count, "this message already ended; repeating its terminal event and deleting it");
-            crate::metrics::outcome("repeated");
+            crate::telemetry::metrics::outcome("repeated");
             let delivery = ctx.delivery.clone();
             tokio::spawn(
                 async move {
@@ -660,7 +660,10 @@ async fn accept(
             .take(ctx.config.trace_command_chars)
             .collect();
         // A key pasted into a request must not reach every log line and trace.
-        span.record("edit.command", crate::redact::redact(&shown).as_ref());
+        span.record(
+            "edit.command",
+            crate::telemetry::redact::redact(&shown).as_ref(),
+        );
     }
     let workspace = request.workspace();
     let claim = registry.claim(&message_id, &receipt, Some(&workspace));
@@ -769,7 +772,7 @@ fn served_here(
     check(&config.only_client, &request.client_id, "client")?;
     check(&config.only_project, &request.project_id, "project")?;
     let bucket = config.bucket_for(&request.workspace());
-    crate::message::check_bucket_name(&bucket)
+    crate::contract::message::check_bucket_name(&bucket)
         .map_err(|reason| RequestError::InvalidBucket { bucket, reason })?;
     Ok(request)
 }
@@ -786,7 +789,7 @@ async fn reject(
     trace_id: Option<String>,
 ) {
     tracing::warn!(%message_id, kind = reason.kind(), %reason, "message rejected");
-    crate::metrics::outcome("rejected");
+    crate::telemetry::metrics::outcome("rejected");
     let mut event = StatusEvent::rejected(
         LooseIds::from_body(body),
         message_id,

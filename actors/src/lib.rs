@@ -1,59 +1,22 @@
-//! The actor system of edit-worker. See `ARCHITECTURE.md` at the root for the map.
+//! The actor system of edit-worker. See `ARCHITECTURE.md` at the root for the map: each folder
+//! here is one concern, and dependencies go one way, down (`tests/module_dependencies.rs`):
+//!
+//! - `worker`, `intake`: the process, and the front door (receive, validate, route);
+//! - `sessions`: the supervisor and one session actor per workspace;
+//! - `batch`: the life of one batch, phase by phase;
+//! - `steps`: the step actors and what they run (agent, git, build, publish, check);
+//! - `delivery`: a message safely in and out across workers (leases, records, notices);
+//! - `tenant`: what a tenant may touch (the sandbox, bounded reads of its files);
+//! - `config`, `contract`, `telemetry`, `backoff`: leaves every floor may use.
 
-pub(crate) mod agent;
-pub(crate) mod agent_turn;
 mod backoff;
 pub(crate) mod batch;
-pub(crate) mod batch_lease;
-pub(crate) mod batch_run;
-pub mod browser;
-pub mod browser_check;
-pub(crate) mod build;
-pub mod cdp;
-pub mod check_report;
-pub(crate) mod check_step;
 pub mod config;
-pub(crate) mod context;
-pub(crate) mod delivery;
-pub mod deploy_id;
-pub mod deploys;
-pub(crate) mod execute;
-pub mod git;
+pub mod contract;
+pub mod delivery;
 pub mod intake;
-pub(crate) mod invalidate;
-pub(crate) mod job;
-pub(crate) mod job_error;
-pub(crate) mod journal;
-pub mod lease;
-pub mod lease_check;
-mod logged_run;
-pub mod message;
-pub(crate) mod metrics;
-pub mod notices;
-pub mod npm_store;
-pub(crate) mod outcome;
-mod package_script;
-pub mod pixels;
-mod prepared_build;
-pub(crate) mod presence;
-pub(crate) mod process;
-pub(crate) mod progress;
-pub mod publish;
-pub(crate) mod push;
-pub mod records;
-pub(crate) mod redact;
-pub(crate) mod restart;
-mod restore;
-pub(crate) mod rollback;
-pub mod sandbox;
-pub(crate) mod session;
-pub mod site_server;
-pub(crate) mod slots;
-pub mod status;
-pub(crate) mod steps;
-pub(crate) mod stop;
-pub(crate) mod supervisor;
-pub(crate) mod tenant_fs;
-pub mod threads;
-pub mod trace_context;
+pub(crate) mod sessions;
+pub mod steps;
+pub mod telemetry;
+pub mod tenant;
 pub mod worker;

@@ -6,20 +6,20 @@ use std::time::{Duration, Instant};
 use ractor::Actor;
 use tokio_util::sync::CancellationToken;
 
-use crate::build::BuildSpec;
+use crate::batch::context::WorkerContext;
 use crate::config::WorkerConfig;
-use crate::context::WorkerContext;
+use crate::contract::status::StatusSink;
 use crate::delivery::Delivery;
+use crate::delivery::lease::{LeaseConfig, Leases};
+use crate::delivery::notices::{NoticeQueue, NoticeSender};
+use crate::delivery::records::RecordStore;
 use crate::intake::{self, InFlightRegistry, IntakeEnd, IntakeError};
-use crate::lease::{LeaseConfig, Leases};
-use crate::notices::{NoticeQueue, NoticeSender};
-use crate::publish::Publisher;
-use crate::records::RecordStore;
-use crate::restart::RestartPolicy;
-use crate::sandbox::Sandbox;
-use crate::status::StatusSink;
+use crate::sessions::restart::RestartPolicy;
+use crate::sessions::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::steps::RealSteps;
-use crate::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::steps::build::BuildSpec;
+use crate::steps::publish::Publisher;
+use crate::tenant::sandbox::Sandbox;
 
 /// SQS keeps a message 14 days at most: an outcome record older than that is never needed.
 const RECORD_RETENTION: Duration = Duration::from_secs(15 * 24 * 3600);
@@ -40,11 +40,11 @@ pub enum WorkerError {
     Intake(#[from] IntakeError),
     /// `BROWSER_CHECK=on` and no Chromium.
     #[error("BROWSER_CHECK=on: {0}")]
-    Browser(#[from] crate::browser::BrowserError),
+    Browser(#[from] crate::steps::check::browser::BrowserError),
     /// Another live process has this `WORKER_ID` (`presence.rs`): refused at start, or found
     /// later (then this worker shut down first).
     #[error(transparent)]
-    WorkerIdInUse(#[from] crate::presence::PresenceError),
+    WorkerIdInUse(#[from] crate::delivery::presence::PresenceError),
 }
 
 impl WorkerError {
@@ -52,7 +52,7 @@ impl WorkerError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            WorkerError::WorkerIdInUse(crate::presence::PresenceError::InUse { .. })
+            WorkerError::WorkerIdInUse(crate::delivery::presence::PresenceError::InUse { .. })
         )
     }
 }
@@ -141,14 +141,14 @@ pub async fn run(
     let mut ctx = WorkerContext::new(
         config,
         delivery,
-        cloudfront.map(crate::invalidate::Invalidator::new),
+        cloudfront.map(crate::steps::publish::invalidate::Invalidator::new),
         build.clone(),
     );
     ctx.sandbox = sandbox;
     // The browser check: one browser for the worker, started at the first check.
     if let Some(bin) = ctx.config.check.browser_bin()? {
         tracing::info!(chromium = %bin.display(), max_pages = ctx.config.check.max_pages, "publishes are checked in a browser");
-        let browser = crate::browser::Browser::new(bin, ctx.sandbox.clone());
+        let browser = crate::steps::check::browser::Browser::new(bin, ctx.sandbox.clone());
         // Started now rather than at the first publish: the first check finds it warm. One that
         // does not start is said here, and tried again at each check.
         let warm = browser.clone();
@@ -157,7 +157,7 @@ pub async fn run(
                 tracing::warn!(error = %e, "the browser for the checks did not start; publishes go unchecked until it does");
             }
         });
-        ctx.checker = Some(Arc::new(crate::browser_check::Checker::new(
+        ctx.checker = Some(Arc::new(crate::steps::check::Checker::new(
             browser,
             check_s3,
             ctx.config.check.max_pages,
@@ -170,14 +170,14 @@ pub async fn run(
     if ctx.delivery.records.is_shared() {
         // One live process per WORKER_ID: records, marks and leases know a worker by it.
         presence = Some(
-            crate::presence::Presence::claim(
+            crate::delivery::presence::Presence::claim(
                 ctx.delivery.records.clone(),
                 &ctx.config.worker_id,
                 None,
             )
             .await
             .map_err(|e| match e {
-                crate::presence::PresenceError::Store(e) => {
+                crate::delivery::presence::PresenceError::Store(e) => {
                     // The store away at start: the worker runs (its leases retry), unchecked.
                     tracing::error!(error = %e, "could not claim this worker's presence in the lease store; a second process with this WORKER_ID goes unnoticed");
                     None
@@ -263,7 +263,13 @@ pub async fn run(
             ctx.notice_url.clone(),
         );
         tokio::spawn(async move {
-            match crate::presence::sweep_notice_queues(&sqs, &records, &input, own.as_deref()).await
+            match crate::delivery::presence::sweep_notice_queues(
+                &sqs,
+                &records,
+                &input,
+                own.as_deref(),
+            )
+            .await
             {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
@@ -354,7 +360,7 @@ pub async fn run(
     }
     if duplicate.is_cancelled() {
         return Err(WorkerError::WorkerIdInUse(
-            crate::presence::PresenceError::InUse {
+            crate::delivery::presence::PresenceError::InUse {
                 worker: ctx.config.worker_id.clone(),
             },
         ));

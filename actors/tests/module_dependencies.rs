@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// A module's path inside the crate: `[]` is the crate root, `["git", "workspace"]` is
-/// `crate::git::workspace`.
+/// `crate::steps::git::workspace`.
 type ModulePath = Vec<String>;
 
 /// Every module of the crate with its file, test-only modules left out.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use edit_worker_actors::pixels::Rgba;
+use edit_worker_actors::steps::check::pixels::Rgba;
 
 use crate::common::{Otlp, Site, TestEnv, git, of_type};
 

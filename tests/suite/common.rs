@@ -1440,7 +1440,7 @@ pub fn log_message(line: &Value) -> &str {
 /// lost" span of the same workspace and token, or to the worker's kill (`ended_by` "killed"),
 /// or never ended (`until_ms` None, `ended_by` "open"). The worker makes each of these spans
 /// beside the log line of the same name, with the line's fields as attributes
-/// (`lease_event!` in actors/src/lease.rs), and ends it at once.
+/// (`lease_event!` in actors/src/delivery/lease.rs), and ends it at once.
 #[derive(Debug, Clone)]
 pub struct LeaseHeld {
     pub workspace: String,

@@ -1267,7 +1267,7 @@ async fn a_newer_message_on_another_worker_interrupts_the_holder() {
     c.assert_none(&found);
 }
 
-/// A lease span as a worker makes it (`lease_event!` in actors/src/lease.rs), started at
+/// A lease span as a worker makes it (`lease_event!` in actors/src/delivery/lease.rs), started at
 /// `start` ns, with `attributes`.
 fn lease_span(name: &str, start: u64, attributes: &[(&str, &str)]) -> Span {
     Span {

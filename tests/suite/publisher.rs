@@ -6,8 +6,10 @@ use crate::common;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use edit_worker_actors::message::WorkspaceKey;
-use edit_worker_actors::publish::{CacheRule, OWNER_KEY, PublishError, PublishOptions, Publisher};
+use edit_worker_actors::contract::message::WorkspaceKey;
+use edit_worker_actors::steps::publish::{
+    CacheRule, OWNER_KEY, PublishError, PublishOptions, Publisher,
+};
 
 /// A small generated site: `pages` HTML pages, one stylesheet per page under _astro/, an image.
 fn site(dir: &Path, pages: usize) {
@@ -455,9 +457,9 @@ async fn a_cloudfront_distribution_gets_the_changed_paths_invalidated() {
 /// workspace's lease (paused past its expiry) cannot publish over the next holder's site.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_under_an_older_lease_token_is_refused() {
-    use edit_worker_actors::lease::{Acquired, Leases};
-    use edit_worker_actors::message::WorkspaceKey;
-    use edit_worker_actors::publish::BucketFence;
+    use edit_worker_actors::contract::message::WorkspaceKey;
+    use edit_worker_actors::delivery::lease::{Acquired, Leases};
+    use edit_worker_actors::steps::publish::BucketFence;
 
     let (env, bucket, dir) = setup("pub-fence").await;
     site(dir.path(), 2);
@@ -508,8 +510,8 @@ async fn a_publish_under_an_older_lease_token_is_refused() {
 // ---------------------------------------------------------------- issue 13: one bucket, one workspace
 
 /// What a test publish records as its deploy.
-fn deploy() -> edit_worker_actors::deploys::DeployMeta {
-    edit_worker_actors::deploys::DeployMeta {
+fn deploy() -> edit_worker_actors::steps::publish::deploys::DeployMeta {
+    edit_worker_actors::steps::publish::deploys::DeployMeta {
         commit: "0123456789abcdef0123456789abcdef01234567".into(),
         thread_id: "t".into(),
         message_id: "m".into(),
@@ -555,8 +557,8 @@ fn owner_requests(proxy: &common::RecordingProxy, method: &str) -> usize {
 /// first to publish owns it, and the second's publish fails without touching anything.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_workspace_cannot_publish_into_a_bucket_another_workspace_owns() {
-    use edit_worker_actors::lease::{Acquired, Leases};
-    use edit_worker_actors::publish::BucketFence;
+    use edit_worker_actors::delivery::lease::{Acquired, Leases};
+    use edit_worker_actors::steps::publish::BucketFence;
 
     let (env, bucket, dir) = setup("pub-owned").await;
     let (one, two) = (workspace("pub", "one"), workspace("pub", "two"));

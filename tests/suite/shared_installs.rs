@@ -207,7 +207,7 @@ async fn a_half_written_or_changed_entry_is_never_used() {
         .next()
         .unwrap()
         .to_owned();
-    let key = edit_worker_actors::npm_store::store_key(&fixture_lock(), None, &major);
+    let key = edit_worker_actors::steps::build::npm_store::store_key(&fixture_lock(), None, &major);
     let entry = store_dir(&env).join(&key);
     let package = entry.join("node_modules").join(DEPENDENCY);
     std::fs::create_dir_all(&package).unwrap();

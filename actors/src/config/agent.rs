@@ -1,5 +1,5 @@
 //! How to run the agent (`CLAUDE_BIN` and the `AGENT_*`/`CLAUDE_*` settings): `AgentSpec`,
-//! which the configuration carries and the agent step (`crate::agent`) runs, and the input
+//! which the configuration carries and the agent step (`crate::steps::agent`) runs, and the input
 //! mode the first run finds out. A settings type, kept here so that the configuration never
 //! imports the step that reads it.
 

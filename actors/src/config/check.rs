@@ -1,5 +1,5 @@
 //! The browser check's settings (`BROWSER_CHECK`, `CHECK_MAX_PAGES`, `CHECK_REPAIR`,
-//! `CHROME_BIN`), which the check (`crate::browser_check`) reads; kept here so that the
+//! `CHROME_BIN`), which the check (`crate::steps::check`) reads; kept here so that the
 //! configuration never imports the check and its browser.
 
 /// `BROWSER_CHECK`: whether publishes are checked.

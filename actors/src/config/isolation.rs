@@ -1,5 +1,5 @@
 //! What `ISOLATION` asks for and the limits on a tenant's processes (`SANDBOX_*`): the settings
-//! the sandbox (`crate::sandbox`) enforces, kept here so that the configuration never imports
+//! the sandbox (`crate::tenant::sandbox`) enforces, kept here so that the configuration never imports
 //! the sandbox.
 
 /// What `ISOLATION` asks for.

@@ -4,19 +4,21 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use crate::message::WorkspaceKey;
+use crate::contract::message::WorkspaceKey;
 
 // The settings types of the steps and the sandbox live here, below the modules that read them,
 // so that the configuration imports none of them (each step module re-exports its own).
 mod agent;
 mod check;
 mod isolation;
+mod lease_store;
 mod publish;
 mod store;
 pub use agent::{AgentSpec, INTERRUPT_GRACE, InputMode, SIGNAL_GRACE};
 pub use check::{CheckMode, CheckSettings};
 pub use isolation::{IsolationSetting, Limits};
-pub use publish::{CacheRule, PublishOptions};
+pub use lease_store::StoreLocation;
+pub use publish::{CacheRule, PublishOptions, Retention};
 pub use store::StoreSettings;
 
 /// Not `Clone`: it holds the one [`OutputDir`], and the process keeps one configuration (in
@@ -100,7 +102,7 @@ pub struct WorkerConfig {
     pub npm_store: StoreSettings,
     /// `LEASE_STORE`: where the shared records (message outcomes, thread marks) live. `None`:
     /// the worker assumes it is alone and keeps them in `{WORKSPACE_ROOT}/.records`.
-    pub lease_store: Option<crate::records::StoreLocation>,
+    pub lease_store: Option<StoreLocation>,
     /// `WORKER_ID`: this worker's name in records, leases and logs; unique per process.
     pub worker_id: String,
     /// `LEASE_SECONDS`: how long a workspace lease lasts without a heartbeat (one every
@@ -137,7 +139,7 @@ impl WorkerConfig {
             build: BuildSettings::default(),
             only_client: None,
             only_project: None,
-            max_command_bytes: crate::message::DEFAULT_MAX_COMMAND_BYTES,
+            max_command_bytes: crate::contract::message::DEFAULT_MAX_COMMAND_BYTES,
             region: "us-east-1".into(),
             max_in_flight: 64,
             max_held_per_workspace: 10,
@@ -168,10 +170,10 @@ impl WorkerConfig {
 
     /// Where this worker's records live: the shared store, or a folder beside the workspaces
     /// (`.records` cannot clash with a client: client ids never start with a dot).
-    pub fn record_location(&self) -> crate::records::StoreLocation {
-        self.lease_store.clone().unwrap_or_else(|| {
-            crate::records::StoreLocation::Local(self.workspace_root.join(".records"))
-        })
+    pub fn record_location(&self) -> StoreLocation {
+        self.lease_store
+            .clone()
+            .unwrap_or_else(|| StoreLocation::Local(self.workspace_root.join(".records")))
     }
 
     pub(crate) fn workspace_dir(&self, key: &WorkspaceKey) -> PathBuf {

@@ -1,8 +1,20 @@
 //! How to publish (`PUBLISH_*`, `CACHE_CONTROL`, `DEPLOY_*`): the publisher's settings
-//! (`crate::publish`) and the `Cache-Control` rules, kept here so that the configuration never
+//! (`crate::steps::publish`) and the `Cache-Control` rules, kept here so that the configuration never
 //! imports the publisher.
 
-use crate::deploys::Retention;
+/// How long deploys stay restorable (`DEPLOY_RETENTION_DAYS`, `DEPLOY_KEEP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub days: u64,
+    /// The newest this many are kept whatever their age (at least the live one).
+    pub keep: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { days: 30, keep: 20 }
+    }
+}
 
 /// One `Cache-Control` rule: keys matching `pattern` get `value`. A pattern ending in `/` is a
 /// key prefix (`_astro/`), `*.ext` matches a suffix, `*` matches everything.

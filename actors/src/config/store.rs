@@ -1,5 +1,5 @@
 //! How dependencies are installed (`INSTALL_MODE`, `NPM_STORE_*`): the settings of the shared
-//! dependency store (`crate::npm_store`), kept here so that the configuration never imports
+//! dependency store (`crate::steps::build::npm_store`), kept here so that the configuration never imports
 //! the store.
 
 use std::path::{Path, PathBuf};

@@ -13,10 +13,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::Instant;
 
 use super::{AgentMsg, BuildMsg, GitMsg, PublisherMsg, StepFactory, StepHandler, StepKind};
-use crate::agent::{AgentError, AgentReport};
-use crate::build::BuildReport;
-use crate::message::WorkspaceKey;
-use crate::publish::PublishReport;
+use crate::contract::message::WorkspaceKey;
+use crate::steps::agent::{AgentError, AgentReport};
+use crate::steps::build::BuildReport;
+use crate::steps::publish::PublishReport;
 
 /// What a fake step was asked or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,7 +223,7 @@ impl StepHandler<PublisherMsg> for Fake {
                     let _ = reply.send(Ok(PublishReport::default()));
                 }
                 PublisherMsg::Resolve { target, reply, .. } => {
-                    let _ = reply.send(Err(crate::publish::PublishError::UnknownDeploy {
+                    let _ = reply.send(Err(crate::steps::publish::PublishError::UnknownDeploy {
                         target: target.to_string(),
                         reason: "the fake publisher keeps no deploys".into(),
                     }));
