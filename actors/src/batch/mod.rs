@@ -4,6 +4,7 @@
 //! event and a delete, or (crash of a step, shutdown, lost lease) a release back to the queue.
 
 pub(crate) mod agent_turn;
+pub(crate) mod build_publish;
 pub(crate) mod check_step;
 pub(crate) mod context;
 pub(crate) mod execute;
