@@ -2,21 +2,12 @@
 //! a failure kind per failure, a watchdog, throttled progress, build repair, a clean
 //! environment. Against the stand-in agent, moto and git.
 
-use crate::common::{self, Site, TestEnv, git, is_terminal, of_type};
-
-fn terminal(events: &[serde_json::Value], id: &str) -> serde_json::Value {
-    events
-        .iter()
-        .find(|e| e["messageId"] == id && is_terminal(e))
-        .cloned()
-        .unwrap_or_else(|| panic!("no terminal event for {id}: {events:#?}"))
-}
+use crate::common::{self, Site, TestEnv, assert_failed_unpublished, git, of_type, terminal};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thread_resumes_its_conversation_and_each_message_pays_its_share() {
     let mut env = TestEnv::new("resume").await;
-    env.create_bucket(&env.bucket("mia", "site")).await;
-    env.create_upstream("mia", "site", Site::Tiny);
+    env.create_site("mia", "site", Site::Tiny).await;
     env.start_worker(&[]);
 
     let first = env
@@ -156,8 +147,7 @@ async fn failures_end_with_their_kinds(
     let mut env = TestEnv::new(name).await;
     for (client, _, _) in cases {
         let client = format!("f-{client}");
-        env.create_bucket(&env.bucket(&client, "site")).await;
-        env.create_upstream(&client, "site", Site::Tiny);
+        env.create_site(&client, "site", Site::Tiny).await;
     }
     // One delivery each: no retries of passing failures.
     env.start_worker(&[&[("MAX_RECEIVES", "1")], limits].concat());
@@ -168,29 +158,14 @@ async fn failures_end_with_their_kinds(
     let events = env
         .events_until_terminal(cases.len(), common::ONE_MESSAGE)
         .await;
-    for ((client, _, kind), id) in cases.iter().zip(&ids) {
-        let end = terminal(&events, id);
-        assert_eq!(end["type"], "failed", "{client}: {end}");
-        assert_eq!(
-            end["error"]["kind"],
-            *kind,
-            "{client}: {end}\n{}",
-            env.worker_log()
-        );
-        assert!(
-            env.bucket_contents(&env.bucket(&format!("f-{client}"), "site"))
-                .await
-                .is_empty()
-        );
-    }
+    assert_failed_unpublished(&env, &events, "f-", cases, &ids).await;
     assert_eq!(env.stop_worker(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_of_a_chatty_agent_is_throttled_and_numbered() {
     let mut env = TestEnv::new("progress").await;
-    env.create_bucket(&env.bucket("ned", "site")).await;
-    env.create_upstream("ned", "site", Site::Tiny);
+    env.create_site("ned", "site", Site::Tiny).await;
     env.start_worker(&[("PROGRESS_INTERVAL_SECONDS", "1")]);
     let id = env
         .send(

@@ -65,9 +65,7 @@ async fn screenshot(env: &TestEnv, bucket: &str, done: &Value, url: &Value) -> R
 #[tokio::test(flavor = "multi_thread")]
 async fn a_page_that_throws_and_misses_an_image_is_named_with_real_screenshots() {
     let mut env = TestEnv::new("check-broken").await;
-    let bucket = env.bucket("ivy", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("ivy", "site", Site::Tiny);
+    let bucket = env.create_site("ivy", "site", Site::Tiny).await;
     env.start_worker(&checked("off"));
     let id = env.send("ivy", "site", "t", "[standin:break-page]").await;
     let done = completed(&env, &id).await;
@@ -110,9 +108,7 @@ async fn a_page_that_throws_and_misses_an_image_is_named_with_real_screenshots()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clean_edit_is_ok_with_changed_pixels_for_the_changed_page_only() {
     let mut env = TestEnv::new("check-pixels").await;
-    let bucket = env.bucket("jon", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("jon", "site", Site::Tiny);
+    env.create_site("jon", "site", Site::Tiny).await;
     env.start_worker(&checked("on"));
     // The first publish: every page is new, so `/` and `/about/` are checked, with nothing
     // earlier to compare.
@@ -215,9 +211,7 @@ async fn the_repair_turns_a_broken_page_into_a_clean_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_browser_killed_mid_check_is_started_again_and_the_message_completes() {
     let mut env = TestEnv::new("check-kill").await;
-    let bucket = env.bucket("lea", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("lea", "site", Site::Tiny);
+    env.create_site("lea", "site", Site::Tiny).await;
     let otlp = Otlp::start().await;
     let markers = env.dir.path().join("faults");
     std::fs::create_dir_all(&markers).unwrap();
@@ -257,9 +251,7 @@ async fn a_browser_killed_mid_check_is_started_again_and_the_message_completes()
 #[tokio::test(flavor = "multi_thread")]
 async fn without_chromium_auto_completes_without_a_check_and_on_refuses_to_start() {
     let mut env = TestEnv::new("check-none").await;
-    let bucket = env.bucket("max", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("max", "site", Site::Tiny);
+    env.create_site("max", "site", Site::Tiny).await;
     let nowhere = env.dir.path().join("no-chromium-here");
     let nowhere = nowhere.to_str().unwrap();
     env.start_worker(&[("BROWSER_CHECK", "auto"), ("CHROME_BIN", nowhere)]);
@@ -407,9 +399,7 @@ fn browser_processes(root: &std::path::Path) -> Vec<(u32, String)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_browser_runs_as_a_tenant_without_the_workers_secrets_and_dies_with_it() {
     let mut env = TestEnv::new("check-sandbox").await;
-    let bucket = env.bucket("oli", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("oli", "site", Site::Tiny);
+    env.create_site("oli", "site", Site::Tiny).await;
     // The isolation the host allows (the tests run as root: a uid of its own at least).
     env.start_worker(&[
         ("ISOLATION", "auto"),

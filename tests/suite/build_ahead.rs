@@ -40,8 +40,7 @@ async fn node_started_ms(env: &TestEnv, client: &str) -> u64 {
 /// Run one edit into `client`'s thread `t` with the worker's `extra` settings; returns (when
 /// the build's Node process started, when the agent's commit was made), both in ms.
 async fn edit_once(env: &mut TestEnv, client: &str, extra: &[(&str, &str)]) -> (u64, u64) {
-    env.create_bucket(&env.bucket(client, "site")).await;
-    env.create_upstream(client, "site", Site::Astro);
+    env.create_site(client, "site", Site::Astro).await;
     env.push_branch_with(
         client,
         "site",

@@ -229,6 +229,15 @@ impl TestEnv {
             .join(format!("{project}.git"))
     }
 
+    /// A client's site as most tests start it: its edit bucket and its upstream holding `site`
+    /// on `main`. Returns the bucket's name.
+    pub async fn create_site(&self, client: &str, project: &str, site: Site) -> String {
+        let bucket = self.bucket(client, project);
+        self.create_bucket(&bucket).await;
+        self.create_upstream(client, project, site);
+        bucket
+    }
+
     /// A bare upstream for `client/project` holding the sample site on `main`.
     pub fn create_upstream(&self, client: &str, project: &str, site: Site) -> PathBuf {
         let bare = self.upstream(client, project);
@@ -497,6 +506,58 @@ pub fn is_terminal(event: &Value) -> bool {
         event["type"].as_str(),
         Some("completed" | "interrupted" | "failed" | "rejected")
     )
+}
+
+/// Every terminal event of message `id` among `events` (a repeat shows as a second one).
+pub fn terminal_for<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["messageId"] == id && is_terminal(e))
+        .collect()
+}
+
+/// The terminal event of message `id` among `events` (panics, listing them, if there is none).
+pub fn terminal(events: &[Value], id: &str) -> Value {
+    terminal_for(events, id)
+        .first()
+        .map(|e| (*e).clone())
+        .unwrap_or_else(|| panic!("no terminal event for {id}: {events:#?}"))
+}
+
+/// Each case (`client`, its command, the `error.kind` it must end with), sent as `ids` to
+/// `{prefix}{client}/site`, ended `failed` with its kind and published nothing.
+pub async fn assert_failed_unpublished(
+    env: &TestEnv,
+    events: &[Value],
+    prefix: &str,
+    cases: &[(&str, &str, &str)],
+    ids: &[String],
+) {
+    for ((client, _, kind), id) in cases.iter().zip(ids) {
+        let end = terminal(events, id);
+        assert_eq!(end["type"], "failed", "{client}: {end}");
+        assert_eq!(
+            end["error"]["kind"],
+            *kind,
+            "{client}: {end}\n{}",
+            env.worker_log()
+        );
+        assert!(
+            env.bucket_contents(&env.bucket(&format!("{prefix}{client}"), "site"))
+                .await
+                .is_empty()
+        );
+    }
+}
+
+/// Set `file`'s modification time `age` into the past.
+pub fn age_file(file: &Path, age: Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
 }
 
 /// The event of `kind` for message `id` among `events` (panics, listing them, if there is none).

@@ -130,13 +130,7 @@ fn healthcheck_passes_only_for_a_fresh_health_file() {
     assert_eq!(check("60"), Some(1), "missing file");
     std::fs::write(&file, "ok").unwrap();
     assert_eq!(check("60"), Some(0));
-    let old = std::time::SystemTime::now() - Duration::from_secs(300);
-    std::fs::File::options()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_modified(old)
-        .unwrap();
+    common::age_file(&file, Duration::from_secs(300));
     assert_eq!(check("60"), Some(1), "stale file");
 }
 

@@ -64,8 +64,7 @@ async fn dead_letters(env: &TestEnv) -> Vec<DeadLetter> {
 /// the worker started with `extra` and receiving.
 async fn world(name: &str, extra: &[(&str, &str)]) -> (TestEnv, CutProxy) {
     let mut env = TestEnv::new(name).await;
-    env.create_bucket(&env.bucket("ola", "site")).await;
-    env.create_upstream("ola", "site", Site::Tiny);
+    env.create_site("ola", "site", Site::Tiny).await;
     let lease_store = env.create_lease_store().await;
     env.redrive_input(&env.dlq.clone(), MAX_RECEIVE_COUNT).await;
     let s3 = CutProxy::start(common::endpoint()).await;
@@ -346,8 +345,7 @@ async fn a_frozen_holder_hands_its_workspace_over_within_a_minute() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_live_process_with_the_same_worker_id_is_refused() {
     let env = TestEnv::new("dupid").await;
-    env.create_bucket(&env.bucket("du", "site")).await;
-    env.create_upstream("du", "site", Site::Tiny);
+    env.create_site("du", "site", Site::Tiny).await;
     let lease_store = env.create_lease_store().await;
     let settings = own_roots(&env, "a", &lease_store);
     let mut first = env

@@ -370,9 +370,7 @@ async fn a_rollback_interrupts_a_running_edit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_on_another_worker_with_a_lease_store() {
     let mut env = TestEnv::new("dep-two").await;
-    let bucket = env.bucket(CLIENT, PROJECT);
-    env.create_bucket(&bucket).await;
-    env.create_upstream(CLIENT, PROJECT, Site::Tiny);
+    let bucket = env.create_site(CLIENT, PROJECT, Site::Tiny).await;
     let store = env.create_lease_store().await;
     let root_a = env.dir.path().join("root-a");
     let root_b = env.dir.path().join("root-b");

@@ -10,15 +10,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{FaultProxy, Site, TestEnv, git, is_terminal, until};
+use crate::common::{FaultProxy, Site, TestEnv, git, terminal_for, until};
 use serde_json::Value;
-
-fn terminal_for<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["messageId"] == id && is_terminal(e))
-        .collect()
-}
 
 /// Send a request that becomes visible only after `delay_secs`: its `SentTimestamp` is now,
 /// so it reaches the worker after messages sent later (a reordering standard queues do).
@@ -291,8 +284,7 @@ async fn an_older_message_never_interrupts_a_newer_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_over_the_share_burns_no_receives() {
     let mut env = TestEnv::new("eo-burst").await;
-    env.create_bucket(&env.bucket("eve", "site")).await;
-    env.create_upstream("eve", "site", Site::Tiny);
+    env.create_site("eve", "site", Site::Tiny).await;
     let redrive = env
         .sqs
         .create_queue()
@@ -334,8 +326,7 @@ async fn a_burst_over_the_share_burns_no_receives() {
 async fn work_interrupted_before_its_build_is_pushed() {
     let mut env = TestEnv::new("eo-build").await;
     for client in ["fox", "fog"] {
-        env.create_bucket(&env.bucket(client, "site")).await;
-        env.create_upstream(client, "site", Site::Tiny);
+        env.create_site(client, "site", Site::Tiny).await;
     }
     let upstream = env.upstream("fog", "site");
     // One build slot, held by another workspace's slow build (the fixture's build waits for as
@@ -532,8 +523,7 @@ async fn a_thread_branch_that_diverged_upstream_is_merged_or_fails_clearly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coalesced_batch_reports_its_cost_once() {
     let mut env = TestEnv::new("eo-cost").await;
-    env.create_bucket(&env.bucket("jay", "site")).await;
-    env.create_upstream("jay", "site", Site::Tiny);
+    env.create_site("jay", "site", Site::Tiny).await;
     env.start_worker(&[]);
     let busy = env.send("jay", "site", "x", "[standin:sleep 30]").await;
     env.wait_for(&busy, "started", common::ONE_MESSAGE).await;
@@ -571,8 +561,7 @@ async fn a_coalesced_batch_reports_its_cost_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_build_output_neither_hangs_nor_kills_the_build() {
     let mut env = TestEnv::new("eo-output").await;
-    env.create_bucket(&env.bucket("kim", "site")).await;
-    env.create_upstream("kim", "site", Site::Tiny);
+    env.create_site("kim", "site", Site::Tiny).await;
     env.start_worker(&[]);
     let id = env
         .send("kim", "site", "t", "[standin:write weird-output yes]")

@@ -334,8 +334,7 @@ async fn send(env: &TestEnv, sent: &mut Vec<Sent>, client: &str, thread: &str) -
 async fn every_request_ends_once_and_applies_in_send_order_through_a_faulty_sqs() {
     let mut env = TestEnv::new("eo-faults").await;
     for client in CLIENTS {
-        env.create_bucket(&env.bucket(client, PROJECT)).await;
-        env.create_upstream(client, PROJECT, Site::Tiny);
+        env.create_site(client, PROJECT, Site::Tiny).await;
     }
     // A dead-letter queue after 5 receives, as production has: a message that burns its
     // receives (deferrals, redeliveries) ends there without a terminal event.

@@ -50,6 +50,50 @@ async fn lease_lost_at(worker: &WorkerProcess, timeout: Duration) -> u64 {
         .expect("a lease span has at_ms")
 }
 
+/// Worker "a" with a lease store whose S3 requests (leases, records, the site) go through `s3`;
+/// SQS goes straight to moto. `extra` on top.
+async fn spawn_holder(
+    env: &TestEnv,
+    store: &str,
+    s3: &StallingProxy,
+    extra: &[(&str, &str)],
+) -> WorkerProcess {
+    let lease = LEASE.to_string();
+    let mut settings = vec![
+        ("LEASE_STORE", store),
+        ("LEASE_SECONDS", lease.as_str()),
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        BUILD,
+    ];
+    settings.extend_from_slice(extra);
+    env.spawn_worker("a", &settings).await
+}
+
+/// Stall the lease store, see `worker`'s lease end on its own clock within the lease's time
+/// of the stall, and every process working in `checkout` end at once after it; then let the
+/// store answer again. Generous: the lease ends at most LEASE - LEASE/5 after the stall (the
+/// last renewal came before it), with 20 s more for a span export on a busy machine; the stop
+/// kills a process group at once, and 10 s is room for a starved machine.
+async fn stall_and_see_the_work_stop(
+    worker: &WorkerProcess,
+    s3: &StallingProxy,
+    checkout: &std::path::Path,
+) {
+    let stalled_at = now_ms();
+    s3.stall();
+    let lost_at = lease_lost_at(worker, Duration::from_secs(LEASE + 20)).await;
+    assert!(
+        lost_at <= stalled_at + LEASE * 1000,
+        "the lease ended {} ms after the store stopped answering, past the lease's {LEASE} s",
+        lost_at - stalled_at
+    );
+    until("the work's processes gone", Duration::from_secs(10), || {
+        pids_working_in(checkout).is_empty()
+    })
+    .await;
+    s3.resume();
+}
+
 /// Item 1: the lease store (S3) stops answering while the agent works. The heartbeat's renewal
 /// hangs (no answer, no error), yet the holder's own monotonic clock ends the lease on time and
 /// that stops the agent at once. On the old code the hung renewal kept the lease "held" and the
@@ -57,23 +101,10 @@ async fn lease_lost_at(worker: &WorkerProcess, timeout: Duration) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_lease_store_ends_the_lease_on_time_and_stops_the_agent() {
     let env = TestEnv::new("hold-hang").await;
-    env.create_bucket(&env.bucket("hang", "site")).await;
-    env.create_upstream("hang", "site", Site::Tiny);
+    env.create_site("hang", "site", Site::Tiny).await;
     let store = env.create_lease_store().await;
-    // S3 only (leases, records, the site) goes through the proxy; SQS goes straight to moto.
     let s3 = StallingProxy::start(common::endpoint()).await;
-    let lease = LEASE.to_string();
-    let worker = env
-        .spawn_worker(
-            "a",
-            &[
-                ("LEASE_STORE", store.as_str()),
-                ("LEASE_SECONDS", lease.as_str()),
-                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-                BUILD,
-            ],
-        )
-        .await;
+    let worker = spawn_holder(&env, &store, &s3, &[]).await;
     worker.wait_until_receiving(common::STEP).await;
     env.send("hang", "site", "t", "[standin:sleep 120]").await;
     let checkout = env.workspace_root().join("hang/site");
@@ -81,24 +112,8 @@ async fn a_hung_lease_store_ends_the_lease_on_time_and_stops_the_agent() {
         agent_pids_in(&checkout) > 0
     })
     .await;
-    let stalled_at = now_ms();
-    s3.stall();
-    // Generous: the lease ends at most LEASE - LEASE/5 after the stall (the last renewal came
-    // before it); 20 s more for a span export on a busy machine.
-    let lost_at = lease_lost_at(&worker, Duration::from_secs(LEASE + 20)).await;
-    assert!(
-        lost_at <= stalled_at + LEASE * 1000,
-        "the lease ended {} ms after the store stopped answering, past the lease's {LEASE} s",
-        lost_at - stalled_at
-    );
-    // The stop kills the agent's process group at once; 10 s is room for a starved machine.
-    until(
-        "the agent's processes gone",
-        Duration::from_secs(10),
-        || pids_working_in(&checkout).is_empty(),
-    )
-    .await;
-    s3.resume();
+    // The agent's process group.
+    stall_and_see_the_work_stop(&worker, &s3, &checkout).await;
 }
 
 /// Item 1, for git: the lease ends while a `git push` waits on an upstream that never
@@ -109,8 +124,7 @@ async fn a_hung_lease_store_ends_the_lease_on_time_and_stops_the_agent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lease_that_ends_during_a_hung_push_stops_git_at_once() {
     let env = TestEnv::new("hold-git").await;
-    env.create_bucket(&env.bucket("hgit", "site")).await;
-    env.create_upstream("hgit", "site", Site::Tiny);
+    env.create_site("hgit", "site", Site::Tiny).await;
     let store = env.create_lease_store().await;
     let s3 = StallingProxy::start(common::endpoint()).await;
     let bin = env.dir.path().join("hung-push-bin");
@@ -141,19 +155,7 @@ async fn a_lease_that_ends_during_a_hung_push_stops_git_at_once() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let lease = LEASE.to_string();
-    let worker = env
-        .spawn_worker(
-            "a",
-            &[
-                ("LEASE_STORE", store.as_str()),
-                ("LEASE_SECONDS", lease.as_str()),
-                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-                ("PATH", path.as_str()),
-                BUILD,
-            ],
-        )
-        .await;
+    let worker = spawn_holder(&env, &store, &s3, &[("PATH", path.as_str())]).await;
     worker.wait_until_receiving(common::STEP).await;
     env.send("hgit", "site", "t", "make the title say Hung")
         .await;
@@ -165,23 +167,8 @@ async fn a_lease_that_ends_during_a_hung_push_stops_git_at_once() {
         })
     };
     until("a push that hangs", common::STEP, sleeping_push).await;
-    let stalled_at = now_ms();
-    s3.stall();
-    let lost_at = lease_lost_at(&worker, Duration::from_secs(LEASE + 20)).await;
-    assert!(
-        lost_at <= stalled_at + LEASE * 1000,
-        "the lease ended {} ms after the store stopped answering",
-        lost_at - stalled_at
-    );
-    // The stop kills git's process group at once; 10 s is room for a starved machine, far
-    // below the push's own 5-minute limit.
-    until(
-        "the hung push and its child gone",
-        Duration::from_secs(10),
-        || pids_working_in(&checkout).is_empty(),
-    )
-    .await;
-    s3.resume();
+    // git's process group; the push's own limit is 5 minutes.
+    stall_and_see_the_work_stop(&worker, &s3, &checkout).await;
 }
 
 /// S3 requests of `proxy` from index `from` on that write (PUT, POST, DELETE) under `needle`.
@@ -202,9 +189,7 @@ fn writes_after(proxy: &RecordingProxy, from: usize, needle: &str) -> Vec<String
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_holder_resumed_writes_nothing() {
     let env = TestEnv::new("hold-frozen").await;
-    let bucket = env.bucket("frz", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("frz", "site", Site::Tiny);
+    let bucket = env.create_site("frz", "site", Site::Tiny).await;
     let store = env.create_lease_store().await;
     // Worker a's S3 requests, in order: what it wrote after it was resumed.
     let a_s3 = recording_proxy(common::endpoint(), Vec::new()).await;
@@ -468,8 +453,7 @@ async fn a_failed_save_keeps_the_message_until_the_work_is_durable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_costs_at_most_five_lease_store_requests() {
     let env = TestEnv::new("hold-cost").await;
-    env.create_bucket(&env.bucket("cst", "site")).await;
-    env.create_upstream("cst", "site", Site::Tiny);
+    env.create_site("cst", "site", Site::Tiny).await;
     let store = env.create_lease_store().await;
     let store_bucket = store
         .trim_start_matches("s3://")

@@ -5,14 +5,7 @@ use crate::common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::common::{Otlp, Site, TestEnv, git, is_terminal, of_type};
-
-fn terminal_for<'a>(events: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
-    events
-        .iter()
-        .filter(|e| e["messageId"] == id && is_terminal(e))
-        .collect()
-}
+use crate::common::{Otlp, Site, TestEnv, git, is_terminal, of_type, terminal_for};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_newer_message_interrupts_and_the_partial_work_is_pushed() {
@@ -313,9 +306,7 @@ async fn sigterm_saves_running_work_and_releases_the_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_completes_once_s3_is_back() {
     let mut env = TestEnv::new("s3down").await;
-    let bucket = env.bucket("jo", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("jo", "site", Site::Tiny);
+    let bucket = env.create_site("jo", "site", Site::Tiny).await;
     // S3 (only S3) is unreachable for the first 10 seconds.
     let proxy = common::flaky_proxy(common::endpoint(), Duration::from_secs(10)).await;
     env.start_worker(&[

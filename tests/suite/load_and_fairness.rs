@@ -20,8 +20,7 @@ async fn the_intake_holds_no_more_than_max_in_flight() {
     let mut env = TestEnv::new("backpressure").await;
     for i in 0..6 {
         let client = format!("bp{i}");
-        env.create_bucket(&env.bucket(&client, "site")).await;
-        env.create_upstream(&client, "site", Site::Tiny);
+        env.create_site(&client, "site", Site::Tiny).await;
     }
     let otlp = Otlp::start().await;
     env.start_worker(&[otlp.worker_env().as_slice(), &[("MAX_IN_FLIGHT", "2")]].concat());
@@ -103,12 +102,10 @@ async fn queue_counts(env: &TestEnv) -> (usize, usize) {
 /// Returns how many flood messages had ended when the single message started.
 async fn flood_ends_before_the_solo_started(per_client: &str) -> usize {
     let mut env = TestEnv::new("fairness").await;
-    env.create_bucket(&env.bucket("solo", "site")).await;
-    env.create_upstream("solo", "site", Site::Tiny);
+    env.create_site("solo", "site", Site::Tiny).await;
     for p in 0..24 {
         let project = format!("p{p}");
-        env.create_bucket(&env.bucket("flood", &project)).await;
-        env.create_upstream("flood", &project, Site::Tiny);
+        env.create_site("flood", &project, Site::Tiny).await;
     }
     env.start_worker(&[("MAX_IN_FLIGHT", "6"), ("MAX_HELD_PER_CLIENT", per_client)]);
     let entries: Vec<_> = (0..24)
@@ -185,8 +182,7 @@ async fn a_flooding_client_does_not_starve_a_client_with_one_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_sessions_are_stopped_and_come_back() {
     let mut env = TestEnv::new("idle").await;
-    env.create_bucket(&env.bucket("rex", "site")).await;
-    env.create_upstream("rex", "site", Site::Tiny);
+    env.create_site("rex", "site", Site::Tiny).await;
     let otlp = Otlp::start().await;
     env.start_worker(
         &[
@@ -251,8 +247,7 @@ async fn loadgen_accounts_for_every_message() {
     for c in 1..=2 {
         for p in 1..=2 {
             let (client, project) = (format!("load-c{c}"), format!("p{p}"));
-            env.create_bucket(&env.bucket(&client, &project)).await;
-            env.create_upstream(&client, &project, Site::Tiny);
+            env.create_site(&client, &project, Site::Tiny).await;
         }
     }
     env.start_worker(&[]);
@@ -355,8 +350,7 @@ async fn loadgen_accounts_for_every_message() {
 async fn time_waiting_for_a_slot_is_reported_as_queued() {
     let mut env = TestEnv::new("queued").await;
     for client in ["qa", "qb"] {
-        env.create_bucket(&env.bucket(client, "site")).await;
-        env.create_upstream(client, "site", Site::Tiny);
+        env.create_site(client, "site", Site::Tiny).await;
     }
     env.start_worker(&[("AGENT_CONCURRENCY", "1")]);
     let first = env.send("qa", "site", "t", "[standin:sleep 3]").await;

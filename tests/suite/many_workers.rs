@@ -161,8 +161,7 @@ impl Cluster {
     async fn new(name: &str, clients: &[String]) -> Cluster {
         let env = TestEnv::new(name).await;
         for client in clients {
-            env.create_bucket(&env.bucket(client, PROJECT)).await;
-            env.create_upstream(client, PROJECT, Site::Tiny);
+            env.create_site(client, PROJECT, Site::Tiny).await;
         }
         let lease_store = env.create_lease_store().await;
         Cluster {

@@ -4,7 +4,7 @@
 use crate::common;
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use edit_worker_actors::contract::message::WorkspaceKey;
 use edit_worker_actors::steps::publish::{
@@ -98,13 +98,7 @@ async fn a_same_size_edit_with_an_older_timestamp_is_uploaded() {
     assert_eq!(before.len(), after.len());
     std::fs::write(&file, &after).unwrap();
     // A timestamp a day in the past: `aws s3 sync` would skip this file.
-    let old = SystemTime::now() - Duration::from_secs(86_400);
-    std::fs::File::options()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_modified(old)
-        .unwrap();
+    common::age_file(&file, Duration::from_secs(86_400));
     let report = p.publish(&bucket, dir.path(), None).await.unwrap();
     assert_eq!(report.uploaded, 1);
     assert_eq!(env.bucket_contents(&bucket).await["_astro/s1.css"].1, after);

@@ -12,8 +12,8 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::{
-    FakeApi, Otlp, Site, TestEnv, conversation_text, env_pairs, git, is_terminal, of_type,
-    pids_working_in,
+    FakeApi, Otlp, Site, TestEnv, assert_failed_unpublished, conversation_text, env_pairs, git,
+    of_type, pids_working_in, terminal,
 };
 use serde_json::Value;
 
@@ -21,14 +21,6 @@ use serde_json::Value;
 /// of its native binary and a streamed answer from the scripted API), which take several times
 /// the stand-in's on a busy machine (issue 30).
 const WAIT: Duration = Duration::from_secs(300);
-
-fn terminal(events: &[Value], id: &str) -> Value {
-    events
-        .iter()
-        .find(|e| e["messageId"] == id && is_terminal(e))
-        .cloned()
-        .unwrap_or_else(|| panic!("no terminal event for {id}: {events:#?}"))
-}
 
 fn with(api: &FakeApi, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = api.worker_env();
@@ -177,8 +169,7 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
     ];
     for (client, _, _) in &cases {
         let client = format!("rf-{client}");
-        env.create_bucket(&env.bucket(&client, "site")).await;
-        env.create_upstream(&client, "site", Site::Tiny);
+        env.create_site(&client, "site", Site::Tiny).await;
     }
     env.start_worker(&env_pairs(&with(
         &api,
@@ -211,21 +202,7 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
     }
 
     let events = env.events_until_terminal(cases.len(), WAIT).await;
-    for ((client, _, kind), id) in cases.iter().zip(&ids) {
-        let end = terminal(&events, id);
-        assert_eq!(end["type"], "failed", "{client}: {end}");
-        assert_eq!(
-            end["error"]["kind"],
-            *kind,
-            "{client}: {end}\n{}",
-            env.worker_log()
-        );
-        assert!(
-            env.bucket_contents(&env.bucket(&format!("rf-{client}"), "site"))
-                .await
-                .is_empty()
-        );
-    }
+    assert_failed_unpublished(&env, &events, "rf-", &cases, &ids).await;
     let end = |client: &str| {
         let i = cases.iter().position(|c| c.0 == client).unwrap();
         terminal(&events, &ids[i])
@@ -249,8 +226,7 @@ async fn each_way_the_real_cli_fails_has_its_own_kind() {
 async fn a_real_cli_that_stops_writing_is_stopped_by_the_silence_watchdog() {
     let mut env = TestEnv::new("realsilent").await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("rs-hung", "site")).await;
-    env.create_upstream("rs-hung", "site", Site::Tiny);
+    env.create_site("rs-hung", "site", Site::Tiny).await;
     // 20 s: longer than any cold start seen (a CLI silent for over 6 s before its first
     // request, on a fresh and busy machine), short enough to keep the test quick. The hung
     // request would ping forever.
@@ -298,8 +274,7 @@ async fn a_thread_keeps_its_conversation_in_the_sandbox() {
 async fn conversation_across_restart(isolation: &str) {
     let mut env = TestEnv::new(&format!("realresume-{}", isolation.replace('+', "-"))).await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("rr", "site")).await;
-    env.create_upstream("rr", "site", Site::Tiny);
+    env.create_site("rr", "site", Site::Tiny).await;
     let settings = with(&api, &[("ISOLATION", isolation)]);
     env.start_worker(&env_pairs(&settings));
 
@@ -586,8 +561,7 @@ async fn an_interrupted_first_message_stays_in_the_conversation_and_pays_its_cos
 async fn the_real_cli_joins_the_messages_trace() {
     let mut env = TestEnv::new("realtrace").await;
     let api = FakeApi::start(env.dir.path(), None);
-    env.create_bucket(&env.bucket("tr", "site")).await;
-    env.create_upstream("tr", "site", Site::Tiny);
+    env.create_site("tr", "site", Site::Tiny).await;
     let url = api.url.clone();
     env.start_worker(&env_pairs(&with(
         &api,

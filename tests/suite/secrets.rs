@@ -111,8 +111,7 @@ async fn a_token_in_the_remote_url_reaches_no_event_log_or_dead_letter() {
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_the_agent_prints_are_redacted_in_progress_and_result() {
     let mut env = TestEnv::new("secrets-agent").await;
-    env.create_bucket(&env.bucket("keyco", "site")).await;
-    env.create_upstream("keyco", "site", Site::Tiny);
+    env.create_site("keyco", "site", Site::Tiny).await;
     env.start_worker(&[]);
     let key = "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUv_0123456789";
     // The stand-in writes the file (a `Write` progress step naming it) and says so in its

@@ -64,8 +64,7 @@ async fn live_title(env: &TestEnv, client: &str) -> String {
 async fn world(name: &str, clients: &[&str]) -> TestEnv {
     let env = TestEnv::new(name).await;
     for client in clients {
-        env.create_bucket(&env.bucket(client, "site")).await;
-        env.create_upstream(client, "site", Site::WithDependency);
+        env.create_site(client, "site", Site::WithDependency).await;
     }
     env
 }

@@ -29,9 +29,7 @@ const SESSIONS_STOPPED: &str = "edit_worker.sessions.stopped";
 /// failure and restart came before it: the message's last delivery needed every step).
 async fn run_with_faults(name: &str, faults: &[&str]) -> (TestEnv, MetricsSnapshot) {
     let mut env = TestEnv::new(name).await;
-    let bucket = env.bucket("lee", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("lee", "site", Site::Tiny);
+    let bucket = env.create_site("lee", "site", Site::Tiny).await;
     let markers = env.dir.path().join("fault-markers");
     std::fs::create_dir_all(&markers).unwrap();
     let spec = format!("{}@{}", faults.join(","), markers.display());

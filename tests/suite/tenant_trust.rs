@@ -780,9 +780,7 @@ async fn a_conversation_file_replaced_by_a_link_is_neither_uploaded_nor_written_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_that_links_away_its_output_folder_publishes_nothing_from_behind_it() {
     let mut env = TestEnv::new("trust-outlink").await;
-    let bucket = env.bucket("olga", "site");
-    env.create_bucket(&bucket).await;
-    env.create_upstream("olga", "site", Site::Tiny);
+    let bucket = env.create_site("olga", "site", Site::Tiny).await;
     // A folder of the worker's that looks like a build output.
     let outside = env.dir.path().join("worker-private");
     std::fs::create_dir_all(outside.join("dist")).unwrap();

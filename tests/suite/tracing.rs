@@ -9,8 +9,7 @@ use crate::common::{Otlp, Site, Span, TestEnv};
 /// A worker for client `tess` that exports to the receiver at `url`.
 async fn traced_worker(name: &str, url: &str) -> TestEnv {
     let mut env = TestEnv::new(name).await;
-    env.create_bucket(&env.bucket("tess", "site")).await;
-    env.create_upstream("tess", "site", Site::Tiny);
+    env.create_site("tess", "site", Site::Tiny).await;
     env.start_worker(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", url),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),

@@ -197,8 +197,7 @@ async fn threads_switch_cleanly_and_clients_run_concurrently() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_rejected_and_the_worker_keeps_serving() {
     let mut env = TestEnv::new("badinput").await;
-    env.create_bucket(&env.bucket("dora", "site")).await;
-    env.create_upstream("dora", "site", Site::Tiny);
+    env.create_site("dora", "site", Site::Tiny).await;
     env.start_worker(&[]);
 
     let valid = |field: &str, value: serde_json::Value| {
@@ -423,9 +422,7 @@ async fn a_plain_build_script_runs_without_npm_unless_told_to_use_npm() {
                 bin: process.env.PATH.split(\":\").shift() }));]";
     for (without_npm, client) in [("true", "dana"), ("false", "fern")] {
         let mut env = TestEnv::new(&format!("scripts-{without_npm}")).await;
-        let bucket = env.bucket(client, "site");
-        env.create_bucket(&bucket).await;
-        env.create_upstream(client, "site", Site::Tiny);
+        let bucket = env.create_site(client, "site", Site::Tiny).await;
         env.start_worker(&[("BUILD_SCRIPTS_WITHOUT_NPM", without_npm)]);
         env.send(client, "site", "t", edit).await;
         let events = env.events_until_terminal(1, common::ONE_MESSAGE).await;

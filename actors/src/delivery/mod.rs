@@ -524,8 +524,6 @@ impl Receipt {
 mod tests {
     use super::*;
 
-    /// The mark outlives the time between two refreshes (a live worker's never lapses) and
-    /// ends before the visibility does (a dead worker's message is never left as held).
     #[test]
     fn a_newer_handle_serves_every_holder_of_the_receipt() {
         let receipt = Receipt::new("first".into());
@@ -534,6 +532,8 @@ mod tests {
         assert_eq!(held_by_renewal.current(), "newer");
     }
 
+    /// The mark outlives the time between two refreshes (a live worker's never lapses) and
+    /// ends before the visibility does (a dead worker's message is never left as held).
     #[test]
     fn a_mark_outlives_its_refresh_and_ends_before_the_message_is_visible() {
         for seconds in [3u64, 6, 30, 120, 43_200] {
