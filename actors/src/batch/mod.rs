@@ -1,3 +1,13 @@
+//! # The batch folder
+//!
+//! Owns the life of one batch, as a task its session spawned: `run_batch` (here) takes the
+//! lease, runs `execute` (the phases, in order), and ends each message (`outcome`); the parts
+//! (`execute`, `build_publish`, `agent_turn`, `push`, `rollback`, `check_step`) take a
+//! `run::BatchRun` and never call back into this file. May use the steps, delivery, tenant and
+//! the leaves; knows nothing of sessions or the intake.
+//!
+//! # run_batch
+//!
 //! The life of one batch, run as a task by its session: its `started` events, the workspace's
 //! lease, the work (`execute`), how it ended, saving what a job that did not complete left, and
 //! each message's end (`outcome`). Every way out ends each message exactly once: a terminal

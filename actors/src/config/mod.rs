@@ -1,3 +1,10 @@
+//! # The config folder
+//!
+//! Owns `WorkerConfig` and every setting type, the steps' included (leaf files: `agent`,
+//! `check`, `isolation`, `lease_store`, `publish`, `store`): the configuration never imports a
+//! step, so every floor may import it. Behaviour that needs a step (which browser a
+//! `CheckSettings` finds) stays with that step.
+//!
 //! What the actor system needs to know, already parsed and checked. The process (`src/config.rs`)
 //! builds this from the environment and the optional TOML file; tests build it directly.
 

@@ -1,3 +1,13 @@
+//! # The delivery folder
+//!
+//! Owns getting a message safely in and out, across workers: the SQS side (here), the job that
+//! holds a message (`job`), the records of outcomes and thread documents (`records`, `threads`),
+//! leases and what fences a holder's writes (`lease`, `lease_check`), notices between workers
+//! and each worker's presence. May use only `config`, `contract`, `telemetry`, `tenant` and
+//! `backoff`: no step, batch or session.
+//!
+//! # Delivery
+//!
 //! SQS delivery of input messages: deleting a finished message (only after its terminal event),
 //! keeping a running message invisible, releasing a message to be tried again, and keeping a
 //! rejected one in the dead-letter queue.

@@ -1,3 +1,11 @@
+//! # The steps folder
+//!
+//! Owns the step actors (here) and what each runs: `agent/`, `git/`, `build/`, `publish/`,
+//! `check/`, and the slots that bound agents and builds. A step knows nothing of batches or
+//! sessions: it may use `delivery` (leases, records), `tenant`, and the leaves.
+//!
+//! # The step actors
+//!
 //! The session's steps: git, agent, build, publisher. Each runs in an actor of one shape
 //! (`StepActor`), around a handler that does the work: the real one (`Workspace`, `AgentSpec`,
 //! `BuildSpec`, `Publisher`) or, in tests, a fake, made by the `StepFactory` the session is

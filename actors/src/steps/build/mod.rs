@@ -1,3 +1,11 @@
+//! # The build folder
+//!
+//! Owns building a site: dependencies (`npm_store/`, or `npm ci` in the checkout), Astro started
+//! ahead (`prepared_build`), `npm run` without npm (`package_script`), and how every install and
+//! build process runs (`logged_run`). Knows no other step.
+//!
+//! # The build
+//!
 //! Builds the site: its dependencies first, then the build command (argv words, no shell).
 //! Dependencies come from the shared store (`npm_store`: one `npm ci` per distinct lock file,
 //! linked into the workspace) or, with `INSTALL_MODE=per-workspace` or a site whose install

@@ -1,3 +1,11 @@
+//! # The check folder
+//!
+//! Owns the browser check: the worker's Chromium (`browser`, over `cdp`), the bucket served as
+//! website hosting serves it (`site_server`), changed pixels (`pixels`), and the check itself
+//! (here). Uses the publisher's reserved prefix and nothing else of the other steps.
+//!
+//! # The check
+//!
 //! The browser check after a publish (CONTRACT.md, "The browser check"): the worker's browser
 //! loads `/` and the pages whose HTML this publish changed, as the bucket serves them
 //! (`site_server.rs`), at a desktop and a phone width, and reports each page's status, title,

@@ -1,3 +1,11 @@
+//! # The publish folder
+//!
+//! Owns what goes into a client's bucket: the publisher (here, with `listing`, `upload`,
+//! `local_files` and the bucket's `owner` record), the deploy records (`deploys`), a rollback's
+//! restore (`restore`) and the CDN's invalidation (`invalidate`). Knows no other step.
+//!
+//! # The publisher
+//!
 //! Publishes a build folder to an S3 bucket so that the bucket holds exactly that build.
 //!
 //! What to upload is decided by content, not by time. Each local file's MD5 is compared with
