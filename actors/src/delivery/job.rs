@@ -79,6 +79,10 @@ impl Job {
             event,
             body: crate::contract::message::request_body(&self.request),
         };
+        // Its place in the intake's bookkeeping goes first: once given back, the message can
+        // be delivered again at once, and while the place is taken that delivery would be
+        // taken for a copy of a message still held here (absorbed, and lost to this round).
+        drop(self.slot.take());
         delivery.give_back(held, delay, why).await;
     }
 }
@@ -155,6 +159,83 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Giving a message back frees its place in the intake's bookkeeping before SQS makes it
+    /// visible again. A delivery that came while the place was still taken would be taken for
+    /// a copy of a message this worker holds: absorbed, its handle kept by a job about to go,
+    /// the message then invisible for a whole visibility timeout, and its receive spent; on the
+    /// queue's next-to-last delivery that is a move to the dead-letter queue without an event.
+    /// The SQS client here answers nothing (no credentials); its interceptor notes, as each
+    /// call starts, whether the place was free.
+    #[tokio::test]
+    async fn a_released_job_frees_its_place_before_the_message_is_visible() {
+        use std::sync::Mutex;
+        use std::sync::atomic::AtomicBool;
+
+        use aws_sdk_sqs::config::interceptors::BeforeSerializationInterceptorContextRef;
+        use aws_sdk_sqs::config::{ConfigBag, Intercept};
+
+        #[derive(Debug)]
+        struct PlaceAtEachCall {
+            freed: Arc<AtomicBool>,
+            seen: Arc<Mutex<Vec<bool>>>,
+        }
+        impl Intercept for PlaceAtEachCall {
+            fn name(&self) -> &'static str {
+                "place at each call"
+            }
+            fn read_before_execution(
+                &self,
+                _context: &BeforeSerializationInterceptorContextRef<'_>,
+                _cfg: &mut ConfigBag,
+            ) -> Result<(), aws_sdk_sqs::error::BoxError> {
+                let freed = self.freed.load(Ordering::SeqCst);
+                self.seen.lock().unwrap().push(freed);
+                Ok(())
+            }
+        }
+
+        let freed = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::Config::builder()
+                .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+                .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+                .interceptor(PlaceAtEachCall {
+                    freed: freed.clone(),
+                    seen: seen.clone(),
+                })
+                .build(),
+        );
+        let records = tempfile::tempdir().unwrap();
+        let (status, _events) = crate::contract::status::StatusSink::tapped(sqs.clone());
+        let delivery = crate::delivery::Delivery::new(
+            sqs,
+            "https://sqs.invalid/123456789012/input".into(),
+            None,
+            status,
+            Duration::from_secs(30),
+            crate::delivery::records::RecordStore::local(records.path(), "w"),
+        );
+        let body = serde_json::json!({
+            "sessionId": "s", "threadId": "t", "clientId": "amelia", "projectId": "stamps",
+            "command": "Make the title say \"Hi\"",
+        });
+        let request = crate::contract::message::EditRequest::parse(
+            &body.to_string(),
+            crate::contract::message::DEFAULT_MAX_COMMAND_BYTES,
+        )
+        .unwrap();
+        let mut job = Job::for_test("m-1", request, 0);
+        job.slot = Some(InFlight::new(move || freed.store(true, Ordering::SeqCst)));
+
+        job.release(&delivery, Duration::ZERO, "retry").await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![true],
+            "one SQS call (the release), made with the job's place already free"
+        );
+    }
 
     #[test]
     fn a_place_is_freed_once_when_dropped() {
