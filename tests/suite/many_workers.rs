@@ -996,11 +996,17 @@ async fn a_worker_killed_mid_run_loses_nothing() {
             .filter(|h| h.workspace == held.workspace && h.worker != "a" && h.from_ms >= killed_at)
             .min_by_key(|h| h.from_ms);
         match next {
+            // a released this lease in the store just before the kill, and the kill cut off
+            // the span that would have said so: the next holder read a's release in the
+            // record (`previous_released`), which a could only have written alive. Nothing
+            // was left to take over.
+            Some(next) if next.previous.as_deref() == Some("a") && next.previous_released => {
+                eprintln!("a released {} just before it was killed", held.workspace);
+            }
             Some(next) => {
                 takeovers.push(next.from_ms - killed_at);
-                // Taken from a, once a's lease had expired: a killed worker releases nothing.
-                if !next.handover || next.previous.as_deref() != Some("a") || next.previous_released
-                {
+                // Taken from a, once a's lease had expired (a's own release is the arm above).
+                if !next.handover || next.previous.as_deref() != Some("a") {
                     found
                         .entry("takeover_not_handover")
                         .or_default()
@@ -1028,8 +1034,9 @@ async fn a_worker_killed_mid_run_loses_nothing() {
     }
     c.assert_none(&found);
     assert!(
-        !lost_with_a.is_empty(),
-        "a held no lease when it was killed: the test proved nothing\n{}",
+        !takeovers.is_empty(),
+        "a held no lease when it was killed (or released them all just before): the test \
+         proved nothing\n{}",
         c.logs_tail(40)
     );
 }
