@@ -344,7 +344,7 @@ def standin_runs(run):
     for w in run.workers.values():
         for pid in w.agent_pids():
             owner[pid] = w.name
-    starts, ends = [], {}
+    starts, ends = [], collections.defaultdict(list)
     for d in run.config_dirs():
         path = os.path.join(d, "standin-calls.jsonl")
         if not os.path.exists(path):
@@ -355,14 +355,22 @@ def standin_runs(run):
             except ValueError:
                 continue
             if r.get("event") == "start":
-                starts.append(r)
+                starts.append({**r, "dir": d})
             elif r.get("event") == "end":
-                ends[r["pid"]] = r
+                ends[(d, r["pid"], r.get("sessionId"))].append(r)
+    # A run's end line is the first one after its start with its call log, pid and session:
+    # pids are reused over a run of hundreds of agents, so the pid alone can pair a start with
+    # another process's end (as bench/exactly_once.py pairs them).
+    starts.sort(key=lambda r: r["start"])
     for r in starts:
-        r["endRecord"] = ends.get(r["pid"])
+        candidates = ends.get((r["dir"], r["pid"], r.get("sessionId")), [])
+        later = [e for e in candidates if e["end"] >= r["start"]]
+        r["endRecord"] = min(later, key=lambda e: e["end"]) if later else None
+        if r["endRecord"] is not None:
+            candidates.remove(r["endRecord"])
         r["worker"] = owner.get(r["pid"], "?")
         r["markers"] = [int(n) for n in MARKER.findall(r.get("prompt", ""))]
-    return sorted(starts, key=lambda r: r["start"])
+    return starts
 
 
 def thread_key(m):
