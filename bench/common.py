@@ -1,5 +1,6 @@
-"""Shared by the benchmarks (issue 28): moto clients, percentiles, upstream repositories, and an
-OTLP/HTTP receiver for what the worker itself exports.
+"""Shared by the benchmarks (issues 28, 29): moto clients, env knobs, percentiles and medians,
+git and upstream repositories, starting the worker, and an OTLP/HTTP receiver for what the
+worker itself exports.
 
 Benchmarks read the worker's figures from its telemetry (metrics, and the structured attributes
 of its spans' events), never from its log text: a log line that moves or changes its wording
@@ -12,12 +13,14 @@ import http.server
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# moto, started by `scripts/bench` (empty for a driver that starts its own).
 ENDPOINT = os.environ.get("MOTO_ENDPOINT", "")
 AWS_ENV = {"AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -31,9 +34,29 @@ def aws_clients():
     return boto3.client("sqs", **KW), boto3.client("s3", **KW)
 
 
+def env_num(name, default, kind=float):
+    """A numeric knob from the environment (`kind` of it), or `default`."""
+    return kind(os.environ.get(name, default))
+
+
+def env_list(name, default):
+    """A comma-separated knob from the environment, empty items dropped."""
+    return [s for s in os.environ.get(name, default).split(",") if s]
+
+
+def worker_bin(default=None):
+    """The worker build a driver runs: `WORKER_BIN` (which `scripts/bench` sets, building the
+    release one unless it was given), else `default` under the repository."""
+    if default is None:
+        return os.environ["WORKER_BIN"]
+    return os.environ.get("WORKER_BIN", os.path.join(ROOT, default))
+
+
 def pct(values, p):
-    """Nearest-rank percentile: an observed value, never an interpolation."""
+    """Nearest-rank percentile: an observed value, never an interpolation; None of nothing."""
     s = sorted(values)
+    if not s:
+        return None
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
@@ -41,10 +64,53 @@ def median(values):
     return statistics.median(values)
 
 
+GIT_ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
+           "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"}
+
+
 def git(cwd, *args):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
+                   env={**os.environ, **GIT_ENV})
+
+
+def git_out(cwd, *args, check=True):
+    """`git args` in `cwd`: its output (None when it failed and `check` is false; a failure
+    raises RuntimeError with git's message when `check` is true)."""
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, **GIT_ENV})
+    if check and out.returncode != 0:
+        raise RuntimeError(f"git {args}: {out.stderr}")
+    return out.stdout if out.returncode == 0 else None
+
+
+def worker_env(**settings):
+    """The environment of a worker run by a benchmark: the PATH and HOME it needs, moto's
+    endpoint and test credentials, the log filter the drivers use, npm's cache when one is set,
+    then `settings` (strings; they win)."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+           **AWS_ENV,
+           "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn,hyper=warn"}
+    if "npm_config_cache" in os.environ:
+        env["npm_config_cache"] = os.environ["npm_config_cache"]
+    env.update(settings)
+    return env
+
+
+def start_worker(binary, env, log_path, args=("run",)):
+    """Start `binary run` with `env`, its log (stderr) to `log_path`: the process."""
+    return subprocess.Popen([binary, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log_path, "w"))
+
+
+def stop_worker(proc, timeout=60):
+    """SIGTERM, then SIGKILL after `timeout` s: its exit code (its telemetry is flushed on a
+    SIGTERM stop, not after a kill)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def seed_repo(base, fixture):
@@ -91,6 +157,8 @@ class Otlp:
         self._metrics = []
         # (span name, event name, {attribute: value}) of every span event received.
         self._events = []
+        # Every span received: {"name", "start_ns", "attributes", "events": [(name, attrs)]}.
+        self._spans = []
         self.refused = []
         outer = self
 
@@ -177,14 +245,17 @@ class Otlp:
             self._metrics.append((collected, points))
 
     def _take_spans(self, req):
-        events = []
+        events, spans = [], []
         for rs in req.resource_spans:
             for ss in rs.scope_spans:
                 for span in ss.spans:
-                    for ev in span.events:
-                        events.append((span.name, ev.name, self._attrs(ev.attributes)))
+                    own = [(ev.name, self._attrs(ev.attributes)) for ev in span.events]
+                    events.extend((span.name, name, attrs) for name, attrs in own)
+                    spans.append({"name": span.name, "start_ns": span.start_time_unix_nano,
+                                  "attributes": self._attrs(span.attributes), "events": own})
         with self._lock:
             self._events.extend(events)
+            self._spans.extend(spans)
 
     def latest(self):
         """The newest collection of metrics: {(name, attributes): value}."""
@@ -219,6 +290,32 @@ class Otlp:
         with self._lock:
             return [a[key] for _, _, a in self._events
                     if key in a and all(self._text(a.get(k)) == v for k, v in want.items())]
+
+    def spans(self, *names):
+        """The spans received so far (named one of `names`, when given), in the order received.
+        A span comes within `OTEL_BSP_SCHEDULE_DELAY` of its end (200 ms with `env()`), and at
+        the latest when the worker stops on SIGTERM; of a worker killed with SIGKILL, what it
+        ended in its last moments may be missing."""
+        with self._lock:
+            return [sp for sp in self._spans if not names or sp["name"] in names]
+
+    def span_events(self, key):
+        """Every span event that carries attribute `key`, each as its attributes over its
+        span's (`edit.client_id` of the message's span, say): found by field, not by wording."""
+        with self._lock:
+            return [{**sp["attributes"], **attrs} for sp in self._spans
+                    for _, attrs in sp["events"] if key in attrs]
+
+    def values_by(self, name, key, **attrs):
+        """Counter `name` over its points carrying `attrs`, added up by the value of attribute
+        `key`: {value: total}."""
+        want = {(k, self._text(v)) for k, v in attrs.items()}
+        out = {}
+        for (n, a), v in self.latest().items():
+            if n == name and want <= a:
+                by = dict(a).get(key)
+                out[by] = out.get(by, 0) + v
+        return out
 
     def wait(self, what, done, timeout=60):
         """Wait until `done(self)` holds; fail with `what` after `timeout` seconds."""

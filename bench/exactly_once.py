@@ -26,7 +26,8 @@ kind). Exits 1 when there is a violation.
 Run with: scripts/bench exactly-once   (knobs: MESSAGES=500 or SCALE=0.1, CLIENTS=25 PROJECTS=2
 THREADS=2, SHARE=0.3, SEED=1, AGENT_SLEEP=1, VISIBILITY=10, MAX_RECEIVE_COUNT=5 (0: no redrive),
 LEASE_STORE=1 to run the worker with a lease store on moto and print its record store calls
-per message (issue 25: what the lease store costs, from the worker's own count at exit),
+per message (issue 25: what the lease store costs, from the worker's own counter
+`edit_worker.records.calls` over OTLP, final once it stopped),
 fault rates THROTTLE=0.05 DROP_DELETE=0.1 EARLY=0.1 REORDER=0.5 LOST_REPLY=0.02; WORKER_BIN to
 test another build, KEEP=1 to keep the run's folder)
 """
@@ -44,16 +45,10 @@ import tempfile
 import time
 import urllib.request
 
-import boto3
+from common import (AWS_ENV, ENDPOINT, ROOT, Otlp, aws_clients, env_num, git_out, seed_repo,
+                    start_worker as spawn_worker, stop_worker, worker_bin, worker_env)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENDPOINT = os.environ["MOTO_ENDPOINT"]
-WORKER = os.environ["WORKER_BIN"]
-
-
-def env_num(name, default, kind=float):
-    return kind(os.environ.get(name, default))
-
+WORKER = worker_bin()
 
 SCALE = env_num("SCALE", 1)
 MESSAGES = env_num("MESSAGES", max(20, int(500 * SCALE)), int)
@@ -73,10 +68,7 @@ RATES = {
     "--reorder-rate": os.environ.get("REORDER", "0.5"),
     "--lost-reply-rate": os.environ.get("LOST_REPLY", "0.02"),
 }
-KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
-          aws_secret_access_key="testing")
-sqs = boto3.client("sqs", **KW)
-s3 = boto3.client("s3", **KW)
+sqs, s3 = aws_clients()
 BASE = tempfile.mkdtemp(prefix="bench-exactly-once-")
 # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
 os.chmod(BASE, 0o711)
@@ -89,26 +81,13 @@ VIOLATIONS = ["lost", "conflicting_terminal", "differing_repeat", "agent_ran_twi
               "bucket_not_newest", "dead_lettered"]
 
 
-def git(cwd, *args, check=True):
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                              "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
-    if check and out.returncode != 0:
-        raise RuntimeError(f"git {args}: {out.stderr}")
-    return out.stdout if out.returncode == 0 else None
+git = git_out
 
 
 def prepare():
     """Upstream bare repositories (the tiny site) and one bucket per workspace, and the queues:
     the input queue redrives to a dead-letter queue after MAX_RECEIVE_COUNT receives."""
-    work, seed = os.path.join(BASE, "seed"), os.path.join(BASE, "seed.git")
-    shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-site"), work,
-                    ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
-    git(work, "init", "--quiet", "--initial-branch=main")
-    git(work, "add", "-A")
-    git(work, "commit", "--quiet", "-m", "init")
-    git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", seed)
-    git(work, "push", "--quiet", seed, "main")
+    seed = seed_repo(BASE, "tiny-site")
     for c in range(1, CLIENTS + 1):
         for p in range(1, PROJECTS + 1):
             shutil.copytree(seed, upstream(f"load-c{c}", f"p{p}"))
@@ -146,47 +125,41 @@ def start_proxy():
     return proc, first[1], stats, log
 
 
-def start_worker(q, proxy):
+def start_worker(q, proxy, otlp):
     log = os.path.join(BASE, "worker.log")
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
-           "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"], "DEAD_LETTER_QUEUE_URL": q["dlq"],
-           "WORKSPACE_ROOT": os.path.join(BASE, "ws"),
-           "GIT_REMOTE_TEMPLATE": os.path.join(BASE, "upstream", "{clientId}/{projectId}.git"),
-           "BUCKET_TEMPLATE": "{projectId}.{clientId}." + TAG + ".bench",
-           "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
-           "CLAUDE_CONFIG_DIR": os.path.join(BASE, "claude"),
-           "BUILD_COMMAND": "cp -R public dist",
-           "AWS_ENDPOINT_URL": ENDPOINT, "AWS_ENDPOINT_URL_SQS": proxy, "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY), "PROGRESS_INTERVAL_SECONDS": "60",
-           "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn,hyper=warn",
-           # What is measured is delivery: SQS's faults against the records. The sandbox (its
-           # cost is `scripts/bench isolation`) would give each workspace's agent a config
-           # folder of its own, where the stand-in's one call log, which this checker reads,
-           # is not; the browser check (its cost is `CHECK=off,on scripts/bench latency`)
-           # would only add its seconds to every message.
-           "ISOLATION": "none", "BROWSER_CHECK": "off"}
+    env = worker_env(**{
+        "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"], "DEAD_LETTER_QUEUE_URL": q["dlq"],
+        "WORKSPACE_ROOT": os.path.join(BASE, "ws"),
+        "GIT_REMOTE_TEMPLATE": os.path.join(BASE, "upstream", "{clientId}/{projectId}.git"),
+        "BUCKET_TEMPLATE": "{projectId}.{clientId}." + TAG + ".bench",
+        "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
+        "CLAUDE_CONFIG_DIR": os.path.join(BASE, "claude"),
+        "BUILD_COMMAND": "cp -R public dist",
+        "AWS_ENDPOINT_URL_SQS": proxy,
+        "VISIBILITY_TIMEOUT_SECONDS": str(VISIBILITY), "PROGRESS_INTERVAL_SECONDS": "60",
+        # Metrics only (the record store's calls): spans would only add work to the run.
+        **otlp.env(traces=False),
+        # What is measured is delivery: SQS's faults against the records. The sandbox (its
+        # cost is `scripts/bench isolation`) would give each workspace's agent a config
+        # folder of its own, where the stand-in's one call log, which this checker reads,
+        # is not; the browser check (its cost is `CHECK=off,on scripts/bench latency`)
+        # would only add its seconds to every message.
+        "ISOLATION": "none", "BROWSER_CHECK": "off"})
     if LEASE_STORE:
         lease_bucket = f"leases.{TAG}.bench"
         s3.create_bucket(Bucket=lease_bucket)
         env.update({"LEASE_STORE": f"s3://{lease_bucket}/p", "WORKER_ID": "bench"})
-    for passthrough in ("npm_config_cache",):
-        if passthrough in os.environ:
-            env[passthrough] = os.environ[passthrough]
-    proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    return proc, log
+    return spawn_worker(WORKER, env, log), log
 
 
-def record_store_calls(worker_log):
-    """(reads, writes) from the worker's "record store calls" line, logged when it stops."""
-    pattern = re.compile(r"record store calls.*reads=(\d+).*writes=(\d+)")
-    ansi = re.compile(r"\x1b\[[0-9;]*m")
-    with open(worker_log, errors="replace") as f:
-        for line in f:
-            m = pattern.search(ansi.sub("", line))
-            if m:
-                return int(m.group(1)), int(m.group(2))
-    return None
+def record_store_calls(otlp):
+    """(reads, writes) of the worker's record store, from its counter `edit_worker.records.calls`
+    (by `op`): the totals once the worker stopped on SIGTERM (its last export), None when the
+    worker exported none."""
+    calls = otlp.values_by("edit_worker.records.calls", "op")
+    if not calls:
+        return None
+    return calls.get("read", 0), calls.get("write", 0)
 
 
 def run_loadgen(q):
@@ -194,8 +167,7 @@ def run_loadgen(q):
     report = os.path.join(BASE, "report.json")
     command = ("[load n={n} t={thread}] [standin:write public/threads/{thread}.txt {n}] "
                "[standin:write public/live.txt {n}] " + (f"[standin:sleep {AGENT_SLEEP}]" if AGENT_SLEEP > 0 else ""))
-    env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    env = {**os.environ, **AWS_ENV,
            "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"], "RUST_LOG": "warn"}
     args = [WORKER, "loadgen", "--clients", str(CLIENTS), "--projects", str(PROJECTS), "--threads", str(THREADS),
             "--messages", str(MESSAGES), "--interrupt-share", str(SHARE), "--seed", str(SEED),
@@ -389,17 +361,16 @@ def explain(found, worker_log, fault_log):
 def main():
     q = prepare()
     proxy, proxy_url, stats_path, fault_log = start_proxy()
-    worker, worker_log = start_worker(q, proxy_url)
+    otlp = Otlp()
+    worker, worker_log = start_worker(q, proxy_url, otlp)
     time.sleep(1)
     started = time.time()
     try:
         messages, report = run_loadgen(q)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        # On SIGTERM the worker exports its metrics a last time before it exits: the
+        # totals below are final.
+        stop_worker(worker)
     faults = json.load(urllib.request.urlopen(proxy_url + "/__fault_stats"))
     proxy.send_signal(signal.SIGTERM)
     proxy.wait(timeout=10)
@@ -425,7 +396,8 @@ def main():
     for kind in VIOLATIONS:
         print(f"| {kind} | {counts[kind]} |")
     print(f"| **violations in all** | {total} |")
-    store_calls = record_store_calls(worker_log)
+    store_calls = record_store_calls(otlp)
+    otlp.stop()
     if store_calls is not None:
         reads, writes = store_calls
         print(f"\nrecord store calls ({'lease store on S3' if LEASE_STORE else 'local folder'}): "

@@ -23,28 +23,20 @@ import sys
 import tempfile
 import time
 
-from common import AWS_ENV, ROOT, Otlp, aws_clients, commit_of_tree, git, pct
+from common import (ROOT, Otlp, aws_clients, commit_of_tree, env_num, pct, seed_repo, start_worker,
+                    worker_bin, worker_env)
 
-WORKER = os.environ["WORKER_BIN"]
-INTERRUPTS = int(os.environ.get("INTERRUPTS", "200"))
-OTHERS = int(os.environ.get("OTHER_MESSAGES", "100"))
+WORKER = worker_bin()
+INTERRUPTS = env_num("INTERRUPTS", 200, int)
+OTHERS = env_num("OTHER_MESSAGES", 100, int)
 
 
 def upstream(base, client):
-    bare = os.path.join(base, "upstream", client, "site.git")
-    os.makedirs(bare)
-    git(bare, "init", "--quiet", "--bare", "--initial-branch=main")
-    seed = os.path.join(base, "seed-" + client)
-    shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-site"), seed)
-    git(seed, "init", "--quiet", "--initial-branch=main")
-    git(seed, "add", "-A")
-    git(seed, "commit", "--quiet", "-m", "init")
-    git(seed, "push", "--quiet", bare, "main")
-    shutil.rmtree(seed)
+    """The client's upstream: a copy of the tiny site's bare repository."""
+    shutil.copytree(seed_repo(base, "tiny-site"), os.path.join(base, "upstream", client, "site.git"))
 
 
 def main():
-    import subprocess
     sqs, s3 = aws_clients()
     base = tempfile.mkdtemp(prefix="bench-int-")
     # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
@@ -57,8 +49,7 @@ def main():
     otlp = Otlp()
     # Agents at once: the OTHERS plus the target's one; slots to spare beyond that.
     agent_slots = OTHERS + 10
-    env = {
-        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
+    env = worker_env(**{
         "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
         "WORKSPACE_ROOT": os.path.join(base, "ws"),
         "GIT_REMOTE_TEMPLATE": os.path.join(base, "upstream/{clientId}/{projectId}.git"),
@@ -67,12 +58,11 @@ def main():
         "CLAUDE_CONFIG_DIR": os.path.join(base, "claude"),
         "MAX_IN_FLIGHT": str(OTHERS + 50),
         "AGENT_CONCURRENCY": str(agent_slots),
-        **AWS_ENV, **otlp.env(),
+        **otlp.env(),
         "RUST_LOG": "warn",
-    }
+    })
     log_path = os.path.join(base, "worker.log")
-    worker = subprocess.Popen([WORKER, "run"], env=env, stderr=open(log_path, "w"),
-                              stdout=subprocess.DEVNULL)
+    worker = start_worker(WORKER, env, log_path)
 
     def send(client, thread, command):
         body = json.dumps({"sessionId": "s", "threadId": thread, "clientId": client,

@@ -28,74 +28,47 @@ check's own time and the browser's memory; default the worker's own, `auto`).
 """
 
 import json
-import math
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-import boto3
+from common import (AWS_ENV, ROOT, Otlp, aws_clients, commit_of_tree, env_list, env_num, pct, seed_repo,
+                    start_worker, worker_bin, worker_env)
 
-from common import Otlp, commit_of_tree
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENDPOINT = os.environ["MOTO_ENDPOINT"]
-WORKER = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target/release/edit-worker"))
-SAMPLES = int(os.environ.get("SAMPLES", "5"))
+WORKER = worker_bin("target/release/edit-worker")
+SAMPLES = env_num("SAMPLES", 5, int)
 CASES = set(os.environ.get("CASES", "1,2").split(","))
-CLIENTS = int(os.environ.get("CLIENTS", "20"))
+CLIENTS = env_num("CLIENTS", 20, int)
 MODES = os.environ.get("MODES", "shared,per-workspace").split(",")
 # Case 3 with each of these BUILD_CONCURRENCY settings side by side (default: the worker's own,
 # the number of cores), to choose the default by measurement.
-BUILD_SLOTS = [s for s in os.environ.get("BUILD_SLOTS", "").split(",") if s]
+BUILD_SLOTS = env_list("BUILD_SLOTS", "")
 # Case 3 with the store cold (the lock file's first install ever happens inside the run) and/or
 # warm (installed once before, as on a volume that has served the agency before; case 1 is
 # measured warm too).
 STORES = os.environ.get("STORES", "cold").split(",")
 # Case 3 with each of these BUILD_AHEAD_MAX settings (0: Astro is not started ahead).
-AHEAD = [s for s in os.environ.get("AHEAD", "").split(",") if s]
-ROUNDS = int(os.environ.get("ROUNDS", "1"))
+AHEAD = env_list("AHEAD", "")
+ROUNDS = env_num("ROUNDS", 1, int)
 # BROWSER_CHECK settings side by side (issue 27): each install mode once per setting.
-CHECKS = [s for s in os.environ.get("CHECK", "").split(",") if s]
-KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
-          aws_secret_access_key="testing")
-sqs = boto3.client("sqs", **KW)
-s3 = boto3.client("s3", **KW)
+CHECKS = env_list("CHECK", "")
+sqs, s3 = aws_clients()
 BASE = tempfile.mkdtemp(prefix="bench-latency-")
 # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
 os.chmod(BASE, 0o711)
 RUN = f"{os.getpid()}-{int(time.time())}"
-SEED = None
 
 
 def log(text):
     print(text, file=sys.stderr, flush=True)
 
 
-def git(cwd, *args):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
-
-
 def seed():
     """One bare repository of the sample Astro site; every workspace's upstream is a copy."""
-    global SEED
-    if SEED is None:
-        bare = os.path.join(BASE, "seed.git")
-        work = os.path.join(BASE, "seed")
-        shutil.copytree(os.path.join(ROOT, "tests/fixtures/astro-site"), work,
-                        ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
-        git(work, "init", "--quiet", "--initial-branch=main")
-        git(work, "add", "-A")
-        git(work, "commit", "--quiet", "-m", "init")
-        git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", bare)
-        git(work, "push", "--quiet", bare, "main")
-        SEED = bare
-    return SEED
+    return seed_repo(BASE, "astro-site")
 
 
 class Worker:
@@ -111,24 +84,20 @@ class Worker:
         # The worker's own telemetry: the store's check-and-link times are read from its span
         # events' `link_ms` fields, never from its log (issue 28). Both modes export alike.
         self.otlp = Otlp()
-        env = {**self.otlp.env(),"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
-               "INPUT_QUEUE_URL": self.q["in"], "OUTPUT_QUEUE_URL": self.q["out"],
-               "WORKSPACE_ROOT": os.path.join(self.dir, "ws"),
-               "GIT_REMOTE_TEMPLATE": os.path.join(self.upstream, "{clientId}/{projectId}.git"),
-               "BUCKET_TEMPLATE": self.bucket("{clientId}"),
-               "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
-               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "ASTRO_TELEMETRY_DISABLED": "1",
-               "RUST_LOG": os.environ.get("WORKER_RUST_LOG", "warn"),
-               "PROGRESS_INTERVAL_SECONDS": "60", **extra}
-        if "npm_config_cache" in os.environ:
-            env["npm_config_cache"] = os.environ["npm_config_cache"]
+        env = worker_env(**{
+            **self.otlp.env(),
+            "INPUT_QUEUE_URL": self.q["in"], "OUTPUT_QUEUE_URL": self.q["out"],
+            "WORKSPACE_ROOT": os.path.join(self.dir, "ws"),
+            "GIT_REMOTE_TEMPLATE": os.path.join(self.upstream, "{clientId}/{projectId}.git"),
+            "BUCKET_TEMPLATE": self.bucket("{clientId}"),
+            "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
+            "ASTRO_TELEMETRY_DISABLED": "1",
+            "RUST_LOG": os.environ.get("WORKER_RUST_LOG", "warn"),
+            "PROGRESS_INTERVAL_SECONDS": "60", **extra})
         # BUILD_SCRIPTS_WITHOUT_NPM=false measures builds through npm, as before.
         if "BUILD_SCRIPTS_WITHOUT_NPM" in os.environ:
             env["BUILD_SCRIPTS_WITHOUT_NPM"] = os.environ["BUILD_SCRIPTS_WITHOUT_NPM"]
-        self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "w"))
+        self.proc = start_worker(WORKER, env, self.log)
 
     def bucket(self, client):
         return f"edit.{client}.{self.tag}.bench"
@@ -179,12 +148,6 @@ def remove_all(path):
             if not os.path.islink(full):
                 os.chmod(full, 0o755)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def pct(values, p):
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 def phase_median(events, phase):
@@ -286,8 +249,7 @@ def case_3():
         for c in range(1, CLIENTS + 1):
             w.workspace(f"load-c{c}")
         report = os.path.join(w.dir, "report.json")
-        env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        env = {**os.environ, **AWS_ENV,
                "INPUT_QUEUE_URL": w.q["in"], "OUTPUT_QUEUE_URL": w.q["out"], "RUST_LOG": "warn"}
         gen = subprocess.Popen([WORKER, "loadgen", "--clients", str(CLIENTS), "--projects", "1",
                                 "--threads", "1", "--messages", str(CLIENTS), "--wait", "900",

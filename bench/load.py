@@ -23,7 +23,6 @@ agent runs from `edit_worker.agent.runs`, the most messages at work at once from
 import json
 import os
 import re
-import statistics
 import shutil
 import subprocess
 import sys
@@ -31,17 +30,12 @@ import tempfile
 import threading
 import time
 
-import boto3
+from common import (AWS_ENV, ROOT, Otlp, aws_clients, commit_of_tree, env_num, median, seed_repo,
+                    start_worker, worker_bin, worker_env)
 
-from common import Otlp, commit_of_tree, seed_repo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENDPOINT = os.environ["MOTO_ENDPOINT"]
-WORKER = os.environ["WORKER_BIN"]
-SCALE = float(os.environ.get("SCALE", "1"))
-KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
-sqs = boto3.client("sqs", **KW)
-s3 = boto3.client("s3", **KW)
+WORKER = worker_bin()
+SCALE = env_num("SCALE", 1)
+sqs, s3 = aws_clients()
 BASE = tempfile.mkdtemp(prefix="bench-load-")
 # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
 os.chmod(BASE, 0o711)
@@ -53,12 +47,6 @@ TINY_BUILD = "cp -R public dist"
 # other, slower programs than the sandboxed ones.
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 SEEDS = {}
-
-
-def git(cwd, *args):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
 
 
 def seed(site):
@@ -92,20 +80,17 @@ class Worker:
         where the benchmark compares export on and off, or must not pay for it."""
         self.log = os.path.join(BASE, tag, "worker.log")
         self.otlp = Otlp() if telemetry else None
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
-               "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
-               "WORKSPACE_ROOT": os.path.join(BASE, tag, "ws"),
-               "GIT_REMOTE_TEMPLATE": os.path.join(upstream, "{clientId}/{projectId}.git"),
-               "BUCKET_TEMPLATE": "edit.{clientId}.{projectId}." + tag + ".bench",
-               "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
-               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "ASTRO_TELEMETRY_DISABLED": "1", "RUST_LOG": "warn",
-               "MAX_IN_FLIGHT": "64", "PROGRESS_INTERVAL_SECONDS": "60",
-               # Metrics only: the figures need no spans, and a span queue would weigh on memory.
-               **(self.otlp.env(traces=False) if self.otlp else {}), **extra}
-        self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "w"))
+        env = worker_env(**{
+            "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"],
+            "WORKSPACE_ROOT": os.path.join(BASE, tag, "ws"),
+            "GIT_REMOTE_TEMPLATE": os.path.join(upstream, "{clientId}/{projectId}.git"),
+            "BUCKET_TEMPLATE": "edit.{clientId}.{projectId}." + tag + ".bench",
+            "CLAUDE_BIN": os.path.join(ROOT, "tools/claude-standin"),
+            "ASTRO_TELEMETRY_DISABLED": "1", "RUST_LOG": "warn",
+            "MAX_IN_FLIGHT": "64", "PROGRESS_INTERVAL_SECONDS": "60",
+            # Metrics only: the figures need no spans, and a span queue would weigh on memory.
+            **(self.otlp.env(traces=False) if self.otlp else {}), **extra})
+        self.proc = start_worker(WORKER, env, self.log)
         self.peak = 0
         self.running = True
         threading.Thread(target=self._sample, daemon=True).start()
@@ -140,8 +125,7 @@ class Worker:
 def loadgen(tag, q, clients, projects, threads, messages, command, share=0.0, rate=0.0, wait=900, seed=1):
     report = os.path.join(BASE, tag, "report.json")
     chart = os.path.join(ROOT, ".bench", f"{tag}.svg")
-    env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    env = {**os.environ, **AWS_ENV,
            "INPUT_QUEUE_URL": q["in"], "OUTPUT_QUEUE_URL": q["out"], "RUST_LOG": "warn"}
     out = subprocess.run([WORKER, "loadgen", "--clients", str(clients), "--projects", str(projects),
                           "--threads", str(threads), "--messages", str(messages), "--rate", str(rate),
@@ -227,8 +211,8 @@ def trace_overhead():
             assert report["lost"] == 0, report
             results[mode].append(report["throughputPerSec"])
             print(f"  round {r + 1} export {mode}: {report['throughputPerSec']:.2f} msg/s", file=sys.stderr)
-    off = statistics.median(results["off"])
-    on = statistics.median(results["on"])
+    off = median(results["off"])
+    on = median(results["on"])
     print(f"\ntrace export overhead, commit {commit_of_tree()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
           f"{messages} messages x {rounds} rounds each, alternating, median")
     print("| export | throughput (msg/s) |")
@@ -238,9 +222,9 @@ def trace_overhead():
     ratios = [b / a for a, b in zip(results["off"], results["on"])]
     print(f"\nper round, off / on (msg/s): " + ", ".join(
         f"{a:.2f} / {b:.2f}" for a, b in zip(results["off"], results["on"])))
-    print(f"on / off per round: {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f})")
+    print(f"on / off per round: {', '.join(f'{x:.3f}' for x in ratios)} (median {median(ratios):.3f})")
     print(f"\ncost of export: {(1 - on / off) * 100:.1f}% of throughput from the medians, "
-          f"{(1 - statistics.median(ratios)) * 100:.1f}% from the rounds (target: at most 5%)")
+          f"{(1 - median(ratios)) * 100:.1f}% from the rounds (target: at most 5%)")
 
 
 def isolation_cost():
@@ -304,9 +288,8 @@ def isolation_cost():
             print(f"  round {r + 1} {level}: load {load[level][-1]:.2f} msg/s, no think {thr[level][-1]:.2f} msg/s, "
                   f"p50 {lat[level][-1]} ms at 4 msg/s", file=sys.stderr)
 
-    def median(xs):
-        # The mean of the two middle values for an even count (ROUNDS=2 gives two samples).
-        return statistics.median(xs)
+    # common.median: the mean of the two middle values for an even count (ROUNDS=2 gives two
+    # samples).
 
     # The sandbox's own price per process start, alone: `true` as a tenant's uid in
     # bubblewrap with the worker's arguments, against `true` as the worker.
@@ -439,7 +422,7 @@ def main():
                     f"against {label}: makespans, ratio per round (median)",
                 f"{', '.join(f'{x:.0f}' for x in serial)} s against "
                 f"{', '.join(f'{x:.1f}' for x in makespans[label])} s: "
-                f"{', '.join(f'{x:.1f}x' for x in ratios)} ({statistics.median(ratios):.1f}x)", ">= 20x"))
+                f"{', '.join(f'{x:.1f}x' for x in ratios)} ({median(ratios):.1f}x)", ">= 20x"))
         chart1 = first[2]
         mem_peak = mib(first[1])
     else:

@@ -16,28 +16,36 @@ cannot run).
   e. cross-worker interrupt latency: A holds every workspace with a slow agent and has no room
      for more messages, so B receives the newer ones and sends A a notice; from the newer
      message's send to A's "work stopped" (stopped_at_ms): median and p99 (target p99 < 2 s);
-     the notice lines found in runs a and b are reported too;
+     the notices found in runs a, b and c are reported too;
   g. takeover at the default visibility and lease (issue 25): the holder of a workspace is
      killed with SIGKILL or frozen with SIGSTOP while its agent runs, a newer request for the
      thread is sent at once, another worker starts: time to that request's `completed` event
      (G_ROUNDS rounds of each, 3);
-  f. throughput with 1, 2 and 3 workers on the same load, side by side (and first one worker
-     without a lease store, as before issue 12), and the lease store's cost per message: S3
-     requests to the lease bucket, counted in moto's request log (MOTO_LOG, which `scripts/bench
-     many-workers` sets), by method and key prefix, beside the workers' own count ("record store
-     calls", logged at exit).
+  f. what the lease store costs a lone worker (issue 25: within 10 % of one without, at most 5
+     S3 requests per message): F_ROUNDS rounds, each one worker with a lease store and one
+     without on the same load (same loadgen arguments and seed), one after the other, the
+     order alternating round by round; the throughput ratio of each round and their median.
+     Then 2 and 3 workers with the lease store on the same load, once each. The lease store's
+     cost per message: S3 requests to the lease bucket counted in moto's request log (MOTO_LOG,
+     which `scripts/bench many-workers` sets), by method and key prefix, beside the workers'
+     own counter `edit_worker.records.calls`.
 
-Where the numbers come from: each worker runs with LOG_FORMAT=json and logs its lease
-transitions ("lease acquired"/"released"/"lost" with workspace, token, worker, handover,
-at_ms), notices ("interrupt notice sent"/"received") and "work stopped" (stopped_at_ms). Each
-worker's agent is the stand-in behind a wrapper that notes its pid, so every stand-in run
-(its call log: session, resumed, writes) is tied to the worker that ran it.
+Where the numbers come from: the worker's own OTLP telemetry, never its log text. Each worker
+exports to a receiver of its own (bench/common.py's `Otlp`): its lease spans ("lease
+acquired"/"released"/"lost", with workspace, token, worker, handover, previous, at_ms: who held
+what when), the events of its messages' spans found by their fields (`stopped_at_ms` and
+`interrupt_latency_us` of a stop, with the message span's `edit.client_id`/`edit.project_id`;
+`holder` and `at_ms` of a notice sent) and its counters (`edit_worker.push.retries`,
+`edit_worker.notices.*`, `edit_worker.records.calls`). Each worker's agent is the stand-in
+behind a wrapper that notes its pid, so every stand-in run (its call log: session, resumed,
+writes) is tied to the worker that ran it. The workers' logs are kept in the run folder for a
+reader (KEEP=1), and read by nothing here.
 
 Run with: scripts/bench many-workers   (SCALE=0.1 for a quick look; CASES=a,c,e for some cases;
 knobs: WORKSPACES (200), MESSAGES_PER_WORKSPACE (5), SHARE (0.3), AGENT_SLEEP (2), RATE (0: as
-fast as possible), LEASE_SECONDS (6, case c), VISIBILITY (6, case c), INTERRUPTS (20, case e),
-F_WORKSPACES (100), F_MESSAGES_PER_WORKSPACE (4); WORKER_BIN picks the build; KEEP=1 keeps the
-run folder)
+fast as possible), SEED (1, loadgen's), LEASE_SECONDS (6, case c), VISIBILITY (6, case c),
+INTERRUPTS (20, case e), F_WORKSPACES (100), F_MESSAGES_PER_WORKSPACE (4), F_ROUNDS (3);
+WORKER_BIN picks the build; KEEP=1 keeps the run folder)
 """
 
 import collections
@@ -46,23 +54,16 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import boto3
+from common import (AWS_ENV, ROOT, Otlp, aws_clients, env_list, env_num, git_out, median, pct,
+                    seed_repo, start_worker, stop_worker, worker_bin, worker_env)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENDPOINT = os.environ["MOTO_ENDPOINT"]
-WORKER = os.environ["WORKER_BIN"]
+WORKER = worker_bin()
 MOTO_LOG = os.environ.get("MOTO_LOG")
-
-
-def env_num(name, default, kind=float):
-    return kind(os.environ.get(name, default))
-
 
 SCALE = env_num("SCALE", 1)
 WORKSPACES = env_num("WORKSPACES", max(4, int(200 * SCALE)), int)
@@ -75,18 +76,18 @@ VISIBILITY = env_num("VISIBILITY", 6, int)
 INTERRUPTS = env_num("INTERRUPTS", max(5, int(20 * min(1, SCALE * 2))), int)
 F_WORKSPACES = env_num("F_WORKSPACES", max(4, int(100 * SCALE)), int)
 F_PER_WORKSPACE = env_num("F_MESSAGES_PER_WORKSPACE", 4, int)
-CASES = os.environ.get("CASES", "a,b,c,d,e,f,g").split(",")
-KW = dict(endpoint_url=ENDPOINT, region_name="us-east-1", aws_access_key_id="testing",
-          aws_secret_access_key="testing")
-sqs = boto3.client("sqs", **KW)
-s3 = boto3.client("s3", **KW)
+F_ROUNDS = env_num("F_ROUNDS", 3, int)
+SEED = env_num("SEED", 1, int)
+CASES = env_list("CASES", "a,b,c,d,e,f,g")
+sqs, s3 = aws_clients()
 BASE = tempfile.mkdtemp(prefix="bench-many-workers-")
 # Tenants' uids pass through it to their workspaces (the worker's sandbox, ISOLATION).
 os.chmod(BASE, 0o711)
 TAG = f"mw{os.getpid()}"
 MARKER = re.compile(r"\[load n=(\d+)[ \]]")
-SEEDS = {}
 ALL_WORKERS = []
+# The worker's lease spans (`lease_event!` in actors/src/lease.rs).
+LEASE_SPANS = ("lease acquired", "lease released", "lease lost")
 
 
 def log(*args):
@@ -94,20 +95,11 @@ def log(*args):
 
 
 def git(cwd, *args, check=True):
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                              "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
-    if check and out.returncode != 0:
-        raise RuntimeError(f"git {args}: {out.stderr}")
-    return out.stdout.strip() if out.returncode == 0 else None
+    out = git_out(cwd, *args, check=check)
+    return out.strip() if out is not None else None
 
 
-def percentile(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    k = max(0, min(len(values) - 1, int(round(p / 100 * len(values) + 0.5)) - 1))
-    return values[k]
+percentile = pct
 
 
 def fmt_ms(v):
@@ -121,17 +113,7 @@ def row(*cells):
 # ---------------------------------------------------------------------------------------- setup
 
 def seed():
-    if "tiny" not in SEEDS:
-        work, bare = os.path.join(BASE, "seed"), os.path.join(BASE, "seed.git")
-        shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-site"), work,
-                        ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
-        git(work, "init", "--quiet", "--initial-branch=main")
-        git(work, "add", "-A")
-        git(work, "commit", "--quiet", "-m", "init")
-        git(BASE, "init", "--quiet", "--bare", "--initial-branch=main", bare)
-        git(work, "push", "--quiet", bare, "main")
-        SEEDS["tiny"] = bare
-    return SEEDS["tiny"]
+    return seed_repo(BASE, "tiny-site")
 
 
 class Run:
@@ -183,44 +165,32 @@ class Worker:
         with open(wrapper, "w") as f:
             f.write(f"#!/bin/sh\necho $$ >> '{self.pids}'\nexec '{os.path.join(ROOT, 'tools/claude-standin')}' \"$@\"\n")
         os.chmod(wrapper, 0o755)
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
-               "INPUT_QUEUE_URL": run.q["in"], "OUTPUT_QUEUE_URL": run.q["out"],
-               "WORKSPACE_ROOT": self.root, "CLAUDE_CONFIG_DIR": self.claude,
-               "GIT_REMOTE_TEMPLATE": os.path.join(run.dir, "upstream", "{clientId}/{projectId}.git"),
-               "BUCKET_TEMPLATE": "{projectId}.{clientId}." + run.tag + ".bench",
-               "CLAUDE_BIN": wrapper, "BUILD_COMMAND": "cp -R public dist",
-               "LEASE_STORE": f"s3://{run.lease_bucket}/p", "WORKER_ID": name, "LOG_FORMAT": "json",
-               "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "PROGRESS_INTERVAL_SECONDS": "60",
-               "RUST_LOG": "info,aws=warn,aws_smithy_runtime=warn,aws_config=warn,hyper=warn",
-               # What is measured is workers sharing a queue. A sandboxed agent could not write
-               # the wrapper's pid file (which worker ran which agent); the sandbox's cost is
-               # `scripts/bench isolation`, the browser check's `CHECK=off,on scripts/bench
-               # latency`, and neither belongs in these figures.
-               "ISOLATION": "none", "BROWSER_CHECK": "off", **extra}
-        if "npm_config_cache" in os.environ:
-            env["npm_config_cache"] = os.environ["npm_config_cache"]
-        self.proc = subprocess.Popen([WORKER, "run"], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "w"))
+        # Its telemetry: lease spans, its messages' spans, its counters.
+        self.otlp = Otlp()
+        env = worker_env(**{
+            "INPUT_QUEUE_URL": run.q["in"], "OUTPUT_QUEUE_URL": run.q["out"],
+            "WORKSPACE_ROOT": self.root, "CLAUDE_CONFIG_DIR": self.claude,
+            "GIT_REMOTE_TEMPLATE": os.path.join(run.dir, "upstream", "{clientId}/{projectId}.git"),
+            "BUCKET_TEMPLATE": "{projectId}.{clientId}." + run.tag + ".bench",
+            "CLAUDE_BIN": wrapper, "BUILD_COMMAND": "cp -R public dist",
+            "LEASE_STORE": f"s3://{run.lease_bucket}/p", "WORKER_ID": name,
+            "PROGRESS_INTERVAL_SECONDS": "60",
+            **self.otlp.env(),
+            # What is measured is workers sharing a queue. A sandboxed agent could not write
+            # the wrapper's pid file (which worker ran which agent); the sandbox's cost is
+            # `scripts/bench isolation`, the browser check's `CHECK=off,on scripts/bench
+            # latency`, and neither belongs in these figures.
+            "ISOLATION": "none", "BROWSER_CHECK": "off", **extra})
+        self.proc = start_worker(WORKER, env, self.log)
         self.killed_at_ms = None
         self.exit_code = None
         self.cpu = 0.0
         ALL_WORKERS.append(self)
 
-    def lines(self):
-        out = []
-        try:
-            with open(self.log) as f:
-                for line in f:
-                    if line.startswith("{"):
-                        try:
-                            out.append(json.loads(line))
-                        except ValueError:
-                            pass
-        except OSError:
-            pass
-        return out
+    def counter(self, name, **attrs):
+        """Its counter `name` (over the points carrying `attrs`): final once it stopped on
+        SIGTERM; of a worker killed with SIGKILL, as of its last export (every 500 ms)."""
+        return self.otlp.value(name, **attrs)
 
     def agent_pids(self):
         try:
@@ -254,12 +224,7 @@ class Worker:
 
     def stop(self):
         self.sample_cpu()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.exit_code = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.exit_code = self.proc.wait()
+        self.exit_code = stop_worker(self.proc)
         return self.exit_code
 
     def kill9(self):
@@ -287,13 +252,12 @@ def command_template(sleep):
 def loadgen_args(run, workspaces, per_workspace, sleep, share=SHARE, rate=RATE, threads=1):
     return [WORKER, "loadgen", "--clients", str(workspaces), "--projects", "1", "--threads", str(threads),
             "--messages", str(workspaces * per_workspace), "--interrupt-share", str(share),
-            "--rate", str(rate), "--command", command_template(sleep), "--wait", "1800", "--settle", "3",
+            "--rate", str(rate), "--seed", str(SEED), "--command", command_template(sleep), "--wait", "1800", "--settle", "3",
             "--ledger", os.path.join(run.dir, "ledger.jsonl"), "--report", os.path.join(run.dir, "report.json")]
 
 
 def loadgen_start(run, *args, **kwargs):
-    env = {**os.environ, "AWS_ENDPOINT_URL": ENDPOINT, "AWS_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    env = {**os.environ, **AWS_ENV,
            "INPUT_QUEUE_URL": run.q["in"], "OUTPUT_QUEUE_URL": run.q["out"], "RUST_LOG": "warn"}
     out = open(os.path.join(run.dir, "loadgen.out"), "w")
     return subprocess.Popen(loadgen_args(run, *args, **kwargs), env=env, stdout=out,
@@ -311,53 +275,50 @@ def loadgen_finish(run, proc):
 
 # ------------------------------------------------------------------------------------- analysis
 
-def message(line):
-    return (line.get("fields") or {}).get("message") or line.get("message") or ""
-
-
-def field(line, key):
-    for where in (line.get("fields") or {}, line, line.get("span") or {}):
-        if key in where:
-            return where[key]
-    for span in reversed(line.get("spans") or []):
-        if key in span:
-            return span[key]
-    return None
-
-
-def line_ms(line):
-    """The line's own timestamp (RFC 3339) in epoch ms, when a field is missing."""
-    ts = line.get("timestamp")
-    if not ts:
-        return None
-    from datetime import datetime
-    try:
-        return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return None
-
-
 def lease_intervals(worker):
+    """The leases `worker` held, from its lease spans: each from its "lease acquired" to the
+    "lease released" or "lease lost" of the same workspace and token, or to the worker's kill
+    ("killed"), or never ended (`until` None, "open")."""
+    spans = sorted(worker.otlp.spans(*LEASE_SPANS), key=lambda sp: sp["start_ns"])
     held = []
-    for line in worker.lines():
-        m = message(line)
-        if m not in ("lease acquired", "lease released", "lease lost"):
-            continue
-        ws, token, at = field(line, "workspace"), str(field(line, "token")), field(line, "at_ms") or line_ms(line)
+    for sp in spans:
+        a = sp["attributes"]
+        ws, token, at = a.get("workspace"), str(a.get("token")), a.get("at_ms")
+        if ws is None or at is None:
+            raise SystemExit(f"worker {worker.name}: a lease span without workspace or at_ms: {sp}")
         open_one = next((h for h in held if h["workspace"] == ws and h["token"] == token and h["until"] is None), None)
-        if m == "lease acquired":
+        if sp["name"] == "lease acquired":
             if open_one is None:
-                previous = field(line, "previous") or None
-                held.append({"workspace": ws, "token": token, "worker": worker.name, "from": int(at), "until": None,
-                             "end": "open", "handover": field(line, "handover") is True, "previous": previous,
+                previous = a.get("previous") or None
+                held.append({"workspace": ws, "token": token, "worker": a.get("worker", worker.name),
+                             "from": int(at), "until": None, "end": "open", "handover": a.get("handover") is True,
+                             "previous": previous, "previous_released": a.get("previous_released") is True,
                              "moved": previous is not None and previous != worker.name})
         elif open_one is not None:
             open_one["until"] = int(at)
-            open_one["end"] = m.split()[1]
+            open_one["end"] = sp["name"].split()[1]
     for h in held:
         if h["until"] is None and worker.killed_at_ms is not None:
             h["until"], h["end"] = worker.killed_at_ms, "killed"
     return held
+
+
+def with_releases_lost_in_kills(intervals):
+    """A worker killed with SIGKILL may have released a lease in its last moments (within the
+    span export delay before the kill) without the span getting out: its holding would seem to
+    run on to the kill. The next holder says whether it found the lease released: when a worker
+    took it with the next token and found it released, the killed one's holding ended there
+    (as tests/suite/common.rs does)."""
+    taken = [(h["workspace"], h["previous"], str(int(h["token"]) - 1), h["from"]) for h in intervals
+             if h["previous_released"] and h["previous"] and h["token"].isdigit()]
+    for h in intervals:
+        if h["end"] != "killed":
+            continue
+        found = next((at for ws, prev, token, at in taken
+                      if ws == h["workspace"] and prev == h["worker"] and token == h["token"]), None)
+        if found is not None and found < h["until"]:
+            h["until"], h["end"] = found, "released (said by the next holder)"
+    return intervals
 
 
 def overlaps(intervals):
@@ -383,7 +344,7 @@ def standin_runs(run):
     for w in run.workers.values():
         for pid in w.agent_pids():
             owner[pid] = w.name
-    starts, ends = [], {}
+    starts, ends = [], collections.defaultdict(list)
     for d in run.config_dirs():
         path = os.path.join(d, "standin-calls.jsonl")
         if not os.path.exists(path):
@@ -394,14 +355,22 @@ def standin_runs(run):
             except ValueError:
                 continue
             if r.get("event") == "start":
-                starts.append(r)
+                starts.append({**r, "dir": d})
             elif r.get("event") == "end":
-                ends[r["pid"]] = r
+                ends[(d, r["pid"], r.get("sessionId"))].append(r)
+    # A run's end line is the first one after its start with its call log, pid and session:
+    # pids are reused over a run of hundreds of agents, so the pid alone can pair a start with
+    # another process's end (as bench/exactly_once.py pairs them).
+    starts.sort(key=lambda r: r["start"])
     for r in starts:
-        r["endRecord"] = ends.get(r["pid"])
+        candidates = ends.get((r["dir"], r["pid"], r.get("sessionId")), [])
+        later = [e for e in candidates if e["end"] >= r["start"]]
+        r["endRecord"] = min(later, key=lambda e: e["end"]) if later else None
+        if r["endRecord"] is not None:
+            candidates.remove(r["endRecord"])
         r["worker"] = owner.get(r["pid"], "?")
         r["markers"] = [int(n) for n in MARKER.findall(r.get("prompt", ""))]
-    return sorted(starts, key=lambda r: r["start"])
+    return starts
 
 
 def thread_key(m):
@@ -423,11 +392,9 @@ def check_run(run, ledger):
     out["outcomes"] = dict(collections.Counter(m["terminal"][0]["type"] for m in ledger if m["terminal"]))
     out["rejected_pushes_events"] = sum(1 for m in ledger for t in m["terminal"]
                                         if t.get("errorKind") in ("push_failed", "thread_diverged"))
-    lines = {name: w.lines() for name, w in run.workers.items()}
-    out["push_failed_lines"] = sum(1 for ls in lines.values() for l in ls if "push failed" in message(l))
-    out["conversation_gone_lines"] = sum(1 for ls in lines.values() for l in ls
-                                         if "conversation is gone" in message(l))
-    intervals = [h for w in run.workers.values() for h in lease_intervals(w)]
+    # Pushes that failed and were tried again (`edit_worker.push.retries`, the workers' count).
+    out["push_retries"] = sum(w.counter("edit_worker.push.retries") for w in run.workers.values())
+    intervals = with_releases_lost_in_kills([h for w in run.workers.values() for h in lease_intervals(w)])
     out["leases"] = len(intervals)
     out["handovers"] = sum(1 for h in intervals if h["moved"])
     out["overlaps"] = overlaps(intervals)
@@ -502,55 +469,56 @@ def check_run(run, ledger):
     out["conversation_not_continued"] = restarted
     out["runs"] = runs
     out["intervals"] = intervals
-    out["lines"] = lines
     return out
 
 
 def notice_latencies(run, ledger):
-    """Cross-worker interrupts: a holder's "interrupt notice received" (the newer message's id)
-    followed, within 10 s, by its "work stopped" (reason Interrupted) for the same workspace.
-    Returns the latencies from the newer message's send (ledger) to stopped_at_ms, and from the
-    waiter's "interrupt notice sent" to stopped_at_ms (the notice path alone, without the time
-    the message waited in the queue); the stop latencies the workers log (interrupt_latency_us:
-    stop request to agent gone); notices not followed by a stop (the holder was idle, or its
-    work was newer, or past the agent); stops without a notice (local interrupts)."""
+    """Cross-worker interrupts, from the workers' telemetry: a waiter's notice sent to the
+    holder (an event of the newer message's span with `holder` and `at_ms`), followed within
+    10 s by a stop of the holder's running work for an interrupt in the same workspace (the
+    `stopped_at_ms` event of the stopped message's span, with its `edit.client_id` and
+    `edit.project_id`). Returns the latencies from the newer message's send (ledger) to the
+    stop, and from the notice sent to the stop (the notice path alone, without the time the
+    message waited in the queue); every stop's `interrupt_latency_us` (stop request to agent
+    gone); notices not followed by a stop (the holder was idle, or its work was newer, or past
+    the agent); stops without a notice (local interrupts); and the `newer` notices the holders
+    counted received (`edit_worker.notices.received`)."""
     sent = {m["messageId"]: m["sentAtMs"] for m in ledger}
-    notice_sent = {}
+    notices = []
     for w in run.workers.values():
-        for l in w.lines():
-            if message(l) == "interrupt notice sent":
-                key = (field(l, "message_id"), field(l, "holder"))
-                notice_sent.setdefault(key, field(l, "at_ms") or line_ms(l))
-    cross, path, local_us, unmatched, local_stops = [], [], [], 0, 0
+        for e in w.otlp.span_events("holder"):
+            if e.get("at_ms") is not None and e.get("message_id") is not None:
+                notices.append({"newer": e["message_id"], "holder": e["holder"], "ws": e.get("workspace"),
+                                "at": int(e["at_ms"])})
+    notices.sort(key=lambda n: n["at"])
+    stops = {}
+    local_us = []
     for w in run.workers.values():
-        lines = w.lines()
-        stops = []
-        for l in lines:
-            if message(l) == "work stopped" and "nterrupt" in str(field(l, "reason")):
-                client, project = field(l, "edit.client_id"), field(l, "edit.project_id")
-                at = field(l, "stopped_at_ms") or line_ms(l)
-                stops.append({"ws": f"{client}/{project}", "at": at, "used": False})
-                if field(l, "interrupt_latency_us") is not None:
-                    local_us.append(field(l, "interrupt_latency_us"))
-        for l in lines:
-            if message(l) != "interrupt notice received":
+        stops[w.name] = []
+        for e in w.otlp.span_events("stopped_at_ms"):
+            if "nterrupt" not in str(e.get("reason")):
                 continue
-            newer = field(l, "message_id")
-            at = field(l, "at_ms") or line_ms(l)
-            if newer not in sent or at is None:
-                continue
-            stop = next((s for s in stops if not s["used"] and s["ws"] == field(l, "workspace")
-                         and s["at"] is not None and at - 50 <= s["at"] <= at + 10_000), None)
-            if stop is None:
-                unmatched += 1
-                continue
-            stop["used"] = True
-            cross.append(stop["at"] - sent[newer])
-            told = notice_sent.get((newer, w.name))
-            if told is not None:
-                path.append(stop["at"] - told)
-        local_stops += sum(1 for s in stops if not s["used"])
-    return {"cross": cross, "path": path, "local_us": local_us, "unmatched": unmatched, "local_stops": local_stops}
+            stops[w.name].append({"ws": f"{e.get('edit.client_id')}/{e.get('edit.project_id')}",
+                                  "at": int(e["stopped_at_ms"]), "used": False})
+            if e.get("interrupt_latency_us") is not None:
+                local_us.append(int(e["interrupt_latency_us"]))
+        stops[w.name].sort(key=lambda x: x["at"])
+    cross, path, unmatched = [], [], 0
+    for n in notices:
+        if n["newer"] not in sent:
+            continue
+        stop = next((x for x in stops.get(n["holder"], []) if not x["used"] and x["ws"] == n["ws"]
+                     and n["at"] - 50 <= x["at"] <= n["at"] + 10_000), None)
+        if stop is None:
+            unmatched += 1
+            continue
+        stop["used"] = True
+        cross.append(stop["at"] - sent[n["newer"]])
+        path.append(stop["at"] - n["at"])
+    local_stops = sum(1 for xs in stops.values() for x in xs if not x["used"])
+    received = sum(w.counter("edit_worker.notices.received", kind="newer") for w in run.workers.values())
+    return {"cross": cross, "path": path, "local_us": local_us, "unmatched": unmatched,
+            "local_stops": local_stops, "notices": len(notices), "received": received}
 
 
 def s3_requests(run, since_offset):
@@ -588,15 +556,14 @@ def summary_rows(label, r, report):
         f"{ok(r['lost'])} / {ok(r['more_than_one_terminal'])} / {r['identical_repeats']}")
     row("", "overlapping lease intervals (different workers, one workspace)", ok(len(r["overlaps"])))
     row("", "leases never released (graceful stops)", ok(len(r["never_released"])))
-    row("", "rejected pushes (push_failed / thread_diverged events; \"push failed\" log lines)",
-        f"{ok(r['rejected_pushes_events'])}; {ok(r['push_failed_lines'])}")
+    row("", "rejected pushes (push_failed / thread_diverged events; push retries, the workers' counter)",
+        f"{ok(r['rejected_pushes_events'])}; {ok(r['push_retries'])}")
     row("", "threads whose branch lacks the newest applied request", ok(len(r["branch_not_newest"])))
     row("", "workspaces whose site is not the last completed build", ok(len(r["site_not_newest"])))
     row("", "requests applied twice (trailer on two commits)", ok(len(r["applied_twice"])))
     row("", "leases / taken from another worker", f"{r['leases']} / {r['handovers']}")
     row("", "conversations resumed on another worker / not continued (new session)",
-        f"{r['resumed_across_workers']} / {r['conversation_not_continued']} "
-        f"(\"conversation is gone\" lines: {r['conversation_gone_lines']})")
+        f"{r['resumed_across_workers']} / {r['conversation_not_continued']}")
     if report:
         row("", "makespan / throughput", f"{report['makespanMs'] / 1000:.1f} s / {report['throughputPerSec']:.2f} msg/s")
 
@@ -641,7 +608,7 @@ def case_c():
     victim = run.workers["a"]
     want = max(3, WORKSPACES // 20)
     wait_until("worker a to hold leases and run agents", 300,
-               lambda: sum(1 for l in victim.lines() if message(l) == "lease acquired") >= want
+               lambda: len(victim.otlp.spans("lease acquired")) >= want
                and victim.running_agents())
     held_before = [h for h in lease_intervals(victim) if h["until"] is None]
     victim.kill9()
@@ -682,7 +649,8 @@ def case_d():
         return sum(1 for x in runs if x["worker"] == "a" and not x.get("endRecord")) >= min(3, workspaces)
     wait_until("worker a's agents at work", 300, a_working)
     b = run.start("b")
-    wait_until("worker b to start", 60, lambda: b.lines())
+    # Its first metrics export (the isolation gauge is set at start): b is up.
+    wait_until("worker b to start", 60, lambda: b.otlp.latest())
     t = time.time()
     a.stop()
     a_exit_s = time.time() - t
@@ -760,34 +728,49 @@ def case_e():
                     "slow": dict(outcomes), "new": dict(outcomes_new), "exits": exits}
 
 
+def f_run(name, k, lease_store):
+    """One run of case f: `k` workers (with the lease store or, alone, without it) on the case's
+    load, same loadgen arguments and seed every time. Its figures."""
+    run = Run(name, F_WORKSPACES)
+    extra = {} if lease_store else {"LEASE_STORE": ""}
+    for w in "abc"[:k]:
+        run.start(w, extra=extra)
+    time.sleep(1)
+    offset = moto_offset()
+    proc = loadgen_start(run, F_WORKSPACES, F_PER_WORKSPACE, AGENT_SLEEP)
+    ledger, report = loadgen_finish(run, proc)
+    cpu = sum(w.sample_cpu() for w in run.workers.values())
+    exits = run.stop_all()
+    r = check_run(run, ledger)
+    who = f"{k}" + ("" if lease_store else " (no lease store)")
+    x = {"workers": who, "report": report, "r": r, "counts": s3_requests(run, offset), "cpu": cpu,
+         "exits": exits,
+         # The workers' own counts (stopped on SIGTERM: final): lease spans, and the record
+         # store's requests (records, thread documents, conversations, leases, presence).
+         "lease_spans": sum(len(w.otlp.spans(*LEASE_SPANS)) for w in run.workers.values()),
+         "store_calls": sum(w.counter("edit_worker.records.calls") for w in run.workers.values()),
+         "throughput": report["throughputPerSec"]}
+    log(f"   {who} worker(s): {x['throughput']:.2f} msg/s")
+    return x
+
+
 def case_f():
-    label = f"f. throughput, 1 worker alone (no lease store), then 1 / 2 / 3 workers with one, {F_WORKSPACES} workspaces x {F_PER_WORKSPACE}, share {SHARE}, agent {AGENT_SLEEP} s"
+    label = (f"f. a lone worker with the lease store against one without ({F_ROUNDS} rounds, the order "
+             f"alternating), then 2 and 3 workers with it; {F_WORKSPACES} workspaces x {F_PER_WORKSPACE}, "
+             f"share {SHARE}, agent {AGENT_SLEEP} s, seed {SEED}")
     log(f"== {label}")
-    out = []
-    # First one worker without a lease store (alone, as before issue 12): the cost of the store.
-    for i, (k, extra) in enumerate(((1, {"LEASE_STORE": ""}), (1, {}), (2, {}), (3, {}))):
-        run = Run(f"f{i}", F_WORKSPACES)
-        for w in "abc"[:k]:
-            run.start(w, extra=extra)
-        time.sleep(1)
-        offset = moto_offset()
-        proc = loadgen_start(run, F_WORKSPACES, F_PER_WORKSPACE, AGENT_SLEEP)
-        ledger, report = loadgen_finish(run, proc)
-        cpu = sum(w.sample_cpu() for w in run.workers.values())
-        exits = run.stop_all()
-        r = check_run(run, ledger)
-        counts = s3_requests(run, offset)
-        lease_lines = sum(1 for ls in r["lines"].values() for l in ls if message(l).startswith("lease "))
-        # The workers' own count of record store calls (records, thread map, conversations and
-        # leases), logged at exit.
-        store = [l for ls in r["lines"].values() for l in ls if message(l) == "record store calls"]
-        store_calls = (sum((field(l, "reads") or 0) + (field(l, "writes") or 0) for l in store)
-                       if len(store) == k else None)
-        who = f"{k}" + (" (no lease store)" if extra else "")
-        out.append({"workers": who, "report": report, "r": r, "counts": counts, "cpu": cpu, "exits": exits,
-                    "lease_lines": lease_lines, "store_calls": store_calls})
-        log(f"   {who} worker(s): {report['throughputPerSec']:.2f} msg/s")
-    RESULTS["f"] = {"label": label, "runs": out}
+    rounds = []
+    for i in range(F_ROUNDS):
+        # Round by round, which of the two goes first alternates: neither always meets the
+        # fresher moto (it grows with every run's buckets and queues) or the quieter machine.
+        order = (True, False) if i % 2 == 0 else (False, True)
+        got = {with_store: f_run(f"f{i}{'s' if with_store else 'n'}", 1, with_store) for with_store in order}
+        ratio = got[True]["throughput"] / (got[False]["throughput"] or float("nan"))
+        rounds.append({"first": "with" if order[0] else "without", "with": got[True], "without": got[False],
+                       "ratio": ratio})
+        log(f"   round {i + 1}: with / without {ratio:.2f}")
+    more = [f_run(f"fw{k}", k, True) for k in (2, 3)]
+    RESULTS["f"] = {"label": label, "rounds": rounds, "more": more}
 
 
 def case_g():
@@ -848,6 +831,64 @@ def case_g():
 
 # ---------------------------------------------------------------------------------------- report
 
+def s3_per_message(x):
+    """Lease-store S3 requests per message in moto's log, and the 412 conflicts among them."""
+    n = x["r"]["messages"] or 1
+    if x["counts"] is None:
+        return None, None
+    return (sum(x["counts"].values()) / n,
+            sum(v for (m, k, c), v in x["counts"].items() if c) / n)
+
+
+def print_f(res):
+    print(f"\n### {res['label']}\n")
+    print("| round (first) | without: throughput | with: throughput | with / without | with: lease-store S3 "
+          "requests per message, moto's log (412 conflicts) | with: record store calls per message, the worker's "
+          "counter | without: record store calls per message (local folder) | CPU per message without / with "
+          "| lost / >1 terminal / overlaps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for i, rd in enumerate(res["rounds"]):
+        w, wo = rd["with"], rd["without"]
+        n_w, n_wo = w["r"]["messages"] or 1, wo["r"]["messages"] or 1
+        req, conflicts = s3_per_message(w)
+        row(f"{i + 1} ({rd['first']})", f"{wo['throughput']:.2f} msg/s", f"{w['throughput']:.2f} msg/s",
+            f"{rd['ratio']:.2f}", "n/a (MOTO_LOG not set)" if req is None else f"{req:.2f} ({conflicts:.2f})",
+            f"{w['store_calls'] / n_w:.2f}", f"{wo['store_calls'] / n_wo:.2f}",
+            f"{wo['cpu'] * 1000 / n_wo:.0f} / {w['cpu'] * 1000 / n_w:.0f} ms",
+            " ; ".join(f"{x['r']['lost']} / {x['r']['more_than_one_terminal']} / {len(x['r']['overlaps'])}"
+                       for x in (wo, w)))
+    ratios = [rd["ratio"] for rd in res["rounds"]]
+    reqs = [s3_per_message(rd["with"])[0] for rd in res["rounds"] if rd["with"]["counts"] is not None]
+    calls = [rd["with"]["store_calls"] / (rd["with"]["r"]["messages"] or 1) for rd in res["rounds"]]
+    in_log = f"**{median(reqs):.2f}** in moto's log, " if reqs else ""
+    print(f"\nmedian of {len(ratios)} rounds: with / without **{median(ratios):.2f}** (target at least 0.90: "
+          f"within 10 %), per round {', '.join(f'{x:.2f}' for x in ratios)}; lease-store S3 requests per "
+          f"message {in_log}{median(calls):.2f} by the worker's counter (target at most 5)")
+    print("\n| workers (with the lease store) | makespan | throughput | vs the lone worker's median | lost / >1 terminal "
+          "/ overlaps | worker CPU per message | lease-store S3 requests per message, moto's log (412 conflicts) "
+          "| record store calls per message, the workers' counter | lease spans per message |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = median([rd["with"]["throughput"] for rd in res["rounds"]]) or 1
+    runs = [{**rd["with"], "workers": f"1 (round {i + 1})"} for i, rd in enumerate(res["rounds"])] + res["more"]
+    for x in runs:
+        rep, r = x["report"], x["r"]
+        n = r["messages"] or 1
+        req, conflicts = s3_per_message(x)
+        row(x["workers"], f"{rep['makespanMs'] / 1000:.1f} s", f"{x['throughput']:.2f} msg/s",
+            f"{x['throughput'] / base:.2f}x",
+            f"{r['lost']} / {r['more_than_one_terminal']} / {len(r['overlaps'])}",
+            f"{x['cpu'] * 1000 / n:.0f} ms", "n/a (MOTO_LOG not set)" if req is None else f"{req:.1f} ({conflicts:.2f})",
+            f"{x['store_calls'] / n:.1f}", f"{x['lease_spans'] / n:.1f}")
+    for x in [res["rounds"][-1]["with"]] + res["more"]:
+        if x["counts"]:
+            by = collections.Counter()
+            for (m, k, c), v in x["counts"].items():
+                by[f"{m} {k}"] += v
+            n = x["r"]["messages"] or 1
+            print(f"\n{x['workers']} worker(s), lease-store requests per message by method and key prefix: " +
+                  ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+
+
 def print_report(started):
     print(f"\nmany workers on one queue: worker {os.path.relpath(WORKER, ROOT) if WORKER.startswith(ROOT) else WORKER}, "
           f"SCALE {SCALE}, {time.time() - started:.0f} s in all\n")
@@ -878,15 +919,15 @@ def print_report(started):
     if lat_rows:
         print("\n### e. interrupts across workers: newer message sent -> holder's agent stopped\n")
         print("| run | interrupts via a notice | sent -> stopped: median / p99 / max | notice sent -> stopped: "
-              "median / p99 | notices without a stop | stops without a notice (local) | "
-              "stop request -> agent gone, median / p99 (all stops) |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+              "median / p99 | notices sent / counted received | notices without a stop | stops without a notice "
+              "(local) | stop request -> agent gone, median / p99 (all stops) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, lat in lat_rows:
             c, pth, us = lat["cross"], lat["path"], lat["local_us"]
             row(name, len(c),
                 f"{fmt_ms(percentile(c, 50))} / {fmt_ms(percentile(c, 99))} / {fmt_ms(max(c) if c else None)}",
                 f"{fmt_ms(percentile(pth, 50))} / {fmt_ms(percentile(pth, 99))}",
-                lat["unmatched"], lat["local_stops"],
+                f"{lat['notices']} / {lat['received']}", lat["unmatched"], lat["local_stops"],
                 f"{'n/a' if not us else f'{percentile(us, 50) / 1000:.1f} ms'} / "
                 f"{'n/a' if not us else f'{percentile(us, 99) / 1000:.1f} ms'}")
         print("\n(a, b, c: under load the send time includes the time the newer message waited in the queue; "
@@ -902,46 +943,23 @@ def print_report(started):
         for mode, t in res["took"].items():
             row(mode, f"{fmt_ms(percentile(t, 50))} / {fmt_ms(max(t) if t else None)}", len(t))
     if "f" in RESULTS:
-        res = RESULTS["f"]
-        print(f"\n### {res['label']}\n")
-        print("| workers | makespan | throughput | vs 1 worker | lost / >1 terminal / overlaps | worker CPU per message "
-              "| lease-store S3 requests per message, moto's log (412 conflicts) | record store calls per message, "
-              "the workers' count | lease log lines per message |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        base = res["runs"][1]["report"]["throughputPerSec"] or 1
-        for x in res["runs"]:
-            rep, r, counts = x["report"], x["r"], x["counts"]
-            n = r["messages"] or 1
-            if counts is None:
-                s3_cell = "n/a (MOTO_LOG not set)"
-            else:
-                total = sum(counts.values())
-                conflicts = sum(v for (m, k, c), v in counts.items() if c)
-                s3_cell = f"{total / n:.1f} ({conflicts / n:.2f})"
-            row(x["workers"], f"{rep['makespanMs'] / 1000:.1f} s", f"{rep['throughputPerSec']:.2f} msg/s",
-                f"{rep['throughputPerSec'] / base:.2f}x",
-                f"{r['lost']} / {r['more_than_one_terminal']} / {len(r['overlaps'])}",
-                f"{x['cpu'] * 1000 / n:.0f} ms", s3_cell,
-                "n/a" if x["store_calls"] is None else f"{x['store_calls'] / n:.1f}", f"{x['lease_lines'] / n:.1f}")
-        for x in res["runs"]:
-            if x["counts"]:
-                by = collections.Counter()
-                for (m, k, c), v in x["counts"].items():
-                    by[f"{m} {k}"] += v
-                n = x["r"]["messages"] or 1
-                print(f"\n{x['workers']} worker(s), lease-store requests per message by method and key prefix: " +
-                      ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])))
+        print_f(RESULTS["f"])
     out = os.path.join(ROOT, ".bench", "many-workers.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     slim = {}
+    drop = ("runs", "intervals")
+
+    def slim_run(x):
+        return {**x, "r": {kk: vv for kk, vv in x["r"].items() if kk not in drop},
+                "counts": {" ".join(map(str, kk)): vv for kk, vv in (x["counts"] or {}).items()}}
     for k, v in RESULTS.items():
         v = dict(v)
         if "r" in v:
-            v["r"] = {kk: vv for kk, vv in v["r"].items() if kk not in ("runs", "intervals", "lines")}
-        if "runs" in v:
-            v["runs"] = [{**x, "r": {kk: vv for kk, vv in x["r"].items() if kk not in ("runs", "intervals", "lines")},
-                          "counts": {" ".join(map(str, kk)): vv for kk, vv in (x["counts"] or {}).items()}}
-                         for x in v["runs"]]
+            v["r"] = {kk: vv for kk, vv in v["r"].items() if kk not in drop}
+        if "rounds" in v:
+            v["rounds"] = [{**rd, "with": slim_run(rd["with"]), "without": slim_run(rd["without"])}
+                           for rd in v["rounds"]]
+            v["more"] = [slim_run(x) for x in v["more"]]
         slim[k] = v
     with open(out, "w") as f:
         json.dump(slim, f, indent=2, default=str)

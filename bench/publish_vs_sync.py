@@ -17,7 +17,6 @@ Run it with: scripts/bench publish (REPS rounds, default 5; PAGES; CONCURRENCY; 
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,12 @@ import time
 
 import boto3
 
-from common import commit_of_tree
+from common import commit_of_tree, env_num, median, worker_bin
 
-PAGES = int(os.environ.get("PAGES", "1000"))
-REPS = int(os.environ.get("REPS", "5"))
-CONCURRENCY = int(os.environ.get("CONCURRENCY", "16"))
-WORKER = os.environ["WORKER_BIN"]
+PAGES = env_num("PAGES", 1000, int)
+REPS = env_num("REPS", 5, int)
+CONCURRENCY = env_num("CONCURRENCY", 16, int)
+WORKER = worker_bin()
 AWS = os.environ["AWS_CLI"]
 TOOLS = ("edit-worker", "aws s3 sync")
 
@@ -122,10 +121,10 @@ def report(label, results, files):
         ew = [t for t, _ in results["edit-worker"][case]]
         aws = [t for t, _ in results["aws s3 sync"][case]]
         ratios = [a / e for a, e in zip(aws, ew)]
-        up_ew = statistics.median(u for _, u in results["edit-worker"][case])
-        up_aws = statistics.median(u for _, u in results["aws s3 sync"][case])
-        print(f"| {names[case]} | {statistics.median(ew):.2f} s | {statistics.median(aws):.2f} s | "
-              f"{', '.join(f'{r:.1f}' for r in ratios)} ({statistics.median(ratios):.1f}x) | {up_ew:.0f} / {up_aws:.0f} |")
+        up_ew = median(u for _, u in results["edit-worker"][case])
+        up_aws = median(u for _, u in results["aws s3 sync"][case])
+        print(f"| {names[case]} | {median(ew):.2f} s | {median(aws):.2f} s | "
+              f"{', '.join(f'{r:.1f}' for r in ratios)} ({median(ratios):.1f}x) | {up_ew:.0f} / {up_aws:.0f} |")
 
 
 def main():

@@ -32,11 +32,10 @@ import time
 
 import boto3
 
-from common import Otlp, commit_of_tree, pct
+from common import ROOT, Otlp, commit_of_tree, env_num, pct, seed_repo, worker_bin
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERRUPTS = int(os.environ.get("INTERRUPTS", "20"))
-WORKER = os.environ.get("WORKER_BIN", os.path.join(ROOT, "target/debug/edit-worker"))
+INTERRUPTS = env_num("INTERRUPTS", 20, int)
+WORKER = worker_bin("target/debug/edit-worker")
 CLAUDE = os.environ.get("CLAUDE_BIN", os.path.join(ROOT, ".tools/claude-code/node_modules/.bin/claude"))
 
 
@@ -60,12 +59,6 @@ def start_moto():
         except OSError:
             time.sleep(0.1)
     sys.exit("moto did not start")
-
-
-def git(cwd, *args):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x",
-                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"})
 
 
 def turns_for(log_path, marker):
@@ -112,15 +105,7 @@ def main():
     name = f"brci-{os.getpid()}"
     queues = {n: sqs.create_queue(QueueName=f"{name}-{n}")["QueueUrl"] for n in ("in", "out")}
     s3.create_bucket(Bucket=f"edit.bench.{name}.test")
-    bare = os.path.join(base, "upstream", "bench", "site.git")
-    os.makedirs(bare)
-    git(bare, "init", "--quiet", "--bare", "--initial-branch=main")
-    seed = os.path.join(base, "seed")
-    shutil.copytree(os.path.join(ROOT, "tests/fixtures/tiny-site"), seed)
-    git(seed, "init", "--quiet", "--initial-branch=main")
-    git(seed, "add", "-A")
-    git(seed, "commit", "--quiet", "-m", "init")
-    git(seed, "push", "--quiet", bare, "main")
+    shutil.copytree(seed_repo(base, "tiny-site"), os.path.join(base, "upstream", "bench", "site.git"))
 
     api_log = os.path.join(base, "api.jsonl")
     api = subprocess.Popen([os.path.join(ROOT, "tools/fake-anthropic-api"), "--log", api_log],

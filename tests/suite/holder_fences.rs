@@ -462,7 +462,7 @@ async fn a_message_costs_at_most_five_lease_store_requests() {
         .unwrap()
         .to_owned();
     let s3 = recording_proxy(common::endpoint(), Vec::new()).await;
-    let worker = env
+    let mut worker = env
         .spawn_worker(
             "a",
             &[
@@ -509,5 +509,33 @@ async fn a_message_costs_at_most_five_lease_store_requests() {
     assert!(
         per_message <= 5.0,
         "{per_message} lease-store requests per message (at most 5): {counted:#?}"
+    );
+    // Issue 28: the worker's own counter of its record store's requests says the same as the
+    // proxy, read and write apart, so that a benchmark can read the cost from the worker's
+    // telemetry. Stopped (SIGTERM), the worker has exported its final totals.
+    assert_eq!(
+        worker.stop(),
+        Some(0),
+        "{}",
+        common::tail(&worker.text(), 40)
+    );
+    let all = store_requests();
+    let proxied = |methods: &[&str]| {
+        all.iter()
+            .filter(|r| methods.iter().any(|m| r.starts_with(&format!("{m} "))))
+            .count() as i64
+    };
+    let counted = worker
+        .otlp
+        .metrics()
+        .values_by("edit_worker.records.calls", &[], "op");
+    assert_eq!(
+        (
+            counted.get("read").copied().unwrap_or(0),
+            counted.get("write").copied().unwrap_or(0)
+        ),
+        (proxied(&["GET"]), proxied(&["PUT", "DELETE"])),
+        "edit_worker.records.calls by op (read, write) against the proxy's GETs and PUTs + \
+         DELETEs to the store: {all:#?}"
     );
 }

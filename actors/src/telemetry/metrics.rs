@@ -1,7 +1,7 @@
 //! Metrics over OTLP: messages by outcome, phase durations, messages in flight, queue wait,
 //! interrupts and how long they take, actor failures and restarts, sessions stopped, the
-//! isolation level, disk-limit stops, shared-store installs, notices between workers and push
-//! retries.
+//! isolation level, disk-limit stops, shared-store installs, notices between workers, push
+//! retries and the record store's requests.
 //! Instruments come from the global meter, which does nothing until `src/telemetry.rs` installs
 //! an exporting provider (only when an endpoint is set).
 //!
@@ -67,6 +67,12 @@ pub struct Metrics {
     /// Rollbacks that restored a deploy (beside the log line "rolling back"): with the
     /// stand-in's log, what shows that a rollback ran no agent and no build.
     pub rollbacks: Counter<u64>,
+    /// Requests the record store made (outcome records, thread documents, conversations,
+    /// leases and presence: everything `records.rs` reads or writes), by `op`: `read` or
+    /// `write` (a conditional write or a delete). The same count as the log line "record store
+    /// calls" at exit, but live and without the log: what the lease store costs per message
+    /// (issue 25's target) is read from it by the benchmarks (issue 28).
+    pub record_calls: Counter<u64>,
 }
 
 /// Bucket bounds of the stop latencies, in microseconds: 0.5 ms to 10 s. The SDK's default
@@ -187,6 +193,10 @@ pub fn metrics() -> &'static Metrics {
                 .u64_counter("edit_worker.rollbacks")
                 .with_description("Rollbacks that restored a deploy")
                 .build(),
+            record_calls: meter
+                .u64_counter("edit_worker.records.calls")
+                .with_description("Record store requests, by op: read or write")
+                .build(),
         }
     })
 }
@@ -211,6 +221,12 @@ pub fn notice_received(kind: &'static str, from: &str) {
             KeyValue::new("from", from.to_owned()),
         ],
     );
+}
+
+/// Count a request of the record store: `op` is `read` or `write` (a delete counts as a write,
+/// as in the log line "record store calls").
+pub fn record_call(op: &'static str) {
+    metrics().record_calls.add(1, &[KeyValue::new("op", op)]);
 }
 
 pub fn outcome(kind: &str) {
