@@ -601,7 +601,7 @@ impl RecordStore {
         self.calls
             .writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        crate::metrics::record_call("write");
+        crate::telemetry::metrics::record_call("write");
         let failed = |message: String| RecordError::Store {
             op: "delete",
             message: format!("{key}: {message}"),
@@ -697,7 +697,7 @@ impl RecordStore {
         self.calls
             .reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        crate::metrics::record_call("read");
+        crate::telemetry::metrics::record_call("read");
         match &self.engine {
             Engine::Local(root) => match tokio::fs::read_to_string(root.join(key)).await {
                 Ok(text) => Ok(Some((text.clone(), Version::Text(text)))),
@@ -759,7 +759,7 @@ impl RecordStore {
         self.calls
             .writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        crate::metrics::record_call("write");
+        crate::telemetry::metrics::record_call("write");
         match &self.engine {
             Engine::Local(root) => {
                 let path = root.join(key);
