@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edit_worker_actors::config::StoreLocation;
 use edit_worker_actors::config::{
     AgentSpec, BuildSettings, OutputDir, WorkerConfig, default_build_concurrency, default_worker_id,
 };
 use edit_worker_actors::contract::message::check_dns_label;
-use edit_worker_actors::delivery::records::StoreLocation;
 use edit_worker_actors::delivery::threads::ThreadStore;
 use edit_worker_actors::steps::build::npm_store::StoreSettings;
 use edit_worker_actors::steps::check::CheckSettings;

@@ -13,7 +13,8 @@ use crate::batch::journal::Journal;
 use crate::batch::progress::{ProgressTarget, report_progress};
 use crate::batch::run::{BatchRun, batch_ids, batch_prompt};
 use crate::delivery::job::Job;
-use crate::delivery::threads::{ThreadRecord, ThreadStore};
+use crate::delivery::records::ThreadRecord;
+use crate::delivery::threads::ThreadStore;
 use crate::steps::agent::{AgentError, Conversation};
 use crate::steps::{AgentMsg, GitMsg, Steps};
 

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use crate::config::WorkerConfig;
-use crate::delivery::lease::{LeaseError, LeaseLost};
+use crate::delivery::lease::LeaseError;
+use crate::delivery::lease_check::LeaseLost;
 use crate::steps::StepCrashed;
 use crate::steps::agent::AgentError;
 use crate::steps::build::BuildError;

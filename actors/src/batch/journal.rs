@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
+use crate::contract::status::PublishReport;
 use crate::steps::agent::AgentReport;
-use crate::steps::publish::PublishReport;
 use crate::steps::slots::Slot;
 
 /// What happened to a batch, for its terminal events.
@@ -46,7 +46,7 @@ pub(crate) struct Journal {
     /// since; written once more at its end (`agent_turn::record_thread`).
     pub(crate) thread: Option<crate::delivery::records::ThreadState>,
     /// The conversation this batch's agent runs left, written with the batch's end.
-    pub(crate) conversation: Option<crate::delivery::threads::ThreadRecord>,
+    pub(crate) conversation: Option<crate::delivery::records::ThreadRecord>,
     /// Where saved work was kept upstream when its branch could not be pushed
     /// (`refs/edit-worker/saved/…`): the events' `savedRef`.
     pub(crate) saved_ref: Option<String>,

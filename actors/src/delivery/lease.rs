@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::contract::message::WorkspaceKey;
-pub use crate::delivery::lease_check::{LeaseCheck, LeaseLost};
+use crate::delivery::lease_check::LeaseCheck;
 use crate::delivery::records::{RecordError, RecordStore, Version, now_ms};
 
 /// Say a lease transition ("lease acquired", "lease released", "lease lost") twice, with the

@@ -19,9 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use serde::{Deserialize, Serialize};
 
+use crate::config::StoreLocation;
 use crate::contract::message::WorkspaceKey;
-
-pub use crate::config::StoreLocation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {

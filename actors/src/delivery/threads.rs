@@ -11,8 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::contract::message::WorkspaceKey;
-pub(crate) use crate::delivery::records::ThreadRecord;
-use crate::delivery::records::{RecordStore, Version};
+use crate::delivery::records::{RecordStore, ThreadRecord, Version};
 use crate::tenant::tenant_fs;
 
 /// The largest conversation file the worker reads from a tenant's agent folder to share it: a

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 
 use super::{AgentMsg, BuildMsg, GitMsg, PublisherMsg, StepFactory, StepHandler, StepKind};
 use crate::contract::message::WorkspaceKey;
+use crate::contract::status::PublishReport;
 use crate::steps::agent::{AgentError, AgentReport};
 use crate::steps::build::BuildReport;
-use crate::steps::publish::PublishReport;
 
 /// What a fake step was asked or did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -37,12 +37,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::WorkerConfig;
 use crate::contract::message::RollbackTarget;
 use crate::contract::message::WorkspaceKey;
+use crate::contract::status::PublishReport;
 use crate::steps::agent::{AgentActivity, AgentError, AgentReport, AgentSpec, Conversation};
 use crate::steps::build::prepared_build::PreparedBuild;
 use crate::steps::build::{BuildError, BuildReport, BuildSpec};
 use crate::steps::git::{Fence, GitError, SavedWork, Workspace};
 use crate::steps::publish::deploys::{DeployMeta, DeployRecord, ResolvedDeploy};
-use crate::steps::publish::{BucketFence, PublishError, PublishReport, Publisher};
+use crate::steps::publish::{BucketFence, PublishError, Publisher};
 use crate::tenant::sandbox::Jail;
 
 // ---------------------------------------------------------------- the shape of a step

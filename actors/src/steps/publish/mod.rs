@@ -51,6 +51,7 @@ use md5::{Digest, Md5};
 
 pub use crate::config::{CacheRule, PublishOptions};
 use crate::contract::message::WorkspaceKey;
+use crate::contract::status::PublishReport;
 use crate::steps::publish::deploys::{
     DeployMeta, DeployRecord, DeployedFile, ListedRecord, OBJECTS_DIR, copy_source, deploy_id,
     is_md5, record_key, records_prefix, sequence_of, stored_key,
@@ -78,8 +79,6 @@ const RECORD_ATTEMPTS: usize = 4;
 /// read into memory.
 const MAX_RECORD_BYTES: i64 = 64 * 1024;
 
-pub use crate::contract::status::PublishReport;
-
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("the build produced no files in {0}; refusing to publish an empty site")]
@@ -97,7 +96,7 @@ pub enum PublishError {
     #[error("deleting stale objects from {bucket}: {message}")]
     Delete { bucket: String, message: String },
     #[error("{0}")]
-    LeaseLost(#[from] crate::delivery::lease::LeaseLost),
+    LeaseLost(#[from] crate::delivery::lease_check::LeaseLost),
     #[error(
         "bucket {bucket} is fenced past this worker's lease token {token} (it carries {found}): \
          another worker holds the workspace now"

@@ -19,14 +19,14 @@ pub const OWNER_KEY: &str = ".edit-worker/owner.json";
 pub struct BucketFence {
     pub key: String,
     pub token: u64,
-    pub lease: crate::delivery::lease::LeaseCheck,
+    pub lease: crate::delivery::lease_check::LeaseCheck,
 }
 
 impl BucketFence {
     pub fn for_workspace(
         workspace: &crate::contract::message::WorkspaceKey,
         token: u64,
-        lease: crate::delivery::lease::LeaseCheck,
+        lease: crate::delivery::lease_check::LeaseCheck,
     ) -> BucketFence {
         BucketFence {
             key: format!(

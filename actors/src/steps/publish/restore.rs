@@ -10,12 +10,13 @@ use aws_sdk_s3::error::DisplayErrorContext;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::contract::message::{RollbackTarget, WorkspaceKey};
+use crate::contract::status::PublishReport;
 use crate::steps::publish::deploys::{
     DeployMeta, DeployRecord, DeployedFile, MAX_RECORD_BYTES, ResolvedDeploy, commit_prefix_of,
     copy_source, is_deploy_id, is_md5, record_key, records_prefix, sequence_of, stored_key,
 };
 use crate::steps::publish::{
-    BucketFence, KeptCopies, Placed, PublishError, PublishReport, Publisher, next_sequence,
+    BucketFence, KeptCopies, Placed, PublishError, Publisher, next_sequence,
 };
 
 /// A file to put back, and where its bytes come from (owned: the copies run as a stream of
