@@ -20,6 +20,7 @@ use crate::batch::context::WorkerContext;
 use crate::contract::message::{EditRequest, LooseIds, RequestError, WorkspaceKey};
 use crate::contract::status::StatusEvent;
 use crate::delivery::HeldMessage;
+use crate::delivery::Marking;
 use crate::delivery::Receipt;
 use crate::delivery::job::{InFlight, Job, Renewal};
 use crate::delivery::records::Begin;
@@ -380,6 +381,8 @@ pub(crate) async fn run_intake(
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
+        // Before the call: every message it brings was received after this.
+        let receive_began = Instant::now();
         let mut receive = tokio::spawn(receive);
         let received = loop {
             tokio::select! {
@@ -427,7 +430,7 @@ pub(crate) async fn run_intake(
         let decided = futures::future::join_all(
             messages
                 .into_iter()
-                .map(|m| decide(&ctx, &registry, m, &shutdown)),
+                .map(|m| decide(&ctx, &registry, m, receive_began, &shutdown)),
         )
         .await;
         for (message, receipt, begin) in decided.into_iter().flatten() {
@@ -480,11 +483,14 @@ fn mark_hold(ctx: &WorkerContext) -> Duration {
 /// failed look burns its deliveries and ends in the dead-letter queue with no event). `None`
 /// for a copy of a message held here (it lends the held one its handle) and for a message
 /// given back because the store stayed away past `HOLD_UNDECIDED_SECONDS` or the worker is
-/// shutting down. `Some((message, receipt, None))`: the record says nothing yet.
+/// shutting down. `Some`: the message with what its record says, or `Begin::Unmarked` for a
+/// first delivery received a moment ago, not looked up. `received_at`: when the receive call
+/// that brought it began.
 async fn decide(
     ctx: &Arc<WorkerContext>,
     registry: &InFlightRegistry,
     message: Message,
+    received_at: Instant,
     shutdown: &CancellationToken,
 ) -> Option<(Message, Receipt, Begin)> {
     let message_id = message.message_id.clone().unwrap_or_default();
@@ -499,6 +505,21 @@ async fn decide(
         return None;
     }
     let receipt = Receipt::delivered(receipt_handle, receive_count);
+    // A first delivery received a moment ago is taken without a look at the record (issue
+    // 25: a `started` mark written at every receipt was a fifth of the lease store's cost
+    // per message). Nobody can have it in hand or have ended it: SQS hands a message out
+    // again only once its visibility lapsed, which counts a receive, and it was received
+    // less than a third of the visibility ago (after the receive call began, by this
+    // worker's monotonic clock); the renewals mark it at the first renewal, a third into
+    // the visibility from now (`Marking::AtFirstRenewal`), before a copy can come out. Not
+    // for an older receive: a worker frozen with a long poll open finds in it, once
+    // resumed, a message that has been handed out again meanwhile and may have ended
+    // elsewhere. The rare copy a standard queue hands out twice at once meets the
+    // workspace's lease and the thread's mark and commit: one runs, the other repeats the
+    // recorded ending (`Delivery::finish`).
+    if receive_count <= 1 && received_at.elapsed() < ctx.config.visibility_timeout / 3 {
+        return Some((message, receipt, Begin::Unmarked));
+    }
     let since = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
     let mut held: Option<Renewal> = None;
@@ -525,8 +546,12 @@ async fn decide(
             let stop = CancellationToken::new();
             held = Some(Renewal::new(
                 stop.clone(),
-                ctx.delivery
-                    .keep_invisible(receipt.clone(), message_id.clone(), None, stop),
+                ctx.delivery.keep_invisible(
+                    receipt.clone(),
+                    message_id.clone(),
+                    Marking::None,
+                    stop,
+                ),
             ));
         }
         if since.elapsed() >= ctx.delivery.hold_undecided() {
@@ -601,8 +626,12 @@ async fn accept(
     let (span, trace_id) = root_span(ctx, &message, &message_id);
 
     let hold = mark_hold(ctx);
+    let marking = match begin {
+        Begin::Unmarked => Marking::AtFirstRenewal(hold),
+        _ => Marking::Refresh(hold),
+    };
     match begin {
-        Begin::Fresh => {}
+        Begin::Fresh | Begin::Unmarked => {}
         Begin::Ended(event) => {
             tracing::info!(%message_id, receive_count, "this message already ended; repeating its terminal event and deleting it");
             crate::telemetry::metrics::outcome("repeated");
@@ -679,7 +708,7 @@ async fn accept(
     let renewal = Renewal::new(
         stop.clone(),
         ctx.delivery
-            .keep_invisible(receipt.clone(), message_id.clone(), Some(hold), stop),
+            .keep_invisible(receipt.clone(), message_id.clone(), marking, stop),
     );
     let job = Job {
         request,
@@ -718,7 +747,7 @@ async fn watch_held_elsewhere(
     let mut renewal = Renewal::new(
         stop.clone(),
         ctx.delivery
-            .keep_invisible(receipt.clone(), message_id.clone(), None, stop),
+            .keep_invisible(receipt.clone(), message_id.clone(), Marking::None, stop),
     );
     let mut store_away_since: Option<Instant> = None;
     let begin = loop {

@@ -168,10 +168,13 @@ async fn a_message_on_its_last_delivery_ends_failed_with_an_event_not_silently()
         env.worker_log()
     );
     assert_eq!(ends[0]["clientId"], "ola", "the event names its workspace");
-    assert_eq!(
-        common::deliveries_of(&events, &id),
-        0,
-        "nothing started while the store was away"
+    // Nothing ran while the store was away. (The first delivery, received a moment before
+    // and so not looked up in the records, may have said `started`: it then waited for the
+    // lease, which the store could not grant.)
+    assert!(
+        env.agent_runs().is_empty(),
+        "an agent ran while the store was away: {:#?}",
+        env.agent_runs()
     );
     // Nothing in the input queue any more, and in the dead-letter queue only the worker's
     // copy with its reason: SQS did not move the message itself.

@@ -268,8 +268,9 @@ async fn a_frozen_holder_resumed_writes_nothing() {
         let written = writes_after(&a_s3, seen_before_resume, what);
         assert!(
             written.is_empty(),
-            "the resumed worker wrote {what} after it lost its lease: {written:#?}\n{}",
-            tail(&a.text(), 40)
+            "the resumed worker wrote {what} after it lost its lease: {written:#?}\n{}\nB:\n{}",
+            tail(&a.text(), 40),
+            tail(&b.text(), 60)
         );
     }
     assert_eq!(
@@ -445,13 +446,14 @@ async fn a_failed_save_keeps_the_message_until_the_work_is_durable() {
 }
 
 /// Item 5: what the lease store costs a lone worker per message, counted by a proxy in front
-/// of S3: at most 5 requests per message of a thread that has run before (its `started` mark,
-/// the lease taken back, the conversation's copy, the thread's one document, the outcome).
-/// On the old code each such message cost about 12 (every record read before it was written,
-/// the thread record written before and after the run and the mark apart, the lease released
-/// and taken anew).
+/// of S3: at most 4 requests per message of a thread that has run before (the lease taken
+/// back, the conversation's copy, the thread's one document, the outcome). A message that
+/// ends within two thirds of its visibility is never marked `started`: its first delivery
+/// cannot be anywhere else (`intake::decide`). Before that it cost 5 (the mark at receipt);
+/// on the older code about 12 (every record read before it was written, the thread record
+/// written before and after the run and the mark apart, the lease released and taken anew).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_message_costs_at_most_five_lease_store_requests() {
+async fn a_message_costs_at_most_four_lease_store_requests() {
     let env = TestEnv::new("hold-cost").await;
     env.create_site("cst", "site", Site::Tiny).await;
     let store = env.create_lease_store().await;
@@ -507,8 +509,8 @@ async fn a_message_costs_at_most_five_lease_store_requests() {
     let per_message = counted.len() as f64 / COUNTED as f64;
     eprintln!("{per_message} lease-store requests per message: {counted:#?}");
     assert!(
-        per_message <= 5.0,
-        "{per_message} lease-store requests per message (at most 5): {counted:#?}"
+        per_message <= 4.0,
+        "{per_message} lease-store requests per message (at most 4): {counted:#?}"
     );
     // Issue 28: the worker's own counter of its record store's requests says the same as the
     // proxy, read and write apart, so that a benchmark can read the cost from the worker's

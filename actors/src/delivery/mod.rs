@@ -51,9 +51,24 @@ pub(crate) const MARK_EVERY: u32 = 2;
 /// Refreshed every two thirds (two renewals of a third), a live worker's mark never lapses
 /// (a sixth to spare); and as each refresh comes with a renewal, a dead worker's mark ends
 /// (at most five sixths after its last refresh) before its message is visible again (a full
-/// visibility after its last renewal, which is no earlier).
+/// visibility after its last renewal, which is no earlier). A first delivery is not marked at
+/// receipt (`intake::decide`): its first mark, at two thirds, still comes before its message
+/// could be visible again, a full visibility after the receive.
 pub(crate) fn mark_hold(visibility: Duration) -> Duration {
     visibility * 5 / 6
+}
+
+/// What the renewals of a held message (`Delivery::keep_invisible`) do with its `started`
+/// mark in the records.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Marking {
+    /// Nothing: the message is not decided yet, there is no mark of ours to keep.
+    None,
+    /// Marked at receipt: refreshed for this long at every `MARK_EVERY`th renewal.
+    Refresh(Duration),
+    /// Not marked yet (`records::Begin::Unmarked`): marked at the first renewal, a third into
+    /// the visibility and so before a copy can come out anywhere, then refreshed as above.
+    AtFirstRenewal(Duration),
 }
 
 /// `DeliveryError::op` of a delete.
@@ -387,16 +402,21 @@ impl Delivery {
     /// Await the returned handle after cancelling, before deleting or releasing the message: a
     /// renewal still in flight would otherwise land after a release and hide the message again.
     ///
-    /// `hold` `None`: the visibility only, for a message not yet decided (no mark of ours).
+    /// `marking` says what becomes of the message's mark meanwhile.
     pub(crate) fn keep_invisible(
         &self,
         receipt: Receipt,
         message_id: String,
-        hold: Option<Duration>,
+        marking: Marking,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let delivery = self.clone();
         let every = (self.visibility / 3).max(Duration::from_secs(1));
+        let (hold, first_mark) = match marking {
+            Marking::None => (None, MARK_EVERY),
+            Marking::Refresh(hold) => (Some(hold), MARK_EVERY),
+            Marking::AtFirstRenewal(hold) => (Some(hold), 1),
+        };
         tokio::spawn(async move {
             // The mark is refreshed at every other renewal (`MARK_EVERY`): with the short
             // visibility of issue 25 a refresh at each would cost the lease store a GET and a
@@ -416,7 +436,8 @@ impl Delivery {
                 }
                 ticks += 1;
                 if let Some(hold) = hold
-                    && ticks.is_multiple_of(MARK_EVERY)
+                    && ticks >= first_mark
+                    && (ticks - first_mark).is_multiple_of(MARK_EVERY)
                     && let Err(e) = delivery.records.begin(&message_id, hold).await
                 {
                     tracing::warn!(error = %e, "could not refresh the message's mark in the records");

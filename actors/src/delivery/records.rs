@@ -48,6 +48,9 @@ enum OutcomeRecord {
 pub(crate) enum Begin {
     /// Nothing recorded, or only a stale mark: the message is ours to run.
     Fresh,
+    /// Not looked up: a first delivery received a moment ago, which nobody else can have in
+    /// hand or have ended (`intake::decide`). Ours to run; marked at its first renewal.
+    Unmarked,
     /// The message already ended; this is its terminal event, to be sent again as it was.
     Ended(String),
     /// Another worker accepted it a moment ago and its mark has not expired.
@@ -372,12 +375,13 @@ impl RecordStore {
             event: event_json.to_owned(),
         };
         let text = serde_json::to_string(&record).expect("records serialize");
-        // Still the `started` mark this worker wrote: end it without reading it first.
-        if let Some(version) = self.known.version(&key) {
-            self.known.forget(&key);
-            if self.write_versioned(&key, &text, version).await?.is_some() {
-                return Ok(None);
-            }
+        // Without reading first: over the `started` mark this worker wrote, or, for a message
+        // never marked (a first delivery that ended before its first refresh, see
+        // `intake::decide`), as a new record. Refused: someone wrote first; read and decide.
+        let expected = self.known.version(&key).unwrap_or(Version::Absent);
+        self.known.forget(&key);
+        if self.write_versioned(&key, &text, expected).await?.is_some() {
+            return Ok(None);
         }
         for _ in 0..4 {
             let version = match self.read(&key).await? {
@@ -933,6 +937,38 @@ mod tests {
                 Begin::Ended("{\"type\":\"completed\"}".into())
             );
         }
+    }
+
+    /// A first delivery is ended without ever having been marked (`intake::decide`): its
+    /// ending is one write, a create that needs no read, and it still never replaces an
+    /// ending or overwrites another worker's mark unread.
+    #[tokio::test]
+    async fn an_unmarked_message_ends_with_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w1");
+        assert_eq!(
+            store.end("m1", "{\"type\":\"completed\"}").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.calls(),
+            (0, 1),
+            "(reads, writes) of an unmarked ending"
+        );
+        // Another worker marked it meanwhile (a copy): read, and the first ending still wins.
+        let other = RecordStore::local(dir.path(), "w2");
+        assert_eq!(
+            other.begin("m2", Duration::from_secs(60)).await.unwrap(),
+            Begin::Fresh
+        );
+        assert_eq!(
+            store.end("m2", "{\"type\":\"completed\"}").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            other.end("m2", "{\"type\":\"failed\"}").await.unwrap(),
+            Some("{\"type\":\"completed\"}".into())
+        );
     }
 
     #[tokio::test]
