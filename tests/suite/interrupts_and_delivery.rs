@@ -234,6 +234,12 @@ async fn a_worker_killed_mid_run_is_recovered_by_the_next_one() {
     assert_eq!(git(&ws, &["status", "--porcelain"]), "");
     let live = env.bucket_contents(&env.bucket("hal", "site")).await;
     assert!(String::from_utf8_lossy(&live["index.html"].1).contains("<title>After crash</title>"));
+    // The retry continues the cut-off run's conversation: its file was left here under the id
+    // the thread's names decide (nothing in the records named it: the run never ended).
+    let runs = env.agent_runs();
+    assert_eq!(runs.len(), 2, "{runs:#?}");
+    assert_eq!(runs[1]["resumed"], true, "{runs:#?}");
+    assert_eq!(runs[1]["sessionId"], runs[0]["sessionId"], "{runs:#?}");
     assert_eq!(env.stop_worker(), Some(0));
 }
 

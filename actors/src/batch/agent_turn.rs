@@ -1,5 +1,5 @@
 //! One agent turn of a batch: the thread's conversation (resumed, restored from the shared
-//! store, or started and recorded before the run), the run under an agent slot with its
+//! store, or started under an id its thread decides), the run under an agent slot with its
 //! `progress` events, the run's share of the conversation's cost, and the commit of what it
 //! changed.
 
@@ -102,13 +102,8 @@ async fn agent_turn_inner(
     }
     let mut conversation = match &record {
         Some(r) => Conversation::Resume(r.session_id.clone()),
-        None => Conversation::New(uuid::Uuid::new_v4().to_string()),
+        None => fresh_conversation(&key, thread_id, None, agent_config_dir.as_deref(), &cwd).await,
     };
-    // The thread's conversation is known before the run starts, so that an interrupted,
-    // crashed or failed run stays in it (the follow-up resumes it).
-    if let Conversation::New(id) = &conversation {
-        record_new_conversation(run, journal, id).await;
-    }
     // No agent starts under a lease that is over by this worker's clock (issue 25).
     scope.check.check()?;
     // After the restore: the conversation file is the tenant's too.
@@ -156,10 +151,16 @@ async fn agent_turn_inner(
                 tracing::warn!(session = %id, "the thread's conversation is gone; starting a new one");
                 // Only a conversation the agent had written can be lost.
                 journal.conversation_restarted |= record.as_ref().is_some_and(|r| r.written);
-                conversation = Conversation::New(uuid::Uuid::new_v4().to_string());
-                if let Conversation::New(id) = &conversation {
-                    record_new_conversation(run, journal, id).await;
-                }
+                conversation = fresh_conversation(
+                    &key,
+                    thread_id,
+                    Some(&id),
+                    agent_config_dir.as_deref(),
+                    &cwd,
+                )
+                .await;
+                // The request's conversation of this batch, if any, is the one just lost.
+                journal.conversation = None;
             }
             other => break other,
         }
@@ -228,26 +229,52 @@ async fn agent_turn_inner(
     Ok(())
 }
 
-/// Record a new conversation as the thread's, with nothing spent yet, before the run: an
-/// interrupted, crashed or failed run stays in it. Fenced, as every write of the thread's
-/// document.
-async fn record_new_conversation(run: &BatchRun<'_>, journal: &mut Journal, session_id: &str) {
-    let record = ThreadRecord::new(session_id, 0.0, false);
-    let Some(state) = journal.thread.as_mut() else {
-        return;
-    };
-    let written = run
-        .ctx
-        .delivery
-        .records
-        .write_thread(state, &run.scope.check, |doc| {
-            doc.conversation = Some(record.clone())
-        })
-        .await;
-    if let Err(e) = written {
-        tracing::warn!(error = %e, "could not record the thread's conversation");
+/// A new conversation for the thread, under an id its thread and the conversation it replaces
+/// (`replacing`; none for the thread's first) decide, resumed when its file is here already.
+/// Nothing is written before the run (issue 25: that write was a request per new conversation
+/// to the lease store): an interrupted or failed run is recorded at the batch's end
+/// (`record_thread`), and a run cut off by a crash left its file under this same id, which the
+/// next run on this disk finds and resumes instead of starting over.
+async fn fresh_conversation(
+    key: &crate::contract::message::WorkspaceKey,
+    thread_id: &str,
+    replacing: Option<&str>,
+    config_dir: Option<&std::path::Path>,
+    cwd: &std::path::Path,
+) -> Conversation {
+    let id = conversation_id(key, thread_id, replacing);
+    match config_dir {
+        Some(dir) if ThreadStore::has_conversation(dir, cwd, &id).await => {
+            tracing::info!(session = %id, "a conversation of this thread that no record names is here; resuming it");
+            Conversation::Resume(id)
+        }
+        _ => Conversation::New(id),
     }
-    journal.conversation = None;
+}
+
+/// The id of the thread's conversation that follows `replacing`: a UUID made from an MD5 of
+/// the names (the same on every worker, and never one of another thread's).
+fn conversation_id(
+    key: &crate::contract::message::WorkspaceKey,
+    thread_id: &str,
+    replacing: Option<&str>,
+) -> String {
+    use md5::{Digest, Md5};
+    let mut hash = Md5::new();
+    for part in [
+        "edit-worker conversation",
+        &key.client_id,
+        &key.project_id,
+        thread_id,
+        replacing.unwrap_or(""),
+    ] {
+        // Each part with its length: no two lists of names run together into one.
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    uuid::Builder::from_md5_bytes(hash.finalize().into())
+        .into_uuid()
+        .to_string()
 }
 
 /// At the end of a batch, under its lease: share the conversation file when it changed, then
@@ -292,12 +319,16 @@ pub(crate) async fn record_thread(
             Err(e) => tracing::warn!(error = %e, "could not share the thread's conversation file"),
         }
     }
-    if conversation.is_none() && newest_ended.is_none() {
-        return;
-    }
     let Some(state) = journal.thread.as_mut() else {
         return;
     };
+    // Nothing new to say: no conversation, and the mark already as far (a batch of messages
+    // superseded by one that ended, or repeated after their ending elsewhere).
+    let raises_mark =
+        newest_ended.is_some_and(|sent| !state.existed || sent > state.doc.newest_sent_ms);
+    if conversation.is_none() && !raises_mark {
+        return;
+    }
     let previous_copy = state.doc.conversation.as_ref().and_then(|c| c.file.clone());
     let written = ctx
         .delivery
@@ -358,4 +389,39 @@ pub(crate) async fn commit_turn(
         journal.commit = commit;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::message::WorkspaceKey;
+
+    fn key(client: &str, project: &str) -> WorkspaceKey {
+        WorkspaceKey {
+            client_id: client.into(),
+            project_id: project.into(),
+        }
+    }
+
+    /// The same thread gets the same id on every worker and every run, so that a crashed run's
+    /// file is found again; another thread, another workspace, or a replacement gets another.
+    #[test]
+    fn a_threads_new_conversation_has_an_id_its_names_decide() {
+        let first = conversation_id(&key("c", "p"), "t", None);
+        assert_eq!(first, conversation_id(&key("c", "p"), "t", None));
+        let parsed = uuid::Uuid::parse_str(&first).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 3, "{first}");
+        let others = [
+            conversation_id(&key("c", "p"), "u", None),
+            conversation_id(&key("c", "q"), "t", None),
+            conversation_id(&key("cp", ""), "t", None),
+            conversation_id(&key("c", "p"), "t", Some(&first)),
+        ];
+        for other in &others {
+            assert_ne!(&first, other);
+        }
+        assert_ne!(others[0], others[3]);
+        // A session name the worker accepts (`ThreadStore::conversation_name`).
+        assert!(first.chars().all(|c| c.is_ascii_hexdigit() || c == '-'));
+    }
 }
