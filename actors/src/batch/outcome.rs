@@ -120,12 +120,19 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
     }
     // The thread has got this far: a message of it sent earlier that comes later is
     // superseded, never applied on top of this one.
-    // Usually the batch's one write of the thread's document raised it already.
-    if !journal.mark_covers(job.sent_at_ms) {
-        let fence = journal.fence.clone().unwrap_or_else(|| {
+    // Usually the batch's one write of the thread's document raised it already. Without a
+    // lease (the message ended before its batch took one: a newer message of its thread
+    // overtook it, or the lease store was away) a shared document is not written: only the
+    // workspace's holder writes it, fenced (issue 25), and the newer message raises the mark
+    // past this one; an unfenced try cost a read and was refused over any holder's document.
+    let fence = journal.fence.clone().or_else(|| {
+        (!ctx.delivery.records.is_shared()).then(|| {
             crate::delivery::lease_check::LeaseCheck::unfenced(&request.workspace().to_string())
-        });
-        if let Err(e) = ctx
+        })
+    });
+    if !journal.mark_covers(job.sent_at_ms)
+        && let Some(fence) = fence
+        && let Err(e) = ctx
             .delivery
             .records
             .raise_thread_mark(
@@ -135,9 +142,8 @@ pub(crate) async fn finish(ctx: &WorkerContext, job: Job, ending: &Ending, journ
                 &fence,
             )
             .await
-        {
-            tracing::warn!(error = %e, "could not record how far the thread has got");
-        }
+    {
+        tracing::warn!(error = %e, "could not record how far the thread has got");
     }
     report(ctx, job, event).await;
 }
