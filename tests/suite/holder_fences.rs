@@ -448,8 +448,8 @@ async fn a_failed_save_keeps_the_message_until_the_work_is_durable() {
 /// Item 5: what the lease store costs a lone worker per message, counted by a proxy in front
 /// of S3: at most 4 requests per message of a thread that has run before (the lease taken
 /// back, the conversation's copy, the thread's one document, the outcome). A message that
-/// ends within two thirds of its visibility is never marked `started`: its first delivery
-/// cannot be anywhere else (`intake::decide`). Before that it cost 5 (the mark at receipt);
+/// ends before its first visibility renewal (a third of the timeout) is never marked
+/// `started`: its first delivery cannot be anywhere else yet (`intake::decide`). Before that it cost 5 (the mark at receipt);
 /// on the older code about 12 (every record read before it was written, the thread record
 /// written before and after the run and the mark apart, the lease released and taken anew).
 #[tokio::test(flavor = "multi_thread")]
@@ -539,5 +539,80 @@ async fn a_message_costs_at_most_four_lease_store_requests() {
         (proxied(&["GET"]), proxied(&["PUT", "DELETE"])),
         "edit_worker.records.calls by op (read, write) against the proxy's GETs and PUTs + \
          DELETEs to the store: {all:#?}"
+    );
+}
+
+/// A first delivery received a moment ago is not marked `started` at receipt (the cost test
+/// above sees no mark for a message done within a third of its visibility), but one that runs
+/// on is marked at its first visibility renewal, while its agent still works: a copy that came
+/// out once the visibility lapsed would find it held elsewhere (`intake::decide`). Before
+/// issue 25's cost work every message was marked at receipt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_delivery_that_runs_on_is_marked_at_its_first_renewal() {
+    let env = TestEnv::new("hold-mark").await;
+    env.create_site("mrk", "site", Site::Tiny).await;
+    let store = env.create_lease_store().await;
+    let s3 = recording_proxy(common::endpoint(), Vec::new()).await;
+    let mut worker = env
+        .spawn_worker(
+            "a",
+            &[
+                ("LEASE_STORE", store.as_str()),
+                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+                // Renewals every 2 s; the agent works 8 s.
+                ("VISIBILITY_TIMEOUT_SECONDS", "6"),
+                BUILD,
+            ],
+        )
+        .await;
+    worker.wait_until_receiving(common::STEP).await;
+    let id = env
+        .send(
+            "mrk",
+            "site",
+            "t",
+            "[standin:write public/x.txt 1] [standin:sleep 8]",
+        )
+        .await;
+    let calls = env.dir.path().join("claude/standin-calls.jsonl");
+    let agent_lines = |event: &str| -> usize {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["event"] == event)
+            .count()
+    };
+    let marks = || -> Vec<String> {
+        s3.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.starts_with("PUT ") && r.contains("/outcomes/"))
+            .cloned()
+            .collect()
+    };
+    until("the agent at work", common::STEP, || {
+        agent_lines("start") == 1
+    })
+    .await;
+    until("the running message's started mark", common::STEP, || {
+        !marks().is_empty()
+    })
+    .await;
+    assert_eq!(
+        agent_lines("end"),
+        0,
+        "the mark came only after the run: {:#?}",
+        marks()
+    );
+    env.wait_for(&id, "completed", common::ONE_MESSAGE).await;
+    // The mark, its refresh at every other renewal, then the ending over it.
+    assert!(marks().len() >= 2, "{:#?}", marks());
+    assert_eq!(
+        worker.stop(),
+        Some(0),
+        "{}",
+        common::tail(&worker.text(), 40)
     );
 }

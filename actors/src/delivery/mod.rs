@@ -51,9 +51,10 @@ pub(crate) const MARK_EVERY: u32 = 2;
 /// Refreshed every two thirds (two renewals of a third), a live worker's mark never lapses
 /// (a sixth to spare); and as each refresh comes with a renewal, a dead worker's mark ends
 /// (at most five sixths after its last refresh) before its message is visible again (a full
-/// visibility after its last renewal, which is no earlier). A first delivery is not marked at
-/// receipt (`intake::decide`): its first mark, at two thirds, still comes before its message
-/// could be visible again, a full visibility after the receive.
+/// visibility after its last renewal, which is no earlier). A first delivery received a moment ago
+/// is not marked at receipt (`intake::decide`): its first mark, at its first renewal (under
+/// two thirds of the visibility after the receive), still comes before its message could be
+/// visible again, a full visibility after the receive.
 pub(crate) fn mark_hold(visibility: Duration) -> Duration {
     visibility * 5 / 6
 }
