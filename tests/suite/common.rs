@@ -349,13 +349,7 @@ impl TestEnv {
     /// (`standin-calls.jsonl` in this test's `CLAUDE_CONFIG_DIR`), in order. What counts agent
     /// runs: a `started` event is sent per message and delivery, whether the agent runs or not.
     pub fn agent_runs(&self) -> Vec<Value> {
-        let log = self.dir.path().join("claude/standin-calls.jsonl");
-        std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|r| r["event"] == "start")
-            .collect()
+        standin_calls(&self.dir.path().join("claude"), "start")
     }
 
     /// Send SIGTERM and wait for the worker to exit; returns its exit code.
@@ -591,6 +585,17 @@ pub fn deliveries_of(events: &[Value], id: &str) -> usize {
         .iter()
         .filter(|e| e["messageId"] == id && e["type"] == "started")
         .count()
+}
+
+/// The stand-in agent's call-log records of `event` (`start` or `end`) under `claude_dir` (its
+/// `CLAUDE_CONFIG_DIR`), in order; none before its first run.
+pub fn standin_calls(claude_dir: &Path, event: &str) -> Vec<Value> {
+    std::fs::read_to_string(claude_dir.join("standin-calls.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == event)
+        .collect()
 }
 
 /// `kill -SIGNAL pid` through the `kill` program (no unsafe code in tests).

@@ -218,10 +218,7 @@ fn own_roots(env: &TestEnv, name: &str, lease_store: &str) -> Vec<(String, Strin
 
 /// Whether the stand-in has started a run logged under `claude_dir`.
 fn agent_started(claude_dir: &std::path::Path) -> bool {
-    std::fs::read_to_string(claude_dir.join("standin-calls.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains("\"start\""))
+    !common::standin_calls(claude_dir, "start").is_empty()
 }
 
 /// Every terminal event of `id` is the same event (a recorded ending repeated byte for byte

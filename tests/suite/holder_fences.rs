@@ -445,6 +445,27 @@ async fn a_failed_save_keeps_the_message_until_the_work_is_durable() {
     );
 }
 
+/// Worker "a" alone with the lease store `store`, its S3 requests seen by a recording proxy
+/// (every request to S3, the store's and the site's), with the tiny build and `extra`; receiving.
+async fn lone_worker_behind_a_proxy(
+    env: &TestEnv,
+    store: &str,
+    extra: &[(&str, &str)],
+) -> (WorkerProcess, RecordingProxy) {
+    let s3 = recording_proxy(common::endpoint(), Vec::new()).await;
+    let settings: Vec<(&str, &str)> = [
+        ("LEASE_STORE", store),
+        ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
+        BUILD,
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect();
+    let worker = env.spawn_worker("a", &settings).await;
+    worker.wait_until_receiving(common::STEP).await;
+    (worker, s3)
+}
+
 /// Item 5: what the lease store costs a lone worker per message, counted by a proxy in front
 /// of S3: at most 4 requests per message of a thread that has run before (the lease taken
 /// back, the conversation's copy, the thread's one document, the outcome). A message that
@@ -463,18 +484,7 @@ async fn a_message_costs_at_most_four_lease_store_requests() {
         .next()
         .unwrap()
         .to_owned();
-    let s3 = recording_proxy(common::endpoint(), Vec::new()).await;
-    let mut worker = env
-        .spawn_worker(
-            "a",
-            &[
-                ("LEASE_STORE", store.as_str()),
-                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-                BUILD,
-            ],
-        )
-        .await;
-    worker.wait_until_receiving(common::STEP).await;
+    let (mut worker, s3) = lone_worker_behind_a_proxy(&env, &store, &[]).await;
     let store_requests = || -> Vec<String> {
         s3.requests
             .lock()
@@ -552,20 +562,9 @@ async fn a_first_delivery_that_runs_on_is_marked_at_its_first_renewal() {
     let env = TestEnv::new("hold-mark").await;
     env.create_site("mrk", "site", Site::Tiny).await;
     let store = env.create_lease_store().await;
-    let s3 = recording_proxy(common::endpoint(), Vec::new()).await;
-    let mut worker = env
-        .spawn_worker(
-            "a",
-            &[
-                ("LEASE_STORE", store.as_str()),
-                ("AWS_ENDPOINT_URL_S3", s3.url.as_str()),
-                // Renewals every 2 s; the agent works 8 s.
-                ("VISIBILITY_TIMEOUT_SECONDS", "6"),
-                BUILD,
-            ],
-        )
-        .await;
-    worker.wait_until_receiving(common::STEP).await;
+    // Renewals every 2 s; the agent works 8 s.
+    let (mut worker, s3) =
+        lone_worker_behind_a_proxy(&env, &store, &[("VISIBILITY_TIMEOUT_SECONDS", "6")]).await;
     let id = env
         .send(
             "mrk",
@@ -574,15 +573,8 @@ async fn a_first_delivery_that_runs_on_is_marked_at_its_first_renewal() {
             "[standin:write public/x.txt 1] [standin:sleep 8]",
         )
         .await;
-    let calls = env.dir.path().join("claude/standin-calls.jsonl");
-    let agent_lines = |event: &str| -> usize {
-        std::fs::read_to_string(&calls)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| r["event"] == event)
-            .count()
-    };
+    let claude = env.dir.path().join("claude");
+    let agent_lines = |event: &str| common::standin_calls(&claude, event).len();
     let marks = || -> Vec<String> {
         s3.requests
             .lock()
