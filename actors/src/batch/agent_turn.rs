@@ -319,16 +319,12 @@ pub(crate) async fn record_thread(
             Err(e) => tracing::warn!(error = %e, "could not share the thread's conversation file"),
         }
     }
+    if conversation.is_none() && newest_ended.is_none() {
+        return;
+    }
     let Some(state) = journal.thread.as_mut() else {
         return;
     };
-    // Nothing new to say: no conversation, and the mark already as far (a batch of messages
-    // superseded by one that ended, or repeated after their ending elsewhere).
-    let raises_mark =
-        newest_ended.is_some_and(|sent| !state.existed || sent > state.doc.newest_sent_ms);
-    if conversation.is_none() && !raises_mark {
-        return;
-    }
     let previous_copy = state.doc.conversation.as_ref().and_then(|c| c.file.clone());
     let written = ctx
         .delivery

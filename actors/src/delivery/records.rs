@@ -462,10 +462,12 @@ impl RecordStore {
             }
             let mut next = state.doc.clone();
             update(&mut next);
-            next.lease_token = ours;
+            // Nothing new to say (a mark already as far, the same conversation): no write, not
+            // even to put our token on it.
             if state.existed && next == state.doc {
                 return Ok(());
             }
+            next.lease_token = ours;
             let text = serde_json::to_string(&next).expect("records serialize");
             let written = self
                 .write_versioned(&state.record_key, &text, state.version.clone())
@@ -1067,5 +1069,40 @@ mod tests {
                 .await,
             Err(FencedWriteError::LeaseLost(_))
         ));
+    }
+
+    /// A batch that has nothing new to say (its mark already as far, as after messages
+    /// superseded by one that ended) writes nothing, also as a new holder whose token is not
+    /// on the document yet: a write only to put a token there was a lease-store request.
+    #[tokio::test]
+    async fn a_thread_write_that_changes_nothing_is_not_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::local(dir.path(), "w");
+        let first = crate::delivery::lease_check::LeaseCheck::with_token(1, Default::default());
+        let next = crate::delivery::lease_check::LeaseCheck::with_token(2, Default::default());
+        let mut state = store.read_thread(&key(), "t", 1).await.unwrap();
+        store
+            .write_thread(&mut state, &first, |d| d.newest_sent_ms = 20)
+            .await
+            .unwrap();
+        let (_, writes) = store.calls();
+        let mut state = store.read_thread(&key(), "t", 2).await.unwrap();
+        store
+            .write_thread(&mut state, &next, |d| {
+                d.newest_sent_ms = d.newest_sent_ms.max(10)
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.calls().1, writes, "a write that changed nothing");
+        let doc = store.read_thread(&key(), "t", 0).await.unwrap().doc;
+        assert_eq!((doc.newest_sent_ms, doc.lease_token), (20, 1));
+        // A change is written, with the writer's token.
+        store
+            .write_thread(&mut state, &next, |d| d.newest_sent_ms = 30)
+            .await
+            .unwrap();
+        assert_eq!(store.calls().1, writes + 1);
+        let doc = store.read_thread(&key(), "t", 0).await.unwrap().doc;
+        assert_eq!((doc.newest_sent_ms, doc.lease_token), (30, 2));
     }
 }
