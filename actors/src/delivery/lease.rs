@@ -182,6 +182,44 @@ struct Shared {
     /// taking one back is then one conditional write, without reading it first (issue 25). A
     /// stale entry costs a refused write and a read, never a lease: S3 checks the version.
     mine: Mutex<HashMap<WorkspaceKey, (LeaseRecord, Version)>>,
+    /// The leases held here now, each watched by `Leases::let_go`: its channel closes when
+    /// the holding ends (`Holding`).
+    held_here: Mutex<HashMap<WorkspaceKey, tokio::sync::watch::Receiver<()>>>,
+}
+
+/// While it lives, this worker holds the workspace's lease: it goes with the `Held` of a
+/// `Lease`, after the release or set-aside is written, or when the lease is dropped or lost.
+/// What a waiter's `Released` waits for when no session here answers for the workspace (a
+/// failed session's batch may run on, detached, under the lease).
+struct Holding {
+    shared: Arc<Shared>,
+    key: WorkspaceKey,
+    alive: tokio::sync::watch::Sender<()>,
+}
+
+impl Holding {
+    fn new(shared: Arc<Shared>, key: WorkspaceKey) -> Holding {
+        let (alive, watched) = tokio::sync::watch::channel(());
+        shared
+            .held_here
+            .lock()
+            .expect("held here")
+            .insert(key.clone(), watched);
+        Holding { shared, key, alive }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let mut held_here = self.shared.held_here.lock().expect("held here");
+        // Only our own entry: a newer holding of the same workspace may have replaced it.
+        if held_here
+            .get(&self.key)
+            .is_some_and(|watched| watched.same_channel(&self.alive.subscribe()))
+        {
+            held_here.remove(&self.key);
+        }
+    }
 }
 
 fn lease_key(key: &WorkspaceKey) -> String {
@@ -204,6 +242,7 @@ impl Leases {
                 notices: Mutex::new(None),
                 released: Mutex::default(),
                 mine: Mutex::default(),
+                held_here: Mutex::default(),
             })),
         }
     }
@@ -226,6 +265,24 @@ impl Leases {
                 .or_default()
                 .clone(),
             None => Arc::new(Notify::new()),
+        }
+    }
+
+    /// Once no lease of `key` is held here (never was, or released, set aside, lost or
+    /// dropped since).
+    pub(crate) async fn let_go(&self, key: &WorkspaceKey) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let watched = shared
+            .held_here
+            .lock()
+            .expect("held here")
+            .get(key)
+            .cloned();
+        if let Some(mut watched) = watched {
+            // Nothing is ever sent: the channel only closes, with its holding.
+            while watched.changed().await.is_ok() {}
         }
     }
 
@@ -386,6 +443,8 @@ pub struct Lease {
 
 struct Held {
     shared: Arc<Shared>,
+    /// Dropped last with the rest: `Leases::let_go` then sees the lease gone from here.
+    _holding: Holding,
     /// Says once how the holding ended.
     end: Arc<HoldingEnd>,
     state: Arc<Mutex<HeldState>>,
@@ -435,6 +494,7 @@ impl Lease {
             token: record.token,
             worker: shared.config.worker.clone(),
         });
+        let holding = Holding::new(shared.clone(), key.clone());
         let heartbeat = tokio::spawn(heartbeat(
             shared.clone(),
             key.clone(),
@@ -450,6 +510,7 @@ impl Lease {
             handover,
             check,
             held: Some(Held {
+                _holding: holding,
                 shared,
                 end,
                 state,
@@ -697,6 +758,38 @@ mod tests {
                 worker: worker.into(),
             },
         )
+    }
+
+    /// `let_go` waits while a lease of the workspace is held here, and ends when its holding
+    /// ends, however it ends: released, set aside, or dropped.
+    #[tokio::test]
+    async fn let_go_ends_with_the_holding_however_it_ends() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = leases(dir.path(), "a", Duration::from_secs(30));
+        // Nothing held: at once.
+        assert!(a.let_go(&key()).now_or_never().is_some());
+        type End = fn(Lease) -> futures::future::BoxFuture<'static, ()>;
+        let ends: [(&str, End); 3] = [
+            ("released", |lease| lease.release().boxed()),
+            ("set aside", |lease| lease.park().boxed()),
+            ("dropped", |lease| async move { drop(lease) }.boxed()),
+        ];
+        for (how, end) in ends {
+            let Acquired::Granted(lease) = a.try_acquire(&key()).await.unwrap() else {
+                panic!("granted");
+            };
+            let workspace = key();
+            let mut waiting = Box::pin(a.let_go(&workspace));
+            assert!(
+                (&mut waiting).now_or_never().is_none(),
+                "let go while held ({how})"
+            );
+            end(lease).await;
+            tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .unwrap_or_else(|_| panic!("not let go once {how}"));
+        }
     }
 
     #[tokio::test]

@@ -169,12 +169,22 @@ impl Actor for Supervisor {
                                     tracing::warn!(workspace = %key, error = %e, "session gone; the waiter polls the lease");
                                 }
                             }
-                            // Nothing here holds the workspace: say so at once.
-                            None => crate::sessions::session::tell_released(
-                                &state.args.ctx,
-                                &key,
-                                vec![waiter],
-                            ),
+                            // No session here works on it. Said once nothing here holds its
+                            // lease: a failed session's batch may still run, detached, under
+                            // it (issue 25: `Released` only after the release), and a lease an
+                            // idle session set aside is released first.
+                            None => {
+                                let ctx = state.args.ctx.clone();
+                                tokio::spawn(async move {
+                                    ctx.leases.let_go(&key).await;
+                                    ctx.leases.release_parked(&key).await;
+                                    crate::sessions::session::tell_released(
+                                        &ctx,
+                                        &key,
+                                        vec![waiter],
+                                    );
+                                });
+                            }
                         }
                     }
                 }

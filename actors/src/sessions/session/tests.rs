@@ -39,6 +39,8 @@ struct Harness {
     /// With shared leases (`start_shared`): the notices sent to other workers, and the store.
     notices: Option<UnboundedReceiver<(String, crate::delivery::notices::Notice)>>,
     records: RecordStore,
+    /// The worker's leases, as its sessions take them.
+    leases: crate::delivery::lease::Leases,
     _root: tempfile::TempDir,
 }
 
@@ -112,6 +114,7 @@ impl Harness {
             notices = Some(tap);
         }
         let records = ctx.delivery.records.clone();
+        let leases = ctx.leases.clone();
         let ctx = Arc::new(ctx);
         let (step_factory, calls) = FakeSteps::new();
         let (supervisor, _) = Actor::spawn(
@@ -133,6 +136,7 @@ impl Harness {
             calls,
             notices,
             records,
+            leases,
             _root: root,
         }
     }
@@ -428,4 +432,55 @@ async fn released_is_said_only_after_the_lease_is_released() {
     );
     // And the queued work still runs, after the waiter's turn.
     assert_eq!(h.ended("m3").await.event_type, EventType::Completed);
+}
+
+/// Issue 25, the notice protocol: a workspace that has no session here while this worker still
+/// holds its lease (a failed session's batch runs on, detached, under it) is answered
+/// `Released` only once that lease is released. The old supervisor answered at once ("nothing
+/// here holds the workspace"), and the waiter found the lease held.
+#[tokio::test]
+async fn released_waits_for_a_lease_held_here_without_a_session() {
+    let mut h = Harness::start_shared(|_| {}, RestartPolicy::default()).await;
+    let key = crate::contract::message::WorkspaceKey::of("amelia", "stamps");
+    let crate::delivery::lease::Acquired::Granted(lease) =
+        h.leases.try_acquire(&key).await.expect("the store answers")
+    else {
+        panic!("a free workspace is granted");
+    };
+    h.supervisor
+        .cast(SupervisorMsg::Notice(
+            crate::delivery::notices::Notice::Newer {
+                client_id: "amelia".into(),
+                project_id: "stamps".into(),
+                message_id: "elsewhere".into(),
+                sent_at_ms: 3_000,
+                from: "other-worker".into(),
+                reply_to: Some("other-queue".into()),
+            },
+        ))
+        .unwrap();
+    let notices = h.notices.as_mut().expect("tapped");
+    // Nothing to wait for here but the absence of an answer: the old supervisor's came at
+    // once, well within this.
+    let early = tokio::time::timeout(Duration::from_millis(500), notices.recv()).await;
+    assert!(
+        early.is_err(),
+        "answered while the lease is held here: {early:?}"
+    );
+    lease.release().await;
+    let (to, notice) = tokio::time::timeout(PATIENCE, notices.recv())
+        .await
+        .expect("an answer once the lease is released")
+        .expect("the tap lives");
+    assert_eq!(to, "other-queue");
+    assert!(
+        matches!(notice, crate::delivery::notices::Notice::Released { .. }),
+        "{notice:?}"
+    );
+    let (record, _) = h
+        .records
+        .read_typed::<serde_json::Value>("leases/amelia/stamps.json")
+        .await
+        .expect("the store answers");
+    assert_eq!(record.expect("a lease record")["expiresAtMs"], 0);
 }
