@@ -141,6 +141,48 @@ impl Harness {
         }
     }
 
+    /// Another worker's message, sent at 3 000, waits for amelia/stamps: its `Newer` notice,
+    /// with its reply queue `other-queue`.
+    fn newer_elsewhere(&self) {
+        self.supervisor
+            .cast(SupervisorMsg::Notice(
+                crate::delivery::notices::Notice::Newer {
+                    client_id: "amelia".into(),
+                    project_id: "stamps".into(),
+                    message_id: "elsewhere".into(),
+                    sent_at_ms: 3_000,
+                    from: "other-worker".into(),
+                    reply_to: Some("other-queue".into()),
+                },
+            ))
+            .unwrap();
+    }
+
+    /// The answer to `newer_elsewhere` is `Released`, and it is true: the lease record of
+    /// amelia/stamps has no time left for anyone.
+    async fn released_and_free(&mut self) {
+        let notices = self.notices.as_mut().expect("tapped");
+        let (to, notice) = tokio::time::timeout(PATIENCE, notices.recv())
+            .await
+            .expect("an answer")
+            .expect("the tap lives");
+        assert_eq!(to, "other-queue");
+        assert!(
+            matches!(notice, crate::delivery::notices::Notice::Released { .. }),
+            "{notice:?}"
+        );
+        let (lease, _) = self
+            .records
+            .read_typed::<serde_json::Value>("leases/amelia/stamps.json")
+            .await
+            .expect("the store answers");
+        let lease = lease.expect("a lease record");
+        assert_eq!(
+            lease["expiresAtMs"], 0,
+            "Released was said while the lease was held: {lease}"
+        );
+    }
+
     /// Route message `id` of thread `thread`, sent at `sent_at_ms`, asking `command`.
     fn send(&self, id: &str, thread: &str, sent_at_ms: u64, command: &str) {
         let body = serde_json::json!({
@@ -397,39 +439,8 @@ async fn released_is_said_only_after_the_lease_is_released() {
         tokio::task::yield_now().await;
     }
     // Another worker's message waits for the workspace.
-    h.supervisor
-        .cast(SupervisorMsg::Notice(
-            crate::delivery::notices::Notice::Newer {
-                client_id: "amelia".into(),
-                project_id: "stamps".into(),
-                message_id: "elsewhere".into(),
-                sent_at_ms: 3_000,
-                from: "other-worker".into(),
-                reply_to: Some("other-queue".into()),
-            },
-        ))
-        .unwrap();
-    let notices = h.notices.as_mut().expect("tapped");
-    let (to, notice) = tokio::time::timeout(PATIENCE, notices.recv())
-        .await
-        .expect("an answer")
-        .expect("the tap lives");
-    assert_eq!(to, "other-queue");
-    assert!(
-        matches!(notice, crate::delivery::notices::Notice::Released { .. }),
-        "{notice:?}"
-    );
-    // Said: then the lease must be free for the waiter.
-    let (lease, _) = h
-        .records
-        .read_typed::<serde_json::Value>("leases/amelia/stamps.json")
-        .await
-        .expect("the store answers");
-    let lease = lease.expect("a lease record");
-    assert_eq!(
-        lease["expiresAtMs"], 0,
-        "Released was said while the lease was held: {lease}"
-    );
+    h.newer_elsewhere();
+    h.released_and_free().await;
     // And the queued work still runs, after the waiter's turn.
     assert_eq!(h.ended("m3").await.event_type, EventType::Completed);
 }
@@ -447,18 +458,7 @@ async fn released_waits_for_a_lease_held_here_without_a_session() {
     else {
         panic!("a free workspace is granted");
     };
-    h.supervisor
-        .cast(SupervisorMsg::Notice(
-            crate::delivery::notices::Notice::Newer {
-                client_id: "amelia".into(),
-                project_id: "stamps".into(),
-                message_id: "elsewhere".into(),
-                sent_at_ms: 3_000,
-                from: "other-worker".into(),
-                reply_to: Some("other-queue".into()),
-            },
-        ))
-        .unwrap();
+    h.newer_elsewhere();
     let notices = h.notices.as_mut().expect("tapped");
     // Nothing to wait for here but the absence of an answer: the old supervisor's came at
     // once, well within this.
@@ -468,19 +468,5 @@ async fn released_waits_for_a_lease_held_here_without_a_session() {
         "answered while the lease is held here: {early:?}"
     );
     lease.release().await;
-    let (to, notice) = tokio::time::timeout(PATIENCE, notices.recv())
-        .await
-        .expect("an answer once the lease is released")
-        .expect("the tap lives");
-    assert_eq!(to, "other-queue");
-    assert!(
-        matches!(notice, crate::delivery::notices::Notice::Released { .. }),
-        "{notice:?}"
-    );
-    let (record, _) = h
-        .records
-        .read_typed::<serde_json::Value>("leases/amelia/stamps.json")
-        .await
-        .expect("the store answers");
-    assert_eq!(record.expect("a lease record")["expiresAtMs"], 0);
+    h.released_and_free().await;
 }
