@@ -443,7 +443,8 @@ pub struct Lease {
 
 struct Held {
     shared: Arc<Shared>,
-    /// Dropped last with the rest: `Leases::let_go` then sees the lease gone from here.
+    /// Goes with the rest of `Held`, after a release or set-aside is written (or with a
+    /// dropped lease): `Leases::let_go` then sees the lease gone from here.
     _holding: Holding,
     /// Says once how the holding ended.
     end: Arc<HoldingEnd>,
